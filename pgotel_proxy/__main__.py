@@ -1,0 +1,3 @@
+from pgotel_proxy.cli import main
+
+main()
