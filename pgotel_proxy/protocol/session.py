@@ -1,0 +1,685 @@
+"""Per-connection protocol state: framing of both directions and request/response pairing.
+
+A :class:`Session` is fed the bytes of one client connection after start-up:
+``client_data`` for what the client sent (before it is forwarded, so the proxy
+can refuse garbage and splice in messages of its own), and ``server_observe`` /
+``server_filter`` for what the server sent. It never touches a socket.
+
+Pairing follows the protocol chapter: every frontend message that gets an
+answer is queued; answers pop the queue in order. Parse→ParseComplete,
+Bind→BindComplete, Describe→(ParameterDescription) RowDescription|NoData,
+Execute→CommandComplete|PortalSuspended|EmptyQueryResponse|ErrorResponse,
+Close→CloseComplete, Sync/Query/FunctionCall→ReadyForQuery. After an error in
+extended mode the server skips everything up to Sync; those requests are
+marked skipped. Asynchronous messages (NoticeResponse, NotificationResponse,
+ParameterStatus) may arrive at any time and pop nothing.
+
+Finished :class:`Statement` records collect in ``completed`` when the
+ReadyForQuery that closes their batch arrives; the caller takes them.
+
+Anything unexpected from the server puts the session *out of sync*:
+observation stops for this connection (``out_of_sync`` says why) and bytes
+keep flowing untouched. Only client-side framing errors raise
+:class:`ProtocolViolation`, which the proxy answers with 08P01.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from .errors import ProtocolViolation
+from .events import Completion, Statement
+from .messages import (
+    FLUSH,
+    FRONTEND_TYPES,
+    decode_bind,
+    decode_error_fields,
+    decode_parse,
+    decode_sasl_mechanisms,
+    encode_sasl_mechanisms,
+)
+
+__all__ = ["Session"]
+
+_unpack_I = struct.Struct("!I").unpack_from
+_unpack_i = struct.Struct("!i").unpack_from
+
+# Request kinds in the pending queue.
+_PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC = range(8)
+_SYNC_LIKE = (_SYNC, _QUERY, _FUNC)
+
+# Type bytes, as ints (indexing bytes yields ints).
+_D, _C, _Z, _T, _E, _N, _A, _S = b"DCZTENAS"
+_ONE, _TWO, _THREE, _t, _n, _s, _I = b"123tnsI"
+_G, _H, _W, _d, _c, _V, _K, _R, _v = b"GHWdcVKRv"
+_Q, _P, _B, _Ee, _F, _X, _f, _p = b"QPBEFXfp"
+
+_ASYNC_SERVER = frozenset((_N, _A, _S))
+
+
+class Session:
+    """Protocol state of one proxied connection (after the start-up packet)."""
+
+    __slots__ = (
+        "max_message_size",
+        "observe_limit",
+        "max_pending",
+        "capture_params",
+        "flush_phases",
+        "strip_scram_plus",
+        "protocol_version",
+        "startup_params",
+        "server_params",
+        "backend_pid",
+        "cancel_key",
+        "tx_status",
+        "ready",
+        "authenticated",
+        "fatal",
+        "out_of_sync",
+        "completed",
+        "_pending",
+        "_batch",
+        "_batch_parsed",
+        "_prepared",
+        "_portals",
+        "_skipping",
+        "_rows",
+        "_cbuf",
+        "_cskip",
+        "_sbuf",
+        "_sfwd",
+        "_sskip",
+        "_injected_pending",
+        "_last_kind",
+        "_last_rec",
+        "_query_rec",
+        "messages_in",
+        "messages_out",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = 256 << 20,
+        observe_limit: int = 1 << 20,
+        max_pending: int = 100_000,
+        capture_params: bool = False,
+        flush_phases: bool = False,
+        strip_scram_plus: bool = False,
+        protocol_version: int = 196608,
+        startup_params: dict[str, str] | None = None,
+    ) -> None:
+        self.max_message_size = max_message_size
+        # Messages larger than this are relayed without being decoded (their
+        # statement gets no text); it bounds what one connection buffers.
+        self.observe_limit = observe_limit
+        self.max_pending = max_pending
+        self.capture_params = capture_params
+        self.flush_phases = flush_phases
+        self.strip_scram_plus = strip_scram_plus
+        self.protocol_version = protocol_version
+        self.startup_params = startup_params or {}
+        self.server_params: dict[str, str] = {}
+        self.backend_pid: int | None = None
+        self.cancel_key: bytes | None = None
+        self.tx_status = ""
+        self.ready = False  # first ReadyForQuery seen: start-up is over
+        self.authenticated = False
+        self.fatal: dict[str, str] | None = None  # an ErrorResponse no request was waiting for
+        self.out_of_sync: str | None = None
+        self.completed: list[Statement] = []
+        self._pending: deque = deque()
+        self._batch: list[Statement] = []
+        self._batch_parsed: dict[str, Statement] = {}
+        self._prepared: dict[str, str | None] = {}
+        self._portals: dict[str, Statement] = {}
+        self._skipping = False
+        self._rows = 0
+        self._cbuf = b""  # held (not yet forwarded) start of a partial client message
+        self._cskip = 0  # bytes of a passed-through client message still to come
+        self._sbuf = b""  # partial server message
+        self._sfwd = 0  # how many leading bytes of _sbuf were already forwarded
+        self._sskip = 0  # bytes of a skipped server message still to come
+        self._injected_pending = 0
+        self._last_kind = -1
+        self._last_rec: Statement | None = None
+        self._query_rec: Statement | None = None
+        self.messages_in = 0
+        self.messages_out = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def server_hold(self) -> bool:
+        """True while server bytes must go through ``server_filter`` before they are forwarded.
+
+        That is during start-up (authentication messages may be rewritten) and
+        while answers to messages the proxy injected are due (they are removed).
+        """
+        return (not self.ready or self._injected_pending > 0) and self.out_of_sync is None
+
+    def desync(self, reason: str) -> None:
+        """Stop observing this connection; bytes keep flowing."""
+        if self.out_of_sync is None:
+            self.out_of_sync = reason
+            self._pending.clear()
+            self._portals.clear()
+            self._prepared.clear()
+            self._batch_parsed.clear()
+
+    def take_completed(self) -> list[Statement]:
+        done = self.completed
+        self.completed = []
+        return done
+
+    def finish_all(self, now: int) -> None:
+        """The connection ended: whatever was in flight is complete as "incomplete"."""
+        seen = set()
+        for kind, rec, _inj in self._pending:
+            if rec is not None and kind != _SYNC and id(rec) not in seen:
+                seen.add(id(rec))
+                if rec.status == "pending":
+                    rec.status = "incomplete"
+                    rec.end_ns = now
+        for rec in self._batch:
+            if rec.status == "pending":
+                rec.status = "incomplete"
+                rec.end_ns = now
+        self.completed.extend(r for r in self._batch if r.status != "prepared" or r.parse_end_ns)
+        self._batch = []
+        self._pending.clear()
+
+    # ------------------------------------------------------------ client side
+
+    def client_data(self, data: bytes, now: int) -> bytes | None:
+        """Frame client bytes. Return None to forward ``data`` as is, else the bytes to forward instead.
+
+        Raises ProtocolViolation for garbage; the caller answers 08P01 and closes.
+        """
+        held = self._cbuf
+        if held:
+            data = held + data
+            self._cbuf = b""
+        n = len(data)
+        pos = 0
+        if self._cskip:
+            if self._cskip >= n:
+                self._cskip -= n
+                return data if held else None
+            pos = self._cskip
+            self._cskip = 0
+        out: list | None = None
+        seg = 0  # start of the not-yet-emitted segment (only used when out is not None)
+        observing = self.out_of_sync is None
+        limit = self.max_message_size
+        while pos < n:
+            if n - pos < 5:
+                self._cbuf = data[pos:]
+                break
+            typ = data[pos]
+            length = _unpack_i(data, pos + 1)[0]
+            if typ not in FRONTEND_TYPES:
+                raise ProtocolViolation(f"invalid frontend message type {typ}")
+            if length < 4 or length > limit:
+                raise ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
+            mend = pos + 1 + length
+            self.messages_in += 1
+            if mend > n:
+                if typ == _d or length > self.observe_limit or not observing:
+                    # Relay without holding: COPY data, huge messages, or nothing to decode.
+                    if observing and typ != _d:
+                        self._client_message(typ, None, 0, 0, now)
+                    self._cskip = mend - n
+                    pos = n
+                else:
+                    self._cbuf = data[pos:]
+                break
+            if observing and typ != _d:
+                self._client_message(typ, data, pos + 5, mend, now)
+                if self.flush_phases and (typ == _P or typ == _B or typ == _Ee):
+                    nxt = data[mend] if mend < n else -1
+                    if nxt != _H and nxt != _S:
+                        if out is None:
+                            out = []
+                        out.append(data[seg:mend])
+                        out.append(FLUSH)
+                        seg = mend
+                        self._mark_flushed()
+            pos = mend
+        if self._cbuf:
+            end = n - len(self._cbuf)
+        else:
+            end = n
+        if out is not None:
+            out.append(data[seg:end])
+            return b"".join(out)
+        if held or end != n:
+            return data[:end]
+        return None
+
+    def _mark_flushed(self) -> None:
+        """The server will flush right after the last queued request: its answer time is exact."""
+        rec = self._last_rec
+        if rec is None:
+            return
+        k = self._last_kind
+        if k == _PARSE:
+            rec.parse_exact = True
+        elif k == _BIND:
+            rec.bind_exact = True
+        elif k == _EXECUTE:
+            rec.exec_exact = True
+
+    def _queue(self, kind: int, rec: Statement | None) -> None:
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            self.desync("too many requests in flight")
+            return
+        pending.append((kind, rec, False))
+        self._last_kind = kind
+        self._last_rec = rec
+
+    def _client_message(self, typ: int, buf, start: int, end: int, now: int) -> None:
+        """Account one whole client message (``buf`` is None when it was too large to decode)."""
+        if typ == _Q:
+            sql = None if buf is None else bytes(buf[start : end - 1]).decode("utf-8", "replace")
+            rec = Statement("simple", sql, start_ns=now, exec_start_ns=now, exec_exact=True)
+            rec.results = []
+            self._pending.append((_QUERY, rec, False))
+            self._last_kind = _QUERY
+            self._last_rec = rec
+            return
+        if typ == _S or typ == _H:
+            self._mark_flushed()
+            if typ == _S:
+                batch = self._batch
+                self._batch = []
+                self._batch_parsed.clear()
+                self._skipping = False
+                self._pending.append((_SYNC, batch, False))
+                self._last_kind = _SYNC
+                self._last_rec = None
+            return
+        if typ in (_C, _X, _f, _c, _p, _d):
+            if typ == _C and buf is not None:
+                # Close (F): 'S' statement or 'P' portal.
+                which = buf[start]
+                name = bytes(buf[start + 1 : end - 1]).decode("utf-8", "replace")
+                if which == 83:  # 'S'
+                    self._prepared.pop(name, None)
+                else:
+                    self._portals.pop(name, None)
+            if typ == _C and not self._skipping:
+                self._queue(_CLOSE, None)
+            return
+        if self._skipping:
+            # The server is discarding everything up to Sync after an error.
+            if typ == _P or typ == _B or typ == _Ee:
+                rec = self._extended_rec(typ, buf, start, end, now)
+                if rec is not None and rec.status == "pending":
+                    rec.status = "skipped"
+                    rec.end_ns = now
+            return
+        if typ == _P or typ == _B or typ == _Ee:
+            rec = self._extended_rec(typ, buf, start, end, now)
+            self._queue(_PARSE if typ == _P else _BIND if typ == _B else _EXECUTE, rec)
+        elif typ == _D:
+            self._queue(_DESCRIBE, None)
+        elif typ == _F:
+            rec = Statement("function", None, start_ns=now, exec_start_ns=now, exec_exact=True)
+            rec.results = []
+            self._pending.append((_FUNC, rec, False))
+            self._last_kind = _FUNC
+            self._last_rec = rec
+
+    def _extended_rec(self, typ: int, buf, start: int, end: int, now: int) -> Statement | None:
+        """Find or make the Statement a Parse / Bind / Execute belongs to."""
+        batch = self._batch
+        if typ == _P:
+            if buf is None:
+                name, sql = "", None
+            else:
+                name, sql = decode_parse(buf, start, end)
+            rec = Statement("extended", sql, statement_name=name, start_ns=now, parse_start_ns=now)
+            rec.status = "prepared"
+            prepared = self._prepared
+            if name and len(prepared) >= 10_000 and name not in prepared:
+                del prepared[next(iter(prepared))]
+            prepared[name] = sql
+            self._batch_parsed[name] = rec
+            batch.append(rec)
+            return rec
+        if typ == _B:
+            if buf is None:
+                portal, stmt, params = "", "", None
+            else:
+                portal, stmt, params = decode_bind(buf, start, end, self.capture_params)
+            rec = self._batch_parsed.pop(stmt, None)
+            if rec is None or rec.bind_start_ns:
+                rec = Statement(
+                    "extended",
+                    self._prepared.get(stmt),
+                    statement_name=stmt,
+                    start_ns=now,
+                    reused=True,
+                )
+                batch.append(rec)
+            rec.status = "pending"
+            rec.portal = portal
+            rec.bind_start_ns = now
+            rec.params = params
+            portals = self._portals
+            if len(portals) >= 10_000 and portal not in portals:
+                del portals[next(iter(portals))]
+            portals[portal] = rec
+            return rec
+        # Execute
+        if buf is None:
+            portal = ""
+        else:
+            portal = bytes(buf[start : buf.index(0, start)]).decode("utf-8", "replace")
+        rec = self._portals.get(portal)
+        if rec is None or rec.exec_start_ns:
+            old = rec
+            rec = Statement("extended", old.sql if old else None, start_ns=now, reused=True)
+            if old is not None:
+                rec.statement_name = old.statement_name
+            rec.portal = portal
+            self._portals[portal] = rec
+            batch.append(rec)
+        rec.status = "pending"
+        rec.exec_start_ns = now
+        return rec
+
+    # ------------------------------------------------------------ server side
+
+    def server_observe(self, data: bytes, now: int) -> None:
+        """Feed server bytes that were already forwarded to the client."""
+        if self.out_of_sync is None:
+            try:
+                self._server(data, now, None)
+            except Exception as exc:  # never let observation break the relay
+                self.desync(f"server stream: {exc!r}")
+
+    def server_filter(self, data: bytes, now: int) -> bytes:
+        """Feed server bytes that are NOT yet forwarded; return what to forward (see ``server_hold``)."""
+        out: list = []
+        try:
+            self._server(data, now, out)
+        except Exception as exc:
+            self.desync(f"server stream: {exc!r}")
+            # Everything not yet forwarded goes out untouched from here on.
+            rest = self._sbuf[self._sfwd :]
+            self._sbuf = b""
+            self._sfwd = 0
+            out.append(rest)
+        return b"".join(out)
+
+    def _server(self, data: bytes, now: int, out: list | None) -> None:
+        sbuf = self._sbuf
+        fwd = 0
+        if sbuf:
+            fwd = self._sfwd
+            data = sbuf + data
+            self._sbuf = b""
+            self._sfwd = 0
+        n = len(data)
+        pos = 0
+        skip = self._sskip
+        if skip:
+            if skip >= n:
+                self._sskip = skip - n
+                if out is not None:
+                    out.append(data[fwd:] if fwd else data)
+                return
+            pos = skip
+            self._sskip = 0
+            if out is not None:
+                out.append(data[fwd:pos])
+        while pos < n:
+            if n - pos < 5:
+                break
+            typ = data[pos]
+            mend = pos + 1 + _unpack_I(data, pos + 1)[0]
+            if typ == _D:
+                # DataRow: counted, never decoded.
+                self._rows += 1
+                if mend > n:
+                    if out is not None and not self._suppressing():
+                        out.append(data[max(pos, fwd) :])
+                    self._sskip = mend - n
+                    pos = n
+                    break
+                if out is not None and not self._suppressing():
+                    out.append(data[max(pos, fwd) : mend])
+                pos = mend
+                continue
+            if mend > n:
+                if mend - pos > self.observe_limit:
+                    # Too big to hold: forward and skip it undecoded.
+                    if out is not None:
+                        out.append(data[max(pos, fwd) :])
+                    self._server_message(typ, None, 0, 0, now)
+                    self._sskip = mend - n
+                    pos = n
+                break
+            self.messages_out += 1
+            if out is None:
+                self._server_message(typ, data, pos + 5, mend, now)
+            else:
+                suppress = self._suppressing() and typ not in _ASYNC_SERVER
+                replacement = self._server_message(typ, data, pos + 5, mend, now)
+                if not suppress:
+                    if replacement is not None:
+                        out.append(replacement)
+                    else:
+                        out.append(data[max(pos, fwd) : mend])
+                if not self.server_hold:
+                    # Hold mode just ended: forward the rest now and keep observing it.
+                    pos = mend
+                    if pos < n:
+                        out.append(data[max(pos, fwd) :])
+                        fwd = n
+                    out = None
+                    continue
+            pos = mend
+        if pos < n:
+            self._sbuf = data[pos:]
+            if out is None:
+                self._sfwd = n - pos  # forwarded already (relay first)
+            else:
+                self._sfwd = max(0, fwd - pos)
+
+    def _suppressing(self) -> bool:
+        pending = self._pending
+        return bool(pending) and pending[0][2]
+
+    def _pop(self, expect: int):
+        pending = self._pending
+        if not pending:
+            self.desync(f"answer without a request (expected kind {expect})")
+            return None
+        kind, rec, injected = pending[0]
+        if kind != expect:
+            self.desync(f"answer of kind {expect} while kind {kind} was due")
+            return None
+        pending.popleft()
+        if injected:
+            self._injected_pending -= 1
+        return rec
+
+    def _server_message(self, typ: int, buf, start: int, end: int, now: int) -> bytes | None:
+        """Account one whole server message; may return a replacement for it (hold mode only)."""
+        if typ == _C:
+            tag = None if buf is None else bytes(buf[start : end - 1]).decode("ascii", "replace")
+            front = self._pending[0] if self._pending else None
+            if front is not None and front[0] == _QUERY:
+                rec = front[1]
+                rows = self._rows
+                self._rows = 0
+                if rec.results is not None:
+                    rec.results.append(Completion(now, tag, rows))
+                return None
+            rec = self._pop(_EXECUTE)
+            if rec is not None:
+                rec.tag = tag
+                rec.rows = self._rows
+                rec.end_ns = now
+                rec.status = "ok"
+            self._rows = 0
+            return None
+        if typ == _Z:
+            self._ready_for_query(buf[start] if buf is not None else 0, now)
+            return None
+        if typ == _ONE:
+            rec = self._pop(_PARSE)
+            if rec is not None:
+                rec.parse_end_ns = now
+            return None
+        if typ == _TWO:
+            rec = self._pop(_BIND)
+            if rec is not None:
+                rec.bind_end_ns = now
+            return None
+        if typ == _T or typ == _n:
+            if self._pending and self._pending[0][0] == _DESCRIBE:
+                self._pop(_DESCRIBE)
+            return None
+        if typ == _E:
+            self._error(decode_error_fields(buf, start, end) if buf is not None else {}, now)
+            return None
+        if typ == _s or typ == _I:
+            front = self._pending[0] if self._pending else None
+            if typ == _I and front is not None and front[0] == _QUERY:
+                front[1].results.append(Completion(now, None, 0))
+                return None
+            rec = self._pop(_EXECUTE)
+            if rec is not None:
+                rec.end_ns = now
+                rec.rows = self._rows
+                rec.status = "suspended" if typ == _s else "ok"
+            self._rows = 0
+            return None
+        if typ == _THREE:
+            self._pop(_CLOSE)
+            return None
+        if typ == _G or typ == _H or typ == _W:
+            front = self._pending[0] if self._pending else None
+            if front is not None and front[1] is not None and front[0] in (_QUERY, _EXECUTE):
+                front[1].copy = "in" if typ == _G else "out" if typ == _H else "both"
+            return None
+        if typ == _K:
+            if buf is not None:
+                self.backend_pid = _unpack_I(buf, start)[0]
+                self.cancel_key = bytes(buf[start + 4 : end])
+            return None
+        if typ == _S:
+            if buf is not None:
+                raw = bytes(buf[start:end]).split(b"\x00")
+                if len(raw) >= 2 and len(self.server_params) < 256:
+                    self.server_params[raw[0].decode("utf-8", "replace")] = raw[1].decode("utf-8", "replace")
+            return None
+        if typ == _R:
+            if buf is not None:
+                code = _unpack_I(buf, start)[0]
+                if code == 0:
+                    self.authenticated = True
+                elif code == 10 and self.strip_scram_plus:
+                    mechs = decode_sasl_mechanisms(buf, start + 4, end)
+                    kept = [m for m in mechs if not m.endswith("-PLUS")]
+                    if kept != mechs and kept:
+                        return encode_sasl_mechanisms(kept)
+            return None
+        # NoticeResponse, NotificationResponse, CopyData/CopyDone, ParameterDescription,
+        # FunctionCallResponse, NegotiateProtocolVersion, and anything newer: relayed,
+        # nothing to account.
+        return None
+
+    def _error(self, fields: dict[str, str], now: int) -> None:
+        pending = self._pending
+        if not pending:
+            # FATAL outside any request (start-up failure, admin shutdown).
+            self.fatal = fields
+            return
+        kind, rec, _inj = pending[0]
+        if kind == _QUERY or kind == _FUNC:
+            rows = self._rows
+            self._rows = 0
+            rec.results.append(Completion(now, None, rows, fields))
+            return
+        # Extended protocol: the failing request, then everything up to Sync is skipped.
+        pending.popleft()
+        if _inj:
+            self._injected_pending -= 1
+        if rec is not None and kind != _SYNC:
+            if kind == _PARSE:
+                rec.parse_end_ns = now
+            elif kind == _BIND:
+                rec.bind_end_ns = now
+            rec.status = "error"
+            rec.error = fields
+            rec.end_ns = now
+            rec.rows = self._rows
+        self._rows = 0
+        while pending and pending[0][0] != _SYNC:
+            k, r, inj = pending.popleft()
+            if inj:
+                self._injected_pending -= 1
+            if r is not None and r.status in ("pending", "prepared"):
+                r.status = "skipped"
+                r.end_ns = now
+        if not pending:
+            self._skipping = True
+
+    def _ready_for_query(self, status: int, now: int) -> None:
+        self.tx_status = chr(status) if status else ""
+        first = not self.ready
+        self.ready = True
+        pending = self._pending
+        done = None
+        while pending:
+            kind, rec, inj = pending.popleft()
+            if inj:
+                self._injected_pending -= 1
+            if kind == _SYNC:
+                done = rec  # the batch list
+                break
+            if kind == _QUERY or kind == _FUNC:
+                rec.end_ns = now
+                rec.status = "error" if any(c.error for c in rec.results) else "ok"
+                done = () if inj else (rec,)
+                break
+            if rec is not None and rec.status == "pending":
+                rec.status = "skipped"
+                rec.end_ns = now
+        if first and done is None:
+            return
+        if done:
+            tx = self.tx_status
+            for rec in done:
+                rec.tx_status = tx
+                if rec.status == "pending":
+                    rec.status = "skipped"
+                    rec.end_ns = now
+            self.completed.extend(done)
+        if self.tx_status == "I" and self._portals:
+            # Named portals die with their transaction.
+            self._portals.clear()
+
+    # -------------------------------------------------------------- injection
+
+    def inject_request(self, kind: str, rec: Statement | None = None) -> None:
+        """Note that the proxy itself sent a request whose answers must not reach the client.
+
+        ``kind`` is "query" (a simple Query: answers up to its ReadyForQuery are
+        removed) or "parse" / "bind" / "execute" / "close" (extended messages
+        inside the client's batch, answered before the client's own).
+        """
+        k = {"query": _QUERY, "parse": _PARSE, "bind": _BIND, "execute": _EXECUTE, "close": _CLOSE}[kind]
+        if k == _QUERY and rec is None:
+            rec = Statement("simple", None)
+            rec.results = []
+        self._pending.append((k, rec, True))
+        self._injected_pending += 1

@@ -1,0 +1,436 @@
+"""One proxied client connection: start-up negotiation, then the byte relay between two transports.
+
+Start-up (TLS negotiation on both legs, cancel requests, connecting upstream)
+runs as a coroutine over a small buffering protocol. Once the StartupMessage
+is forwarded, both transports switch to relay protocols whose
+``data_received`` does all the work synchronously, with no ``await``:
+
+* server → client: write first, then feed the session (relay first, observe second);
+  only during authentication and while answers to injected messages are due
+  are server bytes framed before they are forwarded (``Session.server_hold``);
+* client → server: framed before forwarding, because garbage must be refused
+  with 08P01 rather than handed to Postgres, and because the proxy splices
+  messages of its own in at message boundaries (Flush phase timing, otelwal).
+
+Backpressure: when one side's write buffer passes its high-water mark, reading
+from the other side pauses until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
+from ..protocol.messages import error_response
+from ..stats import STATS
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+__all__ = ["ClientConnection", "ConnectionInfo"]
+
+log = logging.getLogger("pgotel_proxy.proxy")
+
+_time_ns = time.time_ns
+_SSL_REQUEST = struct.pack("!II", 8, 80877103)
+_WRITE_HIGH = 1 << 20
+_WRITE_LOW = 256 << 10
+
+
+class _Inbox(asyncio.Protocol):
+    """Buffers what a transport delivers during start-up, for ``read_exactly``."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False
+        self._waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def eof_received(self):
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.eof = True
+        self._wake()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.eof:
+                raise ConnectionResetError("peer closed the connection during start-up")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def take(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+
+class _Relay(asyncio.Protocol):
+    """Base of both relay protocols: backpressure and teardown."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, conn: "ClientConnection") -> None:
+        self.c = conn
+
+    def eof_received(self):
+        return False  # close our side too; the peer is closed in connection_lost
+
+
+class _FromClient(_Relay):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        c = self.c
+        if c.observe:
+            session = c.session
+            try:
+                out = session.client_data(data, _time_ns())
+            except ProtocolViolation as exc:
+                c.violation(exc)
+                return
+            except Exception as exc:  # a bug in observation must not cost the client its traffic
+                held = session._cbuf
+                session._cbuf = b""
+                session.desync(f"client stream: {exc!r}")
+                c.observe = False
+                STATS.decode_desyncs += 1
+                log.warning("client %s: observation stopped: %r", c.peer, exc)
+                out = held + data if held else None
+            c.upstream.write(data if out is None else out)
+        else:
+            c.upstream.write(data)
+
+    def pause_writing(self) -> None:
+        self.c.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.c.upstream.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.c.client_lost(exc)
+
+
+class _FromServer(_Relay):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        c = self.c
+        session = c.session
+        if session.server_hold:
+            out = session.server_filter(data, _time_ns())
+            if out:
+                c.client.write(out)
+            if session.ready and not c.ready:
+                c.became_ready()
+        else:
+            c.client.write(data)
+            if c.observe:
+                session.server_observe(data, _time_ns())
+        if session.completed:
+            c.deliver()
+
+    def pause_writing(self) -> None:
+        self.c.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.c.client.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.c.upstream_lost(exc)
+
+
+class ConnectionInfo:
+    """What the tracer may know about a connection (read-only by convention)."""
+
+    __slots__ = ("peer", "upstream", "session", "tls")
+
+    def __init__(self, peer: str, upstream: str, session: Session, tls: bool) -> None:
+        self.peer = peer
+        self.upstream = upstream
+        self.session = session
+        self.tls = tls
+
+    @property
+    def user(self) -> str | None:
+        return self.session.startup_params.get("user")
+
+    @property
+    def database(self) -> str | None:
+        p = self.session.startup_params
+        return p.get("database") or p.get("user")
+
+
+class ClientConnection:
+    """A client connection and the upstream connection opened for it."""
+
+    def __init__(self, server: "ProxyServer", peer: str) -> None:
+        self.server = server
+        self.peer = peer
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.observe = True
+        self.ready = False
+        self.tls = False
+        self.trace = None  # the tracer's per-connection handle
+        self.closed: asyncio.Future | None = None
+        self._cancel_key: tuple[int, bytes] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------ start-up
+
+    async def run(self, sock: socket.socket, direct_tls: bool) -> None:
+        loop = asyncio.get_running_loop()
+        srv = self.server
+        cfg = srv.config
+        inbox = _Inbox()
+        ctx = srv.client_tls if direct_tls else None
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: inbox, sock, ssl=ctx), cfg.connect_timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            sock.close()
+            return
+        self.client = transport
+        if direct_tls:
+            self.tls = True
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is None or sslobj.selected_alpn_protocol() != "postgresql":
+                # PostgreSQL demands ALPN "postgresql" for direct TLS; so do we.
+                self._refuse("08P01", "direct TLS connection requires ALPN protocol \"postgresql\"")
+                return
+        try:
+            packet = await asyncio.wait_for(self._negotiate(inbox), srv.startup_timeout)
+        except ProtocolViolation as exc:
+            STATS.protocol_violations += 1
+            log.warning("client %s: bad start-up packet: %s", self.peer, exc)
+            self._refuse(exc.sqlstate, str(exc))
+            return
+        except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
+            log.debug("client %s: gone during start-up: %r", self.peer, exc)
+            self._close_transports()
+            return
+        if packet is None:
+            return  # SSL/GSS refusal ended the conversation, or a cancel request was handled
+        if srv.draining:
+            STATS.connections_refused += 1
+            self._refuse("57P03", "the proxy is shutting down")
+            return
+        if srv.active >= cfg.max_connections:
+            STATS.connections_refused += 1
+            log.warning("client %s: refused: max_connections (%d) reached", self.peer, cfg.max_connections)
+            self._refuse("53300", "sorry, too many clients already")
+            return
+        srv.active += 1
+        STATS.connections_active += 1
+        try:
+            await self._open_upstream(packet, inbox)
+            if self.closed is not None:
+                await self.closed
+        finally:
+            srv.active -= 1
+            STATS.connections_active -= 1
+            self._forget()
+
+    async def _negotiate(self, inbox: _Inbox):
+        """Read start-up packets until a StartupMessage; answer SSL/GSS requests and cancels."""
+        srv = self.server
+        loop = asyncio.get_running_loop()
+        for _ in range(4):
+            head = await inbox.read_exactly(4)
+            n = startup_packet_length(head, srv.config.max_startup_packet)
+            raw = head + await inbox.read_exactly(n - 4)
+            packet = parse_startup_packet(raw)
+            if packet.kind == "startup":
+                return packet
+            if packet.kind == "cancel":
+                await srv.forward_cancel(packet)
+                self._close_transports()
+                return None
+            if packet.kind == "ssl" and srv.client_tls is not None and not self.tls:
+                if inbox.buf:
+                    # Bytes after SSLRequest before the handshake would be injectable plaintext.
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                self.client.write(b"S")
+                transport = await loop.start_tls(self.client, inbox, srv.client_tls, server_side=True)
+                inbox.transport = self.client = transport
+                self.tls = True
+                continue
+            # GSSENCRequest, or SSLRequest without client TLS configured: refuse, the client goes on.
+            self.client.write(b"N")
+        raise ProtocolViolation("too many start-up negotiation packets")
+
+    async def _open_upstream(self, packet, inbox: _Inbox) -> None:
+        srv = self.server
+        cfg = srv.config
+        loop = asyncio.get_running_loop()
+        up = _Inbox()
+        try:
+            if srv.upstream_path:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_unix_connection(lambda: up, srv.upstream_path), cfg.connect_timeout
+                )
+            else:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: up, srv.upstream_host, srv.upstream_port), cfg.connect_timeout
+                )
+            self.upstream = transport
+            if srv.upstream_tls is not None and not srv.upstream_path:
+                transport.write(_SSL_REQUEST)
+                answer = await asyncio.wait_for(up.read_exactly(1), cfg.connect_timeout)
+                if answer == b"S":
+                    transport = await asyncio.wait_for(
+                        loop.start_tls(transport, up, srv.upstream_tls, server_hostname=srv.upstream_server_name),
+                        cfg.connect_timeout,
+                    )
+                    up.transport = self.upstream = transport
+                elif cfg.upstream_tls != "prefer":
+                    raise ConnectionRefusedError(f"upstream {srv.upstream_label} does not accept TLS (upstream_tls={cfg.upstream_tls})")
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            STATS.upstream_errors += 1
+            reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else (str(exc) or exc.__class__.__name__)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                log.error("client %s: cannot open upstream connection: %s", self.peer, reason)
+                self._refuse("53300", "sorry, too many clients already", detail="the proxy ran out of file descriptors")
+            else:
+                log.warning("client %s: upstream %s unreachable: %s", self.peer, srv.upstream_label, reason)
+                self._refuse("08001", f"pgotel-proxy could not connect to upstream server {srv.upstream_label}: {reason}")
+            if self.upstream is not None:
+                self.upstream.abort()
+            return
+
+        params = packet.params
+        self.session = Session(
+            max_message_size=cfg.max_message_size,
+            capture_params=cfg.capture_parameters,
+            flush_phases=cfg.phase_timing == "flush",
+            # Channel binding cannot survive TLS termination: the client would bind to the
+            # proxy's certificate and the server to its own. Never offer -PLUS to the client.
+            strip_scram_plus=True,
+            protocol_version=packet.code,
+            startup_params=params,
+        )
+        self.closed = loop.create_future()
+        for t in (self.client, self.upstream):
+            t.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
+        self.upstream.write(packet.raw)
+        client_rest = inbox.take()
+        upstream_rest = up.take()
+        self.client.set_protocol(_FromClient(self))
+        self.upstream.set_protocol(_FromServer(self))
+        if upstream_rest:
+            self.upstream.get_protocol().data_received(upstream_rest)
+        if client_rest:
+            self.client.get_protocol().data_received(client_rest)
+        if inbox.eof:
+            self.client_lost(None)
+        elif up.eof:
+            self.upstream_lost(None)
+
+    def _refuse(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        """Answer a connection we will not serve with a FATAL ErrorResponse and close it."""
+        if self.client is not None and not self.client.is_closing():
+            self.client.write(error_response(sqlstate, message, detail=detail))
+            self.client.close()
+
+    # --------------------------------------------------------------- relay
+
+    def became_ready(self) -> None:
+        """Start-up is over (first ReadyForQuery): register the cancel key, open the trace handle."""
+        self.ready = True
+        s = self.session
+        srv = self.server
+        if s.backend_pid is not None and s.cancel_key is not None:
+            self._cancel_key = (s.backend_pid, s.cancel_key)
+            srv.cancel_keys[self._cancel_key] = self
+        tracer = srv.tracer
+        if tracer is not None and tracer.wants_connection(s):
+            self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
+        elif not s.flush_phases:
+            # Nothing to observe: from now on this connection is a plain byte relay.
+            self.observe = False
+
+    def deliver(self) -> None:
+        done = self.session.take_completed()
+        if self.trace is not None:
+            self.trace.statements(done)
+
+    def violation(self, exc: ProtocolViolation) -> None:
+        STATS.protocol_violations += 1
+        log.warning("client %s: protocol violation: %s; closing the connection", self.peer, exc)
+        self.client.write(error_response(exc.sqlstate, str(exc)))
+        self._close_transports()
+
+    def client_lost(self, exc) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            # close() flushes what is buffered, then Postgres sees EOF and ends the backend.
+            self.upstream.close()
+        self._finish()
+
+    def upstream_lost(self, exc) -> None:
+        s = self.session
+        if self.client is not None and not self.client.is_closing():
+            if not self._closing and s is not None and s.fatal is None and s._sskip == 0 and not s._sbuf:
+                # The server vanished without a word; tell the client why, at a message boundary.
+                STATS.upstream_errors += 1
+                log.warning("client %s: upstream %s closed the connection unexpectedly", self.peer, self.server.upstream_label)
+                self.client.write(error_response("08006", "upstream server closed the connection unexpectedly"))
+            self.client.close()
+        self._finish()
+
+    def close(self, notify: bool = True) -> None:
+        """Close both legs now (shutdown after the drain time)."""
+        self._closing = True
+        s = self.session
+        if notify and self.client is not None and not self.client.is_closing() and s is not None and s.tx_status == "I" and not s._pending:
+            self.client.write(error_response("57P01", "terminating connection: the proxy is shutting down"))
+        self._close_transports()
+
+    def _close_transports(self) -> None:
+        self._closing = True
+        for t in (self.client, self.upstream):
+            if t is not None and not t.is_closing():
+                t.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
+
+    def _forget(self) -> None:
+        if self._cancel_key is not None:
+            self.server.cancel_keys.pop(self._cancel_key, None)
+            self._cancel_key = None
+        if self.session is not None and self.trace is not None:
+            self.session.finish_all(_time_ns())
+            if self.session.completed:
+                self.deliver()
+            self.trace.close()
+            self.trace = None

@@ -1,0 +1,337 @@
+"""The listening side: accept loop, cancel routing, graceful drain, and ``run(config)`` for the CLI.
+
+Connections are accepted by our own loop rather than ``create_server`` because
+the first byte decides how a connection starts: 0x16 is a TLS ClientHello
+(PostgreSQL 17 direct TLS), anything else a start-up packet. We peek at it
+before handing the socket to a transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+from typing import Any
+
+from ..stats import STATS
+from .connection import ClientConnection
+from .tls import client_context, upstream_context
+
+__all__ = ["ProxyServer", "run", "split_hostport"]
+
+log = logging.getLogger("pgotel_proxy.proxy")
+
+
+def split_hostport(value: str, default_port: int = 5432) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' -> (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    return host or "0.0.0.0", int(port)
+
+
+class ProxyServer:
+    """Listens, accepts, and owns every :class:`ClientConnection`."""
+
+    def __init__(self, config: Any, tracer: Any = None) -> None:
+        self.config = config
+        self.tracer = tracer
+        self.startup_timeout = max(config.connect_timeout, 10.0)
+        self.connections: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, bytes], ClientConnection] = {}
+        self.active = 0
+        self.draining = False
+        self.listen_addresses: list[str] = []
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._reserve_fd: int | None = None
+        up = config.upstream
+        if up.startswith("/"):
+            self.upstream_path: str | None = up
+            self.upstream_host, self.upstream_port = "", 0
+            self.upstream_label = up
+        else:
+            self.upstream_path = None
+            self.upstream_host, self.upstream_port = split_hostport(up)
+            self.upstream_label = f"{self.upstream_host}:{self.upstream_port}"
+        self.upstream_server_name = getattr(config, "upstream_tls_server_name", None) or self.upstream_host or None
+        self.client_tls = None
+        if config.client_tls_cert and config.client_tls_key:
+            self.client_tls = client_context(str(config.client_tls_cert), str(config.client_tls_key), config.client_tls_min_version)
+        self.upstream_tls = None
+        if not self.upstream_path:
+            self.upstream_tls = upstream_context(
+                config.upstream_tls,
+                _str(config.upstream_tls_ca),
+                _str(getattr(config, "upstream_tls_cert", None)),
+                _str(getattr(config, "upstream_tls_key", None)),
+            )
+
+    def reload_tls(self) -> None:
+        """Re-read certificates (SIGHUP); open sessions keep the context they started with."""
+        cfg = self.config
+        if cfg.client_tls_cert and cfg.client_tls_key:
+            self.client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
+        if not self.upstream_path:
+            self.upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(getattr(cfg, "upstream_tls_cert", None)), _str(getattr(cfg, "upstream_tls_key", None)))
+
+    # ------------------------------------------------------------ listening
+
+    async def start(self) -> None:
+        cfg = self.config
+        host, port = split_hostport(cfg.listen, 6432)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if getattr(cfg, "workers", 1) > 1 and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        bound = sock.getsockname()
+        self.listen_addresses.append(f"{bound[0]}:{bound[1]}" if family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}")
+        if cfg.unix_socket:
+            path = str(cfg.unix_socket)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            usock.bind(path)
+            os.chmod(path, 0o777)
+            usock.listen(1024)
+            usock.setblocking(False)
+            self._listeners.append(usock)
+            self.listen_addresses.append(path)
+        self._open_reserve()
+        loop = asyncio.get_running_loop()
+        for ls in self._listeners:
+            self._accept_tasks.append(loop.create_task(self._accept_loop(ls)))
+        log.info("listening on %s, upstream %s", ", ".join(self.listen_addresses), self.upstream_label)
+
+    @property
+    def port(self) -> int:
+        return self._listeners[0].getsockname()[1]
+
+    def _open_reserve(self) -> None:
+        # One spare descriptor, given up when accept() hits EMFILE so the client can be told why.
+        try:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._reserve_fd = None
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    await self._refuse_for_fds(lsock)
+                    continue
+                if lsock.fileno() < 0:
+                    return
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            STATS.connections_accepted += 1
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = "unix"
+            conn.setblocking(False)
+            task = loop.create_task(self._handle(conn, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _refuse_for_fds(self, lsock: socket.socket) -> None:
+        STATS.connections_refused += 1
+        if self._reserve_fd is None:
+            await asyncio.sleep(0.05)
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = None
+        try:
+            conn, _ = lsock.accept()
+            from ..protocol.messages import error_response
+
+            try:
+                conn.setblocking(True)
+                conn.settimeout(0.2)
+                conn.sendall(error_response("53300", "sorry, too many clients already", detail="the proxy ran out of file descriptors"))
+            except OSError:
+                pass
+            conn.close()
+        except OSError:
+            await asyncio.sleep(0.01)
+        finally:
+            log.error("out of file descriptors: refused a connection")
+            self._open_reserve()
+
+    async def _handle(self, sock: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        direct_tls = False
+        if self.client_tls is not None:
+            try:
+                first = await asyncio.wait_for(_peek(loop, sock), self.startup_timeout)
+            except (asyncio.TimeoutError, OSError):
+                sock.close()
+                return
+            direct_tls = first == b"\x16"
+        conn = ClientConnection(self, peer)
+        self.connections.add(conn)
+        try:
+            await conn.run(sock, direct_tls)
+        except Exception:
+            log.exception("client %s: connection failed", peer)
+            conn.close(notify=False)
+        finally:
+            self.connections.discard(conn)
+
+    # -------------------------------------------------------------- cancel
+
+    async def forward_cancel(self, packet) -> None:
+        """Send a client's CancelRequest to the backend it names, if this proxy issued that key."""
+        key = (packet.cancel_pid, packet.cancel_key)
+        if key not in self.cancel_keys:
+            STATS.cancel_dropped += 1
+            log.info("cancel request for unknown backend key (pid %s) dropped", packet.cancel_pid)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            if self.upstream_path:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.upstream_path), self.config.connect_timeout)
+            else:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.upstream_host, self.upstream_port), self.config.connect_timeout
+                )
+            writer.write(packet.raw)
+            await writer.drain()
+            # The server closes without answering once it has processed the request.
+            await asyncio.wait_for(reader.read(), self.config.connect_timeout)
+            writer.close()
+            STATS.cancel_forwarded += 1
+        except (OSError, asyncio.TimeoutError) as exc:
+            STATS.upstream_errors += 1
+            log.warning("could not forward cancel request to %s: %s", self.upstream_label, exc)
+        del loop
+
+    # ------------------------------------------------------------ shutdown
+
+    async def stop_accepting(self) -> None:
+        self.draining = True
+        for t in self._accept_tasks:
+            t.cancel()
+        for s in self._listeners:
+            if s.family == socket.AF_UNIX:
+                try:
+                    os.unlink(s.getsockname())
+                except OSError:
+                    pass
+            s.close()
+        self._listeners.clear()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, wait up to ``timeout`` for sessions to end, then close the rest."""
+        await self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.connections)
+        if left:
+            log.info("drain time over: closing %d open session(s)", len(left))
+        for conn in left:
+            conn.close()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    fut = loop.create_future()
+    fd = sock.fileno()
+
+    def readable() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+    return sock.recv(1, socket.MSG_PEEK)
+
+
+def _str(v) -> str | None:
+    return None if v is None else str(v)
+
+
+async def serve(config: Any, ready: asyncio.Future | None = None) -> int:
+    """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code."""
+    from ..tracing import build_tracer
+
+    loop = asyncio.get_running_loop()
+    tracer = build_tracer(config)
+    server = ProxyServer(config, tracer)
+    admin = None
+    await server.start()
+    if getattr(config, "admin_listen", None):
+        from ..admin import AdminServer
+
+        admin = AdminServer(config, server, tracer)
+        await admin.start()
+    stop = asyncio.Event()
+
+    def on_signal(signame: str) -> None:
+        log.info("%s received: draining for up to %ss", signame, config.drain_timeout)
+        stop.set()
+
+    def on_hup() -> None:
+        log.info("SIGHUP received: reloading")
+        try:
+            server.reload_tls()
+            if tracer is not None:
+                tracer.reload()
+        except Exception as exc:
+            log.error("reload failed, keeping the old settings: %s", exc)
+
+    for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        loop.add_signal_handler(sig, on_signal, name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if ready is not None and not ready.done():
+        ready.set_result(server)
+    await stop.wait()
+    await server.drain(config.drain_timeout)
+    if admin is not None:
+        await admin.stop()
+    if tracer is not None:
+        await loop.run_in_executor(None, tracer.shutdown)
+    log.info("stopped")
+    return 0
+
+
+def run(config: Any) -> int:
+    """Blocking entry point for the CLI: uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
