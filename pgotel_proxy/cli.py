@@ -243,7 +243,8 @@ def run(ctx: click.Context, config_file: str | None, **params: Any) -> None:
     from pgotel_proxy.proxy.server import run as serve
 
     log.debug("starting with listen=%s upstream=%s", config.listen, config.upstream)
-    code = serve(config)
+    # SIGHUP re-reads the same sources (file, environment, flags).
+    code = serve(config, reload=lambda: load_from_cli(ctx, config_file, params))
     ctx.exit(int(code or 0))
 
 

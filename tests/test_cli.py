@@ -236,7 +236,7 @@ def test_run_hands_the_config_to_the_server_and_returns_its_exit_code(
     # contract only: run(config) is called once and its result becomes the exit code.
     seen: list[Config] = []
 
-    def fake_run(config: Config) -> int:
+    def fake_run(config: Config, reload=None) -> int:
         seen.append(config)
         logging.getLogger("pgotel_proxy.proxy.server").info(
             "listening on %s", config.listen, extra={"connections": 0})
@@ -262,7 +262,7 @@ def test_run_hands_the_config_to_the_server_and_returns_its_exit_code(
 
 def test_run_text_logging_honours_level(monkeypatch: pytest.MonkeyPatch,
                                         restore_logging: None) -> None:
-    def fake_run(config: Config) -> None:
+    def fake_run(config: Config, reload=None) -> None:
         logging.getLogger("x").debug("debug %s", "line")
         logging.getLogger("x").info("info line")
 

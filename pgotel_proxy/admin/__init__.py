@@ -1,0 +1,153 @@
+"""Admin HTTP listener: health, readiness, Prometheus metrics, status, and runtime tracing control.
+
+Endpoints (aiohttp; binds 127.0.0.1 by default):
+
+* ``GET /healthz``  — 200 while the process serves.
+* ``GET /readyz``   — 200 when the upstream accepts a TCP connection, else 503.
+* ``GET /metrics``  — Prometheus text format, from the counters in ``pgotel_proxy.stats``.
+* ``GET /status``   — JSON: version, tracing on/off, sample ratio, queue size, dropped spans.
+* ``POST /tracing`` — JSON ``{"enabled": bool, "sample_rate": float}`` (either key) changes
+  tracing at runtime. When ``admin_token`` is set, state-changing requests need
+  ``Authorization: Bearer <token>``; without a token configured they are only
+  accepted from loopback clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .. import __version__
+from ..stats import METRICS, STATS
+
+__all__ = ["AdminServer"]
+
+log = logging.getLogger("pgotel_proxy.admin")
+
+
+class _StatsCollector:
+    """Exposes STATS on scrape (the relay path never touches prometheus_client)."""
+
+    def __init__(self, tracer) -> None:
+        self.tracer = tracer
+
+    def collect(self):
+        snap = STATS.snapshot()
+        if self.tracer is not None:
+            snap["span_queue_size"] = self.tracer.queue_size_now()
+        for name, (kind, help_text) in METRICS.items():
+            full = f"pgotel_{name}"
+            if kind == "counter":
+                m = CounterMetricFamily(full, help_text)
+            else:
+                m = GaugeMetricFamily(full, help_text)
+            m.add_metric([], snap[name])
+            yield m
+
+
+class AdminServer:
+    def __init__(self, config: Any, proxy, tracer) -> None:
+        self.config = config
+        self.proxy = proxy
+        self.tracer = tracer
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StatsCollector(tracer))
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        token = getattr(config, "admin_token", None)
+        self._token = token.get_secret_value() if hasattr(token, "get_secret_value") else token
+
+    async def start(self) -> None:
+        from ..proxy.server import split_hostport
+
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/status", self.status)
+        app.router.add_post("/tracing", self.set_tracing)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, port = split_hostport(self.config.admin_listen, 9187)
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        log.info("admin listening on %s:%s", host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        p = self.proxy
+        try:
+            if p.upstream_path:
+                _, w = await asyncio.wait_for(asyncio.open_unix_connection(p.upstream_path), 2)
+            else:
+                _, w = await asyncio.wait_for(asyncio.open_connection(p.upstream_host, p.upstream_port), 2)
+            w.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            return web.Response(status=503, text=f"upstream {p.upstream_label} unreachable: {exc}\n")
+        if p.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ready\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def status_dict(self) -> dict:
+        t = self.tracer
+        d = {
+            "version": __version__,
+            "tracing": bool(t is not None and t.enabled),
+            "sample_rate": t.sample_rate if t is not None else 0.0,
+            "queue_size": t.queue_size_now() if t is not None else 0,
+            "spans_dropped": STATS.spans_dropped,
+            "connections_active": STATS.connections_active,
+            "upstream": self.proxy.upstream_label,
+        }
+        sources = getattr(self.proxy, "source_status", None)
+        if sources:
+            d["sources"] = sources
+        return d
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_dict())
+
+    def _authorised(self, request: web.Request) -> bool:
+        if self._token:
+            got = request.headers.get("Authorization", "")
+            return hmac.compare_digest(got.encode(), f"Bearer {self._token}".encode())
+        peer = request.remote or ""
+        try:
+            return ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            return False
+
+    async def set_tracing(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return web.json_response({"error": "unauthorised"}, status=401)
+        if self.tracer is None:
+            return web.json_response({"error": "tracing was off at start-up; restart with tracing on"}, status=409)
+        try:
+            body = await request.json()
+            if "sample_rate" in body:
+                self.tracer.set_sample_rate(float(body["sample_rate"]))
+            if "enabled" in body:
+                self.tracer.set_enabled(bool(body["enabled"]))
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(self.status_dict())

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from ..stats import STATS
 from .connection import ClientConnection
@@ -284,8 +284,13 @@ def _str(v) -> str | None:
     return None if v is None else str(v)
 
 
-async def serve(config: Any, ready: asyncio.Future | None = None) -> int:
-    """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code."""
+async def serve(config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None) -> int:
+    """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code.
+
+    SIGHUP calls ``reload`` for a fresh config and applies what can change
+    without a restart: certificates (new sessions only), tracing on/off and the
+    sample ratio.
+    """
     from ..tracing import build_tracer
 
     loop = asyncio.get_running_loop()
@@ -307,9 +312,13 @@ async def serve(config: Any, ready: asyncio.Future | None = None) -> int:
     def on_hup() -> None:
         log.info("SIGHUP received: reloading")
         try:
+            if reload is not None:
+                new = reload()
+                server.config = new
+                if tracer is not None:
+                    tracer.set_sample_rate(new.sample_rate)
+                    tracer.set_enabled(new.tracing)
             server.reload_tls()
-            if tracer is not None:
-                tracer.reload()
         except Exception as exc:
             log.error("reload failed, keeping the old settings: %s", exc)
 
@@ -328,10 +337,10 @@ async def serve(config: Any, ready: asyncio.Future | None = None) -> int:
     return 0
 
 
-def run(config: Any) -> int:
+def run(config: Any, reload: Callable[[], Any] | None = None) -> int:
     """Blocking entry point for the CLI: uvloop when available."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        return asyncio.run(serve(config, reload=reload))
+    return uvloop.run(serve(config, reload=reload))

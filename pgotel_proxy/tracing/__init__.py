@@ -1,0 +1,16 @@
+"""Statement records → spans → OTLP, off the relay path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["build_tracer"]
+
+
+def build_tracer(config: Any):
+    """The tracer for ``config``; None when tracing is off at start-up (the relay alone)."""
+    if not getattr(config, "tracing", True):
+        return None
+    from .tracer import Tracer
+
+    return Tracer.from_config(config)

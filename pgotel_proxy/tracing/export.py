@@ -1,0 +1,184 @@
+"""Exporters and the export pipeline: OTLP over HTTP/protobuf or gRPC, a console tree, bounded batching.
+
+The OTLP exporters are opentelemetry-exporter-otlp's own; they read the
+standard ``OTEL_EXPORTER_OTLP_*`` variables themselves. ``otlp_endpoint`` in
+the config is a base URL with the standard meaning (``/v1/traces`` is
+appended for HTTP).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from ..stats import STATS
+
+__all__ = ["make_exporter", "ConsoleTreeExporter", "ExportPipeline", "format_tree"]
+
+log = logging.getLogger("pgotel_proxy.export")
+
+
+def _protocol(config: Any) -> str:
+    return (
+        getattr(config, "otlp_protocol", None)
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+
+
+def make_exporter(config: Any) -> SpanExporter | None:
+    """The exporter the config asks for; None for ``exporter = "none"``."""
+    kind = getattr(config, "exporter", "otlp")
+    if kind == "none":
+        return None
+    if kind == "console":
+        return ConsoleTreeExporter()
+    timeout = float(getattr(config, "export_timeout", 10.0))
+    endpoint = getattr(config, "otlp_endpoint", None)
+    if _protocol(config) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        kw: dict[str, Any] = {"timeout": timeout}
+        if endpoint:
+            kw["endpoint"] = endpoint.split("://", 1)[-1] if endpoint.startswith("http://") else endpoint
+            kw["insecure"] = not endpoint.startswith("https://")
+        return GrpcExporter(**kw)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    kw = {"timeout": timeout}
+    if endpoint:
+        kw["endpoint"] = endpoint.rstrip("/") + "/v1/traces"
+    return HttpExporter(**kw)
+
+
+def format_tree(spans: Sequence[ReadableSpan]) -> str:
+    """Spans of one or more traces as indented trees with durations."""
+    by_id = {s.context.span_id: s for s in spans}
+    children: dict[int | None, list[ReadableSpan]] = {}
+    for s in spans:
+        parent = s.parent.span_id if s.parent is not None and s.parent.span_id in by_id else None
+        children.setdefault(parent, []).append(s)
+    lines: list[str] = []
+
+    def walk(span: ReadableSpan, depth: int) -> None:
+        ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+        attrs = span.attributes or {}
+        extra = []
+        for key in ("db.response.returned_rows", "db.response.status_code", "pgotel.timing.exact"):
+            if key in attrs:
+                extra.append(f"{key.rsplit('.', 1)[-1]}={attrs[key]}")
+        status = " ERROR" if span.status.status_code.name == "ERROR" else ""
+        lines.append(f"{'  ' * depth}{span.name}  {ms:.3f} ms{status}  {' '.join(extra)}".rstrip())
+        for child in sorted(children.get(span.context.span_id, []), key=lambda s: s.start_time or 0):
+            walk(child, depth + 1)
+
+    roots = sorted(children.get(None, []), key=lambda s: s.start_time or 0)
+    for root in roots:
+        lines.append(f"trace {root.context.trace_id:032x}")
+        walk(root, 1)
+    return "\n".join(lines)
+
+
+class ConsoleTreeExporter(SpanExporter):
+    """Prints each exported batch as readable trace trees (for local use)."""
+
+    def __init__(self, out=None) -> None:
+        self.out = out or sys.stdout
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if spans:
+            self.out.write(format_tree(spans) + "\n")
+            self.out.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ExportPipeline:
+    """A bounded span queue drained by one thread that exports in batches.
+
+    ``put`` never blocks: when the queue is full, spans are dropped and counted.
+    """
+
+    def __init__(self, exporter: SpanExporter | None, *, queue_size: int, batch_size: int, interval: float) -> None:
+        self.exporter = exporter
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.interval = interval
+        self._q: deque = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="pgotel-export", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def put(self, spans: list[ReadableSpan]) -> None:
+        q = self._q
+        room = self.queue_size - len(q)
+        if room < len(spans):
+            STATS.spans_dropped += len(spans) - max(room, 0)
+            spans = spans[: max(room, 0)]
+        q.extend(spans)
+        if len(q) >= self.batch_size:
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            self._drain()
+        self._drain()
+
+    def _drain(self, deadline: float | None = None) -> None:
+        q = self._q
+        while q:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            batch = []
+            while q and len(batch) < self.batch_size:
+                batch.append(q.popleft())
+            self._export(batch)
+
+    def _export(self, batch: list[ReadableSpan]) -> None:
+        if self.exporter is None:
+            return
+        try:
+            result = self.exporter.export(batch)
+        except Exception as exc:  # an exporter bug must not end the thread
+            log.warning("span export raised: %r", exc)
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            STATS.spans_exported += len(batch)
+        else:
+            STATS.export_failures += 1
+            STATS.spans_dropped += len(batch)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Export what is queued now (best effort within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self._q and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.01)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self.exporter is not None:
+            try:
+                self.exporter.shutdown()
+            except Exception:
+                pass

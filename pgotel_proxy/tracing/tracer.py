@@ -1,0 +1,222 @@
+"""The tracer: the one narrow interface the proxy talks to, and the builder thread behind it.
+
+The proxy calls, on the event loop:
+
+* ``wants_connection(session)`` once a connection is ready;
+* ``open(info)`` → a per-connection handle whose ``statements(records)`` takes
+  finished statement records (an O(1) append to a bounded queue; when the
+  queue is full the records are dropped and counted: the relay never waits);
+* ``handle.close()`` when the connection ends.
+
+A builder thread turns records into spans (sqlcommenter parsing, SQL summaries,
+attributes) and hands them to the export pipeline, which exports in batches
+from its own thread. Tracing can be switched on and off and the sample ratio
+changed at runtime (admin endpoint, SIGHUP); connections that were opened
+while tracing was off at start-up stay plain relays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections import deque
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.semconv.attributes.db_attributes import DB_NAMESPACE, DB_SYSTEM_NAME
+from opentelemetry.semconv._incubating.attributes.db_attributes import DB_USER
+from opentelemetry.semconv.attributes.network_attributes import NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+
+from ..stats import STATS
+from .export import ExportPipeline, make_exporter
+from .spans import ConnState, SpanBuilder
+
+__all__ = ["Tracer"]
+
+log = logging.getLogger("pgotel_proxy.tracing")
+
+_CLOSE = object()
+
+
+class _Handle:
+    """Per-connection handle given to the proxy."""
+
+    __slots__ = ("tracer", "state")
+
+    def __init__(self, tracer: "Tracer", state: ConnState) -> None:
+        self.tracer = tracer
+        self.state = state
+
+    def statements(self, records: list) -> None:
+        t = self.tracer
+        if not t.enabled:
+            return
+        q = t._records
+        if len(q) >= t.queue_size:
+            STATS.spans_dropped += len(records)
+            return
+        q.append((self.state, records))
+
+    def close(self) -> None:
+        pass
+
+
+class Tracer:
+    """Owns the record queue, the builder thread and the export pipeline."""
+
+    def __init__(
+        self,
+        *,
+        exporter,
+        resource: Resource,
+        sample_rate: float = 1.0,
+        enabled: bool = True,
+        queue_size: int = 20000,
+        batch_size: int = 512,
+        export_interval: float = 1.0,
+        capture_parameters: bool = False,
+        capture_literals: bool = False,
+        shutdown_timeout: float = 5.0,
+        config: Any = None,
+    ) -> None:
+        self.config = config
+        self.enabled = enabled
+        self.queue_size = queue_size
+        self.shutdown_timeout = shutdown_timeout
+        self.builder = SpanBuilder(
+            resource=resource,
+            sample_rate=sample_rate,
+            capture_parameters=capture_parameters,
+            capture_literals=capture_literals,
+        )
+        self.pipeline = ExportPipeline(exporter, queue_size=queue_size, batch_size=batch_size, interval=export_interval)
+        self._records: deque = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pgotel-spans", daemon=True)
+        self._thread.start()
+        # Spans are built on another thread; keep its GIL turns short so the relay waits little.
+        if sys.getswitchinterval() > 0.001:
+            sys.setswitchinterval(0.001)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Tracer":
+        service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
+        resource = Resource.create({"service.name": service})
+        return cls(
+            exporter=make_exporter(config),
+            resource=resource,
+            sample_rate=float(getattr(config, "sample_rate", 1.0)),
+            enabled=bool(getattr(config, "tracing", True)),
+            queue_size=int(getattr(config, "span_queue_size", 20000)),
+            batch_size=int(getattr(config, "export_batch_size", 512)),
+            export_interval=float(getattr(config, "export_interval", 1.0)),
+            capture_parameters=bool(getattr(config, "capture_parameters", False)),
+            capture_literals=bool(getattr(config, "capture_query_literals", False)),
+            shutdown_timeout=float(getattr(config, "shutdown_timeout", 5.0)),
+            config=config,
+        )
+
+    # ------------------------------------------------------- runtime control
+
+    @property
+    def sample_rate(self) -> float:
+        return self.builder.sample_rate
+
+    def set_sample_rate(self, rate: float) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("sample rate must be between 0 and 1")
+        self.builder.sample_rate = rate
+        log.info("sample rate set to %s", rate)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        log.info("tracing %s", "enabled" if enabled else "disabled")
+
+    def queue_size_now(self) -> int:
+        return len(self._records) + len(self.pipeline)
+
+    # -------------------------------------------------------- proxy facing
+
+    def wants_connection(self, session) -> bool:
+        return True
+
+    def open(self, info) -> _Handle:
+        host, port = _split(info.upstream)
+        base = {DB_SYSTEM_NAME: "postgresql"}
+        if info.database:
+            base[DB_NAMESPACE] = info.database
+        if info.user:
+            base[DB_USER] = info.user
+        if host:
+            base[SERVER_ADDRESS] = host
+            if port:
+                base[SERVER_PORT] = port
+        peer_host, peer_port = _split(info.peer)
+        if peer_host and peer_host != "unix":
+            base[NETWORK_PEER_ADDRESS] = peer_host
+            if peer_port:
+                base[NETWORK_PEER_PORT] = peer_port
+        return _Handle(self, ConnState(info, base))
+
+    # ------------------------------------------------------ builder thread
+
+    def _loop(self) -> None:
+        q = self._records
+        builder = self.builder
+        pipeline = self.pipeline
+        while True:
+            if not q:
+                if self._stop:
+                    break
+                self._idle.set()
+                self._wake.wait(0.02)
+                self._wake.clear()
+                continue
+            self._idle.clear()
+            spans: list = []
+            n = 0
+            while q and n < 256:
+                state, records = q.popleft()
+                for rec in records:
+                    try:
+                        builder.build(state, rec, spans)
+                    except Exception:  # one odd statement must not stop the thread
+                        log.exception("could not build a span")
+                n += 1
+            if spans:
+                STATS.spans_started += len(spans)
+                pipeline.put(spans)
+        self._idle.set()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Build and export everything queued so far (tests, shutdown)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self._records and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._idle.wait(max(0.0, deadline - time.monotonic()))
+        self.pipeline.flush(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(self.shutdown_timeout)
+        self.pipeline.shutdown(self.shutdown_timeout)
+
+
+def _split(addr: str) -> tuple[str, int | None]:
+    if not addr or addr.startswith("/"):
+        return addr, None
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, None
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return addr, None
