@@ -39,7 +39,7 @@ def otel_comment(**meta: str | None) -> str:
     return " /*" + ",".join(pairs) + "*/" if pairs else ""
 
 
-def otel_add(sql: str, **meta: str | None) -> str:
+def otel_add(sql: str, /, **meta: str | None) -> str:
     comment = otel_comment(**meta)
     sql = sql.rstrip()
     if sql.endswith(";"):
