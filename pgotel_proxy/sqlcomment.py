@@ -116,14 +116,17 @@ _DOLLAR_TAG = re.compile(r"\$[^\W\d]\w*\$")
 
 # Keys are unquoted URL-encoded tokens; values are single-quoted with backslash
 # escapes.  Whitespace around pairs and commas is tolerated because some writers
-# emit "/* k='v' */".
+# emit "/* k='v' */".  Some writers leave numbers unquoted (OpenTelemetry's
+# dbapi commenter writes dbapi_threadsafety=2), so a bare value is accepted
+# too, as long as the comment has at least one quoted pair.
 _PAIR = re.compile(
     r"""
     [ \t\n\r\f\v]*
     ((?:[^\s=',\\]|\\.)+)
-    ='
-    ([^'\\]*+(?:\\.[^'\\]*+)*+)
-    '
+    =(?:
+    '([^'\\]*+(?:\\.[^'\\]*+)*+)'
+    |([^\s=',\\]+)
+    )
     [ \t\n\r\f\v]*
     (,?)
     """,
@@ -413,9 +416,10 @@ def _read_pairs(sql: str, start: int, end: int, tags: dict[str, str], budget: _B
         m = _PAIR.match(body, pos)
         if m is None:
             return False
-        found.append((m.group(1), m.group(2)))
+        value = m.group(2)
+        found.append((m.group(1), value if value is not None else m.group(3)))
         pos = m.end()
-        if not m.group(3):
+        if not m.group(4):
             if _WS_RUN.match(body, pos).end() != size:
                 return False
             break

@@ -548,3 +548,21 @@ def test_real_comments_match_postgres_lexer(parts):
         return  # PostgreSQL would reject the statement; only "no exception" matters
     expected = {key for key, span in planted.items() if span in runs}
     assert set(got.tags if got else ()) == expected, sql
+
+
+def test_opentelemetry_dbapi_commenter_with_unquoted_number():
+    # opentelemetry-instrumentation-psycopg writes dbapi_threadsafety=2 unquoted.
+    sql = (
+        "select 1 /*db_driver='psycopg%%3A3.3.9',dbapi_level='2.0',dbapi_threadsafety=2,"
+        "driver_paramstyle='pyformat',libpq_version=180006,"
+        "traceparent='00-8c373c44edc1d911e6ee89e7a8eac7a3-b163677539d1c44e-03'*/"
+    )
+    c = parse(sql)
+    assert c is not None and c.context is not None
+    assert c.context.span_id == 0xB163677539D1C44E and c.context.sampled
+    assert c.tags["dbapi_threadsafety"] == "2" and c.tags["db_driver"] == "psycopg:3.3.9"
+    assert c.stripped_sql == "select 1"
+
+
+def test_comment_without_any_quoted_pair_stays_ordinary():
+    assert parse("select 1 /* a=b */") is None

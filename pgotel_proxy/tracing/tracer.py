@@ -104,11 +104,11 @@ class Tracer:
             sys.setswitchinterval(0.001)
 
     @classmethod
-    def from_config(cls, config: Any) -> "Tracer":
+    def from_config(cls, config: Any, exporter: Any = None) -> "Tracer":
         service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
         resource = Resource.create({"service.name": service})
         return cls(
-            exporter=make_exporter(config),
+            exporter=exporter if exporter is not None else make_exporter(config),
             resource=resource,
             sample_rate=float(getattr(config, "sample_rate", 1.0)),
             enabled=bool(getattr(config, "tracing", True)),

