@@ -1,0 +1,55 @@
+"""A counting OTLP/HTTP receiver in its own process, for the benchmark.
+
+This module owns the collector stand-in the traced proxy exports to during a
+benchmark run. It is the test suite's :class:`OtlpReceiver` (real protobuf
+decoding of every request) except that decoded spans are counted and then
+forgotten: a run exports millions of spans, and keeping them would only
+measure this process's memory.
+
+It runs as a separate process so that its CPU is not charged to the proxy.
+Protocol on stdin/stdout, one line each way:
+
+* it prints ``ready <http endpoint>`` once listening;
+* ``count`` → the number of spans decoded so far;
+* end of input → it stops and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from otlp_receiver import OtlpReceiver  # noqa: E402
+
+
+class CountingReceiver(OtlpReceiver):
+    """Decodes like the test receiver, keeps only a count."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc_enabled=False)
+        self.received = 0
+        self._count_lock = threading.Lock()
+
+    def _store(self, spans) -> None:
+        with self._count_lock:
+            self.received += len(spans)
+
+
+def main() -> int:
+    receiver = CountingReceiver()
+    receiver.start()
+    print(f"ready {receiver.http_endpoint}", flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "count":
+                print(receiver.received, flush=True)
+    finally:
+        receiver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

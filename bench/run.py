@@ -1,0 +1,789 @@
+"""Side-by-side benchmark: direct PostgreSQL, PgBouncer and pgotel-proxy, in one run.
+
+This module owns the whole benchmark: a throwaway PostgreSQL (the test
+fixture's :class:`PgServer`), a PgBouncer in session mode, the proxy started
+through its real CLI in three configurations (tracing off, tracing on at 100 %
+sampling exporting OTLP/HTTP to a decoding receiver in another process, and
+tracing on with ``--phase-timing flush``), and the measurements:
+
+* pgbench, a ``-S`` equivalent whose SQL carries a sampled sqlcommenter
+  traceparent, in simple / extended / prepared modes at 1, 8 and 32 clients,
+  the targets interleaved within each cell so they share the machine's noise:
+  tps, mean / p50 / p99 latency (from per-transaction logs), CPU of the middle
+  process per transaction (utime + stime from ``/proc``), spans exported and
+  dropped (from the proxy's admin ``/metrics``) and spans the receiver decoded;
+* bulk relay: ``COPY ... TO STDOUT`` of a large table and a many-row SELECT;
+* RSS per idle client connection with N connections open.
+
+Usage: ``python bench/run.py [--quick] [--out bench/results/<date>.json]``.
+Results print as tables and are written as JSON. Run as root, PostgreSQL and
+PgBouncer run as the unprivileged user :data:`pgserver.TEST_OS_USER`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import glob
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_ROOT / "tests"))
+
+from pgserver import TEST_OS_USER, PgServer  # noqa: E402
+
+log = logging.getLogger("bench")
+
+DBNAME = "pgotel_bench"
+#: A fixed, sampled W3C traceparent: every benchmark statement is traced.
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+MODES = ("simple", "extended", "prepared")
+CLIENTS = (1, 8, 32)
+TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-flush")
+#: Proxy configurations: target name -> extra CLI flags.
+PROXY_FLAGS: dict[str, list[str]] = {
+    "proxy-off": ["--no-tracing"],
+    "proxy-on": ["--tracing", "--sample-rate", "1"],
+    "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
+}
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------
+# Small process helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def raise_fd_limit(want: int) -> None:
+    # Idle-connection runs hold thousands of sockets here and in children,
+    # which inherit the limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------
+# The middle processes
+
+
+@dataclass
+class Target:
+    """Somewhere pgbench can connect to; ``pid`` is the middle process, if any."""
+
+    name: str
+    port: int
+    pid: int | None = None
+    admin_port: int | None = None
+    traced: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        """The proxy's counters from its admin endpoint (empty for other targets)."""
+        if self.admin_port is None:
+            return {}
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for m in re.finditer(r"^pgotel_(\w+?)(?:_total)? ([0-9.eE+-]+)$", text, re.M):
+            out[m.group(1)] = float(m.group(2))
+        return out
+
+
+def ensure_pgbouncer() -> str | None:
+    """Path of the pgbouncer binary, installing the Debian package if missing (root only)."""
+    found = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    log.info("installing pgbouncer with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], env=env, check=False,
+                   capture_output=True)
+    return shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None)
+
+
+class PgBouncer:
+    """PgBouncer in session mode in front of one database, run unprivileged when we are root."""
+
+    def __init__(self, binary: str, pg: PgServer, workdir: Path, max_clients: int) -> None:
+        self.binary = binary
+        self.pg = pg
+        self.dir = workdir / "pgbouncer"
+        self.max_clients = max_clients
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "PgBouncer":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "userlist.txt").write_text('"postgres" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"{DBNAME} = host={self.pg.host} port={self.pg.port} dbname={DBNAME}\n"
+            f"postgres = host={self.pg.host} port={self.pg.port} dbname=postgres\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {self.dir / 'userlist.txt'}\n"
+            "pool_mode = session\n"
+            f"max_client_conn = {self.max_clients + 100}\n"
+            f"default_pool_size = {self.max_clients + 50}\n"
+            f"max_db_connections = {self.max_clients + 50}\n"
+            "ignore_startup_parameters = extra_float_digits,options,search_path\n"
+            f"logfile = {self.dir / 'pgbouncer.log'}\n"
+            "log_connections = 0\n"
+            "log_disconnections = 0\n"
+            "server_tls_sslmode = disable\n"
+        )
+        kw: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            import pwd
+
+            # pgbouncer refuses to run as root.
+            owner = pwd.getpwnam(TEST_OS_USER)
+            subprocess.run(["chown", "-R", f"{owner.pw_uid}:{owner.pw_gid}", str(self.dir)], check=True)
+            os.chmod(self.dir, 0o755)
+            kw.update(user=owner.pw_uid, group=owner.pw_gid, extra_groups=[])
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.dir / "pgbouncer.ini")], cwd="/",
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "wb"), **kw)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    @property
+    def target(self) -> Target:
+        return Target("pgbouncer", self.port, self.proc.pid)
+
+
+class ProxyProcess:
+    """pgotel-proxy through its real CLI (``python -m pgotel_proxy run``)."""
+
+    def __init__(self, name: str, pg: PgServer, workdir: Path, otlp_endpoint: str | None,
+                 extra: list[str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.log_path = workdir / f"{name}.log"
+        self.args = [
+            sys.executable, "-m", "pgotel_proxy", "run",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--upstream", f"{pg.host}:{pg.port}",
+            # Same as PgBouncer's server side: plain TCP on loopback.
+            "--upstream-tls", "disable",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}",
+            "--log-level", "warning",
+            *extra,
+        ]
+        if otlp_endpoint and "--tracing" in extra:
+            self.args += ["--otlp-endpoint", otlp_endpoint]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ProxyProcess":
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith(("PGOTEL_", "OTEL_"))]:
+            del env[key]
+        self.proc = subprocess.Popen(self.args, cwd=str(_ROOT), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log_path, "wb"))
+        wait_port(self.port, timeout=30, proc=self.proc)
+        wait_port(self.admin_port, timeout=30, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=20)
+
+    @property
+    def target(self) -> Target:
+        return Target(self.name, self.port, self.proc.pid, self.admin_port,
+                      traced="--tracing" in self.args)
+
+
+class OtlpSink:
+    """``bench/otlp_sink.py`` in its own process: decodes and counts spans."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("otlp_sink.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ready":
+            raise RuntimeError(f"OTLP sink did not start: {line!r}")
+        self.endpoint = line[1]
+
+    def count(self) -> int:
+        self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+def wait_export_idle(target: Target, timeout: float = 60.0) -> dict[str, float]:
+    """Wait until the proxy has built and exported every span of the run; return its metrics.
+
+    Idle means an empty queue and exported + dropped unchanged over three
+    polls, so an export request in flight is waited for as well.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    stable = 0
+    while True:
+        m = target.metrics()
+        if not m:
+            return m
+        key = (m.get("spans_exported", 0), m.get("spans_dropped", 0), m.get("spans_started", 0))
+        if m.get("span_queue_size", 0) == 0 and key == last:
+            stable += 1
+            if stable >= 3:
+                return m
+        else:
+            stable = 0
+        last = key
+        if time.monotonic() > deadline:
+            log.warning("%s: export still busy after %ss", target.name, timeout)
+            return m
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------
+# pgbench
+
+
+def pgbench_env() -> dict[str, str]:
+    env = dict(os.environ, PGSSLMODE="disable", PGUSER="postgres")
+    env.pop("PGPASSWORD", None)
+    return env
+
+
+def write_select_script(path: Path, accounts: int) -> Path:
+    """The ``-S`` transaction with a sqlcommenter traceparent, so every statement is sampled."""
+    path.write_text(
+        f"\\set aid random(1, {accounts})\n"
+        f"SELECT abalance FROM pgbench_accounts WHERE aid = :aid /*traceparent='{TRACEPARENT}'*/;\n"
+    )
+    return path
+
+
+def latency_stats(prefix: Path) -> dict[str, float]:
+    """Mean, p50 and p99 (ms) from pgbench ``--log`` files ``<prefix>.<pid>[.<thread>]``."""
+    lats: list[int] = []
+    for name in glob.glob(f"{prefix}.*"):
+        with open(name, encoding="ascii") as fh:
+            for line in fh:
+                parts = line.split()
+                # client_id transaction_no time script_no time_epoch time_us: time is µs.
+                if len(parts) >= 6 and parts[2].isdigit():
+                    lats.append(int(parts[2]))
+        os.unlink(name)
+    if not lats:
+        return {"mean_ms": None, "p50_ms": None, "p99_ms": None, "logged": 0}
+    lats.sort()
+    n = len(lats)
+    return {
+        "mean_ms": sum(lats) / n / 1000,
+        "p50_ms": lats[n // 2] / 1000,
+        "p99_ms": lats[min(n - 1, int(n * 0.99))] / 1000,
+        "logged": n,
+    }
+
+
+def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, duration: float,
+                logdir: Path) -> dict[str, Any]:
+    """One pgbench cell against one target, with the middle process's CPU over it."""
+    prefix = logdir / f"pgb-{target.name}-{mode}-{clients}"
+    cmd = [
+        "pgbench", "-n", "-h", "127.0.0.1", "-p", str(target.port),
+        "-M", mode, "-c", str(clients), "-j", str(min(2, clients)),
+        "-T", str(max(1, int(round(duration)))), "-f", str(script),
+        "--log", f"--log-prefix={prefix}", DBNAME,
+    ]
+    before_m = target.metrics()
+    cpu0 = cpu_seconds(target.pid) if target.pid else None
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=pgbench_env(), capture_output=True, text=True, cwd=str(logdir))
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"pgbench against {target.name} failed ({res.returncode}):\n{res.stderr[-2000:]}")
+    # Tracing work continues after the last answer; it belongs to this cell.
+    after_m = wait_export_idle(target) if target.traced else target.metrics()
+    cpu1 = cpu_seconds(target.pid) if target.pid else None
+    out = res.stdout
+    tx = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
+    m = re.search(r"number of failed transactions: (\d+)", out)
+    failed = int(m.group(1)) if m else 0
+    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+    row: dict[str, Any] = {
+        "target": target.name, "mode": mode, "clients": clients,
+        "tps": tps, "transactions": tx, "failed": failed, "wall_s": wall,
+    }
+    row.update(latency_stats(prefix))
+    if cpu0 is not None and tx:
+        row["cpu_s"] = cpu1 - cpu0
+        row["cpu_us_per_tx"] = (cpu1 - cpu0) / tx * 1e6
+    else:
+        row["cpu_s"] = row["cpu_us_per_tx"] = None
+    if after_m:
+        for key in ("spans_exported", "spans_dropped", "statements", "spans_started"):
+            row[key] = int(after_m.get(key, 0) - before_m.get(key, 0))
+    return row
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+def psql(pg: PgServer, sql: str, db: str = DBNAME) -> str:
+    return pg.psql(sql, dbname=db)
+
+
+def prepare_data(pg: PgServer, *, scale: int, bulk_mb: int, select_rows: int) -> dict[str, Any]:
+    """pgbench tables, the COPY table (~bulk_mb of COPY text) and the many-row SELECT table."""
+    if psql(pg, f"SELECT 1 FROM pg_database WHERE datname = '{DBNAME}'", db="postgres") != "1":
+        psql(pg, f"CREATE DATABASE {DBNAME}", db="postgres")
+    t0 = time.monotonic()
+    subprocess.run(
+        ["pgbench", "-i", "-q", "-s", str(scale), "-h", str(pg.socket_dir), "-p", str(pg.port), DBNAME],
+        env=pgbench_env(), check=True, capture_output=True,
+    )
+    # ~200 bytes of COPY text per row: id, tab, 192 hex characters, newline.
+    bulk_rows = max(1, bulk_mb * 1_000_000 // 200)
+    psql(pg, "DROP TABLE IF EXISTS bench_bulk, bench_rows")
+    psql(pg, "CREATE TABLE bench_bulk AS SELECT g AS id, repeat(md5(g::text), 6) AS payload "
+             f"FROM generate_series(1, {bulk_rows}) g")
+    psql(pg, "CREATE TABLE bench_rows AS SELECT g AS id, g % 1000 AS n, md5(g::text) AS t "
+             f"FROM generate_series(1, {select_rows}) g")
+    psql(pg, "VACUUM ANALYZE bench_bulk")
+    psql(pg, "VACUUM ANALYZE bench_rows")
+    # Bytes the server sends for the SELECT: one DataRow per row (type, length,
+    # column count, then a length and the text of each column), text format.
+    select_bytes = int(psql(pg, "SELECT sum(7 + 12 + length(id::text) + length(n::text) + length(t)) "
+                                "FROM bench_rows"))
+    log.info("data ready in %.1fs: scale %s, %s bulk rows, %s select rows",
+             time.monotonic() - t0, scale, bulk_rows, select_rows)
+    return {"scale": scale, "accounts": scale * 100_000, "bulk_rows": bulk_rows,
+            "select_rows": select_rows, "select_wire_bytes": select_bytes}
+
+
+# --------------------------------------------------------------------------
+# Bulk relay
+
+
+def copy_out(target: Target, count_bytes: bool = False) -> dict[str, Any]:
+    """``COPY bench_bulk TO STDOUT`` through *target* with psql; output discarded (or counted)."""
+    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(target.port), "-d", DBNAME,
+           "-c", "COPY bench_bulk TO STDOUT"]
+    cpu0 = cpu_seconds(target.pid) if target.pid else None
+    t0 = time.perf_counter()
+    nbytes = None
+    if count_bytes:
+        with subprocess.Popen(cmd, env=pgbench_env(), stdout=subprocess.PIPE) as proc:
+            nbytes = 0
+            while chunk := proc.stdout.read(1 << 20):
+                nbytes += len(chunk)
+        rc = proc.returncode
+    else:
+        rc = subprocess.run(cmd, env=pgbench_env(), stdout=subprocess.DEVNULL).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"COPY through {target.name} failed ({rc})")
+    cpu1 = cpu_seconds(target.pid) if target.pid else None
+    return {"wall_s": wall, "bytes": nbytes, "cpu_s": None if cpu0 is None else cpu1 - cpu0}
+
+
+def select_all(target: Target, script: Path, logdir: Path) -> dict[str, Any]:
+    """One SELECT of every row of bench_rows through *target*: pgbench (libpq) reads and discards."""
+    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(target.port), "-c", "1", "-t", "1",
+           "-f", str(script), DBNAME]
+    cpu0 = cpu_seconds(target.pid) if target.pid else None
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=pgbench_env(), capture_output=True, text=True, cwd=str(logdir))
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"SELECT through {target.name} failed:\n{res.stderr[-2000:]}")
+    m = re.search(r"latency average = ([0-9.]+) ms", res.stdout)
+    cpu1 = cpu_seconds(target.pid) if target.pid else None
+    return {"wall_s": float(m.group(1)) / 1000 if m else wall,
+            "cpu_s": None if cpu0 is None else cpu1 - cpu0}
+
+
+def run_bulk(targets: list[Target], data: dict[str, Any], repeat: int, logdir: Path) -> list[dict[str, Any]]:
+    copy_bytes = copy_out(targets[0], count_bytes=True)["bytes"]
+    select_script = logdir / "select_all.sql"
+    select_script.write_text("SELECT id, n, t FROM bench_rows;\n")
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(repeat):
+        for t in targets:  # interleaved, like the pgbench cells
+            samples.setdefault(("copy", t.name), []).append(copy_out(t))
+            samples.setdefault(("select", t.name), []).append(select_all(t, select_script, logdir))
+    rows = []
+    for (kind, name), runs in samples.items():
+        best = min(runs, key=lambda r: r["wall_s"])
+        nbytes = copy_bytes if kind == "copy" else data["select_wire_bytes"]
+        rows.append({
+            "test": kind, "target": name, "bytes": nbytes, "wall_s": best["wall_s"],
+            "mb_per_s": nbytes / best["wall_s"] / 1e6,
+            "cpu_s_per_gb": None if best["cpu_s"] is None else best["cpu_s"] / (nbytes / 1e9),
+            "runs_wall_s": [r["wall_s"] for r in runs],
+        })
+    direct = {r["test"]: r["mb_per_s"] for r in rows if r["target"] == "direct"}
+    for r in rows:
+        r["x_direct"] = r["mb_per_s"] / direct[r["test"]] if r["test"] in direct else None
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Idle connections
+
+
+async def _hold_connections(port: int, n: int, pid: int, settle: float) -> dict[str, Any]:
+    import asyncpg
+
+    async def connect():
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database=DBNAME,
+                                     ssl=False, statement_cache_size=0, timeout=60)
+        # One round trip, so PgBouncer really pairs the client with a server connection.
+        await conn.execute("SELECT 1")
+        return conn
+
+    warm = await connect()
+    await warm.close()
+    await asyncio.sleep(settle)
+    base = rss_kib(pid)
+    sem = asyncio.Semaphore(32)
+
+    async def one():
+        async with sem:
+            return await connect()
+
+    conns = await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.sleep(settle)
+    held = rss_kib(pid)
+    await asyncio.gather(*(c.close() for c in conns))
+    return {"connections": n, "rss_base_kib": base, "rss_held_kib": held,
+            "kib_per_connection": (held - base) / n}
+
+
+def idle_rss(targets: list[Target], n: int, settle: float = 1.0) -> list[dict[str, Any]]:
+    rows = []
+    for t in targets:
+        if t.pid is None:
+            continue
+        row = asyncio.run(_hold_connections(t.port, n, t.pid, settle))
+        row["target"] = t.name
+        rows.append(row)
+        time.sleep(settle)  # let the backends of the closed connections exit
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+def add_ratios(cells: list[dict[str, Any]]) -> None:
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for c in cells:
+        by_key.setdefault((c["mode"], c["clients"]), {})[c["target"]] = c
+    for group in by_key.values():
+        direct = group.get("direct")
+        bouncer = group.get("pgbouncer")
+        for c in group.values():
+            c["tps_x_direct"] = c["tps"] / direct["tps"] if direct and direct["tps"] else None
+            c["tps_x_pgbouncer"] = c["tps"] / bouncer["tps"] if bouncer and bouncer["tps"] else None
+            c["cpu_x_pgbouncer"] = (
+                c["cpu_us_per_tx"] / bouncer["cpu_us_per_tx"]
+                if bouncer and c.get("cpu_us_per_tx") is not None and bouncer.get("cpu_us_per_tx")
+                else None)
+            if direct and c["clients"] == 1 and direct.get("p50_ms") is not None and c.get("p50_ms") is not None:
+                c["added_p50_us"] = (c["p50_ms"] - direct["p50_ms"]) * 1000
+                c["added_p99_us"] = (c["p99_ms"] - direct["p99_ms"]) * 1000
+
+
+def _f(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    lines = []
+    head = (f"{'mode':<9}{'cl':>3} {'target':<12}{'tps':>9}{'×dir':>6}{'×pgb':>6}"
+            f"{'mean ms':>9}{'p99 ms':>8}{'cpu µs/tx':>10}{'×pgb':>6}{'spans/tx':>9}{'exp':>9}{'drop':>7}")
+    lines += [head, "-" * len(head)]
+    for c in results["pgbench"]:
+        spans_tx = (c["spans_exported"] / c["transactions"]
+                    if c.get("spans_exported") is not None and c["transactions"] else None)
+        lines.append(
+            f"{c['mode']:<9}{c['clients']:>3} {c['target']:<12}{c['tps']:>9.0f}"
+            f"{_f(c.get('tps_x_direct'), '.2f'):>6}{_f(c.get('tps_x_pgbouncer'), '.2f'):>6}"
+            f"{_f(c.get('mean_ms'), '.3f'):>9}{_f(c.get('p99_ms'), '.3f'):>8}"
+            f"{_f(c.get('cpu_us_per_tx'), '.1f'):>10}{_f(c.get('cpu_x_pgbouncer'), '.2f'):>6}"
+            f"{_f(spans_tx, '.2f'):>9}{_f(c.get('spans_exported'), 'd'):>9}{_f(c.get('spans_dropped'), 'd'):>7}")
+    added = [c for c in results["pgbench"] if c.get("added_p50_us") is not None and c["target"] != "direct"]
+    if added:
+        lines += ["", "latency added over direct at 1 client (µs)",
+                  f"{'mode':<9} {'target':<12}{'p50':>8}{'p99':>8}"]
+        for c in added:
+            lines.append(f"{c['mode']:<9} {c['target']:<12}{c['added_p50_us']:>8.0f}{c['added_p99_us']:>8.0f}")
+    if results.get("bulk"):
+        lines += ["", f"{'bulk':<7} {'target':<12}{'MB':>8}{'MB/s':>9}{'×dir':>6}{'cpu s/GB':>10}"]
+        for r in results["bulk"]:
+            lines.append(f"{r['test']:<7} {r['target']:<12}{r['bytes'] / 1e6:>8.0f}{r['mb_per_s']:>9.0f}"
+                         f"{_f(r['x_direct'], '.2f'):>6}{_f(r['cpu_s_per_gb'], '.2f'):>10}")
+    if results.get("idle"):
+        lines += ["", f"{'idle':<7} {'target':<12}{'conns':>6}{'base MiB':>10}{'held MiB':>10}{'KiB/conn':>10}"]
+        for r in results["idle"]:
+            lines.append(f"{'':<7} {r['target']:<12}{r['connections']:>6}{r['rss_base_kib'] / 1024:>10.1f}"
+                         f"{r['rss_held_kib'] / 1024:>10.1f}{r['kib_per_connection']:>10.1f}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+    except OSError:
+        pass
+    pgb = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    try:
+        pgb_version = subprocess.run([pgb, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        pgb_version = None
+    return {
+        "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+        "python": platform.python_version(), "pgbouncer": pgb_version,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+# --------------------------------------------------------------------------
+# Orchestration
+
+
+@dataclass
+class Options:
+    duration: float = 10.0
+    modes: tuple[str, ...] = MODES
+    clients: tuple[int, ...] = CLIENTS
+    targets: tuple[str, ...] = TARGETS
+    scale: int = 10
+    bulk_mb: int = 1000
+    select_rows: int = 5_000_000
+    bulk_repeat: int = 2
+    idle_conns: int = 1000
+    warmup: float = 2.0
+    workdir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
+    """Every measurement against an already running *pg*; returns the results document."""
+    raise_fd_limit(max(4096, 3 * opts.idle_conns + 512))
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="pgotel-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows)
+    script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    sink: OtlpSink | None = None
+    bouncer: PgBouncer | None = None
+    proxies: list[ProxyProcess] = []
+    targets: list[Target] = []
+    try:
+        for name in opts.targets:
+            if name == "direct":
+                targets.append(Target("direct", pg.port))
+            elif name == "pgbouncer":
+                binary = ensure_pgbouncer()
+                if binary is None:
+                    log.warning("pgbouncer not available: skipping it")
+                    continue
+                bouncer = PgBouncer(binary, pg, workdir, max(64, opts.idle_conns)).start()
+                targets.append(bouncer.target)
+            elif name in PROXY_FLAGS:
+                if sink is None and "--tracing" in PROXY_FLAGS[name]:
+                    sink = OtlpSink()
+                p = ProxyProcess(name, pg, workdir, sink.endpoint if sink else None, PROXY_FLAGS[name]).start()
+                proxies.append(p)
+                targets.append(p.target)
+            else:
+                raise ValueError(f"unknown target {name!r}")
+        # Warm every path once (connection set-up, imports, caches) outside the measurements.
+        for t in targets:
+            run_pgbench(t, script=script, mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
+        cells = []
+        for mode in opts.modes:
+            for clients in opts.clients:
+                for t in targets:
+                    spans0 = sink.count() if sink and t.traced else None
+                    row = run_pgbench(t, script=script, mode=mode, clients=clients,
+                                      duration=opts.duration, logdir=workdir)
+                    if spans0 is not None and row.get("spans_exported") is not None:
+                        row["spans_received"] = sink.count() - spans0
+                    cells.append(row)
+                    log.info("%-8s %2d %-12s %8.0f tps  cpu/tx %s µs", mode, clients, t.name, row["tps"],
+                             _f(row.get("cpu_us_per_tx"), ".1f"))
+        add_ratios(cells)
+        bulk = run_bulk(targets, data, opts.bulk_repeat, workdir) if opts.bulk_mb else []
+        idle = idle_rss([t for t in targets if t.name in ("pgbouncer", "proxy-off", "proxy-on")],
+                        opts.idle_conns) if opts.idle_conns else []
+    finally:
+        for p in proxies:
+            p.stop()
+        if bouncer is not None:
+            bouncer.stop()
+        if sink is not None:
+            sink.stop()
+        if opts.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "postgres_major": pg.major,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()
+                    if k not in ("workdir", "extra")},
+        "data": data,
+        "pgbench": cells,
+        "bulk": bulk,
+        "idle": idle,
+    }
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 s cells, fewer cells, smaller bulk data")
+    ap.add_argument("--out", type=Path, help="JSON results file (default bench/results/<date>.json)")
+    ap.add_argument("--duration", type=float, help="seconds per pgbench cell (default 10, quick 2)")
+    ap.add_argument("--modes", help="comma-separated: simple,extended,prepared")
+    ap.add_argument("--clients", help="comma-separated client counts (default 1,8,32)")
+    ap.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)}")
+    ap.add_argument("--scale", type=int, help="pgbench scale (default 10)")
+    ap.add_argument("--bulk-mb", type=int, help="size of the COPY table in MB of COPY text "
+                                                 "(default 1000, quick 300; 0 skips bulk)")
+    ap.add_argument("--select-rows", type=int, help="rows of the bulk SELECT (default 5M, quick 1M)")
+    ap.add_argument("--idle-conns", type=int, help="idle connections for the RSS test (default 1000, 0 skips)")
+    ap.add_argument("--keep", type=Path, help="keep logs and pgbench files in this directory")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    opts = Options()
+    if args.quick:
+        opts.duration, opts.clients, opts.modes = 2.0, (1, 32), ("simple", "prepared")
+        opts.bulk_mb, opts.select_rows, opts.bulk_repeat, opts.warmup = 300, 1_000_000, 1, 1.0
+    if args.duration is not None:
+        opts.duration = args.duration
+    if args.modes:
+        opts.modes = tuple(m.strip() for m in args.modes.split(","))
+        bad = set(opts.modes) - set(MODES)
+        if bad:
+            ap.error(f"unknown modes {sorted(bad)}")
+    if args.clients:
+        opts.clients = tuple(int(c) for c in args.clients.split(","))
+    if args.targets:
+        opts.targets = tuple(t.strip() for t in args.targets.split(","))
+    for name in ("scale", "bulk_mb", "select_rows", "idle_conns"):
+        if getattr(args, name) is not None:
+            setattr(opts, name, getattr(args, name))
+    opts.workdir = args.keep
+    return opts, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    for tool in ("pgbench", "psql"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} not found on PATH", file=sys.stderr)
+            return 2
+    # Room for the idle-connection test, plus what pgbench and the tools use.
+    settings = {
+        "max_connections": max(300, opts.idle_conns + 100),
+        # The test fixture logs a plan for every statement; a benchmark must not.
+        "auto_explain.log_min_duration": -1,
+        "auto_explain.log_analyze": False,
+        "shared_buffers": "512MB",
+    }
+    with PgServer(settings=settings) as pg:
+        results = run_bench(pg, opts)
+    print(format_tables(results))
+    out = args.out or _ROOT / "bench" / "results" / f"{results['started'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
