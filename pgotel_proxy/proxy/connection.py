@@ -164,6 +164,35 @@ class _FromServer(_Relay):
         self.c.upstream_lost(exc)
 
 
+class _Plain(asyncio.Protocol):
+    """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else."""
+
+    __slots__ = ("peer", "c", "client_side")
+
+    def __init__(self, conn: "ClientConnection", peer: asyncio.Transport, client_side: bool) -> None:
+        self.c = conn
+        self.peer = peer
+        self.client_side = client_side
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        if self.client_side:
+            self.c.client_lost(exc)
+        else:
+            self.c.upstream_lost(exc)
+
+
 class ConnectionInfo:
     """What the tracer may know about a connection (read-only by convention)."""
 
@@ -376,6 +405,10 @@ class ClientConnection:
         elif not s.flush_phases:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
+            if not s._cbuf and not s._cskip:
+                # At a client message boundary nothing is held, so the cheapest relay can take over.
+                self.client.set_protocol(_Plain(self, self.upstream, True))
+                self.upstream.set_protocol(_Plain(self, self.client, False))
 
     def deliver(self) -> None:
         done = self.session.take_completed()
@@ -397,8 +430,9 @@ class ClientConnection:
     def upstream_lost(self, exc) -> None:
         s = self.session
         if self.client is not None and not self.client.is_closing():
-            if not self._closing and s is not None and s.fatal is None and s._sskip == 0 and not s._sbuf:
-                # The server vanished without a word; tell the client why, at a message boundary.
+            if not self._closing and self.observe and s is not None and s.fatal is None and s._sskip == 0 and not s._sbuf:
+                # The server vanished without a word; tell the client why, at a message
+                # boundary (only known while observing: a plain relay does not frame).
                 STATS.upstream_errors += 1
                 log.warning("client %s: upstream %s closed the connection unexpectedly", self.peer, self.server.upstream_label)
                 self.client.write(error_response("08006", "upstream server closed the connection unexpectedly"))
