@@ -95,6 +95,7 @@ class Session:
         "_last_kind",
         "_last_rec",
         "_query_rec",
+        "_copy_in_ext",
         "messages_in",
         "messages_out",
     )
@@ -146,6 +147,7 @@ class Session:
         self._last_kind = -1
         self._last_rec: Statement | None = None
         self._query_rec: Statement | None = None
+        self._copy_in_ext = False  # COPY FROM STDIN via Execute: the server ignores Sync until it ends
         self.messages_in = 0
         self.messages_out = 0
 
@@ -237,8 +239,13 @@ class Session:
                     self._cbuf = data[pos:]
                 break
             if observing and typ != _d:
-                self._client_message(typ, data, pos + 5, mend, now)
-                if self.flush_phases and (typ == _P or typ == _B or typ == _Ee):
+                try:
+                    self._client_message(typ, data, pos + 5, mend, now)
+                except Exception as exc:
+                    # Well framed but undecodable: observation stops, the bytes still go through.
+                    self.desync(f"client stream: {exc!r}")
+                observing = self.out_of_sync is None
+                if observing and self.flush_phases and (typ == _P or typ == _B or typ == _Ee):
                     nxt = data[mend] if mend < n else -1
                     if nxt != _H and nxt != _S:
                         if out is None:
@@ -287,9 +294,7 @@ class Session:
             sql = None if buf is None else bytes(buf[start : end - 1]).decode("utf-8", "replace")
             rec = Statement("simple", sql, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
-            self._pending.append((_QUERY, rec, False))
-            self._last_kind = _QUERY
-            self._last_rec = rec
+            self._queue(_QUERY, rec)
             return
         if typ == _S or typ == _H:
             self._mark_flushed()
@@ -298,11 +303,12 @@ class Session:
                 self._batch = []
                 self._batch_parsed.clear()
                 self._skipping = False
-                self._pending.append((_SYNC, batch, False))
-                self._last_kind = _SYNC
+                self._queue(_SYNC, batch)
                 self._last_rec = None
             return
         if typ in (_C, _X, _f, _c, _p, _d):
+            if self._copy_in_ext and (typ == _c or typ == _f):
+                self._copy_in_ended()
             if typ == _C and buf is not None:
                 # Close (F): 'S' statement or 'P' portal.
                 which = buf[start]
@@ -330,9 +336,29 @@ class Session:
         elif typ == _F:
             rec = Statement("function", None, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
-            self._pending.append((_FUNC, rec, False))
-            self._last_kind = _FUNC
-            self._last_rec = rec
+            self._queue(_FUNC, rec)
+
+    def _copy_in_ended(self) -> None:
+        """The client ended a COPY FROM STDIN that an Execute started (CopyDone or CopyFail).
+
+        The server ignores Sync while in copy-in mode, and libpq sends one right
+        after Execute and another after CopyDone: the Syncs queued since the
+        Execute get no ReadyForQuery of their own, so their statements join the
+        batch that the client's next Sync closes.
+        """
+        self._copy_in_ext = False
+        pending = self._pending
+        if not any(k == _SYNC and not inj for k, _r, inj in pending):
+            return
+        kept: deque = deque()
+        moved: list[Statement] = []
+        for entry in pending:
+            if entry[0] == _SYNC and not entry[2]:
+                moved.extend(entry[1])
+            else:
+                kept.append(entry)
+        self._pending = kept
+        self._batch = moved + self._batch
 
     def _extended_rec(self, typ: int, buf, start: int, end: int, now: int) -> Statement | None:
         """Find or make the Statement a Parse / Bind / Execute belongs to."""
@@ -470,7 +496,13 @@ class Session:
                 self._server_message(typ, data, pos + 5, mend, now)
             else:
                 suppress = self._suppressing() and typ not in _ASYNC_SERVER
-                replacement = self._server_message(typ, data, pos + 5, mend, now)
+                try:
+                    replacement = self._server_message(typ, data, pos + 5, mend, now)
+                except Exception:
+                    # Nothing of this chunk from here on is forwarded yet: it goes out as it is
+                    # (the caller stops observing).
+                    out.append(data[max(pos, fwd) :])
+                    raise
                 if not suppress:
                     if replacement is not None:
                         out.append(replacement)
@@ -569,6 +601,8 @@ class Session:
             front = self._pending[0] if self._pending else None
             if front is not None and front[1] is not None and front[0] in (_QUERY, _EXECUTE):
                 front[1].copy = "in" if typ == _G else "out" if typ == _H else "both"
+                if typ == _G and front[0] == _EXECUTE:
+                    self._copy_in_ext = True
             return None
         if typ == _K:
             if buf is not None:
@@ -598,6 +632,9 @@ class Session:
         return None
 
     def _error(self, fields: dict[str, str], now: int) -> None:
+        if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+            # The server ends the session after this, whatever request it answers.
+            self.fatal = fields
         pending = self._pending
         if not pending:
             # FATAL outside any request (start-up failure, admin shutdown).
@@ -608,6 +645,15 @@ class Session:
             rows = self._rows
             self._rows = 0
             rec.results.append(Completion(now, None, rows, fields))
+            return
+        if kind == _SYNC:
+            # The Sync itself failed: committing the implicit transaction (a deferred
+            # constraint). Its ReadyForQuery follows; the batch's last statement gets the error.
+            for r in reversed(rec):
+                if r.exec_start_ns:
+                    r.status = "error"
+                    r.error = fields
+                    break
             return
         # Extended protocol: the failing request, then everything up to Sync is skipped.
         pending.popleft()
@@ -637,6 +683,11 @@ class Session:
         self.tx_status = chr(status) if status else ""
         first = not self.ready
         self.ready = True
+        self._copy_in_ext = False
+        if first:
+            # It ends start-up; requests a client pipelined behind its start-up packet
+            # are answered after it.
+            return
         pending = self._pending
         done = None
         while pending:
@@ -654,8 +705,6 @@ class Session:
             if rec is not None and rec.status == "pending":
                 rec.status = "skipped"
                 rec.end_ns = now
-        if first and done is None:
-            return
         if done:
             tx = self.tx_status
             for rec in done:
