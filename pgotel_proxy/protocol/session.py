@@ -294,6 +294,9 @@ class Session:
             sql = None if buf is None else bytes(buf[start : end - 1]).decode("utf-8", "replace")
             rec = Statement("simple", sql, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
+            # The server ends an open extended batch at a Query as at a Sync (it closes the
+            # implicit transaction): a later Bind runs a statement prepared in an earlier batch.
+            self._batch_parsed.clear()
             self._queue(_QUERY, rec)
             return
         if typ == _S or typ == _H:
@@ -382,14 +385,16 @@ class Session:
                 portal, stmt, params = "", "", None
             else:
                 portal, stmt, params = decode_bind(buf, start, end, self.capture_params)
-            rec = self._batch_parsed.pop(stmt, None)
+            parsed = self._batch_parsed.get(stmt)
+            rec = parsed
             if rec is None or rec.bind_start_ns:
+                # Bound again in the Parse's own batch (executemany) is not "prepared earlier".
                 rec = Statement(
                     "extended",
                     self._prepared.get(stmt),
                     statement_name=stmt,
                     start_ns=now,
-                    reused=True,
+                    reused=parsed is None,
                 )
                 batch.append(rec)
             rec.status = "pending"

@@ -193,7 +193,7 @@ class SpanBuilder:
                     attrs[f"{ATTR['parameter']}{i + 1}"] = "NULL" if p is None else p
             span_ctx = _span_context(trace_id, sid, flags, tracestate)
             parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
-            out.append(_span(name, span_ctx, parent, SpanKind.SERVER, rec.start_ns, end, attrs, self.resource, _status(rec.status, rec.error)))
+            out.append(_span(name, span_ctx, parent, SpanKind.SERVER, rec.start_ns, end, attrs, self.resource, _status(rec.status, rec.error, attrs)))
             if rec.parse_start_ns and rec.parse_end_ns:
                 out.append(self._phase("parse", trace_id, flags, tracestate, span_ctx, rec.parse_start_ns, rec.parse_end_ns, rec.parse_exact))
             if rec.bind_start_ns and rec.bind_end_ns:
@@ -237,7 +237,7 @@ class SpanBuilder:
                 span_ctx = _span_context(trace_id, sid, flags, tracestate)
                 parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
                 end = res.end_ns or rec.end_ns
-                out.append(_span(name, span_ctx, parent, SpanKind.SERVER, start, end, attrs, self.resource, _status(status, res.error)))
+                out.append(_span(name, span_ctx, parent, SpanKind.SERVER, start, end, attrs, self.resource, _status(status, res.error, attrs)))
                 out.append(self._phase("execute", trace_id, flags, tracestate, span_ctx, start, end, True))
             start = res.end_ns or start
             if last:
@@ -284,13 +284,43 @@ class SpanBuilder:
 _OK = Status(StatusCode.UNSET)
 
 
-def _status(status: str, error) -> Status:
+def _status(status: str, error, attrs: dict) -> Status:
     if status == "error":
         msg = error.get("M", "") if error else ""
+        if '"' in msg:
+            msg = _redact_message(msg, error, attrs)
         return Status(StatusCode.ERROR, msg[:256])
     if status == "incomplete":
         return Status(StatusCode.ERROR, "connection closed before the statement completed")
     return _OK
+
+
+_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
+_ERROR_NAME_FIELDS = "stcdn"  # schema, table, column, data type, constraint
+
+
+def _redact_message(msg: str, error: dict, attrs: dict) -> str:
+    """Hide the values Postgres quotes in error messages unless the span exports them anyway.
+
+    Messages such as ``invalid input syntax for type integer: "s3cr3t"`` quote
+    a literal or a parameter value. A quoted part stays only when it is a name
+    (the error's own schema/table/column/type/constraint fields, or a word of
+    the query text as exported) or a captured parameter value.
+    """
+    names = {error.get(k) for k in _ERROR_NAME_FIELDS}
+    text = attrs.get(DB_QUERY_TEXT, "")
+    prefix = ATTR["parameter"]
+    params = {v for k, v in attrs.items() if k.startswith(prefix)}
+
+    def repl(m: re.Match) -> str:
+        value = m.group(1)
+        if value in names or value in params:
+            return m.group(0)
+        if value and (f'"{value}"' in text or re.search(rf"(?<![\w$]){re.escape(value)}(?![\w$])", text)):
+            return m.group(0)
+        return '"?"'
+
+    return _QUOTED.sub(repl, msg)
 
 
 def _statement_text(info, text: str, count: int) -> str:
