@@ -89,6 +89,16 @@ class _Inbox(asyncio.Protocol):
         return data
 
 
+class _Discard(asyncio.Protocol):
+    """Client leg after the proxy's last ErrorResponse: swallow input until the client hangs up."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self):
+        return False
+
+
 class _Relay(asyncio.Protocol):
     """Base of both relay protocols: backpressure and teardown."""
 
@@ -385,9 +395,29 @@ class ClientConnection:
 
     def _refuse(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Answer a connection we will not serve with a FATAL ErrorResponse and close it."""
-        if self.client is not None and not self.client.is_closing():
-            self.client.write(error_response(sqlstate, message, detail=detail))
-            self.client.close()
+        self._final_error(error_response(sqlstate, message, detail=detail))
+
+    def _final_error(self, payload: bytes) -> None:
+        """Send a last ErrorResponse and let go of the client leg without losing it.
+
+        Closing a socket that still holds unread input makes the kernel reset the
+        connection, and the reset can destroy the error before the client reads
+        it (a client that sent garbage or an oversized message usually has more
+        in flight). So: FIN after the error, discard what still arrives, close
+        when the client hangs up or a second later.
+        """
+        t = self.client
+        if t is None or t.is_closing():
+            return
+        self.client = None  # no longer relayed: upstream_lost / close leave it alone
+        t.write(payload)
+        if t.can_write_eof():
+            t.write_eof()
+            t.set_protocol(_Discard())
+            t.resume_reading()
+            asyncio.get_running_loop().call_later(1.0, t.close)
+        else:
+            t.close()
 
     # --------------------------------------------------------------- relay
 
@@ -418,7 +448,7 @@ class ClientConnection:
     def violation(self, exc: ProtocolViolation) -> None:
         STATS.protocol_violations += 1
         log.warning("client %s: protocol violation: %s; closing the connection", self.peer, exc)
-        self.client.write(error_response(exc.sqlstate, str(exc)))
+        self._final_error(error_response(exc.sqlstate, str(exc)))
         self._close_transports()
 
     def client_lost(self, exc) -> None:
