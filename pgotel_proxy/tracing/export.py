@@ -118,6 +118,7 @@ class ExportPipeline:
         self._q: deque = deque()
         self._wake = threading.Event()
         self._stop = False
+        self._in_flight = 0  # spans taken off the queue whose export has not returned yet
         self._thread = threading.Thread(target=self._loop, name="pgotel-export", daemon=True)
         self._thread.start()
 
@@ -149,7 +150,11 @@ class ExportPipeline:
             batch = []
             while q and len(batch) < self.batch_size:
                 batch.append(q.popleft())
-            self._export(batch)
+            self._in_flight = len(batch)
+            try:
+                self._export(batch)
+            finally:
+                self._in_flight = 0
 
     def _export(self, batch: list[ReadableSpan]) -> None:
         if self.exporter is None:
@@ -165,20 +170,37 @@ class ExportPipeline:
             STATS.export_failures += 1
             STATS.spans_dropped += len(batch)
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Export what is queued now (best effort within ``timeout``)."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Export what is queued now, including the batch on the wire; False when ``timeout`` ran out."""
         deadline = time.monotonic() + timeout
-        while self._q and time.monotonic() < deadline:
+        while self._q or self._in_flight:
+            if time.monotonic() >= deadline:
+                return False
             self._wake.set()
-            time.sleep(0.01)
+            time.sleep(0.005)
+        return True
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Flush, then stop; everything, the exporter's own shutdown included, within ``timeout``."""
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        left = len(self._q) + self._in_flight
+        if left:
+            # A sick collector: give up on the rest rather than hold the process.
+            STATS.spans_dropped += left
+            self._q.clear()
+            log.warning("shutdown: %s spans not exported within %ss", left, timeout)
         if self.exporter is not None:
-            try:
-                self.exporter.shutdown()
-            except Exception:
-                pass
+            # The exporter may wait for its own request in flight; do not wait past the deadline.
+            closer = threading.Thread(target=self._shutdown_exporter, name="pgotel-export-close", daemon=True)
+            closer.start()
+            closer.join(max(0.05, deadline - time.monotonic()))
+
+    def _shutdown_exporter(self) -> None:
+        try:
+            self.exporter.shutdown()
+        except Exception as exc:
+            log.debug("exporter shutdown raised: %r", exc)

@@ -1,0 +1,246 @@
+"""Export paths: OTLP over gRPC and HTTP, the standard OTEL_* variables, the console tree, a sick collector, shutdown.
+
+The proxy runs in-process (``make_proxy``), so the OpenTelemetry environment
+variables the exporters read are set with ``monkeypatch`` before it starts.
+A sick collector is the in-process receiver in its ``error`` or ``blackhole``
+mode, or stopped altogether: the relay must keep its pace while spans are
+dropped (and counted) behind a small bounded queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgotel_proxy.stats import STATS
+from tracetree import AppTracer, assert_statement, comment, server_spans
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def app(otlp):
+    tracer = AppTracer(otlp)
+    yield tracer
+    tracer.shutdown()
+
+
+def _traced_statement(proxy, app) -> tuple:
+    """One extended statement under an app span; returns the app context."""
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with app.span() as ctx:
+            assert conn.execute(comment("SELECT %s::int + 1", ctx), (1,)).fetchone() == (2,)
+    return ctx
+
+
+def _assert_tree(otlp, ctx) -> list:
+    spans = otlp.wait_for(
+        lambda s: any(x.kind == "CLIENT" and x.trace_id == ctx.trace_id for x in s) and server_spans(s, ctx.trace_id)
+    )
+    (stmt,) = server_spans(spans, ctx.trace_id)
+    assert_statement(spans, stmt, name="SELECT", phases=("parse", "plan", "execute"), parent=ctx.span_id)
+    return spans
+
+
+def test_grpc_exporter_delivers_the_tree(make_proxy, otlp, app):
+    proxy = make_proxy(otlp_protocol="grpc", otlp_endpoint=f"http://{otlp.grpc_endpoint}")
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    _assert_tree(otlp, ctx)
+    assert otlp.request_count(transport="grpc") >= 1
+    # The app exports over HTTP; the proxy's spans came only over gRPC.
+    assert otlp.request_count(transport="http") >= 1
+
+
+def test_standard_env_vars(make_proxy, otlp, app, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.http_endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "orders-db-proxy")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,team=storage")
+    proxy = make_proxy(otlp_endpoint=None)
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    spans = _assert_tree(otlp, ctx)
+    for s in spans:
+        if s.scope == "pgotel_proxy":
+            assert s.resource["service.name"] == "orders-db-proxy"
+            assert s.resource["deployment.environment"] == "staging"
+            assert s.resource["team"] == "storage"
+
+
+def test_env_protocol_grpc(make_proxy, otlp, app, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{otlp.grpc_endpoint}")
+    proxy = make_proxy(otlp_endpoint=None)
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    _assert_tree(otlp, ctx)
+    assert otlp.request_count(transport="grpc") >= 1
+
+
+def test_service_name_option_beats_env(make_proxy, otlp, app, monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    proxy = make_proxy(service_name="from-config")
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    spans = _assert_tree(otlp, ctx)
+    assert {s.resource["service.name"] for s in spans if s.scope == "pgotel_proxy"} == {"from-config"}
+
+
+def test_console_exporter_prints_a_tree(make_proxy, otlp, app, capsys):
+    # Through the config model (the runner's own ``exporter`` argument takes an exporter object).
+    proxy = make_proxy(env={"PGOTEL_EXPORTER": "console"})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with app.span() as ctx:
+            conn.execute(comment("SELECT %s::int", ctx), (7,))
+            conn.execute(comment("BEGIN; SELECT 1; COMMIT", ctx))
+    proxy.flush()
+    deadline = time.monotonic() + 5
+    out = ""
+    while time.monotonic() < deadline:
+        out += capsys.readouterr().out
+        if out.count("\n") >= 10:
+            break
+        time.sleep(0.05)
+    lines = out.splitlines()
+    assert f"trace {ctx.trace_id}" in lines, out
+    # The statement and its phases, indented under it.
+    i = next(n for n, line in enumerate(lines) if line.startswith("  SELECT  "))
+    assert [l.split()[0] for l in lines[i : i + 4]] == ["SELECT", "parse", "plan", "execute"]
+    assert all(l.startswith("    ") for l in lines[i + 1 : i + 4])
+    assert "exact=True" in lines[i + 3]
+    for name in ("BEGIN", "COMMIT"):
+        assert any(l.startswith(f"  {name}  ") for l in lines), out
+    # Nothing went to the collector.
+    assert not [s for s in otlp.spans if s.scope == "pgotel_proxy"]
+
+
+# --------------------------------------------------------------------------
+# a sick collector
+
+
+def _workload(proxy, n_conns: int = 4, per_conn: int = 500) -> float:
+    """Statements per second for ``n_conns`` connections each running ``per_conn`` simple queries."""
+    conns = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(n_conns)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_conns + 1)
+
+    def run(conn) -> None:
+        try:
+            start.wait()
+            for i in range(per_conn):
+                conn.execute("SELECT 1")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(60)
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    assert not errors, errors
+    return n_conns * per_conn / elapsed
+
+
+@pytest.mark.parametrize("sickness", ["blackhole", "error", "stopped"])
+def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
+    proxy = make_proxy(span_queue_size=200, export_batch_size=50, export_timeout=0.5, shutdown_timeout=1.0)
+    _workload(proxy, 2, 50)  # warm up: connections, caches
+    healthy = _workload(proxy)
+    proxy.flush()
+    dropped_healthy = STATS.spans_dropped
+
+    if sickness == "stopped":
+        otlp.stop()
+    else:
+        otlp.mode = sickness
+    max_queue = 0
+    stop = threading.Event()
+
+    def watch_queue() -> None:
+        nonlocal max_queue
+        while not stop.is_set():
+            max_queue = max(max_queue, len(proxy.tracer.pipeline))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        sick = _workload(proxy)
+    finally:
+        stop.set()
+        watcher.join()
+    dropped_sick = STATS.spans_dropped - dropped_healthy
+    # Both runs traced 2000 statements (4000 spans); the sick one could export almost nothing.
+    assert dropped_sick >= 1000, (dropped_sick, STATS.snapshot())
+    assert max_queue <= 200
+    assert sick >= 0.5 * healthy, f"healthy {healthy:.0f}/s, sick collector {sick:.0f}/s"
+
+    # Shutdown gives up on the sick collector within its deadline.
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    assert time.monotonic() - t0 < 1.0 + 1.5
+
+
+def test_collector_recovers(make_proxy, otlp, app):
+    proxy = make_proxy(span_queue_size=200, export_batch_size=50, export_timeout=0.5)
+    otlp.mode = "error"
+    _workload(proxy, 1, 50)
+    proxy.flush()
+    failures = STATS.export_failures
+    otlp.mode = "ok"
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    _assert_tree(otlp, ctx)
+    assert STATS.export_failures >= failures
+
+
+def test_shutdown_flushes_buffered_spans(make_proxy, otlp, app):
+    # A long interval: only the shutdown flush can deliver these spans.
+    proxy = make_proxy(export_interval=60, shutdown_timeout=5)
+    ctx = _traced_statement(proxy, app)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
+        for _ in range(20):
+            conn.execute("SELECT 1")
+    time.sleep(0.2)
+    assert not [s for s in otlp.spans if s.scope == "pgotel_proxy"]
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    assert time.monotonic() - t0 < 5
+    spans = _assert_tree(otlp, ctx)
+    mine = server_spans([s for s in spans if s.scope == "pgotel_proxy"])
+    assert len(mine) == 21, otlp.dump()
+
+
+def test_flush_waits_for_the_export_in_flight(make_proxy, otlp, app):
+    # A collector that answers after 0.5 s: flush() must not return while the batch is on the wire.
+    otlp.delay = 0.5
+    otlp.mode = "slow"
+    proxy = make_proxy()
+    ctx = _traced_statement(proxy, app)
+    proxy.flush()
+    assert server_spans(otlp.spans, ctx.trace_id), "flush returned before its spans were exported"
+
+
+def test_shutdown_deadline_beats_a_long_export_timeout(make_proxy, otlp):
+    # export_timeout (10 s) is far beyond shutdown_timeout: shutdown still ends on time.
+    proxy = make_proxy(export_timeout=10, shutdown_timeout=1.0)
+    otlp.mode = "blackhole"
+    dropped = STATS.spans_dropped
+    _workload(proxy, 1, 30)
+    proxy.tracer.pipeline._wake.set()  # start an export now rather than at the next interval
+    time.sleep(0.2)
+    _workload(proxy, 1, 30)  # more spans queue behind the stuck export
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    took = time.monotonic() - t0
+    assert took < 1.0 + 0.5, f"shutdown took {took:.2f}s"
+    # What could not be delivered is counted.
+    assert STATS.spans_dropped - dropped >= 60
