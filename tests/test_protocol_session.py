@@ -755,3 +755,13 @@ def test_protocol_layer_imports_only_stdlib():
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
                 assert not name.startswith("pgotel_proxy"), f"{path.name} imports {name}"
+
+
+def test_terminate_is_noted():
+    """After Terminate the server's close is expected: the proxy must not add an error of its own."""
+    s = ready_session()
+    s.client_data(Query("select 1"), 1)
+    assert not s.client_terminated
+    s.client_data(TERMINATE[:3], 2)
+    s.client_data(TERMINATE[3:], 3)
+    assert s.client_terminated

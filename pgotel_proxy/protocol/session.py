@@ -96,6 +96,7 @@ class Session:
         "_last_rec",
         "_query_rec",
         "_copy_in_ext",
+        "client_terminated",
         "messages_in",
         "messages_out",
     )
@@ -148,6 +149,8 @@ class Session:
         self._last_rec: Statement | None = None
         self._query_rec: Statement | None = None
         self._copy_in_ext = False  # COPY FROM STDIN via Execute: the server ignores Sync until it ends
+        # The client sent Terminate: the server closing the connection next is expected.
+        self.client_terminated = False
         self.messages_in = 0
         self.messages_out = 0
 
@@ -228,6 +231,8 @@ class Session:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
             mend = pos + 1 + length
             self.messages_in += 1
+            if typ == _X:
+                self.client_terminated = True
             if mend > n:
                 if typ == _d or length > self.observe_limit or not observing:
                     # Relay without holding: COPY data, huge messages, or nothing to decode.

@@ -460,7 +460,7 @@ class ClientConnection:
     def upstream_lost(self, exc) -> None:
         s = self.session
         if self.client is not None and not self.client.is_closing():
-            if not self._closing and self.observe and s is not None and s.fatal is None and s._sskip == 0 and not s._sbuf:
+            if not self._closing and self.observe and s is not None and s.fatal is None and not s.client_terminated and s._sskip == 0 and not s._sbuf:
                 # The server vanished without a word; tell the client why, at a message
                 # boundary (only known while observing: a plain relay does not frame).
                 STATS.upstream_errors += 1
