@@ -260,7 +260,7 @@ def check_config(ctx: click.Context, config_file: str | None, **params: Any) -> 
 #: Modules that attach more subcommands to ``main`` with ``@main.command()``.
 #: They import ``main`` from here; importing them after ``main`` exists
 #: registers their commands.
-COMMAND_MODULES: tuple[str, ...] = ("pgotel_proxy.demo",)
+COMMAND_MODULES: tuple[str, ...] = ("pgotel_proxy.demo", "pgotel_proxy.cli_cdc")
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module)
