@@ -52,6 +52,9 @@ class BackgroundProxy:
     async def _start(self) -> None:
         self.tracer = build_tracer(self.config, exporter=self.exporter)
         self.server = ProxyServer(self.config, self.tracer)
+        from .enrich import attach as attach_enrichment
+
+        self.enricher = attach_enrichment(self.config, self.server, self.tracer)
         await self.server.start()
         if self.config.admin_listen:
             from .admin import AdminServer

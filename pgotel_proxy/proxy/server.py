@@ -296,6 +296,9 @@ async def serve(config: Any, ready: asyncio.Future | None = None, reload: Callab
     loop = asyncio.get_running_loop()
     tracer = build_tracer(config)
     server = ProxyServer(config, tracer)
+    from ..enrich import attach as attach_enrichment
+
+    attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
     admin = None
     await server.start()
     if getattr(config, "admin_listen", None):

@@ -94,6 +94,7 @@ class Tracer:
             capture_literals=capture_literals,
         )
         self.pipeline = ExportPipeline(exporter, queue_size=queue_size, batch_size=batch_size, interval=export_interval)
+        self.enricher = None  # pgotel_proxy.enrich.attach() sets it: server-side records joined into spans
         self._records: deque = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -177,6 +178,7 @@ class Tracer:
                 self._idle.set()
                 self._wake.wait(0.02)
                 self._wake.clear()
+                self._enrich_tick()
                 continue
             self._idle.clear()
             spans: list = []
@@ -184,14 +186,19 @@ class Tracer:
             while q and n < 256:
                 state, records = q.popleft()
                 for rec in records:
+                    mark = len(spans)
                     try:
                         builder.build(state, rec, spans)
                     except Exception:  # one odd statement must not stop the thread
                         log.exception("could not build a span")
+                    if self.enricher is not None and len(spans) > mark:
+                        spans[mark:] = self._enriched(rec, spans[mark:])
                 n += 1
+            self._enrich_tick()
             if spans:
                 STATS.spans_started += len(spans)
                 pipeline.put(spans)
+        self._enrich_tick(final=True)
         self._idle.set()
 
     def flush(self, timeout: float = 5.0) -> None:
@@ -200,15 +207,41 @@ class Tracer:
         while self._records and time.monotonic() < deadline:
             time.sleep(0.005)
         self._idle.wait(max(0.0, deadline - time.monotonic()))
+        while self.enricher is not None and self.enricher.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)  # statements waiting for server-side records (at most join_timeout)
         self.pipeline.flush(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
         """Build what is queued and flush it, all within ``shutdown_timeout``."""
         deadline = time.monotonic() + self.shutdown_timeout
+        if self.enricher is not None:
+            self.enricher.stop()
         self._stop = True
         self._wake.set()
         self._thread.join(self.shutdown_timeout)
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------ server-side enrichment (pgotel_proxy.enrich), builder thread
+
+    def _enriched(self, rec, spans: list) -> list:
+        try:
+            return self.enricher.statement(rec, spans)
+        except Exception:  # enrichment must never cost a span
+            log.exception("could not join server-side records")
+            return spans
+
+    def _enrich_tick(self, final: bool = False) -> None:
+        enricher = self.enricher
+        if enricher is None:
+            return
+        try:
+            ready = enricher.release_all() if final else enricher.tick()
+        except Exception:
+            log.exception("could not join server-side records")
+            return
+        if ready:
+            STATS.spans_started += len(ready)
+            self.pipeline.put(ready)
 
 
 def _split(addr: str) -> tuple[str, int | None]:

@@ -1,0 +1,341 @@
+"""The bounded time-window join of statement spans with server-side records (runs on the builder thread).
+
+The tracer hands each statement record's freshly built spans to
+:meth:`Joiner.statement`. A statement whose plan auto_explain will log (a
+SELECT/INSERT/UPDATE/DELETE/MERGE that completed, on a backend we know, with
+the auto_explain source up) waits for it at most ``join_timeout`` seconds;
+everything else leaves at once. Plans may arrive before their statement (the
+server logs at ExecutorEnd, before the client sees ReadyForQuery), so
+unmatched plans wait too, for a while, in a bounded buffer.
+
+Join rule for a plan and a statement, all of:
+
+* same backend pid (the log line's pid, the span's ``db.postgresql.backend_pid``);
+* the plan's ``Query Text`` equals the statement text the client sent (for
+  the extended protocol the Parse text, for the simple protocol the whole
+  Query string). A sqlcommenter traceparent in that text makes it unique per
+  request: that is the exact join; without one, identical statements on one
+  backend are told apart by time;
+* the log timestamp lies within the statement's wire interval widened by
+  :data:`CLOCK_SKEW_NS` (log timestamps have millisecond precision and come
+  from the server's clock); the closest to the statement's end wins.
+
+pg_stat_statements figures and wait events never make a span wait: they are
+attached from what the side connections collected so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.status import StatusCode
+
+from ..stats import STATS
+from ..tracing import sqlinfo
+from ._spanutil import amend
+from .plans import Plan, node_spans
+
+__all__ = ["Joiner", "CLOCK_SKEW_NS", "ATTR"]
+
+log = logging.getLogger("pgotel_proxy.enrich")
+
+#: Tolerance between the proxy's clock and the server's log timestamps.
+CLOCK_SKEW_NS = 250_000_000
+
+ATTR = {
+    "backend_pid": "db.postgresql.backend_pid",
+    "command_tag": "db.postgresql.command_tag",
+    "exact": "pgotel.timing.exact",
+    "timing_source": "pgotel.timing.source",
+    "query_id": "db.postgresql.query_id",
+    "execution_time": "db.postgresql.execution_time_ms",
+    "planning_time": "db.postgresql.planning_time_ms",
+    "plan_missing": "pgotel.enrich.plan_missing",
+    "wait_event_type": "db.postgresql.wait_event_type",
+    "wait_event": "db.postgresql.wait_event",
+    "wait_samples": "pgotel.wait.samples",
+    "pgss": "db.postgresql.pgss.",
+}
+
+_PLANNED_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE"))
+
+
+class _Pending:
+    __slots__ = ("spans", "server", "pid", "text", "start", "end", "deadline", "done")
+
+    def __init__(self, spans, server, pid, text, deadline) -> None:
+        self.spans = spans
+        self.server = server
+        self.pid = pid
+        self.text = text
+        self.start = server.start_time
+        self.end = server.end_time
+        self.deadline = deadline
+        self.done = False
+
+
+class Joiner:
+    """Holds statements waiting for their plans and plans waiting for their statements, both bounded."""
+
+    def __init__(self, sources: Any, *, join_timeout: float, resource=None, max_pending: int = 10000, max_plans: int = 10000) -> None:
+        self.sources = sources
+        self.join_timeout_ns = int(join_timeout * 1e9)
+        self.resource = resource
+        self.max_pending = max_pending
+        self.max_plans = max_plans
+        self._pending: deque[_Pending] = deque()
+        self._by_pid: dict[int, list[_Pending]] = {}
+        self._plans: deque[tuple[int, Plan]] = deque()  # (arrival monotonic ns, plan)
+        self._plans_by_pid: dict[int, list[Plan]] = {}
+        self._plan_ttl_ns = self.join_timeout_ns + 2 * CLOCK_SKEW_NS + 1_000_000_000
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------ tracer facing
+
+    def statement(self, rec: Any, spans: list[ReadableSpan]) -> list[ReadableSpan]:
+        """Spans of one statement record → the spans that may leave now (the rest are held)."""
+        out: list[ReadableSpan] = []
+        now = time.monotonic_ns()
+        self._take_plans(now, out)
+        text = (getattr(rec, "sql", None) or "").strip()
+        for group in _groups(spans):
+            server = group[0]
+            pid = (server.attributes or {}).get(ATTR["backend_pid"])
+            if self._expects_plan(rec, group, pid):
+                p = _Pending(group, server, pid, text, now + self.join_timeout_ns)
+                plan = self._find_plan(p)
+                if plan is not None:
+                    out.extend(self._finish(p, plan))
+                    continue
+                if len(self._pending) >= self.max_pending:
+                    out.extend(self._expire(self._pending[0]))
+                    self._pending.popleft()
+                self._pending.append(p)
+                self._by_pid.setdefault(pid, []).append(p)
+            else:
+                out.extend(self._finish_plain(group, pid, text))
+        return out
+
+    def tick(self) -> list[ReadableSpan]:
+        """Match newly read plans and release statements whose wait is over."""
+        out: list[ReadableSpan] = []
+        now = time.monotonic_ns()
+        self._take_plans(now, out)
+        q = self._pending
+        while q and (q[0].done or q[0].deadline <= now):
+            p = q.popleft()
+            if not p.done:
+                out.extend(self._expire(p))
+        plans = self._plans
+        while plans and plans[0][0] + self._plan_ttl_ns <= now:
+            _, plan = plans.popleft()
+            self._drop_plan(plan)
+        return out
+
+    def release_all(self) -> list[ReadableSpan]:
+        """Everything still held (shutdown)."""
+        out: list[ReadableSpan] = []
+        self._take_plans(time.monotonic_ns(), out)
+        while self._pending:
+            p = self._pending.popleft()
+            if not p.done:
+                out.extend(self._expire(p))
+        return out
+
+    # ------------------------------------------------------------ matching
+
+    def _expects_plan(self, rec, group, pid) -> bool:
+        src = self.sources
+        if not src.plans_enabled() or pid is None:
+            return False
+        if rec.status not in ("ok",) and getattr(rec, "protocol", "") == "extended":
+            return False
+        server = group[0]
+        if server.status.status_code == StatusCode.ERROR:
+            return False
+        tag = (server.attributes or {}).get(ATTR["command_tag"]) or ""
+        if tag.split(" ", 1)[0] not in _PLANNED_TAGS:
+            return False
+        if not any(s.name == "execute" for s in group[1:]):
+            return False
+        min_ms = src.plan_min_duration_ms
+        if min_ms and (server.end_time - server.start_time) < min_ms * 1_000_000:
+            return False
+        return True
+
+    @staticmethod
+    def _fits(p: _Pending, plan: Plan) -> bool:
+        if plan.pid != p.pid:
+            return False
+        if p.text and plan.query_text.strip() != p.text:
+            return False
+        return p.start - CLOCK_SKEW_NS <= plan.time_ns <= p.end + CLOCK_SKEW_NS
+
+    def _find_plan(self, p: _Pending) -> Plan | None:
+        best = None
+        for plan in self._plans_by_pid.get(p.pid, ()):
+            if self._fits(p, plan) and (best is None or abs(plan.time_ns - p.end) < abs(best.time_ns - p.end)):
+                best = plan
+        if best is not None:
+            self._drop_plan(best)
+        return best
+
+    def _take_plans(self, now: int, out: list) -> None:
+        inbox = self.sources.plans
+        while inbox:
+            plan = inbox.popleft()
+            best = None
+            for p in self._by_pid.get(plan.pid, ()):
+                if not p.done and self._fits(p, plan) and (best is None or abs(plan.time_ns - p.end) < abs(plan.time_ns - best.end)):
+                    best = p
+            if best is not None:
+                out.extend(self._finish(best, plan))
+                continue
+            if len(self._plans) >= self.max_plans:
+                _, old = self._plans.popleft()
+                self._drop_plan(old)
+            self._plans.append((now, plan))
+            self._plans_by_pid.setdefault(plan.pid, []).append(plan)
+
+    def _drop_plan(self, plan: Plan) -> None:
+        lst = self._plans_by_pid.get(plan.pid)
+        if lst is None:
+            return
+        try:
+            lst.remove(plan)
+        except ValueError:
+            return
+        if not lst:
+            del self._plans_by_pid[plan.pid]
+
+    def _unindex(self, p: _Pending) -> None:
+        p.done = True
+        lst = self._by_pid.get(p.pid)
+        if lst is not None:
+            try:
+                lst.remove(p)
+            except ValueError:
+                pass
+            if not lst:
+                del self._by_pid[p.pid]
+
+    # ------------------------------------------------------------ releasing
+
+    def _expire(self, p: _Pending) -> list[ReadableSpan]:
+        self._unindex(p)
+        STATS.enrich_timeouts += 1
+        group = list(p.spans)
+        group[0] = amend(group[0], attributes={ATTR["plan_missing"]: True})
+        return self._finish_plain(group, p.pid, p.text, counted=False)
+
+    def _finish(self, p: _Pending, plan: Plan) -> list[ReadableSpan]:
+        self._unindex(p)
+        group = list(p.spans)
+        server = group[0]
+        exec_ms = plan.execution_ms if plan.execution_ms is not None else plan.duration_ms
+        exec_ns = int(exec_ms * 1_000_000)
+        s_attrs: dict[str, Any] = {ATTR["execution_time"]: exec_ms}
+        if plan.planning_ms is not None:
+            s_attrs[ATTR["planning_time"]] = plan.planning_ms
+        if plan.query_id:
+            s_attrs[ATTR["query_id"]] = plan.query_id
+        group[0] = amend(server, attributes=s_attrs)
+        i_plan = _index(group, "plan")
+        i_exec = _index(group, "execute")
+        if i_exec is not None:
+            execute = group[i_exec]
+            if i_plan is not None and (group[i_plan].attributes or {}).get(ATTR["exact"]) is False:
+                # BindComplete was held back with the results, so the wire put the execution
+                # inside "plan": split the interval where the executor's own time says.
+                phase = group[i_plan]
+                cut = max(phase.start_time, min(execute.end_time - exec_ns, execute.end_time))
+                src = {ATTR["timing_source"]: "auto_explain"}
+                if plan.planning_ms is not None:
+                    src[ATTR["planning_time"]] = plan.planning_ms
+                group[i_plan] = amend(phase, attributes=src, end=cut)
+                execute = amend(execute, attributes={ATTR["timing_source"]: "auto_explain"}, start=cut)
+                group[i_exec] = execute
+            if plan.root:
+                group.extend(node_spans(plan.root, execute, self.resource or server.resource))
+        return self._finish_plain(group, p.pid, p.text, counted=True, query_id=plan.query_id)
+
+    def _finish_plain(self, group: list, pid, text: str, counted: bool = False, query_id: int | None = None) -> list[ReadableSpan]:
+        """Attach wait events and pg_stat_statements figures (no waiting), count, return."""
+        server = group[0]
+        src = self.sources
+        attrs: dict[str, Any] = {}
+        events: list[Event] = []
+        joined = counted
+        if pid is not None:
+            samples = src.wait_samples(pid, server.start_time, server.end_time)
+            if samples:
+                events = _wait_events(samples)
+                joined = True
+                if query_id is None:
+                    query_id = next((s[3] for s in samples if s[3]), None)
+        figures = None
+        if src.pgss_enabled():
+            if query_id is None and text and sum(1 for s in group if s.kind == SpanKind.SERVER) == 1:
+                query_id = src.query_id_for(sqlinfo.fingerprint(text))
+            if query_id is not None:
+                figures = src.pgss_figures(query_id)
+        if query_id is not None and ATTR["query_id"] not in (server.attributes or {}):
+            attrs[ATTR["query_id"]] = query_id
+        if figures:
+            joined = True
+            for k, v in figures.items():
+                attrs[ATTR["pgss"] + k] = v
+        if attrs or events:
+            group[0] = amend(server, attributes=attrs, events=events)
+        if joined:
+            STATS.enrich_joined += 1
+        return group
+
+
+def _groups(spans: list[ReadableSpan]) -> list[list[ReadableSpan]]:
+    """Split a record's spans into statements: a SERVER span followed by its phase children."""
+    groups: list[list[ReadableSpan]] = []
+    for s in spans:
+        if s.kind == SpanKind.SERVER or not groups:
+            groups.append([s])
+        else:
+            groups[-1].append(s)
+    return groups
+
+
+def _index(group: list, name: str) -> int | None:
+    for i, s in enumerate(group):
+        if i and s.name == name:
+            return i
+    return None
+
+
+def _wait_events(samples: list[tuple]) -> list[Event]:
+    """One event per run of identical samples, at the first sample's time."""
+    out: list[Event] = []
+    prev = None
+    count = 0
+    first_ts = 0
+    for ts, wtype, wevent, _qid in samples:
+        key = (wtype, wevent)
+        if key != prev:
+            if prev is not None:
+                out.append(_wait_event(prev, first_ts, count))
+            prev, count, first_ts = key, 0, ts
+        count += 1
+    if prev is not None:
+        out.append(_wait_event(prev, first_ts, count))
+    return out
+
+
+def _wait_event(key, ts, count) -> Event:
+    wtype, wevent = key
+    attrs = {ATTR["wait_event_type"]: wtype or "CPU", ATTR["wait_event"]: wevent or "running", ATTR["wait_samples"]: count}
+    return Event("db.postgresql.wait", attributes=attrs, timestamp=ts)
