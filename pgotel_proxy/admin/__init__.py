@@ -144,10 +144,31 @@ class AdminServer:
             return web.json_response({"error": "tracing was off at start-up; restart with tracing on"}, status=409)
         try:
             body = await request.json()
-            if "sample_rate" in body:
-                self.tracer.set_sample_rate(float(body["sample_rate"]))
-            if "enabled" in body:
-                self.tracer.set_enabled(bool(body["enabled"]))
+            rate, enabled = _tracing_request(body)
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        # Validated as a whole first: a request is applied entirely or not at all.
+        if rate is not None:
+            self.tracer.set_sample_rate(rate)
+        if enabled is not None:
+            self.tracer.set_enabled(enabled)
         return web.json_response(self.status_dict())
+
+
+def _tracing_request(body: Any) -> tuple[float | None, bool | None]:
+    """(sample_rate, enabled) from a POST /tracing body; ValueError when anything in it is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    unknown = set(body) - {"sample_rate", "enabled"}
+    if unknown:
+        raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+    rate = body.get("sample_rate")
+    if rate is not None:
+        # bool is an int to Python, not a ratio to anyone.
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError("sample_rate must be a number from 0 to 1")
+        rate = float(rate)
+    enabled = body.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError("enabled must be true or false")
+    return rate, enabled

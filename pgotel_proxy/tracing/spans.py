@@ -112,6 +112,16 @@ class ConnState:
             self.carrier = None
             self.carrier_local = False
 
+    def forget(self) -> None:
+        """Statements of this connection went unseen (tracing off, queue full): the carrier is unknown.
+
+        Forgetting it may leave later statements without their context; keeping
+        it could put them in a trace that is no longer theirs.
+        """
+        self.carrier = None
+        self.carrier_local = False
+        self.saved = None
+
     def end_of_statement(self, tx_status: str, tag: str | None) -> None:
         if tx_status != "I":
             return

@@ -45,20 +45,27 @@ _CLOSE = object()
 class _Handle:
     """Per-connection handle given to the proxy."""
 
-    __slots__ = ("tracer", "state")
+    __slots__ = ("tracer", "state", "gap")
 
     def __init__(self, tracer: "Tracer", state: ConnState) -> None:
         self.tracer = tracer
         self.state = state
+        self.gap = False  # statements went unseen since the builder last heard of this connection
 
     def statements(self, records: list) -> None:
         t = self.tracer
-        if not t.enabled:
-            return
         q = t._records
-        if len(q) >= t.queue_size:
-            STATS.spans_dropped += len(records)
+        if not t.enabled or len(q) >= t.queue_size:
+            if t.enabled:
+                STATS.spans_dropped += len(records)
+            if not self.gap:
+                # The builder will not see these statements, and one of them may have changed
+                # the session carrier: tell it (once per gap, so the queue stays bounded by
+                # the number of connections) to forget what it knows.
+                self.gap = True
+                q.append((self.state, None))
             return
+        self.gap = False
         q.append((self.state, records))
 
     def close(self) -> None:
@@ -185,6 +192,9 @@ class Tracer:
             n = 0
             while q and n < 256:
                 state, records = q.popleft()
+                if records is None:
+                    state.forget()
+                    continue
                 for rec in records:
                     mark = len(spans)
                     try:
