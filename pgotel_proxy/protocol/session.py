@@ -492,6 +492,15 @@ class Session:
                     out.append(data[max(pos, fwd) : mend])
                 pos = mend
                 continue
+            if typ == _d and out is None:
+                # CopyData (COPY TO STDOUT, replication streams): relayed, never held or decoded,
+                # so a large row costs no re-joining of chunks.
+                if mend > n:
+                    self._sskip = mend - n
+                    pos = n
+                    break
+                pos = mend
+                continue
             if mend > n:
                 if mend - pos > self.observe_limit:
                     # Too big to hold: forward and skip it undecoded.
