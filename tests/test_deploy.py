@@ -629,3 +629,25 @@ def test_kustomization_images_match_the_containers(rendered, kustomization):
     images = {c["image"].split(":")[0] for c in _pod_template(rendered)["spec"]["containers"]
               + _pod_template(rendered)["spec"]["initContainers"]}
     assert images == {i["name"] for i in kustomization["images"]}
+
+
+# --------------------------------------------------------------------------
+# docs/deploy.md and docs/troubleshooting.md
+
+
+DOCS = [ROOT / "docs" / "deploy.md", ROOT / "docs" / "troubleshooting.md", KUSTOMIZE_DIR / "README.md"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_name_only_real_metrics_settings_and_files(doc):
+    from pgotel_proxy.stats import METRICS
+
+    text = doc.read_text()
+    for metric in re.findall(r"\bpgotel_([a-z_]+[a-z])\b", text):
+        assert metric in METRICS, f"{doc.name}: no metric pgotel_{metric}"
+    for var in re.findall(r"\bPGOTEL_[A-Z_]+[A-Z]\b", text):
+        assert var in PGOTEL_ENV_NAMES, f"{doc.name}: the proxy does not read {var}"
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (doc.parent / target).resolve().exists(), f"{doc.name}: broken link {target}"
+    for path in re.findall(r"`((?:deploy|config|examples|docs|tests)/[\w./-]+)`", text):
+        assert (ROOT / path).exists(), f"{doc.name}: no file {path}"
