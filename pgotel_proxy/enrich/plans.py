@@ -86,8 +86,8 @@ def _float(v) -> float | None:
 # ----------------------------------------------------------------- text format
 
 _NODE_RE = re.compile(
-    r"^(?P<indent>\s*)(?:->\s+)?(?P<label>\S.*?)\s\s\((?:cost=(?P<c0>[\d.]+)\.\.(?P<c1>[\d.]+) rows=(?P<prows>\d+) width=\d+\))?"
-    r"\s*(?:\((?:actual time=(?P<t0>[\d.]+)\.\.(?P<t1>[\d.]+) )?(?:actual )?rows=(?P<rows>\d+) loops=(?P<loops>\d+)\)|\((?P<never>never executed)\))?\s*$"
+    r"^(?P<indent>\s*)(?:->\s+)?(?P<label>\S.*?)\s\s\((?:cost=(?P<c0>[\d.]+)\.\.(?P<c1>[\d.]+) rows=(?P<prows>\d+(?:\.\d+)?) width=\d+\))?"
+    r"\s*(?:\((?:actual time=(?P<t0>[\d.]+)\.\.(?P<t1>[\d.]+) )?(?:actual )?rows=(?P<rows>\d+(?:\.\d+)?) loops=(?P<loops>\d+)\)|\((?P<never>never executed)\))?\s*$"
 )
 _LABEL_RE = re.compile(
     r"^(?P<type>.+?)(?: using (?P<index>\S+))?(?: on (?P<rel>\S+)(?: (?P<alias>\S+))?)?$"
@@ -134,6 +134,9 @@ def parse_text_plan(body: str) -> tuple[str, dict | None, float | None, float | 
                 continue  # a second top-level tree (trigger output etc.): ignored
             stack.append((depth, node))
             continue
+        if line[:1] not in (" ", ""):
+            stack = []  # a top-level section (Planning:, Trigger, JIT:) is no node's
+            continue
         if stack and "Buffers:" in line:
             for kind, pairs in _BUF_RE.findall(line):
                 for pair in pairs.split():
@@ -150,6 +153,11 @@ def _is_node_line(line: str) -> bool:
     return s.endswith(")") and ("  (cost=" in s or "  (actual " in s or "(never executed)" in s)
 
 
+def _num(text: str) -> int | float:
+    # PostgreSQL 18 prints average rows per loop with two decimals.
+    return float(text) if "." in text else int(text)
+
+
 def _text_node(m: re.Match) -> dict:
     label = m.group("label")
     lm = _LABEL_RE.match(label)
@@ -164,12 +172,12 @@ def _text_node(m: re.Match) -> dict:
                 node["Alias"] = lm.group("alias")
     if m.group("c1"):
         node["Total Cost"] = float(m.group("c1"))
-        node["Plan Rows"] = int(m.group("prows"))
+        node["Plan Rows"] = _num(m.group("prows"))
     if m.group("t1"):
         node["Actual Startup Time"] = float(m.group("t0"))
         node["Actual Total Time"] = float(m.group("t1"))
     if m.group("rows"):
-        node["Actual Rows"] = int(m.group("rows"))
+        node["Actual Rows"] = _num(m.group("rows"))
         node["Actual Loops"] = int(m.group("loops"))
     if m.group("never"):
         node["Actual Loops"] = 0
