@@ -247,8 +247,9 @@ class Config(BaseModel):
     # -- Server-side enrichment ----------------------------------------------
     server_log: Path | None = _opt(
         None, group="Server-side enrichment", metavar="FILE",
-        description="PostgreSQL server log to follow; its entries are attached to the spans "
-                    "of the statements that caused them.")
+        description="PostgreSQL server log to follow for auto_explain plans: a log file, or the "
+                    "log directory (the newest file is followed across rotations). Plans become "
+                    "plan-node spans under the statements that caused them. Unset: no plans.")
     server_log_format: Literal["jsonlog", "csvlog", "stderr"] = _opt(
         "jsonlog", group="Server-side enrichment",
         description="log_destination format of server_log.")
@@ -257,22 +258,26 @@ class Config(BaseModel):
         description="The server's log_line_prefix, needed to parse the 'stderr' format.")
     server_log_via_sql: bool = _opt(
         False, group="Server-side enrichment",
-        description="Read the server log over SQL (pg_read_file on stats_dsn) instead of "
-                    "from the local file system.")
+        description="Read the server log over SQL (pg_current_logfile and pg_read_binary_file on "
+                    "stats_dsn; the role needs pg_read_server_files and pg_monitor) instead of from "
+                    "the local file system.")
     stats_dsn: SecretStr | None = _opt(
         None, group="Server-side enrichment", metavar="DSN",
-        description="Connection string of a monitoring session used to sample wait events "
-                    "(and read the log with server_log_via_sql). Unset: no server queries.")
+        description="Connection string of a monitoring session that polls pg_stat_statements, "
+                    "samples wait events from pg_stat_activity (and reads the log with "
+                    "server_log_via_sql). Least privilege: a role in pg_read_all_stats. "
+                    "Unset: no server queries.")
     stats_interval: float = _opt(
         10.0, group="Server-side enrichment", metavar="SECONDS", gt=0, allow_inf_nan=False,
-        description="Seconds between polls of server statistics.")
+        description="Seconds between polls of pg_stat_statements; a span gets the figures of "
+                    "the latest window in which its query ran.")
     wait_event_threshold: float = _opt(
         1.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
         description="Statements running longer than this get their wait events sampled.")
     join_timeout: float = _opt(
         2.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
-        description="Seconds to wait for server-side data about a statement before its span "
-                    "is ended without it.")
+        description="Seconds a statement's spans may wait for its auto_explain plan before "
+                    "they are exported without it (counted).")
 
     # -- WAL propagation -----------------------------------------------------
     wal_propagation: bool = _opt(

@@ -95,7 +95,8 @@ class Joiner:
         self._plan_ttl_ns = self.join_timeout_ns + 2 * CLOCK_SKEW_NS + 1_000_000_000
 
     def __len__(self) -> int:
-        return len(self._pending)
+        """Statements still waiting (finished ones may linger in the deque until they reach its front)."""
+        return sum(len(v) for v in self._by_pid.values())
 
     # ------------------------------------------------------------ tracer facing
 
@@ -114,9 +115,11 @@ class Joiner:
                 if plan is not None:
                     out.extend(self._finish(p, plan))
                     continue
-                if len(self._pending) >= self.max_pending:
-                    out.extend(self._expire(self._pending[0]))
+                while self._pending and self._pending[0].done:
                     self._pending.popleft()
+                if len(self._pending) >= self.max_pending:
+                    # Full: the oldest leaves now, without its plan, rather than memory growing.
+                    out.extend(self._expire(self._pending.popleft()))
                 self._pending.append(p)
                 self._by_pid.setdefault(pid, []).append(p)
             else:

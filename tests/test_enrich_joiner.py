@@ -1,0 +1,97 @@
+"""The join rules and bounds of :class:`pgotel_proxy.enrich.join.Joiner`, driven with spans and plans in memory."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from types import SimpleNamespace
+
+from opentelemetry.trace import SpanContext, SpanKind
+
+from pgotel_proxy.enrich._spanutil import child_context, make_span
+from pgotel_proxy.enrich.join import CLOCK_SKEW_NS, Joiner
+from pgotel_proxy.enrich.plans import Plan
+from pgotel_proxy.stats import STATS
+
+
+class Sources:
+    """What the Joiner reads from the enrichment thread: here only plans, no statistics."""
+
+    def __init__(self) -> None:
+        self.plans: deque = deque()
+        self.plan_min_duration_ms = 0
+
+    def plans_enabled(self):
+        return True
+
+    def pgss_enabled(self):
+        return False
+
+    def wait_samples(self, pid, start, end):
+        return []
+
+
+def statement(pid: int, sql: str, start: int, end: int):
+    root = SpanContext(0xABC, 0x1234 + start % 1000, False)
+    ctx = child_context(root)
+    server = make_span("SELECT t", ctx, None, SpanKind.SERVER, start, end,
+                       {"db.postgresql.backend_pid": pid, "db.postgresql.command_tag": "SELECT 1"}, None)
+    execute = make_span("execute", child_context(ctx), ctx, SpanKind.INTERNAL, start, end, {"pgotel.timing.exact": True}, None)
+    return SimpleNamespace(sql=sql, status="ok", protocol="simple"), [server, execute]
+
+
+def plan(pid: int, sql: str, at: int) -> Plan:
+    return Plan(at, pid, 0.5, sql, {"Node Type": "Seq Scan", "Relation Name": "t", "Actual Total Time": 0.4, "Actual Loops": 1})
+
+
+def test_join_needs_same_pid_same_text_and_time_window():
+    src = Sources()
+    j = Joiner(src, join_timeout=5.0)
+    now = time.time_ns()
+    rec, spans = statement(7, "SELECT 1 FROM t", now, now + 1_000_000)
+    assert j.statement(rec, spans) == []
+    src.plans.extend([
+        plan(8, "SELECT 1 FROM t", now),  # other backend
+        plan(7, "SELECT 2 FROM t", now),  # other text
+        plan(7, "SELECT 1 FROM t", now + 2 * CLOCK_SKEW_NS),  # too late
+    ])
+    assert j.tick() == []
+    src.plans.append(plan(7, "SELECT 1 FROM t", now + 1_000_000))
+    out = j.tick()
+    assert [s.name for s in out] == ["SELECT t", "execute", "Seq Scan t"]
+    assert len(j) == 0
+
+
+def test_plan_logged_before_its_statement_arrives_is_kept():
+    src = Sources()
+    j = Joiner(src, join_timeout=5.0)
+    now = time.time_ns()
+    src.plans.append(plan(3, "SELECT 1 FROM t", now + 500_000))
+    assert j.tick() == []
+    rec, spans = statement(3, "SELECT 1 FROM t", now, now + 1_000_000)
+    assert [s.name for s in j.statement(rec, spans)] == ["SELECT t", "execute", "Seq Scan t"]
+
+
+def test_full_pending_evicts_the_oldest_waiting_statement_once():
+    # Regression: a joined statement still at the front of the queue was released a second time
+    # (and counted as a timeout) when the queue was full.
+    src = Sources()
+    j = Joiner(src, join_timeout=60.0, max_pending=2)
+    now = time.time_ns()
+    released = []
+    before = STATS.enrich_timeouts
+    recs = [statement(1, f"SELECT {i} FROM t", now + i * 10_000_000, now + i * 10_000_000 + 1_000_000) for i in range(4)]
+    released += j.statement(*recs[0])
+    released += j.statement(*recs[1])
+    # The plan is taken by the next statement() call itself, which then finds the queue "full".
+    src.plans.append(plan(1, "SELECT 0 FROM t", now + 1_000_000))
+    released += j.statement(*recs[2])
+    ids = [s.context.span_id for s in released]
+    assert len(ids) == len(set(ids)) == 3
+    assert STATS.enrich_timeouts == before
+    released += j.statement(*recs[3])  # full: statement 1 leaves without its plan
+    assert STATS.enrich_timeouts == before + 1
+    assert released[-2].attributes["pgotel.enrich.plan_missing"] is True
+    assert released[-2].attributes["db.postgresql.backend_pid"] == 1
+    assert len(j) == 2
+    assert len(j.release_all()) == 4
