@@ -1,0 +1,120 @@
+"""A tiny blocking PostgreSQL wire client for tests that need exact protocol bytes.
+
+Drivers hide what some tests must see or send themselves: FunctionCall (F),
+a StartupMessage for protocol 3.2, the length of the BackendKeyData key, a
+CancelRequest carrying a long key, the SQLSTATE of a start-up failure. This
+module owns just enough framing for that, over a plain TCP socket, for roles
+that need no password (trust).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+__all__ = ["PROTOCOL_3_0", "PROTOCOL_3_2", "RawConn", "error_fields", "send_cancel"]
+
+PROTOCOL_3_0 = 196608
+PROTOCOL_3_2 = 196610
+_CANCEL_REQUEST_CODE = 80877102
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse / NoticeResponse body, keyed by their one-letter codes."""
+    out: dict[str, str] = {}
+    for part in body.split(b"\x00"):
+        if part:
+            out[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return out
+
+
+class RawConn:
+    """One connection speaking the protocol by hand; messages are ``(type, body)`` pairs."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+        self.backend_pid: int | None = None
+        self.cancel_key: bytes | None = None
+        self.params: dict[str, str] = {}
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"X\x00\x00\x00\x04")
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> "RawConn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"server closed the connection (buffered: {self._buf!r})")
+            self._buf += chunk
+
+    def read_message(self) -> tuple[str, bytes]:
+        self._fill(5)
+        typ = chr(self._buf[0])
+        (length,) = struct.unpack_from("!I", self._buf, 1)
+        self._fill(1 + length)
+        body = self._buf[5 : 1 + length]
+        self._buf = self._buf[1 + length :]
+        return typ, body
+
+    def read_until_ready(self) -> list[tuple[str, bytes]]:
+        """Messages up to and including ReadyForQuery; stops early at a FATAL start-up error."""
+        got = []
+        while True:
+            typ, body = self.read_message()
+            got.append((typ, body))
+            if typ == "K":
+                self.backend_pid = struct.unpack_from("!I", body)[0]
+                self.cancel_key = body[4:]
+            elif typ == "S":
+                name, value = body.split(b"\x00")[:2]
+                self.params[name.decode()] = value.decode()
+            elif typ == "Z":
+                return got
+            elif typ == "E" and self.backend_pid is None:
+                return got
+
+    def startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
+                **extra: str) -> list[tuple[str, bytes]]:
+        params = {"user": user, "database": database, **extra}
+        body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
+        self.send(struct.pack("!II", len(body) + 8, code) + body)
+        return self.read_until_ready()
+
+    def query(self, sql: str) -> list[tuple[str, bytes]]:
+        payload = sql.encode() + b"\x00"
+        self.send(b"Q" + struct.pack("!I", len(payload) + 4) + payload)
+        return self.read_until_ready()
+
+    def send_function_call(self, oid: int, args: list[bytes], result_format: int = 1) -> None:
+        """FunctionCall (F): every argument in binary format."""
+        body = struct.pack("!IHH", oid, 1, 1) + struct.pack("!H", len(args))
+        for arg in args:
+            body += struct.pack("!i", len(arg)) + arg
+        body += struct.pack("!H", result_format)
+        self.send(b"F" + struct.pack("!I", len(body) + 4) + body)
+
+
+def send_cancel(host: str, port: int, pid: int, key: bytes, timeout: float = 10.0) -> bytes:
+    """Send a CancelRequest on a new connection; return what came back (normally nothing)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("!III", 12 + len(key), _CANCEL_REQUEST_CODE, pid) + key)
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return data
+            data += chunk
