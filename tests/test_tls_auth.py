@@ -1,0 +1,302 @@
+"""TLS on both legs of the proxy and password authentication passed through it.
+
+The proxy terminates the client's TLS with its own certificate (SSLRequest,
+or PostgreSQL 17 direct TLS with ALPN ``postgresql``) and opens its own TLS
+connection to the server (``upstream_tls`` = disable / prefer / require /
+verify-ca / verify-full). Authentication is not done by the proxy: the
+server's requests and the client's answers (cleartext password, MD5, SCRAM)
+pass through unchanged, so every method the server supports works, with one
+exception, channel binding:
+
+Channel binding limits
+----------------------
+SCRAM-SHA-256-PLUS binds the SCRAM exchange to the TLS connection the client
+sees, through a hash of the server certificate (``tls-server-end-point``).
+Behind a proxy that terminates TLS the client sees the proxy's certificate
+while the server knows its own, so the two can never match. The proxy
+therefore always removes SCRAM-SHA-256-PLUS from the mechanisms the server
+offers. What this means for clients:
+
+* ``channel_binding=require`` cannot work through the proxy: libpq refuses
+  to authenticate without it.
+* With libpq's default ``channel_binding=prefer`` over TLS to the proxy, a
+  client offered only SCRAM-SHA-256 tells the server "I support channel
+  binding but believe you do not" (GS2 flag ``y``). A server that itself
+  talks TLS to the proxy (``upstream_tls`` not ``disable``) does support it,
+  takes the flag as a downgrade attack and refuses the login. So when both
+  legs use TLS, SCRAM users must connect with ``channel_binding=disable``.
+  The proxy cannot rewrite the flag: the client repeats it in its final
+  message and signs it with its proof.
+* When either leg is plain text, or for clients that never use channel
+  binding (asyncpg, pg8000, ...), SCRAM works as usual.
+* trust, password and md5 are not affected.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgserver import USERS, PgServer
+from rawpg import RawConn, error_fields
+
+LIBPQ = psycopg.pq.version()
+
+
+def _password(user: str) -> str | None:
+    return USERS[user][0] if user in USERS else None
+
+
+def _connect(proxy, user: str = "postgres", **params) -> psycopg.Connection:
+    password = _password(user)
+    if password is not None:
+        params.setdefault("password", password)
+    return psycopg.connect(proxy.dsn(user=user, **params), autocommit=True, connect_timeout=10)
+
+
+def _upstream_ssl(conn: psycopg.Connection) -> bool:
+    """Whether the server's end of this session (the proxy's upstream leg) is TLS."""
+    return conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone()[0]
+
+
+def _client_tls(certs) -> dict:
+    return {"client_tls_cert": certs["proxy_cert"], "client_tls_key": certs["proxy_key"]}
+
+
+# --------------------------------------------------------------------------
+# Client leg
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_client_tls_terminated(make_proxy, certs, host):
+    proxy = make_proxy(**_client_tls(certs))
+    with _connect(proxy, sslmode="require") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 'over tls'").fetchone() == ("over tls",)
+    with _connect(proxy, host=host, sslmode="verify-full", sslrootcert=certs["ca"]) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.info.host == host
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_cancel_over_client_tls(make_proxy, certs):
+    proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
+    with _connect(proxy, sslmode="verify-full", sslrootcert=certs["ca"]) as conn:
+        # cancel_safe() opens its cancel connection with the same sslmode: SSLRequest, then CancelRequest.
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(10)")
+        finally:
+            timer.join()
+        assert conn.execute("select 'after cancel'").fetchone() == ("after cancel",)
+
+
+def test_client_tls_min_version(make_proxy, certs):
+    proxy = make_proxy(client_tls_min_version="TLSv1.3", **_client_tls(certs))
+    with pytest.raises(psycopg.OperationalError):
+        _connect(proxy, sslmode="require", ssl_max_protocol_version="TLSv1.2")
+    with _connect(proxy, sslmode="require", ssl_min_protocol_version="TLSv1.3") as conn:
+        assert conn.pgconn.ssl_in_use
+
+
+def test_client_tls_verify_full_rejects_unknown_ca(make_proxy, certs, tmp_path):
+    from certs import make_certs
+
+    other = make_certs(tmp_path / "other")
+    proxy = make_proxy(**_client_tls(certs))
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        _connect(proxy, sslmode="verify-full", sslrootcert=other["ca"])
+
+
+def test_client_tls_not_configured(make_proxy):
+    proxy = make_proxy()
+    with pytest.raises(psycopg.OperationalError, match="server does not support SSL, but SSL was required"):
+        _connect(proxy, sslmode="require")
+    with _connect(proxy, sslmode="prefer") as conn:
+        assert not conn.pgconn.ssl_in_use
+        assert conn.execute("select 'plain'").fetchone() == ("plain",)
+
+
+@pytest.mark.skipif(LIBPQ < 170000, reason="sslnegotiation=direct needs libpq 17")
+def test_direct_tls(make_proxy, certs):
+    proxy = make_proxy(**_client_tls(certs))
+    with _connect(proxy, sslmode="verify-full", sslrootcert=certs["ca"], sslnegotiation="direct") as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 'direct'").fetchone() == ("direct",)
+        # The cancel connection negotiates the same way.
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("select pg_sleep(10)")
+        finally:
+            timer.join()
+        assert conn.execute("select 2").fetchone() == (2,)
+
+
+@pytest.mark.skipif(LIBPQ < 170000, reason="sslnegotiation=direct needs libpq 17")
+def test_direct_tls_without_client_tls_fails(make_proxy):
+    proxy = make_proxy()
+    with pytest.raises(psycopg.OperationalError):
+        _connect(proxy, sslmode="require", sslnegotiation="direct")
+    # The proxy is unharmed.
+    with _connect(proxy) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_direct_tls_requires_alpn(make_proxy, certs):
+    proxy = make_proxy(**_client_tls(certs))
+    ctx = ssl.create_default_context(cafile=certs["ca"])  # no ALPN offered
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            data = b""
+            while True:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    assert data[:1] == b"E"
+    fields = error_fields(data[5:])
+    assert fields["C"] == "08P01" and "ALPN" in fields["M"]
+
+
+# --------------------------------------------------------------------------
+# Upstream leg
+
+
+@pytest.mark.parametrize("mode,encrypted", [("disable", False), ("prefer", True), ("require", True),
+                                            ("verify-ca", True), ("verify-full", True)])
+def test_upstream_tls_modes(make_proxy, certs, mode, encrypted):
+    ca = {} if mode == "disable" else {"upstream_tls_ca": certs["ca"]}
+    proxy = make_proxy(upstream_tls=mode, **ca)
+    with _connect(proxy) as conn:
+        assert _upstream_ssl(conn) is encrypted
+        assert not conn.pgconn.ssl_in_use
+
+
+def test_upstream_verify_full_wrong_name(make_proxy, pg, certs):
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"],
+                       upstream_tls_server_name="wrong.example")
+    upstream = f"{pg.host}:{pg.port}"
+    with pytest.raises(psycopg.OperationalError) as exc:
+        _connect(proxy)
+    assert f"could not connect to upstream server {upstream}" in str(exc.value)
+    with RawConn("127.0.0.1", proxy.port) as raw:
+        msgs = raw.startup()
+    assert [t for t, _ in msgs] == ["E"]
+    fields = error_fields(msgs[0][1])
+    assert fields["C"] == "08001" and fields["S"] == "FATAL"
+    assert upstream in fields["M"] and "certificate" in fields["M"].lower()
+
+
+def test_upstream_verify_full_unknown_ca(make_proxy, certs, tmp_path):
+    from certs import make_certs
+
+    other = make_certs(tmp_path / "other")
+    proxy = make_proxy(upstream_tls="verify-ca", upstream_tls_ca=other["ca"])
+    with pytest.raises(psycopg.OperationalError, match="could not connect to upstream server"):
+        _connect(proxy)
+
+
+@pytest.fixture(scope="module")
+def plain_pg(pg_versions, certs):
+    """A server with TLS switched off, for the upstream fallback rules."""
+    from conftest import default_pg_major
+
+    major = default_pg_major(pg_versions)
+    if major is None:
+        pytest.skip("no PostgreSQL server installed")
+    server = PgServer(pg_versions[major], settings={"ssl": False}, certs=certs)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_upstream_tls_against_plain_server(make_proxy, plain_pg):
+    upstream = f"{plain_pg.host}:{plain_pg.port}"
+    prefer = make_proxy(upstream=upstream, upstream_tls="prefer")
+    with _connect(prefer) as conn:
+        assert _upstream_ssl(conn) is False
+    require = make_proxy(upstream=upstream, upstream_tls="require")
+    with RawConn("127.0.0.1", require.port) as raw:
+        msgs = raw.startup()
+    fields = error_fields(msgs[0][1])
+    assert (msgs[0][0], fields["C"]) == ("E", "08001")
+    assert upstream in fields["M"] and "does not accept TLS" in fields["M"]
+
+
+# --------------------------------------------------------------------------
+# Authentication through the proxy
+
+
+_LEGS = [(False, "disable"), (False, "require"), (True, "disable"), (True, "require")]
+_USERS = ["postgres", "password_user", "md5_user", "scram_user"]
+
+
+@pytest.mark.parametrize("client_tls,upstream_tls", _LEGS, ids=[f"client-{c and 'tls' or 'plain'}-upstream-{u}" for c, u in _LEGS])
+def test_auth_passthrough(make_proxy, certs, client_tls, upstream_tls):
+    proxy = make_proxy(upstream_tls=upstream_tls, **(_client_tls(certs) if client_tls else {}))
+    sslmode = "require" if client_tls else "disable"
+    for user in _USERS:
+        if user == "scram_user" and client_tls and upstream_tls != "disable":
+            # See "Channel binding limits" above: the server takes the client's
+            # GS2 flag "y" for a downgrade attack.
+            with pytest.raises(psycopg.OperationalError, match="channel binding"):
+                _connect(proxy, user, sslmode=sslmode)
+            params = {"channel_binding": "disable"}
+        else:
+            params = {}
+        with _connect(proxy, user, sslmode=sslmode, **params) as conn:
+            assert conn.execute("select current_user").fetchone() == (user,)
+            assert conn.pgconn.ssl_in_use is client_tls
+            assert _upstream_ssl(conn) is (upstream_tls != "disable")
+
+
+@pytest.mark.parametrize("client_tls", [False, True], ids=["client-plain", "client-tls"])
+def test_channel_binding_require_fails(make_proxy, certs, client_tls):
+    proxy = make_proxy(upstream_tls="require", **(_client_tls(certs) if client_tls else {}))
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        _connect(proxy, "scram_user", sslmode="require" if client_tls else "disable", channel_binding="require")
+
+
+def test_scram_plus_offered_directly_but_not_through_proxy(make_proxy, pg):
+    """The server offers SCRAM-SHA-256-PLUS over TLS; the proxy hides it (and binding works directly)."""
+    with psycopg.connect(pg.dsn("scram_user", sslmode="require", channel_binding="require"), connect_timeout=10) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    proxy = make_proxy(upstream_tls="require")
+    with _connect(proxy, "scram_user") as conn:
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+
+
+async def test_asyncpg_scram_over_both_tls_legs(make_proxy, certs):
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_client_tls(certs))
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    conn = await asyncpg.connect(host="localhost", port=proxy.port, user="scram_user", password=_password("scram_user"),
+                                 database="postgres", ssl=ctx)
+    try:
+        assert await conn.fetchval("select current_user") == "scram_user"
+        assert await conn.fetchval("select ssl from pg_stat_ssl where pid = pg_backend_pid()") is True
+        assert conn.get_settings().server_version
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("user", ["scram_user", "md5_user", "password_user"])
+async def test_wrong_password(make_proxy, user):
+    proxy = make_proxy(upstream_tls="require")
+    with pytest.raises(psycopg.OperationalError, match=f'password authentication failed for user "{user}"'):
+        _connect(proxy, user, password="not-the-password")
+    with pytest.raises(asyncpg.InvalidPasswordError) as exc:
+        await asyncpg.connect(host="127.0.0.1", port=proxy.port, user=user, password="wrong", database="postgres",
+                              ssl=False)
+    assert exc.value.sqlstate == "28P01"
+    # The proxy keeps serving.
+    with _connect(proxy, user) as conn:
+        assert conn.execute("select current_user").fetchone() == (user,)
