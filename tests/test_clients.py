@@ -100,19 +100,24 @@ def test_psycopg_prepared_statement_reused(proxy):
         assert row == (1,)
 
 
+# Fails only after 0.3 s (the sleep is an InitPlan, so the division cannot be folded at
+# plan time): every statement queued after it is sent before its error comes back.
+_SLOW_FAILURE = "select 1 / (%s::int * (select count(*) from pg_sleep(0.3))::int)"
+
+
 def test_psycopg_pipeline_with_error(proxy):
     with _connect(proxy.dsn()) as conn:
         with conn.pipeline() as p:
             before = [conn.execute("select %s::int", (i,)) for i in range(30)]
-            failing = conn.execute("select 1 / %s::int", (0,))
+            failing = conn.execute(_SLOW_FAILURE, (0,))
             after = [conn.execute("select %s::int + 100", (i,)) for i in range(5)]
             with pytest.raises(errors.DivisionByZero):
                 failing.fetchone()
             # The server skipped everything after the error up to the Sync.
             for cur in after:
                 assert cur.pgresult is None
-            conn.execute("select 'queued after the error'")
             with pytest.raises(errors.PipelineAborted):
+                conn.execute("select 'queued after the error'")
                 p.sync()
             assert [c.fetchone()[0] for c in before] == list(range(30))
             # After the Sync the pipeline is usable again.
@@ -540,3 +545,119 @@ def test_unix_socket_listener(make_proxy):
             assert conn.execute("select client_addr is not null from pg_stat_activity where pid = pg_backend_pid()").fetchone() == (True,)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_unix_socket_upstream(make_proxy, pg):
+    proxy = make_proxy(upstream=os.path.join(str(pg.socket_dir), f".s.PGSQL.{pg.port}"))
+    with _connect(proxy.dsn()) as conn:
+        # Upstream the proxy is a Unix-socket client: no client address.
+        row = conn.execute("select client_addr from pg_stat_activity where pid = pg_backend_pid()").fetchone()
+        assert row == (None,)
+        # Cancel requests are forwarded over the same socket.
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        try:
+            with pytest.raises(errors.QueryCanceled):
+                conn.execute("select pg_sleep(10)")
+        finally:
+            timer.join()
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------
+# Replication protocol tools (CopyBoth, base backups)
+
+
+def _repl_env() -> dict[str, str]:
+    env = _tool_env()
+    env["PGPASSWORD"] = USERS["repl_user"][0]
+    return env
+
+
+def test_pg_recvlogical_copy_both(proxy, pg, tmp_path):
+    recvlogical = _client_tool("pg_recvlogical", pg)
+    base = [recvlogical, "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "repl_user", "-d", "postgres",
+            "--slot", "clients_logical"]
+    res = subprocess.run(base + ["--create-slot", "-P", "test_decoding"], capture_output=True, text=True,
+                         env=_repl_env(), timeout=30)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "decoded.txt"
+    # Streams in CopyBoth mode, the client sending a standby status update every second.
+    # (Not -E: pg_recvlogical may stop at a keepalive before the last change is printed.)
+    stream = subprocess.Popen(base + ["--start", "-f", str(out), "-F", "0", "-s", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_repl_env())
+    try:
+        with _connect(pg.dsn()) as direct:
+            direct.execute("create table clients_decoded (i int)")
+            direct.execute("insert into clients_decoded select generate_series(1, 500)")
+        deadline = time.monotonic() + 15
+        inserts: list[str] = []
+        while time.monotonic() < deadline and len(inserts) < 500:
+            time.sleep(0.1)
+            text = out.read_text() if out.exists() else ""
+            inserts = [line for line in text.splitlines() if "clients_decoded: INSERT" in line]
+        assert stream.poll() is None, stream.stderr.read()
+        assert len(inserts) == 500
+        assert inserts[-1].endswith("i[integer]:500")
+        assert "COMMIT" in out.read_text().splitlines()[-1]
+    finally:
+        stream.terminate()  # SIGTERM: pg_recvlogical ends its stream and exits cleanly
+        stream.communicate(timeout=10)
+        with _connect(pg.dsn()) as direct:
+            direct.execute("select pg_drop_replication_slot('clients_logical')")
+            direct.execute("drop table if exists clients_decoded")
+
+
+def test_pg_basebackup(proxy, pg, tmp_path):
+    basebackup = _client_tool("pg_basebackup", pg)
+    verify = _client_tool("pg_verifybackup", pg)
+    target = tmp_path / "backup"
+    # -X stream adds a second replication connection streaming WAL alongside the tar stream.
+    res = subprocess.run([basebackup, "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "repl_user", "-D", str(target),
+                          "-X", "stream", "-c", "fast", "--no-sync"],
+                         capture_output=True, text=True, env=_repl_env(), timeout=60)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([verify, "-n", str(target)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------
+# The relay under pressure and when the server goes away
+
+
+def test_slow_reader_backpressure(proxy):
+    """A client that stops reading must not make the proxy buffer the whole result."""
+    rows = 40_000
+    with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
+        raw.startup()
+        sql = f"select repeat('x', 1000) from generate_series(1, {rows})".encode() + b"\x00"
+        raw.send(b"Q" + struct.pack("!I", len(sql) + 4) + sql)
+        time.sleep(1.5)  # about 40 MB are due; the server produces them far faster than that
+
+        async def buffered() -> int:
+            (conn,) = [c for c in proxy.server.connections if c.ready]
+            return conn.client.get_write_buffer_size() + conn.upstream.get_write_buffer_size()
+
+        held = proxy.call(buffered())
+        assert held < 4 << 20, f"proxy buffered {held} bytes for a client that does not read"
+        msgs = raw.read_until_ready()
+        assert sum(1 for t, _ in msgs if t == "D") == rows
+        assert (b"SELECT %d\x00" % rows) in [body for t, body in msgs if t == "C"]
+
+
+def test_backend_terminated(proxy, pg):
+    with RawConn("127.0.0.1", proxy.port) as raw:
+        raw.startup()
+        with _connect(pg.dsn()) as direct:
+            assert direct.execute("select pg_terminate_backend(%s)", (raw.backend_pid,)).fetchone() == (True,)
+        typ, body = raw.read_message()
+        assert typ == "E" and error_fields(body)["C"] == "57P01"
+        # The server's own FATAL is all the client gets, then the connection closes.
+        with pytest.raises(ConnectionError):
+            raw.read_message()
+    with _connect(proxy.dsn()) as conn:
+        pid = conn.info.backend_pid
+        with _connect(pg.dsn()) as direct:
+            direct.execute("select pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(errors.AdminShutdown):
+            conn.execute("select 1")
