@@ -44,10 +44,18 @@ __all__ = ["Session"]
 
 _unpack_I = struct.Struct("!I").unpack_from
 _unpack_i = struct.Struct("!i").unpack_from
+_unpack_h = struct.Struct("!h").unpack_from
 
 # Request kinds in the pending queue.
 _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC = range(8)
 _SYNC_LIKE = (_SYNC, _QUERY, _FUNC)
+# An injected statement placed in front of the client's own statements inside one
+# Query message: its answers end at its CommandComplete, not at ReadyForQuery.
+_PREFIX = 8
+
+# Third element of a pending entry: False for the client's requests, else who sent it.
+INJECTED = 1  # the proxy: every answer is removed
+INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
 
 # Type bytes, as ints (indexing bytes yields ints).
 _D, _C, _Z, _T, _E, _N, _A, _S = b"DCZTENAS"
@@ -56,6 +64,25 @@ _G, _H, _W, _d, _c, _V, _K, _R, _v = b"GHWdcVKRv"
 _Q, _P, _B, _Ee, _F, _X, _f, _p = b"QPBEFXfp"
 
 _ASYNC_SERVER = frozenset((_N, _A, _S))
+
+
+def _shift_position(buf, start: int, end: int, typ: int, shift: int) -> bytes | None:
+    """ErrorResponse / NoticeResponse with its Position field moved back by ``shift`` characters."""
+    parts = []
+    pos = start
+    changed = False
+    while pos < end and buf[pos] != 0:
+        nul = buf.index(0, pos + 1)
+        field = bytes(buf[pos:nul])
+        if field[:1] == b"P" and field[1:].isdigit() and int(field[1:]) > shift:
+            field = b"P" + str(int(field[1:]) - shift).encode()
+            changed = True
+        parts.append(field + b"\x00")
+        pos = nul + 1
+    if not changed:
+        return None
+    body = b"".join(parts) + b"\x00"
+    return bytes((typ,)) + struct.pack("!I", len(body) + 4) + body
 
 
 class Session:
@@ -92,6 +119,10 @@ class Session:
         "_sfwd",
         "_sskip",
         "_injected_pending",
+        "injector",
+        "hold_first_ready",
+        "_held_ready",
+        "_shifted",
         "_last_kind",
         "_last_rec",
         "_query_rec",
@@ -145,6 +176,16 @@ class Session:
         self._sfwd = 0  # how many leading bytes of _sbuf were already forwarded
         self._sskip = 0  # bytes of a skipped server message still to come
         self._injected_pending = 0
+        # Optional object that may splice messages into the client stream (see
+        # "Injection" below); None costs one attribute test per client message.
+        self.injector = None
+        # Keep the first ReadyForQuery back until the proxy's own start-up
+        # requests are answered (the client must not start before they are).
+        self.hold_first_ready = False
+        self._held_ready: bytes | None = None
+        # Client Queries in flight that carry a statement of the proxy's in front:
+        # their error positions must be moved back (extra["position_shift"]).
+        self._shifted = 0
         self._last_kind = -1
         self._last_rec: Statement | None = None
         self._query_rec: Statement | None = None
@@ -163,7 +204,9 @@ class Session:
         That is during start-up (authentication messages may be rewritten) and
         while answers to messages the proxy injected are due (they are removed).
         """
-        return (not self.ready or self._injected_pending > 0) and self.out_of_sync is None
+        return (
+            not self.ready or self._injected_pending > 0 or self._held_ready is not None or self._shifted > 0
+        ) and self.out_of_sync is None
 
     def desync(self, reason: str) -> None:
         """Stop observing this connection; bytes keep flowing."""
@@ -244,12 +287,30 @@ class Session:
                     self._cbuf = data[pos:]
                 break
             if observing and typ != _d:
+                inj = self.injector
+                if inj is not None:
+                    res = inj.before(self, typ, data, pos + 5, mend)
+                    if res is not None:
+                        before, replace, extra = res
+                        if out is None:
+                            out = []
+                        out.append(data[seg:pos])
+                        out.append(before)
+                        if replace is not None:
+                            out.append(replace)
+                            seg = mend
+                        else:
+                            seg = pos
                 try:
                     self._client_message(typ, data, pos + 5, mend, now)
                 except Exception as exc:
                     # Well framed but undecodable: observation stops, the bytes still go through.
                     self.desync(f"client stream: {exc!r}")
                 observing = self.out_of_sync is None
+                if inj is not None and res is not None and extra is not None and self._last_rec is not None:
+                    self._last_rec.extra = extra
+                    if "position_shift" in extra:
+                        self._shifted += 1
                 if observing and self.flush_phases and (typ == _P or typ == _B or typ == _Ee):
                     nxt = data[mend] if mend < n else -1
                     if nxt != _H and nxt != _S:
@@ -446,6 +507,9 @@ class Session:
             self._server(data, now, out)
         except Exception as exc:
             self.desync(f"server stream: {exc!r}")
+            if self._held_ready is not None:
+                out.append(self._held_ready)
+                self._held_ready = None
             # Everything not yet forwarded goes out untouched from here on.
             rest = self._sbuf[self._sfwd :]
             self._sbuf = b""
@@ -480,6 +544,14 @@ class Session:
             typ = data[pos]
             mend = pos + 1 + _unpack_I(data, pos + 1)[0]
             if typ == _D:
+                if out is not None and self._suppressing():
+                    # Answer to the proxy's own request: held until whole, read, removed.
+                    if mend > n:
+                        break
+                    self._rows += 1
+                    self._capture_row(data, pos + 5, mend)
+                    pos = mend
+                    continue
                 # DataRow: counted, never decoded.
                 self._rows += 1
                 if mend > n:
@@ -514,7 +586,12 @@ class Session:
             if out is None:
                 self._server_message(typ, data, pos + 5, mend, now)
             else:
-                suppress = self._suppressing() and typ not in _ASYNC_SERVER
+                suppress = (
+                    self._suppressing()
+                    and typ not in _ASYNC_SERVER
+                    and not (typ == _E and self._pending[0][2] == INJECTED_ERRORS_PASS)
+                )
+                first = not self.ready
                 try:
                     replacement = self._server_message(typ, data, pos + 5, mend, now)
                 except Exception:
@@ -522,12 +599,22 @@ class Session:
                     # (the caller stops observing).
                     out.append(data[max(pos, fwd) :])
                     raise
+                if typ == _Z and first and self.hold_first_ready and self.ready:
+                    self.hold_first_ready = False
+                    self._held_ready = bytes(data[pos:mend])
+                    suppress = True
                 if not suppress:
                     if replacement is not None:
                         out.append(replacement)
                     else:
                         out.append(data[max(pos, fwd) : mend])
+                if typ == _Z and self._held_ready is not None and self._injected_pending == 0 and not first:
+                    out.append(self._held_ready)
+                    self._held_ready = None
                 if not self.server_hold:
+                    if self._held_ready is not None:  # observation stopped: let the client go on
+                        out.append(self._held_ready)
+                        self._held_ready = None
                     # Hold mode just ended: forward the rest now and keep observing it.
                     pos = mend
                     if pos < n:
@@ -545,7 +632,19 @@ class Session:
 
     def _suppressing(self) -> bool:
         pending = self._pending
-        return bool(pending) and pending[0][2]
+        return bool(pending) and bool(pending[0][2])
+
+    def _capture_row(self, buf, start: int, end: int) -> None:
+        """Keep the first column of a row answering an injected request whose record asks for it."""
+        rec = self._pending[0][1]
+        extra = rec.extra if rec is not None else None
+        if extra is None or end - start < 6 or _unpack_h(buf, start)[0] < 1:
+            return
+        ln = _unpack_i(buf, start + 2)[0]
+        if ln < 0 or start + 6 + ln > end:
+            extra["row"] = None
+        else:
+            extra["row"] = bytes(buf[start + 6 : start + 6 + ln]).decode("utf-8", "replace")
 
     def _pop(self, expect: int):
         pending = self._pending
@@ -573,6 +672,11 @@ class Session:
                 if rec.results is not None:
                     rec.results.append(Completion(now, tag, rows))
                 return None
+            if front is not None and front[0] == _PREFIX:
+                self._pending.popleft()
+                self._injected_pending -= 1
+                self._rows = 0
+                return None
             rec = self._pop(_EXECUTE)
             if rec is not None:
                 rec.tag = tag
@@ -598,9 +702,17 @@ class Session:
             if self._pending and self._pending[0][0] == _DESCRIBE:
                 self._pop(_DESCRIBE)
             return None
-        if typ == _E:
-            self._error(decode_error_fields(buf, start, end) if buf is not None else {}, now)
-            return None
+        if typ == _E or typ == _N:
+            front = self._pending[0] if self._pending else None
+            shift = 0
+            if self._shifted and front is not None and buf is not None:
+                if front[0] == _PREFIX and len(self._pending) > 1:
+                    front = self._pending[1]  # a parse error of the whole text: nothing ran
+                if front[0] == _QUERY and not front[2] and front[1].extra:
+                    shift = front[1].extra.get("position_shift", 0)
+            if typ == _E:
+                self._error(decode_error_fields(buf, start, end) if buf is not None else {}, now)
+            return _shift_position(buf, start, end, typ, shift) if shift else None
         if typ == _s or typ == _I:
             front = self._pending[0] if self._pending else None
             if typ == _I and front is not None and front[0] == _QUERY:
@@ -660,6 +772,17 @@ class Session:
             self.fatal = fields
             return
         kind, rec, _inj = pending[0]
+        if _inj == INJECTED_ERRORS_PASS and kind != _PREFIX and self.injector is not None:
+            # (A prefix shares its Query with the client's text: its errors are the client's.)
+            self.injector.injected_error(self, fields)
+        if kind == _PREFIX:
+            # The statement put in front of the client's failed: so does the client's Query.
+            pending.popleft()
+            self._injected_pending -= 1
+            self._rows = 0
+            if not pending:
+                return
+            kind, rec, _inj = pending[0]
         if kind == _QUERY or kind == _FUNC:
             rows = self._rows
             self._rows = 0
@@ -717,6 +840,8 @@ class Session:
                 done = rec  # the batch list
                 break
             if kind == _QUERY or kind == _FUNC:
+                if self._shifted and not inj and rec.extra and "position_shift" in rec.extra:
+                    self._shifted -= 1
                 rec.end_ns = now
                 rec.status = "error" if any(c.error for c in rec.results) else "ok"
                 done = () if inj else (rec,)
@@ -738,16 +863,40 @@ class Session:
 
     # -------------------------------------------------------------- injection
 
-    def inject_request(self, kind: str, rec: Statement | None = None) -> None:
+    def inject_request(self, kind: str, rec: Statement | None = None, *, errors_pass: bool = False) -> None:
         """Note that the proxy itself sent a request whose answers must not reach the client.
 
         ``kind`` is "query" (a simple Query: answers up to its ReadyForQuery are
-        removed) or "parse" / "bind" / "execute" / "close" (extended messages
-        inside the client's batch, answered before the client's own).
+        removed), "prefix" (a statement the proxy put in front of the client's
+        own inside the client's next Query: answers up to its CommandComplete
+        are removed) or "parse" / "bind" / "execute" / "close" (extended
+        messages inside the client's batch, answered before the client's own).
+        A DataRow answering it is decoded into ``rec.extra["row"]`` (first
+        column, text) when ``rec.extra`` is a dict. With ``errors_pass`` an
+        ErrorResponse it causes reaches the client (the client's transaction
+        is lost with it, the client must learn that) and the injector's
+        ``injected_error`` is told.
+
+        Injection: ``Session.injector``, when set, is called synchronously for
+        every whole client message before it is accounted and forwarded, as
+        ``injector.before(session, type_byte, buf, start, end)`` (payload
+        bounds). It returns None, or ``(before, replace, extra)``: bytes to
+        send ahead of the message, bytes to send instead of it (or None to
+        send it unchanged; the message is still accounted as the client sent
+        it), and a dict to set as the ``extra`` of the client's record. It has
+        called ``inject_request`` for every answer ``before``/``replace`` cause.
         """
-        k = {"query": _QUERY, "parse": _PARSE, "bind": _BIND, "execute": _EXECUTE, "close": _CLOSE}[kind]
+        k = {"query": _QUERY, "prefix": _PREFIX, "parse": _PARSE, "bind": _BIND, "execute": _EXECUTE, "close": _CLOSE}[kind]
         if k == _QUERY and rec is None:
             rec = Statement("simple", None)
             rec.results = []
-        self._pending.append((k, rec, True))
+        self._pending.append((k, rec, INJECTED_ERRORS_PASS if errors_pass else INJECTED))
         self._injected_pending += 1
+
+    def take_held_ready(self) -> bytes | None:
+        """The held first ReadyForQuery, when nothing the proxy injected is due any more."""
+        held = self._held_ready
+        if held is None or self._injected_pending:
+            return None
+        self._held_ready = None
+        return held

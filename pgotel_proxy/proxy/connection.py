@@ -237,6 +237,7 @@ class ClientConnection:
         self.ready = False
         self.tls = False
         self.trace = None  # the tracer's per-connection handle
+        self.wal = None  # otelwal injector (wal_propagation)
         self.closed: asyncio.Future | None = None
         self._cancel_key: tuple[int, bytes] | None = None
         self._closing = False
@@ -376,6 +377,12 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
+        if cfg.wal_propagation:
+            from ..wal.emit import WalInjector
+
+            self.wal = WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=self.peer)
+            self.session.injector = self.wal
+            self.session.hold_first_ready = True
         self.closed = loop.create_future()
         for t in (self.client, self.upstream):
             t.set_write_buffer_limits(high=_WRITE_HIGH, low=_WRITE_LOW)
@@ -429,10 +436,13 @@ class ClientConnection:
         if s.backend_pid is not None and s.cancel_key is not None:
             self._cancel_key = (s.backend_pid, s.cancel_key)
             srv.cancel_keys[self._cancel_key] = self
+        if self.wal is not None:
+            # Ask whether emission is possible before the client is let go (its ReadyForQuery is held).
+            self.upstream.write(self.wal.start(s))
         tracer = srv.tracer
         if tracer is not None and tracer.wants_connection(s):
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
-        elif not s.flush_phases:
+        elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
             if not s._cbuf and not s._cskip:
@@ -442,6 +452,8 @@ class ClientConnection:
 
     def deliver(self) -> None:
         done = self.session.take_completed()
+        if self.wal is not None:
+            self.wal.statements(done)
         if self.trace is not None:
             self.trace.statements(done)
 
