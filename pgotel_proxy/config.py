@@ -99,7 +99,7 @@ def _opt(default: Any = None, *, group: str, description: str, metavar: str | No
     if metavar:
         extra["metavar"] = metavar
     if isinstance(default, list):
-        return Field(default_factory=list, description=description,
+        return Field(default_factory=lambda: list(default), description=description,
                      json_schema_extra=extra, **constraints)
     return Field(default, description=description, json_schema_extra=extra, **constraints)
 
@@ -278,6 +278,13 @@ class Config(BaseModel):
         2.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
         description="Seconds a statement's spans may wait for its auto_explain plan before "
                     "they are exported without it (counted).")
+    enrich_sources: list[Literal["auto_explain", "pg_stat_statements", "wait_events"]] = _opt(
+        ["auto_explain", "pg_stat_statements", "wait_events"], group="Server-side enrichment",
+        metavar="SOURCE",
+        description="Server-side sources used when their settings allow: auto_explain (needs "
+                    "server_log or server_log_via_sql), pg_stat_statements and wait_events (need "
+                    "stats_dsn). Leave one out to switch it off (repeatable; comma-separated in "
+                    "the environment).")
 
     # -- WAL propagation -----------------------------------------------------
     wal_propagation: bool = _opt(

@@ -52,10 +52,11 @@ class Enricher:
         self.status: dict[str, str] = {}
         dsn = config.stats_dsn.get_secret_value() if config.stats_dsn is not None else None
         self._dsn = dsn
+        sources = set(getattr(config, "enrich_sources", ("auto_explain", "pg_stat_statements", "wait_events")))
         want_log = config.server_log is not None or (config.server_log_via_sql and dsn)
-        self.status["auto_explain"] = "starting" if want_log else "off"
-        self.status["pg_stat_statements"] = "starting" if dsn else "off"
-        self.status["wait_events"] = "starting" if dsn else "off"
+        self.status["auto_explain"] = "starting" if want_log and "auto_explain" in sources else "off"
+        self.status["pg_stat_statements"] = "starting" if dsn and "pg_stat_statements" in sources else "off"
+        self.status["wait_events"] = "starting" if dsn and "wait_events" in sources else "off"
         self.plans: deque = deque()
         self.plans_dropped = 0
         self.plan_min_duration_ms: float | None = None
