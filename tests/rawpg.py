@@ -10,6 +10,7 @@ that need no password (trust).
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 
 __all__ = ["PROTOCOL_3_0", "PROTOCOL_3_2", "RawConn", "error_fields", "send_cancel"]
@@ -17,6 +18,7 @@ __all__ = ["PROTOCOL_3_0", "PROTOCOL_3_2", "RawConn", "error_fields", "send_canc
 PROTOCOL_3_0 = 196608
 PROTOCOL_3_2 = 196610
 _CANCEL_REQUEST_CODE = 80877102
+_SSL_REQUEST = struct.pack("!II", 8, 80877103)
 
 
 def error_fields(body: bytes) -> dict[str, str]:
@@ -31,8 +33,17 @@ def error_fields(body: bytes) -> dict[str, str]:
 class RawConn:
     """One connection speaking the protocol by hand; messages are ``(type, body)`` pairs."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                 server_hostname: str = "localhost") -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            # SSLRequest, then the handshake (the server must answer "S").
+            self.sock.sendall(_SSL_REQUEST)
+            answer = self.sock.recv(1)
+            if answer != b"S":
+                self.sock.close()
+                raise ConnectionError(f"SSLRequest refused: {answer!r}")
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
         self._buf = b""
         self.backend_pid: int | None = None
         self.cancel_key: bytes | None = None

@@ -645,6 +645,44 @@ def test_slow_reader_backpressure(proxy):
         assert (b"SELECT %d\x00" % rows) in [body for t, body in msgs if t == "C"]
 
 
+def test_busy_server_backpressure(proxy, pg):
+    """A client pushing COPY data at a server that does not read must be paused, not buffered."""
+    rows, width = 40_000, 1000
+    with _connect(pg.dsn()) as direct:
+        direct.execute("drop table if exists clients_push")
+        direct.execute("create table clients_push (t text)")
+    locker = psycopg.connect(pg.dsn())
+    try:
+        # The COPY waits for this lock before it reads a byte of its input.
+        locker.execute("lock table clients_push in access exclusive mode")
+        with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
+            raw.startup()
+            sql = b"copy clients_push from stdin\x00"
+            line = b"z" * (width - 1) + b"\n"
+            data = b"d" + struct.pack("!I", len(line) + 4) + line
+            stream = b"Q" + struct.pack("!I", len(sql) + 4) + sql + data * rows + b"c\x00\x00\x00\x04"
+            pusher = threading.Thread(target=raw.send, args=(stream,))
+            pusher.start()
+            time.sleep(1.5)
+
+            async def buffered() -> int:
+                (conn,) = [c for c in proxy.server.connections if c.ready]
+                return conn.client.get_write_buffer_size() + conn.upstream.get_write_buffer_size()
+
+            held = proxy.call(buffered())
+            assert pusher.is_alive(), "the client could push 40 MB into a server that does not read"
+            assert held < 4 << 20, f"proxy buffered {held} bytes for a server that does not read"
+            locker.rollback()
+            pusher.join(30)
+            msgs = raw.read_until_ready()
+            assert [t for t, _ in msgs] == ["G", "C", "Z"]
+            assert msgs[1][1] == b"COPY %d\x00" % rows
+    finally:
+        locker.close()
+        with _connect(pg.dsn()) as direct:
+            direct.execute("drop table if exists clients_push")
+
+
 def test_backend_terminated(proxy, pg):
     with RawConn("127.0.0.1", proxy.port) as raw:
         raw.startup()
@@ -655,6 +693,19 @@ def test_backend_terminated(proxy, pg):
         # The server's own FATAL is all the client gets, then the connection closes.
         with pytest.raises(ConnectionError):
             raw.read_message()
+    # Terminated in the middle of a query: again only the server's FATAL, no error of the proxy's.
+    with RawConn("127.0.0.1", proxy.port) as raw:
+        raw.startup()
+        sql = b"select pg_sleep(10)\x00"
+        raw.send(b"Q" + struct.pack("!I", len(sql) + 4) + sql)
+        time.sleep(0.3)
+        with _connect(pg.dsn()) as direct:
+            direct.execute("select pg_terminate_backend(%s)", (raw.backend_pid,))
+        got = []
+        with pytest.raises(ConnectionError):
+            while True:
+                got.append(raw.read_message())
+        assert [(t, error_fields(b)["C"] if t == "E" else None) for t, b in got] == [("T", None), ("E", "57P01")]
     with _connect(proxy.dsn()) as conn:
         pid = conn.info.backend_pid
         with _connect(pg.dsn()) as direct:

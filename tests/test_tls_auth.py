@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
+import time
 
 import asyncpg
 import psycopg
@@ -230,6 +232,44 @@ def test_upstream_tls_against_plain_server(make_proxy, plain_pg):
     fields = error_fields(msgs[0][1])
     assert (msgs[0][0], fields["C"]) == ("E", "08001")
     assert upstream in fields["M"] and "does not accept TLS" in fields["M"]
+
+
+def test_large_data_over_both_tls_legs(make_proxy, pg, certs):
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_client_tls(certs))
+    query = "select g, md5(g::text) from generate_series(1, 100000) g"
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        expected = direct.execute(query).fetchall()
+    with _connect(proxy, sslmode="require") as conn:
+        assert conn.execute(query).fetchall() == expected
+        conn.execute("create temp table tls_copy (t text)")
+        payload = b"".join(b"line %d %s\n" % (i, b"y" * 100) for i in range(40_000))
+        with conn.cursor().copy("copy tls_copy from stdin") as copy:
+            copy.write(payload)
+        out = bytearray()
+        with conn.cursor().copy("copy tls_copy to stdout") as copy:
+            for chunk in copy:
+                out += chunk
+        assert bytes(out) == payload
+
+
+def test_slow_reader_backpressure_over_tls(make_proxy, certs):
+    proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
+    rows = 30_000
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    with RawConn("127.0.0.1", proxy.port, timeout=30, tls=ctx) as raw:
+        raw.startup()
+        sql = f"select repeat('x', 1000) from generate_series(1, {rows})".encode() + b"\x00"
+        raw.send(b"Q" + struct.pack("!I", len(sql) + 4) + sql)
+        time.sleep(1.5)  # about 30 MB are due and the client reads none of it
+
+        async def buffered() -> int:
+            (conn,) = [c for c in proxy.server.connections if c.ready]
+            return conn.client.get_write_buffer_size() + conn.upstream.get_write_buffer_size()
+
+        held = proxy.call(buffered())
+        assert held < 4 << 20, f"proxy buffered {held} bytes for a TLS client that does not read"
+        msgs = raw.read_until_ready()
+        assert sum(1 for t, _ in msgs if t == "D") == rows
 
 
 # --------------------------------------------------------------------------
