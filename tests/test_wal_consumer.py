@@ -321,3 +321,51 @@ def test_consumer_survives_hostile_messages(pg, otlp, cdc_table):
         assert stats["transactions_traced"] == 1 and stats["decode_errors"] == 0
     finally:
         running.stop()
+
+
+def test_cdc_command_streams_and_stops_on_sigterm(pg, cdc_table):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    table, pub, slot = cdc_table
+    env = dict(os.environ, PGOTEL_CDC_DSN=pg.dsn(user="repl_user", password="repl_pass", sslmode="disable"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgotel_proxy", "cdc", "--slot", slot, "--publication", pub, "--create-slot",
+         "--otlp-endpoint", "console"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            while not conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchall() == [(True,)]:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "slow"
+                time.sleep(0.1)
+        tp, sid = traceparent()
+        _write(pg, table, [1], tp)
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            # (the insert position: with synchronous_commit off the write position may lag behind the commit)
+            end = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+            while conn.execute("SELECT confirmed_flush_lsn < %s FROM pg_replication_slots WHERE slot_name = %s",
+                               (end, slot)).fetchone()[0]:
+                assert time.monotonic() < deadline, "slot position never advanced"
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
+    assert f"otelwal consume public.{table}" in out and "'transactions_traced': 1" in out
+
+
+def test_cdc_command_reports_a_bad_slot_in_one_line(pg):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "pgotel_proxy", "cdc", "--dsn", pg.dsn(user="repl_user", password="repl_pass", sslmode="disable"),
+         "--slot", "no_such_slot", "--publication", "p", "--otlp-endpoint", "console"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert res.returncode == 1
+    assert "no_such_slot" in res.stderr and "Traceback" not in res.stderr

@@ -124,6 +124,7 @@ class CdcConsumer:
         self._relations: dict[int, po.Relation] = {}
         self._tx: TransactionInfo | None = None
         self._last_status = 0.0
+        self._reported = 0
 
     # ------------------------------------------------------------ running
 
@@ -155,7 +156,11 @@ class CdcConsumer:
                     await asyncio.sleep(0.1)
             log.info("streaming slot %s (publications %s)", self.slot, pubs)
             self.started.set()
-            await self._stream(conn)
+            ticker = asyncio.ensure_future(self._ticker(conn))
+            try:
+                await self._stream(conn)
+            finally:
+                ticker.cancel()
         finally:
             self._conn = None
             await conn.close()
@@ -211,8 +216,20 @@ class CdcConsumer:
                 self._send_status(conn, reply=False)
             await conn.drain()
 
+    async def _ticker(self, conn: ReplicationConnection) -> None:
+        """Report progress while the stream is quiet, so the slot follows without waiting for traffic."""
+        while not self._stopping:
+            await asyncio.sleep(self.status_interval)
+            if self.flushed_lsn != self._reported and time.monotonic() - self._last_status >= self.status_interval:
+                try:
+                    self._send_status(conn, reply=False)
+                    await conn.drain()
+                except (ConnectionError, OSError):
+                    return
+
     def _send_status(self, conn: ReplicationConnection, reply: bool) -> None:
         self._last_status = time.monotonic()
+        self._reported = self.flushed_lsn
         flushed = self.flushed_lsn
         conn.send_copy(po.standby_status_update(max(self.received_lsn, flushed), flushed, flushed, reply))
 
