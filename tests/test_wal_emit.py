@@ -293,3 +293,20 @@ def test_session_splices_and_removes_the_emit_and_keeps_its_lsn():
     inj.statements(done)
     assert [r.sql for r in done] == [sql] and done[0].extra == {"wal_lsn": "0/16B3F50"}
     assert done[0].results[0].tag == "INSERT 0 1"
+
+
+def test_emitted_message_lsn_is_on_a_statement_span(pg, otlp, make_proxy, cdc_table):
+    table, _pub, _slot = cdc_table
+    proxy = make_proxy(wal_propagation=True)
+    tp, _sid = traceparent()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (11, 'lsn') /*traceparent='{tp}'*/")
+        with conn.transaction():
+            conn.execute(f"INSERT INTO {table} VALUES (%s, 'lsn block') /*traceparent='{tp}'*/", (12,))
+    proxy.flush()
+    spans = otlp.wait_for(lambda s: sum("pgotel.wal.message_lsn" in x.attributes for x in s) >= 2)
+    lsns = [x.attributes["pgotel.wal.message_lsn"] for x in spans if "pgotel.wal.message_lsn" in x.attributes]
+    for lsn in lsns:
+        hi, lo = lsn.split("/")
+        int(hi, 16), int(lo, 16)  # a pg_lsn
+    assert len(set(lsns)) == len(lsns)

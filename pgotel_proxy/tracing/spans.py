@@ -56,6 +56,7 @@ ATTR = {
     "command_tag": "db.postgresql.command_tag",
     "protocol": "db.postgresql.protocol",
     "copy": "db.postgresql.copy",
+    "wal_lsn": "pgotel.wal.message_lsn",
     "tx_status": "db.postgresql.transaction_status",
     "exact": "pgotel.timing.exact",
     "status": "pgotel.statement.status",
@@ -196,6 +197,8 @@ class SpanBuilder:
                 attrs[ATTR["reused"]] = True
             if rec.copy:
                 attrs[ATTR["copy"]] = rec.copy
+            if rec.extra and "wal_lsn" in rec.extra:
+                attrs[ATTR["wal_lsn"]] = rec.extra["wal_lsn"]
             if rec.status not in ("ok", "error"):
                 attrs[ATTR["status"]] = rec.status
             if self.capture_parameters and rec.params:
@@ -239,8 +242,10 @@ class SpanBuilder:
                 name = info.summary if info is not None else ("FUNCTION CALL" if rec.protocol == "function" else "postgresql")
                 attrs = self._attrs(conn, info, stmt_text, res.tag, res.rows, res.error, comment)
                 attrs[ATTR["protocol"]] = rec.protocol
-                if rec.copy and i == len(results) - 1:
+                if rec.copy and last:
                     attrs[ATTR["copy"]] = rec.copy
+                if last and rec.extra and "wal_lsn" in rec.extra:
+                    attrs[ATTR["wal_lsn"]] = rec.extra["wal_lsn"]
                 status = "error" if res.error else ("incomplete" if rec.status == "incomplete" and last else "ok")
                 if status == "incomplete":
                     attrs[ATTR["status"]] = status
