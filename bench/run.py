@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import glob
 import json
 import logging
@@ -170,10 +171,12 @@ def ensure_pgbouncer() -> str | None:
 class PgBouncer:
     """PgBouncer in session mode in front of one database, run unprivileged when we are root."""
 
-    def __init__(self, binary: str, pg: PgServer, workdir: Path, max_clients: int) -> None:
+    def __init__(self, binary: str, pg: PgServer, max_clients: int) -> None:
         self.binary = binary
         self.pg = pg
-        self.dir = workdir / "pgbouncer"
+        # Its own directory under the system temp dir: the unprivileged user
+        # must reach it, which a caller's (per-user, 0700) temp dir may not allow.
+        self.dir = Path(tempfile.mkdtemp(prefix="pgotel-bench-pgbouncer-", dir=tempfile.gettempdir()))
         self.max_clients = max_clients
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -213,12 +216,22 @@ class PgBouncer:
         self.proc = subprocess.Popen(
             [self.binary, str(self.dir / "pgbouncer.ini")], cwd="/",
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "wb"), **kw)
-        wait_port(self.port, proc=self.proc)
+        try:
+            wait_port(self.port, proc=self.proc)
+        except RuntimeError as exc:
+            detail = ""
+            for name in ("stderr.log", "pgbouncer.log"):
+                path = self.dir / name
+                if path.exists():
+                    detail += path.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"{exc}\n{detail}") from None
         return self
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
     def target(self) -> Target:
@@ -490,6 +503,8 @@ def run_bulk(targets: list[Target], data: dict[str, Any], repeat: int, logdir: P
         for t in targets:  # interleaved, like the pgbench cells
             samples.setdefault(("copy", t.name), []).append(copy_out(t))
             samples.setdefault(("select", t.name), []).append(select_all(t, select_script, logdir))
+            log.info("bulk %-12s copy %.2fs select %.2fs", t.name, samples[("copy", t.name)][-1]["wall_s"],
+                     samples[("select", t.name)][-1]["wall_s"])
     rows = []
     for (kind, name), runs in samples.items():
         best = min(runs, key=lambda r: r["wall_s"])
@@ -538,14 +553,28 @@ async def _hold_connections(port: int, n: int, pid: int, settle: float) -> dict[
             "kib_per_connection": (held - base) / n}
 
 
-def idle_rss(targets: list[Target], n: int, settle: float = 1.0) -> list[dict[str, Any]]:
+def idle_rss(starters: dict[str, Any], n: int, settle: float = 1.0) -> list[dict[str, Any]]:
+    """RSS per idle connection, each target a FRESH process from ``starters[name]()``.
+
+    A process that already served the pgbench cells has freed heap to hand
+    out again, which would hide what a connection costs; and PgBouncer keeps
+    its server connections pooled after its clients leave, which would use
+    up max_connections for the next target.
+    """
     rows = []
-    for t in targets:
-        if t.pid is None:
-            continue
-        row = asyncio.run(_hold_connections(t.port, n, t.pid, settle))
+    for name, start in starters.items():
+        middle = start()
+        t = middle.target
+        try:
+            row = asyncio.run(_hold_connections(t.port, n, t.pid, settle))
+        except Exception as exc:  # one failed target must not lose the whole run's results
+            log.error("idle connections through %s failed: %r", t.name, exc)
+            row = {"connections": n, "error": repr(exc)}
+        finally:
+            middle.stop()
         row["target"] = t.name
         rows.append(row)
+        log.info("idle %s: %s", t.name, row)
         time.sleep(settle)  # let the backends of the closed connections exit
     return rows
 
@@ -605,6 +634,9 @@ def format_tables(results: dict[str, Any]) -> str:
     if results.get("idle"):
         lines += ["", f"{'idle':<7} {'target':<12}{'conns':>6}{'base MiB':>10}{'held MiB':>10}{'KiB/conn':>10}"]
         for r in results["idle"]:
+            if "error" in r:
+                lines.append(f"{'':<7} {r['target']:<12} failed: {r['error']}")
+                continue
             lines.append(f"{'':<7} {r['target']:<12}{r['connections']:>6}{r['rss_base_kib'] / 1024:>10.1f}"
                          f"{r['rss_held_kib'] / 1024:>10.1f}{r['kib_per_connection']:>10.1f}")
     return "\n".join(lines)
@@ -625,6 +657,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
         "python": platform.python_version(), "pgbouncer": pgb_version,
+        # Other work on the machine during the run shows here.
+        "loadavg_at_end": os.getloadavg(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
 
@@ -644,6 +678,7 @@ class Options:
     select_rows: int = 5_000_000
     bulk_repeat: int = 2
     idle_conns: int = 1000
+    idle_settle: float = 1.0
     warmup: float = 2.0
     workdir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -655,6 +690,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="pgotel-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
+    load_at_start = os.getloadavg()
     data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows)
     script = write_select_script(workdir / "select_traced.sql", data["accounts"])
     sink: OtlpSink | None = None
@@ -670,7 +706,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                 if binary is None:
                     log.warning("pgbouncer not available: skipping it")
                     continue
-                bouncer = PgBouncer(binary, pg, workdir, max(64, opts.idle_conns)).start()
+                bouncer = PgBouncer(binary, pg, max(64, opts.idle_conns)).start()
                 targets.append(bouncer.target)
             elif name in PROXY_FLAGS:
                 if sink is None and "--tracing" in PROXY_FLAGS[name]:
@@ -681,7 +717,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
             else:
                 raise ValueError(f"unknown target {name!r}")
         # Warm every path once (connection set-up, imports, caches) outside the measurements.
-        for t in targets:
+        for t in targets if opts.warmup > 0 else ():
             run_pgbench(t, script=script, mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
         cells = []
         for mode in opts.modes:
@@ -697,8 +733,19 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                              _f(row.get("cpu_us_per_tx"), ".1f"))
         add_ratios(cells)
         bulk = run_bulk(targets, data, opts.bulk_repeat, workdir) if opts.bulk_mb else []
-        idle = idle_rss([t for t in targets if t.name in ("pgbouncer", "proxy-off", "proxy-on")],
-                        opts.idle_conns) if opts.idle_conns else []
+        for p in proxies:
+            p.stop()
+        if bouncer is not None:
+            bouncer.stop()
+        starters: dict[str, Any] = {}
+        for name in ("proxy-off", "proxy-on"):
+            if name in opts.targets:
+                starters[name] = functools.partial(
+                    lambda name: ProxyProcess(name, pg, workdir, sink.endpoint if sink else None,
+                                              PROXY_FLAGS[name]).start(), name)
+        if bouncer is not None:
+            starters["pgbouncer"] = lambda: PgBouncer(bouncer.binary, pg, opts.idle_conns).start()
+        idle = idle_rss(starters, opts.idle_conns, opts.idle_settle) if opts.idle_conns else []
     finally:
         for p in proxies:
             p.stop()
@@ -710,7 +757,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     return {
         "started": started.isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**machine(), "loadavg_at_start": load_at_start},
         "postgres_major": pg.major,
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()
                     if k not in ("workdir", "extra")},

@@ -1,0 +1,98 @@
+"""Smoke test of ``bench/run.py``: every piece of the benchmark runs, with minimal durations.
+
+Not a timed test: it checks that pgbench cells, CPU accounting, the proxy's
+span counters, bulk relay and the idle-connection measurement all produce
+sane numbers against the session's PostgreSQL, so the benchmark does not rot
+between the occasions someone runs it in full.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("pgotel_bench_run", _BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_latency_stats_from_pgbench_logs(bench, tmp_path):
+    prefix = tmp_path / "pgb"
+    # pgbench --log lines: client_id transaction_no time_us script_no epoch epoch_us
+    (tmp_path / "pgb.100").write_text("".join(f"0 {i} {i * 10} 0 1700000000 0\n" for i in range(1, 101)))
+    (tmp_path / "pgb.100.1").write_text("1 1 5000 0 1700000000 0\n")
+    stats = bench.latency_stats(prefix)
+    assert stats["logged"] == 101
+    assert stats["p50_ms"] == pytest.approx(0.51)
+    assert stats["p99_ms"] == pytest.approx(1.0)
+    assert stats["mean_ms"] == pytest.approx((sum(i * 10 for i in range(1, 101)) + 5000) / 101 / 1000)
+    assert not list(tmp_path.glob("pgb.*")), "log files are removed once read"
+
+
+def test_cpu_and_rss_of_this_process(bench):
+    before = bench.cpu_seconds(os.getpid())
+    sum(i * i for i in range(300_000))
+    assert bench.cpu_seconds(os.getpid()) >= before
+    assert bench.rss_kib(os.getpid()) > 1000
+
+
+@pytest.mark.skipif(not shutil.which("pgbench"), reason="pgbench not installed")
+@pytest.mark.skipif(not (shutil.which("pgbouncer") or os.access("/usr/sbin/pgbouncer", os.X_OK)),
+                    reason="pgbouncer not installed")
+def test_whole_bench_runs_tiny(bench, pg, tmp_path):
+    opts = bench.Options(
+        duration=1, modes=("extended",), clients=(2,),
+        targets=("direct", "pgbouncer", "proxy-on"),
+        scale=1, bulk_mb=2, select_rows=2000, bulk_repeat=1, idle_conns=10, idle_settle=0.1, warmup=0,
+        workdir=tmp_path,
+    )
+    results = bench.run_bench(pg, opts)
+    json.dumps(results)  # the results document must serialise as written
+
+    cells = {c["target"]: c for c in results["pgbench"]}
+    assert set(cells) == {"direct", "pgbouncer", "proxy-on"}
+    for name, cell in cells.items():
+        assert cell["transactions"] > 0 and cell["tps"] > 0, cell
+        assert cell["failed"] == 0
+        assert cell["logged"] == cell["transactions"], "every transaction's latency was logged"
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"]
+        assert cell["tps_x_direct"] > 0
+    assert cells["direct"]["cpu_us_per_tx"] is None
+    for name in ("pgbouncer", "proxy-on"):
+        assert cells[name]["cpu_us_per_tx"] > 0, name
+    assert cells["pgbouncer"]["cpu_x_pgbouncer"] == pytest.approx(1.0)
+
+    # The traced proxy saw every statement and the separate receiver decoded every span it exported.
+    on = cells["proxy-on"]
+    assert on["statements"] >= on["transactions"]
+    assert on["spans_exported"] >= 3 * on["transactions"]
+    assert on["spans_dropped"] == 0
+    assert on["spans_received"] == on["spans_exported"]
+
+    bulk = {(r["test"], r["target"]): r for r in results["bulk"]}
+    assert len(bulk) == 6
+    copy_bytes = bulk[("copy", "direct")]["bytes"]
+    assert copy_bytes > 1_000_000
+    assert all(r["bytes"] == copy_bytes for (kind, _), r in bulk.items() if kind == "copy")
+    assert all(r["mb_per_s"] > 0 for r in bulk.values())
+
+    idle = {r["target"]: r for r in results["idle"]}
+    assert set(idle) == {"pgbouncer", "proxy-on"}
+    assert all(r["connections"] == 10 and r["rss_held_kib"] > 0 for r in idle.values())
+
+    table = bench.format_tables(results)
+    for name in cells:
+        assert name in table
