@@ -98,11 +98,16 @@ class RawConn:
             elif typ == "E" and self.backend_pid is None:
                 return got
 
-    def startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
-                **extra: str) -> list[tuple[str, bytes]]:
+    def send_startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
+                     **extra: str) -> None:
         params = {"user": user, "database": database, **extra}
         body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
         self.send(struct.pack("!II", len(body) + 8, code) + body)
+
+    def startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
+                **extra: str) -> list[tuple[str, bytes]]:
+        """StartupMessage, then everything up to ReadyForQuery (roles without a password only)."""
+        self.send_startup(user, database, code, **extra)
         return self.read_until_ready()
 
     def query(self, sql: str) -> list[tuple[str, bytes]]:

@@ -158,15 +158,55 @@ def test_direct_tls_requires_alpn(make_proxy, certs):
     ctx = ssl.create_default_context(cafile=certs["ca"])  # no ALPN offered
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            data = b""
-            while True:
-                chunk = tls.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = _read_all(tls)
     assert data[:1] == b"E"
     fields = error_fields(data[5:])
     assert fields["C"] == "08P01" and "ALPN" in fields["M"]
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_gssenc_request_refused_then_startup(make_proxy, certs):
+    proxy = make_proxy(**_client_tls(certs))
+    with RawConn("127.0.0.1", proxy.port) as raw:
+        raw.send(struct.pack("!II", 8, 80877104))  # GSSENCRequest
+        assert raw.sock.recv(1) == b"N"
+        assert raw.startup()[-1][0] == "Z"
+        assert [t for t, _ in raw.query("select 1")] == ["T", "D", "C", "Z"]
+
+
+def test_plaintext_after_ssl_request_refused(make_proxy, certs):
+    """Bytes pipelined after SSLRequest would be trusted as if they came over TLS: refuse them."""
+    proxy = make_proxy(**_client_tls(certs))
+    body = b"user\x00postgres\x00database\x00postgres\x00\x00"
+    startup = struct.pack("!II", len(body) + 8, 196608) + body
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(struct.pack("!II", 8, 80877103) + startup)
+        data = _read_all(sock)
+    assert data[:1] == b"E"
+    fields = error_fields(data[5:])
+    assert fields["C"] == "08P01" and "unencrypted data after SSL request" in fields["M"]
+
+
+@pytest.mark.parametrize("packet,sqlstate", [
+    (struct.pack("!II", 4, 196608), "08P01"),  # length below the minimum
+    (struct.pack("!II", 1 << 20, 196608), "08P01"),  # longer than max_startup_packet
+    (struct.pack("!II", 8, 131072), "0A000"),  # protocol 2.0
+])
+def test_bad_startup_packets(make_proxy, packet, sqlstate):
+    proxy = make_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(packet)
+        data = _read_all(sock)
+    assert data[:1] == b"E"
+    assert error_fields(data[5:])["C"] == sqlstate
 
 
 # --------------------------------------------------------------------------
@@ -288,7 +328,7 @@ def test_auth_passthrough(make_proxy, certs, client_tls, upstream_tls):
         if user == "scram_user" and client_tls and upstream_tls != "disable":
             # See "Channel binding limits" above: the server takes the client's
             # GS2 flag "y" for a downgrade attack.
-            with pytest.raises(psycopg.OperationalError, match="channel binding"):
+            with pytest.raises(psycopg.OperationalError, match="SCRAM channel binding negotiation error"):
                 _connect(proxy, user, sslmode=sslmode)
             params = {"channel_binding": "disable"}
         else:
@@ -306,13 +346,24 @@ def test_channel_binding_require_fails(make_proxy, certs, client_tls):
         _connect(proxy, "scram_user", sslmode="require" if client_tls else "disable", channel_binding="require")
 
 
-def test_scram_plus_offered_directly_but_not_through_proxy(make_proxy, pg):
-    """The server offers SCRAM-SHA-256-PLUS over TLS; the proxy hides it (and binding works directly)."""
+def _sasl_mechanisms(raw: RawConn) -> list[str]:
+    raw.send_startup(user="scram_user")
+    typ, body = raw.read_message()
+    assert typ == "R" and struct.unpack_from("!I", body)[0] == 10, (typ, body)
+    return [m.decode() for m in body[4:].split(b"\x00") if m]
+
+
+def test_scram_plus_removed_from_the_offer(make_proxy, pg, certs):
+    """Over TLS the server offers SCRAM-SHA-256-PLUS; through the proxy the client never sees it."""
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    with RawConn(pg.host, pg.port, tls=ctx) as raw:
+        assert _sasl_mechanisms(raw) == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
+    with RawConn("127.0.0.1", proxy.port, tls=ctx) as raw:
+        assert _sasl_mechanisms(raw) == ["SCRAM-SHA-256"]
+    # And channel binding really works when there is no proxy in between.
     with psycopg.connect(pg.dsn("scram_user", sslmode="require", channel_binding="require"), connect_timeout=10) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
-    proxy = make_proxy(upstream_tls="require")
-    with _connect(proxy, "scram_user") as conn:
-        assert conn.execute("select current_user").fetchone() == ("scram_user",)
 
 
 async def test_asyncpg_scram_over_both_tls_legs(make_proxy, certs):
