@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.run_pgbench(target, script=script, mode=args.mode, clients=2, duration=2, logdir=workdir)
             raw_path = out_dir / f"pyspy-{args.config}-{args.mode}-{args.clients}.txt"
             spy_cmd = [pyspy, "record", "--pid", str(target.pid), "--format", "raw", "--threads",
-                       "--nonblocking", "--rate", str(args.rate), "-o", str(raw_path),
+                       "--rate", str(args.rate), "-o", str(raw_path),
                        "--duration", str(int(args.duration + 30))]
-            if args.native:
-                spy_cmd.append("--native")
+            # Native unwinding must stop the process for each sample; Python-only need not.
+            spy_cmd.append("--native" if args.native else "--nonblocking")
             spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)  # py-spy attaches
             row = bench.run_pgbench(target, script=script, mode=args.mode, clients=args.clients,
