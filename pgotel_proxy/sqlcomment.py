@@ -83,6 +83,9 @@ _COMMENT_TOKEN = re.compile(r"/\*|\*/")
 # back-reference and nested comments need counting, so the pattern stops in
 # front of those and the caller walks them.  String bodies run to the end of
 # input when unterminated, as PostgreSQL's would, hiding anything after them.
+# A run of $ right after a word character continues an identifier (a$$b) and
+# is eaten whole, so a $ that follows a $ is never taken for one: after a
+# closing $$ the next $ opens a new dollar quote ($$$$$q$ x $q$).
 _TRIVIA = r"""
     (?:
         [ \t\n\r\f\v;]++
@@ -100,11 +103,11 @@ _LEX = re.compile(
           | (?<=[eE])(?<![\w$][eE])'(?:[^'\\]++|\\.?|'')*+(?:'|\Z)
           | '[^']*+(?:''[^']*+)*+(?:'|\Z)
           | "[^"]*+(?:""[^"]*+)*+(?:"|\Z)
-          | (?<![\w$])\$\$(?:.*?\$\$|.*\Z)
+          | (?<!\w)\$\$(?:.*?\$\$|.*\Z)
           | --[^\r\n]*+
           | /(?!\*)
           | -
-          | (?<=[\w$])\$
+          | (?<=\w)\$++
           | \$(?![^\W\d]\w*\$)
         )
     )*+

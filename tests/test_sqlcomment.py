@@ -566,3 +566,17 @@ def test_opentelemetry_dbapi_commenter_with_unquoted_number():
 
 def test_comment_without_any_quoted_pair_stays_ordinary():
     assert parse("select 1 /* a=b */") is None
+
+
+def test_adjacent_dollar_quoted_strings():
+    # Found by the lexer property test: an empty $$ string followed by another.
+    got = parse("$$$$$$/*k0='v'*/$$/*k1='v'*/")
+    assert got is not None and got.tags == {"k1": "v"}
+
+
+def test_dollar_quote_right_after_a_closing_one():
+    got = parse("$$$$$q$/*k0='v'*/$q$/*k1='v'*/")
+    assert got is not None and got.tags == {"k1": "v"}
+    # ... while $ after a word character continues an identifier
+    got = parse("select a$$b /*k='v'*/")
+    assert got is not None and got.tags == {"k": "v"}
