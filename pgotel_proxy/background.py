@@ -30,14 +30,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class BackgroundProxy:
     """A proxy started from config overrides (validated by the real config model).
 
-    ``exporter`` replaces the configured span exporter (e.g. an in-memory one).
+    ``span_exporter`` replaces the configured span exporter (e.g. an in-memory
+    one); ``overrides`` are config fields (``exporter="console"`` is the config's).
     """
 
-    def __init__(self, exporter: Any = None, env: dict | None = None, **overrides: Any) -> None:
+    def __init__(self, span_exporter: Any = None, env: dict | None = None, **overrides: Any) -> None:
         settings: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
         settings.update(overrides)
         self.config = load_config(None, env=env if env is not None else {}, overrides=settings)
-        self.exporter = exporter
+        self.span_exporter = span_exporter
         self.loop = _new_loop()
         self.server: ProxyServer | None = None
         self.tracer = None
@@ -50,7 +51,7 @@ class BackgroundProxy:
         return self
 
     async def _start(self) -> None:
-        self.tracer = build_tracer(self.config, exporter=self.exporter)
+        self.tracer = build_tracer(self.config, exporter=self.span_exporter)
         self.server = ProxyServer(self.config, self.tracer)
         from .enrich import attach as attach_enrichment
 

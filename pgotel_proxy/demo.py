@@ -91,7 +91,7 @@ def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
             exporter = None
         else:
             exporter = proxy_mem
-        with BackgroundProxy(exporter=exporter, **overrides) as proxy:
+        with BackgroundProxy(span_exporter=exporter, **overrides) as proxy:
             click.echo(f"pgotel-proxy listening on 127.0.0.1:{proxy.port} in front of PostgreSQL {pg.major} on port {pg.port}", err=True)
             provider = TracerProvider(resource=Resource.create({"service.name": "demo-app"}))
             if otlp_endpoint:

@@ -90,8 +90,7 @@ def test_service_name_option_beats_env(make_proxy, otlp, app, monkeypatch):
 
 
 def test_console_exporter_prints_a_tree(make_proxy, otlp, app, capsys):
-    # Through the config model (the runner's own ``exporter`` argument takes an exporter object).
-    proxy = make_proxy(env={"PGOTEL_EXPORTER": "console"})
+    proxy = make_proxy(exporter="console")
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         with app.span() as ctx:
             conn.execute(comment("SELECT %s::int", ctx), (7,))
