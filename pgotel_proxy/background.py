@@ -18,6 +18,13 @@ from .tracing import build_tracer
 __all__ = ["BackgroundProxy"]
 
 
+def _conninfo_value(value: str) -> str:
+    """Quote a libpq keyword/value connection string value when it needs it."""
+    if value and not any(c in value for c in " '\\\t\n"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -75,7 +82,7 @@ class BackgroundProxy:
         """A libpq connection string pointing at the proxy (sslmode=disable unless given)."""
         parts = {"host": "127.0.0.1", "port": str(self.port), "user": user, "dbname": dbname, "sslmode": "disable"}
         parts.update({k: str(v) for k, v in params.items()})
-        return " ".join(f"{k}={v}" for k, v in parts.items())
+        return " ".join(f"{k}={_conninfo_value(v)}" for k, v in parts.items())
 
     def call(self, coro, timeout: float = 30):
         """Run a coroutine on the proxy's loop and wait for its result."""
