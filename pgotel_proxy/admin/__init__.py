@@ -6,6 +6,10 @@ Endpoints (aiohttp; binds 127.0.0.1 by default):
 * ``GET /readyz``   — 200 when the upstream accepts a TCP connection, else 503.
 * ``GET /metrics``  — Prometheus text format, from the counters in ``pgotel_proxy.stats``.
 * ``GET /status``   — JSON: version, tracing on/off, sample ratio, queue size, dropped spans.
+
+With ``workers > 1`` (``proxy/workers.py``) worker 0 serves this endpoint:
+metrics and status are summed over all workers (``/status`` lists each one),
+and ``POST /tracing`` reaches every worker through the shared control block.
 * ``POST /tracing`` — JSON ``{"enabled": bool, "sample_rate": float}`` (either key) changes
   tracing at runtime. When ``admin_token`` is set, state-changing requests need
   ``Authorization: Bearer <token>``; without a token configured they are only
@@ -37,13 +41,18 @@ log = logging.getLogger("pgotel_proxy.admin")
 class _StatsCollector:
     """Exposes STATS on scrape (the relay path never touches prometheus_client)."""
 
-    def __init__(self, tracer) -> None:
+    def __init__(self, tracer, proxy=None) -> None:
         self.tracer = tracer
+        self.proxy = proxy
 
     def collect(self):
-        snap = STATS.snapshot()
-        if self.tracer is not None:
-            snap["span_queue_size"] = self.tracer.queue_size_now()
+        link = getattr(self.proxy, "worker_link", None)
+        if link is not None:
+            snap = link.totals()
+        else:
+            snap = STATS.snapshot()
+            if self.tracer is not None:
+                snap["span_queue_size"] = self.tracer.queue_size_now()
         for name, (kind, help_text) in METRICS.items():
             full = f"pgotel_{name}"
             if kind == "counter":
@@ -60,7 +69,7 @@ class AdminServer:
         self.proxy = proxy
         self.tracer = tracer
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_StatsCollector(tracer))
+        self.registry.register(_StatsCollector(tracer, proxy))
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         token = getattr(config, "admin_token", None)
@@ -110,6 +119,7 @@ class AdminServer:
 
     def status_dict(self) -> dict:
         t = self.tracer
+        link = getattr(self.proxy, "worker_link", None)
         d = {
             "version": __version__,
             "tracing": bool(t is not None and t.enabled),
@@ -119,6 +129,10 @@ class AdminServer:
             "connections_active": STATS.connections_active,
             "upstream": self.proxy.upstream_label,
         }
+        if link is not None:
+            totals = link.totals()
+            d.update(queue_size=totals["span_queue_size"], spans_dropped=totals["spans_dropped"],
+                     connections_active=totals["connections_active"], workers=link.workers_status())
         sources = getattr(self.proxy, "source_status", None)
         if sources:
             d["sources"] = sources
@@ -152,6 +166,9 @@ class AdminServer:
             self.tracer.set_sample_rate(rate)
         if enabled is not None:
             self.tracer.set_enabled(enabled)
+        link = getattr(self.proxy, "worker_link", None)
+        if link is not None:
+            link.publish_control(self.tracer.enabled, self.tracer.sample_rate)
         return web.json_response(self.status_dict())
 
 

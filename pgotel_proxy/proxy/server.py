@@ -54,6 +54,7 @@ class ProxyServer:
         self._accept_tasks: list[asyncio.Task] = []
         self._tasks: set[asyncio.Task] = set()
         self._reserve_fd: int | None = None
+        self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
         up = config.upstream
         if up.startswith("/"):
             self.upstream_path: str | None = up
@@ -205,13 +206,24 @@ class ProxyServer:
     # -------------------------------------------------------------- cancel
 
     async def forward_cancel(self, packet) -> None:
-        """Send a client's CancelRequest to the backend it names, if this proxy issued that key."""
+        """Send a client's CancelRequest to the backend it names, if this proxy issued that key.
+
+        With several workers, a key this one did not issue may belong to a
+        sibling's session: the worker link offers it to them. An unknown key is
+        dropped (and counted) here, by the worker the client reached.
+        """
         key = (packet.cancel_pid, packet.cancel_key)
         if key not in self.cancel_keys:
+            link = self.worker_link
+            if link is not None and await link.route_cancel(packet.raw):
+                return
             STATS.cancel_dropped += 1
             log.info("cancel request for unknown backend key (pid %s) dropped", packet.cancel_pid)
             return
-        loop = asyncio.get_running_loop()
+        await self.send_cancel(packet.raw)
+
+    async def send_cancel(self, raw: bytes) -> None:
+        """Forward a CancelRequest for one of this process's sessions to the upstream server."""
         try:
             if self.upstream_path:
                 reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.upstream_path), self.config.connect_timeout)
@@ -219,7 +231,7 @@ class ProxyServer:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(self.upstream_host, self.upstream_port), self.config.connect_timeout
                 )
-            writer.write(packet.raw)
+            writer.write(raw)
             await writer.drain()
             # The server closes without answering once it has processed the request.
             await asyncio.wait_for(reader.read(), self.config.connect_timeout)
@@ -228,7 +240,6 @@ class ProxyServer:
         except (OSError, asyncio.TimeoutError) as exc:
             STATS.upstream_errors += 1
             log.warning("could not forward cancel request to %s: %s", self.upstream_label, exc)
-        del loop
 
     # ------------------------------------------------------------ shutdown
 
@@ -284,12 +295,14 @@ def _str(v) -> str | None:
     return None if v is None else str(v)
 
 
-async def serve(config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None) -> int:
+async def serve(
+    config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None, worker: Any = None
+) -> int:
     """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code.
 
     SIGHUP calls ``reload`` for a fresh config and applies what can change
     without a restart: certificates (new sessions only), tracing on/off and the
-    sample ratio.
+    sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
     """
     from ..tracing import build_tracer
 
@@ -301,6 +314,8 @@ async def serve(config: Any, ready: asyncio.Future | None = None, reload: Callab
     attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
     admin = None
     await server.start()
+    if worker is not None:
+        await worker.attach(server, tracer)  # before the admin: it reads totals through server.worker_link
     if getattr(config, "admin_listen", None):
         from ..admin import AdminServer
 
@@ -336,14 +351,20 @@ async def serve(config: Any, ready: asyncio.Future | None = None, reload: Callab
         await admin.stop()
     if tracer is not None:
         await loop.run_in_executor(None, tracer.shutdown)
+    if worker is not None:
+        await worker.close()  # last: the final counters include the spans exported at shutdown
     log.info("stopped")
     return 0
 
 
-def run(config: Any, reload: Callable[[], Any] | None = None) -> int:
-    """Blocking entry point for the CLI: uvloop when available."""
+def run(config: Any, reload: Callable[[], Any] | None = None, worker: Any = None) -> int:
+    """Blocking entry point for the CLI: uvloop when available; ``workers > 1`` forks workers first."""
+    if worker is None and getattr(config, "workers", 1) > 1:
+        from .workers import run_workers
+
+        return run_workers(config, reload)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.run(serve(config, reload=reload))
-    return uvloop.run(serve(config, reload=reload))
+        return asyncio.run(serve(config, reload=reload, worker=worker))
+    return uvloop.run(serve(config, reload=reload, worker=worker))
