@@ -35,7 +35,7 @@ from opentelemetry.semconv.attributes.db_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.network_attributes import NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
 from .. import __version__, sqlcomment
@@ -57,6 +57,8 @@ ATTR = {
     "protocol": "db.postgresql.protocol",
     "copy": "db.postgresql.copy",
     "wal_lsn": "pgotel.wal.message_lsn",
+    "tx_statements": "db.postgresql.transaction.statements",
+    "tx_outcome": "db.postgresql.transaction.outcome",
     "tx_status": "db.postgresql.transaction_status",
     "exact": "pgotel.timing.exact",
     "status": "pgotel.statement.status",
@@ -84,7 +86,7 @@ def _new_id(bits: int) -> int:
 class ConnState:
     """What the builder remembers per connection: the session carrier (``SET pgotel.traceparent``)."""
 
-    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs")
+    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
         self.info = info
@@ -92,6 +94,10 @@ class ConnState:
         self.carrier_local = False
         self.saved: tuple | None = None  # carrier before the first SET inside the open transaction
         self.base_attrs = base_attrs
+        # transaction_spans: records of the open transaction, built when it ends
+        self.tx_records: list | None = None
+        # ... and while they are built, the transaction span statements without context join
+        self.tx_parent: tuple | None = None
 
     def observe_set(self, sql: str, rec_ok: bool, tx_status: str) -> None:
         """Apply a successful ``SET [LOCAL] pgotel.traceparent`` / ``RESET``; Postgres' transaction rules apply."""
@@ -138,18 +144,121 @@ class ConnState:
 class SpanBuilder:
     """Builds spans for finished statement records (runs on the builder thread)."""
 
-    def __init__(self, *, resource, sample_rate: float, capture_parameters: bool, capture_literals: bool) -> None:
+    def __init__(
+        self,
+        *,
+        resource,
+        sample_rate: float,
+        capture_parameters: bool,
+        capture_literals: bool,
+        transaction_spans: bool = False,
+        max_transaction_statements: int = 1000,
+    ) -> None:
         self.resource = resource
         self.sample_rate = sample_rate
         self.capture_parameters = capture_parameters
         self.capture_literals = capture_literals
+        self.transaction_spans = transaction_spans
+        self.max_transaction_statements = max_transaction_statements
 
-    def build(self, conn: ConnState, rec: Statement, out: list) -> None:
+    def build(self, conn: ConnState, rec: Statement, out: list) -> list[tuple[Statement, int, int]]:
+        """Append the spans of ``rec`` (or of the transaction it ends) to ``out``.
+
+        Returns which record each appended run of spans belongs to, as
+        (record, start, end) indexes into ``out``, for the enricher.
+        """
         STATS.statements += 1
+        if self.transaction_spans and (conn.tx_records is not None or rec.tx_status in ("T", "E")):
+            # Inside a transaction block: held until it ends, so that the transaction
+            # span knows its context, its end and its outcome.
+            if conn.tx_records is None:
+                conn.tx_records = []
+            conn.tx_records.append(rec)
+            if rec.tx_status == "I" or len(conn.tx_records) >= self.max_transaction_statements:
+                return self._transaction(conn, out)
+            return []
+        start = len(out)
+        self._one(conn, rec, out)
+        return [(rec, start, len(out))]
+
+    def flush_connection(self, conn: ConnState, out: list) -> list[tuple[Statement, int, int]]:
+        """The connection ended: build what a still-open transaction held."""
+        if conn.tx_records:
+            return self._transaction(conn, out)
+        return []
+
+    def _one(self, conn: ConnState, rec: Statement, out: list) -> None:
         if rec.protocol == "extended":
             self._extended(conn, rec, out)
         else:
             self._simple(conn, rec, out)
+
+    def _each(self, conn: ConnState, records: list, out: list) -> list[tuple[Statement, int, int]]:
+        groups = []
+        for rec in records:
+            start = len(out)
+            self._one(conn, rec, out)
+            groups.append((rec, start, len(out)))
+        return groups
+
+    def _transaction(self, conn: ConnState, out: list) -> None:
+        """One span for a BEGIN … COMMIT/ROLLBACK block; statements without a context of their own join it.
+
+        Its parent is the first context carried by a statement of the block (a
+        sqlcommenter comment, else the session carrier at its start); without
+        any, it is a root under the sample rate. Statements that carry their own
+        context keep their parent (the application's CLIENT span) and get a link
+        to the transaction span.
+        """
+        records = conn.tx_records or []
+        conn.tx_records = None
+        ctx = None
+        for rec in records:
+            raw = rec.sql or ""
+            if raw and not (rec.protocol == "extended" and rec.reused) and "/*" in raw:
+                c = sqlcomment.parse(raw)
+                if c is not None and c.context is not None:
+                    ctx = c.context
+                    break
+        if ctx is None:
+            ctx = conn.carrier
+        if ctx is not None and not ctx.sampled:
+            return self._each(conn, records, out)
+        if ctx is not None:
+            trace_id, parent_id, flags, tracestate = ctx.trace_id, ctx.span_id, ctx.flags, ctx.tracestate
+        else:
+            rate = self.sample_rate
+            if rate <= 0.0 or (rate < 1.0 and _rand.random() >= rate):
+                return self._each(conn, records, out)
+            trace_id, parent_id, flags, tracestate = _new_id(128), None, 1, None
+        tx_ctx = _span_context(trace_id, _new_id(64), flags, tracestate)
+        conn.tx_parent = (trace_id, tx_ctx.span_id, flags, tracestate)
+        first = len(out)
+        try:
+            groups = self._each(conn, records, out)
+        finally:
+            conn.tx_parent = None
+        link = Link(tx_ctx)
+        for i in range(first, len(out)):
+            span = out[i]
+            if span.kind is SpanKind.SERVER and span.parent is not None and span.parent.span_id != tx_ctx.span_id:
+                out[i] = _with_link(span, link)
+        start = min(r.start_ns for r in records if r.start_ns) if any(r.start_ns for r in records) else 0
+        end = max(r.end_ns for r in records)
+        last = records[-1]
+        tag = _last_tag(last)
+        attrs = dict(conn.base_attrs)
+        attrs[ATTR["tx_statements"]] = len(records)
+        if tag:
+            attrs[ATTR["tx_outcome"]] = tag.split(" ", 1)[0]
+        failed = any(r.tx_status == "E" for r in records)
+        open_ = last.tx_status != "I"
+        if open_:
+            attrs[ATTR["status"]] = "open"  # connection ended, or too many statements to hold
+        parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
+        status = Status(StatusCode.ERROR, "the transaction failed and was rolled back") if failed else _OK
+        out.append(_span("transaction", tx_ctx, parent, SpanKind.INTERNAL, start, max(start, end), attrs, self.resource, status))
+        return groups
 
     # ------------------------------------------------------------- context
 
@@ -158,6 +267,8 @@ class SpanBuilder:
         ctx = comment.context if comment is not None else None
         if ctx is None:
             ctx = conn.carrier
+        if ctx is None and conn.tx_parent is not None:
+            return conn.tx_parent
         if ctx is not None:
             if not ctx.sampled:
                 return None
@@ -358,16 +469,31 @@ def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | Non
     return SpanContext(trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags & 0xFF), trace_state=ts)
 
 
-def _span(name, ctx, parent, kind, start, end, attrs, resource, status) -> ReadableSpan:
+def _span(name, ctx, parent, kind, start, end, attrs, resource, status, links=()) -> ReadableSpan:
     return ReadableSpan(
         name=name,
         context=ctx,
         parent=parent,
         resource=resource,
         attributes=attrs,
+        links=links,
         kind=kind,
         status=status,
         start_time=start,
         end_time=end,
         instrumentation_scope=SCOPE,
     )
+
+
+def _with_link(span: ReadableSpan, link: Link) -> ReadableSpan:
+    return _span(
+        span.name, span.context, span.parent, span.kind, span.start_time, span.end_time,
+        dict(span.attributes or {}), span.resource, span.status, links=(*span.links, link),
+    )
+
+
+def _last_tag(rec: Statement) -> str | None:
+    if rec.protocol == "extended":
+        return rec.tag
+    results = rec.results or []
+    return results[-1].tag if results else None

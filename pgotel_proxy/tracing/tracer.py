@@ -69,7 +69,9 @@ class _Handle:
         q.append((self.state, records))
 
     def close(self) -> None:
-        pass
+        if self.tracer.builder.transaction_spans:
+            # A transaction still open when the connection ended is built now.
+            self.tracer._records.append((self.state, _CLOSE))
 
 
 class Tracer:
@@ -87,6 +89,7 @@ class Tracer:
         export_interval: float = 1.0,
         capture_parameters: bool = False,
         capture_literals: bool = False,
+        transaction_spans: bool = False,
         shutdown_timeout: float = 5.0,
         config: Any = None,
     ) -> None:
@@ -99,6 +102,7 @@ class Tracer:
             sample_rate=sample_rate,
             capture_parameters=capture_parameters,
             capture_literals=capture_literals,
+            transaction_spans=transaction_spans,
         )
         self.pipeline = ExportPipeline(exporter, queue_size=queue_size, batch_size=batch_size, interval=export_interval)
         self.enricher = None  # pgotel_proxy.enrich.attach() sets it: server-side records joined into spans
@@ -126,6 +130,7 @@ class Tracer:
             export_interval=float(getattr(config, "export_interval", 1.0)),
             capture_parameters=bool(getattr(config, "capture_parameters", False)),
             capture_literals=bool(getattr(config, "capture_query_literals", False)),
+            transaction_spans=bool(getattr(config, "transaction_spans", False)),
             shutdown_timeout=float(getattr(config, "shutdown_timeout", 5.0)),
             config=config,
         )
@@ -195,14 +200,18 @@ class Tracer:
                 if records is None:
                     state.forget()
                     continue
+                if records is _CLOSE:
+                    self._enrich_groups(builder.flush_connection(state, spans), spans)
+                    continue
                 for rec in records:
                     mark = len(spans)
                     try:
-                        builder.build(state, rec, spans)
+                        groups = builder.build(state, rec, spans)
                     except Exception:  # one odd statement must not stop the thread
                         log.exception("could not build a span")
-                    if self.enricher is not None and len(spans) > mark:
-                        spans[mark:] = self._enriched(rec, spans[mark:])
+                        del spans[mark:]
+                        continue
+                    self._enrich_groups(groups, spans)
                 n += 1
             self._enrich_tick()
             if spans:
@@ -210,6 +219,14 @@ class Tracer:
                 pipeline.put(spans)
         self._enrich_tick(final=True)
         self._idle.set()
+
+    def _enrich_groups(self, groups: list, spans: list) -> None:
+        """Let the enricher join each record's run of spans (from the last, so indexes hold)."""
+        if self.enricher is None:
+            return
+        for rec, start, end in reversed(groups):
+            if end > start:
+                spans[start:end] = self._enriched(rec, spans[start:end])
 
     def flush(self, timeout: float = 5.0) -> None:
         """Build and export everything queued so far (tests, shutdown)."""
