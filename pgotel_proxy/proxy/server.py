@@ -12,11 +12,13 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
 from typing import Any, Callable
 
+from ..protocol.messages import error_response
 from ..stats import STATS
 from .connection import ClientConnection
 from .tls import client_context, upstream_context
@@ -24,6 +26,11 @@ from .tls import client_context, upstream_context
 __all__ = ["ProxyServer", "run", "split_hostport"]
 
 log = logging.getLogger("pgotel_proxy.proxy")
+
+# Descriptors kept free beyond two per session: the reserve descriptor, admin
+# requests, cancel forwarding, the exporter's and enrichment's sockets, log files.
+_FD_HEADROOM = 16
+_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 
 
 def split_hostport(value: str, default_port: int = 5432) -> tuple[str, int]:
@@ -55,6 +62,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task] = set()
         self._reserve_fd: int | None = None
         self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
+        self._fd_limit: int | None = None
+        self._fd_base = 0
         up = config.upstream
         if up.startswith("/"):
             self.upstream_path: str | None = up
@@ -116,6 +125,9 @@ class ProxyServer:
             self._listeners.append(usock)
             self.listen_addresses.append(path)
         self._open_reserve()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._fd_limit = None if soft == resource.RLIM_INFINITY else soft
+        self._fd_base = _open_fds() or 0
         loop = asyncio.get_running_loop()
         for ls in self._listeners:
             self._accept_tasks.append(loop.create_task(self._accept_loop(ls)))
@@ -154,29 +166,47 @@ class ProxyServer:
                 peer = f"{addr[0]}:{addr[1]}"
             else:
                 peer = "unix"
+            if self._short_of_fds():
+                # Answered here and closed at once: a refused client must not hold a
+                # descriptor that an accepted session needs for its upstream connection.
+                log.error("client %s: refused: the proxy is short of file descriptors", peer)
+                _refuse_now(conn)
+                continue
             conn.setblocking(False)
             task = loop.create_task(self._handle(conn, peer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _short_of_fds(self) -> bool:
+        """Whether a client just accepted would leave no descriptor for its upstream connection.
+
+        Such a client is refused to keep room for those already accepted:
+        otherwise a burst of clients takes every descriptor and none of them can
+        open its upstream connection.
+        """
+        limit = self._fd_limit
+        if limit is None:
+            return False
+        # Listing the descriptors costs O(open descriptors): only past half the limit. The
+        # estimate (two per session) misses refused clients whose legs are still closing.
+        if self._fd_base + 2 * len(self._tasks) < limit // 2:
+            return False
+        used = _open_fds()
+        if used is None:
+            return True  # not even a descriptor left to list the descriptors with
+        waiting = len(self._tasks) - self.active  # accepted, their upstream descriptor still to come
+        return used + waiting + 1 + _FD_HEADROOM > limit
+
     async def _refuse_for_fds(self, lsock: socket.socket) -> None:
-        STATS.connections_refused += 1
         if self._reserve_fd is None:
+            STATS.connections_refused += 1
             await asyncio.sleep(0.05)
             return
         os.close(self._reserve_fd)
         self._reserve_fd = None
         try:
             conn, _ = lsock.accept()
-            from ..protocol.messages import error_response
-
-            try:
-                conn.setblocking(True)
-                conn.settimeout(0.2)
-                conn.sendall(error_response("53300", "sorry, too many clients already", detail="the proxy ran out of file descriptors"))
-            except OSError:
-                pass
-            conn.close()
+            _refuse_now(conn)
         except OSError:
             await asyncio.sleep(0.01)
         finally:
@@ -289,6 +319,33 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     finally:
         loop.remove_reader(fd)
     return sock.recv(1, socket.MSG_PEEK)
+
+
+def _refuse_now(conn: socket.socket) -> None:
+    """Answer 53300 (out of file descriptors) on a just-accepted socket and close it."""
+    STATS.connections_refused += 1
+    try:
+        conn.setblocking(False)
+        try:
+            # The start-up packet is usually here already; closing with it unread would
+            # send a reset, which can destroy the error before the client reads it.
+            conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            pass
+        conn.setblocking(True)
+        conn.settimeout(0.2)
+        conn.sendall(error_response("53300", "sorry, too many clients already", detail="the proxy ran out of file descriptors"))
+    except OSError:
+        pass
+    conn.close()
+
+
+def _open_fds() -> int | None:
+    """Descriptors this process has open; None when they cannot be listed (EMFILE)."""
+    try:
+        return len(os.listdir(_FD_DIR))
+    except OSError:
+        return None
 
 
 def _str(v) -> str | None:
