@@ -70,10 +70,11 @@ def summarise(raw: str, top: int, us_per_sample: float) -> str:
         frames = stack.split(";")
         thread = "all"
         if frames and frames[0].startswith(("thread (", "process ")):
-            # --threads puts "thread (0x..)" (and maybe "process N") first; name it by its root frame.
+            # --threads puts "thread (<tid>)[: <name>]" (and maybe "process N") first.
+            named = frames[0].partition("): ")[2]
             while frames and frames[0].startswith(("thread (", "process ")):
                 frames = frames[1:]
-            thread = _frame_name(frames[0]) if frames else "?"
+            thread = named or (_frame_name(frames[0]) if frames else "?")
         names = [_frame_name(f) for f in frames]
         if not names:
             continue
@@ -84,7 +85,7 @@ def summarise(raw: str, top: int, us_per_sample: float) -> str:
             incl_t[thread][name] += n
     out = [f"{total} samples; µs/tx = share × proxy CPU per transaction"]
     for thread, n in per_thread.most_common():
-        out += ["", f"thread rooted at {thread}: {n} samples ({100 * n / total:.1f}%, "
+        out += ["", f"thread {thread}: {n} samples ({100 * n / total:.1f}%, "
                     f"{n * us_per_sample:.1f} µs/tx)",
                 f"  {'self %':>7} {'µs/tx':>7}  function (self time)"]
         for name, c in self_t[thread].most_common(top):
