@@ -464,9 +464,10 @@ HOSTILE = {
 
 @pytest.mark.parametrize("sql", list(HOSTILE.values()), ids=list(HOSTILE))
 def test_hostile_input_bounded(sql):
-    start = time.perf_counter()
+    # CPU time of this thread: what the parser costs, whatever else loads the machine.
+    start = time.thread_time()
     got = parse(sql)
-    elapsed = time.perf_counter() - start
+    elapsed = time.thread_time() - start
     assert elapsed < 2.0, f"{elapsed:.2f}s"
     assert got is None or isinstance(got, Comment)
 

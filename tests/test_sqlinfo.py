@@ -370,9 +370,9 @@ def test_huge_input_takes_fallback_and_is_bounded():
     rows = ", ".join(f"({i}, 'secret{i}')" for i in range(20000))
     sql = "INSERT INTO bulk VALUES " + rows
     assert len(sql) > PARSE_MAX_CHARS
-    start = time.perf_counter()
+    start = time.thread_time()
     info = analyze(sql)
-    elapsed = time.perf_counter() - start
+    elapsed = time.thread_time() - start
     assert info.summary == "INSERT bulk"
     assert info.is_write
     assert "secret" not in info.sanitized
@@ -426,10 +426,10 @@ SQL_WORDS = st.sampled_from(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(SQL_WORDS, max_size=60).map(" ".join))
 def test_fuzz_sqlish_never_raises(sql):
-    start = time.perf_counter()
+    start = time.thread_time()
     info = analyze(sql)
     many = analyze_many(sql)
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 0.5
     assert isinstance(info, SqlInfo)
     assert len(info.summary) <= MAX_SUMMARY_CHARS
     assert info.statement_count == len(many)
@@ -438,11 +438,11 @@ def test_fuzz_sqlish_never_raises(sql):
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=400))
 def test_fuzz_text_never_raises(sql):
-    start = time.perf_counter()
+    start = time.thread_time()
     info = analyze(sql)
     analyze_many(sql)
     fingerprint(sql)
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 0.5
     assert len(info.summary) <= MAX_SUMMARY_CHARS
 
 
