@@ -149,6 +149,107 @@ class _Cli:
 
 
 # ---------------------------------------------------------------------------
+# a sick collector
+
+
+def _workload(proxy, threads: int = 4, per_thread: int = 500) -> tuple[float, list[float]]:
+    """Statements per second and per-statement latencies of ``threads`` psycopg sessions."""
+    conns = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(threads)]
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    failures: list[BaseException] = []
+    start = threading.Barrier(threads + 1)
+
+    def run(conn, out: list[float]) -> None:
+        try:
+            start.wait()
+            for _ in range(per_thread):
+                t0 = time.perf_counter()
+                conn.execute("SELECT 1")
+                out.append(time.perf_counter() - t0)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=run, args=(c, out)) for c, out in zip(conns, latencies)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join(120)
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    assert not failures, failures
+    return threads * per_thread / elapsed, [x for out in latencies for x in out]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sickness", ["down", "slow", "error", "blackhole"])
+def test_sick_collector(make_proxy, otlp, sickness):
+    export_timeout, shutdown_timeout = 2.0, 1.0
+    proxy = make_proxy(sample_rate=1.0, span_queue_size=2000, export_batch_size=200,
+                       export_timeout=export_timeout, shutdown_timeout=shutdown_timeout)
+    _workload(proxy, 2, 100)  # warm up: connections, caches, the exporter's session
+    healthy, healthy_lat = _workload(proxy)
+    proxy.flush()
+    assert STATS.spans_exported > 0 and otlp.spans
+
+    if sickness == "down":
+        otlp.stop()
+    else:
+        otlp.delay = 5.0
+        otlp.mode = sickness
+    dropped = STATS.spans_dropped
+    sick, sick_lat = _workload(proxy)
+    # Spans that found no room were dropped and counted (the queue holds 2000; this run made more).
+    assert STATS.spans_dropped > dropped, STATS.snapshot()
+    assert len(proxy.tracer.pipeline) <= 2000
+    assert sick >= 0.6 * healthy, f"healthy {healthy:.0f}/s, sick collector ({sickness}) {sick:.0f}/s"
+    p99_healthy, p99_sick = _p(healthy_lat, 0.99), _p(sick_lat, 0.99)
+    assert p99_sick <= 3 * p99_healthy + 0.005, f"p99 healthy {p99_healthy * 1e3:.2f} ms, sick {p99_sick * 1e3:.2f} ms"
+
+    # Memory stays flat while the collector stays sick: the queue is full and stays bounded.
+    rss = _rss()
+    for _ in range(3):
+        _workload(proxy, 4, 500)
+    grown = _rss() - rss
+    assert grown < 30 << 20, f"RSS grew {grown >> 20} MB over 6000 statements with a sick collector"
+    assert len(proxy.tracer.pipeline) <= 2000
+
+    # Shutdown gives up on the collector at its deadline, whatever the export timeout.
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    took = time.monotonic() - t0
+    assert took < shutdown_timeout + 0.5, f"shutdown took {took:.2f}s"
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_cli_exits_on_time_with_a_blackholed_collector(pg, otlp, protocol):
+    """SIGTERM: drain, give up on the collector at shutdown_timeout, and the process really exits."""
+    otlp.mode = "blackhole"
+    endpoint = otlp.http_endpoint if protocol == "http/protobuf" else f"http://{otlp.grpc_endpoint}"
+    cli = _Cli(["--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable", "--admin-listen", "",
+                "--drain-timeout", "1", "--otlp-endpoint", endpoint, "--otlp-protocol", protocol,
+                "--export-timeout", "30", "--shutdown-timeout", "1", "--export-interval", "0.05"])
+    try:
+        dsn = f"host=127.0.0.1 port={cli.port} user=postgres dbname=postgres sslmode=disable"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(200):
+                conn.execute("select 1")
+        _wait_for(lambda: otlp.request_count("blackhole") > 0, timeout=5, what="an export to be stuck")
+        t0 = time.monotonic()
+        cli.proc.send_signal(signal.SIGTERM)
+        code = cli.proc.wait(10)
+        took = time.monotonic() - t0
+        assert code == 0, cli.stderr
+        # No session is open, so only the tracer's shutdown deadline counts (export_timeout is 30 s).
+        assert took < 1.0 + 1.5, f"exit took {took:.2f}s"
+        assert "not exported" in cli.stderr
+    finally:
+        cli.stop()
+
+
+# ---------------------------------------------------------------------------
 # a client that stops reading a huge result
 
 
@@ -329,5 +430,184 @@ def test_file_descriptor_limit(pg, when):
         else:
             assert "out of file descriptors: refused a connection" in err
             assert "cannot open upstream connection" in err
+    finally:
+        cli.stop()
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL restarted under load
+
+
+# What a session may be told while its server restarts: Postgres' own words
+# (57P01 terminating, 57P03 shutting down / starting up) or the proxy's
+# (08001 cannot connect, 08006 upstream gone).
+_OUTAGE_MESSAGES = (
+    "terminating connection due to administrator command",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is not yet accepting connections",
+    "pgotel-proxy could not connect to upstream server",
+    "upstream server closed the connection unexpectedly",
+)
+
+
+@pytest.fixture(scope="module")
+def own_pg(pg, certs):
+    """A PostgreSQL server of this module's own, free to be restarted."""
+    from pgserver import PgServer
+
+    server = PgServer(pg.bin_dir, certs=certs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _readyz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_postgres_restart_under_load(own_pg, make_proxy):
+    proxy = make_proxy(upstream=f"{own_pg.host}:{own_pg.port}", connect_timeout=2)
+    stop = threading.Event()
+    results: list[list[tuple[float, str, str | None, str]]] = [[] for _ in range(4)]
+
+    def client(out: list) -> None:
+        conn = None
+        notices: list[str] = []
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    notices = []
+                    conn = psycopg.connect(proxy.dsn(application_name="restart-load", connect_timeout=5), autocommit=True)
+                    conn.add_notice_handler(lambda diag, seen=notices: seen.append(diag.sqlstate))
+                conn.execute("select count(*) from generate_series(1, 100)")
+                out.append((time.monotonic(), "ok", None, ""))
+            except psycopg.OperationalError as exc:
+                # A FATAL that arrives right behind a ReadyForQuery finds libpq idle: it goes to
+                # the notice handler and the error is libpq's own "server closed the connection".
+                state = exc.sqlstate or ("57P01" if "57P01" in notices else None)
+                out.append((time.monotonic(), "error", state, str(exc)))
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.02)
+        if conn is not None:
+            conn.close()
+
+    probes: list[tuple[float, int]] = []
+
+    def prober() -> None:
+        while not stop.is_set():
+            probes.append((time.monotonic(), _readyz(proxy.admin_url)))
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=client, args=(r,)) for r in results] + [threading.Thread(target=prober)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        t_down = time.monotonic()
+        own_pg.restart()  # fast shutdown: backends are terminated, then a fresh postmaster
+        t_up = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert not any(t.is_alive() for t in threads)
+
+    for out in results:
+        # Working before, told why during the outage, working again after with a new session.
+        assert any(kind == "ok" and ts < t_down for ts, kind, _, _ in out)
+        errors = [(state, msg) for _, kind, state, msg in out if kind == "error"]
+        assert errors, "a session went through a server restart without noticing"
+        for state, msg in errors:
+            assert state == "57P01" or any(m in msg for m in _OUTAGE_MESSAGES), (state, msg)
+        assert any(kind == "ok" and ts > t_up for ts, kind, _, _ in out), out[-5:]
+        last_error = max(ts for ts, kind, _, _ in out if kind == "error")
+        assert last_error < t_up + 1.0, "errors went on after the server was back"
+
+    # /readyz followed the server, and the same proxy served throughout.
+    assert all(code == 200 for ts, code in probes if ts < t_down)
+    assert any(code == 503 for ts, code in probes if t_down <= ts <= t_up), probes
+    assert probes[-1][1] == 200
+    assert _readyz(proxy.admin_url) == 200
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+# ---------------------------------------------------------------------------
+# certificates reloaded on SIGHUP
+
+
+def _served_cert(port: int) -> bytes:
+    """DER of the certificate the proxy presents after an SSLRequest."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(struct.pack("!II", 8, 80877103))
+        assert raw.recv(1) == b"S"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the test compares the certificate itself
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def _file_cert(path: str) -> bytes:
+    pem = open(path).read()
+    first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    return ssl.PEM_cert_to_DER_cert(first)
+
+
+def test_tls_certificates_reload_on_sighup(pg, certs, tmp_path):
+    from certs import make_certs
+
+    cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+    shutil.copy(certs["proxy_cert"], cert)
+    shutil.copy(certs["proxy_key"], key)
+    cli = _Cli(["--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable", "--no-tracing",
+                "--admin-listen", "", "--drain-timeout", "1", "--client-tls-cert", str(cert), "--client-tls-key", str(key)])
+    base = f"host=localhost port={cli.port} user=postgres dbname=postgres sslmode=verify-full connect_timeout=5"
+    try:
+        assert _served_cert(cli.port) == _file_cert(certs["proxy_cert"])
+        session = psycopg.connect(f"{base} sslrootcert={certs['ca']}", autocommit=True)
+        assert session.pgconn.ssl_in_use
+        session.execute("create temp table reload_keep (v int)")
+        session.execute("insert into reload_keep values (1)")
+
+        # A new pair from another CA replaces the files (renamed into place, as certificate managers do).
+        fresh = make_certs(tmp_path / "fresh")
+        for src, dst in ((fresh["proxy_cert"], cert), (fresh["proxy_key"], key)):
+            shutil.copy(src, f"{dst}.new")
+            os.replace(f"{dst}.new", dst)
+        assert _served_cert(cli.port) == _file_cert(certs["proxy_cert"])  # nothing read before SIGHUP
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: _served_cert(cli.port) == _file_cert(fresh["proxy_cert"]), timeout=5,
+                  what="the new certificate to be served")
+
+        # The open session kept its TLS connection and its state.
+        assert session.execute("select sum(v) from reload_keep").fetchone() == (1,)
+        # New sessions verify against the new CA, and no longer against the old one.
+        with psycopg.connect(f"{base} sslrootcert={fresh['ca']}") as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+            psycopg.connect(f"{base} sslrootcert={certs['ca']}")
+
+        # A broken pair (key of another certificate) is refused and the served one stays.
+        shutil.copy(certs["client_key"], f"{key}.new")
+        os.replace(f"{key}.new", key)
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "reload failed" in cli.stderr, timeout=5, what="the failed reload to be logged")
+        assert _served_cert(cli.port) == _file_cert(fresh["proxy_cert"])
+        with psycopg.connect(f"{base} sslrootcert={fresh['ca']}") as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert session.execute("select sum(v) from reload_keep").fetchone() == (1,)
+        session.close()
+        assert cli.proc.poll() is None
     finally:
         cli.stop()
