@@ -611,3 +611,29 @@ def test_tls_certificates_reload_on_sighup(pg, certs, tmp_path):
         assert cli.proc.poll() is None
     finally:
         cli.stop()
+
+
+def test_failed_reload_keeps_every_old_setting(pg, certs, tmp_path):
+    """A reload whose certificate does not load applies nothing of the new file, not just no certificate."""
+    cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+    shutil.copy(certs["proxy_cert"], cert)
+    shutil.copy(certs["proxy_key"], key)
+    conf = tmp_path / "proxy.toml"
+    settings = f'client_tls_cert = "{cert}"\nclient_tls_key = "{key}"\n'
+    conf.write_text(settings + "max_connections = 5\n")
+    cli = _Cli(["--config", str(conf), "--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable",
+                "--no-tracing", "--admin-listen", "", "--drain-timeout", "1"])
+    dsn = f"host=127.0.0.1 port={cli.port} user=postgres dbname=postgres sslmode=require connect_timeout=5"
+    try:
+        # The new file lowers the limit, and its key does not belong to the certificate.
+        conf.write_text(settings + "max_connections = 1\n")
+        shutil.copy(certs["client_key"], f"{key}.new")
+        os.replace(f"{key}.new", key)
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "reload failed" in cli.stderr, timeout=5, what="the failed reload to be logged")
+        with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
+            assert a.execute("select 1").fetchone() == (1,)
+            assert b.execute("select 2").fetchone() == (2,)
+        assert _served_cert(cli.port) == _file_cert(certs["proxy_cert"])
+    finally:
+        cli.stop()

@@ -87,12 +87,18 @@ class ProxyServer:
             )
 
     def reload_tls(self) -> None:
-        """Re-read certificates (SIGHUP); open sessions keep the context they started with."""
+        """Re-read certificates (SIGHUP); open sessions keep the context they started with.
+
+        Both contexts are built before either is replaced: when one fails to
+        load, nothing changes.
+        """
         cfg = self.config
+        client_tls = upstream_tls = None
         if cfg.client_tls_cert and cfg.client_tls_key:
-            self.client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
+            client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
         if not self.upstream_path:
-            self.upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(getattr(cfg, "upstream_tls_cert", None)), _str(getattr(cfg, "upstream_tls_key", None)))
+            upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(getattr(cfg, "upstream_tls_cert", None)), _str(getattr(cfg, "upstream_tls_key", None)))
+        self.client_tls, self.upstream_tls = client_tls, upstream_tls
 
     # ------------------------------------------------------------ listening
 
@@ -386,16 +392,19 @@ async def serve(
 
     def on_hup() -> None:
         log.info("SIGHUP received: reloading")
+        old = server.config
         try:
-            if reload is not None:
-                new = reload()
-                server.config = new
-                if tracer is not None:
-                    tracer.set_sample_rate(new.sample_rate)
-                    tracer.set_enabled(new.tracing)
+            new = reload() if reload is not None else old
+            server.config = new
+            # Certificates first: if they do not load, none of the new settings applies.
             server.reload_tls()
         except Exception as exc:
+            server.config = old
             log.error("reload failed, keeping the old settings: %s", exc)
+            return
+        if tracer is not None and new is not old:
+            tracer.set_sample_rate(new.sample_rate)
+            tracer.set_enabled(new.tracing)
 
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, on_signal, name)
