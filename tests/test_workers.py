@@ -76,7 +76,7 @@ class ProxyProcess:
 
     def dsn(self, **params) -> str:
         p = {"host": "127.0.0.1", "port": self.port, "user": "postgres", "dbname": "postgres",
-             "sslmode": "disable", "connect_timeout": 3}
+             "sslmode": "disable", "connect_timeout": 10}
         p.update(params)
         return " ".join(f"{k}={v}" for k, v in p.items())
 
@@ -160,27 +160,27 @@ def test_connections_spread_over_workers_and_metrics_add_up(proxy2):
             assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
     # Every connection counted once, whichever worker took it (the other
     # workers' slots are at most one publish interval old).
-    wait_for(lambda: proxy2.metric("connections_accepted_total") == before_total + n, 3,
+    wait_for(lambda: proxy2.metric("connections_accepted_total") == before_total + n, 5,
              f"connections_accepted_total to add up to {before_total} + {n}: "
              f"{proxy2.metric('connections_accepted_total')}, {proxy2.status()['workers']}")
     after_each = per_worker(proxy2, "connections_accepted")
     got = [a - b for a, b in zip(after_each, before_each)]
     assert sum(got) == n and all(g > 0 for g in got), got
-    wait_for(lambda: proxy2.metric("statements_total") >= before_statements + n, 3, "statements from all workers")
+    wait_for(lambda: proxy2.metric("statements_total") >= before_statements + n, 5, "statements from all workers")
 
     # A gauge summed over workers: sessions open right now.
     conns = [psycopg.connect(proxy2.dsn(), autocommit=True) for _ in range(12)]
     try:
         for c in conns:
             assert c.execute("select 1").fetchone() == (1,)
-        wait_for(lambda: proxy2.metric("connections_active") == 12, 3, "12 active connections")
+        wait_for(lambda: proxy2.metric("connections_active") == 12, 5, "12 active connections")
         assert proxy2.status()["connections_active"] == 12
         active = per_worker(proxy2, "connections_active")
         assert sum(active) == 12 and all(a > 0 for a in active), active
     finally:
         for c in conns:
             c.close()
-    wait_for(lambda: proxy2.metric("connections_active") == 0, 3, "no active connection")
+    wait_for(lambda: proxy2.metric("connections_active") == 0, 5, "no active connection")
 
 
 def _cancel_once(proxy: ProxyProcess, side: psycopg.Connection) -> float:
@@ -231,7 +231,7 @@ def test_cancel_reaches_the_session_whichever_worker_gets_it(proxy2, pg):
                     break
     # Both paths taken: the worker the cancel reached owned the session, or a sibling did.
     assert 0 < routed < done, (routed, done)
-    wait_for(lambda: proxy2.metric("cancel_forwarded_total") == before_forwarded + done, 3,
+    wait_for(lambda: proxy2.metric("cancel_forwarded_total") == before_forwarded + done, 5,
              "every cancel forwarded upstream once")
     assert per_worker(proxy2, "cancel_routed_out") and \
         sum(per_worker(proxy2, "cancel_routed_out")) >= routed
@@ -267,10 +267,30 @@ def test_unknown_cancel_key_is_dropped_once_and_not_forwarded(proxy2):
             _raw_cancel(proxy2.port, pid, os.urandom(4))
         t.join(5)
         assert box["row"] == ("", "done") and box["took"] >= 0.75, box
-    wait_for(lambda: proxy2.metric("cancel_dropped_total") == before_dropped + n, 3, "6 drops")
+    wait_for(lambda: proxy2.metric("cancel_dropped_total") == before_dropped + n, 5, "6 drops")
     time.sleep(0.3)
     assert proxy2.metric("cancel_dropped_total") == before_dropped + n  # once each, not once per worker
     assert proxy2.metric("cancel_forwarded_total") == before_forwarded
+
+
+def traffic(p: ProxyProcess, n: int = 20, **params) -> list[int]:
+    """``n`` short sessions through ``p``; how many each worker took (all of them are counted)."""
+    time.sleep(0.3)  # a publish interval: earlier connections counted in every slot
+    before = per_worker(p, "connections_accepted")
+    for _ in range(n):
+        with psycopg.connect(p.dsn(**params), autocommit=True) as conn:
+            conn.execute("select 1").fetchone()
+
+    def counted():
+        got = [a - b for a, b in zip(per_worker(p, "connections_accepted"), before)]
+        return got if sum(got) == n else None
+
+    return wait_for(counted, 5, f"{n} connections counted")
+
+
+def wait_tracing(p: ProxyProcess, on: bool) -> None:
+    wait_for(lambda: all(w["tracing"] is on for w in p.status()["workers"]), 5,
+             f"every worker to have tracing {'on' if on else 'off'}")
 
 
 def test_tracing_control_reaches_every_worker(pg, tmp_path, otlp):
@@ -278,42 +298,35 @@ def test_tracing_control_reaches_every_worker(pg, tmp_path, otlp):
     try:
         p.wait_ready()
 
-        def traffic(app: str, n: int = 20) -> list[int]:
-            before = per_worker(p, "connections_accepted")
-            for _ in range(n):
-                with psycopg.connect(p.dsn(application_name=app), autocommit=True) as conn:
-                    conn.execute("select 1").fetchone()
-            time.sleep(0.3)
-            return [a - b for a, b in zip(per_worker(p, "connections_accepted"), before)]
-
         def spans_of(app: str, spans=None) -> list:
             return [s for s in (spans if spans is not None else otlp.spans)
                     if s.attributes.get("db.postgresql.application_name") == app]
 
         on = f"on-{uuid.uuid4().hex[:6]}"
-        spread = traffic(on)
+        spread = traffic(p, application_name=on)
         assert all(s > 0 for s in spread), spread
         otlp.wait_for(lambda spans: len(spans_of(on, spans)) >= 20, 5)
-        assert all(n > 0 for n in per_worker(p, "spans_exported"))
+        wait_for(lambda: all(n > 0 for n in per_worker(p, "spans_exported")), 5, "spans from every worker")
 
         st = p.post_tracing({"enabled": False, "sample_rate": 0.5})
         assert st["tracing"] is False and st["sample_rate"] == 0.5
-        time.sleep(0.6)  # a couple of poll intervals for the other worker
+        wait_tracing(p, False)
         statements = per_worker(p, "statements")
         off = f"off-{uuid.uuid4().hex[:6]}"
-        spread = traffic(off)
+        spread = traffic(p, application_name=off)
         assert all(s > 0 for s in spread), spread  # both workers served while off ...
-        time.sleep(0.5)
+        time.sleep(0.5)  # several export intervals
         assert spans_of(off) == []  # ... and neither traced
         assert per_worker(p, "statements") == statements
 
         p.post_tracing({"enabled": True, "sample_rate": 1.0})
-        time.sleep(0.6)
+        wait_tracing(p, True)
         again = f"again-{uuid.uuid4().hex[:6]}"
-        spread = traffic(again)
+        spread = traffic(p, application_name=again)
         assert all(s > 0 for s in spread), spread
         otlp.wait_for(lambda spans: len(spans_of(again, spans)) >= 20, 5)
-        assert all(a > b for a, b in zip(per_worker(p, "statements"), statements))
+        wait_for(lambda: all(a > b for a, b in zip(per_worker(p, "statements"), statements)), 5,
+                 "statements from every worker again")
     finally:
         assert p.stop() == 0, p.log()
 
@@ -338,7 +351,7 @@ def test_sigterm_drains_then_exits_zero(pg, tmp_path):
             except OSError:
                 return True
 
-        wait_for(refused, 1, "every worker to stop listening")
+        wait_for(refused, 2, "every worker to stop listening")
         assert conn.execute("select 2").fetchone() == (2,)
         assert p.proc.wait(10) == 0, p.log()
         assert time.monotonic() - t0 >= 0.9  # the drain time was waited for
@@ -360,7 +373,7 @@ def test_killed_worker_is_restarted(pg, tmp_path):
         p.wait_ready()
         for _ in range(10):
             psycopg.connect(p.dsn()).close()
-        wait_for(lambda: p.metric("connections_accepted_total") >= 11, 3, "counts published")
+        wait_for(lambda: p.metric("connections_accepted_total") >= 11, 5, "counts published")
         old = p.worker_pids()
         accepted = p.metric("connections_accepted_total")
 
@@ -374,7 +387,11 @@ def test_killed_worker_is_restarted(pg, tmp_path):
             with psycopg.connect(p.dsn(), autocommit=True) as conn:
                 assert conn.execute("select 42").fetchone() == (42,)
 
-        # Worker 0 holds the admin listener: it comes back with it.
+        # Worker 0 holds the admin listener: it comes back with it. Its counts
+        # of the last publish interval die with it, so wait for them first.
+        wait_for(lambda: p.metric("connections_accepted_total") >= accepted + 20, 5, "counts published")
+        time.sleep(0.3)  # worker 0's own slot too (the admin reads its counts live)
+        accepted = p.metric("connections_accepted_total")
         pids = p.worker_pids()
         os.kill(pids[0], signal.SIGKILL)
 
@@ -389,7 +406,7 @@ def test_killed_worker_is_restarted(pg, tmp_path):
         for _ in range(20):
             with psycopg.connect(p.dsn(), autocommit=True) as conn:
                 assert conn.execute("select 43").fetchone() == (43,)
-        assert p.metric("connections_accepted_total") >= accepted + 20
+        wait_for(lambda: p.metric("connections_accepted_total") >= accepted + 20, 5, "kept and new counts")
         assert p.stop() == 0, p.log()
     finally:
         p.stop()
@@ -400,7 +417,7 @@ def test_listen_port_zero_is_one_port_for_all_workers(pg, tmp_path):
     try:
         def ports():
             assert p.proc.poll() is None, p.log()
-            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", p.log())
+            found = re.findall(r"worker \d: listening on 127\.0\.0\.1:(\d+)", p.log())
             return found if len(found) == 2 else None
 
         found = wait_for(ports, 20, "two workers listening", interval=0.1)
@@ -409,5 +426,68 @@ def test_listen_port_zero_is_one_port_for_all_workers(pg, tmp_path):
         for _ in range(10):
             with psycopg.connect(p.dsn(), autocommit=True) as conn:
                 assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        assert p.stop() == 0, p.log()
+
+
+def test_sigterm_right_after_start_still_exits_zero(pg, tmp_path):
+    # The workers get SIGTERM while still starting, before serve() has its
+    # handlers: held back until then, not fatal.
+    p = ProxyProcess(pg, tmp_path)
+    try:
+        wait_for(lambda: "worker 1 started" in p.log(), 10, "both workers forked", interval=0.005)
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(10) == 0, p.log()
+        assert "ended with" not in p.log()
+    finally:
+        p.stop()
+
+
+def test_worker_failing_before_it_serves_stops_the_proxy(pg, tmp_path):
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: no worker can bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        p = ProxyProcess(pg, tmp_path, listen_port=taken.getsockname()[1])
+        try:
+            assert p.proc.wait(20) == 1
+            log = p.log()
+            assert "cannot serve: [Errno 98]" in log
+            assert re.search(r"worker \d failed 3 times in a row before serving", log), log
+            assert "Traceback" not in log
+        finally:
+            p.stop()
+
+
+def test_sighup_settings_reach_restarted_workers(pg, tmp_path):
+    conf = tmp_path / "proxy.toml"
+    conf.write_text("tracing = true\n")
+    p = ProxyProcess(pg, tmp_path, "--config", str(conf))
+    try:
+        p.wait_ready()
+        traffic(p)
+        conf.write_text("tracing = false\n")
+        p.proc.send_signal(signal.SIGHUP)
+        wait_tracing(p, False)
+        time.sleep(0.3)  # statements of the first round all built
+        before = per_worker(p, "statements")
+        traffic(p)
+        time.sleep(0.3)
+        assert per_worker(p, "statements") == before
+
+        # A worker started after the reload starts with tracing off too ...
+        old = p.worker_pids()
+        os.kill(old[1], signal.SIGKILL)
+        wait_for(lambda: p.worker_pids()[1] not in (None, old[1]), 10, "worker 1 to come back")
+        wait_tracing(p, False)
+        assert traffic(p)[1] > 0
+        time.sleep(0.3)
+        assert per_worker(p, "statements")[1] == 0
+        # ... yet it has a tracer, so POST /tracing can switch every worker back on.
+        assert p.post_tracing({"enabled": True})["tracing"] is True
+        wait_tracing(p, True)
+        before = per_worker(p, "statements")
+        traffic(p)
+        wait_for(lambda: all(a > b for a, b in zip(per_worker(p, "statements"), before)), 5,
+                 "statements from every worker")
     finally:
         assert p.stop() == 0, p.log()

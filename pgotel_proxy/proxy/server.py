@@ -409,6 +409,8 @@ async def serve(
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, on_signal, name)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if worker is not None:
+        worker.signals_ready()  # signals held back since the fork now reach these handlers
     if ready is not None and not ready.done():
         ready.set_result(server)
     await stop.wait()

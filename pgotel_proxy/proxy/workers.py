@@ -5,9 +5,10 @@ How it works (Linux):
 * The parent process forks N workers before any event loop or thread exists,
   then only supervises: it forwards SIGTERM, SIGINT and SIGHUP to every worker,
   reaps them, restarts one that exits while the proxy is not shutting down (a
-  warning says so; a worker that keeps failing right after start-up makes the
-  whole proxy stop with exit code 1), and exits 0 once every worker has drained
-  and exited 0.
+  warning says so; when one fails three times in a row before it serves, e.g.
+  the port is taken, the whole proxy stops with exit code 1), and exits 0 once
+  every worker has drained and exited 0. The modules workers need are imported
+  before forking, so a restart takes milliseconds.
 * Each worker runs the ordinary ``serve()``: its own listening socket bound
   with SO_REUSEPORT on the same address (the kernel spreads new connections over
   them), its own tracer and exporter. Only worker 0 binds the admin listener and
@@ -67,14 +68,18 @@ PUBLISH_INTERVAL = 0.25
 _NAMES = tuple(METRICS)
 _COUNTERS = frozenset(n for n, (kind, _) in METRICS.items() if kind == "counter")
 
-# Slot head: pid (0 = no worker running), cancels forwarded for siblings,
-# cancels a sibling forwarded for us.
-_HEAD = ("pid", "cancel_routed_in", "cancel_routed_out")
+# Slot head: pid (0 = no worker running), tracing on (1) or off, cancels
+# forwarded for siblings, cancels a sibling forwarded for us.
+_HEAD = ("pid", "tracing", "cancel_routed_in", "cancel_routed_out")
 
-# A worker that exits sooner than this after its start counts as failing at start-up.
-_QUICK_EXIT = 1.0
-_QUICK_EXITS_BEFORE_GIVING_UP = 5
+# A worker that exits before it published anything never started serving
+# (port taken, bad certificate ...): after this many in a row the proxy stops.
+_START_FAILURES_BEFORE_GIVING_UP = 3
 _RESTART_BACKOFF = 0.5
+
+# Signals the supervisor forwards; a worker holds them until serve() handles them.
+_HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_SIGNALS = _HELD | {signal.SIGCHLD}
 
 # Datagrams between workers: request = kind, id, origin worker, then the raw
 # CancelRequest; reply = kind, id, answering worker, owned (1) or not (0).
@@ -126,21 +131,25 @@ class SharedArea:
 
     # worker slots ----------------------------------------------------------
 
-    def write_slot(self, index: int, pid: int, routed_in: int, routed_out: int, snap: dict[str, int]) -> None:
+    def write_slot(self, index: int, head: dict[str, int], snap: dict[str, int]) -> None:
         self._slot.pack_into(self.mm, self._slots_at + index * self._slot.size,
-                             pid, routed_in, routed_out, *(int(snap[n]) for n in _NAMES))
+                             *(int(head[n]) for n in _HEAD), *(int(snap[n]) for n in _NAMES))
 
     def read_slot(self, index: int) -> dict[str, int]:
         raw = self._slot.unpack_from(self.mm, self._slots_at + index * self._slot.size)
         return dict(zip(_HEAD + _NAMES, raw))
 
-    def retire(self, index: int) -> None:
-        """Parent, after reaping worker ``index``: keep its counters, forget its gauges, free the slot."""
+    def retire(self, index: int) -> bool:
+        """Parent, after reaping worker ``index``: keep its counters, forget its gauges, free the slot.
+
+        Returns whether the worker had published at all, i.e. had started serving.
+        """
         slot = self.read_slot(index)
         retired = self._values.unpack_from(self.mm, self._retired_at)
         total = [r + (slot[n] if n in _COUNTERS else 0) for r, n in zip(retired, _NAMES)]
         self._values.pack_into(self.mm, self._retired_at, *total)
         self._slot.pack_into(self.mm, self._slots_at + index * self._slot.size, *([0] * (len(_HEAD) + len(_NAMES))))
+        return slot["pid"] != 0
 
     def totals(self, live_index: int | None = None, live: dict[str, int] | None = None) -> dict[str, int]:
         """Every metric summed over the retired row and all slots; ``live`` replaces slot ``live_index``."""
@@ -224,8 +233,12 @@ class WorkerLink:
             snap["span_queue_size"] = self.tracer.queue_size_now()
         return snap
 
+    def _head(self) -> dict[str, int]:
+        return {"pid": os.getpid(), "tracing": int(self.tracer is not None and self.tracer.enabled),
+                "cancel_routed_in": self.routed_in, "cancel_routed_out": self.routed_out}
+
     def publish(self) -> None:
-        self.area.write_slot(self.index, os.getpid(), self.routed_in, self.routed_out, self.local_snapshot())
+        self.area.write_slot(self.index, self._head(), self.local_snapshot())
 
     def totals(self) -> dict[str, int]:
         """Metrics over all workers, this one's current to the moment."""
@@ -236,11 +249,11 @@ class WorkerLink:
         for i in range(self.area.workers):
             slot = self.area.read_slot(i)
             if i == self.index:
-                slot.update(self.local_snapshot(), pid=os.getpid(), cancel_routed_in=self.routed_in,
-                            cancel_routed_out=self.routed_out)
+                slot.update(self.local_snapshot(), **self._head())
             out.append({
                 "worker": i,
                 "pid": slot["pid"] or None,
+                "tracing": bool(slot["tracing"]),
                 "connections_accepted": slot["connections_accepted"],
                 "connections_active": slot["connections_active"],
                 "statements": slot["statements"],
@@ -250,6 +263,10 @@ class WorkerLink:
                 "cancel_routed_out": slot["cancel_routed_out"],
             })
         return out
+
+    def signals_ready(self) -> None:
+        """serve() installed its signal handlers: let the signals the supervisor forwards in."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
     def publish_control(self, enabled: bool, sample_rate: float) -> None:
         """Hand this worker's new tracing settings to its siblings."""
@@ -379,8 +396,6 @@ class WorkerLink:
 # the parent
 
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-
 
 def _for_worker(config: Any, index: int) -> Any:
     """Worker ``index``'s view of the config: the admin listener and Unix socket belong to worker 0."""
@@ -403,12 +418,11 @@ class _WorkerTag(logging.Filter):
 
 
 class _Slot:
-    __slots__ = ("pid", "started", "quick_exits", "restart_at")
+    __slots__ = ("pid", "start_failures", "restart_at")
 
     def __init__(self) -> None:
         self.pid = 0
-        self.started = 0.0
-        self.quick_exits = 0
+        self.start_failures = 0
         self.restart_at: float | None = None
 
 
@@ -455,11 +469,8 @@ class _Supervisor:
     def _on_signal(self, signo: int) -> None:
         if signo in (signal.SIGTERM, signal.SIGINT):
             if not self.stopping:
-                self.stopping = True
-                cfg = self.config
-                self.deadline = time.monotonic() + cfg.drain_timeout + cfg.shutdown_timeout + 10.0
                 log.info("%s received: stopping %d worker(s)", signal.Signals(signo).name, len(self.by_pid))
-            self._signal_all(signo)
+            self._stop(signo)
         elif signo == signal.SIGHUP:
             self._reload()
             self._signal_all(signo)
@@ -474,11 +485,20 @@ class _Supervisor:
             log.error("reload failed in the supervisor (%s): restarted workers keep the old settings", detail)
             return
         base = self.base
+        # ``tracing`` too: a worker started with tracing off has no tracer to
+        # switch on later; the control block carries the reloaded on/off.
         self.config = new.model_copy(update={
             "listen": base.listen, "unix_socket": base.unix_socket,
-            "admin_listen": base.admin_listen, "workers": base.workers,
+            "admin_listen": base.admin_listen, "workers": base.workers, "tracing": base.tracing,
         })
         self.area.write_control(new.tracing, new.sample_rate)
+
+    def _stop(self, signo: int) -> None:
+        if not self.stopping:
+            self.stopping = True
+            cfg = self.config
+            self.deadline = time.monotonic() + cfg.drain_timeout + cfg.shutdown_timeout + 10.0
+        self._signal_all(signo)
 
     def _signal_all(self, signo: int) -> None:
         for pid in list(self.by_pid):
@@ -498,14 +518,15 @@ class _Supervisor:
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests from outside
             self._child(index)
         slot.pid = pid
-        slot.started = time.monotonic()
         self.by_pid[pid] = index
         log.info("worker %d started (pid %d)", index, pid)
 
     def _child(self, index: int) -> None:
         code = 1
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+            # SIGTERM, SIGINT and SIGHUP stay blocked (pending, not lost) until
+            # serve() has its handlers: their default action would kill the worker.
+            signal.pthread_sigmask(signal.SIG_SETMASK, set(self._old_mask) | _HELD)
             for s in self.keep:
                 s.close()
             for handler in logging.getLogger().handlers:
@@ -518,8 +539,10 @@ class _Supervisor:
             code = int(run(_for_worker(self.config, index), reload=worker_reload, worker=link) or 0)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        except OSError as exc:  # listening address taken, certificate unreadable ...
+            log.error("cannot serve: %s", exc)
         except BaseException:
-            log.exception("worker %d failed", index)
+            log.exception("stopped by an unexpected error")
         finally:
             try:
                 sys.stdout.flush()
@@ -539,7 +562,7 @@ class _Supervisor:
             index = self.by_pid.pop(pid, None)
             if index is None:
                 continue
-            self.area.retire(index)
+            served = self.area.retire(index)
             slot = self.slots[index]
             slot.pid = 0
             code = os.waitstatus_to_exitcode(status)
@@ -551,15 +574,15 @@ class _Supervisor:
                 else:
                     log.info("worker %d (pid %d) stopped", index, pid)
                 continue
-            now = time.monotonic()
-            slot.quick_exits = slot.quick_exits + 1 if now - slot.started < _QUICK_EXIT else 0
-            if slot.quick_exits >= _QUICK_EXITS_BEFORE_GIVING_UP:
-                log.error("worker %d keeps failing at start-up (%s): stopping", index, how)
+            slot.start_failures = 0 if served else slot.start_failures + 1
+            if slot.start_failures >= _START_FAILURES_BEFORE_GIVING_UP:
+                log.error("worker %d failed %d times in a row before serving (%s): stopping the proxy",
+                          index, slot.start_failures, how)
                 self.exit_code = 1
-                self._on_signal(signal.SIGTERM)
+                self._stop(signal.SIGTERM)
                 continue
             log.warning("worker %d (pid %d) ended unexpectedly with %s: restarting it", index, pid, how)
-            slot.restart_at = now + (_RESTART_BACKOFF if slot.quick_exits else 0.0)
+            slot.restart_at = time.monotonic() + (_RESTART_BACKOFF if slot.start_failures else 0.0)
 
     def _restart_due(self) -> None:
         if self.stopping:
@@ -592,11 +615,28 @@ def _fix_port(config: Any) -> tuple[Any, list[socket.socket]]:
     return config.model_copy(update={"listen": listen}), [sock]
 
 
+def _preload() -> None:
+    """Import what every worker needs once, before forking.
+
+    Workers then start (and restart) in milliseconds instead of a second, and
+    share those pages with the parent. Nothing imported here starts a thread;
+    ``run_workers`` checks. Exporter transports (gRPC) stay with the workers.
+    """
+    import importlib
+
+    for name in ("uvloop", "pgotel_proxy.tracing.tracer", "pgotel_proxy.admin", "pgotel_proxy.enrich"):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # pragma: no cover - optional pieces; the worker reports it
+            log.debug("not preloaded: %s: %s", name, exc)
+
+
 def run_workers(config: Any, reload: Callable[[], Any] | None = None) -> int:
     """Blocking entry point for ``workers > 1``: fork, supervise, return the exit code."""
     if not hasattr(socket, "SO_REUSEPORT") or not hasattr(signal, "sigtimedwait"):
         log.error("workers > 1 needs SO_REUSEPORT and sigtimedwait (Linux)")
         return 1
+    _preload()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if threads:
         # A forked child gets only the forking thread; locks those threads held stay held.
