@@ -164,6 +164,9 @@ class SharedArea:
 class WorkerLink:
     """A worker's side of multi-process mode: publishes stats, applies control, routes cancels.
 
+    Its log lines carry no worker number: every line a worker logs gets the
+    ``worker N:`` prefix from the supervisor's fork.
+
     ``serve()`` attaches it to the :class:`~pgotel_proxy.proxy.server.ProxyServer`
     as ``server.worker_link``; the server asks it about cancel keys it does not
     know, and the admin endpoint asks it for totals.
@@ -291,7 +294,7 @@ class WorkerLink:
                 self.publish()
                 self._apply_control()
             except Exception:
-                log.exception("worker %d: publishing stats failed", self.index)
+                log.exception("publishing stats failed")
 
     # cancel routing --------------------------------------------------------
 
@@ -311,7 +314,7 @@ class WorkerLink:
                 asked.add(i)
             except OSError as exc:
                 # Not running (being restarted) or its queue is full: it cannot own the key now.
-                log.debug("worker %d: cannot offer a cancel request to worker %d: %s", self.index, i, exc)
+                log.debug("cannot offer a cancel request to worker %d: %s", i, exc)
         if not asked:
             return False
         fut = asyncio.get_running_loop().create_future()
@@ -321,8 +324,7 @@ class WorkerLink:
         try:
             owned = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            log.warning("worker %d: no answer about a cancel request from worker(s) %s",
-                        self.index, ", ".join(map(str, sorted(asked))))
+            log.warning("no answer about a cancel request from worker(s) %s", ", ".join(map(str, sorted(asked))))
             return False
         finally:
             self._pending.pop(req, None)
@@ -338,7 +340,7 @@ class WorkerLink:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("worker %d: sibling socket failed: %s", self.index, exc)
+                log.warning("sibling socket failed: %s", exc)
                 return
             kind = data[:1]
             if kind == b"Q" and len(data) > _REQUEST.size:
@@ -375,7 +377,7 @@ class WorkerLink:
         try:
             self._sock.sendto(_REPLY.pack(b"R", req, self.index, int(owned)), self.path(origin))
         except OSError as exc:
-            log.debug("worker %d: cannot answer worker %d: %s", self.index, origin, exc)
+            log.debug("cannot answer worker %d: %s", origin, exc)
 
     def _on_reply(self, req: int, who: int, owned: bool) -> None:
         entry = self._pending.get(req)
