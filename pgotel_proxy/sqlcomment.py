@@ -34,8 +34,10 @@ Rules this parser follows (the places where the spec leaves room):
   ``%20``).  ``\\x`` inside a value or key stands for ``x``.  Lone surrogates are
   replaced so tags are always encodable.
 * Bounds.  A comment longer than ``max_len`` characters is not examined; at most
-  ``_MAX_COMMENTS`` comments per end, ``_MAX_PAIRS`` pairs per comment, and keys /
-  values up to ``_MAX_KEY_LEN`` / ``_MAX_VALUE_LEN`` raw characters are taken.
+  ``_MAX_COMMENTS`` comments per end, ``_MAX_PAIRS`` pairs per comment,
+  ``_MAX_TAGS`` distinct keys in all (``traceparent`` and ``tracestate`` are
+  taken beyond that), and keys / values up to ``_MAX_KEY_LEN`` /
+  ``_MAX_VALUE_LEN`` raw characters are taken.
   Nothing here raises on any input.
 """
 
@@ -60,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_COMMENTS = 16
 _MAX_PAIRS = 64
+_MAX_TAGS = 64  # over all comments of a statement; the trace context keys always fit
+_CONTEXT_KEYS = ("traceparent", "tracestate")
 _MAX_KEY_LEN = 128
 _MAX_VALUE_LEN = 2048
 _MAX_TRACESTATE_LEN = 512
@@ -436,6 +440,10 @@ def _read_pairs(sql: str, start: int, end: int, tags: dict[str, str], budget: _B
             continue
         key = _decode(raw_key)
         if key:
+            if len(tags) >= _MAX_TAGS and key not in tags and key not in _CONTEXT_KEYS:
+                # Each tag becomes a span attribute: many comments must not multiply them.
+                budget.malformed = True
+                continue
             tags[key] = _decode(raw_value)
     return True
 

@@ -47,9 +47,11 @@ The parser is pglast (libpg_query). When a multi-statement text does not
 parse, each ';'-separated piece is parsed on its own. A piece that still
 fails gets a keyword heuristic over pglast's lexer tokens (only known
 command words become operations; targets follow FROM/JOIN/INTO/USING/UPDATE).
-Text the lexer rejects (unterminated quotes, dollar quotes or comments, which
-are then treated as running to the end, so their content never leaks), text
-holding NUL or unpaired surrogates, and text over ``PARSE_MAX_CHARS`` use the
+Unpaired surrogates (from a lenient decode) become U+FFFD first, so every
+result encodes as UTF-8. Text the lexer rejects (unterminated quotes, dollar
+quotes or comments, which are then treated as running to the end, so their
+content never leaks), text holding NUL or a run of 256 operator characters
+(which costs PostgreSQL's lexer quadratic time), and text over ``PARSE_MAX_CHARS`` use the
 same heuristic over a small regular-expression tokenizer that reads at most
 ``FALLBACK_MAX_CHARS``. Both tokenizers assume
 ``standard_conforming_strings = on``. Results for texts up to
@@ -144,6 +146,12 @@ _FALLBACK_TOKEN = re.compile(
     re.VERBOSE | re.DOTALL,
 )
 _COMMENT_EDGE = re.compile(r"/\*|\*/")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# PostgreSQL's lexer (and so pglast's) takes time quadratic in the length of a run
+# of operator characters holding '+', '-' or '/*' (it re-scans the run for each
+# token it cuts off): 60 KB of '+' keep it busy for 20 s. Such runs never occur
+# in real statements, so text with a long one skips the parser.
+_OPERATOR_RUN = re.compile(r"[~!@#^&|`?+\-*/%<>=]{256}")
 _IN_LIST = re.compile(r"\b(in)\s*\(\s*\?(?:\s*,\s*\?)+\s*\)", re.IGNORECASE)
 
 _DML_TAGS = {
@@ -849,7 +857,10 @@ def _per_statement_path(sql: str, toks: list[_Token]) -> tuple[SqlInfo, ...]:
 
 
 def _analyze_all(sql: str) -> tuple[SqlInfo, ...]:
-    if len(sql) <= PARSE_MAX_CHARS and "\x00" not in sql:
+    if not sql.isascii() and _SURROGATE.search(sql) is not None:
+        # The results become span attributes, which must encode as UTF-8 for export.
+        sql = _SURROGATE.sub("\ufffd", sql)
+    if len(sql) <= PARSE_MAX_CHARS and "\x00" not in sql and _OPERATOR_RUN.search(sql) is None:
         try:
             toks = _pg_tokens(sql)
         except Exception:  # noqa: BLE001 - lexer errors (unterminated quotes) fall back
@@ -957,7 +968,7 @@ def _fingerprint_cached(sql: str) -> str | None:
 
 def fingerprint(sql: str) -> str | None:
     """pg_query fingerprint of the text, or None when it does not parse."""
-    if type(sql) is not str or "\x00" in sql or len(sql) > PARSE_MAX_CHARS:
+    if type(sql) is not str or "\x00" in sql or len(sql) > PARSE_MAX_CHARS or _OPERATOR_RUN.search(sql):
         return None
     if len(sql) <= CACHE_MAX_CHARS:
         return _fingerprint_cached(sql)
