@@ -363,6 +363,7 @@ def test_sigterm_drains_then_exits_zero(pg, tmp_path):
                 os.kill(pid, 0)
         assert list(tmp_path.glob("pgotel-proxy-*")) == []
         assert "all workers stopped" in p.log()
+        assert "threads running before forking" not in p.log()  # the fork came first
     finally:
         p.stop()
 
