@@ -22,7 +22,6 @@ because the suite shares a small machine with other work.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import resource
 import shutil
