@@ -708,6 +708,21 @@ def test_pending_queue_is_bounded_for_syncs_and_queries():
     assert s.out_of_sync is not None
 
 
+def test_injected_answers_removed_split_everywhere():
+    """Answers to a request the proxy injected never reach the client, however they are chunked."""
+    ours = RowDescription("lsn") + DataRow(b"0/" + b"A" * 3000) + CommandComplete("SELECT 1") + Ready("T")
+    theirs = RowDescription("x") + DataRow(b"1") + CommandComplete("SELECT 1") + Ready("T")
+    for size in (None, 1, 7, 1000):
+        s = ready_session()
+        s.inject_request("query")
+        s.client_data(Query("select 1"), 1)
+        out = b"".join(s.server_filter(p, 2) for p in chunks(ours + theirs, size))
+        assert out == theirs, size
+        assert not s.server_hold and s.out_of_sync is None
+        (rec,) = s.take_completed()
+        assert rec.sql == "select 1" and rec.results[0].rows == 1
+
+
 def test_server_filter_decode_failure_forwards_everything():
     """A server message that breaks decoding in hold mode must still reach the client, with all that follows."""
     s = Session()
