@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -38,6 +37,7 @@ yaml = pytest.importorskip("yaml")
 
 from pgotel_proxy.cli import main as cli_main  # noqa: E402
 from pgotel_proxy.config import ENV_PREFIX, Config, env_name, load_config, parse_hostport  # noqa: E402
+from waiting import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -189,10 +189,6 @@ def _healthcheck_command(stage: dict) -> list[str]:
     return _exec_form(args[args.index("CMD") + 3:].strip())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dockerfile_healthcheck_passes_against_a_live_proxy_and_fails_without_one(stages, make_proxy):

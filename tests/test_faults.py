@@ -28,6 +28,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.stats import STATS
+from waiting import free_port, wait_for
 
 # ---------------------------------------------------------------------------
 # raw protocol helpers
@@ -129,21 +130,8 @@ def startup_error(port: int, packet: bytes | None = None) -> dict[str, str]:
     return errs[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def backends(pg, app: str) -> int:

@@ -42,6 +42,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.stats import STATS
+from waiting import free_port as _free_port, wait_for as _wait_for
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -74,15 +75,6 @@ def _rss() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-def _wait_for(pred, timeout: float = 5.0, what: str = "condition", every: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def _p(values: list[float], q: float) -> float:
@@ -90,10 +82,6 @@ def _p(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _backend_count(pg, app: str) -> int:
@@ -127,7 +115,7 @@ class _Cli:
             except OSError:
                 return False
 
-        _wait_for(up, timeout=20, what="the proxy to listen", every=0.05)
+        _wait_for(up, timeout=20, what="the proxy to listen", interval=0.05)
 
     def _collect(self) -> None:
         for line in self.proc.stderr:
