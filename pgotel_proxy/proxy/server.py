@@ -15,7 +15,6 @@ import os
 import resource
 import signal
 import socket
-import struct
 from typing import Any, Callable
 
 from ..protocol.messages import error_response
