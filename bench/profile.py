@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_tx = row["cpu_us_per_tx"]
     head = (f"proxy {name}, pgbench -M {args.mode} -c {args.clients}, {args.duration:.0f}s: "
             f"{row['tps']:.0f} tps, proxy CPU {cpu_tx:.1f} µs/tx, spans exported "
-            f"{row.get('spans_exported', 0)}, dropped {row.get('spans_dropped', 0)}")
+            f"{row.get('spans_exported', 0)}, dropped {row.get('spans_dropped', 0)}, "
+            f"statements dropped {row.get('statements_dropped', 0)}")
     # Samples span a little more than the pgbench run (attach, drain): scale by share.
     summary = head + "\n" + summarise(raw, args.top, cpu_tx / total if total else 0.0)
     (out_dir / f"summary-{args.config}-{args.mode}-{args.clients}.txt").write_text(summary + "\n")

@@ -410,7 +410,7 @@ def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, durati
     else:
         row["cpu_s"] = row["cpu_us_per_tx"] = None
     if after_m:
-        for key in ("spans_exported", "spans_dropped", "statements", "spans_started"):
+        for key in ("spans_exported", "spans_dropped", "statements_dropped", "statements", "spans_started"):
             row[key] = int(after_m.get(key, 0) - before_m.get(key, 0))
     return row
 
@@ -608,7 +608,7 @@ def _f(value: Any, fmt: str) -> str:
 def format_tables(results: dict[str, Any]) -> str:
     lines = []
     head = (f"{'mode':<9}{'cl':>3} {'target':<12}{'tps':>9}{'×dir':>6}{'×pgb':>6}"
-            f"{'mean ms':>9}{'p99 ms':>8}{'cpu µs/tx':>10}{'×pgb':>6}{'spans/tx':>9}{'exp':>9}{'drop':>7}")
+            f"{'mean ms':>9}{'p99 ms':>8}{'cpu µs/tx':>10}{'×pgb':>6}{'spans/tx':>9}{'exp':>9}{'drop':>7}{'st.drop':>8}")
     lines += [head, "-" * len(head)]
     for c in results["pgbench"]:
         spans_tx = (c["spans_exported"] / c["transactions"]
@@ -618,7 +618,8 @@ def format_tables(results: dict[str, Any]) -> str:
             f"{_f(c.get('tps_x_direct'), '.2f'):>6}{_f(c.get('tps_x_pgbouncer'), '.2f'):>6}"
             f"{_f(c.get('mean_ms'), '.3f'):>9}{_f(c.get('p99_ms'), '.3f'):>8}"
             f"{_f(c.get('cpu_us_per_tx'), '.1f'):>10}{_f(c.get('cpu_x_pgbouncer'), '.2f'):>6}"
-            f"{_f(spans_tx, '.2f'):>9}{_f(c.get('spans_exported'), 'd'):>9}{_f(c.get('spans_dropped'), 'd'):>7}")
+            f"{_f(spans_tx, '.2f'):>9}{_f(c.get('spans_exported'), 'd'):>9}{_f(c.get('spans_dropped'), 'd'):>7}"
+            f"{_f(c.get('statements_dropped'), 'd'):>8}")
     added = [c for c in results["pgbench"] if c.get("added_p50_us") is not None and c["target"] != "direct"]
     if added:
         lines += ["", "latency added over direct at 1 client (µs)",

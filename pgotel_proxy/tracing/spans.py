@@ -403,11 +403,15 @@ class SpanBuilder:
         return attrs
 
     def _phase(self, name, trace_id, flags, tracestate, parent_ctx, start, end, exact) -> ReadableSpan:
-        ctx = _span_context(trace_id, _new_id(64), flags, tracestate)
-        return _span(name, ctx, parent_ctx, SpanKind.INTERNAL, start, max(start, end), {ATTR["exact"]: bool(exact)}, self.resource, _OK)
+        # The statement span's context is valid and carries the same flags and
+        # tracestate objects: a new id is all a phase needs.
+        ctx = _new_context(SpanContext, (trace_id, _new_id(64), False, parent_ctx.trace_flags, parent_ctx.trace_state, True))
+        return _span(name, ctx, parent_ctx, _INTERNAL, start, max(start, end), {_EXACT: bool(exact)}, self.resource, _OK)
 
 
 _OK = Status(StatusCode.UNSET)
+_INTERNAL = SpanKind.INTERNAL
+_EXACT = ATTR["exact"]
 
 
 def _status(status: str, error, attrs: dict) -> Status:
@@ -465,8 +469,49 @@ def _raw_piece(text: str, i: int, count: int) -> str | None:
 
 
 def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | None, remote: bool = False) -> SpanContext:
-    ts = TraceState.from_header([tracestate]) if tracestate else None
-    return SpanContext(trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags & 0xFF), trace_state=ts)
+    ts = _trace_state(tracestate) if tracestate else _NO_TRACE_STATE
+    valid = 0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX
+    return _new_context(SpanContext, (trace_id, span_id, remote, _FLAGS[flags & 0xFF], ts, valid))
+
+
+# SpanContext is a tuple subclass whose __new__ validates and fills defaults on
+# every call; the builder's ids are already valid, so it builds the tuple
+# directly, once checked (below) to be what SpanContext(...) builds.
+_new_context = tuple.__new__
+_TRACE_ID_MAX = 2**128 - 1
+_SPAN_ID_MAX = 2**64 - 1
+_FLAGS = tuple(TraceFlags(i) for i in range(256))
+_NO_TRACE_STATE = SpanContext(1, 1, False).trace_state
+_TRACE_STATES: dict[str, TraceState] = {}
+
+
+def _trace_state(header: str) -> TraceState:
+    """The parsed tracestate header; applications send the same few again and again."""
+    ts = _TRACE_STATES.get(header)
+    if ts is None:
+        ts = TraceState.from_header([header])
+        if len(_TRACE_STATES) >= 1024:
+            _TRACE_STATES.clear()
+        _TRACE_STATES[header] = ts
+    return ts
+
+
+def _by_constructor(cls, fields: tuple) -> SpanContext:
+    return cls(fields[0], fields[1], is_remote=fields[2], trace_flags=fields[3], trace_state=fields[4])
+
+
+def _checked_context_builder() -> None:
+    global _new_context
+    sample = SpanContext(7, 9, True, TraceFlags(1), TraceState([("k", "v")]))
+    try:
+        same = tuple(sample) == tuple(tuple.__new__(SpanContext, (7, 9, True, TraceFlags(1), sample.trace_state, True)))
+    except TypeError:
+        same = False
+    if not same:  # another API version lays SpanContext out differently
+        _new_context = _by_constructor
+
+
+_checked_context_builder()
 
 
 def _span(name, ctx, parent, kind, start, end, attrs, resource, status, links=()) -> ReadableSpan:

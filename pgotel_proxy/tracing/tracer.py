@@ -55,9 +55,10 @@ class _Handle:
     def statements(self, records: list) -> None:
         t = self.tracer
         q = t._records
-        if not t.enabled or len(q) >= t.queue_size:
+        # The bound is in records (statements), not in queue entries (one per batch of them).
+        if not t.enabled or t._records_in - t._records_out >= t.queue_size:
             if t.enabled:
-                STATS.spans_dropped += len(records)
+                STATS.statements_dropped += len(records)
             if not self.gap:
                 # The builder will not see these statements, and one of them may have changed
                 # the session carrier: tell it (once per gap, so the queue stays bounded by
@@ -66,6 +67,7 @@ class _Handle:
                 q.append((self.state, None))
             return
         self.gap = False
+        t._records_in += len(records)
         q.append((self.state, records))
 
     def close(self) -> None:
@@ -107,6 +109,10 @@ class Tracer:
         self.pipeline = ExportPipeline(exporter, queue_size=queue_size, batch_size=batch_size, interval=export_interval)
         self.enricher = None  # pgotel_proxy.enrich.attach() sets it: server-side records joined into spans
         self._records: deque = deque()
+        # Records queued = in - out; each counter has one writer (the event loop,
+        # the builder thread), so neither needs a lock.
+        self._records_in = 0
+        self._records_out = 0
         self._wake = threading.Event()
         self._stop = False
         self._idle = threading.Event()
@@ -152,7 +158,8 @@ class Tracer:
         log.info("tracing %s", "enabled" if enabled else "disabled")
 
     def queue_size_now(self) -> int:
-        return len(self._records) + len(self.pipeline)
+        """Statements waiting to be built plus spans waiting to be exported."""
+        return self._records_in - self._records_out + len(self.pipeline)
 
     # -------------------------------------------------------- proxy facing
 
@@ -203,6 +210,7 @@ class Tracer:
                 if records is _CLOSE:
                     self._enrich_groups(builder.flush_connection(state, spans), spans)
                     continue
+                self._records_out += len(records)
                 for rec in records:
                     mark = len(spans)
                     try:
