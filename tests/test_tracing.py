@@ -140,9 +140,9 @@ def test_extended_query_tree(make_proxy, otlp, app, table):
     assert a["db.postgresql.command_tag"] == "INSERT 0 1"
     assert a["db.operation.name"] == "INSERT" and a["db.collection.name"] == table
     assert "db.postgresql.statement_name" not in a  # psycopg uses the unnamed statement
-    # Sync follows Execute: its end is exact; Parse is followed by Bind in the same write: not exact.
-    assert execute.attributes["pgotel.timing.exact"] is True
-    assert parse.attributes["pgotel.timing.exact"] is False
+    # Parse, Bind and Execute went in one write: the server answered all three at
+    # Sync, so no phase boundary was observed.
+    assert [p.attributes["pgotel.timing.exact"] for p in (parse, plan, execute)] == [False, False, False]
     assert not any(k.startswith("db.query.parameter") for k in a)
 
 
@@ -518,21 +518,52 @@ def test_privacy_capture_parameters_only(make_proxy, otlp, app):
 # phase timing
 
 
-def test_phase_timing_flush_makes_every_phase_exact(make_proxy, otlp, app, table):
+def _slow_phases_query(conn, table):
+    """A statement whose planning (a 12-way join) and execution (a sleep) each take milliseconds."""
+    conn.execute("SET join_collapse_limit = 20")
+    conn.execute("SET from_collapse_limit = 20")
+    joins = " ".join(f"JOIN {table} t{i} ON t{i}.id = t{i - 1}.id" for i in range(1, 12))
+    return f"SELECT pg_sleep(0.03) FROM {table} t0 {joins} WHERE t0.id = %s"
+
+
+@pytest.mark.parametrize("mode", ["flush", "wire"])
+def test_phase_timing_exact_only_where_the_wire_shows_the_boundary(make_proxy, otlp, app, table, mode):
+    proxy = make_proxy(phase_timing=mode)
+    with connect(proxy) as conn:
+        sql = _slow_phases_query(conn, table)
+        with app.span() as c1:
+            conn.execute(comment(sql, c1), (0,))
+    spans = collect(proxy, otlp, with_app(c1.trace_id, 1))
+    (stmt,) = server_spans(spans, c1.trace_id)
+    parse, plan, execute = assert_statement(spans, stmt, name=stmt.name, phases=("parse", "plan", "execute"), parent=stmt.parent_span_id)
+    exact = [p.attributes["pgotel.timing.exact"] for p in (parse, plan, execute)]
+    if mode == "flush":
+        # The server answered each phase at once, and planning and execution took
+        # long enough for each answer to arrive in a read of its own.
+        assert exact == [True, True, True]
+        assert parse.end_ns <= plan.start_ns and plan.end_ns <= execute.start_ns, [p.describe() for p in (parse, plan, execute)]
+        assert execute.end_ns - execute.start_ns >= 25_000_000  # the sleep is in execute
+        assert plan.end_ns - plan.start_ns < execute.end_ns - execute.start_ns
+    else:
+        # Everything was answered at Sync: the durations are upper bounds and say so.
+        assert exact == [False, False, False]
+    assert_nested(stmt, parse)
+    assert_nested(stmt, execute)
+
+
+def test_flush_mode_in_a_pipeline_keeps_spans_nested(make_proxy, otlp, app):
     proxy = make_proxy(phase_timing="flush")
     with connect(proxy) as conn:
-        with app.span() as c1:
-            conn.execute(comment(f"SELECT count(*) FROM {table} WHERE id > %s", c1), (0,))
         with app.span() as c2, conn.pipeline():
             conn.execute(comment("SELECT %s::int", c2), (1,))
             conn.execute(comment("SELECT %s::int", c2), (2,))
-    spans = collect(proxy, otlp, lambda s: with_app(c1.trace_id, 1)(s) and with_app(c2.trace_id, 2)(s))
-    stmts = server_spans(spans, c1.trace_id) + server_spans(spans, c2.trace_id)
-    assert len(stmts) == 3
-    for stmt in stmts:
+    spans = collect(proxy, otlp, with_app(c2.trace_id, 2))
+    for stmt in server_spans(spans, c2.trace_id):
         parse, plan, execute = assert_statement(spans, stmt, name=stmt.name, phases=("parse", "plan", "execute"), parent=stmt.parent_span_id)
-        assert [p.attributes["pgotel.timing.exact"] for p in (parse, plan, execute)] == [True, True, True]
         assert parse.end_ns <= plan.start_ns and plan.end_ns <= execute.start_ns, [p.describe() for p in (parse, plan, execute)]
+        for p in (parse, plan, execute):
+            if p.attributes["pgotel.timing.exact"]:
+                assert p.end_ns > p.start_ns or p.name == "plan"
         assert_nested(stmt, parse)
         assert_nested(stmt, execute)
 
@@ -547,6 +578,6 @@ def test_wire_timing_in_pipeline_is_marked_inexact(make_proxy, otlp, app):
     first, last = server_spans(spans, ctx.trace_id)
     f = {k.name: k.attributes["pgotel.timing.exact"] for k in children(spans, first)}
     l_ = {k.name: k.attributes["pgotel.timing.exact"] for k in children(spans, last)}
+    # The whole pipeline was answered at its Sync: no phase boundary was observed.
     assert f == {"parse": False, "plan": False, "execute": False}
-    assert l_["parse"] is False and l_["plan"] is False
-    assert l_["execute"] is True  # Sync came right after the last Execute
+    assert l_ == {"parse": False, "plan": False, "execute": False}

@@ -318,14 +318,17 @@ class SpanBuilder:
             span_ctx = _span_context(trace_id, sid, flags, tracestate)
             parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
             out.append(_span(name, span_ctx, parent, SpanKind.SERVER, rec.start_ns, end, attrs, self.resource, _status(rec.status, rec.error, attrs)))
+            parse_ok, bind_ok = _observed_boundaries(rec)
             if rec.parse_start_ns and rec.parse_end_ns:
-                out.append(self._phase("parse", trace_id, flags, tracestate, span_ctx, rec.parse_start_ns, rec.parse_end_ns, rec.parse_exact))
+                out.append(self._phase("parse", trace_id, flags, tracestate, span_ctx, rec.parse_start_ns, rec.parse_end_ns, parse_ok))
             if rec.bind_start_ns and rec.bind_end_ns:
                 start = max(rec.bind_start_ns, rec.parse_end_ns)
-                out.append(self._phase("plan", trace_id, flags, tracestate, span_ctx, start, rec.bind_end_ns, rec.bind_exact))
+                exact = bind_ok and (parse_ok or not rec.parse_end_ns)
+                out.append(self._phase("plan", trace_id, flags, tracestate, span_ctx, start, rec.bind_end_ns, exact))
             if rec.exec_start_ns and rec.end_ns and rec.status != "skipped":
                 start = max(rec.exec_start_ns, rec.bind_end_ns)
-                out.append(self._phase("execute", trace_id, flags, tracestate, span_ctx, start, rec.end_ns, rec.exec_exact))
+                exact = rec.exec_exact and (bind_ok or not rec.bind_end_ns)
+                out.append(self._phase("execute", trace_id, flags, tracestate, span_ctx, start, rec.end_ns, exact))
         conn.end_of_statement(rec.tx_status, rec.tag)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
@@ -466,6 +469,20 @@ def _raw_piece(text: str, i: int, count: int) -> str | None:
     if pieces and i < len(pieces):
         return pieces[i]
     return None
+
+
+def _observed_boundaries(rec: Statement) -> tuple[bool, bool]:
+    """Whether the ends of parse and of bind (plan) were really observed on the wire.
+
+    The server must have flushed right after the answer (``*_exact``), and the
+    answer must have arrived in an earlier read than the next phase's: answers
+    that the proxy read together (it was busy, or the network coalesced them)
+    carry one arrival time, which is no phase boundary.
+    """
+    later = rec.bind_end_ns or rec.end_ns
+    parse_ok = rec.parse_exact and (not later or rec.parse_end_ns < later)
+    bind_ok = rec.bind_exact and (not rec.end_ns or rec.bind_end_ns < rec.end_ns)
+    return parse_ok, bind_ok
 
 
 def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | None, remote: bool = False) -> SpanContext:
