@@ -234,10 +234,16 @@ _WATCHED = ("pgotel_proxy.sqlcomment", "pgotel_proxy.tracing.sqlinfo")
 
 
 def watch_logs() -> Callable[[], list[str]]:
-    """Collect every record the parsers log; return a function that takes and clears them."""
+    """Collect every record the parsers log; return a function that takes and clears them.
+
+    The returned function has a ``close()`` attribute that detaches the handler
+    and restores the loggers' levels.
+    """
     handler = _Records()
+    saved = {}
     for name in _WATCHED:
         logger = logging.getLogger(name)
+        saved[name] = logger.level
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
 
@@ -246,4 +252,11 @@ def watch_logs() -> Callable[[], list[str]]:
         handler.records.clear()
         return got
 
+    def close() -> None:
+        for name, level in saved.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    take.close = close  # type: ignore[attr-defined]
     return take

@@ -37,7 +37,13 @@ PER_INPUT_SECONDS = 1.0  # generous: the slowest kept input takes a few millisec
 RUNS = {"client": 4000, "server": 2000, "startup": 20000, "sqlcomment": 3000, "sqlinfo": 1500}
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 
-take_logs = watch_logs()
+
+
+@pytest.fixture
+def take_logs():
+    take = watch_logs()
+    yield take
+    take.close()
 
 
 def corpus(target: str) -> list[pathlib.Path]:
@@ -45,7 +51,7 @@ def corpus(target: str) -> list[pathlib.Path]:
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_corpus_replay(target):
+def test_corpus_replay(target, take_logs):
     files = corpus(target)
     assert len(files) >= 5, f"corpus/{target} is nearly empty"
     fn = TARGETS[target]
@@ -101,7 +107,7 @@ def _mutate(data: bytes, muts) -> bytes:
 
 @pytest.mark.skipif(HAVE_ATHERIS, reason="the coverage-guided run covers this")
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_mutation_search_without_atheris(target):
+def test_mutation_search_without_atheris(target, take_logs):
     files = corpus(target)
     fn = TARGETS[target]
 
