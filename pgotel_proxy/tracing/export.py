@@ -148,9 +148,9 @@ class ExportPipeline:
         while q:
             if deadline is not None and time.monotonic() > deadline:
                 return
-            batch = []
-            while q and len(batch) < self.batch_size:
-                batch.append(q.popleft())
+            # This thread is the only consumer: the queue cannot shrink under it.
+            pop = q.popleft
+            batch = [pop() for _ in range(min(len(q), self.batch_size))]
             self._in_flight = len(batch)
             try:
                 self._export(batch)

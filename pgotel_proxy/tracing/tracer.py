@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -118,9 +117,9 @@ class Tracer:
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pgotel-spans", daemon=True)
         self._thread.start()
-        # Spans are built on another thread; keep its GIL turns short so the relay waits little.
-        if sys.getswitchinterval() > 0.001:
-            sys.setswitchinterval(0.001)
+        # The interpreter's switch interval stays at its default (5 ms): against 1 ms,
+        # measured with bench/run.py (README there), the traced proxy used less CPU
+        # per transaction at 1 and 8 clients and its p99 latency was no worse.
 
     @classmethod
     def from_config(cls, config: Any, exporter: Any = None) -> "Tracer":
