@@ -56,6 +56,7 @@ EVERY_TYPE = {
     "str": "SELECT 1",
     "empty_str": "",
     "unicode": "naïve ☃ 表",
+    "long": "SELECT " + "x, " * 2000 + "1",
     "bool_true": True,
     "bool_false": False,
     "int": 42,

@@ -1,18 +1,22 @@
 """The fast OTLP encoding path: ReadableSpans → ``ExportTraceServiceRequest`` and the exporters that use it.
 
 opentelemetry-exporter-otlp's encoder costs tens of µs per span in pure
-Python (a generic ``isinstance`` ladder per attribute value, ``Resource`` hashed
-through ``json.dumps`` once per span to group spans). The proxy's spans share
-one resource and one scope, and their attributes repeat (the connection's base
-attributes, statement texts, command tags), so :func:`encode_spans` here:
+Python (a message object built per attribute, per value and per span, a generic
+``isinstance`` ladder per value, ``Resource`` hashed through ``json.dumps``
+once per span to group spans). The proxy's spans share one resource and one
+scope, and their attributes repeat (the connection's base attributes,
+statement texts, command tags), so :func:`encode_request` here:
 
 * groups spans by the identity of their resource and scope (merging groups
   whose resources or scopes are equal but distinct objects, as the SDK's
-  hashing would), so nothing is hashed per span;
-* encodes each resource and scope once and reuses the message;
-* builds ``KeyValue`` messages with a type switch and keeps recently built
-  ones for repeated (key, value) pairs, so a repeated attribute costs a copy
-  in the C protobuf runtime instead of a Python construction.
+  hashing does), so nothing is hashed per span;
+* encodes each resource and scope once per object;
+* encodes attributes, statuses and names with the generated classes and keeps
+  the encoded bytes of recent ones, so a repeated attribute costs a dict
+  look-up;
+* writes a span's fixed scalar fields (ids, kind, times, flags) straight in
+  the wire format and joins the pieces into the serialized request (protobuf
+  fields may come in any order, and repeated fields append).
 
 The output means exactly what the SDK encoder's output means (the tests
 compare the parsed messages). :class:`HttpSpanExporter` and
@@ -57,9 +61,11 @@ _IS_REMOTE = _HAS_IS_REMOTE | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 # Encoded ``attributes`` fields by (key, type, value), for the pairs that repeat.
 # Bounded: cleared when full, so a stream of unique values (row counts,
-# parameters) costs one dict insert each.
+# parameters) costs one dict insert each; fields over 2 KiB (long statement
+# texts) are not kept, so the cache stays under about 16 MiB with its keys.
 _KV_CACHE: dict[tuple, bytes] = {}
-_KV_CACHE_MAX = 8192
+_KV_CACHE_MAX = 4096
+_KV_FIELD_MAX = 2048
 # Not floats: 0.0 and -0.0 are equal keys but different values.
 _CACHEABLE = frozenset((str, bool, int))
 _STATUS_CACHE: dict[tuple, bytes] = {}
@@ -162,7 +168,7 @@ def _attribute_fields(attributes: Mapping) -> bytes:
             except Exception as exc:  # an int beyond 64 bits, an unknown type
                 log.exception("Failed to encode key %s: %s", key, exc)
                 continue
-            if ck is not None:
+            if ck is not None and len(field) <= _KV_FIELD_MAX:
                 if len(cache) >= _KV_CACHE_MAX:
                     cache.clear()
                 cache[ck] = field
@@ -340,7 +346,7 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-    """The OTLP request for ``spans`` as a message (for gRPC): :func:`encode_request`, parsed."""
+    """The OTLP request for ``spans`` as a message (for gRPC): :func:`encode_request`, parsed (in C, ≈ 0.4 µs a span)."""
     return ExportTraceServiceRequest.FromString(encode_request(spans))
 
 
