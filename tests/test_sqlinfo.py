@@ -385,9 +385,26 @@ def test_cache_returns_same_object_and_skips_large():
     assert analyze("".join(list(sql))) is first
     big = "SELECT * FROM t WHERE a IN (" + ", ".join(["1"] * 10000) + ")"
     assert len(big) > sqlinfo.CACHE_MAX_CHARS
-    before = sqlinfo._analyze_cached.cache_info().currsize
+    before = sqlinfo._analyze_all_cached.cache_info().currsize
     assert analyze(big).sanitized == "SELECT * FROM t WHERE a IN (?)"
-    assert sqlinfo._analyze_cached.cache_info().currsize == before
+    assert sqlinfo._analyze_all_cached.cache_info().currsize == before
+
+
+def test_texts_differing_only_in_literals_share_one_analysis():
+    table = f"shape_probe_{uuid.uuid4().hex}"
+    first = analyze(f"SELECT abalance FROM {table} WHERE aid = 4711 AND name = 'alice'")
+    again = analyze(f"SELECT abalance FROM {table} WHERE aid = 12 AND name = 'bob''s'")
+    assert again is first  # no second parse
+    assert again.sanitized == f"SELECT abalance FROM {table} WHERE aid = ? AND name = ?"
+    # the blanking never merges texts that differ in anything but plain literals
+    other = analyze(f"SELECT abalance FROM {table}2 WHERE aid = 4711 AND name = 'alice'")
+    assert other.collection == f"{table}2"
+    escaped = analyze(f"SELECT abalance FROM {table} WHERE aid = 5 AND name = E'x\\'y'")
+    assert escaped is not first and "x" not in escaped.sanitized
+    quoted = analyze(f'SELECT abalance FROM "{table} 7" WHERE aid = 5')
+    assert quoted.collection == f'"{table} 7"'
+    ident = analyze(f"SELECT abalance FROM {table}_9 WHERE aid = 5 AND name = 'a'")
+    assert ident.collection == f"{table}_9"
 
 
 def test_odd_inputs_never_raise():
@@ -545,3 +562,25 @@ def test_summaries_describe_statements_the_server_accepts(pg):
                 conn.rollback()
             checked += 1
     assert checked > 20
+
+
+_SHAPE_TEMPLATES = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = {n}",
+    "UPDATE pgbench_accounts SET abalance = abalance + {n} WHERE aid = {m}",
+    "INSERT INTO t (a, b) VALUES ({n}, {s})",
+    "SELECT * FROM t WHERE a IN ({n}, {m}) AND b = {s} LIMIT {m}",
+    "SELECT {n} AS x, {s}::text",
+    "SELECT * FROM t{n} WHERE c = {s}",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(_SHAPE_TEMPLATES),
+    st.integers(0, 10**12),
+    st.floats(0, 1e6, allow_nan=False).map(lambda f: repr(f)),
+    st.text(max_size=20).map(lambda t: "'" + t.replace("'", "''") + "'"),
+)
+def test_shape_cache_agrees_with_a_fresh_analysis(template, n, m, s):
+    sql = template.format(n=n, m=m, s=s)
+    assert analyze_many(sql) == list(sqlinfo._analyze_all(sql))

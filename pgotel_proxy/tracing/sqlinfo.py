@@ -923,9 +923,33 @@ def _combine(infos: tuple[SqlInfo, ...]) -> SqlInfo:
     )
 
 
-@lru_cache(maxsize=CACHE_SIZE)
-def _analyze_cached(sql: str) -> SqlInfo:
-    return _combine(_analyze_all_cached(sql))
+# Statements sent with the simple protocol carry their values inline
+# ("... WHERE aid = 4711"), so their texts rarely repeat, but their shapes do.
+# Everything analyze() returns is the same for two texts that differ only in
+# plain string and number literals (the sanitised text has "?" for both), so a
+# second cache is keyed by the text with those literals blanked out. Texts
+# with anything the blanking regex cannot read exactly (escapes, dollar quotes,
+# quoted identifiers, comments, typed or prefixed strings, parameters) skip it.
+_SHAPE_UNSAFE = re.compile(r"""[\\$"]|--|/\*|(?<![\w$])[eEbBxXnN]'|[uU]&""")
+_SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
+_shapes: dict[str, tuple[SqlInfo, ...]] = {}
+
+
+def _analyze_all_shaped(sql: str) -> tuple[SqlInfo, ...]:
+    if ("'" in sql or _HAS_DIGIT.search(sql)) and _SHAPE_UNSAFE.search(sql) is None:
+        shape = _SHAPE_LITERAL.sub("\x01", sql)
+        if shape != sql:
+            hit = _shapes.get(shape)
+            if hit is None:
+                hit = _analyze_all_cached(sql)
+                if len(_shapes) >= CACHE_SIZE:
+                    _shapes.clear()  # crude but bounded; refilled by the statements in use
+                _shapes[shape] = hit
+            return hit
+    return _analyze_all_cached(sql)
+
+
+_HAS_DIGIT = re.compile(r"\d")
 
 
 def _coerce(sql: Any) -> str:
@@ -940,7 +964,8 @@ def analyze(sql: str) -> SqlInfo:
     """Describe a whole statement text (one Query or Parse message); never raises."""
     try:
         if type(sql) is str and len(sql) <= CACHE_MAX_CHARS:
-            return _analyze_cached(sql)
+            infos = _analyze_all_shaped(sql)
+            return infos[0] if len(infos) == 1 else _combine(infos)
         return _combine(_analyze_all(_coerce(sql)))
     except Exception:  # noqa: BLE001 - tracing must never break the proxied session
         log.warning("sql analysis failed", exc_info=True)
@@ -951,7 +976,7 @@ def analyze_many(sql: str) -> list[SqlInfo]:
     """Describe each statement of a multi-statement text separately; never raises."""
     try:
         if type(sql) is str and len(sql) <= CACHE_MAX_CHARS:
-            return list(_analyze_all_cached(sql))
+            return list(_analyze_all_shaped(sql))
         return list(_analyze_all(_coerce(sql)))
     except Exception:  # noqa: BLE001
         log.warning("sql analysis failed", exc_info=True)
