@@ -9,16 +9,39 @@ that need no password (trust).
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
+import threading
 
-__all__ = ["PROTOCOL_3_0", "PROTOCOL_3_2", "RawConn", "error_fields", "send_cancel"]
+__all__ = [
+    "PROTOCOL_3_0",
+    "PROTOCOL_3_2",
+    "RawConn",
+    "RecordingTee",
+    "error_fields",
+    "message",
+    "send_cancel",
+    "startup_packet",
+]
 
 PROTOCOL_3_0 = 196608
 PROTOCOL_3_2 = 196610
 _CANCEL_REQUEST_CODE = 80877102
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def message(typ: bytes, body: bytes = b"") -> bytes:
+    """A whole typed message: type byte, int32 length, body."""
+    return typ + struct.pack("!I", len(body) + 4) + body
+
+
+def startup_packet(user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0, **extra: str) -> bytes:
+    """A whole StartupMessage."""
+    params = {"user": user, "database": database, **extra}
+    body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
+    return struct.pack("!II", len(body) + 8, code) + body
 
 
 def error_fields(body: bytes) -> dict[str, str]:
@@ -100,9 +123,7 @@ class RawConn:
 
     def send_startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
                      **extra: str) -> None:
-        params = {"user": user, "database": database, **extra}
-        body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
-        self.send(struct.pack("!II", len(body) + 8, code) + body)
+        self.send(startup_packet(user, database, code, **extra))
 
     def startup(self, user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0,
                 **extra: str) -> list[tuple[str, bytes]]:
@@ -111,8 +132,7 @@ class RawConn:
         return self.read_until_ready()
 
     def query(self, sql: str) -> list[tuple[str, bytes]]:
-        payload = sql.encode() + b"\x00"
-        self.send(b"Q" + struct.pack("!I", len(payload) + 4) + payload)
+        self.send(message(b"Q", sql.encode() + b"\x00"))
         return self.read_until_ready()
 
     def send_function_call(self, oid: int, args: list[bytes], result_format: int = 1) -> None:
@@ -134,3 +154,44 @@ def send_cancel(host: str, port: int, pid: int, key: bytes, timeout: float = 10.
             if not chunk:
                 return data
             data += chunk
+
+
+class RecordingTee:
+    """Forwards one TCP connection to ``upstream`` and records both directions in arrival order."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.steps: list[tuple[str, bytes]] = []  # ("c" | "s", chunk)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        a, _ = self.lsock.accept()
+        b = socket.create_connection(self.upstream)
+        with a, b:
+            open_ = {a, b}
+            while open_:
+                ready, _, _ = select.select(list(open_), [], [], 5)
+                if not ready:
+                    return
+                for s in ready:
+                    data = s.recv(65536)
+                    other = b if s is a else a
+                    if not data:
+                        open_.discard(s)
+                        try:
+                            other.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+                        continue
+                    self.steps.append(("c" if s is a else "s", data))
+                    other.sendall(data)
+
+    def join(self) -> None:
+        self._thread.join(10)
+        self.lsock.close()
+
+    def client_bytes(self) -> bytes:
+        return b"".join(d for side, d in self.steps if side == "c")

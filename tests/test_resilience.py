@@ -43,27 +43,16 @@ import pytest
 
 from pgotel_proxy.stats import STATS
 from waiting import free_port as _free_port, wait_for as _wait_for
+from rawpg import error_fields as _fields, message as _msg, startup_packet as _startup
 
 # ---------------------------------------------------------------------------
 # helpers
 
 
-def _msg(typ: bytes, body: bytes = b"") -> bytes:
-    return typ + struct.pack("!I", len(body) + 4) + body
 
 
-def _fields(body: bytes) -> dict[str, str]:
-    out = {}
-    for part in body.split(b"\x00"):
-        if part:
-            out[chr(part[0])] = part[1:].decode("utf-8", "replace")
-    return out
 
 
-def _startup(user: str = "postgres", **params: str) -> bytes:
-    kv = {"user": user, "database": "postgres", **params}
-    body = struct.pack("!I", 196608) + b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in kv.items()) + b"\x00"
-    return struct.pack("!I", len(body) + 4) + body
 
 
 def _rss() -> int:

@@ -12,7 +12,6 @@ writes to, and pg_stat_statements call counts, are compared.
 
 from __future__ import annotations
 
-import select
 import socket
 import struct
 import threading
@@ -20,48 +19,9 @@ import threading
 import psycopg
 import pytest
 
+from rawpg import RecordingTee as Tee
+
 APP = "pgotel-transparency"
-
-
-class Tee:
-    """Forwards one TCP connection to ``upstream`` and records both directions in arrival order."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.steps: list[tuple[str, bytes]] = []  # ("c" | "s", chunk)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        a, _ = self.lsock.accept()
-        b = socket.create_connection(self.upstream)
-        with a, b:
-            open_ = {a, b}
-            while open_:
-                ready, _, _ = select.select(list(open_), [], [], 5)
-                if not ready:
-                    return
-                for s in ready:
-                    data = s.recv(65536)
-                    other = b if s is a else a
-                    if not data:
-                        open_.discard(s)
-                        try:
-                            other.shutdown(socket.SHUT_WR)
-                        except OSError:
-                            pass
-                        continue
-                    self.steps.append(("c" if s is a else "s", data))
-                    other.sendall(data)
-
-    def join(self) -> None:
-        self._thread.join(10)
-        self.lsock.close()
-
-    def client_bytes(self) -> bytes:
-        return b"".join(d for side, d in self.steps if side == "c")
 
 
 def workload(dsn: str) -> None:

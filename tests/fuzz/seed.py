@@ -25,57 +25,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
-import select
-import socket
 import struct
 import sys
-import threading
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from rawpg import RecordingTee as Tee  # noqa: E402
 from targets import MAX_INPUT  # noqa: E402
 
 CORPUS = HERE / "corpus"
-
-
-class Tee:
-    """Forward one TCP connection to ``upstream``; record both directions in arrival order."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.steps: list[tuple[str, bytes]] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        a, _ = self.lsock.accept()
-        b = socket.create_connection(self.upstream)
-        with a, b:
-            open_ = {a, b}
-            while open_:
-                ready, _, _ = select.select(list(open_), [], [], 5)
-                if not ready:
-                    return
-                for s in ready:
-                    data = s.recv(65536)
-                    other = b if s is a else a
-                    if not data:
-                        open_.discard(s)
-                        try:
-                            other.shutdown(socket.SHUT_WR)
-                        except OSError:
-                            pass
-                        continue
-                    self.steps.append(("c" if s is a else "s", data))
-                    other.sendall(data)
-
-    def join(self) -> None:
-        self._thread.join(10)
-        self.lsock.close()
 
 
 def _psycopg(pg, port: int) -> None:
