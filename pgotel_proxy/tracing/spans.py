@@ -22,19 +22,15 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.semconv._incubating.attributes.db_attributes import DB_RESPONSE_RETURNED_ROWS, DB_USER
+from opentelemetry.semconv._incubating.attributes.db_attributes import DB_RESPONSE_RETURNED_ROWS
 from opentelemetry.semconv.attributes.db_attributes import (
     DB_COLLECTION_NAME,
-    DB_NAMESPACE,
     DB_OPERATION_NAME,
     DB_QUERY_SUMMARY,
     DB_QUERY_TEXT,
     DB_RESPONSE_STATUS_CODE,
-    DB_SYSTEM_NAME,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.semconv.attributes.network_attributes import NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT
-from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -287,11 +283,12 @@ class SpanBuilder:
         if comment is not None and comment.invalid_traceparent:
             STATS.sqlcomment_invalid_traceparent += 1
         text = comment.stripped_sql if comment is not None else raw
-        info = sqlinfo.analyze(text) if text else None
         ok = rec.status == "ok"
         conn.observe_set(text, ok, rec.tx_status)
         ctx = self._context(conn, comment)
         if ctx is not None:
+            # Analysed only when sampled: an unsampled statement costs its comment parse alone.
+            info = sqlinfo.analyze(text) if text else None
             trace_id, parent_id, flags, tracestate = ctx
             sid = _new_id(64)
             name = info.summary if info is not None else "postgresql"
