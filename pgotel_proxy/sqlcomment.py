@@ -276,46 +276,20 @@ class _Budget:
 
 
 def _parse(sql: str, max_len: int) -> Comment | None:
-    n = len(sql)
     budget = _Budget()
     spans: list[tuple[int, int]] = []
     tags: dict[str, str] = {}
 
     # Leading comments need no lexing: nothing before them can open a literal.
-    pos = _WS_RUN.match(sql).end()
-    lead_end = pos
-    count = 0
-    while sql.startswith("/*", pos):
-        if count >= _MAX_COMMENTS:
-            budget.malformed = True
-            break
-        end = _comment_end(sql, pos, max_len, budget)
-        if end < 0:
-            break
-        count += 1
-        if _read_pairs(sql, pos + 2, end - 2, tags, budget):
-            spans.append((pos, end))
-        pos = _WS_RUN.match(sql, end).end()
-        lead_end = pos
+    lead_end = _comment_run(sql, _WS_RUN.match(sql).end(), _WS_RUN, max_len, tags, spans, budget)
 
     # Trailing comments: cheap test first, the lexer only when the statement
     # really ends with "*/".
     if sql.rstrip(_WS + ";").endswith("*/"):
         code_end = _code_end(sql, budget)
         if code_end >= 0:
-            pos = _GAP_RUN.match(sql, max(code_end, lead_end)).end()
-            count = 0
-            while pos < n and sql.startswith("/*", pos):
-                if count >= _MAX_COMMENTS:
-                    budget.malformed = True
-                    break
-                end = _comment_end(sql, pos, max_len, budget)
-                if end < 0:
-                    break
-                count += 1
-                if _read_pairs(sql, pos + 2, end - 2, tags, budget):
-                    spans.append((pos, end))
-                pos = _GAP_RUN.match(sql, end).end()
+            start = _GAP_RUN.match(sql, max(code_end, lead_end)).end()
+            _comment_run(sql, start, _GAP_RUN, max_len, tags, spans, budget)
 
     if budget.oversized:
         STATS.oversized += 1
@@ -405,6 +379,24 @@ def _code_end(sql: str, budget: _Budget) -> int:
                 break
             else:
                 depth -= 1
+
+
+def _comment_run(sql: str, pos: int, gap: re.Pattern, max_len: int, tags: dict[str, str],
+                 spans: list[tuple[int, int]], budget: _Budget) -> int:
+    """Read the comments that follow one another from ``pos`` (``gap`` between them); return where the run ends."""
+    count = 0
+    while sql.startswith("/*", pos):
+        if count >= _MAX_COMMENTS:
+            budget.malformed = True
+            break
+        end = _comment_end(sql, pos, max_len, budget)
+        if end < 0:
+            break
+        count += 1
+        if _read_pairs(sql, pos + 2, end - 2, tags, budget):
+            spans.append((pos, end))
+        pos = gap.match(sql, end).end()
+    return pos
 
 
 def _read_pairs(sql: str, start: int, end: int, tags: dict[str, str], budget: _Budget) -> bool:
