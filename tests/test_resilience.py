@@ -22,6 +22,7 @@ because the suite shares a small machine with other work.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import shutil
@@ -613,3 +614,51 @@ def test_failed_reload_keeps_every_old_setting(pg, certs, tmp_path):
         assert _served_cert(cli.port) == _file_cert(certs["proxy_cert"])
     finally:
         cli.stop()
+
+
+# ---------------------------------------------------------------------------
+# tracing switch and sample rate reloaded on SIGHUP
+
+
+def test_sighup_reloads_tracing_switch_and_sample_rate(pg, otlp, tmp_path):
+    conf = tmp_path / "proxy.toml"
+    conf.write_text("sample_rate = 1.0\ntracing = true\n")
+    admin = _free_port()
+    cli = _Cli([
+        "--config", str(conf), "--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable",
+        "--admin-listen", f"127.0.0.1:{admin}", "--otlp-endpoint", otlp.http_endpoint,
+        "--export-interval", "0.05",
+    ])
+
+    def status() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    try:
+        _wait_for(lambda: _try(status), timeout=10, what="the admin endpoint")
+        assert status()["sample_rate"] == 1.0 and status()["tracing"] is True
+        conf.write_text("sample_rate = 0.25\ntracing = false\n")
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: status()["sample_rate"] == 0.25 and status()["tracing"] is False, timeout=10,
+                  what="the reloaded settings")
+        # with tracing off, statements leave no spans
+        otlp.clear()
+        with psycopg.connect(f"host=127.0.0.1 port={cli.port} user=postgres dbname=postgres sslmode=disable") as c:
+            c.execute("SELECT 'after reload'")
+        time.sleep(0.5)
+        assert not [s for s in otlp.spans if s.kind == "SERVER"]
+        # a bad file keeps the running settings
+        conf.write_text("sample_rate = 7\n")
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "reload failed" in cli.stderr, timeout=10, what="the reload error in the log")
+        assert status()["sample_rate"] == 0.25
+        assert cli.proc.poll() is None
+    finally:
+        cli.stop()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError:
+        return None
