@@ -37,7 +37,6 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-import threading
 import time
 
 import asyncpg
@@ -46,6 +45,7 @@ import pytest
 
 from pgserver import USERS, PgServer
 from rawpg import RawConn, error_fields
+from waiting import cancel_sleep
 
 LIBPQ = psycopg.pq.version()
 
@@ -90,13 +90,7 @@ def test_cancel_over_client_tls(make_proxy, certs):
     proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
     with _connect(proxy, sslmode="verify-full", sslrootcert=certs["ca"]) as conn:
         # cancel_safe() opens its cancel connection with the same sslmode: SSLRequest, then CancelRequest.
-        timer = threading.Timer(0.3, conn.cancel_safe)
-        timer.start()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("select pg_sleep(10)")
-        finally:
-            timer.join()
+        cancel_sleep(conn)
         assert conn.execute("select 'after cancel'").fetchone() == ("after cancel",)
 
 
@@ -133,13 +127,7 @@ def test_direct_tls(make_proxy, certs):
         assert conn.pgconn.ssl_in_use
         assert conn.execute("select 'direct'").fetchone() == ("direct",)
         # The cancel connection negotiates the same way.
-        timer = threading.Timer(0.3, conn.cancel_safe)
-        timer.start()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("select pg_sleep(10)")
-        finally:
-            timer.join()
+        cancel_sleep(conn)
         assert conn.execute("select 2").fetchone() == (2,)
 
 

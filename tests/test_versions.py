@@ -13,7 +13,6 @@ bytes always.
 from __future__ import annotations
 
 import struct
-import threading
 import time
 
 import psycopg
@@ -24,6 +23,7 @@ from otlp_receiver import OtlpReceiver
 from pgserver import USERS, PgServer
 from proxyctl import RunningProxy
 from rawpg import PROTOCOL_3_2, RawConn, error_fields, send_cancel
+from waiting import cancel_sleep
 
 pytestmark = pytest.mark.smoke
 
@@ -148,15 +148,8 @@ def test_copy(target):
 
 def test_cancel(target):
     with target.connect() as conn:
-        timer = threading.Timer(0.3, conn.cancel_safe)
-        timer.start()
-        t0 = time.monotonic()
-        try:
-            with pytest.raises(errors.QueryCanceled):
-                conn.execute("select pg_sleep(10)")
-        finally:
-            timer.join()
-        assert time.monotonic() - t0 < 3
+        took = cancel_sleep(conn)
+        assert took < 3
         assert conn.execute("select 1").fetchone() == (1,)
 
 
@@ -166,13 +159,7 @@ def test_protocol_3_2_with_libpq(target):
         # PostgreSQL 18 speaks 3.2; older servers answer NegotiateProtocolVersion and libpq falls back.
         expected = 30002 if target.major >= 18 else 30000
         assert conn.pgconn.full_protocol_version == expected
-        timer = threading.Timer(0.3, conn.cancel_safe)
-        timer.start()
-        try:
-            with pytest.raises(errors.QueryCanceled):
-                conn.execute("select pg_sleep(10)")
-        finally:
-            timer.join()
+        cancel_sleep(conn)
         assert conn.execute("select 'after'").fetchone() == ("after",)
 
 

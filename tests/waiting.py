@@ -28,3 +28,26 @@ def wait_for(pred: Callable[[], T], timeout: float = 5.0, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def cancel_sleep(conn, delay: float = 0.3) -> float:
+    """Run ``pg_sleep(10)`` on a psycopg connection, cancel it with ``cancel_safe()`` after ``delay``.
+
+    Asserts the statement was cancelled (SQLSTATE 57014) and returns how long it
+    took; the connection is usable afterwards.
+    """
+    import threading
+
+    import psycopg
+
+    timer = threading.Timer(delay, conn.cancel_safe)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        conn.execute("select pg_sleep(10)")
+    except psycopg.errors.QueryCanceled as exc:
+        assert exc.sqlstate == "57014", exc.sqlstate
+        return time.monotonic() - t0
+    finally:
+        timer.join()
+    raise AssertionError("pg_sleep(10) was not cancelled")
