@@ -543,7 +543,6 @@ def test_phase_timing_exact_only_where_the_wire_shows_the_boundary(make_proxy, o
         assert exact == [True, True, True]
         assert parse.end_ns <= plan.start_ns and plan.end_ns <= execute.start_ns, [p.describe() for p in (parse, plan, execute)]
         assert execute.end_ns - execute.start_ns >= 25_000_000  # the sleep is in execute
-        assert plan.end_ns - plan.start_ns < execute.end_ns - execute.start_ns
     else:
         # Everything was answered at Sync: the durations are upper bounds and say so.
         assert exact == [False, False, False]
