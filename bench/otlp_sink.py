@@ -40,6 +40,11 @@ def _count_spans(request) -> list:
 # The receiver's transports parse each request, then hand it to decode_request;
 # in this process (and only here) that step just counts.
 otlp_receiver.decode_request = _count_spans
+# Keep-alive, as every OTLP collector does: the test receiver answers in
+# HTTP/1.0 (one request per connection, so that stopping it never waits for an
+# idle socket), which would charge the proxy a TCP connection per export.
+# Stopping the sink may then wait up to the handler's timeout for idle sockets.
+otlp_receiver._HttpHandler.protocol_version = "HTTP/1.1"
 
 
 class CountingReceiver(OtlpReceiver):

@@ -70,11 +70,16 @@ def summarise(raw: str, top: int, us_per_sample: float) -> str:
         frames = stack.split(";")
         thread = "all"
         if frames and frames[0].startswith(("thread (", "process ")):
-            # --threads puts "thread (<tid>)[: <name>]" (and maybe "process N") first.
-            named = frames[0].partition("): ")[2]
-            while frames and frames[0].startswith(("thread (", "process ")):
+            # --subprocesses puts "process <pid>:"<command line>"" first, --threads
+            # "thread (<tid>)[: <name>]" next.
+            proc = ""
+            if frames[0].startswith("process "):
+                proc = "span process: " if "tracing.process" in frames[0] else ""
                 frames = frames[1:]
-            thread = named or (_frame_name(frames[0]) if frames else "?")
+            named = frames[0].partition("): ")[2].strip('"') if frames and frames[0].startswith("thread (") else ""
+            while frames and frames[0].startswith("thread ("):
+                frames = frames[1:]
+            thread = proc + (named or (_frame_name(frames[0]) if frames else "?"))
         names = [_frame_name(f) for f in frames]
         if not names:
             continue
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.run_pgbench(target, script=script, mode=args.mode, clients=2, duration=2, logdir=workdir)
             raw_path = out_dir / f"pyspy-{args.config}-{args.mode}-{args.clients}.txt"
             spy_cmd = [pyspy, "record", "--pid", str(target.pid), "--format", "raw", "--threads",
-                       "--rate", str(args.rate), "-o", str(raw_path),
+                       "--rate", str(args.rate), "-o", str(raw_path), "--subprocesses",
                        "--duration", str(int(args.duration + 30))]
             # Native unwinding must stop the process for each sample; Python-only need not.
             spy_cmd.append("--native" if args.native else "--nonblocking")

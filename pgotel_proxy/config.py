@@ -219,6 +219,11 @@ class Config(BaseModel):
     service_name: str | None = _opt(
         None, group="Export", metavar="NAME",
         description="service.name of the spans. Unset: OTEL_SERVICE_NAME, else pgotel-proxy.")
+    span_process: bool = _opt(
+        True, group="Export",
+        description="Build and export spans in a helper process, so that the relay never waits for "
+                    "the interpreter lock (OTLP exporter only). Off, with the console exporter or with "
+                    "server-side enrichment configured: on a thread of the proxy process.")
     span_queue_size: int = _opt(
         20000, group="Export", metavar="N", ge=1,
         description="Spans buffered for export; when full, new spans are dropped (and counted).")

@@ -258,7 +258,11 @@ def parse(sql: str, *, max_len: int = 8192) -> Comment | None:
     if not isinstance(sql, str) or "/*" not in sql:
         return None
     try:
-        return _parse(sql, max(int(max_len), 4))
+        max_len = max(int(max_len), 4)
+        m = _TP_VALUE.search(sql) if len(sql) <= _SHAPE_MAX_CHARS else None
+        if m is None or sql.count(m.group(1)) != 1:
+            return _parse(sql, max_len)
+        return _parse_shaped(sql, m, max_len)
     except Exception:  # pragma: no cover - a bug here must not break tracing
         STATS.malformed += 1
         logger.exception("sqlcommenter parse failed for a %s-char statement", len(sql))
@@ -273,6 +277,55 @@ class _Budget:
     def __init__(self) -> None:
         self.oversized = False
         self.malformed = False
+
+
+# Statements repeat with only their traceparent changed: the same text, the
+# same comment, a new trace id. Such a value ([0-9a-f] and single '-') cannot
+# change how the text lexes, so what parsing found (tags, stripped text) is
+# kept per text-around-the-value, and a repeat costs a search, a look-up and
+# the value's own check. Kept only when the value came from a sqlcommenter
+# comment and is nowhere in the stripped text, and the parse was clean.
+_TP_VALUE = re.compile(r"(?:(?<=/\*)|(?<=[,\s]))traceparent='([0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})'")
+_SHAPES: dict[tuple, tuple] = {}
+_SHAPES_MAX = 4096
+_SHAPE_MAX_CHARS = 8192
+
+
+def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
+    value = m.group(1)
+    key = (sql[:m.start(1)], sql[m.end(1):], max_len)
+    hit = _SHAPES.get(key)
+    if hit is None:
+        before = (STATS.oversized, STATS.malformed)
+        comment = _parse(sql, max_len)
+        if (comment is not None and comment.tags.get("traceparent") == value
+                and value not in comment.stripped_sql and before == (STATS.oversized, STATS.malformed)):
+            tracestate = comment.tags.get("tracestate")
+            if tracestate is not None and not valid_tracestate(tracestate):
+                tracestate = None
+            if len(_SHAPES) >= _SHAPES_MAX:
+                _SHAPES.clear()
+            _SHAPES[key] = (comment.tags, comment.stripped_sql, tracestate)
+        return comment
+    tags, stripped, tracestate = hit
+    STATS.parsed += 1
+    tags = dict(tags)
+    tags["traceparent"] = value
+    context = _known_shape_context(value, tracestate)
+    if context is None:
+        STATS.invalid_traceparent += 1
+    return Comment(tags, context, stripped, context is None)
+
+
+def _known_shape_context(value: str, tracestate: str | None) -> TraceContext | None:
+    """parse_traceparent for a value already known to be 55 lowercase-hex characters and dashes."""
+    if value.startswith("ff"):
+        return None
+    trace_id = int(value[3:35], 16)
+    span_id = int(value[36:52], 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return TraceContext(trace_id, span_id, int(value[53:55], 16), tracestate)
 
 
 def _parse(sql: str, max_len: int) -> Comment | None:

@@ -151,7 +151,10 @@ def _workload(proxy, n_conns: int = 4, per_conn: int = 500) -> float:
 
 @pytest.mark.parametrize("sickness", ["blackhole", "error", "stopped"])
 def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
-    proxy = make_proxy(span_queue_size=200, export_batch_size=50, export_timeout=0.5, shutdown_timeout=1.0)
+    # The export thread's own queue is watched: spans built on a thread (tests/test_span_process.py
+    # has the span process's version).
+    proxy = make_proxy(span_queue_size=200, export_batch_size=50, export_timeout=0.5, shutdown_timeout=1.0,
+                       span_process=False)
     _workload(proxy, 2, 50)  # warm up: connections, caches
     healthy = _workload(proxy)
     proxy.flush()
@@ -231,7 +234,7 @@ def test_flush_waits_for_the_export_in_flight(make_proxy, otlp, app):
 
 def test_shutdown_deadline_beats_a_long_export_timeout(make_proxy, otlp):
     # export_timeout (10 s) is far beyond shutdown_timeout: shutdown still ends on time.
-    proxy = make_proxy(export_timeout=10, shutdown_timeout=1.0)
+    proxy = make_proxy(export_timeout=10, shutdown_timeout=1.0, span_process=False)
     otlp.mode = "blackhole"
     dropped = STATS.spans_dropped
     _workload(proxy, 1, 30)

@@ -309,14 +309,16 @@ def test_grpc_exporter_sends_our_encoding(otlp):
     exporter.shutdown()
 
 
+@pytest.mark.parametrize("span_process", [False, True], ids=["thread", "process"])
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
-def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol):
+def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol, span_process):
     import psycopg
 
     endpoint = otlp.http_endpoint if protocol == "http/protobuf" else "http://" + otlp.grpc_endpoint
-    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint)
-    exporter = proxy.tracer.pipeline.exporter
-    assert type(exporter) is (fast.HttpSpanExporter if protocol == "http/protobuf" else fast.GrpcSpanExporter)
+    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint, span_process=span_process)
+    if not span_process:  # the span process builds its exporter the same way (make_exporter)
+        exporter = proxy.tracer.pipeline.exporter
+        assert type(exporter) is (fast.HttpSpanExporter if protocol == "http/protobuf" else fast.GrpcSpanExporter)
     with psycopg.connect(proxy.dsn(application_name="enc"), autocommit=True) as conn:
         conn.execute("SELECT %s::int AS answer", (42,))
     proxy.flush()

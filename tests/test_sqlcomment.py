@@ -581,3 +581,47 @@ def test_dollar_quote_right_after_a_closing_one():
     # ... while $ after a word character continues an identifier
     got = parse("select a$$b /*k='v'*/")
     assert got is not None and got.tags == {"k": "v"}
+
+
+# --- the per-shape cache (same text, new traceparent) ------------------------------
+
+TP_FRAGMENTS = FRAGMENTS + [
+    "traceparent='{tp}'", "/*traceparent='{tp}'*/", "/*a='1',traceparent='{tp}'*/", ",traceparent='{tp}'",
+    "xtraceparent='{tp}'", "/*traceparent='{tp}',tracestate='k=v'*/", "'{tp}'", "*/", "/*b='2'*/",
+    "$$ traceparent='{tp}' $$", "'x traceparent=''{tp}'''",
+]
+TRACE_VALUES = st.sampled_from([
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(TP_FRAGMENTS), max_size=10), TRACE_VALUES, TRACE_VALUES,
+       st.lists(st.booleans(), min_size=10, max_size=10))
+def test_shape_cache_answers_like_a_full_parse(parts, first, second, changed):
+    # The first statement fills the cache; the second is the same text with
+    # some of its trace values changed (all, or only some occurrences), and
+    # must get what a full parse of it gives.
+    pieces = "".join(parts).split("{tp}")
+    sqlcomment._SHAPES.clear()
+    for values in ([first] * 10, [second if c else first for c in changed]):
+        sql = pieces[0] + "".join(values[i] + piece for i, piece in enumerate(pieces[1:]))
+        assert parse(sql) == (sqlcomment._parse(sql, 8192) if "/*" in sql else None), sql
+
+
+def test_shape_cache_is_used_and_bounded():
+    sqlcomment._SHAPES.clear()
+    base = "SELECT * FROM t WHERE id = $1 /*route='%2Fusers',traceparent='00-{}-b7ad6b7169203331-01'*/"
+    for i in range(3):
+        got = parse(base.format(f"{i + 1:032x}"))
+        assert got.context.trace_id == i + 1 and got.tags["route"] == "/users"
+        assert got.stripped_sql == "SELECT * FROM t WHERE id = $1"
+    assert len(sqlcomment._SHAPES) == 1
+    for i in range(sqlcomment._SHAPES_MAX + 10):
+        parse(f"SELECT {i} /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/")
+    assert len(sqlcomment._SHAPES) <= sqlcomment._SHAPES_MAX

@@ -101,7 +101,7 @@ def test_record_queue_is_bounded_in_statements_and_counts_them_as_statements(mak
     all 16 were queued (4 batches < 10); now the fourth batch finds 12
     statements queued and is dropped, counted in statements_dropped.
     """
-    proxy = make_proxy(span_queue_size=10, export_batch_size=10, sample_rate=0.0)
+    proxy = make_proxy(span_queue_size=10, export_batch_size=10, sample_rate=0.0, span_process=False)
     tracer = proxy.tracer
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")  # the connection's handle is open before the builder parks

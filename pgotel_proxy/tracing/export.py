@@ -120,6 +120,7 @@ class ExportPipeline:
         self._wake = threading.Event()
         self._stop = False
         self._in_flight = 0  # spans taken off the queue whose export has not returned yet
+        self._flush_requested = False
         self._thread = threading.Thread(target=self._loop, name="pgotel-export", daemon=True)
         self._thread.start()
 
@@ -137,16 +138,29 @@ class ExportPipeline:
             self._wake.set()
 
     def _loop(self) -> None:
+        # Full batches leave as soon as they are complete; a partial one waits
+        # for the interval (or a flush), as the SDK's BatchSpanProcessor does:
+        # every request has a fixed cost (HTTP, a collector round trip), so
+        # many small ones cost more CPU per span than few full ones.
+        next_partial = time.monotonic() + self.interval
         while not self._stop:
-            self._wake.wait(self.interval)
+            self._wake.wait(max(0.0, next_partial - time.monotonic()))
             self._wake.clear()
-            self._drain()
+            now = time.monotonic()
+            if self._flush_requested or now >= next_partial:
+                self._flush_requested = False
+                self._drain()
+                next_partial = time.monotonic() + self.interval
+            else:
+                self._drain(full_only=True)
         self._drain()
 
-    def _drain(self, deadline: float | None = None) -> None:
+    def _drain(self, deadline: float | None = None, full_only: bool = False) -> None:
         q = self._q
         while q:
             if deadline is not None and time.monotonic() > deadline:
+                return
+            if full_only and len(q) < self.batch_size:
                 return
             # This thread is the only consumer: the queue cannot shrink under it.
             pop = q.popleft
@@ -171,13 +185,18 @@ class ExportPipeline:
             STATS.export_failures += 1
             STATS.spans_dropped += len(batch)
 
+    def request_export(self) -> None:
+        """Export what is queued now, partial batches included, without waiting."""
+        self._flush_requested = True
+        self._wake.set()
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Export what is queued now, including the batch on the wire; False when ``timeout`` ran out."""
         deadline = time.monotonic() + timeout
         while self._q or self._in_flight:
             if time.monotonic() >= deadline:
                 return False
-            self._wake.set()
+            self.request_export()
             time.sleep(0.005)
         return True
 

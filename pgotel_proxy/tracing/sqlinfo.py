@@ -936,6 +936,10 @@ _shapes: dict[str, tuple[SqlInfo, ...]] = {}
 
 
 def _analyze_all_shaped(sql: str) -> tuple[SqlInfo, ...]:
+    # The same text again (prepared statements, ORMs, placeholders): one look-up.
+    hit = _texts.get(sql)
+    if hit is not None:
+        return hit
     if ("'" in sql or _HAS_DIGIT.search(sql)) and _SHAPE_UNSAFE.search(sql) is None:
         shape = _SHAPE_LITERAL.sub("\x01", sql)
         if shape != sql:
@@ -945,8 +949,15 @@ def _analyze_all_shaped(sql: str) -> tuple[SqlInfo, ...]:
                 if len(_shapes) >= CACHE_SIZE:
                     _shapes.clear()  # crude but bounded; refilled by the statements in use
                 _shapes[shape] = hit
-            return hit
-    return _analyze_all_cached(sql)
+            return hit  # texts with literals vary per call: not kept by text
+    hit = _analyze_all_cached(sql)
+    if len(_texts) >= CACHE_SIZE:
+        _texts.clear()
+    _texts[sql] = hit
+    return hit
+
+
+_texts: dict[str, tuple[SqlInfo, ...]] = {}
 
 
 _HAS_DIGIT = re.compile(r"\d")

@@ -34,7 +34,7 @@ from ..stats import STATS
 from .export import ExportPipeline, make_exporter
 from .spans import ConnState, SpanBuilder
 
-__all__ = ["Tracer"]
+__all__ = ["Tracer", "connection_attributes"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
 
@@ -93,6 +93,7 @@ class Tracer:
         transaction_spans: bool = False,
         shutdown_timeout: float = 5.0,
         config: Any = None,
+        thread: bool = True,
     ) -> None:
         self.config = config
         self.enabled = enabled
@@ -116,13 +117,16 @@ class Tracer:
         self._stop = False
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pgotel-spans", daemon=True)
-        self._thread.start()
+        if thread:
+            self._thread.start()
+        else:  # the owner calls build_now(); nothing is ever queued
+            self._idle.set()
         # The interpreter's switch interval stays at its default (5 ms): against 1 ms,
         # measured with bench/run.py (README there), the traced proxy used less CPU
         # per transaction at 1 and 8 clients and its p99 latency was no worse.
 
     @classmethod
-    def from_config(cls, config: Any, exporter: Any = None) -> "Tracer":
+    def from_config(cls, config: Any, exporter: Any = None, thread: bool = True) -> "Tracer":
         service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
         resource = Resource.create({"service.name": service})
         return cls(
@@ -138,6 +142,7 @@ class Tracer:
             transaction_spans=bool(getattr(config, "transaction_spans", False)),
             shutdown_timeout=float(getattr(config, "shutdown_timeout", 5.0)),
             config=config,
+            thread=thread,
         )
 
     # ------------------------------------------------------- runtime control
@@ -166,28 +171,12 @@ class Tracer:
         return True
 
     def open(self, info) -> _Handle:
-        host, port = _split(info.upstream)
-        base = {DB_SYSTEM_NAME: "postgresql"}
-        if info.database:
-            base[DB_NAMESPACE] = info.database
-        if info.user:
-            base[DB_USER] = info.user
-        if host:
-            base[SERVER_ADDRESS] = host
-            if port:
-                base[SERVER_PORT] = port
-        peer_host, peer_port = _split(info.peer)
-        if peer_host and peer_host != "unix":
-            base[NETWORK_PEER_ADDRESS] = peer_host
-            if peer_port:
-                base[NETWORK_PEER_PORT] = peer_port
-        return _Handle(self, ConnState(info, base))
+        return _Handle(self, ConnState(info, connection_attributes(info)))
 
     # ------------------------------------------------------ builder thread
 
     def _loop(self) -> None:
         q = self._records
-        builder = self.builder
         pipeline = self.pipeline
         while True:
             if not q:
@@ -203,22 +192,7 @@ class Tracer:
             n = 0
             while q and n < 256:
                 state, records = q.popleft()
-                if records is None:
-                    state.forget()
-                    continue
-                if records is _CLOSE:
-                    self._enrich_groups(builder.flush_connection(state, spans), spans)
-                    continue
-                self._records_out += len(records)
-                for rec in records:
-                    mark = len(spans)
-                    try:
-                        groups = builder.build(state, rec, spans)
-                    except Exception:  # one odd statement must not stop the thread
-                        log.exception("could not build a span")
-                        del spans[mark:]
-                        continue
-                    self._enrich_groups(groups, spans)
+                self._build(state, records, spans)
                 n += 1
             self._enrich_tick()
             if spans:
@@ -226,6 +200,31 @@ class Tracer:
                 pipeline.put(spans)
         self._enrich_tick(final=True)
         self._idle.set()
+
+    def _build(self, state: ConnState, records, spans: list) -> None:
+        """Append the spans of one queue entry (records, a gap marker or a close) to ``spans``."""
+        if records is None:
+            state.forget()
+            return
+        builder = self.builder
+        if records is _CLOSE:
+            self._enrich_groups(builder.flush_connection(state, spans), spans)
+            return
+        self._records_out += len(records)
+        for rec in records:
+            mark = len(spans)
+            try:
+                groups = builder.build(state, rec, spans)
+            except Exception:  # one odd statement must not stop the thread
+                log.exception("could not build a span")
+                del spans[mark:]
+                continue
+            self._enrich_groups(groups, spans)
+
+    def build_now(self, state: ConnState, records, spans: list) -> None:
+        """Build one entry on the caller's thread (a tracer made with ``thread=False``)."""
+        self._records_in += len(records) if isinstance(records, list) else 0
+        self._build(state, records, spans)
 
     def _enrich_groups(self, groups: list, spans: list) -> None:
         """Let the enricher join each record's run of spans (from the last, so indexes hold)."""
@@ -252,7 +251,8 @@ class Tracer:
             self.enricher.stop()
         self._stop = True
         self._wake.set()
-        self._thread.join(self.shutdown_timeout)
+        if self._thread.ident is not None:
+            self._thread.join(self.shutdown_timeout)
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------ server-side enrichment (pgotel_proxy.enrich), builder thread
@@ -276,6 +276,26 @@ class Tracer:
         if ready:
             STATS.spans_started += len(ready)
             self.pipeline.put(ready)
+
+
+def connection_attributes(info) -> dict:
+    """The attributes every span of a connection carries (database, user, server, peer)."""
+    host, port = _split(info.upstream)
+    base = {DB_SYSTEM_NAME: "postgresql"}
+    if info.database:
+        base[DB_NAMESPACE] = info.database
+    if info.user:
+        base[DB_USER] = info.user
+    if host:
+        base[SERVER_ADDRESS] = host
+        if port:
+            base[SERVER_PORT] = port
+    peer_host, peer_port = _split(info.peer)
+    if peer_host and peer_host != "unix":
+        base[NETWORK_PEER_ADDRESS] = peer_host
+        if peer_port:
+            base[NETWORK_PEER_PORT] = peer_port
+    return base
 
 
 def _split(addr: str) -> tuple[str, int | None]:

@@ -1,0 +1,601 @@
+"""Spans built and exported in a helper process: the relay's interpreter only records.
+
+Why: in one process, the builder and export threads share the interpreter lock
+with the relay. Every time the relay thread blocks in a system call, a
+builder thread takes the lock and keeps it for up to the switch interval, so
+under load the relay waits milliseconds for its next message (the p99 latency
+of a traced proxy was 2–9 ms this way), and the hand-overs themselves cost CPU.
+With ``span_process = true`` (the default) the relay process keeps only the
+compact statement records the protocol layer fills anyway, and every few
+milliseconds writes them, as one ``marshal`` frame, to a helper process over a
+socket pair. The helper (``python -m pgotel_proxy.tracing.process``) runs the
+ordinary :class:`~pgotel_proxy.tracing.tracer.Tracer`: sqlcommenter parsing,
+SQL summaries, span building, batching and OTLP export, on its own core.
+
+Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
+
+* relay → helper: the configuration first, then lists of operations in order:
+  ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
+  connection opened; ``("b", conn, application_name, records)`` finished
+  statements (records as tuples of :class:`Statement` fields); ``("g", conn)``
+  statements of that connection went unseen; ``("x", conn)`` it closed;
+  ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
+  ``("s",)`` build and export what is left, then exit.
+* helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
+  "flushed": seq}``. The helper's counters (spans built, exported, dropped,
+  export failures) are the ones ``/metrics`` shows.
+
+Bounds and failure: the relay side never blocks. Frames the helper has not
+read yet wait in an outgoing buffer of at most ``_MAX_OUT`` bytes; beyond it
+statements are dropped and counted in ``statements_dropped`` (and the helper
+told to forget the session carriers it may have missed). When the helper
+dies, an error is logged, statements are dropped while it is away, and it is
+started again after a second; a helper whose parent vanished (its socket
+closed) exports what it has and exits. SIGINT and SIGTERM are ignored by the
+helper: the proxy's shutdown tells it to stop, within ``shutdown_timeout``.
+
+Not used when server-side enrichment is configured: the enricher samples the
+live sessions of the relay, so spans are then built in the relay process (on
+a thread), as they are when an exporter object is passed in (embedding,
+tests). ``span_process = false`` chooses the thread as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import marshal
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from operator import attrgetter
+from typing import Any
+
+from ..protocol.events import Completion, Statement
+from ..stats import STATS
+
+__all__ = ["ProcessTracer", "CHILD_COUNTERS", "statement_to_tuple", "statement_from_tuple"]
+
+log = logging.getLogger("pgotel_proxy.tracing")
+
+#: Counters the helper owns; the relay process shows the helper's values.
+CHILD_COUNTERS = (
+    "statements", "spans_started", "spans_exported", "spans_dropped", "export_failures",
+    "sqlcomment_invalid_traceparent",
+)
+_MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
+_SEND_INTERVAL = 0.005  # seconds records wait on the relay side, at most
+_REPORT_INTERVAL = 0.25
+_RESTART_DELAY = 1.0
+_LEN = struct.Struct("<I")
+_MAX_FRAME = 256 << 20
+
+_FIELDS = tuple(f for f in Statement.__slots__)
+_RESULTS = _FIELDS.index("results")
+_get_fields = attrgetter(*_FIELDS)
+_get_completion = attrgetter(*Completion.__slots__)
+
+
+def statement_to_tuple(rec: Statement) -> tuple:
+    """The record as plain values ``marshal`` can write."""
+    t = _get_fields(rec)
+    results = t[_RESULTS]
+    if results:
+        t = (*t[:_RESULTS], [_get_completion(c) for c in results], *t[_RESULTS + 1:])
+    return t
+
+
+def statement_from_tuple(t) -> Statement:
+    rec = Statement(*t)
+    if rec.results:
+        rec.results = [Completion(*c) for c in rec.results]
+    return rec
+
+
+def _frame(obj: Any) -> bytes:
+    data = marshal.dumps(obj)
+    return _LEN.pack(len(data)) + data
+
+
+def _read_frames(sock: socket.socket, buf: bytearray) -> list | None:
+    """Block for at least one frame; the frames read (None at end of input)."""
+    while True:
+        frames = []
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > _MAX_FRAME:
+                raise ValueError(f"frame of {n} bytes")
+            if len(buf) - pos - 4 < n:
+                break
+            frames.append(marshal.loads(bytes(buf[pos + 4:pos + 4 + n])))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        if frames:
+            return frames
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+# ------------------------------------------------------------------ relay side
+
+
+class _Handle:
+    """Per-connection handle given to the proxy (the relay side of one session)."""
+
+    __slots__ = ("tracer", "conn_id", "session", "open_op", "gap")
+
+    def __init__(self, tracer: "ProcessTracer", conn_id: int, session: Any, open_op: tuple) -> None:
+        self.tracer = tracer
+        self.conn_id = conn_id
+        self.session = session
+        self.open_op = open_op
+        self.gap = False
+
+    def statements(self, records: list) -> None:
+        t = self.tracer
+        if not t.enabled or not t.accepting:
+            if t.enabled:
+                STATS.statements_dropped += len(records)
+            if not self.gap:
+                self.gap = True
+                t._ops.append(("g", self.conn_id))
+            return
+        self.gap = False
+        app = self.session.server_params.get("application_name")
+        t._ops.append(("b", self.conn_id, app, [statement_to_tuple(r) for r in records]))
+        t._pending += len(records)
+        if not t._armed:
+            t._arm()
+
+    def close(self) -> None:
+        t = self.tracer
+        t._handles.pop(self.conn_id, None)
+        t._ops.append(("x", self.conn_id))
+        if not t._armed:
+            t._arm()
+
+
+class ProcessTracer:
+    """The tracer interface of :class:`~pgotel_proxy.tracing.tracer.Tracer`, backed by a helper process."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.enabled = bool(getattr(config, "tracing", True))
+        self._sample_rate = float(getattr(config, "sample_rate", 1.0))
+        self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
+        self.enricher = None  # never: enrichment keeps spans in the relay process
+        self.builder = None
+        self.accepting = False  # a helper is running and the outgoing buffer has room
+        self._ops: list = []
+        self._pending = 0  # statements in _ops
+        self._armed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handles: dict[int, _Handle] = {}
+        self._next_conn = 0
+        self._lock = threading.Lock()  # one writer at a time: the loop's timer, or shutdown/flush
+        self._out = bytearray()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._restart_at = 0.0
+        self._child_queue = 0
+        self._base = dict.fromkeys(CHILD_COUNTERS, 0)  # counters of helpers that exited
+        self._last = dict.fromkeys(CHILD_COUNTERS, 0)
+        self._child_dropped = 0
+        self._flush_seq = 0
+        self._flushed = 0
+        self._flush_cond = threading.Condition()
+        self._start_child()
+
+    # -------------------------------------------------------------- helper
+
+    def _start_child(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        settings = _child_settings(self.config)
+        settings["sample_rate"] = self._sample_rate
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pgotel_proxy.tracing.process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+            )
+        except OSError as exc:
+            log.error("could not start the span process: %s; statements are not traced until it runs", exc)
+            ours.close()
+            theirs.close()
+            self._restart_at = time.monotonic() + _RESTART_DELAY
+            return
+        theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._out = bytearray(_frame(settings))
+        # Sessions already open are announced again, so the new helper knows them.
+        self._ops = [h.open_op for h in self._handles.values()] + self._ops
+        self._last = dict.fromkeys(CHILD_COUNTERS, 0)
+        self._child_dropped = 0
+        self.accepting = True
+        # The reader has its own socket object with a timeout: a blocking one
+        # would clear O_NONBLOCK on the shared file and block the relay's sends.
+        reader_sock = ours.dup()
+        reader_sock.settimeout(1.0)
+        self._reader = threading.Thread(target=self._read_loop, args=(reader_sock, ours, self._proc),
+                                        name="pgotel-span-process", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self, rsock: socket.socket, sock: socket.socket, proc: subprocess.Popen) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    frames = _read_frames(rsock, buf)
+                except TimeoutError:
+                    if proc.poll() is not None:
+                        break
+                    continue
+                except (OSError, ValueError):
+                    frames = None
+                if frames is None:
+                    break
+                for msg in frames:
+                    self._report(msg)
+        finally:
+            rsock.close()
+            self._child_gone(sock, proc)
+
+    def _report(self, msg: dict) -> None:
+        stats = msg.get("stats") or {}
+        for name in CHILD_COUNTERS:
+            value = stats.get(name, 0)
+            self._last[name] = value
+            setattr(STATS, name, self._base[name] + value)
+        self._child_queue = msg.get("queue", 0)
+        dropped = msg.get("dropped", 0)
+        if dropped > self._child_dropped:  # statements the helper's own bounded queue refused
+            STATS.statements_dropped += dropped - self._child_dropped
+        self._child_dropped = dropped
+        seq = msg.get("flushed")
+        if seq is not None:
+            with self._flush_cond:
+                self._flushed = max(self._flushed, seq)
+                self._flush_cond.notify_all()
+
+    def _child_gone(self, sock: socket.socket, proc: subprocess.Popen) -> None:
+        with self._lock:
+            if self._sock is sock:
+                self.accepting = False
+                self._sock = None
+                self._out = bytearray()
+                for name in CHILD_COUNTERS:
+                    self._base[name] += self._last[name]
+                    self._last[name] = 0
+                self._child_queue = 0
+        try:
+            code = proc.wait(self.shutdown_timeout + 5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        with self._flush_cond:
+            self._flush_cond.notify_all()
+        if not self._stopping:
+            log.error("the span process exited (code %s); statements are not traced until it is back", code)
+            self._restart_at = time.monotonic() + _RESTART_DELAY
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._arm)
+                except RuntimeError:
+                    pass
+
+    # -------------------------------------------------------- relay facing
+
+    @property
+    def sample_rate(self) -> float:
+        return self._sample_rate
+
+    def set_sample_rate(self, rate: float) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("sample rate must be between 0 and 1")
+        self._sample_rate = rate
+        self._ops.append(("r", rate))
+        self._send_soon()
+        log.info("sample rate set to %s", rate)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        log.info("tracing %s", "enabled" if enabled else "disabled")
+
+    def queue_size_now(self) -> int:
+        return self._pending + self._child_queue
+
+    def wants_connection(self, session) -> bool:
+        return True
+
+    def open(self, info) -> _Handle:
+        from .tracer import connection_attributes
+
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._next_conn += 1
+        conn_id = self._next_conn
+        session = info.session
+        op = ("o", conn_id, connection_attributes(info), session.backend_pid,
+              session.startup_params.get("application_name"))
+        handle = _Handle(self, conn_id, session, op)
+        self._handles[conn_id] = handle
+        self._ops.append(op)
+        return handle
+
+    # ------------------------------------------------ sending (event loop)
+
+    def _arm(self) -> None:
+        if self._armed or self._loop is None:
+            return
+        self._armed = True
+        self._loop.call_later(_SEND_INTERVAL, self._tick)
+
+    def _send_soon(self) -> None:
+        loop = self._loop
+        if loop is None:
+            self._send()
+            return
+        try:
+            loop.call_soon_threadsafe(self._arm)
+        except RuntimeError:  # the loop is closed
+            self._send()
+
+    def _tick(self) -> None:
+        self._armed = False
+        self._send()
+        if self._out or self._ops or (self._sock is None and not self._stopping):
+            self._arm()
+
+    def _send(self, blocking_until: float | None = None) -> None:
+        with self._lock:
+            if self._sock is None and not self._stopping and time.monotonic() >= self._restart_at:
+                self._start_child()
+            ops, self._ops = self._ops, []
+            pending, self._pending = self._pending, 0
+            sock = self._sock
+            if sock is None:
+                STATS.statements_dropped += pending
+                return
+            out = self._out
+            if ops:
+                if len(out) > _MAX_OUT:
+                    self._drop(ops)
+                else:
+                    try:
+                        out += _frame(ops)
+                    except ValueError:  # a value marshal cannot write: should not happen
+                        log.exception("could not hand records to the span process")
+                        self._drop(ops)
+            while out:
+                try:
+                    if blocking_until is not None:
+                        sock.settimeout(max(0.001, blocking_until - time.monotonic()))
+                    n = sock.send(out)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except (socket.timeout, OSError):
+                    break
+                finally:
+                    if blocking_until is not None:
+                        sock.setblocking(False)
+                del out[:n]
+            self.accepting = len(out) <= _MAX_OUT
+
+    def _drop(self, ops: list) -> None:
+        """Statements that cannot be handed over: counted; connection events still go."""
+        keep = []
+        for op in ops:
+            if op[0] == "b":
+                STATS.statements_dropped += len(op[3])
+                h = self._handles.get(op[1])
+                if h is not None and not h.gap:
+                    h.gap = True
+                    keep.append(("g", op[1]))
+            else:
+                keep.append(op)
+        if keep:
+            self._ops[:0] = keep
+
+    # ----------------------------------------------- control (any thread)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Hand over everything recorded so far and wait until the helper built and exported it."""
+        deadline = time.monotonic() + timeout
+        self._flush_seq += 1
+        seq = self._flush_seq
+        self._ops.append(("f", seq))
+        self._send_soon()
+        with self._flush_cond:
+            while self._flushed < seq and self._sock is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._flush_cond.wait(min(left, 0.05))
+                if self._loop is None or not self._loop.is_running():
+                    self._send(blocking_until=deadline)
+
+    def shutdown(self) -> None:
+        """Send what is left, let the helper export it, all within ``shutdown_timeout``."""
+        deadline = time.monotonic() + self.shutdown_timeout
+        self._stopping = True
+        self._ops.append(("s",))
+        self._send(blocking_until=deadline)
+        proc, reader = self._proc, self._reader
+        if proc is not None:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+            except subprocess.TimeoutExpired:
+                log.warning("shutdown: the span process did not finish within %ss", self.shutdown_timeout)
+                proc.kill()
+                proc.wait()
+        if reader is not None:
+            reader.join(2.0)
+
+
+def _child_settings(config: Any) -> dict:
+    """The configuration fields the helper needs, as plain values."""
+    names = ("service_name", "exporter", "otlp_endpoint", "otlp_protocol", "export_timeout",
+             "span_queue_size", "export_batch_size", "export_interval", "shutdown_timeout",
+             "capture_parameters", "capture_query_literals", "transaction_spans", "sample_rate",
+             "log_level", "log_format")
+    out = {}
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            out[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    return out
+
+
+# ----------------------------------------------------------------- helper side
+
+
+class _ChildInfo:
+    """What the span builder reads of a connection, as the relay announced it."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, backend_pid, startup_app) -> None:
+        self.session = _ChildSession(backend_pid, startup_app)
+
+
+class _ChildSession:
+    __slots__ = ("backend_pid", "server_params", "startup_params")
+
+    def __init__(self, backend_pid, startup_app) -> None:
+        self.backend_pid = backend_pid
+        self.server_params: dict = {}
+        self.startup_params = {"application_name": startup_app} if startup_app else {}
+
+
+def _wait_for_room(pipeline, limit: float = 1.0) -> None:
+    """Flow control: stop reading while the export queue is more than half full.
+
+    This thread would otherwise keep the interpreter lock busy building spans
+    that the export thread then has no room for. While it waits, the proxy's
+    frames queue in the socket and then in the relay side's bounded buffer;
+    only when that is full are statements dropped (and counted there).
+    """
+    deadline = time.monotonic() + limit
+    while len(pipeline) > pipeline.queue_size // 2 and time.monotonic() < deadline:
+        pipeline.request_export()
+        time.sleep(0.002)
+
+
+def child_main(fd: int) -> int:
+    import signal
+    from types import SimpleNamespace
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    buf = bytearray()
+    first = _read_frames(sock, buf)
+    if not first:
+        return 0
+    settings = first.pop(0)
+    from ..cli import configure_logging
+
+    configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
+    from .spans import ConnState
+    from .tracer import _CLOSE, Tracer
+
+    config = SimpleNamespace(tracing=True, **settings)
+    # No builder thread: this thread reads and builds, the export thread exports.
+    tracer = Tracer.from_config(config, thread=False)
+    conns: dict[int, ConnState] = {}
+    build = tracer.build_now
+    send_lock = threading.Lock()
+    done = threading.Event()
+    flushed: list = []
+
+    def report(extra: dict | None = None) -> None:
+        msg = {"stats": {n: getattr(STATS, n) for n in CHILD_COUNTERS}, "queue": tracer.queue_size_now(),
+               "dropped": STATS.statements_dropped}
+        if extra:
+            msg.update(extra)
+        with send_lock:
+            try:
+                sock.sendall(_frame(msg))
+            except OSError:
+                pass
+
+    def reporter() -> None:
+        while not done.wait(_REPORT_INTERVAL):
+            report()
+
+    threading.Thread(target=reporter, name="pgotel-report", daemon=True).start()
+    pending = first
+    stop = False
+    while not stop:
+        if pending is None:
+            try:
+                pending = _read_frames(sock, buf)
+            except (OSError, ValueError) as exc:
+                log.error("span process: bad input from the proxy: %s", exc)
+                pending = None
+            if pending is None:
+                break  # the proxy is gone: export what we have
+        spans: list = []
+        for ops in pending:
+            for op in ops:
+                kind = op[0]
+                if kind == "b":
+                    state = conns.get(op[1])
+                    if state is None:
+                        continue
+                    if op[2] is not None:
+                        state.info.session.server_params["application_name"] = op[2]
+                    build(state, [statement_from_tuple(t) for t in op[3]], spans)
+                elif kind == "o":
+                    _, conn_id, base, pid, app = op
+                    conns[conn_id] = ConnState(_ChildInfo(pid, app), base)
+                elif kind == "x":
+                    state = conns.pop(op[1], None)
+                    if state is not None and tracer.builder.transaction_spans:
+                        build(state, _CLOSE, spans)
+                elif kind == "g":
+                    state = conns.get(op[1])
+                    if state is not None:
+                        state.forget()
+                elif kind == "r":
+                    tracer.set_sample_rate(op[1])
+                elif kind == "f":
+                    flushed.append(op[1])
+                elif kind == "s":
+                    stop = True
+        pending = None
+        if spans:
+            STATS.spans_started += len(spans)
+            tracer.pipeline.put(spans)
+            _wait_for_room(tracer.pipeline)
+        if flushed:
+            tracer.flush(tracer.shutdown_timeout)
+            report({"flushed": flushed[-1]})
+            flushed.clear()
+    tracer.shutdown()
+    done.set()
+    report()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main(int(sys.argv[1])))

@@ -1,0 +1,184 @@
+"""Spans built and exported in the helper process (``span_process = true``, the default).
+
+Against a real PostgreSQL and the decoding OTLP receiver: the trace tree is the
+same as the thread's; counters from the helper show in the proxy's STATS; the
+sample rate reaches it; a helper that stops reading (SIGSTOP), or dies
+(SIGKILL), never holds the relay up, and statements it could not take are
+counted; a dead helper is started again; shutdown exports what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgotel_proxy.protocol.events import Completion, Statement
+from pgotel_proxy.stats import STATS
+from pgotel_proxy.tracing.process import ProcessTracer, statement_from_tuple, statement_to_tuple
+from waiting import wait_for
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _helper_pid(proxy) -> int:
+    tracer = proxy.tracer
+    assert isinstance(tracer, ProcessTracer)
+    assert tracer._proc is not None
+    return tracer._proc.pid
+
+
+def _run(proxy, n: int, conns: int = 1) -> float:
+    """Statements per second over ``conns`` connections running ``n`` traced queries each."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+                for i in range(n):
+                    conn.execute(f"SELECT {i} /*traceparent='{TP}'*/")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(conns)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return n * conns / (time.perf_counter() - t0)
+
+
+def test_records_survive_the_trip_through_marshal():
+    rec = Statement("simple", "SELECT 1; SELECT 2", start_ns=5, end_ns=9, status="ok", tx_status="I",
+                    results=[Completion(7, "SELECT 1", 1), Completion(9, "SELECT 1", 1, {"C": "42P01", "M": "x"})],
+                    error={"C": "42P01"}, params=["1", None], extra={"wal_lsn": "0/16B3748"})
+    import marshal
+
+    back = statement_from_tuple(marshal.loads(marshal.dumps(statement_to_tuple(rec))))
+    assert back == rec or (back.__class__ is Statement and all(
+        getattr(back, f) == getattr(rec, f) for f in Statement.__slots__ if f != "results"))
+    assert [(c.end_ns, c.tag, c.rows, c.error) for c in back.results] == [
+        (c.end_ns, c.tag, c.rows, c.error) for c in rec.results]
+
+
+def test_trace_tree_and_counters_come_from_the_helper(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0)
+    pid = _helper_pid(proxy)
+    assert pid != os.getpid()
+    exported = STATS.spans_exported
+    with psycopg.connect(proxy.dsn(application_name="shop"), autocommit=True) as conn:
+        conn.execute(f"SELECT %s::int /*route='%%2Forders',traceparent='{TP}'*/", (7,))
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: any(s.name == "SELECT" and s.trace_id == TP[3:35] for s in got))
+    top = next(s for s in spans if s.name == "SELECT" and s.trace_id == TP[3:35])
+    assert top.parent_span_id == TP[36:52]
+    assert top.attributes["db.postgresql.application_name"] == "shop"
+    assert top.attributes["pgotel.sqlcommenter.route"] == "/orders"
+    assert "7" not in top.attributes["db.query.text"]  # literals stay masked
+    children = sorted(s.name for s in spans if s.parent_span_id == top.span_id)
+    assert children == ["execute", "parse", "plan"]
+    # flush() returns once the helper reported its counters
+    assert STATS.spans_exported >= exported + 4
+
+
+def test_sample_rate_reaches_the_helper(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0)
+    proxy.tracer.set_sample_rate(0.0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 'untraced-marker'")
+        proxy.flush()
+        proxy.tracer.set_sample_rate(1.0)
+        conn.execute("SELECT 'traced-marker'")
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: any("traced" in str(s.attributes.get("db.query.text", "")) or s.name == "SELECT"
+                                          for s in got))
+    texts = [s.attributes.get("db.postgresql.command_tag") for s in spans if s.name == "SELECT"]
+    assert len(texts) == 1, texts  # only the statement run at rate 1.0
+
+
+def test_a_stalled_helper_never_holds_the_relay(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0)
+    _run(proxy, 200)  # warm up
+    healthy = _run(proxy, 1000, conns=2)
+    pid = _helper_pid(proxy)
+    dropped = STATS.statements_dropped
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # The helper reads nothing: the socket, then the relay side's bounded
+        # buffer fill; the relay keeps its pace and drops what has no room.
+        import pgotel_proxy.tracing.process as proc_mod
+
+        limit = proc_mod._MAX_OUT
+        proc_mod._MAX_OUT = 64 << 10  # reach the bound within this test
+        try:
+            stalled = _run(proxy, 3000, conns=2)
+            assert len(proxy.tracer._out) <= (64 << 10) + (1 << 20)
+        finally:
+            proc_mod._MAX_OUT = limit
+        assert STATS.statements_dropped > dropped
+        assert stalled >= 0.5 * healthy, f"healthy {healthy:.0f}/s, helper stalled {stalled:.0f}/s"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Once it runs again, tracing goes on.
+    otlp.clear()
+    _run(proxy, 5)
+    proxy.flush()
+    otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= 5)
+
+
+def test_a_dead_helper_is_restarted(make_proxy, otlp, caplog):
+    proxy = make_proxy(sample_rate=1.0)
+    _run(proxy, 5)
+    proxy.flush()
+    old = _helper_pid(proxy)
+    exported = STATS.spans_exported
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: proxy.tracer._sock is None or _helper_pid(proxy) != old, timeout=5)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")  # may be dropped while the helper is away: counted, never an error
+        wait_for(lambda: proxy.tracer._proc.pid != old and proxy.tracer.accepting, timeout=10)
+        otlp.clear()
+        conn.execute(f"SELECT 'after-restart' /*traceparent='{TP}'*/")  # a session opened before the restart
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: any(s.name == "SELECT" and s.trace_id == TP[3:35] for s in got))
+    top = next(s for s in spans if s.name == "SELECT" and s.trace_id == TP[3:35])
+    assert top.attributes["db.system.name"] == "postgresql"  # its connection attributes were announced again
+    # counters do not go backwards across the restart
+    assert STATS.spans_exported >= exported
+    assert any("span process exited" in r.getMessage() for r in caplog.records)
+
+
+def test_shutdown_exports_what_is_left_and_ends_the_helper(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0, export_interval=30.0)  # nothing leaves before shutdown
+    _run(proxy, 20)
+    pid = _helper_pid(proxy)
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    assert time.monotonic() - t0 < proxy.config.shutdown_timeout + 1.5
+    assert sum(s.name == "SELECT" for s in otlp.spans) == 20
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
+def test_sick_collector_drops_in_the_helper_and_keeps_the_relay_going(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0, span_queue_size=500, export_batch_size=100, export_timeout=0.5,
+                       shutdown_timeout=1.0)
+    _run(proxy, 100)
+    healthy = _run(proxy, 1000, conns=2)
+    proxy.flush()
+    otlp.mode = "blackhole"
+    lost = STATS.spans_dropped + STATS.statements_dropped
+    sick = _run(proxy, 1000, conns=2)
+    wait_for(lambda: STATS.spans_dropped + STATS.statements_dropped > lost, timeout=5)
+    assert sick >= 0.5 * healthy, f"healthy {healthy:.0f}/s, sick collector {sick:.0f}/s"
+    t0 = time.monotonic()
+    proxy.tracer.shutdown()
+    assert time.monotonic() - t0 < 1.0 + 2.0
