@@ -182,3 +182,60 @@ def test_sick_collector_drops_in_the_helper_and_keeps_the_relay_going(make_proxy
     t0 = time.monotonic()
     proxy.tracer.shutdown()
     assert time.monotonic() - t0 < 1.0 + 2.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
+    """SIGTERM: the proxy drains and stops its span process; SIGKILL: the span process
+    sees its socket close, exports what it has and exits (no orphan in a container)."""
+    import subprocess
+    import sys
+
+    from waiting import free_port
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "pgotel_proxy", "run",
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable",
+        "--drain-timeout", "1", "--tracing", "--sample-rate", "1", "--admin-listen", "",
+        "--otlp-endpoint", otlp.http_endpoint, "--export-interval", "30", "--shutdown-timeout", "3",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGOTEL_", "OTEL_"))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable connect_timeout=2"
+    try:
+        def up():
+            try:
+                psycopg.connect(dsn).close()
+                return True
+            except psycopg.OperationalError:
+                return proc.poll() is not None
+
+        wait_for(up, timeout=15, what="the proxy to listen")
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+        assert len(children) == 1, children
+        helper = children[0]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for i in range(10):
+                conn.execute(f"SELECT {i} /*traceparent='{TP}'*/")
+        time.sleep(0.3)  # the records reach the span process (every 5 ms); export waits for the interval
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+
+        def gone():
+            try:
+                os.kill(helper, 0)
+            except ProcessLookupError:
+                return True
+            # a zombie until its parent is reaped counts as gone
+            with open(f"/proc/{helper}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+        wait_for(gone, timeout=8, what="the span process to exit")
+        # Either way, what it had was exported before it went.
+        otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= 10, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
