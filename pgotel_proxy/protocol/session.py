@@ -30,6 +30,7 @@ from collections import deque
 
 from .errors import ProtocolViolation
 from .events import Completion, Statement
+from .scan import run_end as _run_end
 from .messages import (
     FLUSH,
     FRONTEND_TYPES,
@@ -543,6 +544,17 @@ class Session:
                 break
             typ = data[pos]
             mend = pos + 1 + _unpack_I(data, pos + 1)[0]
+            if typ == _D and out is None:
+                # A run of DataRows, already forwarded: stepped over in one call
+                # (a large result is millions of them; each is only counted).
+                mend, rows = _run_end(data, pos, n, _D)
+                self._rows += rows
+                if mend > n:
+                    self._sskip = mend - n
+                    pos = n
+                    break
+                pos = mend
+                continue
             if typ == _D:
                 if out is not None and self._suppressing():
                     # Answer to the proxy's own request: held until whole, read, removed.
@@ -566,7 +578,8 @@ class Session:
                 continue
             if typ == _d and out is None:
                 # CopyData (COPY TO STDOUT, replication streams): relayed, never held or decoded,
-                # so a large row costs no re-joining of chunks.
+                # so a large row costs no re-joining of chunks; a run of them is one call.
+                mend = _run_end(data, pos, n, _d)[0]
                 if mend > n:
                     self._sskip = mend - n
                     pos = n
