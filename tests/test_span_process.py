@@ -219,7 +219,7 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
         with psycopg.connect(dsn, autocommit=True) as conn:
             for i in range(10):
                 conn.execute(f"SELECT {i} /*traceparent='{TP}'*/")
-        time.sleep(0.3)  # the records reach the span process (every 5 ms); export waits for the interval
+        time.sleep(0.3)  # the records reach the span process (every 50 ms); export waits for the interval
         proc.send_signal(sig)
         proc.wait(timeout=10)
 
