@@ -1,7 +1,11 @@
-"""Build of the one optional C helper (pgotel_proxy/protocol/_scan.c); everything else is in pyproject.toml.
+"""Build of the optional C helpers; everything else is in pyproject.toml.
 
-``optional=True``: without a C compiler the package installs anyway and
-pgotel_proxy.protocol.scan uses its Python version.
+* pgotel_proxy/protocol/_scan.c: stepping over runs of DataRow/CopyData;
+* pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder.
+
+``optional=True``: without a C compiler the package installs anyway and the
+Python versions of the same functions serve (pgotel_proxy.protocol.scan,
+pgotel_proxy.tracing.otlp).
 """
 
 from setuptools import Extension, setup
@@ -9,5 +13,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("pgotel_proxy.protocol._scan", ["pgotel_proxy/protocol/_scan.c"], optional=True),
+        Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], optional=True),
     ],
 )

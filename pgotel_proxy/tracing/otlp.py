@@ -28,6 +28,7 @@ variables stay theirs; only the encoding step is ours.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from operator import attrgetter
 from collections.abc import Mapping, Sequence
@@ -154,7 +155,16 @@ def _key_values(attributes: Mapping | None) -> list[KeyValue]:
     return out
 
 
-def _attribute_fields(attributes: Mapping) -> bytes:
+def _encode_kv(key: str, value: Any) -> bytes | None:
+    """One encoded ``Span.attributes`` field; None (logged) for a value OTLP cannot carry."""
+    try:
+        return _field(_TAG_ATTRIBUTE, KeyValue(key=key, value=_value(value)).SerializePartialToString())
+    except Exception as exc:  # an int beyond 64 bits, an unknown type
+        log.exception("Failed to encode key %s: %s", key, exc)
+        return None
+
+
+def _attribute_fields_py(attributes: Mapping) -> bytes:
     """A span's attributes as encoded ``Span.attributes`` fields."""
     cache = _KV_CACHE
     parts = []
@@ -163,10 +173,8 @@ def _attribute_fields(attributes: Mapping) -> bytes:
         ck = (key, t, value) if t in _CACHEABLE else None
         field = cache.get(ck) if ck is not None else None
         if field is None:
-            try:
-                field = _field(_TAG_ATTRIBUTE, KeyValue(key=key, value=_value(value)).SerializePartialToString())
-            except Exception as exc:  # an int beyond 64 bits, an unknown type
-                log.exception("Failed to encode key %s: %s", key, exc)
+            field = _encode_kv(key, value)
+            if field is None:
                 continue
             if ck is not None and len(field) <= _KV_FIELD_MAX:
                 if len(cache) >= _KV_CACHE_MAX:
@@ -174,6 +182,27 @@ def _attribute_fields(attributes: Mapping) -> bytes:
                 cache[ck] = field
         parts.append(field)
     return b"".join(parts)
+
+
+def _attribute_fields_c(attributes: Mapping) -> bytes:
+    if type(attributes) is not dict:
+        return _attribute_fields_py(attributes)
+    return _c_attribute_fields(attributes, _KV_CACHE, _encode_kv, _KV_CACHE_MAX, _KV_FIELD_MAX)
+
+
+def _span_field_py(trace_id: int, span_id: int, parent_id: int | None, trace_state: bytes, name_field: bytes,
+                   kind: int, start: int, end: int, flags: int, attrs: bytes, status: bytes, rare: bytes) -> bytes:
+    """One span as an encoded ``ScopeSpans.spans`` field, from its parts."""
+    parts = [_TAG_TRACE_ID, trace_id.to_bytes(16, "big"), _TAG_SPAN_ID, span_id.to_bytes(8, "big")]
+    if trace_state:
+        parts += (_TAG_TRACE_STATE, _varint(len(trace_state)), trace_state)
+    if parent_id is not None:
+        parts += (_TAG_PARENT_ID, parent_id.to_bytes(8, "big"))
+    parts.append(name_field)
+    parts.append(_TAIL.pack(0x30, kind, 0x39, start, 0x41, end, 0x85, 0x01, flags))
+    parts += (attrs, status, rare)
+    body = b"".join(parts)
+    return _TAG_SPAN + _varint(len(body)) + body
 
 
 def _status_field(status: Any) -> bytes:
@@ -240,35 +269,24 @@ def _span(s: ReadableSpan) -> bytes:
         ctx, parent, name, kind, start, end, attributes, events, links, status = _PRIVATE(s)
     except AttributeError:
         ctx, parent, name, kind, start, end, attributes, events, links, status = _PUBLIC(s)
-    parts = [_TAG_TRACE_ID, ctx.trace_id.to_bytes(16, "big"), _TAG_SPAN_ID, ctx.span_id.to_bytes(8, "big")]
     ts = ctx.trace_state
-    if ts:  # an empty TraceState encodes as no field, as the SDK's "" does
-        text = ",".join([f"{k}={v}" for k, v in ts.items()]).encode()
-        parts += (_TAG_TRACE_STATE, _varint(len(text)), text)
-    if parent:  # as the SDK: no parent, no parent id
-        parts += (_TAG_PARENT_ID, parent.span_id.to_bytes(8, "big"))
+    # an empty TraceState encodes as no field, as the SDK's "" does
+    trace_state = ",".join([f"{k}={v}" for k, v in ts.items()]).encode() if ts else b""
     name_field = _NAME_CACHE.get(name)
     if name_field is None:
         name_field = _name_field(name)
-    parts.append(name_field)
-    parts.append(
-        _TAIL.pack(
-            0x30, _KIND_BY_ID[id(kind)],
-            0x39, start or 0,
-            0x41, end or 0,
-            0x85, 0x01, _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
-        )
-    )
-    if attributes:
-        parts.append(_attribute_fields(attributes))
-    if status is not None:
-        parts.append(_status_field(status))
+    rare = b""
     if events or links or type(attributes) is not dict and attributes is not None or type(events) is not tuple or type(links) is not tuple:
         rare = _rare_fields(s, attributes, events, links)
-        if rare:
-            parts.append(rare)
-    body = b"".join(parts)
-    return _TAG_SPAN + _varint(len(body)) + body
+    return _span_field(
+        ctx.trace_id, ctx.span_id,
+        parent.span_id if parent else None,  # as the SDK: no parent, no parent id
+        trace_state, name_field, _KIND_BY_ID[id(kind)], start or 0, end or 0,
+        _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
+        _attribute_fields(attributes) if attributes else b"",
+        _status_field(status) if status is not None else b"",
+        rare,
+    )
 
 
 def _name_field(name: str) -> bytes:
@@ -415,3 +433,18 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
                 result.error_attrs = {"http.response.status_code": code} if code is not None else None
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
+
+
+# The byte-assembling half in C when it was built (_otlpenc.c), else Python;
+# PGOTEL_PURE_PYTHON=1 forces Python. Tests compare the two.
+COMPILED = False
+_span_field = _span_field_py
+_attribute_fields = _attribute_fields_py
+if not os.environ.get("PGOTEL_PURE_PYTHON"):
+    try:
+        from ._otlpenc import attribute_fields as _c_attribute_fields, span_field as _span_field  # noqa: F811
+
+        _attribute_fields = _attribute_fields_c
+        COMPILED = True
+    except ImportError:
+        pass

@@ -1,0 +1,259 @@
+/*
+ * Compiled half of the OTLP span encoder (pgotel_proxy/tracing/otlp.py).
+ * Optional: otlp.py has the same two functions in Python and uses them when
+ * this module was not built; tests compare both byte for byte.
+ *
+ * span_field(trace_id, span_id, parent_id, trace_state, name_field, kind,
+ *            start, end, flags, attrs, status, rare) -> bytes
+ *     One span as an encoded ScopeSpans.spans field. trace_id, span_id: int;
+ *     parent_id: int or None; trace_state: bytes (b"" for none); name_field:
+ *     the encoded name field; kind: 0..127; start, end: int nanoseconds;
+ *     flags: the 32-bit span flags; attrs, status, rare: encoded fields
+ *     (b"" for none), appended in that order.
+ *
+ * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
+ *     A dict's items as encoded Span.attributes fields. Values of type str,
+ *     bool or int are looked up in ``cache`` by (key, type, value); misses
+ *     call encode_one(key, value) -> bytes or None (None: skipped), and are
+ *     kept when at most field_max bytes long (the cache is cleared when it
+ *     holds cache_max entries).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static Py_ssize_t
+varint_len(unsigned long long v)
+{
+    Py_ssize_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static unsigned char *
+put_varint(unsigned char *p, unsigned long long v)
+{
+    while (v >= 0x80) {
+        *p++ = (unsigned char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    *p++ = (unsigned char)v;
+    return p;
+}
+
+static unsigned char *
+put_le64(unsigned char *p, unsigned long long v)
+{
+    for (int i = 0; i < 8; i++) {
+        *p++ = (unsigned char)(v & 0xFF);
+        v >>= 8;
+    }
+    return p;
+}
+
+static int
+as_bytes(PyObject *o, const char *name, char **buf, Py_ssize_t *len)
+{
+    if (!PyBytes_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "span_field: %s must be bytes", name);
+        return -1;
+    }
+    *buf = PyBytes_AS_STRING(o);
+    *len = PyBytes_GET_SIZE(o);
+    return 0;
+}
+
+static int
+id_bytes(PyObject *o, unsigned char *out, size_t n)
+{
+    /* big-endian, exactly n bytes; OverflowError when negative or too large */
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "span_field: ids must be int");
+        return -1;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    return _PyLong_AsByteArray((PyLongObject *)o, out, n, 0, 0, 1);
+#else
+    return _PyLong_AsByteArray((PyLongObject *)o, out, n, 0, 0);
+#endif
+}
+
+static PyObject *
+span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "span_field takes 12 arguments");
+        return NULL;
+    }
+    unsigned char trace_id[16], span_id[8], parent_id[8];
+    int has_parent = args[2] != Py_None;
+    if (id_bytes(args[0], trace_id, 16) < 0 || id_bytes(args[1], span_id, 8) < 0)
+        return NULL;
+    if (has_parent && id_bytes(args[2], parent_id, 8) < 0)
+        return NULL;
+    char *ts, *name, *attrs, *status, *rare;
+    Py_ssize_t ts_len, name_len, attrs_len, status_len, rare_len;
+    if (as_bytes(args[3], "trace_state", &ts, &ts_len) < 0 || as_bytes(args[4], "name_field", &name, &name_len) < 0 ||
+        as_bytes(args[9], "attrs", &attrs, &attrs_len) < 0 || as_bytes(args[10], "status", &status, &status_len) < 0 ||
+        as_bytes(args[11], "rare", &rare, &rare_len) < 0)
+        return NULL;
+    long kind = PyLong_AsLong(args[5]);
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[6]);
+    if (start == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long end = PyLong_AsUnsignedLongLong(args[7]);
+    if (end == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long flags = PyLong_AsUnsignedLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (kind < 0 || kind > 127 || flags > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "span_field: kind or flags out of range");
+        return NULL;
+    }
+
+    Py_ssize_t body = 18 + 10;                                   /* trace id, span id */
+    if (ts_len)
+        body += 1 + varint_len((unsigned long long)ts_len) + ts_len;
+    if (has_parent)
+        body += 10;
+    body += name_len + 2 + 9 + 9 + 6 + attrs_len + status_len + rare_len;
+    Py_ssize_t total = 1 + varint_len((unsigned long long)body) + body;
+
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    *p++ = 0x12; /* ScopeSpans.spans */
+    p = put_varint(p, (unsigned long long)body);
+    *p++ = 0x0a; *p++ = 0x10; memcpy(p, trace_id, 16); p += 16;
+    *p++ = 0x12; *p++ = 0x08; memcpy(p, span_id, 8); p += 8;
+    if (ts_len) {
+        *p++ = 0x1a;
+        p = put_varint(p, (unsigned long long)ts_len);
+        memcpy(p, ts, ts_len);
+        p += ts_len;
+    }
+    if (has_parent) {
+        *p++ = 0x22; *p++ = 0x08; memcpy(p, parent_id, 8); p += 8;
+    }
+    memcpy(p, name, name_len); p += name_len;
+    *p++ = 0x30; *p++ = (unsigned char)kind;
+    *p++ = 0x39; p = put_le64(p, start);
+    *p++ = 0x41; p = put_le64(p, end);
+    *p++ = 0x85; *p++ = 0x01;
+    for (int i = 0; i < 4; i++)
+        *p++ = (unsigned char)((flags >> (8 * i)) & 0xFF);
+    memcpy(p, attrs, attrs_len); p += attrs_len;
+    memcpy(p, status, status_len); p += status_len;
+    memcpy(p, rare, rare_len); p += rare_len;
+    return out;
+}
+
+static PyObject *
+attribute_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "attribute_fields takes 5 arguments");
+        return NULL;
+    }
+    PyObject *attributes = args[0], *cache = args[1], *encode_one = args[2];
+    Py_ssize_t cache_max = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t field_max = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyDict_Check(attributes) || !PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "attribute_fields: attributes and cache must be dicts");
+        return NULL;
+    }
+    PyObject *parts = PyList_New(0);
+    if (parts == NULL)
+        return NULL;
+    PyObject *key, *value;
+    Py_ssize_t i = 0;
+    while (PyDict_Next(attributes, &i, &key, &value)) {
+        PyTypeObject *t = Py_TYPE(value);
+        PyObject *ck = NULL, *field = NULL;
+        if (t == &PyUnicode_Type || t == &PyBool_Type || t == &PyLong_Type) {
+            ck = PyTuple_Pack(3, key, (PyObject *)t, value);
+            if (ck == NULL)
+                goto fail;
+            field = PyDict_GetItemWithError(cache, ck); /* borrowed */
+            if (field == NULL && PyErr_Occurred()) {
+                Py_DECREF(ck);
+                goto fail;
+            }
+            Py_XINCREF(field);
+        }
+        if (field == NULL) {
+            field = PyObject_CallFunctionObjArgs(encode_one, key, value, NULL);
+            if (field == NULL) {
+                Py_XDECREF(ck);
+                goto fail;
+            }
+            if (field == Py_None) {
+                Py_DECREF(field);
+                Py_XDECREF(ck);
+                continue;
+            }
+            if (!PyBytes_Check(field)) {
+                Py_DECREF(field);
+                Py_XDECREF(ck);
+                PyErr_SetString(PyExc_TypeError, "attribute_fields: encode_one must return bytes or None");
+                goto fail;
+            }
+            if (ck != NULL && PyBytes_GET_SIZE(field) <= field_max) {
+                if (PyDict_GET_SIZE(cache) >= cache_max)
+                    PyDict_Clear(cache);
+                if (PyDict_SetItem(cache, ck, field) < 0) {
+                    Py_DECREF(field);
+                    Py_DECREF(ck);
+                    goto fail;
+                }
+            }
+        }
+        Py_XDECREF(ck);
+        if (PyList_Append(parts, field) < 0) {
+            Py_DECREF(field);
+            goto fail;
+        }
+        Py_DECREF(field);
+    }
+    Py_ssize_t total = 0, count = PyList_GET_SIZE(parts);
+    for (Py_ssize_t j = 0; j < count; j++)
+        total += PyBytes_GET_SIZE(PyList_GET_ITEM(parts, j));
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, total);
+    if (joined == NULL)
+        goto fail;
+    char *q = PyBytes_AS_STRING(joined);
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *b = PyList_GET_ITEM(parts, j);
+        memcpy(q, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+        q += PyBytes_GET_SIZE(b);
+    }
+    Py_DECREF(parts);
+    return joined;
+fail:
+    Py_DECREF(parts);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"span_field", (PyCFunction)(void (*)(void))span_field, METH_FASTCALL, "One span as an encoded ScopeSpans.spans field."},
+    {"attribute_fields", (PyCFunction)(void (*)(void))attribute_fields, METH_FASTCALL,
+     "A dict's items as encoded Span.attributes fields, through an encoded-field cache."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_otlpenc", "Compiled half of the OTLP span encoder.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__otlpenc(void)
+{
+    return PyModule_Create(&module);
+}
