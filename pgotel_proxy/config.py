@@ -224,6 +224,11 @@ class Config(BaseModel):
         description="Build and export spans in a helper process, so that the relay never waits for "
                     "the interpreter lock (OTLP exporter only). Off, with the console exporter or with "
                     "server-side enrichment configured: on a thread of the proxy process.")
+    span_process_priority: Literal["idle", "normal"] = _opt(
+        "idle", group="Export",
+        description="CPU priority of the span process. idle (Linux SCHED_IDLE): it runs on CPU "
+                    "time nobody else wants, so span work never delays a query; on a CPU busy all "
+                    "the time spans are then dropped (counted). normal: an ordinary share.")
     span_queue_size: int = _opt(
         20000, group="Export", metavar="N", ge=1,
         description="Spans buffered for export; when full, new spans are dropped (and counted).")

@@ -239,3 +239,14 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("priority", ["idle", "normal"])
+def test_span_process_priority(make_proxy, priority):
+    proxy = make_proxy(span_process_priority=priority)
+    pid = _helper_pid(proxy)
+    expected = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+    # the helper sets it once it has read its settings
+    wait_for(lambda: os.sched_getscheduler(pid) == expected, timeout=10, what=f"scheduling class {priority}")
+    _run(proxy, 5)  # and it still traces
+    proxy.flush()

@@ -217,6 +217,10 @@ class ProcessTracer:
         ours.setblocking(False)
         self._sock = ours
         self._out = bytearray(_frame(settings))
+        try:  # the settings now, so that the helper sets itself up before the first records
+            del self._out[:ours.send(self._out)]
+        except OSError:
+            pass  # left in _out: the next send takes it
         # Sessions already open are announced again, so the new helper knows them.
         self._ops = [h.open_op for h in self._handles.values()] + self._ops
         self._last = dict.fromkeys(CHILD_COUNTERS, 0)
@@ -452,7 +456,7 @@ def _child_settings(config: Any) -> dict:
     names = ("service_name", "exporter", "otlp_endpoint", "otlp_protocol", "export_timeout",
              "span_queue_size", "export_batch_size", "export_interval", "shutdown_timeout",
              "capture_parameters", "capture_query_literals", "transaction_spans", "sample_rate",
-             "log_level", "log_format")
+             "log_level", "log_format", "span_process_priority")
     out = {}
     for name in names:
         value = getattr(config, name, None)
@@ -480,6 +484,25 @@ class _ChildSession:
         self.backend_pid = backend_pid
         self.server_params: dict = {}
         self.startup_params = {"application_name": startup_app} if startup_app else {}
+
+
+def _run_when_idle() -> None:
+    """SCHED_IDLE (Linux): this process runs on CPU time nobody else wants.
+
+    Span work is background work. Under the normal policy, a burst of span
+    building shares a core with the relay, the client or PostgreSQL for a
+    scheduler slice, which shows as milliseconds in a query's latency; an
+    idle-class process is preempted as soon as one of them wakes. Measured
+    with the bench's prepared workload at 1 client: p99 0.68–0.76 ms instead
+    of 1.09–1.13 ms, tps +10 %, no spans dropped (nor at 8 and 32 clients).
+    The price: on a CPU that is busy all the time, span work waits, its
+    queues fill and spans are dropped (counted). ``span_process_priority =
+    "normal"`` gives it an ordinary share instead.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
+        log.info("span process: could not take the idle scheduling class (%s); running at normal priority", exc)
 
 
 def _wait_for_room(pipeline, limit: float = 1.0) -> None:
@@ -511,6 +534,8 @@ def child_main(fd: int) -> int:
     from ..cli import configure_logging
 
     configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
+    if settings.pop("span_process_priority", "idle") == "idle":
+        _run_when_idle()
     from .spans import ConnState
     from .tracer import _CLOSE, Tracer
 
