@@ -28,7 +28,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.stats import STATS
-from waiting import free_port, wait_for
+from waiting import free_port, wait_accepting, wait_for
 from rawpg import error_fields as _fields, message as _msg, startup_packet
 
 # ---------------------------------------------------------------------------
@@ -381,15 +381,7 @@ def test_signal_drains_then_exits(pg, sig):
     try:
         dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable connect_timeout=2"
 
-        def up():
-            try:
-                psycopg.connect(dsn).close()
-                return True
-            except psycopg.OperationalError:
-                return proc.poll() is not None
-
-        wait_for(up, timeout=15, what="the proxy to listen")
-        assert proc.poll() is None, proc.stderr.read()
+        wait_accepting(dsn, proc)
         conn = psycopg.connect(dsn)  # not autocommit: the session sits in a transaction
         assert conn.execute("select 1").fetchone() == (1,)
         t0 = time.monotonic()

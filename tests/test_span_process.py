@@ -20,7 +20,7 @@ import pytest
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
 from pgotel_proxy.tracing.process import ProcessTracer, statement_from_tuple, statement_to_tuple
-from waiting import wait_for
+from waiting import free_port, wait_accepting, wait_for
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -191,8 +191,6 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
     import subprocess
     import sys
 
-    from waiting import free_port
-
     port = free_port()
     cmd = [
         sys.executable, "-m", "pgotel_proxy", "run",
@@ -204,14 +202,7 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable connect_timeout=2"
     try:
-        def up():
-            try:
-                psycopg.connect(dsn).close()
-                return True
-            except psycopg.OperationalError:
-                return proc.poll() is not None
-
-        wait_for(up, timeout=15, what="the proxy to listen")
+        wait_accepting(dsn, proc)
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as fh:
             children = [int(c) for c in fh.read().split()]
         assert len(children) == 1, children

@@ -6,7 +6,7 @@ import socket
 import time
 from typing import Callable, TypeVar
 
-__all__ = ["free_port", "wait_for"]
+__all__ = ["free_port", "wait_for", "wait_accepting"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,24 @@ def wait_for(pred: Callable[[], T], timeout: float = 5.0, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_accepting(dsn: str, proc, timeout: float = 15.0) -> None:
+    """Wait until a proxy started as process ``proc`` accepts a PostgreSQL session on ``dsn``.
+
+    Fails with the process's stderr when it exited instead.
+    """
+    import psycopg
+
+    def up() -> bool:
+        try:
+            psycopg.connect(dsn).close()
+            return True
+        except psycopg.OperationalError:
+            return proc.poll() is not None
+
+    wait_for(up, timeout=timeout, what="the proxy to listen")
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else f"exit {proc.returncode}"
 
 
 def cancel_sleep(conn, delay: float = 0.3) -> float:

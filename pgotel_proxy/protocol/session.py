@@ -544,11 +544,14 @@ class Session:
                 break
             typ = data[pos]
             mend = pos + 1 + _unpack_I(data, pos + 1)[0]
-            if typ == _D and out is None:
-                # A run of DataRows, already forwarded: stepped over in one call
-                # (a large result is millions of them; each is only counted).
-                mend, rows = _run_end(data, pos, n, _D)
-                self._rows += rows
+            if out is None and (typ == _D or typ == _d):
+                # Already forwarded: a run of DataRows (a large result is millions of
+                # them; each is only counted) or of CopyData (COPY TO STDOUT,
+                # replication streams: relayed, never held or decoded, so a large row
+                # costs no re-joining of chunks), stepped over in one call.
+                mend, count = _run_end(data, pos, n, typ)
+                if typ == _D:
+                    self._rows += count
                 if mend > n:
                     self._sskip = mend - n
                     pos = n
@@ -574,16 +577,6 @@ class Session:
                     break
                 if out is not None and not self._suppressing():
                     out.append(data[max(pos, fwd) : mend])
-                pos = mend
-                continue
-            if typ == _d and out is None:
-                # CopyData (COPY TO STDOUT, replication streams): relayed, never held or decoded,
-                # so a large row costs no re-joining of chunks; a run of them is one call.
-                mend = _run_end(data, pos, n, _d)[0]
-                if mend > n:
-                    self._sskip = mend - n
-                    pos = n
-                    break
                 pos = mend
                 continue
             if mend > n:
