@@ -192,14 +192,8 @@ def test_the_proxys_own_spans_encode_as_the_sdk_encodes_them(make_proxy, otlp):
     """Spans the builder made from real statements (extended, simple, errors, tracestate) through both encoders."""
     import psycopg
 
-    captured: list = []
-
-    class Keep(InMemorySpanExporter):
-        def export(self, spans):
-            captured.extend(spans)
-            return SpanExportResult.SUCCESS
-
-    proxy = make_proxy(span_exporter=Keep())
+    kept = InMemorySpanExporter()
+    proxy = make_proxy(span_exporter=kept)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute(f"SELECT %s::int /*traceparent='{tp}',tracestate='rojo%%3D00f067aa0ba902b7'*/", (1,))
@@ -209,6 +203,7 @@ def test_the_proxys_own_spans_encode_as_the_sdk_encodes_them(make_proxy, otlp):
         for _ in range(3):
             conn.execute("SELECT %s::text", ("x",), prepare=True)
     proxy.flush()
+    captured = list(kept.get_finished_spans())
     assert len(captured) >= 10
     assert any(s.context.trace_state for s in captured)
     assert_same(captured)

@@ -13,7 +13,7 @@ import threading
 import time
 
 import psycopg
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
 from pgotel_proxy.stats import STATS
@@ -40,18 +40,13 @@ def test_built_span_contexts_equal_the_constructors():
 
 def test_phase_spans_share_the_statement_context(make_proxy):
     """Phase spans: same trace, flags and tracestate as their statement span, a valid id of their own."""
-    captured: list = []
-
-    class Keep(SpanExporter):
-        def export(self, spans):
-            captured.extend(spans)
-            return SpanExportResult.SUCCESS
-
-    proxy = make_proxy(span_exporter=Keep())
+    kept = InMemorySpanExporter()
+    proxy = make_proxy(span_exporter=kept)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute(f"SELECT %s::int /*traceparent='{tp}',tracestate='rojo%%3D00f067aa0ba902b7'*/", (1,))
     proxy.flush()
+    captured = kept.get_finished_spans()
     top = next(s for s in captured if s.kind is SpanKind.SERVER)
     phases = [s for s in captured if s.parent is not None and s.parent.span_id == top.context.span_id]
     assert {p.name for p in phases} == {"parse", "plan", "execute"}
