@@ -295,6 +295,39 @@ def test_http_exporter_keeps_the_librarys_env_handling(otlp, monkeypatch):
     assert exporter.export(_spans_for_wire()) is SpanExportResult.FAILURE  # after shutdown, as the library
 
 
+def test_http_exporter_reads_proxy_and_ca_variables_as_requests_does_but_once(otlp, monkeypatch):
+    """The exporter's session merges the environment as requests does, then keeps the result."""
+    import requests
+    import requests.sessions
+
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem")
+    for url in ("http://collector:4318/v1/traces", "https://collector:4318/v1/traces"):
+        for verify in (None, True, False):
+            args = (url, {}, None, verify, None)
+            assert fast.EnvOnceSession().merge_environment_settings(*args) == \
+                requests.Session().merge_environment_settings(*args)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+
+    # Through a proxy that is not there, the export fails: the variables are honoured ...
+    exporter = fast.HttpSpanExporter(endpoint=otlp.http_traces_url, timeout=1)
+    assert exporter.export(_spans_for_wire()) is SpanExportResult.FAILURE
+    exporter.shutdown()
+    # ... and NO_PROXY too; the environment is read once, not for every request.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    lookups = []
+    real = requests.sessions.get_environ_proxies
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", lambda *a, **k: lookups.append(a) or real(*a, **k))
+    exporter = fast.HttpSpanExporter(endpoint=otlp.http_traces_url, timeout=5)
+    for _ in range(3):
+        assert exporter.export(_spans_for_wire()) is SpanExportResult.SUCCESS
+    assert len(lookups) == 1
+    exporter.shutdown()
+
+
 def test_grpc_exporter_sends_our_encoding(otlp):
     exporter = fast.GrpcSpanExporter(endpoint=otlp.grpc_endpoint, insecure=True, timeout=5)
     request = exporter._translate_data(_spans_for_wire())

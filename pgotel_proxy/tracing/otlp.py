@@ -34,6 +34,8 @@ from operator import attrgetter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import requests
+
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _GrpcExporter
 from opentelemetry.exporter.otlp.proto.http import trace_exporter as _http
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -397,6 +399,42 @@ class GrpcSpanExporter(_GrpcExporter):
         return encode_spans(data)
 
 
+# With one of these set, the library loads a session from a credential provider plugin.
+_CREDENTIAL_PROVIDER_VARS = ("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+                             "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER")
+
+
+class EnvOnceSession(requests.Session):
+    """A requests session that reads the environment's proxy and CA settings once per URL.
+
+    requests looks them up again for every request (``HTTPS_PROXY``,
+    ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``, ...: a scan of the whole environment,
+    about 0.7 ms a request, 1.5 µs per exported span at 512 spans a batch). The
+    exporter posts to one URL with the same arguments every time, so the result
+    is kept: variables changed after the first export are not seen (the proxy
+    reads its environment at start-up anyway).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._merged: dict[tuple, dict] = {}
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
+        try:
+            key = (url, tuple(sorted(proxies.items())) if proxies else None, stream, verify, cert,
+                   self.trust_env, self.verify, self.cert, self.stream, tuple(sorted(self.proxies.items())))
+            hash(key)
+        except TypeError:  # unhashable settings: no memo
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        merged = self._merged.get(key)
+        if merged is None:
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if len(self._merged) >= 16:
+                self._merged.clear()
+            self._merged[key] = merged
+        return dict(merged)
+
+
 class HttpSpanExporter(_http.OTLPSpanExporter):
     """The library's OTLP/HTTP span exporter with :func:`encode_spans` as its encoder.
 
@@ -406,6 +444,8 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("session") is None and not any(os.environ.get(v) for v in _CREDENTIAL_PROVIDER_VARS):
+            kwargs["session"] = EnvOnceSession()
         super().__init__(*args, **kwargs)
         self._fast = callable(getattr(getattr(self, "_client", None), "export", None)) and hasattr(self, "_metrics")
 
