@@ -44,7 +44,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, SpanFlags, Status
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, TraceState
 
 __all__ = ["encode_request", "encode_spans", "HttpSpanExporter", "GrpcSpanExporter"]
 
@@ -72,6 +72,7 @@ _KV_FIELD_MAX = 2048
 # Not floats: 0.0 and -0.0 are equal keys but different values.
 _CACHEABLE = frozenset((str, bool, int))
 _STATUS_CACHE: dict[tuple, bytes] = {}
+_STATUS_BY_ID: dict[int, tuple[Any, bytes]] = {}  # (object, field), as the resource cache
 
 # Encoded resource / scope headers by identity; the object is kept with its
 # bytes so that its id cannot be reused by another object while cached.
@@ -208,6 +209,11 @@ def _span_field_py(trace_id: int, span_id: int, parent_id: int | None, trace_sta
 
 
 def _status_field(status: Any) -> bytes:
+    # By identity first: most spans share a few Status objects, and reading
+    # an enum's .value costs about a µs.
+    hit = _STATUS_BY_ID.get(id(status))
+    if hit is not None and hit[0] is status:
+        return hit[1]
     key = (status.status_code.value, status.description)
     field = _STATUS_CACHE.get(key)
     if field is None:
@@ -215,6 +221,9 @@ def _status_field(status: Any) -> bytes:
         if len(_STATUS_CACHE) >= _KV_CACHE_MAX:
             _STATUS_CACHE.clear()
         _STATUS_CACHE[key] = field
+    if len(_STATUS_BY_ID) >= _OBJECT_CACHE_MAX:
+        _STATUS_BY_ID.clear()
+    _STATUS_BY_ID[id(status)] = (status, field)
     return field
 
 
@@ -315,13 +324,8 @@ def _rare_fields(s: ReadableSpan, attributes: Any, events: Any, links: Any) -> b
         ]
     if links:
         kw["links"] = [
-            Span.Link(
-                trace_id=link.context.trace_id.to_bytes(16, "big"),
-                span_id=link.context.span_id.to_bytes(8, "big"),
-                attributes=_key_values(link.attributes),
-                dropped_attributes_count=link.dropped_attributes,
-                flags=_IS_REMOTE if link.context.is_remote else _HAS_IS_REMOTE,
-            )
+            _link(link.context.trace_id, link.context.span_id, link.context.is_remote,
+                  _key_values(link.attributes), link.dropped_attributes)
             for link in links
         ]
     # Plain dicts and tuples (what the builder makes) drop nothing; the SDK's
@@ -335,11 +339,63 @@ def _rare_fields(s: ReadableSpan, attributes: Any, events: Any, links: Any) -> b
     return Span(**kw).SerializePartialToString()
 
 
-def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
+def _link(trace_id: int, span_id: int, remote: bool, attributes: list, dropped: int) -> Span.Link:
+    return Span.Link(
+        trace_id=trace_id.to_bytes(16, "big"),
+        span_id=span_id.to_bytes(8, "big"),
+        attributes=attributes,
+        dropped_attributes_count=dropped,
+        flags=_IS_REMOTE if remote else _HAS_IS_REMOTE,
+    )
+
+
+_TRACE_STATE_BYTES: dict[str, bytes] = {}
+
+
+def _trace_state_field(header: str) -> bytes:
+    """A tracestate header as the SDK would carry it: parsed (invalid entries dropped), joined again."""
+    data = _TRACE_STATE_BYTES.get(header)
+    if data is None:
+        ts = TraceState.from_header([header])
+        data = ",".join([f"{k}={v}" for k, v in ts.items()]).encode()
+        if len(_TRACE_STATE_BYTES) >= 1024:
+            _TRACE_STATE_BYTES.clear()
+        _TRACE_STATE_BYTES[header] = data
+    return data
+
+
+def encode_span(name: str, trace_id: int, span_id: int, parent_id: int | None, parent_remote: bool,
+                tracestate: str | None, kind: SpanKind, start: int, end: int, attributes: dict | None,
+                status: Any, links: Sequence[tuple] = ()) -> bytes:
+    """One span, from its parts, as the encoded ``ScopeSpans.spans`` field :func:`_span` makes of a ReadableSpan.
+
+    For the span builder (``SpanBuilder.encode``): the same bytes without the
+    span, context and status objects. ``links`` are (trace_id, span_id, ...)
+    of local spans, with no attributes.
+    """
+    name_field = _NAME_CACHE.get(name)
+    if name_field is None:
+        name_field = _name_field(name)
+    rare = b""
+    if links:
+        rare = Span(links=[_link(link[0], link[1], False, [], 0) for link in links]).SerializePartialToString()
+    return _span_field(
+        trace_id, span_id, parent_id or None,
+        _trace_state_field(tracestate) if tracestate else b"",
+        name_field, _KIND_BY_ID[id(kind)], start or 0, end or 0,
+        _IS_REMOTE if parent_id and parent_remote else _HAS_IS_REMOTE,
+        _attribute_fields(attributes) if attributes else b"",
+        _status_field(status) if status is not None else b"",
+        rare,
+    )
+
+
+def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
     """The serialized OTLP ``ExportTraceServiceRequest`` for ``spans``.
 
     Means what the SDK encoder's request means: same resource and scope
-    grouping, same spans, same field values.
+    grouping, same spans, same field values. A span may also come already
+    encoded, as (resource, scope, :func:`encode_span`'s bytes).
     """
     # resource groups in first-seen order: [resource, [[scope, [span field, ...]], ...]]
     groups: list[list] = []
@@ -347,15 +403,20 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     last_key = None
     bucket: list = []
     for s in spans:
-        resource = s.resource
-        scope = s.instrumentation_scope or None
+        if type(s) is tuple:
+            resource, scope, field = s
+            scope = scope or None
+        else:
+            resource = s.resource
+            scope = s.instrumentation_scope or None
+            field = None
         key = (id(resource), id(scope))
         if key != last_key:
             bucket = by_pair.get(key)
             if bucket is None:
                 bucket = by_pair[key] = _bucket(groups, resource, scope)
             last_key = key
-        bucket.append(_span(s))
+        bucket.append(_span(s) if field is None else field)
     out = []
     for resource, scopes in groups:
         body = [_resource_head(resource)]
@@ -394,6 +455,8 @@ def _bucket(groups: list, resource: Any, scope: Any) -> list:
 
 class GrpcSpanExporter(_GrpcExporter):
     """The library's OTLP/gRPC span exporter with :func:`encode_spans` as its encoder."""
+
+    accepts_encoded = True  # spans may come as encode_span's bytes (SpanBuilder.encode)
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
         return encode_spans(data)
@@ -442,6 +505,8 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
     the exporter's own metrics, ``self._client.export``); if the installed
     version is built differently, the parent's ``export`` runs unchanged.
     """
+
+    accepts_encoded = True  # spans may come as encode_span's bytes (SpanBuilder.encode)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("session") is None and not any(os.environ.get(v) for v in _CREDENTIAL_PROVIDER_VARS):

@@ -188,7 +188,9 @@ class ProcessTracer:
         self._stopping = False
         self._restart_at = 0.0
         self._child_queue = 0
-        self._base = dict.fromkeys(CHILD_COUNTERS, 0)  # counters of helpers that exited
+        # Counts before this tracer (an earlier tracer of the process) and of helpers
+        # that exited: the helper's counts add to them, so counters never go down.
+        self._base = {name: getattr(STATS, name) for name in CHILD_COUNTERS}
         self._last = dict.fromkeys(CHILD_COUNTERS, 0)
         self._child_dropped = 0
         self._flush_seq = 0

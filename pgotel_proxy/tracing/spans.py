@@ -37,7 +37,7 @@ from opentelemetry.trace.status import Status, StatusCode
 from .. import __version__, sqlcomment
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
-from . import sqlinfo
+from . import otlp, sqlinfo
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
@@ -149,6 +149,7 @@ class SpanBuilder:
         capture_literals: bool,
         transaction_spans: bool = False,
         max_transaction_statements: int = 1000,
+        encode: bool = False,
     ) -> None:
         self.resource = resource
         self.sample_rate = sample_rate
@@ -156,6 +157,11 @@ class SpanBuilder:
         self.capture_literals = capture_literals
         self.transaction_spans = transaction_spans
         self.max_transaction_statements = max_transaction_statements
+        # False: ReadableSpans, for any SDK exporter and for the enricher.
+        # True: each span as (resource, scope, encoded OTLP Span field), for
+        # the exporters of otlp.py (``accepts_encoded``): no span, context or
+        # status objects are made, and the export thread only joins bytes.
+        self.encode = encode
 
     def build(self, conn: ConnState, rec: Statement, out: list) -> list[tuple[Statement, int, int]]:
         """Append the spans of ``rec`` (or of the transaction it ends) to ``out``.
@@ -227,18 +233,14 @@ class SpanBuilder:
             if rate <= 0.0 or (rate < 1.0 and _rand.random() >= rate):
                 return self._each(conn, records, out)
             trace_id, parent_id, flags, tracestate = _new_id(128), None, 1, None
-        tx_ctx = _span_context(trace_id, _new_id(64), flags, tracestate)
-        conn.tx_parent = (trace_id, tx_ctx.span_id, flags, tracestate)
-        first = len(out)
+        tx_id = _new_id(64)
+        # Statements without a context of their own join the transaction span;
+        # those with one get a link to it (_links).
+        conn.tx_parent = (trace_id, tx_id, flags, tracestate)
         try:
             groups = self._each(conn, records, out)
         finally:
             conn.tx_parent = None
-        link = Link(tx_ctx)
-        for i in range(first, len(out)):
-            span = out[i]
-            if span.kind is SpanKind.SERVER and span.parent is not None and span.parent.span_id != tx_ctx.span_id:
-                out[i] = _with_link(span, link)
         start = min(r.start_ns for r in records if r.start_ns) if any(r.start_ns for r in records) else 0
         end = max(r.end_ns for r in records)
         last = records[-1]
@@ -251,9 +253,9 @@ class SpanBuilder:
         open_ = last.tx_status != "I"
         if open_:
             attrs[ATTR["status"]] = "open"  # connection ended, or too many statements to hold
-        parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
         status = Status(StatusCode.ERROR, "the transaction failed and was rolled back") if failed else _OK
-        out.append(_span("transaction", tx_ctx, parent, SpanKind.INTERNAL, start, max(start, end), attrs, self.resource, status))
+        self._emit(out, "transaction", trace_id, tx_id, parent_id, True, flags, tracestate, _INTERNAL,
+                   start, max(start, end), attrs, status)
         return groups
 
     # ------------------------------------------------------------- context
@@ -312,20 +314,19 @@ class SpanBuilder:
             if self.capture_parameters and rec.params:
                 for i, p in enumerate(rec.params):
                     attrs[f"{ATTR['parameter']}{i + 1}"] = "NULL" if p is None else p
-            span_ctx = _span_context(trace_id, sid, flags, tracestate)
-            parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
-            out.append(_span(name, span_ctx, parent, SpanKind.SERVER, rec.start_ns, end, attrs, self.resource, _status(rec.status, rec.error, attrs)))
+            self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
+                       attrs, _status(rec.status, rec.error, attrs), _links(conn, parent_id))
             parse_ok, bind_ok = _observed_boundaries(rec)
             if rec.parse_start_ns and rec.parse_end_ns:
-                out.append(self._phase("parse", trace_id, flags, tracestate, span_ctx, rec.parse_start_ns, rec.parse_end_ns, parse_ok))
+                self._phase(out, "parse", trace_id, flags, tracestate, sid, rec.parse_start_ns, rec.parse_end_ns, parse_ok)
             if rec.bind_start_ns and rec.bind_end_ns:
                 start = max(rec.bind_start_ns, rec.parse_end_ns)
                 exact = bind_ok and (parse_ok or not rec.parse_end_ns)
-                out.append(self._phase("plan", trace_id, flags, tracestate, span_ctx, start, rec.bind_end_ns, exact))
+                self._phase(out, "plan", trace_id, flags, tracestate, sid, start, rec.bind_end_ns, exact)
             if rec.exec_start_ns and rec.end_ns and rec.status != "skipped":
                 start = max(rec.exec_start_ns, rec.bind_end_ns)
                 exact = rec.exec_exact and (bind_ok or not rec.bind_end_ns)
-                out.append(self._phase("execute", trace_id, flags, tracestate, span_ctx, start, rec.end_ns, exact))
+                self._phase(out, "execute", trace_id, flags, tracestate, sid, start, rec.end_ns, exact)
         conn.end_of_statement(rec.tx_status, rec.tag)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
@@ -360,11 +361,10 @@ class SpanBuilder:
                 status = "error" if res.error else ("incomplete" if rec.status == "incomplete" and last else "ok")
                 if status == "incomplete":
                     attrs[ATTR["status"]] = status
-                span_ctx = _span_context(trace_id, sid, flags, tracestate)
-                parent = _span_context(trace_id, parent_id, flags, tracestate, remote=True) if parent_id else None
                 end = res.end_ns or rec.end_ns
-                out.append(_span(name, span_ctx, parent, SpanKind.SERVER, start, end, attrs, self.resource, _status(status, res.error, attrs)))
-                out.append(self._phase("execute", trace_id, flags, tracestate, span_ctx, start, end, True))
+                self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, start, end,
+                           attrs, _status(status, res.error, attrs), _links(conn, parent_id))
+                self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
             start = res.end_ns or start
             if last:
                 conn.end_of_statement(rec.tx_status, res.tag)
@@ -402,15 +402,38 @@ class SpanBuilder:
             attrs[ATTR["application_name"]] = app
         return attrs
 
-    def _phase(self, name, trace_id, flags, tracestate, parent_ctx, start, end, exact) -> ReadableSpan:
-        # The statement span's context is valid and carries the same flags and
-        # tracestate objects: a new id is all a phase needs.
-        ctx = _new_context(SpanContext, (trace_id, _new_id(64), False, parent_ctx.trace_flags, parent_ctx.trace_state, True))
-        return _span(name, ctx, parent_ctx, _INTERNAL, start, max(start, end), {_EXACT: bool(exact)}, self.resource, _OK)
+    def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
+        self._emit(out, name, trace_id, _new_id(64), parent_id, False, flags, tracestate, _INTERNAL,
+                   start, max(start, end), {_EXACT: bool(exact)}, _OK)
+
+    def _emit(self, out, name, trace_id, span_id, parent_id, parent_remote, flags, tracestate, kind,
+              start, end, attrs, status, links=()) -> None:
+        """Append one span, as a ReadableSpan or encoded (``encode``): the one place spans are made.
+
+        ``links`` are (trace_id, span_id, flags, tracestate) of local spans.
+        """
+        if self.encode:
+            out.append((self.resource, SCOPE, otlp.encode_span(
+                name, trace_id, span_id, parent_id, parent_remote, tracestate, kind, start, end, attrs, status, links)))
+            return
+        ctx = _span_context(trace_id, span_id, flags, tracestate)
+        parent = _span_context(trace_id, parent_id, flags, tracestate, remote=parent_remote) if parent_id else None
+        if links:
+            links = tuple(Link(_span_context(*link)) for link in links)
+        out.append(_span(name, ctx, parent, kind, start, end, attrs, self.resource, status, links))
 
 
 _OK = Status(StatusCode.UNSET)
 _INTERNAL = SpanKind.INTERNAL
+_SERVER = SpanKind.SERVER
+
+
+def _links(conn: ConnState, parent_id: int | None) -> tuple:
+    """A statement inside a transaction span whose context is its own links to the transaction span."""
+    tx = conn.tx_parent
+    if tx is None or parent_id is None or parent_id == tx[1]:
+        return ()
+    return (tx,)
 _EXACT = ATTR["exact"]
 
 
@@ -541,13 +564,6 @@ def _span(name, ctx, parent, kind, start, end, attrs, resource, status, links=()
         start_time=start,
         end_time=end,
         instrumentation_scope=SCOPE,
-    )
-
-
-def _with_link(span: ReadableSpan, link: Link) -> ReadableSpan:
-    return _span(
-        span.name, span.context, span.parent, span.kind, span.start_time, span.end_time,
-        dict(span.attributes or {}), span.resource, span.status, links=(*span.links, link),
     )
 
 

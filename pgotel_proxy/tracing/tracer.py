@@ -107,6 +107,7 @@ class Tracer:
             transaction_spans=transaction_spans,
         )
         self.pipeline = ExportPipeline(exporter, queue_size=queue_size, batch_size=batch_size, interval=export_interval)
+        self._enricher = None
         self.enricher = None  # pgotel_proxy.enrich.attach() sets it: server-side records joined into spans
         self._records: deque = deque()
         # Records queued = in - out; each counter has one writer (the event loop,
@@ -144,6 +145,17 @@ class Tracer:
             config=config,
             thread=thread,
         )
+
+    @property
+    def enricher(self):
+        return self._enricher
+
+    @enricher.setter
+    def enricher(self, enricher) -> None:
+        # Spans leave the builder encoded when nothing needs them as objects:
+        # an exporter of otlp.py takes the bytes, the enricher edits spans.
+        self._enricher = enricher
+        self.builder.encode = enricher is None and bool(getattr(self.pipeline.exporter, "accepts_encoded", False))
 
     # ------------------------------------------------------- runtime control
 

@@ -1,0 +1,151 @@
+"""The builder's two outputs mean the same: encoded spans (``SpanBuilder.encode``) and ReadableSpans.
+
+With an exporter of otlp.py the builder writes each span's OTLP bytes
+directly; with any other exporter, or with the enricher, it makes SDK
+ReadableSpans. The same records, built with the same span ids both ways,
+must give the same OTLP request, whatever the statement: simple or
+extended, errors, phases, sqlcommenter tags, tracestate, transaction spans
+with their links, session carriers.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+
+from pgotel_proxy.protocol.events import Completion, Statement
+from pgotel_proxy.tracing import otlp, spans as spans_mod
+from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+RESOURCE = Resource.create({"service.name": "encoding-test"})
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class _Session:
+    backend_pid = 4242
+    server_params = {"application_name": "shop"}
+    startup_params: dict = {}
+
+
+class _Info:
+    session = _Session()
+
+
+def _build(records: list[Statement], encode: bool, *, transaction_spans: bool, seed: int) -> tuple[list, bytes]:
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=True, capture_literals=False,
+                          transaction_spans=transaction_spans, encode=encode)
+    conn = ConnState(_Info(), {"db.system.name": "postgresql", "db.namespace": "shop", "server.port": 5432})
+    spans_mod._rand.seed(seed)  # the same span ids both ways
+    out: list = []
+    for rec in records:
+        builder.build(conn, rec, out)
+    builder.flush_connection(conn, out)
+    return out, otlp.encode_request(out)
+
+
+def _same_request(records: list[Statement], transaction_spans: bool = False, seed: int = 1) -> list:
+    readable, want = _build(records, False, transaction_spans=transaction_spans, seed=seed)
+    encoded, got = _build(records, True, transaction_spans=transaction_spans, seed=seed)
+    assert all(isinstance(s, ReadableSpan) for s in readable)
+    assert all(type(s) is tuple and type(s[2]) is bytes for s in encoded)
+    assert len(readable) == len(encoded)
+    assert ExportTraceServiceRequest.FromString(got) == ExportTraceServiceRequest.FromString(want)
+    return readable
+
+
+def _extended(sql: str, t: int = 1_000, **kw) -> Statement:
+    fields = dict(start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=True, bind_start_ns=t + 20,
+                  bind_end_ns=t + 30, bind_exact=True, exec_start_ns=t + 40, end_ns=t + 50, exec_exact=True,
+                  status="ok", tag="SELECT 1", rows=1, tx_status="I")
+    fields.update(kw)
+    return Statement("extended", sql, **fields)
+
+
+def _simple(sql: str, t: int = 1_000, results=None, **kw) -> Statement:
+    fields = dict(start_ns=t, end_ns=t + 50, status="ok", tx_status="I",
+                  results=results if results is not None else [Completion(t + 50, "SELECT 1", 1)])
+    fields.update(kw)
+    return Statement("simple", sql, **fields)
+
+
+def test_a_statement_of_each_kind_encodes_the_same_both_ways():
+    error = {"C": "22P02", "M": 'invalid input syntax for type integer: "s3cr3t"', "S": "ERROR"}
+    records = [
+        _extended(f"SELECT * FROM users WHERE id = $1 /*route='%2Fusers',traceparent='{TP}'*/", params=["7", None]),
+        _extended(f"SELECT $1::int /*traceparent='{TP}',tracestate='rojo%3D00f067aa0ba902b7%2Ccongo%3Dt61rcWkgMzE'*/"),
+        _extended("SELECT $1::int", status="error", error=error, tag=None, rows=0, end_ns=1_045),
+        _extended("INSERT INTO t VALUES ($1)", status="prepared", bind_start_ns=0, bind_end_ns=0, exec_start_ns=0,
+                  end_ns=0, statement_name="s1", tag=None),
+        _extended("SELECT 1", reused=True, parse_start_ns=0, parse_end_ns=0, portal="p", statement_name="s1",
+                  copy=None, parse_exact=False, bind_exact=False),
+        _simple(f"SELECT 1; SELECT 2 /*traceparent='{TP}'*/",
+                results=[Completion(1_020, "SELECT 1", 1), Completion(1_050, "SELECT 1", 1)]),
+        _simple("SELECT 1/0", status="ok", results=[Completion(1_050, None, 0, {"C": "22012", "M": "division by zero"})]),
+        _simple("COPY t TO STDOUT", copy="out", results=[Completion(1_050, "COPY 3", 3)], extra={"wal_lsn": "0/16B3748"}),
+        _simple("SELECT pg_sleep(1)", status="incomplete", results=[]),
+        _simple(f"SET pgotel.traceparent = '{TP}'", results=[Completion(1_010, "SET", 0)]),
+        _simple("SELECT 'under the session carrier'"),
+        Statement("function", None, start_ns=1_000, end_ns=1_010, status="ok", tx_status="I",
+                  results=[Completion(1_010, None, 0)]),
+    ]
+    readable = _same_request(records)
+    names = {s.name for s in readable}
+    assert {"SELECT users", "parse", "plan", "execute", "PREPARE INSERT t", "FUNCTION CALL"} <= names, names
+    assert any(s.parent is not None and s.parent.trace_id == int(TP[3:35], 16) and s.context.trace_state
+               for s in readable)
+
+
+def test_transaction_spans_and_their_links_encode_the_same_both_ways():
+    records = [
+        _simple("BEGIN", tx_status="T", results=[Completion(1_010, "BEGIN", 0)]),
+        _extended(f"SELECT $1::int /*traceparent='{TP}'*/", t=2_000, tx_status="T"),
+        _simple("SELECT 2", t=3_000, tx_status="T"),
+        _simple("COMMIT", t=4_000, results=[Completion(4_050, "COMMIT", 0)]),
+        _simple("BEGIN", t=5_000, tx_status="T", results=[Completion(5_010, "BEGIN", 0)]),
+        _simple("SELECT 1/0", t=6_000, tx_status="E", results=[Completion(6_050, None, 0, {"C": "22012", "M": "x"})]),
+        _simple("ROLLBACK", t=7_000, results=[Completion(7_050, "ROLLBACK", 0)]),
+        _simple("BEGIN", t=8_000, tx_status="T", results=[Completion(8_010, "BEGIN", 0)]),  # open at the end
+    ]
+    readable = _same_request(records, transaction_spans=True)
+    tx = [s for s in readable if s.name == "transaction"]
+    assert len(tx) == 3
+    linked = [s for s in readable if s.links]
+    assert linked and all(s.links[0].context.span_id == tx[0].context.span_id for s in linked)
+
+
+_statuses = st.sampled_from(["ok", "error", "skipped", "suspended", "incomplete", "prepared"])
+_texts = st.sampled_from([
+    "SELECT 1", "SELECT * FROM t WHERE a = $1", "UPDATE t SET a = 1", "not sql at all (", "",
+    f"SELECT 1 /*traceparent='{TP}'*/", f"SELECT 1 /*app='x%20y',traceparent='{TP}'*/",
+    "SELECT 1 /*traceparent='00-00000000000000000000000000000000-0000000000000000-01'*/",
+    "SELECT 1 /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00'*/",
+])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(st.tuples(
+        st.booleans(), _texts, _statuses, st.integers(0, 2**31), st.booleans(), st.booleans(),
+        st.sampled_from(["I", "T", "E"]), st.sampled_from([None, "SELECT 3", "INSERT 0 1", "FETCH 2"]),
+    ), min_size=1, max_size=6),
+    transaction_spans=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_any_records_encode_the_same_both_ways(rows, transaction_spans, seed):
+    records = []
+    t = 1_000
+    for extended, sql, status, n, exact, reused, tx, tag in rows:
+        error = {"C": "42P01", "M": 'relation "t" does not exist'} if status == "error" else None
+        if extended:
+            records.append(_extended(sql, t=t, status=status, rows=n, tag=tag, error=error, parse_exact=exact,
+                                     exec_exact=not exact, reused=reused, tx_status=tx))
+        else:
+            records.append(_simple(sql, t=t, status=status if status in ("ok", "incomplete") else "ok", tx_status=tx,
+                                   results=[Completion(t + 40, tag, n, error)]))
+        t += random.Random(n).randint(100, 10_000)
+    _same_request(records, transaction_spans=transaction_spans, seed=seed)
