@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 __all__ = [
@@ -178,9 +178,12 @@ class Stats:
 STATS = Stats()
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
-    """A validated W3C trace context taken from a sqlcommenter comment."""
+class TraceContext(NamedTuple):
+    """A validated W3C trace context taken from a sqlcommenter comment.
+
+    (A named tuple: made for every traced statement, and a frozen dataclass
+    costs a µs more to construct.)
+    """
 
     trace_id: int
     span_id: int
@@ -197,8 +200,7 @@ class TraceContext:
         return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
 
 
-@dataclass(frozen=True, slots=True)
-class Comment:
+class Comment(NamedTuple):
     """The sqlcommenter content found on one statement."""
 
     tags: dict[str, str]
@@ -259,7 +261,12 @@ def parse(sql: str, *, max_len: int = 8192) -> Comment | None:
         return None
     try:
         max_len = max(int(max_len), 4)
-        m = _TP_VALUE.search(sql) if len(sql) <= _SHAPE_MAX_CHARS else None
+        m = None
+        if len(sql) <= _SHAPE_MAX_CHARS:
+            # str.find first: the pattern's look-behinds make a search from the start slow.
+            i = sql.find("traceparent='")
+            if i >= 0:
+                m = _TP_VALUE.search(sql, i)
         if m is None or sql.count(m.group(1)) != 1:
             return _parse(sql, max_len)
         return _parse_shaped(sql, m, max_len)
@@ -287,17 +294,56 @@ class _Budget:
 # comment and is nowhere in the stripped text, and the parse was clean.
 _TP_VALUE = re.compile(r"(?:(?<=/\*)|(?<=[,\s]))traceparent='([0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})'")
 _SHAPES: dict[tuple, tuple] = {}
+# What literal-blind keys blank: plain string and number literals (shared with tracing/sqlinfo.py).
+SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
+_HAS_DIGIT = re.compile(r"\d")
 _SHAPES_MAX = 4096
 _SHAPE_MAX_CHARS = 8192
 
 
+def _blind_code(sql: str, value_start: int) -> tuple[int, str] | None:
+    """(where the first "/*" is, the text before it with its literals blanked), when that is safe.
+
+    Statements sent with the simple protocol carry their values inline, so
+    their texts (and the text around the traceparent value) rarely repeat;
+    their shapes do. The text before the first "/*" holds no comment start;
+    once its plain string and number literals are blanked, if no quote,
+    dollar sign, double quote or "--" is left (nothing else that could hide
+    or open a quote) and it has no backslash, each literal is one token to
+    the lexer whatever its content, so the parse of the rest is the same for
+    every text of this shape: only positions move with the literals' lengths.
+    """
+    j = sql.find("/*")
+    if j < 0 or value_start < j:
+        return None
+    code = sql[:j]
+    if "\\" in code:
+        return None
+    blank = SHAPE_LITERAL.sub("\x01", code)
+    if blank == code or "'" in blank or "$" in blank or '"' in blank or "--" in blank:
+        return None
+    return j, blank
+
+
 def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
     value = m.group(1)
-    key = (sql[:m.start(1)], sql[m.end(1):], max_len)
+    vs, ve = m.span(1)
+    base = 0
+    blind = None
+    key = (sql[:vs], sql[ve:], max_len)
     hit = _SHAPES.get(key)
+    if hit is None and ("'" in key[0] or _HAS_DIGIT.search(sql, 0, vs) is not None):
+        blind = _blind_code(sql, vs)
+        if blind is not None:
+            # Keyed by the shape; comment positions (all at or after the first "/*")
+            # kept relative to it.
+            base, blank = blind
+            key = (blank, sql[base:vs], key[1], max_len)
+            hit = _SHAPES.get(key)
     if hit is None:
         before = (STATS.oversized, STATS.malformed)
-        comment = _parse(sql, max_len)
+        spans: list[tuple[int, int]] = []
+        comment = _parse(sql, max_len, spans)
         if (comment is not None and comment.tags.get("traceparent") == value
                 and value not in comment.stripped_sql and before == (STATS.oversized, STATS.malformed)):
             tracestate = comment.tags.get("tracestate")
@@ -305,9 +351,12 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
                 tracestate = None
             if len(_SHAPES) >= _SHAPES_MAX:
                 _SHAPES.clear()
-            _SHAPES[key] = (comment.tags, comment.stripped_sql, tracestate)
+            kept = comment.stripped_sql if blind is None else tuple((a - base, b - base) for a, b in spans)
+            _SHAPES[key] = (comment.tags, kept, tracestate)
         return comment
     tags, stripped, tracestate = hit
+    if blind is not None:
+        stripped = _strip(sql, [(a + base, b + base) for a, b in stripped])
     STATS.parsed += 1
     tags = dict(tags)
     tags["traceparent"] = value
@@ -328,9 +377,11 @@ def _known_shape_context(value: str, tracestate: str | None) -> TraceContext | N
     return TraceContext(trace_id, span_id, int(value[53:55], 16), tracestate)
 
 
-def _parse(sql: str, max_len: int) -> Comment | None:
+def _parse(sql: str, max_len: int, spans: list[tuple[int, int]] | None = None) -> Comment | None:
+    """The full parse; ``spans`` (when given) receives where the sqlcommenter comments are."""
     budget = _Budget()
-    spans: list[tuple[int, int]] = []
+    if spans is None:
+        spans = []
     tags: dict[str, str] = {}
 
     # Leading comments need no lexing: nothing before them can open a literal.

@@ -9,6 +9,8 @@ PostgreSQL's own lexer, via pglast, is the oracle for which comments are real.
 
 from __future__ import annotations
 
+import itertools
+
 import time
 from urllib.parse import quote
 
@@ -612,6 +614,55 @@ def test_shape_cache_answers_like_a_full_parse(parts, first, second, changed):
     for values in ([first] * 10, [second if c else first for c in changed]):
         sql = pieces[0] + "".join(values[i] + piece for i, piece in enumerate(pieces[1:]))
         assert parse(sql) == (sqlcomment._parse(sql, 8192) if "/*" in sql else None), sql
+
+
+LITERAL_FRAGMENTS = FRAGMENTS + [
+    "'{lit}'", " {num}", "x{num}", "$1", "'a''{lit}'", "E'{lit}'", "= {num}.5e3 ", "/*traceparent='{tp}'*/",
+    "/*r='{lit}',traceparent='{tp}'*/", "-- '{lit}'\n", "\"{lit}\"", "U&'{lit}'",
+]
+LITERAL_TEXTS = ["", "x", "it''s", "'", "*/", "--", "\\", "$$", "$q$", '"', "\n", "e", "1", "a b", "é"]
+LITERAL_VALUES = st.sampled_from(LITERAL_TEXTS)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(LITERAL_FRAGMENTS), max_size=10), TRACE_VALUES,
+       st.lists(LITERAL_VALUES, min_size=20, max_size=20), st.lists(st.integers(0, 10**6), min_size=20, max_size=20))
+def test_literal_blind_shape_cache_answers_like_a_full_parse(parts, tp, literals, numbers):
+    # Texts of one shape whose literals (and numbers) differ, as simple-protocol
+    # statements carry their values: each must get what a full parse gives.
+    sqlcomment._SHAPES.clear()
+    template = "".join(parts)
+    for round_ in range(3):
+        sql = template
+        for i in range(20):
+            sql = sql.replace("{lit}", literals[(i + round_) % 20], 1).replace("{num}", str(numbers[(i + round_) % 20]), 1)
+        sql = sql.replace("{tp}", tp)
+        assert parse(sql) == (sqlcomment._parse(sql, 8192) if "/*" in sql else None), sql
+
+
+def test_literal_blind_shape_cache_inside_other_constructs():
+    # A literal inside a dollar quote, quoted identifier, line comment or
+    # escape string is no token of its own: its content can end the construct.
+    # Every combination: the first text fills the cache, the second must still
+    # get what a full parse gives.
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    openers = ["", "$$", "$q$", '"', "-- ", "E", "'", "/* x */", "\\", "X", "U&"]
+    closers = ["", "$$", "$q$", '"', "\n", "'", "'y'"]
+    for opener, closer, number, first, second in itertools.product(openers, closers, ("", "7"), ("x", "'"), LITERAL_TEXTS):
+        sqlcomment._SHAPES.clear()
+        for lit in (first, second):
+            sql = f"SELECT {opener}'{lit}'{closer} {number} /*a='1',traceparent='{tp}'*/"
+            assert parse(sql) == sqlcomment._parse(sql, 8192), sql
+
+
+def test_literal_blind_shape_cache_is_used():
+    sqlcomment._SHAPES.clear()
+    base = "SELECT * FROM t WHERE id = {} AND name = '{}' /*route='%2Fusers',traceparent='00-{:032x}-b7ad6b7169203331-01'*/;"
+    for i in range(3):
+        got = parse(base.format(i * 1000, "x" * i, i + 1))
+        assert got.context.trace_id == i + 1 and got.tags["route"] == "/users"
+        assert got.stripped_sql == f"SELECT * FROM t WHERE id = {i * 1000} AND name = '{'x' * i}';"
+    assert len(sqlcomment._SHAPES) == 1
 
 
 def test_shape_cache_is_used_and_bounded():

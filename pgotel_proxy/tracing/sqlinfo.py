@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterable
 
 from pglast import parser as _pg
 
+from ..sqlcomment import SHAPE_LITERAL
+
 __all__ = [
     "CACHE_MAX_CHARS",
     "CACHE_SIZE",
@@ -931,7 +933,6 @@ def _combine(infos: tuple[SqlInfo, ...]) -> SqlInfo:
 # with anything the blanking regex cannot read exactly (escapes, dollar quotes,
 # quoted identifiers, comments, typed or prefixed strings, parameters) skip it.
 _SHAPE_UNSAFE = re.compile(r"""[\\$"]|--|/\*|(?<![\w$])[eEbBxXnN]'|[uU]&""")
-_SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
 _shapes: dict[str, tuple[SqlInfo, ...]] = {}
 
 
@@ -941,7 +942,7 @@ def _analyze_all_shaped(sql: str) -> tuple[SqlInfo, ...]:
     if hit is not None:
         return hit
     if ("'" in sql or _HAS_DIGIT.search(sql)) and _SHAPE_UNSAFE.search(sql) is None:
-        shape = _SHAPE_LITERAL.sub("\x01", sql)
+        shape = SHAPE_LITERAL.sub("\x01", sql)
         if shape != sql:
             hit = _shapes.get(shape)
             if hit is None:
