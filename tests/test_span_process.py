@@ -211,6 +211,14 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
             for i in range(10):
                 conn.execute(f"SELECT {i} /*traceparent='{TP}'*/")
         time.sleep(0.3)  # the records reach the span process (every 50 ms); export waits for the interval
+        # The relay process keeps only the relay: span building and OTLP encoding
+        # (protobuf's C module among them) live in the span process, the SQL parser too.
+        with open(f"/proc/{proc.pid}/maps") as fh:
+            relay_maps = fh.read()
+        with open(f"/proc/{helper}/maps") as fh:
+            helper_maps = fh.read()
+        assert "_upb" in helper_maps
+        assert "_upb" not in relay_maps and "pglast" not in relay_maps
         proc.send_signal(sig)
         proc.wait(timeout=10)
 
@@ -241,3 +249,13 @@ def test_span_process_priority(make_proxy, priority):
     wait_for(lambda: os.sched_getscheduler(pid) == expected, timeout=10, what=f"scheduling class {priority}")
     _run(proxy, 5)  # and it still traces
     proxy.flush()
+
+
+def test_settle_gc_freezes_start_up_objects_and_raises_the_young_threshold():
+    import subprocess
+    import sys
+
+    code = ("import gc; from pgotel_proxy.runtime import settle_gc, GC_THRESHOLD; settle_gc(); "
+            "print(gc.get_freeze_count(), gc.get_threshold()[0] == GC_THRESHOLD)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 1000 and out[1] == "True", out

@@ -358,9 +358,14 @@ def _str(v) -> str | None:
 
 
 async def serve(
-    config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None, worker: Any = None
+    config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None, worker: Any = None,
+    settle_gc: bool = False,
 ) -> int:
     """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code.
+
+    ``settle_gc`` (the CLI's processes): tune the garbage collector once
+    started (runtime.settle_gc); a proxy embedded in another program leaves
+    that program's collector alone.
 
     SIGHUP calls ``reload`` for a fresh config and applies what can change
     without a restart: certificates (new sessions only), tracing on/off and the
@@ -412,6 +417,10 @@ async def serve(
         worker.signals_ready()  # signals held back since the fork now reach these handlers
     if ready is not None and not ready.done():
         ready.set_result(server)
+    if settle_gc:
+        from ..runtime import settle_gc as _settle
+
+        _settle()
     await stop.wait()
     await server.drain(config.drain_timeout)
     if admin is not None:
@@ -433,5 +442,5 @@ def run(config: Any, reload: Callable[[], Any] | None = None, worker: Any = None
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.run(serve(config, reload=reload, worker=worker))
-    return uvloop.run(serve(config, reload=reload, worker=worker))
+        return asyncio.run(serve(config, reload=reload, worker=worker, settle_gc=True))
+    return uvloop.run(serve(config, reload=reload, worker=worker, settle_gc=True))

@@ -56,6 +56,7 @@ from operator import attrgetter
 from typing import Any
 
 from ..protocol.events import Completion, Statement
+from .attributes import connection_attributes
 from ..stats import STATS
 
 __all__ = ["ProcessTracer", "CHILD_COUNTERS", "statement_to_tuple", "statement_from_tuple"]
@@ -329,8 +330,6 @@ class ProcessTracer:
         return True
 
     def open(self, info) -> _Handle:
-        from .tracer import connection_attributes
-
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._next_conn += 1
