@@ -50,6 +50,8 @@ SYNC = b"S\x00\x00\x00\x04"
 def cstring(buf, start: int) -> tuple[str, int]:
     """Decode a NUL-terminated string at ``start``; return it and the offset after the NUL."""
     end = buf.index(0, start) if isinstance(buf, (bytes, bytearray)) else bytes(buf).index(0, start)
+    if end == start:  # the unnamed statement or portal, the most common name
+        return "", end + 1
     return bytes(buf[start:end]).decode("utf-8", "replace"), end + 1
 
 

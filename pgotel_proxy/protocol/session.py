@@ -474,7 +474,7 @@ class Session:
             portals[portal] = rec
             return rec
         # Execute
-        if buf is None:
+        if buf is None or buf[start] == 0:
             portal = ""
         else:
             portal = bytes(buf[start : buf.index(0, start)]).decode("utf-8", "replace")
