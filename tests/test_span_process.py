@@ -213,11 +213,12 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
         time.sleep(0.3)  # the records reach the span process (every 50 ms); export waits for the interval
         # The relay process keeps only the relay: span building and OTLP encoding
         # (protobuf's C module among them) live in the span process, the SQL parser too.
-        with open(f"/proc/{proc.pid}/maps") as fh:
-            relay_maps = fh.read()
-        with open(f"/proc/{helper}/maps") as fh:
-            helper_maps = fh.read()
-        assert "_upb" in helper_maps
+        def maps(pid: int) -> str:
+            with open(f"/proc/{pid}/maps") as fh:
+                return fh.read()
+
+        wait_for(lambda: "_upb" in maps(helper), timeout=10, what="the span process to load its exporter")
+        relay_maps = maps(proc.pid)
         assert "_upb" not in relay_maps and "pglast" not in relay_maps
         proc.send_signal(sig)
         proc.wait(timeout=10)

@@ -16,8 +16,11 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
 * relay → helper: the configuration first, then lists of operations in order:
   ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
-  connection opened; ``("b", conn, application_name, records)`` finished
-  statements (records as tuples of :class:`Statement` fields); ``("g", conn)``
+  connection opened; ``("b", conn, count, payload)`` finished statements,
+  the payload being ``marshal`` data of ``(application_name, records)``
+  (records as tuples of :class:`Statement` fields), written when the
+  statements finished, so that writing a frame only copies bytes and never
+  holds the event loop for long; ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
   ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
   ``("s",)`` build and export what is left, then exit.
@@ -151,7 +154,7 @@ class _Handle:
             return
         self.gap = False
         app = self.session.server_params.get("application_name")
-        t._ops.append(("b", self.conn_id, app, [statement_to_tuple(r) for r in records]))
+        t._ops.append(("b", self.conn_id, len(records), marshal.dumps((app, [statement_to_tuple(r) for r in records]))))
         t._pending += len(records)
         if not t._armed:
             t._arm()
@@ -406,7 +409,7 @@ class ProcessTracer:
         keep = []
         for op in ops:
             if op[0] == "b":
-                STATS.statements_dropped += len(op[3])
+                STATS.statements_dropped += op[2]
                 h = self._handles.get(op[1])
                 if h is not None and not h.gap:
                     h.gap = True
@@ -584,9 +587,10 @@ def child_main(fd: int) -> int:
                     state = conns.get(op[1])
                     if state is None:
                         continue
-                    if op[2] is not None:
-                        state.info.session.server_params["application_name"] = op[2]
-                    build(state, [statement_from_tuple(t) for t in op[3]], spans)
+                    app, records = marshal.loads(op[3])
+                    if app is not None:
+                        state.info.session.server_params["application_name"] = app
+                    build(state, [statement_from_tuple(t) for t in records], spans)
                 elif kind == "o":
                     _, conn_id, base, pid, app = op
                     conns[conn_id] = ConnState(_ChildInfo(pid, app), base)
