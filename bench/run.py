@@ -2,9 +2,10 @@
 
 This module owns the whole benchmark: a throwaway PostgreSQL (the test
 fixture's :class:`PgServer`), a PgBouncer in session mode, the proxy started
-through its real CLI in three configurations (tracing off, tracing on at 100 %
-sampling exporting OTLP/HTTP to a decoding receiver in another process, and
-tracing on with ``--phase-timing flush``), and the measurements:
+through its real CLI in several configurations (:data:`PROXY_FLAGS`: tracing
+off; tracing on at 100 % sampling exporting OTLP/HTTP to a decoding receiver
+in another process, with the span process, with two worker processes, with
+spans built on threads, with ``--phase-timing flush``), and the measurements:
 
 * pgbench, a ``-S`` equivalent whose SQL carries a sampled sqlcommenter
   traceparent, in simple / extended / prepared modes at 1, 8 and 32 clients,
@@ -57,7 +58,7 @@ DBNAME = "pgotel_bench"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MODES = ("simple", "extended", "prepared")
 CLIENTS = (1, 8, 32)
-TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-thread", "proxy-flush")
+TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-w2", "proxy-thread", "proxy-flush")
 #: Proxy configurations: target name -> extra CLI flags.
 PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-off": ["--no-tracing"],
@@ -65,6 +66,8 @@ PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
     # spans built and exported on threads of the proxy process instead of the span process
     "proxy-thread": ["--tracing", "--sample-rate", "1", "--no-span-process"],
+    # two worker processes (SO_REUSEPORT), each with its span process
+    "proxy-w2": ["--tracing", "--sample-rate", "1", "--workers", "2"],
 }
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
