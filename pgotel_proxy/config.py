@@ -227,7 +227,7 @@ class Config(BaseModel):
     span_process_priority: Literal["idle", "normal"] = _opt(
         "idle", group="Export",
         description="CPU priority of the span process. idle (Linux SCHED_IDLE): it runs on CPU "
-                    "time nobody else wants, so span work never delays a query; on a CPU busy all "
+                    "time nobody else wants, so span work yields to queries; on a CPU busy all "
                     "the time spans are then dropped (counted). normal: an ordinary share.")
     span_queue_size: int = _opt(
         20000, group="Export", metavar="N", ge=1,
