@@ -6,11 +6,14 @@ builder thread takes the lock and keeps it for up to the switch interval, so
 under load the relay waits milliseconds for its next message (the p99 latency
 of a traced proxy was 2–9 ms this way), and the hand-overs themselves cost CPU.
 With ``span_process = true`` (the default) the relay process keeps only the
-compact statement records the protocol layer fills anyway, and every 50 ms
-(``_SEND_INTERVAL``) writes them, as one ``marshal`` frame, to a helper process over a
-socket pair. The helper (``python -m pgotel_proxy.tracing.process``) runs the
-ordinary :class:`~pgotel_proxy.tracing.tracer.Tracer`: sqlcommenter parsing,
-SQL summaries, span building, batching and OTLP export, on its own core.
+compact statement records the protocol layer fills anyway, serialised with
+``marshal`` as they finish, and every 50 ms (``_SEND_INTERVAL``) writes what
+gathered, as one frame, to a helper process over a socket pair. The helper
+(``python -m pgotel_proxy.tracing.process``) runs the ordinary
+:class:`~pgotel_proxy.tracing.tracer.Tracer`: sqlcommenter parsing, SQL
+summaries, span building (straight into OTLP bytes), batching and OTLP
+export, on its own core. The relay process never imports the OpenTelemetry
+SDK, protobuf or the SQL parser.
 
 Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
