@@ -13,7 +13,8 @@ drives, all on loopback, for ``--minutes`` (default 10):
   statements, transactions, reconnects;
 * a pgbench process (TPC-B-like, prepared protocol, rate-limited).
 
-Every 10 s it samples the proxy's RSS and open file descriptors, its admin
+Every 10 s it samples the RSS of the proxy and its span process, the proxy's
+open file descriptors, its admin
 metrics and the workload counters. At the end it prints a table and writes
 JSON, and exits non-zero when:
 
@@ -188,11 +189,10 @@ class Sink:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    """Resident memory of the proxy and its live descendants (its span process), in MB."""
+    from run import rss_kib
+
+    return rss_kib(pid) / 1024
 
 
 def open_fds(pid: int) -> int:
