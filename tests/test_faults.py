@@ -290,13 +290,17 @@ def test_backend_terminated_psycopg(pg, proxy):
             "select count(*) from pg_stat_activity where application_name = %s and state = 'active'", (app,)).fetchone()[0])
         side.execute("select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s", (app,))
 
-    threading.Thread(target=kill, daemon=True).start()
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
     t0 = time.monotonic()
     with pytest.raises(psycopg.OperationalError) as info:
         conn.execute("select pg_sleep(30)")
     assert time.monotonic() - t0 < 5
     assert info.value.sqlstate == "57P01"
     conn.close()
+    # The FATAL may reach the client before pg_terminate_backend's own answer reaches
+    # the killer: its connection closes only once that statement is done.
+    killer.join(10)
     side.close()
 
 
