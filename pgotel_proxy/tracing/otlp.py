@@ -282,7 +282,7 @@ def _span(s: ReadableSpan) -> bytes:
         ctx, parent, name, kind, start, end, attributes, events, links, status = _PUBLIC(s)
     ts = ctx.trace_state
     # an empty TraceState encodes as no field, as the SDK's "" does
-    trace_state = ",".join([f"{k}={v}" for k, v in ts.items()]).encode() if ts else b""
+    trace_state = _trace_state_bytes(ts) if ts else b""
     name_field = _NAME_CACHE.get(name)
     if name_field is None:
         name_field = _name_field(name)
@@ -349,15 +349,30 @@ def _link(trace_id: int, span_id: int, remote: bool, attributes: list, dropped: 
     )
 
 
+_TRACE_STATES: dict[str, TraceState] = {}
 _TRACE_STATE_BYTES: dict[str, bytes] = {}
 
 
+def parse_trace_state(header: str) -> TraceState:
+    """The parsed tracestate header (invalid entries dropped); applications send the same few again and again."""
+    ts = _TRACE_STATES.get(header)
+    if ts is None:
+        ts = TraceState.from_header([header])
+        if len(_TRACE_STATES) >= 1024:
+            _TRACE_STATES.clear()
+        _TRACE_STATES[header] = ts
+    return ts
+
+
+def _trace_state_bytes(ts: TraceState) -> bytes:
+    return ",".join([f"{k}={v}" for k, v in ts.items()]).encode()
+
+
 def _trace_state_field(header: str) -> bytes:
-    """A tracestate header as the SDK would carry it: parsed (invalid entries dropped), joined again."""
+    """A tracestate header as the SDK would carry it: parsed, joined again."""
     data = _TRACE_STATE_BYTES.get(header)
     if data is None:
-        ts = TraceState.from_header([header])
-        data = ",".join([f"{k}={v}" for k, v in ts.items()]).encode()
+        data = _trace_state_bytes(parse_trace_state(header))
         if len(_TRACE_STATE_BYTES) >= 1024:
             _TRACE_STATE_BYTES.clear()
         _TRACE_STATE_BYTES[header] = data

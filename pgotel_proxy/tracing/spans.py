@@ -506,7 +506,7 @@ def _observed_boundaries(rec: Statement) -> tuple[bool, bool]:
 
 
 def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | None, remote: bool = False) -> SpanContext:
-    ts = _trace_state(tracestate) if tracestate else _NO_TRACE_STATE
+    ts = otlp.parse_trace_state(tracestate) if tracestate else _NO_TRACE_STATE
     valid = 0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX
     return _new_context(SpanContext, (trace_id, span_id, remote, _FLAGS[flags & 0xFF], ts, valid))
 
@@ -519,20 +519,6 @@ _TRACE_ID_MAX = 2**128 - 1
 _SPAN_ID_MAX = 2**64 - 1
 _FLAGS = tuple(TraceFlags(i) for i in range(256))
 _NO_TRACE_STATE = SpanContext(1, 1, False).trace_state
-_TRACE_STATES: dict[str, TraceState] = {}
-
-
-def _trace_state(header: str) -> TraceState:
-    """The parsed tracestate header; applications send the same few again and again."""
-    ts = _TRACE_STATES.get(header)
-    if ts is None:
-        ts = TraceState.from_header([header])
-        if len(_TRACE_STATES) >= 1024:
-            _TRACE_STATES.clear()
-        _TRACE_STATES[header] = ts
-    return ts
-
-
 def _by_constructor(cls, fields: tuple) -> SpanContext:
     return cls(fields[0], fields[1], is_remote=fields[2], trace_flags=fields[3], trace_state=fields[4])
 
