@@ -1,11 +1,12 @@
 """Build of the optional C helpers; everything else is in pyproject.toml.
 
 * pgotel_proxy/protocol/_scan.c: stepping over runs of DataRow/CopyData;
+* pgotel_proxy/protocol/_core.c: the codec's per-message loop for the common messages;
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder.
 
 ``optional=True``: without a C compiler the package installs anyway and the
 Python versions of the same functions serve (pgotel_proxy.protocol.scan,
-pgotel_proxy.tracing.otlp).
+pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +14,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("pgotel_proxy.protocol._scan", ["pgotel_proxy/protocol/_scan.c"], optional=True),
+        Extension("pgotel_proxy.protocol._core", ["pgotel_proxy/protocol/_core.c"], optional=True),
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], optional=True),
     ],
 )

@@ -25,6 +25,8 @@ keep flowing untouched. Only client-side framing errors raise
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import struct
 from collections import deque
 
@@ -263,7 +265,13 @@ class Session:
         seg = 0  # start of the not-yet-emitted segment (only used when out is not None)
         observing = self.out_of_sync is None
         limit = self.max_message_size
+        fast = _fast_client if observing and self.injector is None and not self.flush_phases else None
         while pos < n:
+            if fast is not None:
+                # The compiled loop takes the common messages; it stops before any other.
+                pos = fast(self, data, pos, n, now)
+                if pos >= n:
+                    break
             if n - pos < 5:
                 self._cbuf = data[pos:]
                 break
@@ -540,6 +548,10 @@ class Session:
             if out is not None:
                 out.append(data[fwd:pos])
         while pos < n:
+            if out is None and _fast_server is not None:
+                pos = _fast_server(self, data, pos, n, now)
+                if pos >= n:
+                    break
             if n - pos < 5:
                 break
             typ = data[pos]
@@ -906,3 +918,27 @@ class Session:
             return None
         self._held_ready = None
         return held
+
+
+# The compiled per-message loop (_core.c), when built: it handles the common
+# messages on the Session's own slots and stops before any other, which the
+# Python loop above then handles. PGOTEL_PURE_PYTHON=1 leaves it out; tests
+# feed the same streams to both and compare.
+_fast_client = _fast_server = None
+if not os.environ.get("PGOTEL_PURE_PYTHON"):
+    try:
+        from . import _core  # type: ignore[attr-defined]
+
+        _fields = dataclasses.fields(Statement)
+        _core.configure(
+            Session,
+            Statement,
+            Completion,
+            tuple(f.name for f in _fields),
+            tuple(None if f.default is dataclasses.MISSING else f.default for f in _fields),
+            tuple(range(_PREFIX + 1)),
+        )
+        _fast_client, _fast_server = _core.client, _core.server
+    except ImportError:  # not built (no compiler at install time): Python serves
+        pass
+COMPILED = _fast_client is not None

@@ -1,0 +1,995 @@
+/*
+ * Compiled fast path of the protocol codec (pgotel_proxy/protocol/session.py).
+ *
+ * Session is the whole implementation and stays in Python. These two
+ * functions take over its per-message loop for the messages that make up the
+ * traffic of a traced application (Parse, Bind, Describe, Execute, Sync,
+ * Flush, Query; ParseComplete, BindComplete, RowDescription, NoData, DataRow,
+ * CommandComplete, CloseComplete, ReadyForQuery), on the Session's own state:
+ *
+ *   client(session, data, pos, n, now) -> pos
+ *   server(session, data, pos, n, now) -> pos
+ *
+ * Each handles whole messages from ``pos`` and returns where it stopped. It
+ * stops *before* any message it does not handle, or whose handling could
+ * take a path it does not take (an incomplete or malformed message, a request
+ * the proxy injected, a queue at its bound, an answer that does not match the
+ * request due, COPY, errors, start-up, ...): the Python loop then handles
+ * that one message and calls in again. So a message is either handled here
+ * exactly as Session handles it, or not touched at all; tests feed the same
+ * streams to both and compare every record and counter.
+ *
+ * The Session, Statement and Completion classes are plain Python classes
+ * with __slots__; configure() reads where each slot lives from the classes'
+ * member descriptors, so records are made and fields set without a Python
+ * call. When the layout is not what this file expects, configure() fails and
+ * Session runs in Python alone.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h> /* PyMemberDef, READONLY (Python 3.11) */
+#include <string.h>
+
+#define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry (T_OBJECT_EX / Py_T_OBJECT_EX) */
+
+/* Request kinds in the pending queue (session.py). */
+enum { K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_QUERY, K_FUNC, K_PREFIX, K_COUNT };
+
+/* Session slots. */
+enum {
+    S_PENDING, S_BATCH, S_BATCH_PARSED, S_PREPARED, S_PORTALS, S_SKIPPING, S_ROWS, S_LAST_KIND,
+    S_LAST_REC, S_MAX_PENDING, S_MAX_MESSAGE_SIZE, S_CAPTURE_PARAMS, S_MESSAGES_IN, S_MESSAGES_OUT,
+    S_COPY_IN_EXT, S_OUT_OF_SYNC, S_READY, S_TX_STATUS, S_COMPLETED, S_SHIFTED, S_INJECTOR,
+    S_FLUSH_PHASES, S_COUNT
+};
+static const char *session_slots[S_COUNT] = {
+    "_pending", "_batch", "_batch_parsed", "_prepared", "_portals", "_skipping", "_rows", "_last_kind",
+    "_last_rec", "max_pending", "max_message_size", "capture_params", "messages_in", "messages_out",
+    "_copy_in_ext", "out_of_sync", "ready", "tx_status", "completed", "_shifted", "injector",
+    "flush_phases",
+};
+
+/* Statement slots (all of them: a new record gets every one). */
+enum {
+    R_PROTOCOL, R_SQL, R_STATEMENT_NAME, R_PORTAL, R_START_NS, R_PARSE_START_NS, R_PARSE_END_NS,
+    R_PARSE_EXACT, R_BIND_START_NS, R_BIND_END_NS, R_BIND_EXACT, R_EXEC_START_NS, R_END_NS,
+    R_EXEC_EXACT, R_STATUS, R_TAG, R_ROWS, R_ERROR, R_PARAMS, R_RESULTS, R_REUSED, R_COPY,
+    R_TX_STATUS, R_EXTRA, R_COUNT
+};
+static const char *record_slots[R_COUNT] = {
+    "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
+    "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns",
+    "exec_exact", "status", "tag", "rows", "error", "params", "results", "reused", "copy",
+    "tx_status", "extra",
+};
+
+enum { C_END_NS, C_TAG, C_ROWS, C_ERROR, C_COUNT };
+static const char *completion_slots[C_COUNT] = {"end_ns", "tag", "rows", "error"};
+
+static int configured = 0;
+static Py_ssize_t s_off[S_COUNT], r_off[R_COUNT], c_off[C_COUNT];
+static PyTypeObject *session_type, *record_type, *completion_type;
+static PyObject *record_defaults[R_COUNT];
+static PyObject *kind_obj[K_COUNT];
+static PyObject *str_empty, *str_simple, *str_extended, *str_pending, *str_prepared, *str_skipped,
+    *str_ok, *str_error, *str_append, *str_popleft, *str_tx[3];
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* Borrowed reference to a slot's value; NULL when unset (the caller bails). */
+static inline PyObject *
+get(PyObject *obj, Py_ssize_t off)
+{
+    return SLOT(obj, off);
+}
+
+/* Set a slot, taking a new reference to value. */
+static inline void
+set(PyObject *obj, Py_ssize_t off, PyObject *value)
+{
+    PyObject *old = SLOT(obj, off);
+    Py_INCREF(value);
+    SLOT(obj, off) = value;
+    Py_XDECREF(old);
+}
+
+/* Set a slot, stealing the reference to value. */
+static inline void
+set_steal(PyObject *obj, Py_ssize_t off, PyObject *value)
+{
+    PyObject *old = SLOT(obj, off);
+    SLOT(obj, off) = value;
+    Py_XDECREF(old);
+}
+
+static int
+slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offs, int count)
+{
+    for (int i = 0; i < count; i++) {
+        PyObject *descr = PyObject_GetAttrString((PyObject *)type, names[i]);
+        if (descr == NULL)
+            return -1;
+        if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
+            Py_DECREF(descr);
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, names[i]);
+            return -1;
+        }
+        PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+        if (m->type != T_OBJECT_EX_ || (m->flags & READONLY)) {
+            Py_DECREF(descr);
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a writable object slot", type->tp_name, names[i]);
+            return -1;
+        }
+        offs[i] = m->offset;
+        Py_DECREF(descr);
+    }
+    return 0;
+}
+
+/* configure(Session, Statement, Completion, record_fields, record_defaults, kinds) */
+static PyObject *
+configure(PyObject *self, PyObject *args)
+{
+    PyObject *st, *rt, *ct, *names, *defaults, *kinds;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyType_Type, &st, &PyType_Type, &rt, &PyType_Type, &ct,
+                          &PyTuple_Type, &names, &PyTuple_Type, &defaults, &PyTuple_Type, &kinds))
+        return NULL;
+    if (PyTuple_GET_SIZE(names) != R_COUNT || PyTuple_GET_SIZE(defaults) != R_COUNT ||
+        PyTuple_GET_SIZE(kinds) != K_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "configure: the record's fields are not the ones this path knows");
+        return NULL;
+    }
+    for (int i = 0; i < R_COUNT; i++) {
+        PyObject *nm = PyTuple_GET_ITEM(names, i);
+        if (!PyUnicode_Check(nm) || PyUnicode_CompareWithASCIIString(nm, record_slots[i]) != 0) {
+            PyErr_SetString(PyExc_ValueError, "configure: the record's fields are not the ones this path knows");
+            return NULL;
+        }
+    }
+    /* Read into locals: a configure that fails leaves the working layout as it was. */
+    Py_ssize_t so[S_COUNT], ro[R_COUNT], co[C_COUNT];
+    if (slot_offsets((PyTypeObject *)st, session_slots, so, S_COUNT) < 0 ||
+        slot_offsets((PyTypeObject *)rt, record_slots, ro, R_COUNT) < 0 ||
+        slot_offsets((PyTypeObject *)ct, completion_slots, co, C_COUNT) < 0)
+        return NULL;
+    for (int i = 0; i < K_COUNT; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kinds, i);
+        if (!PyLong_Check(k) || PyLong_AsLong(k) != i) {
+            PyErr_SetString(PyExc_ValueError, "configure: request kinds are not 0..8 in order");
+            return NULL;
+        }
+    }
+    memcpy(s_off, so, sizeof so);
+    memcpy(r_off, ro, sizeof ro);
+    memcpy(c_off, co, sizeof co);
+    for (int i = 0; i < K_COUNT; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kinds, i);
+        Py_INCREF(k);
+        Py_XSETREF(kind_obj[i], k);
+    }
+    for (int i = 0; i < R_COUNT; i++) {
+        PyObject *d = PyTuple_GET_ITEM(defaults, i);
+        Py_INCREF(d);
+        Py_XSETREF(record_defaults[i], d);
+    }
+    Py_INCREF(st);
+    Py_XSETREF(session_type, (PyTypeObject *)st);
+    Py_INCREF(rt);
+    Py_XSETREF(record_type, (PyTypeObject *)rt);
+    Py_INCREF(ct);
+    Py_XSETREF(completion_type, (PyTypeObject *)ct);
+    configured = 1;
+    Py_RETURN_NONE;
+}
+
+/* A Statement with every field at its default, protocol and sql set (new reference). */
+static PyObject *
+new_record(PyObject *protocol, PyObject *sql)
+{
+    PyObject *rec = record_type->tp_alloc(record_type, 0);
+    if (rec == NULL)
+        return NULL;
+    for (int i = 0; i < R_COUNT; i++) {
+        PyObject *v = record_defaults[i];
+        Py_INCREF(v);
+        SLOT(rec, r_off[i]) = v;
+    }
+    set(rec, r_off[R_PROTOCOL], protocol);
+    set(rec, r_off[R_SQL], sql);
+    return rec;
+}
+
+static PyObject *
+new_completion(PyObject *end_ns, PyObject *tag, PyObject *rows)
+{
+    PyObject *c = completion_type->tp_alloc(completion_type, 0);
+    if (c == NULL)
+        return NULL;
+    Py_INCREF(end_ns);
+    SLOT(c, c_off[C_END_NS]) = end_ns;
+    Py_INCREF(tag);
+    SLOT(c, c_off[C_TAG]) = tag;
+    Py_INCREF(rows);
+    SLOT(c, c_off[C_ROWS]) = rows;
+    Py_INCREF(Py_None);
+    SLOT(c, c_off[C_ERROR]) = Py_None;
+    return c;
+}
+
+/* Only records get their slots written by offset. */
+static inline int
+is_rec(PyObject *o)
+{
+    return o != NULL && PyObject_TypeCheck(o, record_type);
+}
+
+static inline int
+is_str(PyObject *v, PyObject *s)
+{
+    return v == s || (v != NULL && PyUnicode_Check(v) && PyUnicode_Compare(v, s) == 0);
+}
+
+/* Truth of an int / bool slot; -1 when it is not one (the caller bails). */
+static inline int
+int_true(PyObject *v)
+{
+    if (v == Py_True)
+        return 1;
+    if (v == Py_False)
+        return 0;
+    if (v != NULL && PyLong_CheckExact(v))
+        return Py_SIZE(v) != 0;
+    return -1;
+}
+
+/* A NUL-terminated name inside [pos, end): decoded as Session does, *next set after the NUL. */
+static PyObject *
+cstr(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t *next)
+{
+    const unsigned char *nul = memchr(p + pos, 0, (size_t)(end - pos));
+    if (nul == NULL)
+        return NULL; /* no exception set: the caller bails */
+    Py_ssize_t len = nul - (p + pos);
+    *next = pos + len + 1;
+    if (len == 0) {
+        Py_INCREF(str_empty);
+        return str_empty;
+    }
+    return PyUnicode_DecodeUTF8((const char *)p + pos, len, "replace");
+}
+
+static int
+deque_append(PyObject *deque, PyObject *item)
+{
+    PyObject *r = PyObject_CallMethodOneArg(deque, str_append, item);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Session._queue for a queue known to have room. */
+static int
+queue(PyObject *s, int kind, PyObject *rec)
+{
+    PyObject *entry = PyTuple_Pack(3, kind_obj[kind], rec, Py_False);
+    if (entry == NULL)
+        return -1;
+    int r = deque_append(get(s, s_off[S_PENDING]), entry);
+    Py_DECREF(entry);
+    if (r < 0)
+        return -1;
+    set(s, s_off[S_LAST_KIND], kind_obj[kind]);
+    set(s, s_off[S_LAST_REC], rec);
+    return 0;
+}
+
+/* Session._mark_flushed. */
+static void
+mark_flushed(PyObject *s)
+{
+    PyObject *rec = get(s, s_off[S_LAST_REC]);
+    if (!is_rec(rec))
+        return;
+    PyObject *k = get(s, s_off[S_LAST_KIND]);
+    long kind = (k != NULL && PyLong_Check(k)) ? PyLong_AsLong(k) : -1;
+    if (kind == K_PARSE)
+        set(rec, r_off[R_PARSE_EXACT], Py_True);
+    else if (kind == K_BIND)
+        set(rec, r_off[R_BIND_EXACT], Py_True);
+    else if (kind == K_EXECUTE)
+        set(rec, r_off[R_EXEC_EXACT], Py_True);
+}
+
+static int
+add_int(PyObject *obj, Py_ssize_t off, long delta)
+{
+    if (delta == 0)
+        return 0;
+    PyObject *v = get(obj, off);
+    long cur = PyLong_AsLong(v);
+    if (cur == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *nv = PyLong_FromLong(cur + delta);
+    if (nv == NULL)
+        return -1;
+    set_steal(obj, off, nv);
+    return 0;
+}
+
+static int
+check_session(PyObject *s)
+{
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
+        return -1;
+    }
+    if (!PyObject_TypeCheck(s, session_type)) {
+        PyErr_SetString(PyExc_TypeError, "not a Session");
+        return -1;
+    }
+    for (int i = 0; i < S_COUNT; i++) {
+        if (get(s, s_off[i]) == NULL) {
+            PyErr_Format(PyExc_AttributeError, "Session slot %s is unset", session_slots[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+parse_args(PyObject *const *args, Py_ssize_t nargs, Py_buffer *view, Py_ssize_t *pos, Py_ssize_t *n)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "expected (session, data, pos, n, now)");
+        return -1;
+    }
+    if (check_session(args[0]) < 0)
+        return -1;
+    *pos = PyLong_AsSsize_t(args[2]);
+    *n = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(args[1], view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (*pos < 0 || *n > view->len || *pos > *n) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "pos/n outside the buffer");
+        return -1;
+    }
+    return 0;
+}
+
+static inline Py_ssize_t
+msg_len(const unsigned char *p, Py_ssize_t pos)
+{
+    return (Py_ssize_t)(((unsigned long)p[pos + 1] << 24) | ((unsigned long)p[pos + 2] << 16) |
+                        ((unsigned long)p[pos + 3] << 8) | (unsigned long)p[pos + 4]);
+}
+
+/* ------------------------------------------------------------------ client */
+
+/* One extended-protocol client message (P, B, E): 1 handled, 0 bail, -1 error. */
+static int
+client_parse(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t end, PyObject *now)
+{
+    Py_ssize_t q;
+    PyObject *name = cstr(p, start, end, &q);
+    if (name == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t q2;
+    PyObject *sql = cstr(p, q, end, &q2);
+    if (sql == NULL) {
+        Py_DECREF(name);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *prepared = get(s, s_off[S_PREPARED]);
+    int rc = 0;
+    if (!PyDict_CheckExact(prepared) || (PyUnicode_GET_LENGTH(name) && PyDict_GET_SIZE(prepared) >= 10000 &&
+                                         !PyDict_Contains(prepared, name)))
+        goto done; /* the bound on remembered statements: Python evicts */
+    PyObject *rec = new_record(str_extended, sql);
+    if (rec == NULL) {
+        rc = -1;
+        goto done;
+    }
+    set(rec, r_off[R_STATEMENT_NAME], name);
+    set(rec, r_off[R_START_NS], now);
+    set(rec, r_off[R_PARSE_START_NS], now);
+    set(rec, r_off[R_STATUS], str_prepared);
+    if (PyDict_SetItem(prepared, name, sql) < 0 || PyDict_SetItem(get(s, s_off[S_BATCH_PARSED]), name, rec) < 0 ||
+        PyList_Append(get(s, s_off[S_BATCH]), rec) < 0 || queue(s, K_PARSE, rec) < 0)
+        rc = -1;
+    else
+        rc = 1;
+    Py_DECREF(rec);
+done:
+    Py_DECREF(name);
+    Py_DECREF(sql);
+    return rc;
+}
+
+static int
+client_bind(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t end, PyObject *now)
+{
+    if (get(s, s_off[S_CAPTURE_PARAMS]) != Py_False)
+        return 0;
+    Py_ssize_t q, q2;
+    PyObject *portal = cstr(p, start, end, &q);
+    if (portal == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *stmt = cstr(p, q, end, &q2);
+    if (stmt == NULL) {
+        Py_DECREF(portal);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    int rc = 0;
+    PyObject *rec = NULL;
+    PyObject *portals = get(s, s_off[S_PORTALS]);
+    PyObject *parsed_map = get(s, s_off[S_BATCH_PARSED]);
+    PyObject *prepared = get(s, s_off[S_PREPARED]);
+    if (!PyDict_CheckExact(portals) || !PyDict_CheckExact(parsed_map) || !PyDict_CheckExact(prepared))
+        goto done;
+    if (PyDict_GET_SIZE(portals) >= 10000 && !PyDict_Contains(portals, portal))
+        goto done; /* the bound on portals: Python evicts */
+    PyObject *parsed = PyDict_GetItemWithError(parsed_map, stmt); /* borrowed */
+    if (parsed == NULL && PyErr_Occurred()) {
+        rc = -1;
+        goto done;
+    }
+    if (parsed != NULL) {
+        if (!is_rec(parsed))
+            goto done;
+        int bound = int_true(get(parsed, r_off[R_BIND_START_NS]));
+        if (bound < 0)
+            goto done;
+        if (!bound) {
+            rec = parsed;
+            Py_INCREF(rec);
+        }
+    }
+    if (rec == NULL) {
+        PyObject *sql = PyDict_GetItemWithError(prepared, stmt); /* borrowed */
+        if (sql == NULL && PyErr_Occurred()) {
+            rc = -1;
+            goto done;
+        }
+        rec = new_record(str_extended, sql ? sql : Py_None);
+        if (rec == NULL) {
+            rc = -1;
+            goto done;
+        }
+        set(rec, r_off[R_STATEMENT_NAME], stmt);
+        set(rec, r_off[R_START_NS], now);
+        set(rec, r_off[R_REUSED], parsed == NULL ? Py_True : Py_False);
+        if (PyList_Append(get(s, s_off[S_BATCH]), rec) < 0) {
+            rc = -1;
+            goto done;
+        }
+    }
+    set(rec, r_off[R_STATUS], str_pending);
+    set(rec, r_off[R_PORTAL], portal);
+    set(rec, r_off[R_BIND_START_NS], now);
+    set(rec, r_off[R_PARAMS], Py_None);
+    if (PyDict_SetItem(portals, portal, rec) < 0 || queue(s, K_BIND, rec) < 0)
+        rc = -1;
+    else
+        rc = 1;
+done:
+    Py_XDECREF(rec);
+    Py_DECREF(portal);
+    Py_DECREF(stmt);
+    return rc;
+}
+
+static int
+client_execute(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t end, PyObject *now)
+{
+    if (end <= start)
+        return 0;
+    Py_ssize_t q;
+    PyObject *portal = cstr(p, start, end, &q);
+    if (portal == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int rc = 0;
+    PyObject *portals = get(s, s_off[S_PORTALS]);
+    PyObject *rec = NULL;
+    if (!PyDict_CheckExact(portals))
+        goto done;
+    PyObject *old = PyDict_GetItemWithError(portals, portal); /* borrowed */
+    if (old == NULL && PyErr_Occurred()) {
+        rc = -1;
+        goto done;
+    }
+    if (old != NULL) {
+        if (!is_rec(old) || get(old, r_off[R_SQL]) == NULL || get(old, r_off[R_STATEMENT_NAME]) == NULL)
+            goto done;
+        int running = int_true(get(old, r_off[R_EXEC_START_NS]));
+        if (running < 0)
+            goto done;
+        if (!running) {
+            rec = old;
+            Py_INCREF(rec);
+        }
+    }
+    if (rec == NULL) {
+        rec = new_record(str_extended, old ? get(old, r_off[R_SQL]) : Py_None);
+        if (rec == NULL) {
+            rc = -1;
+            goto done;
+        }
+        set(rec, r_off[R_START_NS], now);
+        set(rec, r_off[R_REUSED], Py_True);
+        if (old != NULL)
+            set(rec, r_off[R_STATEMENT_NAME], get(old, r_off[R_STATEMENT_NAME]));
+        set(rec, r_off[R_PORTAL], portal);
+        if (PyDict_SetItem(portals, portal, rec) < 0 || PyList_Append(get(s, s_off[S_BATCH]), rec) < 0) {
+            rc = -1;
+            goto done;
+        }
+    }
+    set(rec, r_off[R_STATUS], str_pending);
+    set(rec, r_off[R_EXEC_START_NS], now);
+    rc = queue(s, K_EXECUTE, rec) < 0 ? -1 : 1;
+done:
+    Py_XDECREF(rec);
+    Py_DECREF(portal);
+    return rc;
+}
+
+static int
+client_sync(PyObject *s)
+{
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return -1;
+    mark_flushed(s);
+    PyObject *batch = get(s, s_off[S_BATCH]);
+    Py_INCREF(batch);
+    set_steal(s, s_off[S_BATCH], fresh);
+    PyObject *bp = get(s, s_off[S_BATCH_PARSED]);
+    if (PyDict_CheckExact(bp))
+        PyDict_Clear(bp);
+    set(s, s_off[S_SKIPPING], Py_False);
+    int r = queue(s, K_SYNC, batch);
+    Py_DECREF(batch);
+    if (r < 0)
+        return -1;
+    set(s, s_off[S_LAST_REC], Py_None);
+    return 1;
+}
+
+static int
+client_query(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t end, PyObject *now)
+{
+    if (end - 1 < start)
+        return 0;
+    PyObject *sql = PyUnicode_DecodeUTF8((const char *)p + start, end - 1 - start, "replace");
+    if (sql == NULL)
+        return -1;
+    PyObject *rec = new_record(str_simple, sql);
+    Py_DECREF(sql);
+    if (rec == NULL)
+        return -1;
+    PyObject *results = PyList_New(0);
+    if (results == NULL) {
+        Py_DECREF(rec);
+        return -1;
+    }
+    set(rec, r_off[R_START_NS], now);
+    set(rec, r_off[R_EXEC_START_NS], now);
+    set(rec, r_off[R_EXEC_EXACT], Py_True);
+    set_steal(rec, r_off[R_RESULTS], results);
+    PyObject *bp = get(s, s_off[S_BATCH_PARSED]);
+    if (PyDict_CheckExact(bp))
+        PyDict_Clear(bp);
+    int r = queue(s, K_QUERY, rec);
+    Py_DECREF(rec);
+    return r < 0 ? -1 : 1;
+}
+
+static PyObject *
+client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, n;
+    if (parse_args(args, nargs, &view, &pos, &n) < 0)
+        return NULL;
+    PyObject *s = args[0], *now = args[4];
+    const unsigned char *p = (const unsigned char *)view.buf;
+    long messages = 0;
+    int err = 0;
+    if (get(s, s_off[S_OUT_OF_SYNC]) != Py_None || get(s, s_off[S_INJECTOR]) != Py_None ||
+        get(s, s_off[S_FLUSH_PHASES]) != Py_False)
+        goto out;
+    Py_ssize_t limit = PyLong_AsSsize_t(get(s, s_off[S_MAX_MESSAGE_SIZE]));
+    Py_ssize_t max_pending = PyLong_AsSsize_t(get(s, s_off[S_MAX_PENDING]));
+    if (PyErr_Occurred()) {
+        err = 1;
+        goto out;
+    }
+    while (n - pos >= 5) {
+        int typ = p[pos];
+        Py_ssize_t length = msg_len(p, pos);
+        if (length < 4 || length > limit || length > n - pos - 1)
+            break; /* garbage (Python raises) or incomplete */
+        Py_ssize_t start = pos + 5, end = pos + 1 + length;
+        int r;
+        if (typ == 'd') {
+            r = 1; /* CopyData: relayed, nothing to account */
+        } else {
+            if (get(s, s_off[S_SKIPPING]) != Py_False || get(s, s_off[S_COPY_IN_EXT]) != Py_False)
+                break;
+            if (typ != 'H') {
+                Py_ssize_t queued = PyObject_Size(get(s, s_off[S_PENDING]));
+                if (queued < 0) {
+                    err = 1;
+                    break;
+                }
+                if (queued >= max_pending)
+                    break;
+            }
+            switch (typ) {
+            case 'B': r = client_bind(s, p, start, end, now); break;
+            case 'E': r = client_execute(s, p, start, end, now); break;
+            case 'S': r = client_sync(s); break;
+            case 'P': r = client_parse(s, p, start, end, now); break;
+            case 'D': r = queue(s, K_DESCRIBE, Py_None) < 0 ? -1 : 1; break;
+            case 'H': mark_flushed(s); r = 1; break;
+            case 'Q': r = client_query(s, p, start, end, now); break;
+            default: r = 0; /* Close, FunctionCall, COPY, Terminate, garbage: Python */
+            }
+        }
+        if (r < 0) {
+            err = 1;
+            break;
+        }
+        if (r == 0)
+            break;
+        messages++;
+        pos = end;
+    }
+out:
+    PyBuffer_Release(&view);
+    if (!err && add_int(s, s_off[S_MESSAGES_IN], messages) < 0)
+        err = 1;
+    if (err)
+        return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* ------------------------------------------------------------------ server */
+
+/* Front of the pending queue (borrowed tuple) when it is a client request of this kind. */
+static PyObject *
+front_of(PyObject *pending, int kind)
+{
+    if (PyObject_Size(pending) <= 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *f = PySequence_GetItem(pending, 0);
+    if (f == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(f); /* still held by the deque */
+    if (!PyTuple_CheckExact(f) || PyTuple_GET_SIZE(f) != 3 || PyTuple_GET_ITEM(f, 2) != Py_False)
+        return NULL;
+    if (kind >= 0 && PyTuple_GET_ITEM(f, 0) != kind_obj[kind])
+        return NULL;
+    return f;
+}
+
+static int
+popleft(PyObject *pending)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(pending, str_popleft);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ReadyForQuery after start-up: Session._ready_for_query. 1 handled, 0 bail, -1 error. */
+static int
+server_ready(PyObject *s, int status, PyObject *now)
+{
+    if (get(s, s_off[S_READY]) != Py_True || int_true(get(s, s_off[S_SHIFTED])) != 0)
+        return 0;
+    PyObject *pending = get(s, s_off[S_PENDING]);
+    /* Only client requests up to the one ReadyForQuery answers. */
+    Py_ssize_t count = PyObject_Size(pending), upto = count;
+    if (count < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *e = PySequence_GetItem(pending, i);
+        if (e == NULL)
+            return -1;
+        int ok = PyTuple_CheckExact(e) && PyTuple_GET_SIZE(e) == 3 && PyTuple_GET_ITEM(e, 2) == Py_False;
+        PyObject *k = ok ? PyTuple_GET_ITEM(e, 0) : NULL, *rec = ok ? PyTuple_GET_ITEM(e, 1) : NULL;
+        if (ok) {
+            if (k == kind_obj[K_SYNC]) {
+                /* the batch: a list of records */
+                ok = PyList_CheckExact(rec);
+                for (Py_ssize_t j = 0; ok && j < PyList_GET_SIZE(rec); j++)
+                    ok = is_rec(PyList_GET_ITEM(rec, j));
+            } else {
+                ok = rec == Py_None || is_rec(rec);
+                if (ok && (k == kind_obj[K_QUERY] || k == kind_obj[K_FUNC]))
+                    ok = rec != Py_None;
+            }
+        }
+        Py_DECREF(e);
+        if (!ok)
+            return 0;
+        if (k == kind_obj[K_SYNC] || k == kind_obj[K_QUERY] || k == kind_obj[K_FUNC]) {
+            upto = i + 1;
+            break;
+        }
+    }
+    PyObject *tx = status == 'I' ? str_tx[0] : status == 'T' ? str_tx[1] : status == 'E' ? str_tx[2] : NULL;
+    if (tx == NULL)
+        return 0;
+    set(s, s_off[S_TX_STATUS], tx);
+    set(s, s_off[S_COPY_IN_EXT], Py_False);
+    PyObject *done = NULL; /* new reference: the records the batch finished */
+    for (Py_ssize_t i = 0; i < upto; i++) {
+        PyObject *e = PyObject_CallMethodNoArgs(pending, str_popleft);
+        if (e == NULL)
+            goto fail;
+        PyObject *k = PyTuple_GET_ITEM(e, 0), *rec = PyTuple_GET_ITEM(e, 1);
+        if (k == kind_obj[K_SYNC]) {
+            Py_INCREF(rec);
+            done = rec;
+        } else if (k == kind_obj[K_QUERY] || k == kind_obj[K_FUNC]) {
+            set(rec, r_off[R_END_NS], now);
+            PyObject *results = get(rec, r_off[R_RESULTS]);
+            int failed = 0;
+            if (results != NULL && PyList_Check(results)) {
+                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(results); j++) {
+                    PyObject *c = PyList_GET_ITEM(results, j);
+                    int t = PyObject_TypeCheck(c, completion_type) && SLOT(c, c_off[C_ERROR]) != NULL
+                                ? PyObject_IsTrue(SLOT(c, c_off[C_ERROR]))
+                                : -1;
+                    if (t < 0) {
+                        Py_DECREF(e);
+                        PyErr_SetString(PyExc_TypeError, "unexpected Query results");
+                        goto fail;
+                    }
+                    if (t) {
+                        failed = 1;
+                        break;
+                    }
+                }
+            }
+            set(rec, r_off[R_STATUS], failed ? str_error : str_ok);
+            done = PyTuple_Pack(1, rec);
+            if (done == NULL) {
+                Py_DECREF(e);
+                goto fail;
+            }
+        } else if (rec != Py_None && is_str(get(rec, r_off[R_STATUS]), str_pending)) {
+            set(rec, r_off[R_STATUS], str_skipped);
+            set(rec, r_off[R_END_NS], now);
+        }
+        Py_DECREF(e);
+    }
+    if (done != NULL) {
+        PyObject *seq = PySequence_Fast(done, "batch");
+        if (seq == NULL)
+            goto fail;
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+        PyObject **items = PySequence_Fast_ITEMS(seq);
+        for (Py_ssize_t i = 0; i < m; i++) {
+            set(items[i], r_off[R_TX_STATUS], tx);
+            if (is_str(get(items[i], r_off[R_STATUS]), str_pending)) {
+                set(items[i], r_off[R_STATUS], str_skipped);
+                set(items[i], r_off[R_END_NS], now);
+            }
+        }
+        PyObject *completed = get(s, s_off[S_COMPLETED]);
+        int r = 0;
+        for (Py_ssize_t i = 0; i < m && r == 0; i++)
+            r = PyList_Append(completed, items[i]);
+        Py_DECREF(seq);
+        if (r < 0)
+            goto fail;
+        Py_DECREF(done);
+    }
+    if (tx == str_tx[0]) {
+        PyObject *portals = get(s, s_off[S_PORTALS]);
+        if (PyDict_CheckExact(portals))
+            PyDict_Clear(portals);
+    }
+    return 1;
+fail:
+    Py_XDECREF(done);
+    return -1;
+}
+
+static PyObject *
+server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, n;
+    if (parse_args(args, nargs, &view, &pos, &n) < 0)
+        return NULL;
+    PyObject *s = args[0], *now = args[4];
+    const unsigned char *p = (const unsigned char *)view.buf;
+    long messages = 0, rows = 0;
+    int err = 0;
+    if (get(s, s_off[S_OUT_OF_SYNC]) != Py_None)
+        goto out;
+    PyObject *pending = get(s, s_off[S_PENDING]);
+    while (n - pos >= 5) {
+        int typ = p[pos];
+        Py_ssize_t length = msg_len(p, pos);
+        if (length < 4 || length > n - pos - 1)
+            break; /* incomplete (Python holds or skips it) or broken */
+        Py_ssize_t start = pos + 5, end = pos + 1 + length;
+        int r = 0;
+        PyObject *f, *rec;
+        if (typ == 'D' || typ == 'd') {
+            /* DataRow is counted, CopyData relayed; neither counts as a message here (as in Python). */
+            if (typ == 'D')
+                rows++;
+            pos = end;
+            continue;
+        }
+        switch (typ) {
+        case '1':
+        case '2':
+        case '3':
+            f = front_of(pending, typ == '1' ? K_PARSE : typ == '2' ? K_BIND : K_CLOSE);
+            if (f == NULL)
+                break;
+            rec = PyTuple_GET_ITEM(f, 1);
+            if (rec != Py_None && !is_rec(rec))
+                break;
+            Py_INCREF(rec);
+            if (popleft(pending) < 0) {
+                Py_DECREF(rec);
+                r = -1;
+                break;
+            }
+            if (typ != '3' && rec != Py_None)
+                set(rec, r_off[typ == '1' ? R_PARSE_END_NS : R_BIND_END_NS], now);
+            Py_DECREF(rec);
+            r = 1;
+            break;
+        case 'T':
+        case 'n':
+            if (PyObject_Size(pending) == 0) {
+                r = 1;
+                break;
+            }
+            f = front_of(pending, -1);
+            if (f == NULL)
+                break; /* an injected request is due: Python */
+            if (PyTuple_GET_ITEM(f, 0) == kind_obj[K_DESCRIBE])
+                r = popleft(pending) < 0 ? -1 : 1;
+            else
+                r = 1;
+            break;
+        case 'C': {
+            if (end - 1 < start)
+                break;
+            f = front_of(pending, -1);
+            if (f == NULL)
+                break;
+            PyObject *k = PyTuple_GET_ITEM(f, 0);
+            if (k != kind_obj[K_QUERY] && k != kind_obj[K_EXECUTE])
+                break;
+            rec = PyTuple_GET_ITEM(f, 1);
+            if (!is_rec(rec))
+                break;
+            Py_INCREF(rec);
+            /* rows counted so far in this call, plus what Python counted before */
+            PyObject *prior = get(s, s_off[S_ROWS]);
+            long total = PyLong_AsLong(prior);
+            PyObject *tag = NULL, *rowsobj = NULL;
+            if (total == -1 && PyErr_Occurred())
+                goto c_fail;
+            tag = PyUnicode_DecodeASCII((const char *)p + start, end - 1 - start, "replace");
+            rowsobj = tag ? PyLong_FromLong(total + rows) : NULL;
+            if (rowsobj == NULL)
+                goto c_fail;
+            if (k == kind_obj[K_QUERY]) {
+                PyObject *results = get(rec, r_off[R_RESULTS]);
+                if (results != Py_None) {
+                    if (!PyList_Check(results)) {
+                        PyErr_SetString(PyExc_TypeError, "unexpected Query results");
+                        goto c_fail;
+                    }
+                    PyObject *c = new_completion(now, tag, rowsobj);
+                    if (c == NULL || PyList_Append(results, c) < 0) {
+                        Py_XDECREF(c);
+                        goto c_fail;
+                    }
+                    Py_DECREF(c);
+                }
+            } else {
+                if (popleft(pending) < 0)
+                    goto c_fail;
+                set(rec, r_off[R_TAG], tag);
+                set(rec, r_off[R_ROWS], rowsobj);
+                set(rec, r_off[R_END_NS], now);
+                set(rec, r_off[R_STATUS], str_ok);
+            }
+            rows = 0;
+            set(s, s_off[S_ROWS], kind_obj[K_PARSE]); /* the int 0 */
+            r = 1;
+            Py_DECREF(tag);
+            Py_DECREF(rowsobj);
+            Py_DECREF(rec);
+            break;
+        c_fail:
+            Py_XDECREF(tag);
+            Py_XDECREF(rowsobj);
+            Py_DECREF(rec);
+            r = -1;
+            break;
+        }
+        case 'Z':
+            if (end <= start)
+                break;
+            r = server_ready(s, p[start], now);
+            break;
+        default:
+            r = 0; /* errors, notices, COPY, parameter status, ...: Python */
+        }
+        if (r < 0) {
+            err = 1;
+            break;
+        }
+        if (r == 0)
+            break;
+        messages++;
+        pos = end;
+    }
+out:
+    PyBuffer_Release(&view);
+    if (!err && (add_int(s, s_off[S_MESSAGES_OUT], messages) < 0 || add_int(s, s_off[S_ROWS], rows) < 0))
+        err = 1;
+    if (err)
+        return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(Session, Statement, Completion, record_fields, record_defaults, kinds): read the slot layout."},
+    {"client", (PyCFunction)(void (*)(void))client, METH_FASTCALL,
+     "client(session, data, pos, n, now) -> pos: account the client messages this path handles."},
+    {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
+     "server(session, data, pos, n, now) -> pos: account the server messages this path handles."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_core", "Compiled fast path of the protocol codec.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+#define INTERN(var, text)                                                                          \
+    if ((var = PyUnicode_InternFromString(text)) == NULL)                                          \
+        return NULL;
+    INTERN(str_empty, "");
+    INTERN(str_simple, "simple");
+    INTERN(str_extended, "extended");
+    INTERN(str_pending, "pending");
+    INTERN(str_prepared, "prepared");
+    INTERN(str_skipped, "skipped");
+    INTERN(str_ok, "ok");
+    INTERN(str_error, "error");
+    INTERN(str_append, "append");
+    INTERN(str_popleft, "popleft");
+    INTERN(str_tx[0], "I");
+    INTERN(str_tx[1], "T");
+    INTERN(str_tx[2], "E");
+#undef INTERN
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,401 @@
+"""The codec's compiled fast path (protocol/_core.c) against the Python Session.
+
+``Session`` is one implementation in Python; ``_core.c`` takes over its
+per-message loop for the common messages and stops before any other. These
+tests feed the same streams, split the same way, to a Session with the
+compiled path and to one without, and compare everything either produces:
+what each call returns, every field of every statement record, and the
+session's state (queues, counters, names, status) after every step.
+
+Streams: the recorded corpus (real psycopg traffic) whole, mutated and split
+at random points; and generated conversations that reach the paths the fast
+path takes and the ones where it must stop (errors inside a batch, statements
+bound twice, named portals, suspended portals, Close, pipelined Syncs, Flush,
+notices, ParameterStatus, Query with several statements, injected requests,
+queue bounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgotel_proxy.protocol import ProtocolViolation, Session
+from pgotel_proxy.protocol import session as session_mod
+from pgotel_proxy.protocol.events import Completion, Statement
+
+from test_protocol_fuzz import CORPUS, cut_lists, mutate
+
+pytestmark = pytest.mark.skipif(not session_mod.COMPILED, reason="compiled codec not built (or PGOTEL_PURE_PYTHON)")
+
+FAST = (session_mod._fast_client, session_mod._fast_server)
+FIELDS = [f.name for f in dataclasses.fields(Statement)]
+SETTINGS = settings(
+    max_examples=200,
+    deadline=4000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def test_built_when_expected():
+    if os.environ.get("PGOTEL_EXPECT_COMPILED"):
+        assert session_mod.COMPILED
+
+
+# ------------------------------------------------------------------ driving
+
+
+class Driver:
+    """One Session fed step by step, with or without the compiled path."""
+
+    def __init__(self, fast: bool, **kw) -> None:
+        self.fast = fast
+        self.s = Session(**kw)
+        self.violated = False
+        self.records: list[Statement] = []
+
+    def _paths(self):
+        session_mod._fast_client, session_mod._fast_server = FAST if self.fast else (None, None)
+
+    def client(self, data: bytes, now: int):
+        if self.violated:
+            return "closed"
+        self._paths()
+        try:
+            return self.s.client_data(data, now)
+        except ProtocolViolation as exc:
+            self.violated = True
+            return ("violation", str(exc))
+        finally:
+            session_mod._fast_client, session_mod._fast_server = FAST
+
+    def server(self, data: bytes, now: int):
+        self._paths()
+        try:
+            if self.s.server_hold:
+                return self.s.server_filter(data, now)
+            self.s.server_observe(data, now)
+            return None
+        finally:
+            session_mod._fast_client, session_mod._fast_server = FAST
+
+    def take(self) -> None:
+        self.records.extend(self.s.take_completed())
+
+
+def record_values(rec: Statement) -> tuple:
+    values = []
+    for name in FIELDS:
+        v = getattr(rec, name)
+        if name == "results" and v is not None:
+            v = [dataclasses.astuple(c) for c in v]
+        values.append(v)
+    return tuple(values)
+
+
+def state(s: Session) -> dict:
+    return {
+        "pending": [(k, None if r is None else (r if isinstance(r, list) else record_values(r)), inj)
+                    if not isinstance(r, list) else (k, [record_values(x) for x in r], inj)
+                    for k, r, inj in s._pending],
+        "batch": [record_values(r) for r in s._batch],
+        "batch_parsed": sorted(s._batch_parsed),
+        "prepared": dict(s._prepared),
+        "portals": {k: record_values(v) for k, v in s._portals.items()},
+        "scalars": (s.messages_in, s.messages_out, s._rows, s.tx_status, s.ready, s._skipping,
+                    s._last_kind, s.out_of_sync, s._injected_pending, s._copy_in_ext, s._cbuf, s._cskip,
+                    s._sbuf, s._sfwd, s._sskip, s.backend_pid, s.fatal, s.client_terminated,
+                    dict(s.server_params)),
+        "last_rec": None if s._last_rec is None or isinstance(s._last_rec, list) else record_values(s._last_rec),
+        "completed": [record_values(r) for r in s.completed],
+    }
+
+
+def run_both(steps, cuts, **kw) -> tuple[Driver, Driver]:
+    """Feed (side, bytes) steps, each split at ``cuts``, to both; compare after every piece."""
+    a, b = Driver(True, **kw), Driver(False, **kw)
+    now = 0
+    for i, (side, data) in enumerate(steps):
+        for piece in _split(data, cuts[i % len(cuts)] if cuts else []):
+            now += 1
+            if side == "c":
+                ra, rb = a.client(piece, now), b.client(piece, now)
+            else:
+                ra, rb = a.server(piece, now), b.server(piece, now)
+            assert ra == rb, f"step {i} ({side}): returns differ"
+            assert state(a.s) == state(b.s), f"step {i} ({side}): state differs"
+        a.take()
+        b.take()
+    for d in (a, b):
+        d.s.finish_all(now + 1)
+        d.take()
+    assert [record_values(r) for r in a.records] == [record_values(r) for r in b.records]
+    return a, b
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    if not data:
+        return []
+    points = sorted({c % len(data) for c in cuts} - {0})
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    out.append(data[last:])
+    return out
+
+
+# ------------------------------------------------------------------ messages
+
+
+def msg(t: str, body: bytes = b"") -> bytes:
+    return t.encode() + struct.pack("!I", len(body) + 4) + body
+
+
+def cs(text: str) -> bytes:
+    return text.encode() + b"\x00"
+
+
+def parse(name: str, sql: str) -> bytes:
+    return msg("P", cs(name) + cs(sql) + struct.pack("!h", 0))
+
+
+def bind(portal: str, stmt: str, value: str = "1") -> bytes:
+    v = value.encode()
+    return msg("B", cs(portal) + cs(stmt) + struct.pack("!hhi", 0, 1, len(v)) + v + struct.pack("!h", 0))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return msg("E", cs(portal) + struct.pack("!i", max_rows))
+
+
+def describe(kind: str, name: str) -> bytes:
+    return msg("D", kind.encode() + cs(name))
+
+
+def close(kind: str, name: str) -> bytes:
+    return msg("C", kind.encode() + cs(name))
+
+
+SYNC, FLUSH = msg("S"), msg("H")
+ROWDESC = msg("T", struct.pack("!h", 1) + cs("a") + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+
+
+def row(v: str = "7") -> bytes:
+    return msg("D", struct.pack("!hi", 1, len(v)) + v.encode())
+
+
+def complete(tag: str) -> bytes:
+    return msg("C", cs(tag))
+
+
+def ready(status: str = "I") -> bytes:
+    return msg("Z", status.encode())
+
+
+def error(code: str = "42P01", severity: str = "ERROR") -> bytes:
+    return msg("E", b"S" + cs(severity) + b"V" + cs(severity) + b"C" + cs(code) + b"M" + cs('no "x" here') + b"\x00")
+
+
+NOTICE = msg("N", b"S" + cs("NOTICE") + b"C" + cs("00000") + b"M" + cs("hello") + b"\x00")
+PARAM = msg("S", cs("application_name") + cs("app"))
+STARTUP_SERVER = (msg("R", struct.pack("!I", 0)) + PARAM + msg("K", struct.pack("!I", 4242) + b"keyk")
+                  + ready("I"))
+
+
+# One conversation step: (client bytes, server bytes), built from a few choices.
+SQLS = ["/*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/ SELECT $1",
+        "SELECT a FROM t WHERE b = $1", "BEGIN", "COMMIT", "UPDATE t SET a = $1", "SELECT 'ü'"]
+
+
+@st.composite
+def exchange(draw) -> tuple[bytes, bytes]:
+    kind = draw(st.sampled_from([
+        "simple", "simple_multi", "simple_error", "empty", "unnamed", "prepare", "run_prepared",
+        "bind_error", "parse_error", "portal", "suspended", "close", "pipeline", "flush", "notice",
+        "describe_stmt", "twice", "tx",
+    ]))
+    sql = draw(st.sampled_from(SQLS))
+    name = draw(st.sampled_from(["", "s1", "P0_1"]))
+    rows = draw(st.integers(min_value=0, max_value=3))
+    tx = draw(st.sampled_from("ITE"))
+    data = b"".join(row(str(i)) for i in range(rows))
+    if kind == "simple":
+        return msg("Q", cs(sql.replace("$1", "1"))), ROWDESC + data + complete(f"SELECT {rows}") + ready(tx)
+    if kind == "simple_multi":
+        return (msg("Q", cs("SELECT 1; SELECT 2")),
+                ROWDESC + data + complete(f"SELECT {rows}") + ROWDESC + row() + complete("SELECT 1") + ready(tx))
+    if kind == "simple_error":
+        return msg("Q", cs("SELECT x")), ROWDESC + data + error() + ready("E" if tx != "I" else "I")
+    if kind == "empty":
+        return msg("Q", cs("")), msg("I") + ready(tx)
+    if kind == "unnamed":
+        return (parse("", sql) + bind("", "") + describe("P", "") + execute() + SYNC,
+                msg("1") + msg("2") + ROWDESC + data + complete(f"SELECT {rows}") + ready(tx))
+    if kind == "prepare":
+        return parse(name, sql) + describe("S", name) + SYNC, msg("1") + msg("t", struct.pack("!hI", 1, 23)) + ROWDESC + ready(tx)
+    if kind == "run_prepared":
+        return bind("", name) + execute() + SYNC, msg("2") + data + complete(f"SELECT {rows}") + ready(tx)
+    if kind == "bind_error":
+        return parse("", sql) + bind("", "") + execute() + SYNC, msg("1") + error("22P02") + ready(tx)
+    if kind == "parse_error":
+        return parse("", "SELEC") + bind("", "") + execute() + SYNC, error("42601") + ready(tx)
+    if kind == "portal":
+        return (bind("c1", name) + execute("c1") + SYNC,
+                msg("2") + data + complete(f"SELECT {rows}") + ready(tx))
+    if kind == "suspended":
+        return (bind("c2", name) + execute("c2", 1) + execute("c2", 0) + SYNC,
+                msg("2") + row() + msg("s") + data + complete(f"SELECT {rows + 1}") + ready(tx))
+    if kind == "close":
+        return close("S", name) + close("P", "c1") + SYNC, msg("3") + msg("3") + ready(tx)
+    if kind == "pipeline":
+        return (bind("", name) + execute() + SYNC + parse("", sql) + bind("", "") + execute() + SYNC,
+                msg("2") + data + complete("SELECT 1") + ready("I") + msg("1") + msg("2") + complete("UPDATE 1") + ready(tx))
+    if kind == "flush":
+        return (parse(name, sql) + FLUSH + bind("", name) + FLUSH + execute() + SYNC,
+                msg("1") + msg("2") + data + complete(f"SELECT {rows}") + ready(tx))
+    if kind == "notice":
+        return (bind("", name) + execute() + SYNC,
+                NOTICE + msg("2") + PARAM + data + NOTICE + complete(f"SELECT {rows}") + ready(tx))
+    if kind == "describe_stmt":
+        return describe("S", name) + SYNC, msg("t", struct.pack("!h", 0)) + msg("n") + ready(tx)
+    if kind == "twice":  # executemany: bound and run twice in the Parse's own batch
+        return (parse("", sql) + bind("", "") + execute() + bind("", "") + execute() + SYNC,
+                msg("1") + msg("2") + complete("UPDATE 1") + msg("2") + complete("UPDATE 1") + ready(tx))
+    # tx: BEGIN, statement, COMMIT in one pipeline
+    return (msg("Q", cs("BEGIN")) + bind("", name) + execute() + SYNC + msg("Q", cs("COMMIT")),
+            complete("BEGIN") + ready("T") + msg("2") + data + complete("SELECT 1") + ready("T")
+            + complete("COMMIT") + ready("I"))
+
+
+def conversation(exchanges, inject_at: int | None) -> list[tuple[str, bytes]]:
+    steps = [("s", STARTUP_SERVER)]
+    for i, (c, s) in enumerate(exchanges):
+        steps.append(("c", c))
+        if inject_at == i:
+            steps.append(("inject", b""))
+        steps.append(("s", s))
+    return steps
+
+
+# ------------------------------------------------------------------ tests
+
+
+@SETTINGS
+@given(name=st.sampled_from(sorted(CORPUS)), cuts=cut_lists)
+def test_corpus_same_records_and_state(name, cuts):
+    a, _b = run_both(CORPUS[name], cuts, observe_limit=1 << 20, max_message_size=1 << 20)
+    assert a.records, "the recording produced no statements"
+    assert a.s.out_of_sync is None
+
+
+@SETTINGS
+@given(name=st.sampled_from(sorted(CORPUS)), muts=st.lists(st.tuples(
+    st.sampled_from(["flip", "set", "length", "type", "cut", "dup", "insert"]),
+    st.integers(min_value=0, max_value=1 << 16),
+    st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1)), max_size=6), cuts=cut_lists,
+    limits=st.sampled_from([(512, 64, 4096), (1 << 20, 10_000, 1 << 20), (64, 3, 128)]))
+def test_mutated_corpus_same_answers(name, muts, cuts, limits):
+    observe_limit, max_pending, max_message = limits
+    run_both(mutate(CORPUS[name], muts), cuts, observe_limit=observe_limit, max_pending=max_pending,
+             max_message_size=max_message)
+
+
+@SETTINGS
+@given(exchanges=st.lists(exchange(), min_size=1, max_size=8), cuts=cut_lists,
+       max_pending=st.sampled_from([10_000, 4]), capture=st.booleans())
+def test_conversations_same_records_and_state(exchanges, cuts, max_pending, capture):
+    run_both(conversation(exchanges, None), cuts, max_pending=max_pending, capture_params=capture)
+
+
+@SETTINGS
+@given(exchanges=st.lists(exchange(), min_size=2, max_size=6), at=st.integers(min_value=0, max_value=4),
+       cuts=cut_lists)
+def test_injected_requests_leave_the_fast_path_correct(exchanges, at, cuts):
+    """A request the proxy injected is due: its answers are Python's to remove."""
+    at = at % len(exchanges)
+    a, b = Driver(True), Driver(False)
+    now = 0
+    for side, data in conversation(exchanges, at):
+        for d in (a, b):
+            if side == "inject":
+                d.s.inject_request("query")
+                d.s.client_data(b"", now)
+        if side == "inject":
+            # its answer comes first: a CommandComplete and a ReadyForQuery
+            data = complete("SELECT 1") + ready("I")
+            side = "s"
+        for piece in _split(data, cuts[0]):
+            now += 1
+            if side == "c":
+                assert a.client(piece, now) == b.client(piece, now)
+            else:
+                assert a.server(piece, now) == b.server(piece, now)
+            assert state(a.s) == state(b.s)
+        a.take()
+        b.take()
+    assert [record_values(r) for r in a.records] == [record_values(r) for r in b.records]
+
+
+def test_fast_path_really_runs():
+    """The common exchange is handled in C: no Python frame of the per-message code runs."""
+    import sys
+
+    calls = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in ("_client_message", "_server_message", "_extended_rec",
+                                                         "_ready_for_query", "_pop", "_queue"):
+            calls.append(frame.f_code.co_name)
+        return None
+
+    d = Driver(True)
+    d.server(STARTUP_SERVER, 1)
+    c, s = bind("", "") + execute() + SYNC, msg("2") + row() + complete("SELECT 1") + ready("I")
+    sys.setprofile(None)
+    sys.settrace(tracer)
+    try:
+        d.client(parse("", "SELECT 1") + c, 2)
+        d.server(msg("1") + s, 3)
+        d.client(msg("Q", cs("SELECT 1")), 4)
+        d.server(ROWDESC + row() + complete("SELECT 1") + ready("I"), 5)
+    finally:
+        sys.settrace(None)
+    d.take()
+    assert calls == []
+    assert [(r.protocol, r.status, r.tag, r.rows, r.tx_status) for r in d.records] == [
+        ("extended", "ok", "SELECT 1", 1, "I"), ("simple", "ok", None, 0, "I")]
+    assert d.records[1].results == [Completion(5, "SELECT 1", 1)] or [
+        (c.end_ns, c.tag, c.rows) for c in d.records[1].results] == [(5, "SELECT 1", 1)]
+
+
+def test_core_refuses_what_it_does_not_know():
+    from pgotel_proxy.protocol import _core
+
+    class Other:
+        __slots__ = ("x",)
+
+    with pytest.raises((TypeError, AttributeError)):
+        _core.configure(Other, Statement, Completion, tuple(FIELDS), (None,) * len(FIELDS), tuple(range(9)))
+    with pytest.raises(ValueError):
+        _core.configure(Session, Statement, Completion, tuple(reversed(FIELDS)), (None,) * len(FIELDS),
+                        tuple(range(9)))
+    with pytest.raises(TypeError):
+        _core.client(object(), b"", 0, 0, 1)
+    s = Session()
+    with pytest.raises(ValueError):
+        _core.server(s, b"abc", 0, 10, 1)
+    # A failed configure left the working layout in place.
+    d = Driver(True)
+    d.server(STARTUP_SERVER, 1)
+    d.client(msg("Q", cs("SELECT 1")), 2)
+    d.server(complete("SELECT 1") + ready("I"), 3)
+    d.take()
+    assert [r.status for r in d.records] == ["ok"]
