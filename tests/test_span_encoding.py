@@ -149,3 +149,75 @@ def test_any_records_encode_the_same_both_ways(rows, transaction_spans, seed):
                                    results=[Completion(t + 40, tag, n, error)]))
         t += random.Random(n).randint(100, 10_000)
     _same_request(records, transaction_spans=transaction_spans, seed=seed)
+
+
+def test_repeated_statement_shapes_encode_the_same_as_the_first(monkeypatch):
+    """Encoded spans of a shape seen before on the connection come from its kept parts: same request."""
+    records = []
+    t = 1_000
+    for i in range(12):
+        reused = i % 3 != 0
+        records.append(_extended(f"SELECT * FROM users WHERE id = $1 /*route='%2Fusers',traceparent='{TP}'*/",
+                                 t=t, reused=reused, rows=1 + i % 2, statement_name="s1" if reused else "",
+                                 parse_start_ns=0 if reused else t, parse_end_ns=0 if reused else t + 10))
+        t += 1_000
+        if i == 5:  # the session carrier changes in between: repeated shapes follow it
+            records.append(_simple(f"SET pgotel.traceparent = '{TP[:-2]}00'", t=t,
+                                   results=[Completion(t + 10, "SET", 0)]))
+            t += 1_000
+        if i == 8:
+            records.append(_simple("RESET pgotel.traceparent", t=t, results=[Completion(t + 10, "RESET", 0)]))
+            t += 1_000
+    calls = []
+    real = SpanBuilder._attrs
+
+    def counting(self, *args):
+        calls.append(args[2])
+        return real(self, *args)
+
+    monkeypatch.setattr(SpanBuilder, "_attrs", counting)
+    _build(records, True, transaction_spans=False, seed=3)
+    encoded_attrs = len(calls)
+    calls.clear()
+    _same_request(records, seed=3)
+    # The SDK path builds attributes for every sampled statement; the encoded path
+    # only for each statement shape's first execution.
+    assert encoded_attrs < len(calls) / 2, (encoded_attrs, len(calls))
+
+
+def test_shape_parts_are_not_kept_for_what_varies(monkeypatch):
+    """Errors, transaction spans, COPY, captured parameters and session SETs never come from kept parts."""
+    error = {"C": "22P02", "M": "bad", "S": "ERROR"}
+    records = []
+    for i in range(4):
+        records.append(_extended("SELECT $1::int", t=1_000 * (i + 1), status="error", error=error, tag=None, rows=0))
+        records.append(_extended("SELECT $1::int", t=1_000 * (i + 1) + 500, params=[str(i)]))
+        records.append(_extended("COPY t TO STDOUT", t=1_000 * (i + 1) + 700, copy="out", tag="COPY 1"))
+    _same_request(records, seed=5)
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=True, capture_literals=False,
+                          encode=True)
+    conn = ConnState(_Info(), {})
+    for rec in records:
+        builder.build(conn, rec, [])
+    assert conn.shapes == {}
+
+
+def test_repeated_shapes_inside_transactions_and_carrier_sets_encode_the_same():
+    other = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01"
+    set_sql = f"SET pgotel.traceparent = '{other}'"
+    records = [
+        _simple("BEGIN", tx_status="T", results=[Completion(1_010, "BEGIN", 0)]),
+        _extended(f"SELECT $1::int /*traceparent='{TP}'*/", t=2_000, tx_status="T"),
+        _extended(f"SELECT $1::int /*traceparent='{TP}'*/", t=3_000, tx_status="T"),
+        _simple("COMMIT", t=4_000, results=[Completion(4_050, "COMMIT", 0)]),
+        # a SET of the session carrier sent as an extended statement, twice, a RESET between
+        _extended(set_sql, t=5_000, tag="SET", rows=0),
+        _extended("SELECT 1", t=6_000, reused=True),
+        _simple("RESET pgotel.traceparent", t=7_000, results=[Completion(7_010, "RESET", 0)]),
+        _extended(set_sql, t=8_000, tag="SET", rows=0),
+        _extended("SELECT 1", t=9_000, reused=True),
+    ]
+    readable = _same_request(records, transaction_spans=True, seed=9)
+    assert sum(1 for s in readable if s.links) == 2
+    under_carrier = [s for s in readable if s.name == "SELECT" and s.context.trace_id == int(other[3:35], 16)]
+    assert len(under_carrier) == 2

@@ -379,6 +379,32 @@ def _trace_state_field(header: str) -> bytes:
     return data
 
 
+def span_parts(name: str, kind: SpanKind, attributes: dict | None, status: Any) -> tuple[bytes, int, bytes, bytes]:
+    """The encoded parts of a span that depend on its name, kind, attributes and status only.
+
+    Spans of the same statement shape share them: the span builder keeps them
+    and passes them to :func:`encode_span_parts` with each span's ids and times.
+    """
+    name_field = _NAME_CACHE.get(name)
+    if name_field is None:
+        name_field = _name_field(name)
+    return (name_field, _KIND_BY_ID[id(kind)], _attribute_fields(attributes) if attributes else b"",
+            _status_field(status) if status is not None else b"")
+
+
+def encode_span_parts(parts: tuple[bytes, int, bytes, bytes], trace_id: int, span_id: int, parent_id: int | None,
+                      parent_remote: bool, tracestate: str | None, start: int, end: int, rare: bytes = b"") -> bytes:
+    """One span as the encoded ``ScopeSpans.spans`` field, from :func:`span_parts` and its ids and times."""
+    name_field, kind, attrs, status = parts
+    return _span_field(
+        trace_id, span_id, parent_id or None,
+        _trace_state_field(tracestate) if tracestate else b"",
+        name_field, kind, start or 0, end or 0,
+        _IS_REMOTE if parent_id and parent_remote else _HAS_IS_REMOTE,
+        attrs, status, rare,
+    )
+
+
 def encode_span(name: str, trace_id: int, span_id: int, parent_id: int | None, parent_remote: bool,
                 tracestate: str | None, kind: SpanKind, start: int, end: int, attributes: dict | None,
                 status: Any, links: Sequence[tuple] = ()) -> bytes:
@@ -388,21 +414,11 @@ def encode_span(name: str, trace_id: int, span_id: int, parent_id: int | None, p
     span, context and status objects. ``links`` are (trace_id, span_id, ...)
     of local spans, with no attributes.
     """
-    name_field = _NAME_CACHE.get(name)
-    if name_field is None:
-        name_field = _name_field(name)
     rare = b""
     if links:
         rare = Span(links=[_link(link[0], link[1], False, [], 0) for link in links]).SerializePartialToString()
-    return _span_field(
-        trace_id, span_id, parent_id or None,
-        _trace_state_field(tracestate) if tracestate else b"",
-        name_field, _KIND_BY_ID[id(kind)], start or 0, end or 0,
-        _IS_REMOTE if parent_id and parent_remote else _HAS_IS_REMOTE,
-        _attribute_fields(attributes) if attributes else b"",
-        _status_field(status) if status is not None else b"",
-        rare,
-    )
+    return encode_span_parts(span_parts(name, kind, attributes, status), trace_id, span_id, parent_id,
+                             parent_remote, tracestate, start, end, rare)
 
 
 def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:

@@ -82,7 +82,7 @@ def _new_id(bits: int) -> int:
 class ConnState:
     """What the builder remembers per connection: the session carrier (``SET pgotel.traceparent``)."""
 
-    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent")
+    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent", "shapes")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
         self.info = info
@@ -94,10 +94,12 @@ class ConnState:
         self.tx_records: list | None = None
         # ... and while they are built, the transaction span statements without context join
         self.tx_parent: tuple | None = None
+        # encoded statement spans: what repeats between executions of one statement shape (_SHAPE_KEY)
+        self.shapes: dict[tuple, tuple] = {}
 
     def observe_set(self, sql: str, rec_ok: bool, tx_status: str) -> None:
         """Apply a successful ``SET [LOCAL] pgotel.traceparent`` / ``RESET``; Postgres' transaction rules apply."""
-        if not rec_ok or "pgotel" not in sql and "ALL" not in sql.upper():
+        if not rec_ok or not may_set_carrier(sql):
             return
         m = _SET_RE.match(sql)
         if m is None:
@@ -135,6 +137,14 @@ class ConnState:
         if self.carrier_local:
             self.carrier = None
             self.carrier_local = False
+
+
+def may_set_carrier(sql: str) -> bool:
+    """Whether a statement could be ``SET``/``RESET pgotel.traceparent``, ``RESET ALL`` or ``DISCARD ALL``."""
+    return "pgotel" in sql or "ALL" in sql.upper()
+
+
+_SHAPES_MAX = 256  # statement shapes remembered per connection
 
 
 class SpanBuilder:
@@ -279,6 +289,27 @@ class SpanBuilder:
     # ------------------------------------------------------------ builders
 
     def _extended(self, conn: ConnState, rec: Statement, out: list) -> None:
+        shape = None
+        if (self.encode and rec.status == "ok" and conn.tx_parent is None and not rec.extra and not rec.copy
+                and not (self.capture_parameters and rec.params)):
+            # A statement shape seen before on this connection (same text, tag, row count,
+            # names): its comment, name and attributes are what they were, encoded once.
+            shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+            hit = conn.shapes.get(shape)
+            if hit is not None:
+                comment, parts = hit
+                if comment is not None and comment.invalid_traceparent:
+                    STATS.sqlcomment_invalid_traceparent += 1
+                ctx = self._context(conn, comment)
+                if ctx is not None:
+                    trace_id, parent_id, flags, tracestate = ctx
+                    sid = _new_id(64)
+                    end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
+                    out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                        parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
+                    self._phases(out, rec, trace_id, flags, tracestate, sid)
+                conn.end_of_statement(rec.tx_status, rec.tag)
+                return
         raw = rec.sql or ""
         # A statement prepared in an earlier batch must not reuse the traceparent frozen in its text.
         comment = sqlcomment.parse(raw) if raw and not rec.reused else None
@@ -314,20 +345,30 @@ class SpanBuilder:
             if self.capture_parameters and rec.params:
                 for i, p in enumerate(rec.params):
                     attrs[f"{ATTR['parameter']}{i + 1}"] = "NULL" if p is None else p
+            status = _status(rec.status, rec.error, attrs)
             self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
-                       attrs, _status(rec.status, rec.error, attrs), _links(conn, parent_id))
-            parse_ok, bind_ok = _observed_boundaries(rec)
-            if rec.parse_start_ns and rec.parse_end_ns:
-                self._phase(out, "parse", trace_id, flags, tracestate, sid, rec.parse_start_ns, rec.parse_end_ns, parse_ok)
-            if rec.bind_start_ns and rec.bind_end_ns:
-                start = max(rec.bind_start_ns, rec.parse_end_ns)
-                exact = bind_ok and (parse_ok or not rec.parse_end_ns)
-                self._phase(out, "plan", trace_id, flags, tracestate, sid, start, rec.bind_end_ns, exact)
-            if rec.exec_start_ns and rec.end_ns and rec.status != "skipped":
-                start = max(rec.exec_start_ns, rec.bind_end_ns)
-                exact = rec.exec_exact and (bind_ok or not rec.bind_end_ns)
-                self._phase(out, "execute", trace_id, flags, tracestate, sid, start, rec.end_ns, exact)
+                       attrs, status, _links(conn, parent_id))
+            if shape is not None and not may_set_carrier(text):
+                shapes = conn.shapes
+                if len(shapes) >= _SHAPES_MAX:
+                    shapes.clear()
+                shapes[shape] = (comment, otlp.span_parts(name, _SERVER, attrs, status))
+            self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
+
+    def _phases(self, out, rec: Statement, trace_id, flags, tracestate, sid) -> None:
+        """The parse, plan and execute spans of an extended-protocol statement."""
+        parse_ok, bind_ok = _observed_boundaries(rec)
+        if rec.parse_start_ns and rec.parse_end_ns:
+            self._phase(out, "parse", trace_id, flags, tracestate, sid, rec.parse_start_ns, rec.parse_end_ns, parse_ok)
+        if rec.bind_start_ns and rec.bind_end_ns:
+            start = max(rec.bind_start_ns, rec.parse_end_ns)
+            exact = bind_ok and (parse_ok or not rec.parse_end_ns)
+            self._phase(out, "plan", trace_id, flags, tracestate, sid, start, rec.bind_end_ns, exact)
+        if rec.exec_start_ns and rec.end_ns and rec.status != "skipped":
+            start = max(rec.exec_start_ns, rec.bind_end_ns)
+            exact = rec.exec_exact and (bind_ok or not rec.bind_end_ns)
+            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, rec.end_ns, exact)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
         raw = rec.sql or ""
@@ -397,14 +438,27 @@ class SpanBuilder:
         session = conn.info.session
         if session.backend_pid is not None:
             attrs[ATTR["backend_pid"]] = session.backend_pid
-        app = session.server_params.get("application_name") or session.startup_params.get("application_name")
+        app = self._app(conn)
         if app:
             attrs[ATTR["application_name"]] = app
         return attrs
 
+    @staticmethod
+    def _app(conn: ConnState) -> str | None:
+        session = conn.info.session
+        return session.server_params.get("application_name") or session.startup_params.get("application_name")
+
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
+        exact = bool(exact)
+        if self.encode:
+            parts = _PHASE_PARTS.get((name, exact))
+            if parts is None:
+                parts = _PHASE_PARTS[(name, exact)] = otlp.span_parts(name, _INTERNAL, {_EXACT: exact}, _OK)
+            out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                parts, trace_id, _new_id(64), parent_id, False, tracestate, start, max(start, end))))
+            return
         self._emit(out, name, trace_id, _new_id(64), parent_id, False, flags, tracestate, _INTERNAL,
-                   start, max(start, end), {_EXACT: bool(exact)}, _OK)
+                   start, max(start, end), {_EXACT: exact}, _OK)
 
     def _emit(self, out, name, trace_id, span_id, parent_id, parent_remote, flags, tracestate, kind,
               start, end, attrs, status, links=()) -> None:
@@ -435,6 +489,7 @@ def _links(conn: ConnState, parent_id: int | None) -> tuple:
         return ()
     return (tx,)
 _EXACT = ATTR["exact"]
+_PHASE_PARTS: dict[tuple[str, bool], tuple] = {}  # encoded parts of the phase spans, by (name, exact)
 
 
 def _status(status: str, error, attrs: dict) -> Status:
