@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -428,6 +429,19 @@ def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
     grouping, same spans, same field values. A span may also come already
     encoded, as (resource, scope, :func:`encode_span`'s bytes).
     """
+    if spans and type(spans[0]) is tuple:
+        fields = _one_pair(spans)
+        if fields is not None:
+            # One join, one copy of the spans: a request is often larger than the
+            # allocator's mmap threshold, where each fresh copy costs page faults.
+            resource, scope = spans[0][0], spans[0][1] or None
+            resource_head, scope_head = _resource_head(resource), _scope_head(scope)
+            scope_len = len(scope_head) + sum(map(len, fields))
+            scope_tag = _TAG_SCOPE_SPANS + _varint(scope_len)
+            parts = [_TAG_RESOURCE_SPANS, _varint(len(resource_head) + len(scope_tag) + scope_len), resource_head,
+                     scope_tag, scope_head]
+            parts += fields
+            return b"".join(parts)
     # resource groups in first-seen order: [resource, [[scope, [span field, ...]], ...]]
     groups: list[list] = []
     by_pair: dict[tuple[int, int], list] = {}
@@ -455,6 +469,24 @@ def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
             body.append(_field(_TAG_SCOPE_SPANS, _scope_head(scope) + b"".join(fields)))
         out.append(_field(_TAG_RESOURCE_SPANS, b"".join(body)))
     return b"".join(out)
+
+
+_first, _second, _third = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
+def _one_pair(spans: Sequence) -> list[bytes] | None:
+    """The span fields, when every span is encoded and all share one resource and one scope object.
+
+    That is every batch of the span process (one builder); checked and
+    gathered without a Python step per span. None otherwise.
+    """
+    resource, scope = spans[0][0], spans[0][1]
+    try:
+        if all(map(is_, map(_first, spans), repeat(resource))) and all(map(is_, map(_second, spans), repeat(scope))):
+            return list(map(_third, spans))
+    except (TypeError, IndexError, KeyError):  # a ReadableSpan among them
+        pass
+    return None
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
