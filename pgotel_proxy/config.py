@@ -107,6 +107,12 @@ def _opt(default: Any = None, *, group: str, description: str, metavar: str | No
 TLSMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 
+# Spans per export request unless set. The OpenTelemetry SDK's batch processor
+# sends 512 (an in-application default); a proxy exporting for a whole
+# database sends more, and each request costs a fixed 0.4-0.7 ms of CPU.
+DEFAULT_EXPORT_BATCH = 2048
+
+
 class Config(BaseModel):
     """Every setting of the proxy.  Immutable; build it with :func:`load_config`."""
 
@@ -233,8 +239,10 @@ class Config(BaseModel):
         20000, group="Export", metavar="N", ge=1,
         description="Spans buffered for export; when full, new spans are dropped (and counted).")
     export_batch_size: int = _opt(
-        512, group="Export", metavar="N", ge=1,
-        description="Most spans sent in one export request; at most span_queue_size.")
+        DEFAULT_EXPORT_BATCH, group="Export", metavar="N", ge=1,
+        description="Most spans sent in one export request; at most span_queue_size (when not "
+                    "set, the smaller of 2048 and span_queue_size). Each request has a fixed cost "
+                    "(about 0.4-0.7 ms of CPU over HTTP): larger batches cost less per span.")
     export_interval: float = _opt(
         1.0, group="Export", metavar="SECONDS", gt=0, allow_inf_nan=False,
         description="Seconds between exports of buffered spans.")
@@ -420,6 +428,18 @@ class Config(BaseModel):
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         return None if value is None else value.strip() or None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_batch_within_queue(cls, data: Any) -> Any:
+        """Without an export_batch_size of its own, a span queue smaller than the default batch sets it."""
+        if isinstance(data, dict) and data.get("export_batch_size") is None:
+            queue = data.get("span_queue_size")
+            if isinstance(queue, str):  # from the environment
+                queue = int(queue.strip()) if queue.strip().isdigit() else None
+            if isinstance(queue, int) and not isinstance(queue, bool) and 1 <= queue < DEFAULT_EXPORT_BATCH:
+                data = {**data, "export_batch_size": queue}
+        return data
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:

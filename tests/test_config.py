@@ -377,3 +377,16 @@ def test_example_file_covers_every_field_once_with_the_real_default() -> None:
             continue  # the file shows an example value instead
         shown = tomllib.loads(f"v = {values[0]}")["v"]
         assert shown == default, name
+
+
+def test_default_export_batch_gives_way_to_a_smaller_span_queue(tmp_path: Path) -> None:
+    """Without export_batch_size, a span queue below the default batch sets it; set both, they must agree."""
+    assert Config().export_batch_size == 2048
+    assert Config(span_queue_size=300).export_batch_size == 300
+    assert Config(span_queue_size=50_000).export_batch_size == 2048
+    path = tmp_path / "p.toml"
+    path.write_text("span_queue_size = 100\n")
+    assert load_config(path, env={}).export_batch_size == 100
+    assert load_config(None, env={"PGOTEL_SPAN_QUEUE_SIZE": "64"}).export_batch_size == 64
+    with pytest.raises((ConfigError, ValidationError), match="export_batch_size"):
+        Config(span_queue_size=100, export_batch_size=200)
