@@ -301,28 +301,46 @@ _SHAPES_MAX = 4096
 _SHAPE_MAX_CHARS = 8192
 
 
-def _blind_code(sql: str, value_start: int) -> tuple[int, str] | None:
-    """(where the first "/*" is, the text before it with its literals blanked), when that is safe.
+def _blind_code(sql: str, value_start: int, value_end: int) -> tuple[int, str, int] | None:
+    """Where the code is and its literals blanked, when a literal-blind key is safe; else None.
 
     Statements sent with the simple protocol carry their values inline, so
     their texts (and the text around the traceparent value) rarely repeat;
-    their shapes do. The text before the first "/*" holds no comment start;
-    once its plain string and number literals are blanked, if no quote,
-    dollar sign, double quote or "--" is left (nothing else that could hide
-    or open a quote) and it has no backslash, each literal is one token to
-    the lexer whatever its content, so the parse of the rest is the same for
-    every text of this shape: only positions move with the literals' lengths.
+    their shapes do. The code is the text before the first "/*" when there
+    is any (sqlcommenter appends its comment), else the text after the end of
+    the comment holding the value (a comment put in front, as some ORMs do),
+    which then must hold no comment mark itself. Once its plain string and
+    number literals are blanked, if no quote, dollar sign, double quote or
+    "--" is left (nothing else that could hide or open a quote) and it has no
+    backslash, each literal is one token to the lexer whatever its content,
+    so the parse of the rest is the same for every text of this shape: only
+    positions after the code move with the literals' lengths.
+
+    Returns (base, blanked code, tail): for code in front, base is where the
+    first "/*" is and tail is 0; for a leading comment, base is 0 and tail is
+    where the code after it starts.
     """
     j = sql.find("/*")
     if j < 0 or value_start < j:
         return None
-    code = sql[:j]
+    tail = 0
+    if j == 0 or sql[:j].isspace():
+        end = sql.find("*/", value_end)
+        if end < 0:
+            return None
+        tail = end + 2
+        code = sql[tail:]
+        if "/*" in code or "*/" in code:
+            return None
+        j = 0
+    else:
+        code = sql[:j]
     if "\\" in code:
         return None
     blank = SHAPE_LITERAL.sub("\x01", code)
     if blank == code or "'" in blank or "$" in blank or '"' in blank or "--" in blank:
         return None
-    return j, blank
+    return j, blank, tail
 
 
 def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
@@ -332,13 +350,18 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
     blind = None
     key = (sql[:vs], sql[ve:], max_len)
     hit = _SHAPES.get(key)
-    if hit is None and ("'" in key[0] or _HAS_DIGIT.search(sql, 0, vs) is not None):
-        blind = _blind_code(sql, vs)
+    if hit is None and ("'" in sql or _HAS_DIGIT.search(sql) is not None):
+        blind = _blind_code(sql, vs, ve)
         if blind is not None:
-            # Keyed by the shape; comment positions (all at or after the first "/*")
-            # kept relative to it.
-            base, blank = blind
-            key = (blank, sql[base:vs], key[1], max_len)
+            base, blank, tail = blind
+            if tail:
+                # A leading comment, the code after it: keyed by the comment and the code's
+                # shape; comment positions (all before the code) kept as they are.
+                key = ("lead", sql[:vs], sql[ve:tail], blank, max_len)
+            else:
+                # Code, then comments: keyed by the shape; comment positions (all at or
+                # after the first "/*") kept relative to it.
+                key = (blank, sql[base:vs], key[1], max_len)
             hit = _SHAPES.get(key)
     if hit is None:
         before = (STATS.oversized, STATS.malformed)

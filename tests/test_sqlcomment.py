@@ -653,6 +653,10 @@ def test_literal_blind_shape_cache_inside_other_constructs():
         for lit in (first, second):
             sql = f"SELECT {opener}'{lit}'{closer} {number} /*a='1',traceparent='{tp}'*/"
             assert parse(sql) == sqlcomment._parse(sql, 8192), sql
+        sqlcomment._SHAPES.clear()
+        for lit in (first, second):  # the comment in front, the code after it
+            sql = f" /*a='1',traceparent='{tp}'*/ SELECT {opener}'{lit}'{closer} {number}"
+            assert parse(sql) == sqlcomment._parse(sql, 8192), sql
 
 
 def test_literal_blind_shape_cache_is_used():
@@ -676,3 +680,16 @@ def test_shape_cache_is_used_and_bounded():
     for i in range(sqlcomment._SHAPES_MAX + 10):
         parse(f"SELECT {i} /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/")
     assert len(sqlcomment._SHAPES) <= sqlcomment._SHAPES_MAX
+
+
+def test_literal_blind_shape_cache_is_used_with_the_comment_in_front():
+    sqlcomment._SHAPES.clear()
+    base = "/*route='%2Fusers',traceparent='00-{:032x}-b7ad6b7169203331-01'*/ SELECT * FROM t WHERE id = {} AND name = '{}';"
+    for i in range(3):
+        got = parse(base.format(i + 1, i * 1000, "x" * i))
+        assert got.context.trace_id == i + 1 and got.tags["route"] == "/users"
+        assert got.stripped_sql == f"SELECT * FROM t WHERE id = {i * 1000} AND name = '{'x' * i}';"
+    assert len(sqlcomment._SHAPES) == 1
+    # a second comment after the code: not this shape's (the full parse answers)
+    got = parse(base.format(9, 1, "y") + " /*a='b'*/")
+    assert got.tags["a"] == "b" and got.context.trace_id == 9
