@@ -221,3 +221,23 @@ def test_repeated_shapes_inside_transactions_and_carrier_sets_encode_the_same():
     assert sum(1 for s in readable if s.links) == 2
     under_carrier = [s for s in readable if s.name == "SELECT" and s.context.trace_id == int(other[3:35], 16)]
     assert len(under_carrier) == 2
+
+
+def test_repeated_simple_shapes_with_other_values_encode_the_same():
+    """Simple statements of one shape, values inline, reuse the shape's parts; anything else does not."""
+    records = []
+    t = 1_000
+    for i in range(10):
+        records.append(_simple(f"/*route='%2Fa',traceparent='{TP}'*/ SELECT * FROM users WHERE id = {i * 37};", t=t,
+                               results=[Completion(t + 50, "SELECT 1", 1 + i % 2)]))
+        records.append(_simple(f"SELECT name FROM users WHERE name = 'ALL{i}'", t=t + 100,
+                               results=[Completion(t + 150, "SELECT 0", 0)]))
+        t += 1_000
+    records.append(_simple("SELECT 1/0", t=t, results=[Completion(t + 50, None, 0, {"C": "22012", "M": "x"})]))
+    _same_request(records, seed=11)
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=False, capture_literals=False,
+                          encode=True)
+    conn = ConnState(_Info(), {})
+    for rec in records:
+        builder.build(conn, rec, [])
+    assert len(conn.shapes) == 2  # one shape, two row counts; the 'ALL' texts and the error not kept

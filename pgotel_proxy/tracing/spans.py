@@ -145,6 +145,17 @@ def may_set_carrier(sql: str) -> bool:
 
 
 _SHAPES_MAX = 256  # statement shapes remembered per connection
+_CONTEXT_TAGS = ("traceparent", "tracestate")
+
+
+def _other_tags(comment) -> tuple:
+    """The sqlcommenter tags of a comment other than the trace context, as a key."""
+    if comment is None:
+        return ()
+    tags = comment.tags
+    if len(tags) == 1 and "traceparent" in tags:
+        return ()
+    return tuple(kv for kv in tags.items() if kv[0] not in _CONTEXT_TAGS)
 
 
 class SpanBuilder:
@@ -349,12 +360,16 @@ class SpanBuilder:
             self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
                        attrs, status, _links(conn, parent_id))
             if shape is not None and not may_set_carrier(text):
-                shapes = conn.shapes
-                if len(shapes) >= _SHAPES_MAX:
-                    shapes.clear()
-                shapes[shape] = (comment, otlp.span_parts(name, _SERVER, attrs, status))
+                self._keep_shape(conn, shape, (comment, otlp.span_parts(name, _SERVER, attrs, status)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
+
+    @staticmethod
+    def _keep_shape(conn: ConnState, key: tuple, value: tuple) -> None:
+        shapes = conn.shapes
+        if len(shapes) >= _SHAPES_MAX:
+            shapes.clear()  # crude but bounded; refilled by the shapes in use
+        shapes[key] = value
 
     def _phases(self, out, rec: Statement, trace_id, flags, tracestate, sid) -> None:
         """The parse, plan and execute spans of an extended-protocol statement."""
@@ -378,6 +393,27 @@ class SpanBuilder:
         text = comment.stripped_sql if comment is not None else raw
         infos = sqlinfo.analyze_many(text) if text else []
         results: list[Completion] = rec.results or []
+        shape = None
+        if (self.encode and not self.capture_literals and len(infos) == 1 and len(results) == 1
+                and rec.status == "ok" and rec.protocol == "simple" and results[0].error is None and not rec.copy
+                and not rec.extra and conn.tx_parent is None and not may_set_carrier(text)):
+            # One statement of a shape seen before on this connection: values inline
+            # differ, but its analysis (shared by shape), and so its name and
+            # attributes, do not: encoded once.
+            res, info = results[0], infos[0]
+            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn))
+            hit = conn.shapes.get(shape)
+            if hit is not None and hit[0] is info:
+                ctx = self._context(conn, comment)
+                if ctx is not None:
+                    trace_id, parent_id, flags, tracestate = ctx
+                    sid = _new_id(64)
+                    start, end = rec.start_ns, res.end_ns or rec.end_ns
+                    out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                        hit[1], trace_id, sid, parent_id, True, tracestate, start, end)))
+                    self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
+                conn.end_of_statement(rec.tx_status, res.tag)
+                return
         if not results and rec.status == "incomplete":
             results = [Completion(rec.end_ns, None, 0, None)]
         start = rec.start_ns
@@ -403,8 +439,11 @@ class SpanBuilder:
                 if status == "incomplete":
                     attrs[ATTR["status"]] = status
                 end = res.end_ns or rec.end_ns
+                span_status = _status(status, res.error, attrs)
                 self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, start, end,
-                           attrs, _status(status, res.error, attrs), _links(conn, parent_id))
+                           attrs, span_status, _links(conn, parent_id))
+                if shape is not None:
+                    self._keep_shape(conn, shape, (info, otlp.span_parts(name, _SERVER, attrs, span_status)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
             start = res.end_ns or start
             if last:
