@@ -29,7 +29,7 @@ from pgotel_proxy.protocol import ProtocolViolation, Session
 from pgotel_proxy.protocol import session as session_mod
 from pgotel_proxy.protocol.events import Completion, Statement
 
-from test_protocol_fuzz import CORPUS, cut_lists, mutate
+from test_protocol_fuzz import CORPUS, _split, cut_lists, mutate
 
 pytestmark = pytest.mark.skipif(not session_mod.COMPILED, reason="compiled codec not built (or PGOTEL_PURE_PYTHON)")
 
@@ -138,18 +138,6 @@ def run_both(steps, cuts, **kw) -> tuple[Driver, Driver]:
         d.take()
     assert [record_values(r) for r in a.records] == [record_values(r) for r in b.records]
     return a, b
-
-
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    if not data:
-        return []
-    points = sorted({c % len(data) for c in cuts} - {0})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
 
 
 # ------------------------------------------------------------------ messages
