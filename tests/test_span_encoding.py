@@ -194,12 +194,7 @@ def test_shape_parts_are_not_kept_for_what_varies(monkeypatch):
         records.append(_extended("SELECT $1::int", t=1_000 * (i + 1) + 500, params=[str(i)]))
         records.append(_extended("COPY t TO STDOUT", t=1_000 * (i + 1) + 700, copy="out", tag="COPY 1"))
     _same_request(records, seed=5)
-    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=True, capture_literals=False,
-                          encode=True)
-    conn = ConnState(_Info(), {})
-    for rec in records:
-        builder.build(conn, rec, [])
-    assert conn.shapes == {}
+    assert _kept_shapes(records, capture_parameters=True) == {}
 
 
 def test_repeated_shapes_inside_transactions_and_carrier_sets_encode_the_same():
@@ -235,9 +230,15 @@ def test_repeated_simple_shapes_with_other_values_encode_the_same():
         t += 1_000
     records.append(_simple("SELECT 1/0", t=t, results=[Completion(t + 50, None, 0, {"C": "22012", "M": "x"})]))
     _same_request(records, seed=11)
-    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=False, capture_literals=False,
-                          encode=True)
+    # one shape, two row counts; the 'ALL' texts and the error not kept
+    assert len(_kept_shapes(records, capture_parameters=False)) == 2
+
+
+def _kept_shapes(records: list[Statement], *, capture_parameters: bool) -> dict:
+    """The statement shapes an encoding builder keeps for one connection after ``records``."""
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=capture_parameters,
+                          capture_literals=False, encode=True)
     conn = ConnState(_Info(), {})
     for rec in records:
         builder.build(conn, rec, [])
-    assert len(conn.shapes) == 2  # one shape, two row counts; the 'ALL' texts and the error not kept
+    return conn.shapes

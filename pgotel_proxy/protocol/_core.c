@@ -360,6 +360,16 @@ parse_args(PyObject *const *args, Py_ssize_t nargs, Py_buffer *view, Py_ssize_t 
     return 0;
 }
 
+/* End of client()/server(): release the buffer, add the counts, return where the loop stopped. */
+static PyObject *
+loop_end(Py_buffer *view, PyObject *s, int err, Py_ssize_t pos, Py_ssize_t counter_off, long messages, long rows)
+{
+    PyBuffer_Release(view);
+    if (!err && (add_int(s, counter_off, messages) < 0 || add_int(s, s_off[S_ROWS], rows) < 0))
+        err = 1;
+    return err ? NULL : PyLong_FromSsize_t(pos);
+}
+
 static inline Py_ssize_t
 msg_len(const unsigned char *p, Py_ssize_t pos)
 {
@@ -650,12 +660,7 @@ client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         pos = end;
     }
 out:
-    PyBuffer_Release(&view);
-    if (!err && add_int(s, s_off[S_MESSAGES_IN], messages) < 0)
-        err = 1;
-    if (err)
-        return NULL;
-    return PyLong_FromSsize_t(pos);
+    return loop_end(&view, s, err, pos, s_off[S_MESSAGES_IN], messages, 0);
 }
 
 /* ------------------------------------------------------------------ server */
@@ -949,12 +954,7 @@ server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         pos = end;
     }
 out:
-    PyBuffer_Release(&view);
-    if (!err && (add_int(s, s_off[S_MESSAGES_OUT], messages) < 0 || add_int(s, s_off[S_ROWS], rows) < 0))
-        err = 1;
-    if (err)
-        return NULL;
-    return PyLong_FromSsize_t(pos);
+    return loop_end(&view, s, err, pos, s_off[S_MESSAGES_OUT], messages, rows);
 }
 
 static PyMethodDef methods[] = {
