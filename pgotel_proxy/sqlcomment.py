@@ -48,6 +48,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote
 
+from .shape import blank_code
+
 __all__ = [
     "Comment",
     "STATS",
@@ -294,8 +296,6 @@ class _Budget:
 # comment and is nowhere in the stripped text, and the parse was clean.
 _TP_VALUE = re.compile(r"(?:(?<=/\*)|(?<=[,\s]))traceparent='([0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})'")
 _SHAPES: dict[tuple, tuple] = {}
-# What literal-blind keys blank: plain string and number literals (shared with tracing/sqlinfo.py).
-SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
 _HAS_DIGIT = re.compile(r"\d")
 _SHAPES_MAX = 4096
 _SHAPE_MAX_CHARS = 8192
@@ -309,10 +309,8 @@ def _blind_code(sql: str, value_start: int, value_end: int) -> tuple[int, str, i
     their shapes do. The code is the text before the first "/*" when there
     is any (sqlcommenter appends its comment), else the text after the end of
     the comment holding the value (a comment put in front, as some ORMs do),
-    which then must hold no comment mark itself. Once its plain string and
-    number literals are blanked, if no quote, dollar sign, double quote or
-    "--" is left (nothing else that could hide or open a quote) and it has no
-    backslash, each literal is one token to the lexer whatever its content,
+    which then must hold no comment mark itself. When shape.blank_code takes
+    the code, each literal is one token to the lexer whatever its content,
     so the parse of the rest is the same for every text of this shape: only
     positions after the code move with the literals' lengths.
 
@@ -335,10 +333,8 @@ def _blind_code(sql: str, value_start: int, value_end: int) -> tuple[int, str, i
         j = 0
     else:
         code = sql[:j]
-    if "\\" in code:
-        return None
-    blank = SHAPE_LITERAL.sub("\x01", code)
-    if blank == code or "'" in blank or "$" in blank or '"' in blank or "--" in blank:
+    blank = blank_code(code)
+    if blank is None or blank == code:
         return None
     return j, blank, tail
 
@@ -347,13 +343,13 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
     value = m.group(1)
     vs, ve = m.span(1)
     base = 0
-    blind = None
+    blinded = None
     key = (sql[:vs], sql[ve:], max_len)
     hit = _SHAPES.get(key)
     if hit is None and ("'" in sql or _HAS_DIGIT.search(sql) is not None):
-        blind = _blind_code(sql, vs, ve)
-        if blind is not None:
-            base, blank, tail = blind
+        blinded = _blind_code(sql, vs, ve)
+        if blinded is not None:
+            base, blank, tail = blinded
             if tail:
                 # A leading comment, the code after it: keyed by the comment and the code's
                 # shape; comment positions (all before the code) kept as they are.
@@ -374,11 +370,11 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
                 tracestate = None
             if len(_SHAPES) >= _SHAPES_MAX:
                 _SHAPES.clear()
-            kept = comment.stripped_sql if blind is None else tuple((a - base, b - base) for a, b in spans)
+            kept = comment.stripped_sql if blinded is None else tuple((a - base, b - base) for a, b in spans)
             _SHAPES[key] = (comment.tags, kept, tracestate)
         return comment
     tags, stripped, tracestate = hit
-    if blind is not None:
+    if blinded is not None:
         stripped = _strip(sql, [(a + base, b + base) for a, b in stripped])
     STATS.parsed += 1
     tags = dict(tags)

@@ -242,3 +242,69 @@ def _kept_shapes(records: list[Statement], *, capture_parameters: bool) -> dict:
     for rec in records:
         builder.build(conn, rec, [])
     return conn.shapes
+
+
+def _traceparent(i: int, flags: str = "01") -> str:
+    return f"00-{0x0af7651916cd43dd8448eb211c80319c + i:032x}-{0xb7ad6b7169203331 + i:016x}-{flags}"
+
+
+def test_simple_statements_keyed_by_shape_encode_the_same_and_skip_the_parsers(monkeypatch):
+    """A simple statement of a known statement_key is spanned without sqlcomment or sqlinfo: same request."""
+    records = []
+    t = 1_000
+    for i in range(12):
+        tp = _traceparent(i, "00" if i == 7 else "01")  # one unsampled: no spans, like the full path
+        records.append(_simple(f"SELECT abalance FROM accounts WHERE aid = {i * 7919} AND name = 'n{i}''s' "
+                               f"/*route='%2Fa',traceparent='{tp}',tracestate='congo%3Dt61rcWkgMzE'*/;",
+                               t=t, results=[Completion(t + 50, "SELECT 1", 1)]))
+        # same code, another route: another key
+        records.append(_simple(f"SELECT abalance FROM accounts WHERE aid = {i} AND name = 'x' "
+                               f"/*route='%2Fb',traceparent='{tp}'*/", t=t + 100,
+                               results=[Completion(t + 150, "SELECT 1", 1 + i % 2)]))
+        t += 1_000
+    calls = []
+    real = spans_mod.sqlcomment.parse
+
+    def counting(sql, **kw):
+        calls.append(sql)
+        return real(sql, **kw)
+
+    monkeypatch.setattr(spans_mod.sqlcomment, "parse", counting)
+    parsed0 = spans_mod.sqlcomment.STATS.parsed
+    _build(records, True, transaction_spans=False, seed=13)
+    encoded_calls, encoded_parsed = len(calls), spans_mod.sqlcomment.STATS.parsed - parsed0
+    calls.clear()
+    parsed0 = spans_mod.sqlcomment.STATS.parsed
+    readable = _same_request(records, seed=13)
+    # the SDK path parses every statement; the encoded path the first of each key
+    # (two shapes, the second with two row counts), and counts the same
+    assert encoded_calls == 3, encoded_calls
+    assert (spans_mod.sqlcomment.STATS.parsed - parsed0) / 2 == encoded_parsed == len(records)
+    assert len(readable) == 2 * (len(records) - 2)
+    assert {s.attributes["db.query.text"] for s in readable if s.name != "execute"} == {
+        "SELECT abalance FROM accounts WHERE aid = ? AND name = ?"}
+
+
+def test_simple_statements_that_a_key_must_not_stand_for_are_parsed_every_time(monkeypatch):
+    """Oversized tags, carrier SETs, errors and several statements in one Query are never keyed."""
+    records = []
+    t = 1_000
+    for i in range(4):
+        tp = _traceparent(i)
+        texts = [
+            # an oversized tag value: counted on every statement
+            (f"SELECT {i} /*traceparent='{tp}',big='{'x' * 3000}'*/", "SELECT 1", None),
+            (f"SELECT set_config('pgotel.traceparent', '{tp}', false) /*traceparent='{tp}'*/", "SELECT 1", None),
+            (f"SELECT {i} FROM t /*traceparent='{tp}'*/", None, {"C": "42P01", "M": "no t"}),
+        ]
+        for sql, tag, error in texts:
+            records.append(_simple(sql, t=t, results=[Completion(t + 50, tag, 1 if tag else 0, error)]))
+            t += 100
+        records.append(_simple(f"SELECT {i}; SELECT 2 /*traceparent='{tp}'*/", t=t,
+                               results=[Completion(t + 20, "SELECT 1", 1), Completion(t + 40, "SELECT 1", 1)]))
+        t += 1_000
+    oversized0 = spans_mod.sqlcomment.STATS.oversized
+    _same_request(records, seed=17)
+    # once per statement on each of the two builds
+    assert spans_mod.sqlcomment.STATS.oversized - oversized0 == 2 * 4
+    assert not [k for k in _kept_shapes(records, capture_parameters=False) if type(k[0]) is str and "/*" in k[0]]

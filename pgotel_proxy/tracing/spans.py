@@ -35,6 +35,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 
 from .. import __version__, sqlcomment
+from ..shape import statement_key
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
@@ -387,12 +388,37 @@ class SpanBuilder:
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
         raw = rec.sql or ""
+        results: list[Completion] = rec.results or []
+        tkey = None
+        if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
+                and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
+                and conn.tx_parent is None):
+            # One statement with values inline and a traceparent: a text of a shape seen
+            # before on this connection is spanned from its key alone (shape.statement_key),
+            # without parsing its comment or its SQL again.
+            q = statement_key(raw)
+            if q is not None:
+                res = results[0]
+                tkey = (q[0], res.tag, res.rows, self._app(conn))
+                hit = conn.shapes.get(tkey)
+                if hit is not None:
+                    sqlcomment.STATS.parsed += 1
+                    trace_id, parent_id, flags = q[1], q[2], q[3]
+                    if flags & 1:
+                        parts, tracestate = hit
+                        sid = _new_id(64)
+                        start, end = rec.start_ns, res.end_ns or rec.end_ns
+                        out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                            parts, trace_id, sid, parent_id, True, tracestate, start, end)))
+                        self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
+                    conn.end_of_statement(rec.tx_status, res.tag)
+                    return
+                tkey = (tkey, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
         comment = sqlcomment.parse(raw) if raw else None
         if comment is not None and comment.invalid_traceparent:
             STATS.sqlcomment_invalid_traceparent += 1
         text = comment.stripped_sql if comment is not None else raw
         infos = sqlinfo.analyze_many(text) if text else []
-        results: list[Completion] = rec.results or []
         shape = None
         if (self.encode and not self.capture_literals and len(infos) == 1 and len(results) == 1
                 and rec.status == "ok" and rec.protocol == "simple" and results[0].error is None and not rec.copy
@@ -443,7 +469,10 @@ class SpanBuilder:
                 self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, start, end,
                            attrs, span_status, _links(conn, parent_id))
                 if shape is not None:
-                    self._keep_shape(conn, shape, (info, otlp.span_parts(name, _SERVER, attrs, span_status)))
+                    parts = otlp.span_parts(name, _SERVER, attrs, span_status)
+                    self._keep_shape(conn, shape, (info, parts))
+                    if tkey is not None and _keyed_comment(tkey, raw, comment):
+                        self._keep_shape(conn, tkey[0], (parts, comment.context.tracestate))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
             start = res.end_ns or start
             if last:
@@ -519,6 +548,21 @@ class SpanBuilder:
 _OK = Status(StatusCode.UNSET)
 _INTERNAL = SpanKind.INTERNAL
 _SERVER = SpanKind.SERVER
+
+
+def _keyed_comment(tkey: tuple, raw: str, comment) -> bool:
+    """Whether the comment found in ``raw`` is the one its statement key stands for.
+
+    The key (shape.statement_key) found the traceparent where a parse would; this checks
+    that the full parse agrees (the tag, the context) and counted nothing as malformed or
+    oversized, so that a statement spanned from the key alone misses no counter either.
+    """
+    _, (_, trace_id, span_id, flags, vs), counts = tkey
+    ctx = comment.context if comment is not None else None
+    return (ctx is not None and not comment.invalid_traceparent
+            and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
+            and comment.tags.get("traceparent") == raw[vs:vs + 55]
+            and counts == (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
 
 
 def _links(conn: ConnState, parent_id: int | None) -> tuple:

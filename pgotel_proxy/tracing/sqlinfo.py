@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterable
 
 from pglast import parser as _pg
 
-from ..sqlcomment import SHAPE_LITERAL
+from ..shape import blank_code
 
 __all__ = [
     "CACHE_MAX_CHARS",
@@ -930,9 +930,9 @@ def _combine(infos: tuple[SqlInfo, ...]) -> SqlInfo:
 # Everything analyze() returns is the same for two texts that differ only in
 # plain string and number literals (the sanitised text has "?" for both), so a
 # second cache is keyed by the text with those literals blanked out. Texts
-# with anything the blanking regex cannot read exactly (escapes, dollar quotes,
-# quoted identifiers, comments, typed or prefixed strings, parameters) skip it.
-_SHAPE_UNSAFE = re.compile(r"""[\\$"]|--|/\*|(?<![\w$])[eEbBxXnN]'|[uU]&""")
+# with anything the blanking cannot read exactly (escapes, dollar quotes,
+# quoted identifiers, comments, typed or prefixed strings, parameters) skip it
+# (shape.blank_code).
 _shapes: dict[str, tuple[SqlInfo, ...]] = {}
 
 
@@ -941,9 +941,9 @@ def _analyze_all_shaped(sql: str) -> tuple[SqlInfo, ...]:
     hit = _texts.get(sql)
     if hit is not None:
         return hit
-    if ("'" in sql or _HAS_DIGIT.search(sql)) and _SHAPE_UNSAFE.search(sql) is None:
-        shape = SHAPE_LITERAL.sub("\x01", sql)
-        if shape != sql:
+    if "'" in sql or _HAS_DIGIT.search(sql):
+        shape = blank_code(sql)
+        if shape is not None and shape != sql:
             hit = _shapes.get(shape)
             if hit is None:
                 hit = _analyze_all_cached(sql)

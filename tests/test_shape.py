@@ -1,0 +1,151 @@
+"""Statement shapes (pgotel_proxy/shape.py and its compiled twin _shape.c).
+
+Two kinds of checks: the compiled functions answer exactly as the Python
+ones for any input (a corpus and generated texts built from the characters
+that matter to the lexer), and the key itself means what it says: texts
+that differ only in literal values and the traceparent share a key; texts
+that could lex differently, or whose comment or code differ, do not; and
+what the tracer derives from two texts of one key is the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgotel_proxy import shape, sqlcomment
+from pgotel_proxy.tracing import sqlinfo
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TP2 = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+try:
+    from pgotel_proxy import _shape
+except ImportError:  # not built
+    _shape = None
+compiled = pytest.mark.skipif(_shape is None, reason="compiled shapes not built")
+
+CORPUS = [
+    "",
+    "SELECT 1",
+    "SELECT 'a''b', 1.5e-3, 2., .5, 7e, 1e+, x1, $1, t.2, 3.4.5 /*c*/",
+    f"SELECT abalance FROM pgbench_accounts WHERE aid = 4711 /*traceparent='{TP}'*/;",
+    f"SELECT * FROM t WHERE name = 'x' AND n IN (1, 2) /*route='%2Fa',traceparent='{TP}'*/",
+    f"  /*traceparent='{TP}'*/ SELECT 1",
+    f"SELECT 'open /*traceparent='{TP}'*/",
+    f"SELECT E'a' /*traceparent='{TP}'*/",
+    f"SELECT THEN'a' /*traceparent='{TP}'*/",
+    f"SELECT $$x$$ /*traceparent='{TP}'*/",
+    f'SELECT "Col" FROM t /*traceparent=\'{TP}\'*/',
+    f"SELECT 1 -- x\n/*traceparent='{TP}'*/",
+    f"SELECT U&'d' /*traceparent='{TP}'*/",
+    f"SELECT 'a\\b' /*traceparent='{TP}'*/",
+    f"SELECT \x01 /*traceparent='{TP}'*/",
+    f"SELECT 1 /*traceparent='{TP.replace('00-', 'ff-', 1)}'*/",
+    "SELECT 1 /*traceparent='00-00000000000000000000000000000000-b7ad6b7169203331-01'*/",
+    "SELECT 1 /*traceparent='00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01'*/",
+    f"SELECT 1 /*traceparent='{TP.upper()}'*/",
+    f"SELECT 1 /*traceparent='{TP}x'*/",
+    f"SELECT 1 /*xtraceparent='{TP}'*/",
+    f"SELECT 1 /*a='b', traceparent='{TP}'*/",
+    f"SELECT 1 FROM calls /*traceparent='{TP}'*/",
+    f"SELECT set_config('pgotel.traceparent', '1', false) /*traceparent='{TP}'*/",
+    f"SELECT 'é' /*traceparent='{TP}'*/",
+    f"SELECT 1 /*traceparent='{TP}'*/" + " " * 8200,
+]
+
+
+@compiled
+@pytest.mark.parametrize("text", CORPUS)
+def test_compiled_and_python_agree_on_the_corpus(text):
+    assert _shape.statement_key(text) == shape.statement_key_py(text)
+    assert (_shape.blind(text) or shape.blind_py(text)) == shape.blind_py(text)
+    if text.isascii():
+        assert _shape.blind(text) is not None
+
+
+_pieces = st.sampled_from(
+    list("abeEnNxXuUlL&$\"\\'-.0123459 _,;/*()=+\x01\t\n\x1c") + ["traceparent='", TP, TP2, "/*", "*/", "1.5e3", "''",
+                                                                "ff", "all", "pgotel", "é"])
+
+
+@compiled
+@settings(max_examples=3000, deadline=None)
+@given(code=st.lists(_pieces, max_size=12), comment=st.lists(_pieces, max_size=5), framed=st.booleans())
+def test_compiled_and_python_agree_on_any_text(code, comment, framed):
+    text = "".join(code)
+    if framed:
+        text = f"SELECT {text} /*{''.join(comment)}traceparent='{TP}'{''.join(comment)}*/"
+    assert _shape.statement_key(text) == shape.statement_key_py(text)
+    got = _shape.blind(text)
+    assert (got if got is not None else shape.blind_py(text)) == shape.blind_py(text)
+
+
+def _key(sql: str):
+    k = shape.statement_key(sql)
+    return None if k is None else k[0]
+
+
+def test_texts_that_differ_in_values_and_trace_context_share_a_key():
+    a = f"SELECT * FROM t WHERE id = 1 AND s = 'x' AND f = 1.5 /*route='%2Fa',traceparent='{TP}'*/;"
+    b = f"SELECT * FROM t WHERE id = 123456 AND s = 'it''s' AND f = 2e10 /*route='%2Fa',traceparent='{TP2}'*/;"
+    assert _key(a) is not None and _key(a) == _key(b)
+    ka, kb = shape.statement_key(a), shape.statement_key(b)
+    assert (ka[1], ka[2], ka[3]) == (int(TP[3:35], 16), int(TP[36:52], 16), 1)
+    assert (kb[1], kb[2], kb[3]) == (int(TP2[3:35], 16), int(TP2[36:52], 16), 0)
+    assert a[ka[4]:ka[4] + 55] == TP
+    # what the tracer derives from them is the same
+    ca, cb = sqlcomment.parse(a), sqlcomment.parse(b)
+    assert {k: v for k, v in ca.tags.items() if k != "traceparent"} == {
+        k: v for k, v in cb.tags.items() if k != "traceparent"}
+    assert sqlinfo.analyze_many(ca.stripped_sql) == sqlinfo.analyze_many(cb.stripped_sql)
+
+
+@pytest.mark.parametrize("other", [
+    f"SELECT * FROM u WHERE id = 1 /*traceparent='{TP}'*/",  # another table
+    f"SELECT * FROM t WHERE id = 1 /*route='%2Fb',traceparent='{TP}'*/",  # another tag
+    f"SELECT * FROM t WHERE id = x1 /*traceparent='{TP}'*/",  # an identifier, not a number
+    f"SELECT * FROM t WHERE id = 1 /*traceparent='{TP}'*/;",  # something after the comment
+    f"SELECT * FROM t  WHERE id = 1 /*traceparent='{TP}'*/",  # other whitespace
+])
+def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
+    base = f"SELECT * FROM t WHERE id = 7 /*traceparent='{TP}'*/"
+    assert _key(base) is not None and _key(other) is not None
+    assert _key(base) != _key(other)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1",  # no comment
+    f"/*traceparent='{TP}'*/ SELECT 1",  # the comment first
+    f"SELECT 1 /*route='x'*/",  # no traceparent
+    f"SELECT E'a' /*traceparent='{TP}'*/",  # a prefixed string
+    f"SELECT X'1f' /*traceparent='{TP}'*/",
+    f"SELECT $$a$$ /*traceparent='{TP}'*/",  # dollar quotes
+    f"SELECT $1 /*traceparent='{TP}'*/",
+    f'SELECT "a" /*traceparent=\'{TP}\'*/',  # a quoted identifier
+    f"SELECT 1 -- a\n/*traceparent='{TP}'*/",  # a line comment
+    f"SELECT 'a\\' /*traceparent='{TP}'*/",  # a backslash
+    f"SELECT U&'a' /*traceparent='{TP}'*/",
+    f"SELECT 'open /*traceparent='{TP}'*/",  # a quote left open
+    f"SELECT \x01 /*traceparent='{TP}'*/",  # the blank itself
+    f"SELECT 'é' /*traceparent='{TP}'*/",  # not ASCII
+    f"SELECT 1 /*traceparent='{TP}'*/" + " " * shape.MAX_CHARS,  # too long
+    f"SELECT 1 /*traceparent='ff{TP[2:]}'*/",  # version ff
+    f"SELECT 1 /*traceparent='{TP[:3]}{'0' * 32}{TP[35:]}'*/",  # a zero id
+    f"SELECT 1 /*traceparent='{TP.upper()}'*/",
+    f"SELECT 1 /*xtraceparent='{TP}'*/",
+    f"RESET ALL /*traceparent='{TP}'*/",  # could change the session carrier
+    f"SELECT set_config('pgotel.traceparent', 'x', false) /*traceparent='{TP}'*/",
+])
+def test_texts_a_key_cannot_stand_for_have_none(sql):
+    assert shape.statement_key(sql) is None
+    assert shape.statement_key_py(sql) is None
+
+
+def test_blank_code_blanks_only_what_lexes_as_one_token():
+    assert shape.blank_code("SELECT 'a''b', 1.5e3, x1, t.2 FROM t2") == "SELECT \x01, \x01, x1, t.2 FROM t2"
+    assert shape.blank_code("SELECT THEN'a'") == "SELECT THEN\x01"
+    assert shape.blank_code("SELECT '--', '$', '\"', '/*'") == "SELECT \x01, \x01, \x01, \x01"
+    for unsafe in ("SELECT n'a'", "SELECT 'a' -- c", "SELECT 'a", "SELECT $x$a$x$", "SELECT 'a\\'", "SELECT u&'a'"):
+        assert shape.blank_code(unsafe) is None, unsafe
