@@ -13,6 +13,9 @@ GC_THRESHOLD = 20_000
 def settle_gc() -> None:
     """Keep Python's cyclic garbage collector off the relay path once start-up is over.
 
+    Called by the relay process (and each worker) when it serves, and by the
+    span process once its tracer is set up.
+
     After start-up the process holds some 60,000 long-lived objects (modules,
     the OpenTelemetry SDK, protocol and SQL caches). A full collection walks
     them all, about 20 ms with every session stalled, and runs whenever enough

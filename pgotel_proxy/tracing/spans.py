@@ -315,7 +315,7 @@ class SpanBuilder:
                 ctx = self._context(conn, comment)
                 if ctx is not None:
                     trace_id, parent_id, flags, tracestate = ctx
-                    sid = _new_id(64)
+                    sid = _rand.getrandbits(64) or _new_id(64)
                     end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
                     out.append((self.resource, SCOPE, otlp.encode_span_parts(
                         parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
@@ -335,7 +335,7 @@ class SpanBuilder:
             # Analysed only when sampled: an unsampled statement costs its comment parse alone.
             info = sqlinfo.analyze(text) if text else None
             trace_id, parent_id, flags, tracestate = ctx
-            sid = _new_id(64)
+            sid = _rand.getrandbits(64) or _new_id(64)
             name = info.summary if info is not None else "postgresql"
             if rec.status == "prepared":
                 name = f"PREPARE {name}"
@@ -406,7 +406,7 @@ class SpanBuilder:
                     trace_id, parent_id, flags = q[1], q[2], q[3]
                     if flags & 1:
                         parts, tracestate = hit
-                        sid = _new_id(64)
+                        sid = _rand.getrandbits(64) or _new_id(64)
                         start, end = rec.start_ns, res.end_ns or rec.end_ns
                         out.append((self.resource, SCOPE, otlp.encode_span_parts(
                             parts, trace_id, sid, parent_id, True, tracestate, start, end)))
@@ -433,7 +433,7 @@ class SpanBuilder:
                 ctx = self._context(conn, comment)
                 if ctx is not None:
                     trace_id, parent_id, flags, tracestate = ctx
-                    sid = _new_id(64)
+                    sid = _rand.getrandbits(64) or _new_id(64)
                     start, end = rec.start_ns, res.end_ns or rec.end_ns
                     out.append((self.resource, SCOPE, otlp.encode_span_parts(
                         hit[1], trace_id, sid, parent_id, True, tracestate, start, end)))
@@ -453,7 +453,7 @@ class SpanBuilder:
             ctx = self._context(conn, comment)
             if ctx is not None:
                 trace_id, parent_id, flags, tracestate = ctx
-                sid = _new_id(64)
+                sid = _rand.getrandbits(64) or _new_id(64)
                 name = info.summary if info is not None else ("FUNCTION CALL" if rec.protocol == "function" else "postgresql")
                 attrs = self._attrs(conn, info, stmt_text, res.tag, res.rows, res.error, comment)
                 attrs[ATTR["protocol"]] = rec.protocol
@@ -517,16 +517,13 @@ class SpanBuilder:
         return session.server_params.get("application_name") or session.startup_params.get("application_name")
 
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
-        exact = bool(exact)
         if self.encode:
-            parts = _PHASE_PARTS.get((name, exact))
-            if parts is None:
-                parts = _PHASE_PARTS[(name, exact)] = otlp.span_parts(name, _INTERNAL, {_EXACT: exact}, _OK)
             out.append((self.resource, SCOPE, otlp.encode_span_parts(
-                parts, trace_id, _new_id(64), parent_id, False, tracestate, start, max(start, end))))
+                _PHASE_PARTS[name][1 if exact else 0], trace_id, _rand.getrandbits(64) or _new_id(64),
+                parent_id, False, tracestate, start, max(start, end))))
             return
         self._emit(out, name, trace_id, _new_id(64), parent_id, False, flags, tracestate, _INTERNAL,
-                   start, max(start, end), {_EXACT: exact}, _OK)
+                   start, max(start, end), {_EXACT: bool(exact)}, _OK)
 
     def _emit(self, out, name, trace_id, span_id, parent_id, parent_remote, flags, tracestate, kind,
               start, end, attrs, status, links=()) -> None:
@@ -572,7 +569,11 @@ def _links(conn: ConnState, parent_id: int | None) -> tuple:
         return ()
     return (tx,)
 _EXACT = ATTR["exact"]
-_PHASE_PARTS: dict[tuple[str, bool], tuple] = {}  # encoded parts of the phase spans, by (name, exact)
+# encoded parts of the phase spans: name -> (inexact, exact)
+_PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {
+    name: tuple(otlp.span_parts(name, _INTERNAL, {_EXACT: exact}, _OK) for exact in (False, True))
+    for name in ("parse", "plan", "execute")
+}
 
 
 def _status(status: str, error, attrs: dict) -> Status:
