@@ -87,6 +87,31 @@ def test_trace_tree_and_counters_come_from_the_helper(make_proxy, otlp):
     assert STATS.spans_exported >= exported + 4
 
 
+def test_records_in_either_form_reach_the_helper(make_proxy, otlp, monkeypatch):
+    """Statements go packed (compiled codec) or, with an error, as marshal data: both become spans."""
+    from pgotel_proxy.tracing import process
+
+    forms = []
+    if process.pack_records is not None:
+        real = process.pack_records
+        monkeypatch.setattr(process, "pack_records", lambda recs: forms.append(real(recs)) or forms[-1])
+    proxy = make_proxy(sample_rate=1.0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(f"SELECT 1 /*route='ok',traceparent='{TP}'*/")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute(f"SELECT * FROM no_such_table /*route='bad',traceparent='{TP}'*/")
+        conn.execute(f"SELECT %s::int /*route='ext',traceparent='{TP}'*/", (3,))
+    proxy.flush()
+    routes = {"ok", "bad", "ext"}
+    spans = otlp.wait_for(lambda got: routes <= {s.attributes.get("pgotel.sqlcommenter.route") for s in got})
+    by_route = {s.attributes.get("pgotel.sqlcommenter.route"): s for s in spans}
+    assert by_route["bad"].attributes["db.response.status_code"] == "42P01"
+    assert by_route["ok"].attributes["db.response.returned_rows"] == 1
+    assert {s.name for s in spans if s.parent_span_id == by_route["ext"].span_id} == {"parse", "plan", "execute"}
+    if process.pack_records is not None:  # both forms were used
+        assert None in forms and any(type(f) is bytes for f in forms)
+
+
 def test_sample_rate_reaches_the_helper(make_proxy, otlp):
     proxy = make_proxy(sample_rate=1.0)
     proxy.tracer.set_sample_rate(0.0)

@@ -72,7 +72,7 @@ static PyTypeObject *session_type, *record_type, *completion_type;
 static PyObject *record_defaults[R_COUNT];
 static PyObject *kind_obj[K_COUNT];
 static PyObject *str_empty, *str_simple, *str_extended, *str_pending, *str_prepared, *str_skipped,
-    *str_ok, *str_error, *str_append, *str_popleft, *str_tx[3];
+    *str_ok, *str_error, *str_append, *str_popleft, *str_function, *str_tx[3];
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -957,6 +957,356 @@ out:
     return loop_end(&view, s, err, pos, s_off[S_MESSAGES_OUT], messages, rows);
 }
 
+/* ------------------------------------------------------------------ records over a pipe
+ *
+ * pack(records) -> bytes | None
+ *     The finished records of one connection in a compact binary form for the
+ *     span process (tracing/process.py), or None when one of them holds what
+ *     this form does not carry (an error, parameters, extra facts, a result
+ *     with an error, a value of another type): the caller then uses marshal.
+ * unpack(data) -> list
+ *     The records again, every field equal to the packed one.
+ *
+ * Per record, little-endian: u8 protocol (0 simple, 1 extended, 2 function),
+ * u8 flags (parse_exact 1, bind_exact 2, exec_exact 4, reused 8), eight
+ * i64 (start_ns, parse_start_ns, parse_end_ns, bind_start_ns, bind_end_ns,
+ * exec_start_ns, end_ns, rows), seven strings (sql, statement_name, portal,
+ * status, tag, copy, tx_status: u32 length, 0xFFFFFFFF for None, then
+ * UTF-8), and the results (u32 count, 0xFFFFFFFF for None; per result i64
+ * end_ns, a string tag, i64 rows). The data starts with u32 count.
+ */
+
+#define P_NONE 0xFFFFFFFFu
+
+typedef struct {
+    unsigned char *buf;
+    Py_ssize_t len, cap;
+} wbuf;
+
+static int
+w_reserve(wbuf *w, Py_ssize_t more)
+{
+    if (w->len + more <= w->cap)
+        return 0;
+    Py_ssize_t cap = w->cap ? w->cap : 256;
+    while (cap < w->len + more)
+        cap *= 2;
+    unsigned char *b = PyMem_Realloc(w->buf, (size_t)cap);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->buf = b;
+    w->cap = cap;
+    return 0;
+}
+
+static int
+w_u32(wbuf *w, unsigned long v)
+{
+    if (w_reserve(w, 4) < 0)
+        return -1;
+    for (int i = 0; i < 4; i++)
+        w->buf[w->len++] = (unsigned char)(v >> (8 * i));
+    return 0;
+}
+
+/* 1 written, 0 not packable (not an exact int in i64 range), -1 error */
+static int
+w_i64(wbuf *w, PyObject *v)
+{
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow)
+        return 0;
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (w_reserve(w, 8) < 0)
+        return -1;
+    unsigned long long u = (unsigned long long)x;
+    for (int i = 0; i < 8; i++)
+        w->buf[w->len++] = (unsigned char)(u >> (8 * i));
+    return 1;
+}
+
+static int
+w_str(wbuf *w, PyObject *v)
+{
+    if (v == Py_None)
+        return w_u32(w, P_NONE) < 0 ? -1 : 1;
+    if (v == NULL || !PyUnicode_CheckExact(v))
+        return 0;
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+    if (s == NULL) {
+        PyErr_Clear(); /* lone surrogates: marshal carries them */
+        return 0;
+    }
+    if (n >= (Py_ssize_t)P_NONE)
+        return 0;
+    if (w_u32(w, (unsigned long)n) < 0 || w_reserve(w, n) < 0)
+        return -1;
+    memcpy(w->buf + w->len, s, (size_t)n);
+    w->len += n;
+    return 1;
+}
+
+static const int pack_ints[8] = {R_START_NS, R_PARSE_START_NS, R_PARSE_END_NS, R_BIND_START_NS,
+                                 R_BIND_END_NS, R_EXEC_START_NS, R_END_NS, R_ROWS};
+static const int pack_strs[7] = {R_SQL, R_STATEMENT_NAME, R_PORTAL, R_STATUS, R_TAG, R_COPY, R_TX_STATUS};
+static const int pack_bools[4] = {R_PARSE_EXACT, R_BIND_EXACT, R_EXEC_EXACT, R_REUSED};
+
+/* 1 written, 0 not packable, -1 error */
+static int
+pack_one(wbuf *w, PyObject *rec)
+{
+    if (Py_TYPE(rec) != record_type)
+        return 0;
+    for (int i = 0; i < R_COUNT; i++)
+        if (get(rec, r_off[i]) == NULL)
+            return 0;
+    if (get(rec, r_off[R_ERROR]) != Py_None || get(rec, r_off[R_PARAMS]) != Py_None ||
+        get(rec, r_off[R_EXTRA]) != Py_None)
+        return 0;
+    PyObject *proto = get(rec, r_off[R_PROTOCOL]);
+    int code;
+    if (is_str(proto, str_simple))
+        code = 0;
+    else if (is_str(proto, str_extended))
+        code = 1;
+    else if (is_str(proto, str_function))
+        code = 2;
+    else
+        return 0;
+    int flags = 0;
+    for (int i = 0; i < 4; i++) {
+        PyObject *b = get(rec, r_off[pack_bools[i]]);
+        if (b == Py_True)
+            flags |= 1 << i;
+        else if (b != Py_False)
+            return 0;
+    }
+    if (w_reserve(w, 2) < 0)
+        return -1;
+    w->buf[w->len++] = (unsigned char)code;
+    w->buf[w->len++] = (unsigned char)flags;
+    int r;
+    for (int i = 0; i < 8; i++)
+        if ((r = w_i64(w, get(rec, r_off[pack_ints[i]]))) <= 0)
+            return r;
+    for (int i = 0; i < 7; i++)
+        if ((r = w_str(w, get(rec, r_off[pack_strs[i]]))) <= 0)
+            return r;
+    PyObject *results = get(rec, r_off[R_RESULTS]);
+    if (results == Py_None)
+        return w_u32(w, P_NONE) < 0 ? -1 : 1;
+    if (!PyList_CheckExact(results))
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(results);
+    if (w_u32(w, (unsigned long)n) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = PyList_GET_ITEM(results, i);
+        if (Py_TYPE(c) != completion_type || get(c, c_off[C_END_NS]) == NULL || get(c, c_off[C_TAG]) == NULL ||
+            get(c, c_off[C_ROWS]) == NULL || get(c, c_off[C_ERROR]) != Py_None)
+            return 0;
+        if ((r = w_i64(w, get(c, c_off[C_END_NS]))) <= 0 || (r = w_str(w, get(c, c_off[C_TAG]))) <= 0 ||
+            (r = w_i64(w, get(c, c_off[C_ROWS]))) <= 0)
+            return r;
+    }
+    return 1;
+}
+
+static PyObject *
+pack(PyObject *self, PyObject *records)
+{
+    if (!configured || !PyList_CheckExact(records))
+        Py_RETURN_NONE;
+    wbuf w = {NULL, 0, 0};
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    PyObject *res = NULL;
+    if (w_u32(&w, (unsigned long)n) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int r = pack_one(&w, PyList_GET_ITEM(records, i));
+        if (r < 0)
+            goto done;
+        if (r == 0) {
+            res = Py_None;
+            Py_INCREF(res);
+            goto done;
+        }
+    }
+    res = PyBytes_FromStringAndSize((const char *)w.buf, w.len);
+done:
+    PyMem_Free(w.buf);
+    return res;
+}
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t pos, n;
+} rbuf;
+
+static int
+r_need(rbuf *r, Py_ssize_t k)
+{
+    if (r->n - r->pos < k) {
+        PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+        return -1;
+    }
+    return 0;
+}
+
+static int
+r_u32(rbuf *r, unsigned long *v)
+{
+    if (r_need(r, 4) < 0)
+        return -1;
+    unsigned long x = 0;
+    for (int i = 0; i < 4; i++)
+        x |= (unsigned long)r->p[r->pos++] << (8 * i);
+    *v = x;
+    return 0;
+}
+
+static PyObject *
+r_i64(rbuf *r)
+{
+    if (r_need(r, 8) < 0)
+        return NULL;
+    unsigned long long u = 0;
+    for (int i = 0; i < 8; i++)
+        u |= (unsigned long long)r->p[r->pos++] << (8 * i);
+    return PyLong_FromLongLong((long long)u);
+}
+
+/* Common short values come back as the interned strings the codec uses. */
+static PyObject *
+r_str(rbuf *r)
+{
+    unsigned long len;
+    if (r_u32(r, &len) < 0)
+        return NULL;
+    if (len == P_NONE)
+        Py_RETURN_NONE;
+    if (r_need(r, (Py_ssize_t)len) < 0)
+        return NULL;
+    const char *s = (const char *)r->p + r->pos;
+    r->pos += (Py_ssize_t)len;
+    PyObject *known[] = {str_empty, str_ok, str_error, str_pending, str_prepared, str_skipped,
+                         str_tx[0], str_tx[1], str_tx[2]};
+    if (len <= 8) {
+        for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
+            if ((unsigned long)PyUnicode_GET_LENGTH(known[i]) == len &&
+                memcmp(PyUnicode_1BYTE_DATA(known[i]), s, len) == 0) {
+                Py_INCREF(known[i]);
+                return known[i];
+            }
+        }
+    }
+    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, NULL);
+}
+
+static PyObject *
+unpack_one(rbuf *r)
+{
+    if (r_need(r, 2) < 0)
+        return NULL;
+    int code = r->p[r->pos++];
+    int flags = r->p[r->pos++];
+    PyObject *proto = code == 0 ? str_simple : code == 1 ? str_extended : code == 2 ? str_function : NULL;
+    if (proto == NULL || flags > 15) {
+        PyErr_SetString(PyExc_ValueError, "unpack: bad record header");
+        return NULL;
+    }
+    PyObject *rec = new_record(proto, Py_None);
+    if (rec == NULL)
+        return NULL;
+    for (int i = 0; i < 4; i++)
+        set(rec, r_off[pack_bools[i]], (flags >> i) & 1 ? Py_True : Py_False);
+    for (int i = 0; i < 8; i++) {
+        PyObject *v = r_i64(r);
+        if (v == NULL)
+            goto fail;
+        set_steal(rec, r_off[pack_ints[i]], v);
+    }
+    for (int i = 0; i < 7; i++) {
+        PyObject *v = r_str(r);
+        if (v == NULL)
+            goto fail;
+        set_steal(rec, r_off[pack_strs[i]], v);
+    }
+    unsigned long count;
+    if (r_u32(r, &count) < 0)
+        goto fail;
+    if (count != P_NONE) {
+        if ((Py_ssize_t)count > (r->n - r->pos) / 20) {
+            PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+            goto fail;
+        }
+        PyObject *list = PyList_New((Py_ssize_t)count);
+        if (list == NULL)
+            goto fail;
+        set_steal(rec, r_off[R_RESULTS], list);
+        for (unsigned long i = 0; i < count; i++) {
+            PyObject *end = r_i64(r), *tag = end ? r_str(r) : NULL, *rows = tag ? r_i64(r) : NULL;
+            PyObject *c = rows ? new_completion(end, tag, rows) : NULL;
+            Py_XDECREF(end);
+            Py_XDECREF(tag);
+            Py_XDECREF(rows);
+            if (c == NULL)
+                goto fail;
+            PyList_SET_ITEM(list, (Py_ssize_t)i, c);
+        }
+    }
+    return rec;
+fail:
+    Py_DECREF(rec);
+    return NULL;
+}
+
+static PyObject *
+unpack(PyObject *self, PyObject *arg)
+{
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    rbuf r = {(const unsigned char *)view.buf, 0, view.len};
+    PyObject *list = NULL;
+    unsigned long n;
+    if (r_u32(&r, &n) < 0)
+        goto done;
+    if ((Py_ssize_t)n > r.n / 60) { /* every record takes at least 2 + 64 + 28 + 4 bytes */
+        PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+        goto done;
+    }
+    list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        goto done;
+    for (unsigned long i = 0; i < n; i++) {
+        PyObject *rec = unpack_one(&r);
+        if (rec == NULL) {
+            Py_CLEAR(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, rec);
+    }
+    if (r.pos != r.n) {
+        PyErr_SetString(PyExc_ValueError, "unpack: data after the last record");
+        Py_CLEAR(list);
+    }
+done:
+    PyBuffer_Release(&view);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Session, Statement, Completion, record_fields, record_defaults, kinds): read the slot layout."},
@@ -964,6 +1314,8 @@ static PyMethodDef methods[] = {
      "client(session, data, pos, n, now) -> pos: account the client messages this path handles."},
     {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
      "server(session, data, pos, n, now) -> pos: account the server messages this path handles."},
+    {"pack", pack, METH_O, "pack(records) -> bytes | None: finished records in a compact form (None: use marshal)."},
+    {"unpack", unpack, METH_O, "unpack(data) -> list: the records pack() packed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -980,6 +1332,7 @@ PyInit__core(void)
     INTERN(str_empty, "");
     INTERN(str_simple, "simple");
     INTERN(str_extended, "extended");
+    INTERN(str_function, "function");
     INTERN(str_pending, "pending");
     INTERN(str_prepared, "prepared");
     INTERN(str_skipped, "skipped");

@@ -925,6 +925,9 @@ class Session:
 # Python loop above then handles. PGOTEL_PURE_PYTHON=1 leaves it out; tests
 # feed the same streams to both and compare.
 _fast_client = _fast_server = None
+# Finished records in a compact binary form and back (tracing/process.py hands them to the
+# span process this way; without the compiled module it uses marshal).
+pack_records = unpack_records = None
 if not os.environ.get("PGOTEL_PURE_PYTHON"):
     try:
         from . import _core  # type: ignore[attr-defined]
@@ -939,6 +942,7 @@ if not os.environ.get("PGOTEL_PURE_PYTHON"):
             tuple(range(_PREFIX + 1)),
         )
         _fast_client, _fast_server = _core.client, _core.server
+        pack_records, unpack_records = _core.pack, _core.unpack
     except ImportError:  # not built (no compiler at install time): Python serves
         pass
 COMPILED = _fast_client is not None

@@ -19,11 +19,14 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
 * relay → helper: the configuration first, then lists of operations in order:
   ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
-  connection opened; ``("b", conn, count, payload)`` finished statements,
-  the payload being ``marshal`` data of ``(application_name, records)``
-  (records as tuples of :class:`Statement` fields), written when the
-  statements finished, so that writing a frame only copies bytes and never
-  holds the event loop for long; ``("g", conn)``
+  connection opened; ``("p", conn, count, application_name, packed)``
+  finished statements in the compiled codec's compact form
+  (``protocol.session.pack_records``), or, when it is not built or a record
+  holds what that form does not carry (errors, parameters, extra facts),
+  ``("b", conn, count, payload)``, the payload being ``marshal`` data of
+  ``(application_name, records)`` (records as tuples of :class:`Statement`
+  fields); both written when the statements finished, so that writing a
+  frame only copies bytes and never holds the event loop for long; ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
   ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
   ``("s",)`` build and export what is left, then exit.
@@ -62,6 +65,7 @@ from operator import attrgetter
 from typing import Any
 
 from ..protocol.events import Completion, Statement
+from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
 from ..stats import STATS
 
@@ -157,7 +161,12 @@ class _Handle:
             return
         self.gap = False
         app = self.session.server_params.get("application_name")
-        t._ops.append(("b", self.conn_id, len(records), marshal.dumps((app, [statement_to_tuple(r) for r in records]))))
+        packed = pack_records(records) if pack_records is not None else None
+        if packed is not None:
+            t._ops.append(("p", self.conn_id, len(records), app, packed))
+        else:
+            t._ops.append(("b", self.conn_id, len(records),
+                           marshal.dumps((app, [statement_to_tuple(r) for r in records]))))
         t._pending += len(records)
         if not t._armed:
             t._arm()
@@ -411,7 +420,7 @@ class ProcessTracer:
         """Statements that cannot be handed over: counted; connection events still go."""
         keep = []
         for op in ops:
-            if op[0] == "b":
+            if op[0] in ("b", "p"):
                 STATS.statements_dropped += op[2]
                 h = self._handles.get(op[1])
                 if h is not None and not h.gap:
@@ -592,14 +601,18 @@ def child_main(fd: int) -> int:
         for ops in pending:
             for op in ops:
                 kind = op[0]
-                if kind == "b":
+                if kind == "p" or kind == "b":
                     state = conns.get(op[1])
                     if state is None:
                         continue
-                    app, records = marshal.loads(op[3])
+                    if kind == "p":
+                        app, records = op[3], unpack_records(op[4])
+                    else:
+                        app, records = marshal.loads(op[3])
+                        records = [statement_from_tuple(t) for t in records]
                     if app is not None:
                         state.info.session.server_params["application_name"] = app
-                    build(state, [statement_from_tuple(t) for t in records], spans)
+                    build(state, records, spans)
                 elif kind == "o":
                     _, conn_id, base, pid, app = op
                     conns[conn_id] = ConnState(_ChildInfo(pid, app), base)
