@@ -21,6 +21,7 @@ from pgotel_proxy.tracing import otlp
 pytestmark = pytest.mark.skipif(not otlp.COMPILED, reason="compiled encoder not built (or PGOTEL_PURE_PYTHON)")
 
 from pgotel_proxy.tracing._otlpenc import attribute_fields as c_attribute_fields  # noqa: E402
+from pgotel_proxy.tracing._otlpenc import local_children as c_local_children  # noqa: E402
 from pgotel_proxy.tracing._otlpenc import span_field as c_span_field  # noqa: E402
 
 
@@ -54,6 +55,33 @@ def test_span_field_refuses_what_python_refuses():
         c_span_field(*good[:-1])
     with pytest.raises(TypeError):
         c_span_field(*(good[:3] + ["not bytes"] + good[4:]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 2**128 - 1), ids64, blobs, st.lists(st.tuples(
+    st.tuples(blobs, st.integers(0, 5), blobs, blobs), ids64, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+    max_size=4))
+def test_local_children_same_spans(trace_id, parent, trace_state, groups):
+    flat = [x for g in groups for x in g]
+    head = ("resource", "scope")
+    got, want = [], []
+    c_local_children(got, head, trace_id, parent, trace_state, 256, *flat)
+    otlp._local_children_py(want, head, trace_id, parent, trace_state, 256, *flat)
+    assert got == want and len(got) == len(groups)
+    assert [g[2] for g in got] == [c_span_field(trace_id, sid, parent, trace_state, *p[:2], s, e, 256, *p[2:], b"")
+                                   for p, sid, s, e in groups]
+
+
+def test_local_children_refuses_what_it_cannot_encode():
+    parts = (b"", 1, b"", b"")
+    with pytest.raises(TypeError):
+        c_local_children([], ("r", "s"), 1, 2, b"", 256, parts, 3, 0)  # an incomplete group
+    with pytest.raises(TypeError):
+        c_local_children([], ("r", "s"), 1, 2, b"", 256, (b"", 1), 3, 0, 1)  # parts of three
+    out: list = []
+    with pytest.raises(OverflowError):
+        c_local_children(out, ("r", "s"), 1, 2, b"", 256, parts, 3, 0, 1, parts, 2**64, 0, 1)
+    assert len(out) == 1  # the spans before the bad one stay
 
 
 values = st.one_of(

@@ -11,6 +11,10 @@
  *     flags: the 32-bit span flags; attrs, status, rare: encoded fields
  *     (b"" for none), appended in that order.
  *
+ * local_children(out, head, trace_id, parent_id, trace_state, flags, parts, span_id, start, end, ...)
+ *     span_field for each group of four, as local children of parent_id,
+ *     appended to the list out as head + (field,).
+ *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
  *     bool or int are looked up in ``cache`` by (key, type, value); misses
@@ -241,8 +245,55 @@ fail:
     return NULL;
 }
 
+/* local_children(out, head, trace_id, parent_id, trace_state, flags, parts, span_id, start, end, ...)
+ *     For each group of four (parts, span_id, start, end), parts being
+ *     (name_field, kind, attrs, status): the span_field of a child of
+ *     parent_id, appended to the list out as head + (field,), head being a
+ *     tuple (resource, scope). One call for a statement's phase spans. */
+static PyObject *
+local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 6 || (nargs - 6) % 4 != 0 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        PyTuple_GET_SIZE(args[1]) != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "local_children(out, head, trace_id, parent_id, trace_state, flags, (parts, span_id, start, end)...)");
+        return NULL;
+    }
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty == NULL)
+        return NULL;
+    for (Py_ssize_t g = 6; g < nargs; g += 4) {
+        PyObject *parts = args[g];
+        if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 4) {
+            PyErr_SetString(PyExc_TypeError, "local_children: parts must be (name_field, kind, attrs, status)");
+            Py_DECREF(empty);
+            return NULL;
+        }
+        PyObject *a[12] = {args[2], args[g + 1], args[3], args[4], PyTuple_GET_ITEM(parts, 0),
+                           PyTuple_GET_ITEM(parts, 1), args[g + 2], args[g + 3], args[5],
+                           PyTuple_GET_ITEM(parts, 2), PyTuple_GET_ITEM(parts, 3), empty};
+        PyObject *field = span_field(NULL, a, 12);
+        if (field == NULL) {
+            Py_DECREF(empty);
+            return NULL;
+        }
+        PyObject *item = PyTuple_Pack(3, PyTuple_GET_ITEM(args[1], 0), PyTuple_GET_ITEM(args[1], 1), field);
+        Py_DECREF(field);
+        if (item == NULL || PyList_Append(args[0], item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(empty);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    Py_DECREF(empty);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"span_field", (PyCFunction)(void (*)(void))span_field, METH_FASTCALL, "One span as an encoded ScopeSpans.spans field."},
+    {"local_children", (PyCFunction)(void (*)(void))local_children, METH_FASTCALL,
+     "Child spans of one parent as ScopeSpans.spans fields, appended to a list."},
     {"attribute_fields", (PyCFunction)(void (*)(void))attribute_fields, METH_FASTCALL,
      "A dict's items as encoded Span.attributes fields, through an encoded-field cache."},
     {NULL, NULL, 0, NULL},

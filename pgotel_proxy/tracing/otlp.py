@@ -406,6 +406,24 @@ def encode_span_parts(parts: tuple[bytes, int, bytes, bytes], trace_id: int, spa
     )
 
 
+def _local_children_py(out: list, head: tuple, trace_id: int, parent_id: int, trace_state: bytes, flags: int,
+                       *groups) -> None:
+    for i in range(0, len(groups), 4):
+        name_field, kind, attrs, status = groups[i]
+        out.append((*head, _span_field(trace_id, groups[i + 1], parent_id, trace_state, name_field, kind,
+                                       groups[i + 2], groups[i + 3], flags, attrs, status, b"")))
+
+
+def encode_children(out: list, head: tuple, trace_id: int, parent_id: int, tracestate: str | None, *groups) -> None:
+    """Local children of ``parent_id``, one per (parts, span_id, start, end) in ``groups`` (flattened).
+
+    Appends ``(*head, field)`` to ``out`` for each: the spans of
+    :func:`encode_span_parts` with ``parent_remote`` false, in one call.
+    """
+    _local_children(out, head, trace_id, parent_id, _trace_state_field(tracestate) if tracestate else b"",
+                    _HAS_IS_REMOTE, *groups)
+
+
 def encode_span(name: str, trace_id: int, span_id: int, parent_id: int | None, parent_remote: bool,
                 tracestate: str | None, kind: SpanKind, start: int, end: int, attributes: dict | None,
                 status: Any, links: Sequence[tuple] = ()) -> bytes:
@@ -608,9 +626,11 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
 COMPILED = False
 _span_field = _span_field_py
 _attribute_fields = _attribute_fields_py
+_local_children = _local_children_py
 if not os.environ.get("PGOTEL_PURE_PYTHON"):
     try:
         from ._otlpenc import attribute_fields as _c_attribute_fields, span_field as _span_field  # noqa: F811
+        from ._otlpenc import local_children as _local_children  # noqa: F811
 
         _attribute_fields = _attribute_fields_c
         COMPILED = True
