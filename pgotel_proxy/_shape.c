@@ -148,6 +148,13 @@ code_safe(const unsigned char *p, Py_ssize_t n, const unsigned char *b, Py_ssize
     return 1;
 }
 
+/* A str of the ASCII (and \x01) characters buf[0:len]. */
+static PyObject *
+ascii_str(const unsigned char *buf, Py_ssize_t len)
+{
+    return PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, buf, len);
+}
+
 static PyObject *
 blind(PyObject *self, PyObject *arg)
 {
@@ -155,21 +162,18 @@ blind(PyObject *self, PyObject *arg)
         Py_RETURN_NONE;
     Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
     const unsigned char *p = PyUnicode_1BYTE_DATA(arg);
-    PyObject *res = PyUnicode_New(n, 127);
-    if (res == NULL)
-        return NULL;
-    Py_ssize_t o = blank(p, n, PyUnicode_1BYTE_DATA(res));
-    if (o == n && memcmp(p, PyUnicode_1BYTE_DATA(res), n) == 0) {
-        Py_DECREF(res);
+    unsigned char *buf = PyMem_Malloc(n ? (size_t)n : 1);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t o = blank(p, n, buf);
+    PyObject *res;
+    if (o == n && memcmp(p, buf, (size_t)n) == 0) {
         Py_INCREF(arg);
-        return arg;
+        res = arg; /* nothing blanked */
     }
-    if (o < n) {
-        /* Shrink: a new object of the right size (PyUnicode_Resize would do the same copy). */
-        PyObject *small = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, PyUnicode_1BYTE_DATA(res), o);
-        Py_DECREF(res);
-        return small;
-    }
+    else
+        res = ascii_str(buf, o);
+    PyMem_Free(buf);
     return res;
 }
 
@@ -247,27 +251,17 @@ statement_key(PyObject *self, PyObject *arg)
     if (zero_trace || zero_span)
         Py_RETURN_NONE;
 
-    Py_ssize_t rest = n - j - TP_VALUE_LEN;
-    PyObject *key = PyUnicode_New(j + rest, 127);
-    if (key == NULL)
-        return NULL;
-    unsigned char *out = PyUnicode_1BYTE_DATA(key);
+    unsigned char out[MAX_CHARS]; /* the key is never longer than the text */
     Py_ssize_t o = blank(p, j, out);
-    if (!code_safe(p, j, out, o)) {
-        Py_DECREF(key);
+    if (!code_safe(p, j, out, o))
         Py_RETURN_NONE;
-    }
     memcpy(out + o, p + j, (size_t)(vs - j));
     o += vs - j;
     memcpy(out + o, p + ve, (size_t)(n - ve));
     o += n - ve;
-    if (o < j + rest) {
-        PyObject *small = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, out, o);
-        Py_DECREF(key);
-        if (small == NULL)
-            return NULL;
-        key = small;
-    }
+    PyObject *key = ascii_str(out, o);
+    if (key == NULL)
+        return NULL;
     PyObject *trace_id = hex_int(v + 3, 32);
     PyObject *span_id = hex_int(v + 36, 16);
     PyObject *flags = hex_int(v + 53, 2);
