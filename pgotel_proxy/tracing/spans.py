@@ -376,42 +376,40 @@ class SpanBuilder:
     def _phases(self, out, rec: Statement, trace_id, flags, tracestate, sid) -> None:
         """The parse, plan and execute spans of an extended-protocol statement."""
         parse_ok, bind_ok = _observed_boundaries(rec)
-        if self.encode:
-            # The same spans as the _phase calls below, encoded in one call (ids drawn in the same order).
-            groups: list = []
-            parse_end, bind_end, end = rec.parse_end_ns, rec.bind_end_ns, rec.end_ns
-            if rec.parse_start_ns and parse_end:
-                start = rec.parse_start_ns
-                groups += (_PHASE_PARTS["parse"][1 if parse_ok else 0], _rand.getrandbits(64) or _new_id(64),
-                           start, parse_end if parse_end > start else start)
-            if rec.bind_start_ns and bind_end:
-                start = rec.bind_start_ns if rec.bind_start_ns > parse_end else parse_end
-                exact = bind_ok and (parse_ok or not parse_end)
-                groups += (_PHASE_PARTS["plan"][1 if exact else 0], _rand.getrandbits(64) or _new_id(64),
-                           start, bind_end if bind_end > start else start)
-            if rec.exec_start_ns and end and rec.status != "skipped":
-                start = rec.exec_start_ns if rec.exec_start_ns > bind_end else bind_end
-                exact = rec.exec_exact and (bind_ok or not bind_end)
-                groups += (_PHASE_PARTS["execute"][1 if exact else 0], _rand.getrandbits(64) or _new_id(64),
-                           start, end if end > start else start)
-            if groups:
-                otlp.encode_children(out, self._head, trace_id, sid, tracestate, *groups)
+        parse_start, parse_end, bind_end, end = rec.parse_start_ns, rec.parse_end_ns, rec.bind_end_ns, rec.end_ns
+        has_parse = parse_start and parse_end
+        has_plan = rec.bind_start_ns and bind_end
+        has_exec = rec.exec_start_ns and end and rec.status != "skipped"
+        plan_start = rec.bind_start_ns if rec.bind_start_ns > parse_end else parse_end
+        plan_exact = bind_ok and (parse_ok or not parse_end)
+        exec_start = rec.exec_start_ns if rec.exec_start_ns > bind_end else bind_end
+        exec_exact = rec.exec_exact and (bind_ok or not bind_end)
+        if not self.encode:
+            if has_parse:
+                self._phase(out, "parse", trace_id, flags, tracestate, sid, parse_start, parse_end, parse_ok)
+            if has_plan:
+                self._phase(out, "plan", trace_id, flags, tracestate, sid, plan_start, bind_end, plan_exact)
+            if has_exec:
+                self._phase(out, "execute", trace_id, flags, tracestate, sid, exec_start, end, exec_exact)
             return
-        if rec.parse_start_ns and rec.parse_end_ns:
-            self._phase(out, "parse", trace_id, flags, tracestate, sid, rec.parse_start_ns, rec.parse_end_ns, parse_ok)
-        if rec.bind_start_ns and rec.bind_end_ns:
-            start = max(rec.bind_start_ns, rec.parse_end_ns)
-            exact = bind_ok and (parse_ok or not rec.parse_end_ns)
-            self._phase(out, "plan", trace_id, flags, tracestate, sid, start, rec.bind_end_ns, exact)
-        if rec.exec_start_ns and rec.end_ns and rec.status != "skipped":
-            start = max(rec.exec_start_ns, rec.bind_end_ns)
-            exact = rec.exec_exact and (bind_ok or not rec.bind_end_ns)
-            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, rec.end_ns, exact)
+        # The same spans encoded in one call; ids drawn in the same order as _phase draws them.
+        groups: list = []
+        if has_parse:
+            groups += (_PHASE_PARTS["parse"][1 if parse_ok else 0], _rand.getrandbits(64) or _new_id(64),
+                       parse_start, parse_end if parse_end > parse_start else parse_start)
+        if has_plan:
+            groups += (_PHASE_PARTS["plan"][1 if plan_exact else 0], _rand.getrandbits(64) or _new_id(64),
+                       plan_start, bind_end if bind_end > plan_start else plan_start)
+        if has_exec:
+            groups += (_PHASE_PARTS["execute"][1 if exec_exact else 0], _rand.getrandbits(64) or _new_id(64),
+                       exec_start, end if end > exec_start else exec_start)
+        if groups:
+            otlp.encode_children(out, self._head, trace_id, sid, tracestate, *groups)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
         raw = rec.sql or ""
         results: list[Completion] = rec.results or []
-        tkey = None
+        keyed = None  # (key, statement_key's answer, sqlcomment counts before the parse)
         if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
                 and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
                 and conn.tx_parent is None):
@@ -421,8 +419,8 @@ class SpanBuilder:
             q = statement_key(raw)
             if q is not None:
                 res = results[0]
-                tkey = (q[0], res.tag, res.rows, self._app(conn))
-                hit = conn.shapes.get(tkey)
+                key = (q[0], res.tag, res.rows, self._app(conn))
+                hit = conn.shapes.get(key)
                 if hit is not None:
                     sqlcomment.STATS.parsed += 1
                     trace_id, parent_id, flags = q[1], q[2], q[3]
@@ -435,7 +433,7 @@ class SpanBuilder:
                         self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
                     conn.end_of_statement(rec.tx_status, res.tag)
                     return
-                tkey = (tkey, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+                keyed = (key, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
         comment = sqlcomment.parse(raw) if raw else None
         if comment is not None and comment.invalid_traceparent:
             STATS.sqlcomment_invalid_traceparent += 1
@@ -493,8 +491,8 @@ class SpanBuilder:
                 if shape is not None:
                     parts = otlp.span_parts(name, _SERVER, attrs, span_status)
                     self._keep_shape(conn, shape, (info, parts))
-                    if tkey is not None and _keyed_comment(tkey, raw, comment):
-                        self._keep_shape(conn, tkey[0], (parts, comment.context.tracestate))
+                    if keyed is not None and _keyed_comment(keyed, raw, comment):
+                        self._keep_shape(conn, keyed[0], (parts, comment.context.tracestate))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
             start = res.end_ns or start
             if last:
@@ -569,14 +567,14 @@ _INTERNAL = SpanKind.INTERNAL
 _SERVER = SpanKind.SERVER
 
 
-def _keyed_comment(tkey: tuple, raw: str, comment) -> bool:
+def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
     """Whether the comment found in ``raw`` is the one its statement key stands for.
 
     The key (shape.statement_key) found the traceparent where a parse would; this checks
     that the full parse agrees (the tag, the context) and counted nothing as malformed or
     oversized, so that a statement spanned from the key alone misses no counter either.
     """
-    _, (_, trace_id, span_id, flags, vs), counts = tkey
+    _, (_, trace_id, span_id, flags, vs), counts = keyed
     ctx = comment.context if comment is not None else None
     return (ctx is not None and not comment.invalid_traceparent
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
