@@ -220,15 +220,18 @@ class Tracer:
             self._enrich_groups(builder.flush_connection(state, spans), spans)
             return
         self._records_out += len(records)
+        build = builder.build
+        enriching = self.enricher is not None
         for rec in records:
             mark = len(spans)
             try:
-                groups = builder.build(state, rec, spans)
+                groups = build(state, rec, spans)
             except Exception:  # one odd statement must not stop the thread
                 log.exception("could not build a span")
                 del spans[mark:]
                 continue
-            self._enrich_groups(groups, spans)
+            if enriching:
+                self._enrich_groups(groups, spans)
 
     def build_now(self, state: ConnState, records, spans: list) -> None:
         """Build one entry on the caller's thread (a tracer made with ``thread=False``)."""
