@@ -155,13 +155,23 @@ ascii_str(const unsigned char *buf, Py_ssize_t len)
     return PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, buf, len);
 }
 
+/* The characters of an exact, ASCII str (NULL for any other object; no exception set). */
+static const unsigned char *
+ascii_data(PyObject *arg, Py_ssize_t *n)
+{
+    if (!PyUnicode_CheckExact(arg) || !PyUnicode_IS_ASCII(arg))
+        return NULL;
+    *n = PyUnicode_GET_LENGTH(arg);
+    return PyUnicode_1BYTE_DATA(arg);
+}
+
 static PyObject *
 blind(PyObject *self, PyObject *arg)
 {
-    if (!PyUnicode_CheckExact(arg) || !PyUnicode_IS_ASCII(arg))
+    Py_ssize_t n;
+    const unsigned char *p = ascii_data(arg, &n);
+    if (p == NULL)
         Py_RETURN_NONE;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
-    const unsigned char *p = PyUnicode_1BYTE_DATA(arg);
     unsigned char *buf = PyMem_Malloc(n ? (size_t)n : 1);
     if (buf == NULL)
         return PyErr_NoMemory();
@@ -208,11 +218,9 @@ hex_int(const unsigned char *p, Py_ssize_t len)
 static PyObject *
 statement_key(PyObject *self, PyObject *arg)
 {
-    if (!PyUnicode_CheckExact(arg) || !PyUnicode_IS_ASCII(arg))
-        Py_RETURN_NONE;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
-    const unsigned char *p = PyUnicode_1BYTE_DATA(arg);
-    if (n == 0 || n > MAX_CHARS)
+    Py_ssize_t n;
+    const unsigned char *p = ascii_data(arg, &n);
+    if (p == NULL || n == 0 || n > MAX_CHARS)
         Py_RETURN_NONE;
     /* What could SET, RESET or DISCARD the session's carrier is never keyed (spans.may_set_carrier). */
     if (find(p, 0, n, "pgotel", 6) != NULL || has_all(p, n))

@@ -113,7 +113,7 @@ def statement_key_py(sql: str) -> tuple[str, int, int, int, int] | None:
 
 def _blind_compiled(s: str) -> str:
     out = _c_blind(s)
-    return SHAPE_LITERAL.sub("\x01", s) if out is None else out
+    return blind_py(s) if out is None else out
 
 
 COMPILED = False

@@ -423,15 +423,9 @@ class SpanBuilder:
                 hit = conn.shapes.get(key)
                 if hit is not None:
                     sqlcomment.STATS.parsed += 1
-                    trace_id, parent_id, flags = q[1], q[2], q[3]
-                    if flags & 1:
-                        parts, tracestate = hit
-                        sid = _rand.getrandbits(64) or _new_id(64)
-                        start, end = rec.start_ns, res.end_ns or rec.end_ns
-                        out.append((self.resource, SCOPE, otlp.encode_span_parts(
-                            parts, trace_id, sid, parent_id, True, tracestate, start, end)))
-                        self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
-                    conn.end_of_statement(rec.tx_status, res.tag)
+                    parts, tracestate = hit
+                    ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
+                    self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
                 keyed = (key, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
         comment = sqlcomment.parse(raw) if raw else None
@@ -450,15 +444,7 @@ class SpanBuilder:
             shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn))
             hit = conn.shapes.get(shape)
             if hit is not None and hit[0] is info:
-                ctx = self._context(conn, comment)
-                if ctx is not None:
-                    trace_id, parent_id, flags, tracestate = ctx
-                    sid = _rand.getrandbits(64) or _new_id(64)
-                    start, end = rec.start_ns, res.end_ns or rec.end_ns
-                    out.append((self.resource, SCOPE, otlp.encode_span_parts(
-                        hit[1], trace_id, sid, parent_id, True, tracestate, start, end)))
-                    self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
-                conn.end_of_statement(rec.tx_status, res.tag)
+                self._kept_simple(out, conn, rec, res, hit[1], self._context(conn, comment))
                 return
         if not results and rec.status == "incomplete":
             results = [Completion(rec.end_ns, None, 0, None)]
@@ -497,6 +483,17 @@ class SpanBuilder:
             start = res.end_ns or start
             if last:
                 conn.end_of_statement(rec.tx_status, res.tag)
+
+    def _kept_simple(self, out, conn: ConnState, rec: Statement, res: Completion, parts: tuple, ctx) -> None:
+        """A simple statement of a kept shape: its span from the kept parts, and its execute phase."""
+        if ctx is not None:
+            trace_id, parent_id, flags, tracestate = ctx
+            sid = _rand.getrandbits(64) or _new_id(64)
+            start, end = rec.start_ns, res.end_ns or rec.end_ns
+            out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                parts, trace_id, sid, parent_id, True, tracestate, start, end)))
+            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
+        conn.end_of_statement(rec.tx_status, res.tag)
 
     # ------------------------------------------------------------- helpers
 
