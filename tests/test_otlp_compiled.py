@@ -108,3 +108,134 @@ def test_attribute_fields_same_bytes_and_same_cache(attrs, cache_max):
                                                        otlp._KV_FIELD_MAX))
     assert c_out == py_out
     assert c_cache == py_cache
+
+
+# ---- statement_spans / simple_spans: a kept statement's spans in one call, as the builder's Python steps
+
+
+class _ScriptedRandom:
+    """Span ids in a given order (zeros included, which both paths must draw again), then a seeded stream."""
+
+    def __init__(self, draws, seed):
+        import random
+
+        self.draws = list(draws)
+        self.rest = random.Random(seed)
+
+    def getrandbits(self, bits):
+        return self.draws.pop(0) if self.draws else self.rest.getrandbits(bits)
+
+
+def _kept_build(records, compiled: bool, draws, seed, monkeypatch):
+    from pgotel_proxy.tracing import spans as spans_mod
+    from opentelemetry.sdk.resources import Resource
+    from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+    class _Session:
+        backend_pid = 4242
+        server_params = {"application_name": "shop"}
+        startup_params: dict = {}
+
+    class _Info:
+        session = _Session()
+
+    if not compiled:
+        monkeypatch.setattr(otlp, "statement_spans", None)
+        monkeypatch.setattr(otlp, "simple_spans", None)
+    monkeypatch.setattr(spans_mod, "_rand", _ScriptedRandom(draws, seed))
+    builder = SpanBuilder(resource=Resource.create({"service.name": "kept"}), sample_rate=1.0, capture_parameters=False, capture_literals=False,
+                          encode=True)
+    conn = ConnState(_Info(), {"db.system.name": "postgresql"})
+    out: list = []
+    for rec in records:
+        builder.build(conn, rec, out)
+    monkeypatch.undo()
+    return out
+
+
+_ns = st.one_of(st.just(0), st.integers(1, 2**63))
+_TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+_SQL = (f"SELECT 1 /*traceparent='{_TP}'*/", "SELECT 1",
+        f"SELECT 1 /*traceparent='{_TP}',tracestate='rojo%3D00f067aa0ba902b7'*/")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_ns, _ns, _ns, st.booleans(), _ns, _ns, st.booleans(), _ns, _ns, st.booleans()),
+                min_size=1, max_size=5),
+       st.sampled_from(_SQL), st.booleans(), st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=6),
+       st.integers(0, 100))
+def test_kept_extended_statements_compiled_same_spans(rows, sql, reused, draws, seed):
+    """Whatever the phase times and flags: the same spans and ids as the builder's Python steps."""
+    from pgotel_proxy.protocol.events import Statement
+
+    records = [Statement("extended", sql, start_ns=a, parse_start_ns=b, parse_end_ns=c, parse_exact=d,
+                         bind_start_ns=e, bind_end_ns=f, bind_exact=g, exec_start_ns=h, end_ns=i, exec_exact=j,
+                         status="ok", tag="SELECT 1", rows=1, tx_status="I", reused=reused)
+               for a, b, c, d, e, f, g, h, i, j in [rows[0]] + rows]  # the first keeps the shape
+    import pytest as _pytest
+
+    monkeypatch = _pytest.MonkeyPatch()
+    try:
+        got = _kept_build(records, True, draws, seed, monkeypatch)
+        want = _kept_build(records, False, draws, seed, monkeypatch)
+    finally:
+        monkeypatch.undo()
+    assert got == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**9), _ns, _ns), min_size=1, max_size=5),
+       st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=4), st.integers(0, 100))
+def test_kept_simple_statements_compiled_same_spans(rows, draws, seed):
+    from pgotel_proxy.protocol.events import Completion, Statement
+
+    records = [Statement("simple", f"SELECT * FROM t WHERE id = {v} /*traceparent='{_TP}'*/", start_ns=s,
+                         end_ns=e, status="ok", tx_status="I", results=[Completion(e if v % 2 else 0, "SELECT 1", 1)])
+               for v, s, e in [rows[0]] + rows]
+    import pytest as _pytest
+
+    monkeypatch = _pytest.MonkeyPatch()
+    try:
+        got = _kept_build(records, True, draws, seed, monkeypatch)
+        want = _kept_build(records, False, draws, seed, monkeypatch)
+    finally:
+        monkeypatch.undo()
+    assert got == want and len(got) == 2 * len(records)
+
+
+def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_bad_input():
+    from pgotel_proxy.protocol.events import Statement
+    from pgotel_proxy.tracing import spans as spans_mod
+    from pgotel_proxy.tracing.spans import SpanBuilder
+
+    rec = Statement("extended", "SELECT 1", start_ns=10, parse_start_ns=10, parse_end_ns=20, bind_start_ns=30,
+                    bind_end_ns=40, exec_start_ns=50, end_ns=60, status="skipped")
+    parts = (b"\x2a\x00", 2, b"", b"")
+    head = ("r", "s")
+    draws = [5, 6, 7, 8]
+    got: list = []
+    otlp.statement_spans(got, head, parts, spans_mod._PHASE_TRIPLE, rec, 99, 3, b"", otlp.PARENT_FLAGS,
+                         otlp.CHILD_FLAGS, _ScriptedRandom(draws, 0).getrandbits)
+    want = [(*head, otlp.encode_span_parts(parts, 99, 5, 3, True, None, 10, 60))]
+    builder = SpanBuilder(resource="r", sample_rate=1.0, capture_parameters=False, capture_literals=False, encode=True)
+    builder._head = head
+    builder.resource = "r"
+    saved = spans_mod._rand
+    spans_mod._rand = _ScriptedRandom(draws[1:], 0)
+    try:
+        builder._phases(want, rec, 99, 1, None, 5)
+    finally:
+        spans_mod._rand = saved
+    want = [(*head, w[2]) for w in want]
+    assert got == want and len(got) == 3  # parse and plan, no execute
+    for bad in (
+        ([], head, parts, spans_mod._PHASE_TRIPLE, object(), 99, 3, b"", 1, 1, saved.getrandbits),  # not a record
+        ([], head, (b"", 1), spans_mod._PHASE_TRIPLE, rec, 99, 3, b"", 1, 1, saved.getrandbits),  # parts of two
+        ([], head, parts, (1, 2), rec, 99, 3, b"", 1, 1, saved.getrandbits),  # phase parts of two
+    ):
+        with pytest.raises(TypeError):
+            otlp.statement_spans(*bad)
+    with pytest.raises(OverflowError):
+        otlp.statement_spans([], head, parts, spans_mod._PHASE_TRIPLE, rec, 2**128, 3, b"", 1, 1, saved.getrandbits)
+    with pytest.raises(ZeroDivisionError):  # an error of the id source reaches the caller
+        otlp.statement_spans([], head, parts, spans_mod._PHASE_TRIPLE, rec, 1, 3, b"", 1, 1, lambda bits: 1 // 0)

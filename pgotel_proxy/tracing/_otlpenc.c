@@ -15,6 +15,22 @@
  *     span_field for each group of four, as local children of parent_id,
  *     appended to the list out as head + (field,).
  *
+ * configure(Statement)
+ *     Where the record fields statement_spans reads live (the class's slots).
+ *
+ * statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state,
+ *                 parent_flags, child_flags, getrandbits)
+ *     An extended-protocol statement of a kept shape: its span (parts, a remote
+ *     parent) and its parse / plan / execute children, appended to out as
+ *     head + (field,), span ids drawn by getrandbits(64) in the order the
+ *     Python builder draws them. phase_parts: ((parse inexact, exact), (plan
+ *     ...), (execute ...)). The phase rules are SpanBuilder._phases'.
+ *
+ * simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
+ *              getrandbits, start, end)
+ *     The same for a kept simple-protocol statement: its span from start to
+ *     end and its exact execute child (SpanBuilder._kept_simple).
+ *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
  *     bool or int are looked up in ``cache`` by (key, type, value); misses
@@ -25,6 +41,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <structmember.h> /* PyMemberDef, READONLY (Python 3.11) */
+
+#define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry */
 
 static Py_ssize_t
 varint_len(unsigned long long v)
@@ -85,40 +104,15 @@ id_bytes(PyObject *o, unsigned char *out, size_t n)
 #endif
 }
 
+/* One span as an encoded ScopeSpans.spans field; parent_id NULL for none. */
 static PyObject *
-span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+build_field(const unsigned char *trace_id, const unsigned char *span_id, const unsigned char *parent_id,
+            const char *ts, Py_ssize_t ts_len, const char *name, Py_ssize_t name_len, long kind,
+            unsigned long long start, unsigned long long end, unsigned long flags,
+            const char *attrs, Py_ssize_t attrs_len, const char *status, Py_ssize_t status_len,
+            const char *rare, Py_ssize_t rare_len)
 {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "span_field takes 12 arguments");
-        return NULL;
-    }
-    unsigned char trace_id[16], span_id[8], parent_id[8];
-    int has_parent = args[2] != Py_None;
-    if (id_bytes(args[0], trace_id, 16) < 0 || id_bytes(args[1], span_id, 8) < 0)
-        return NULL;
-    if (has_parent && id_bytes(args[2], parent_id, 8) < 0)
-        return NULL;
-    char *ts, *name, *attrs, *status, *rare;
-    Py_ssize_t ts_len, name_len, attrs_len, status_len, rare_len;
-    if (as_bytes(args[3], "trace_state", &ts, &ts_len) < 0 || as_bytes(args[4], "name_field", &name, &name_len) < 0 ||
-        as_bytes(args[9], "attrs", &attrs, &attrs_len) < 0 || as_bytes(args[10], "status", &status, &status_len) < 0 ||
-        as_bytes(args[11], "rare", &rare, &rare_len) < 0)
-        return NULL;
-    long kind = PyLong_AsLong(args[5]);
-    unsigned long long start = PyLong_AsUnsignedLongLong(args[6]);
-    if (start == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long end = PyLong_AsUnsignedLongLong(args[7]);
-    if (end == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long flags = PyLong_AsUnsignedLong(args[8]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (kind < 0 || kind > 127 || flags > 0xFFFFFFFFUL) {
-        PyErr_SetString(PyExc_ValueError, "span_field: kind or flags out of range");
-        return NULL;
-    }
-
+    int has_parent = parent_id != NULL;
     Py_ssize_t body = 18 + 10;                                   /* trace id, span id */
     if (ts_len)
         body += 1 + varint_len((unsigned long long)ts_len) + ts_len;
@@ -155,6 +149,44 @@ span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(p, status, status_len); p += status_len;
     memcpy(p, rare, rare_len); p += rare_len;
     return out;
+}
+
+static PyObject *
+span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "span_field takes 12 arguments");
+        return NULL;
+    }
+    unsigned char trace_id[16], span_id[8], parent_id[8];
+    int has_parent = args[2] != Py_None;
+    if (id_bytes(args[0], trace_id, 16) < 0 || id_bytes(args[1], span_id, 8) < 0)
+        return NULL;
+    if (has_parent && id_bytes(args[2], parent_id, 8) < 0)
+        return NULL;
+    char *ts, *name, *attrs, *status, *rare;
+    Py_ssize_t ts_len, name_len, attrs_len, status_len, rare_len;
+    if (as_bytes(args[3], "trace_state", &ts, &ts_len) < 0 || as_bytes(args[4], "name_field", &name, &name_len) < 0 ||
+        as_bytes(args[9], "attrs", &attrs, &attrs_len) < 0 || as_bytes(args[10], "status", &status, &status_len) < 0 ||
+        as_bytes(args[11], "rare", &rare, &rare_len) < 0)
+        return NULL;
+    long kind = PyLong_AsLong(args[5]);
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[6]);
+    if (start == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long end = PyLong_AsUnsignedLongLong(args[7]);
+    if (end == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long flags = PyLong_AsUnsignedLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (kind < 0 || kind > 127 || flags > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "span_field: kind or flags out of range");
+        return NULL;
+    }
+
+    return build_field(trace_id, span_id, has_parent ? parent_id : NULL, ts, ts_len, name, name_len, kind, start, end,
+                       flags, attrs, attrs_len, status, status_len, rare, rare_len);
 }
 
 static PyObject *
@@ -290,10 +322,301 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---- statement_spans: a kept extended-protocol statement and its phases ---- */
+
+enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
+       F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_COUNT };
+static const char *record_fields[F_COUNT] = {
+    "start_ns", "parse_start_ns", "parse_end_ns", "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact",
+    "exec_start_ns", "end_ns", "exec_exact", "status",
+};
+static PyTypeObject *record_type = NULL;
+static Py_ssize_t record_offsets[F_COUNT];
+static PyObject *py_64 = NULL;
+
+/* configure(Statement): where the fields statement_spans reads live. */
+static PyObject *
+configure(PyObject *self, PyObject *cls)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "configure takes the record class");
+        return NULL;
+    }
+    Py_ssize_t offs[F_COUNT];
+    for (int i = 0; i < F_COUNT; i++) {
+        PyObject *descr = PyObject_GetAttrString(cls, record_fields[i]);
+        if (descr == NULL)
+            return NULL;
+        if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX_) {
+            Py_DECREF(descr);
+            PyErr_Format(PyExc_TypeError, "configure: %s is not an object slot", record_fields[i]);
+            return NULL;
+        }
+        offs[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+    }
+    memcpy(record_offsets, offs, sizeof offs);
+    Py_INCREF(cls);
+    Py_XSETREF(record_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static int
+read_ns(PyObject *rec, int field, unsigned long long *out)
+{
+    PyObject *v = *(PyObject **)((char *)rec + record_offsets[field]);
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "statement_spans: record has no %s", record_fields[field]);
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLong(v);
+    if (*out == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+static int
+read_flag(PyObject *rec, int field)
+{
+    PyObject *v = *(PyObject **)((char *)rec + record_offsets[field]);
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "statement_spans: record has no %s", record_fields[field]);
+        return -1;
+    }
+    return PyObject_IsTrue(v);
+}
+
+/* A span id from getrandbits(64), drawn again while it is zero (as spans._new_id). */
+static int
+draw_id(PyObject *getrandbits, unsigned char *out)
+{
+    for (;;) {
+        PyObject *v = PyObject_CallOneArg(getrandbits, py_64);
+        if (v == NULL)
+            return -1;
+        int r = id_bytes(v, out, 8);
+        Py_DECREF(v);
+        if (r < 0)
+            return -1;
+        for (int i = 0; i < 8; i++)
+            if (out[i])
+                return 0;
+    }
+}
+
+static int
+append_field(PyObject *out, PyObject *head, PyObject *field)
+{
+    if (field == NULL)
+        return -1;
+    PyObject *item = PyTuple_Pack(3, PyTuple_GET_ITEM(head, 0), PyTuple_GET_ITEM(head, 1), field);
+    Py_DECREF(field);
+    if (item == NULL)
+        return -1;
+    int r = PyList_Append(out, item);
+    Py_DECREF(item);
+    return r;
+}
+
+static int
+parts_of(PyObject *parts, const char **name, Py_ssize_t *name_len, long *kind, const char **attrs,
+         Py_ssize_t *attrs_len, const char **status, Py_ssize_t *status_len)
+{
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(parts, 0)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(parts, 2)) || !PyBytes_Check(PyTuple_GET_ITEM(parts, 3))) {
+        PyErr_SetString(PyExc_TypeError, "statement_spans: parts must be (name_field, kind, attrs, status)");
+        return -1;
+    }
+    *name = PyBytes_AS_STRING(PyTuple_GET_ITEM(parts, 0));
+    *name_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(parts, 0));
+    *kind = PyLong_AsLong(PyTuple_GET_ITEM(parts, 1));
+    if (*kind == -1 && PyErr_Occurred())
+        return -1;
+    if (*kind < 0 || *kind > 127) {
+        PyErr_SetString(PyExc_ValueError, "statement_spans: kind out of range");
+        return -1;
+    }
+    *attrs = PyBytes_AS_STRING(PyTuple_GET_ITEM(parts, 2));
+    *attrs_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(parts, 2));
+    *status = PyBytes_AS_STRING(PyTuple_GET_ITEM(parts, 3));
+    *status_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(parts, 3));
+    return 0;
+}
+
+/* A child span of parent from phase_parts[phase][exact]. */
+static int
+append_child(PyObject *out, PyObject *head, PyObject *phase_parts, int phase, int exact, const unsigned char *trace_id,
+             const unsigned char *parent, const char *ts, Py_ssize_t ts_len, unsigned long flags,
+             PyObject *getrandbits, unsigned long long start, unsigned long long end)
+{
+    PyObject *pair = PyTuple_GET_ITEM(phase_parts, phase);
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "statement_spans: phase_parts must be three (inexact, exact) pairs");
+        return -1;
+    }
+    const char *name, *attrs, *status;
+    Py_ssize_t name_len, attrs_len, status_len;
+    long kind;
+    if (parts_of(PyTuple_GET_ITEM(pair, exact ? 1 : 0), &name, &name_len, &kind, &attrs, &attrs_len, &status,
+                 &status_len) < 0)
+        return -1;
+    unsigned char sid[8];
+    if (draw_id(getrandbits, sid) < 0)
+        return -1;
+    return append_field(out, head, build_field(trace_id, sid, parent, ts, ts_len, name, name_len, kind, start,
+                                               end > start ? end : start, flags, attrs, attrs_len, status,
+                                               status_len, "", 0));
+}
+
+static PyObject *
+statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
+        !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3 || !PyBytes_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state, "
+                        "parent_flags, child_flags, getrandbits)");
+        return NULL;
+    }
+    PyObject *out = args[0], *head = args[1], *phase_parts = args[3], *rec = args[4], *getrandbits = args[10];
+    if (record_type == NULL || Py_TYPE(rec) != record_type) {
+        PyErr_SetString(PyExc_TypeError, "statement_spans: rec is not a record of the configured class");
+        return NULL;
+    }
+    unsigned char trace_id[16], parent[8];
+    int has_parent = args[6] != Py_None && PyObject_IsTrue(args[6]) == 1;
+    if (id_bytes(args[5], trace_id, 16) < 0 || (has_parent && id_bytes(args[6], parent, 8) < 0))
+        return NULL;
+    unsigned long parent_flags = PyLong_AsUnsignedLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned long child_flags = PyLong_AsUnsignedLong(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (parent_flags > 0xFFFFFFFFUL || child_flags > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "statement_spans: flags out of range");
+        return NULL;
+    }
+    const char *ts = PyBytes_AS_STRING(args[7]);
+    Py_ssize_t ts_len = PyBytes_GET_SIZE(args[7]);
+
+    unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end;
+    if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_PARSE_START, &parse_start) < 0 ||
+        read_ns(rec, F_PARSE_END, &parse_end) < 0 || read_ns(rec, F_BIND_START, &bind_start) < 0 ||
+        read_ns(rec, F_BIND_END, &bind_end) < 0 || read_ns(rec, F_EXEC_START, &exec_start) < 0 ||
+        read_ns(rec, F_END, &end) < 0)
+        return NULL;
+    int parse_exact = read_flag(rec, F_PARSE_EXACT), bind_exact = read_flag(rec, F_BIND_EXACT);
+    int exec_exact = read_flag(rec, F_EXEC_EXACT);
+    if (parse_exact < 0 || bind_exact < 0 || exec_exact < 0)
+        return NULL;
+    PyObject *st = *(PyObject **)((char *)rec + record_offsets[F_STATUS]);
+    int skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
+
+    /* the statement span */
+    const char *name, *attrs, *status;
+    Py_ssize_t name_len, attrs_len, status_len;
+    long kind;
+    if (parts_of(args[2], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
+        return NULL;
+    unsigned char sid[8];
+    if (draw_id(getrandbits, sid) < 0)
+        return NULL;
+    unsigned long long stmt_end = end ? end : bind_end ? bind_end : parse_end ? parse_end : start;
+    if (append_field(out, head, build_field(trace_id, sid, has_parent ? parent : NULL, ts, ts_len, name, name_len,
+                                            kind, start, stmt_end, has_parent ? parent_flags : child_flags, attrs,
+                                            attrs_len, status, status_len, "", 0)) < 0)
+        return NULL;
+
+    /* its phases (spans._observed_boundaries, SpanBuilder._phases) */
+    unsigned long long later = bind_end ? bind_end : end;
+    int parse_ok = parse_exact && (!later || parse_end < later);
+    int bind_ok = bind_exact && (!end || bind_end < end);
+    if (parse_start && parse_end &&
+        append_child(out, head, phase_parts, 0, parse_ok, trace_id, sid, ts, ts_len, child_flags, getrandbits,
+                     parse_start, parse_end) < 0)
+        return NULL;
+    if (bind_start && bind_end &&
+        append_child(out, head, phase_parts, 1, bind_ok && (parse_ok || !parse_end), trace_id, sid, ts, ts_len,
+                     child_flags, getrandbits, bind_start > parse_end ? bind_start : parse_end, bind_end) < 0)
+        return NULL;
+    if (exec_start && end && !skipped &&
+        append_child(out, head, phase_parts, 2, exec_exact && (bind_ok || !bind_end), trace_id, sid, ts, ts_len,
+                     child_flags, getrandbits, exec_start > bind_end ? exec_start : bind_end, end) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
+ *              getrandbits, start, end): a kept simple-protocol statement's span and its exact execute
+ * child (SpanBuilder._kept_simple). */
+static PyObject *
+simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 12 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
+        !PyBytes_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, "
+                        "parent_flags, child_flags, getrandbits, start, end)");
+        return NULL;
+    }
+    PyObject *out = args[0], *head = args[1], *getrandbits = args[9];
+    unsigned char trace_id[16], parent[8];
+    int has_parent = args[5] != Py_None && PyObject_IsTrue(args[5]) == 1;
+    if (id_bytes(args[4], trace_id, 16) < 0 || (has_parent && id_bytes(args[5], parent, 8) < 0))
+        return NULL;
+    unsigned long parent_flags = PyLong_AsUnsignedLong(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned long child_flags = PyLong_AsUnsignedLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[10]);
+    if (start == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long end = PyLong_AsUnsignedLongLong(args[11]);
+    if (end == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (parent_flags > 0xFFFFFFFFUL || child_flags > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "simple_spans: flags out of range");
+        return NULL;
+    }
+    const char *ts = PyBytes_AS_STRING(args[6]);
+    Py_ssize_t ts_len = PyBytes_GET_SIZE(args[6]);
+    const char *name, *attrs, *status;
+    Py_ssize_t name_len, attrs_len, status_len;
+    long kind;
+    if (parts_of(args[2], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
+        return NULL;
+    unsigned char sid[8];
+    if (draw_id(getrandbits, sid) < 0)
+        return NULL;
+    if (append_field(out, head, build_field(trace_id, sid, has_parent ? parent : NULL, ts, ts_len, name, name_len,
+                                            kind, start, end, has_parent ? parent_flags : child_flags, attrs,
+                                            attrs_len, status, status_len, "", 0)) < 0)
+        return NULL;
+    if (parts_of(args[3], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
+        return NULL;
+    unsigned char cid[8];
+    if (draw_id(getrandbits, cid) < 0)
+        return NULL;
+    if (append_field(out, head, build_field(trace_id, cid, sid, ts, ts_len, name, name_len, kind, start,
+                                            end > start ? end : start, child_flags, attrs, attrs_len, status,
+                                            status_len, "", 0)) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"span_field", (PyCFunction)(void (*)(void))span_field, METH_FASTCALL, "One span as an encoded ScopeSpans.spans field."},
     {"local_children", (PyCFunction)(void (*)(void))local_children, METH_FASTCALL,
      "Child spans of one parent as ScopeSpans.spans fields, appended to a list."},
+    {"configure", (PyCFunction)configure, METH_O, "Where the record fields statement_spans reads live."},
+    {"statement_spans", (PyCFunction)(void (*)(void))statement_spans, METH_FASTCALL,
+     "A kept extended-protocol statement's span and its phase spans, appended to a list."},
+    {"simple_spans", (PyCFunction)(void (*)(void))simple_spans, METH_FASTCALL,
+     "A kept simple-protocol statement's span and its execute span, appended to a list."},
     {"attribute_fields", (PyCFunction)(void (*)(void))attribute_fields, METH_FASTCALL,
      "A dict's items as encoded Span.attributes fields, through an encoded-field cache."},
     {NULL, NULL, 0, NULL},
@@ -306,5 +629,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__otlpenc(void)
 {
+    if (py_64 == NULL && (py_64 = PyLong_FromLong(64)) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -369,6 +369,11 @@ def _trace_state_bytes(ts: TraceState) -> bytes:
     return ",".join([f"{k}={v}" for k, v in ts.items()]).encode()
 
 
+def trace_state_field(header: str | None) -> bytes:
+    """A tracestate header as the encoded ``Span.trace_state`` value; b"" for none."""
+    return _trace_state_field(header) if header else b""
+
+
 def _trace_state_field(header: str) -> bytes:
     """A tracestate header as the SDK would carry it: parsed, joined again."""
     data = _TRACE_STATE_BYTES.get(header)
@@ -624,6 +629,13 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
 # The byte-assembling half in C when it was built (_otlpenc.c), else Python;
 # PGOTEL_PURE_PYTHON=1 forces Python. Tests compare the two.
 COMPILED = False
+# statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state_field, PARENT_FLAGS,
+# CHILD_FLAGS, getrandbits): a kept extended statement's span and phases in one call (see _otlpenc.c);
+# simple_spans(...): the same for a kept simple statement (its span and its execute child).
+# None without the compiled module, and the span builder takes its Python steps instead.
+statement_spans = simple_spans = None
+configure_records = None
+PARENT_FLAGS, CHILD_FLAGS = _IS_REMOTE, _HAS_IS_REMOTE
 _span_field = _span_field_py
 _attribute_fields = _attribute_fields_py
 _local_children = _local_children_py
@@ -636,3 +648,8 @@ if not os.environ.get("PGOTEL_PURE_PYTHON"):
         COMPILED = True
     except ImportError:
         pass
+    else:
+        try:  # a build older than statement_spans still serves the rest
+            from ._otlpenc import configure as configure_records, simple_spans, statement_spans  # noqa: F811
+        except ImportError:
+            pass

@@ -316,11 +316,16 @@ class SpanBuilder:
                 ctx = self._context(conn, comment)
                 if ctx is not None:
                     trace_id, parent_id, flags, tracestate = ctx
-                    sid = _rand.getrandbits(64) or _new_id(64)
-                    end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-                    out.append((self.resource, SCOPE, otlp.encode_span_parts(
-                        parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
-                    self._phases(out, rec, trace_id, flags, tracestate, sid)
+                    if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
+                        otlp.statement_spans(out, self._head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
+                                             otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS,
+                                             otlp.CHILD_FLAGS, _rand.getrandbits)
+                    else:
+                        sid = _rand.getrandbits(64) or _new_id(64)
+                        end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
+                        out.append((self.resource, SCOPE, otlp.encode_span_parts(
+                            parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
+                        self._phases(out, rec, trace_id, flags, tracestate, sid)
                 conn.end_of_statement(rec.tx_status, rec.tag)
                 return
         raw = rec.sql or ""
@@ -488,8 +493,14 @@ class SpanBuilder:
         """A simple statement of a kept shape: its span from the kept parts, and its execute phase."""
         if ctx is not None:
             trace_id, parent_id, flags, tracestate = ctx
-            sid = _rand.getrandbits(64) or _new_id(64)
             start, end = rec.start_ns, res.end_ns or rec.end_ns
+            if otlp.simple_spans is not None:  # compiled: the same two spans, ids drawn in the same order
+                otlp.simple_spans(out, self._head, parts, _PHASE_PARTS["execute"][1], trace_id, parent_id,
+                                  otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
+                                  _rand.getrandbits, start, end)
+                conn.end_of_statement(rec.tx_status, res.tag)
+                return
+            sid = _rand.getrandbits(64) or _new_id(64)
             out.append((self.resource, SCOPE, otlp.encode_span_parts(
                 parts, trace_id, sid, parent_id, True, tracestate, start, end)))
             self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
@@ -591,6 +602,9 @@ _PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {
     name: tuple(otlp.span_parts(name, _INTERNAL, {_EXACT: exact}, _OK) for exact in (False, True))
     for name in ("parse", "plan", "execute")
 }
+_PHASE_TRIPLE = (_PHASE_PARTS["parse"], _PHASE_PARTS["plan"], _PHASE_PARTS["execute"])  # otlp.statement_spans' order
+if otlp.statement_spans is not None:
+    otlp.configure_records(Statement)
 
 
 def _status(status: str, error, attrs: dict) -> Status:
