@@ -381,9 +381,9 @@ def test_example_file_covers_every_field_once_with_the_real_default() -> None:
 
 def test_default_export_batch_gives_way_to_a_smaller_span_queue(tmp_path: Path) -> None:
     """Without export_batch_size, a span queue below the default batch sets it; set both, they must agree."""
-    assert Config().export_batch_size == 2048
+    assert Config().export_batch_size == 8192
     assert Config(span_queue_size=300).export_batch_size == 300
-    assert Config(span_queue_size=50_000).export_batch_size == 2048
+    assert Config(span_queue_size=50_000).export_batch_size == 8192
     path = tmp_path / "p.toml"
     path.write_text("span_queue_size = 100\n")
     assert load_config(path, env={}).export_batch_size == 100

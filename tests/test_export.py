@@ -247,3 +247,93 @@ def test_shutdown_deadline_beats_a_long_export_timeout(make_proxy, otlp):
     assert took < 1.0 + 0.5, f"shutdown took {took:.2f}s"
     # What could not be delivered is counted.
     assert STATS.spans_dropped - dropped >= 60
+
+
+def _encoded_spans(count: int) -> list:
+    """``count`` statements' encoded spans (4 each), as the span process builds them."""
+    from opentelemetry.sdk.resources import Resource
+
+    from pgotel_proxy.protocol.events import Statement
+    from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+    class _Session:
+        backend_pid = 1
+        server_params: dict = {}
+        startup_params: dict = {}
+
+    class _Info:
+        session = _Session()
+
+    builder = SpanBuilder(resource=Resource.create({"service.name": "split"}), sample_rate=1.0,
+                          capture_parameters=False, capture_literals=False, encode=True)
+    conn = ConnState(_Info(), {"db.system.name": "postgresql"})
+    out: list = []
+    for i in range(count):
+        t = 1_000_000 + i * 1_000
+        builder.build(conn, Statement("extended", f"SELECT {i} FROM t WHERE id = $1", start_ns=t, parse_start_ns=t,
+                                      parse_end_ns=t + 10, bind_start_ns=t + 20, bind_end_ns=t + 30,
+                                      exec_start_ns=t + 40, end_ns=t + 50, status="ok", tag="SELECT 1", rows=1,
+                                      tx_status="I"), out)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_a_batch_too_large_for_one_request_goes_in_parts(otlp, protocol, monkeypatch):
+    """Every span arrives once, in several requests each under the limit; counted as exported."""
+    from types import SimpleNamespace
+
+    from pgotel_proxy.tracing import otlp as otlp_mod
+    from pgotel_proxy.tracing.export import ExportPipeline, make_exporter
+
+    spans = _encoded_spans(300)
+    whole = len(otlp_mod.encode_request(spans))
+    monkeypatch.setattr(otlp_mod, "MAX_REQUEST_BYTES", whole // 5)
+    endpoint = otlp.http_endpoint if protocol == "http/protobuf" else otlp.grpc_endpoint
+    exporter = make_exporter(SimpleNamespace(exporter="otlp", otlp_protocol=protocol, otlp_endpoint=endpoint,
+                                             export_timeout=5.0))
+    pipeline = ExportPipeline(exporter, queue_size=len(spans), batch_size=len(spans), interval=60.0)
+    before = (STATS.spans_exported, STATS.spans_dropped, STATS.export_failures)
+    otlp.reset_counts()
+    try:
+        pipeline.put(list(spans))
+        assert pipeline.flush(10.0)
+    finally:
+        pipeline.shutdown(5.0)
+    got = otlp.wait_for_spans(len(spans))
+    assert len(got) == len(spans) and len({s.span_id for s in got}) == len(spans)
+    assert otlp.request_count() >= 5
+    assert (STATS.spans_exported - before[0], STATS.spans_dropped - before[1],
+            STATS.export_failures - before[2]) == (len(spans), 0, 0)
+
+
+def test_a_split_batch_that_fails_counts_its_spans_dropped_once(otlp, monkeypatch):
+    from types import SimpleNamespace
+
+    from pgotel_proxy.tracing import otlp as otlp_mod
+    from pgotel_proxy.tracing.export import ExportPipeline, make_exporter
+
+    spans = _encoded_spans(100)
+    monkeypatch.setattr(otlp_mod, "MAX_REQUEST_BYTES", len(otlp_mod.encode_request(spans)) // 3)
+    exporter = make_exporter(SimpleNamespace(exporter="otlp", otlp_protocol="http/protobuf",
+                                             otlp_endpoint=otlp.http_endpoint, export_timeout=0.5))
+    # The collector refuses every other request: the parts it took count as exported, the rest as dropped.
+    real_begin = otlp._begin_request
+    seen = []
+
+    def every_other(transport):
+        seen.append(transport)
+        otlp.mode = "error" if len(seen) % 2 else "ok"
+        return real_begin(transport)
+
+    monkeypatch.setattr(otlp, "_begin_request", every_other)
+    before = (STATS.spans_exported, STATS.spans_dropped, STATS.export_failures)
+    pipeline = ExportPipeline(exporter, queue_size=len(spans), batch_size=len(spans), interval=60.0)
+    try:
+        pipeline.put(list(spans))
+        assert pipeline.flush(30.0)
+    finally:
+        pipeline.shutdown(5.0)
+    exported, dropped = STATS.spans_exported - before[0], STATS.spans_dropped - before[1]
+    assert exported + dropped == len(spans) and exported > 0 and dropped > 0, (exported, dropped)
+    assert STATS.export_failures - before[2] == 1  # one batch, partly delivered
+    assert len(otlp.spans) == exported and otlp.request_count(mode="error") >= 2

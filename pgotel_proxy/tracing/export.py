@@ -172,18 +172,24 @@ class ExportPipeline:
                 self._in_flight = 0
 
     def _export(self, batch: list[ReadableSpan]) -> None:
-        if self.exporter is None:
+        exporter = self.exporter
+        if exporter is None:
             return
+        # otlp.py's exporters send a batch too large for one request in parts and
+        # say how many spans arrived; any other exporter succeeds or fails whole.
+        counted = getattr(exporter, "export_counted", None)
         try:
-            result = self.exporter.export(batch)
+            if counted is not None:
+                delivered = counted(batch)
+            else:
+                delivered = len(batch) if exporter.export(batch) is SpanExportResult.SUCCESS else 0
         except Exception as exc:  # an exporter bug must not end the thread
             log.warning("span export raised: %r", exc)
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            STATS.spans_exported += len(batch)
-        else:
+            delivered = 0
+        STATS.spans_exported += delivered
+        if delivered < len(batch):
             STATS.export_failures += 1
-            STATS.spans_dropped += len(batch)
+            STATS.spans_dropped += len(batch) - delivered
 
     def request_export(self) -> None:
         """Export what is queued now, partial batches included, without waiting."""

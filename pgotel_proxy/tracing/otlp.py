@@ -539,12 +539,42 @@ def _bucket(groups: list, resource: Any, scope: Any) -> list:
     return entry[1]
 
 
+#: The largest request sent whole: a larger batch goes in halves (``export_counted``).
+#: gRPC servers refuse messages over 4 MiB unless configured otherwise (the
+#: Collector's OTLP receiver among them); this stays under it for both protocols.
+MAX_REQUEST_BYTES = 4_000_000
+
+
+def _halves(exporter: Any, spans: Sequence, size: int) -> int | None:
+    """Spans delivered when ``spans`` (``size`` bytes encoded) must go in halves; None when it goes whole."""
+    if size <= MAX_REQUEST_BYTES or len(spans) < 2:
+        return None
+    half = len(spans) // 2
+    return exporter.export_counted(spans[:half]) + exporter.export_counted(spans[half:])
+
+
 class GrpcSpanExporter(_GrpcExporter):
     """The library's OTLP/gRPC span exporter with :func:`encode_spans` as its encoder."""
 
     accepts_encoded = True  # spans may come as encode_span's bytes (SpanBuilder.encode)
+    _encoded: tuple | None = None  # (spans, request bytes) export_counted encoded for export
+
+    def export_counted(self, spans: Sequence) -> int:
+        """Export, in halves while a request would exceed :data:`MAX_REQUEST_BYTES`; the spans delivered."""
+        data = encode_request(spans)
+        split = _halves(self, spans, len(data))
+        if split is not None:
+            return split
+        self._encoded = (spans, data)
+        try:
+            return len(spans) if self.export(spans) is SpanExportResult.SUCCESS else 0
+        finally:
+            self._encoded = None
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        encoded = self._encoded
+        if encoded is not None and encoded[0] is data:
+            return ExportTraceServiceRequest.FromString(encoded[1])
         return encode_spans(data)
 
 
@@ -600,16 +630,32 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
         super().__init__(*args, **kwargs)
         self._fast = callable(getattr(getattr(self, "_client", None), "export", None)) and hasattr(self, "_metrics")
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export_counted(self, spans: Sequence) -> int:
+        """Export, in halves while a request would exceed :data:`MAX_REQUEST_BYTES`; the spans delivered."""
+        if not self._fast or self._shutdown:
+            return len(spans) if self.export(spans) is SpanExportResult.SUCCESS else 0
+        try:
+            data = encode_request(spans)
+        except Exception:
+            data = None  # export() logs it and fails
+        if data is not None:
+            split = _halves(self, spans, len(data))
+            if split is not None:
+                return split
+        return len(spans) if self.export(spans, data) is SpanExportResult.SUCCESS else 0
+
+    def export(self, spans: Sequence[ReadableSpan], data: bytes | None = None) -> SpanExportResult:
+        """``data``: the request already encoded (``export_counted``)."""
         if not self._fast or self._shutdown:
             return super().export(spans)
         with self._metrics.export_operation(len(spans)) as result:
-            try:
-                data = encode_request(spans)
-            except Exception as exc:
-                log.error("Failed to encode span batch: %s", exc)
-                result.error = exc
-                return SpanExportResult.FAILURE
+            if data is None:
+                try:
+                    data = encode_request(spans)
+                except Exception as exc:
+                    log.error("Failed to encode span batch: %s", exc)
+                    result.error = exc
+                    return SpanExportResult.FAILURE
             limit = getattr(self, "_max_request_size", 0)
             too_large = getattr(_http, "_is_request_too_large", None)
             if too_large is not None and too_large(data, limit):

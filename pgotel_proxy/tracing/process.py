@@ -531,7 +531,8 @@ def _wait_for_room(pipeline, limit: float = 1.0) -> None:
     """
     deadline = time.monotonic() + limit
     while len(pipeline) > pipeline.queue_size // 2 and time.monotonic() < deadline:
-        pipeline.request_export()
+        if len(pipeline) < pipeline.batch_size:  # else a full batch is on its way: no partial one
+            pipeline.request_export()
         time.sleep(0.002)
 
 

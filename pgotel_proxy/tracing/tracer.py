@@ -26,6 +26,7 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
+from ..config import DEFAULT_EXPORT_BATCH
 from ..stats import STATS
 from .attributes import connection_attributes
 from .export import ExportPipeline, make_exporter
@@ -133,7 +134,7 @@ class Tracer:
             sample_rate=float(getattr(config, "sample_rate", 1.0)),
             enabled=bool(getattr(config, "tracing", True)),
             queue_size=int(getattr(config, "span_queue_size", 20000)),
-            batch_size=int(getattr(config, "export_batch_size", 2048)),
+            batch_size=int(getattr(config, "export_batch_size", DEFAULT_EXPORT_BATCH)),
             export_interval=float(getattr(config, "export_interval", 1.0)),
             capture_parameters=bool(getattr(config, "capture_parameters", False)),
             capture_literals=bool(getattr(config, "capture_query_literals", False)),
