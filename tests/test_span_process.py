@@ -285,3 +285,33 @@ def test_settle_gc_freezes_start_up_objects_and_raises_the_young_threshold():
             "print(gc.get_freeze_count(), gc.get_threshold()[0] == GC_THRESHOLD)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) > 1000 and out[1] == "True", out
+
+
+def test_statements_of_one_send_keep_their_order_whatever_their_form():
+    """A connection's statements are handed over together; one the compact form cannot carry goes as marshal data."""
+    from types import SimpleNamespace
+
+    from pgotel_proxy.protocol.events import Completion, Statement
+    from pgotel_proxy.tracing import process
+
+    tracer = SimpleNamespace(enabled=True, accepting=True, _ops=[], _pending=0, _armed=True)
+    session = SimpleNamespace(server_params={"application_name": "app"})
+    handle = process._Handle(tracer, 7, session, ("o",))
+    records = [Statement("simple", f"SELECT {i}", start_ns=i, end_ns=i + 1, status="ok", tx_status="I",
+                         results=[Completion(i + 1, "SELECT 1", 1)]) for i in range(5)]
+    records[2].error = {"C": "42P01", "M": "no"}
+    handle.statements(records)
+    assert tracer._pending == 5
+    got = []
+    for op in tracer._ops:
+        assert op[1] == 7
+        if op[0] == "p":
+            got += [(r.sql, "p") for r in process.unpack_records(op[4])]
+        else:
+            app, tuples = process.marshal.loads(op[3])
+            got += [(process.statement_from_tuple(t).sql, "b") for t in tuples]
+    assert [sql for sql, _ in got] == [f"SELECT {i}" for i in range(5)]
+    if process.pack_records is not None:
+        assert [form for _, form in got] == ["p", "p", "b", "p", "p"]
+    else:
+        assert {form for _, form in got} == {"b"}

@@ -38,6 +38,9 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
+# Finished statements a connection holds for a collecting trace handle before it
+# hands them over itself (the handle takes them at its own pace, see ProcessTracer).
+_DELIVER_AT = 256
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
 _WRITE_HIGH = 1 << 20
 _WRITE_LOW = 256 << 10
@@ -161,7 +164,7 @@ class _FromServer(_Relay):
             c.client.write(data)
             if c.observe:
                 session.server_observe(data, _time_ns())
-        if session.completed:
+        if session.completed and (c.eager or len(session.completed) >= _DELIVER_AT):
             c.deliver()
 
     def pause_writing(self) -> None:
@@ -237,6 +240,9 @@ class ClientConnection:
         self.ready = False
         self.tls = False
         self.trace = None  # the tracer's per-connection handle
+        # Finished statements go to the tracer / WAL injector as they finish; not when
+        # the trace handle collects them itself (``collects``) and nothing else wants them.
+        self.eager = True
         self.wal = None  # otelwal injector (wal_propagation)
         self.closed: asyncio.Future | None = None
         self._cancel_key: tuple[int, bytes] | None = None
@@ -442,6 +448,7 @@ class ClientConnection:
         tracer = srv.tracer
         if tracer is not None and tracer.wants_connection(s):
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
+            self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False

@@ -6,9 +6,11 @@ builder thread takes the lock and keeps it for up to the switch interval, so
 under load the relay waits milliseconds for its next message (the p99 latency
 of a traced proxy was 2–9 ms this way), and the hand-overs themselves cost CPU.
 With ``span_process = true`` (the default) the relay process keeps only the
-compact statement records the protocol layer fills anyway, serialised with
-``marshal`` as they finish, and every 50 ms (``_SEND_INTERVAL``) writes what
-gathered, as one frame, to a helper process over a socket pair. The helper
+compact statement records the protocol layer fills anyway. Every 50 ms
+(``_SEND_INTERVAL``; 0.5 s after a look that found nothing) it takes the
+records each connection finished since the last look, packs them (one call
+per connection), and writes them, as one frame, to a helper process over a
+socket pair. The helper
 (``python -m pgotel_proxy.tracing.process``) runs the ordinary
 :class:`~pgotel_proxy.tracing.tracer.Tracer`: sqlcommenter parsing, SQL
 summaries, span building (straight into OTLP bytes), batching and OTLP
@@ -25,8 +27,7 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   holds what that form does not carry (errors, parameters, extra facts),
   ``("b", conn, count, payload)``, the payload being ``marshal`` data of
   ``(application_name, records)`` (records as tuples of :class:`Statement`
-  fields); both written when the statements finished, so that writing a
-  frame only copies bytes and never holds the event loop for long; ``("g", conn)``
+  fields); ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
   ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
   ``("s",)`` build and export what is left, then exit.
@@ -80,6 +81,7 @@ CHILD_COUNTERS = (
 )
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
 _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (bench: 0.05 vs 0.005 at 1 client: -17 % CPU, same p99)
+_IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wakes twice a second
 _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
 _LEN = struct.Struct("<I")
@@ -139,9 +141,18 @@ def _read_frames(sock: socket.socket, buf: bytearray) -> list | None:
 
 
 class _Handle:
-    """Per-connection handle given to the proxy (the relay side of one session)."""
+    """Per-connection handle given to the proxy (the relay side of one session).
+
+    ``collects``: the connection may leave finished statements in its
+    session's ``completed`` list; the tracer takes them at its next send
+    (every ``_SEND_INTERVAL`` while statements finish), all of one connection
+    packed in one call, instead of one hand-over per transaction. The
+    connection still hands them over itself when it closes, when a WAL
+    injector wants them as they finish, or when it holds ``_DELIVER_AT``.
+    """
 
     __slots__ = ("tracer", "conn_id", "session", "open_op", "gap")
+    collects = True
 
     def __init__(self, tracer: "ProcessTracer", conn_id: int, session: Any, open_op: tuple) -> None:
         self.tracer = tracer
@@ -162,14 +173,21 @@ class _Handle:
         self.gap = False
         app = self.session.server_params.get("application_name")
         packed = pack_records(records) if pack_records is not None else None
+        if packed is not None or pack_records is None or len(records) == 1:
+            self._op(t, app, records, packed)
+        else:  # some record the compact form does not carry: each in its own form, in order
+            for rec in records:
+                self._op(t, app, [rec], pack_records([rec]))
+        t._pending += len(records)
+        if not t._armed:
+            t._arm()
+
+    def _op(self, t, app, records: list, packed: bytes | None) -> None:
         if packed is not None:
             t._ops.append(("p", self.conn_id, len(records), app, packed))
         else:
             t._ops.append(("b", self.conn_id, len(records),
                            marshal.dumps((app, [statement_to_tuple(r) for r in records]))))
-        t._pending += len(records)
-        if not t._armed:
-            t._arm()
 
     def close(self) -> None:
         t = self.tracer
@@ -193,6 +211,7 @@ class ProcessTracer:
         self._ops: list = []
         self._pending = 0  # statements in _ops
         self._armed = False
+        self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, _Handle] = {}
         self._next_conn = 0
@@ -355,15 +374,16 @@ class ProcessTracer:
         handle = _Handle(self, conn_id, session, op)
         self._handles[conn_id] = handle
         self._ops.append(op)
+        self._arm()
         return handle
 
     # ------------------------------------------------ sending (event loop)
 
-    def _arm(self) -> None:
+    def _arm(self, delay: float = _SEND_INTERVAL) -> None:
         if self._armed or self._loop is None:
             return
         self._armed = True
-        self._loop.call_later(_SEND_INTERVAL, self._tick)
+        self._timer = self._loop.call_later(delay, self._tick)
 
     def _send_soon(self) -> None:
         loop = self._loop
@@ -371,15 +391,35 @@ class ProcessTracer:
             self._send()
             return
         try:
-            loop.call_soon_threadsafe(self._arm)
+            loop.call_soon_threadsafe(self._tick_now)
         except RuntimeError:  # the loop is closed
+            self._collect()
             self._send()
+
+    def _tick_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._tick()
+
+    def _collect(self) -> int:
+        """Take the statements the open connections finished since the last send (see ``_Handle``)."""
+        n = 0
+        for h in list(self._handles.values()):
+            done = h.session.completed
+            if done:
+                n += len(done)
+                h.statements(h.session.take_completed())
+        return n
 
     def _tick(self) -> None:
         self._armed = False
+        self._timer = None
+        busy = self._collect()
         self._send()
-        if self._out or self._ops or (self._sock is None and not self._stopping):
+        if busy or self._out or self._ops or (self._sock is None and not self._stopping):
             self._arm()
+        elif self._handles:
+            self._arm(_IDLE_INTERVAL)  # connections open but quiet: look less often
 
     def _send(self, blocking_until: float | None = None) -> None:
         with self._lock:
@@ -447,12 +487,15 @@ class ProcessTracer:
                     return
                 self._flush_cond.wait(min(left, 0.05))
                 if self._loop is None or not self._loop.is_running():
+                    self._collect()
                     self._send(blocking_until=deadline)
 
     def shutdown(self) -> None:
         """Send what is left, let the helper export it, all within ``shutdown_timeout``."""
         deadline = time.monotonic() + self.shutdown_timeout
         self._stopping = True
+        if self._loop is None or not self._loop.is_running():
+            self._collect()
         self._ops.append(("s",))
         self._send(blocking_until=deadline)
         proc, reader = self._proc, self._reader
