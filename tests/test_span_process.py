@@ -315,3 +315,45 @@ def test_statements_of_one_send_keep_their_order_whatever_their_form():
         assert [form for _, form in got] == ["p", "p", "b", "p", "p"]
     else:
         assert {form for _, form in got} == {"b"}
+
+
+@pytest.mark.parametrize("transaction_spans", [False, True])
+def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_nothing(transaction_spans, caplog):
+    from types import SimpleNamespace
+
+    from pgotel_proxy.protocol.events import Completion, Statement
+    from pgotel_proxy.tracing.process import _ChildInfo
+    from pgotel_proxy.tracing.spans import ConnState
+    from pgotel_proxy.tracing.tracer import Tracer
+
+    class _Encoded:
+        accepts_encoded = True
+
+        def export(self, spans):
+            return None
+
+        def shutdown(self):
+            pass
+
+    config = SimpleNamespace(tracing=True, exporter="otlp", sample_rate=1.0, service_name="t",
+                             transaction_spans=transaction_spans)
+    tracer = Tracer.from_config(config, exporter=_Encoded(), thread=False)
+    try:
+        state = ConnState(_ChildInfo(1, "app"), {"db.system.name": "postgresql"})
+        records = [Statement("simple", f"SELECT {i}", start_ns=10 * i + 1, end_ns=10 * i + 5, status="ok",
+                             tx_status="I", results=[Completion(10 * i + 5, "SELECT 1", 1)]) for i in range(3)]
+        real = tracer.builder._simple
+
+        def flaky(conn, rec, out):
+            real(conn, rec, out)  # its spans are appended, then it fails
+            if rec.sql == "SELECT 1":
+                raise RuntimeError("odd statement")
+
+        tracer.builder._simple = flaky
+        spans: list = []
+        with caplog.at_level("ERROR", logger="pgotel_proxy.tracing"):
+            tracer.build_now(state, records, spans)
+        assert len(spans) == 4  # two statements, two spans each; none of the failed one
+        assert "could not build a span" in caplog.text
+    finally:
+        tracer.shutdown()

@@ -203,7 +203,7 @@ class SpanBuilder:
                 return self._transaction(conn, out)
             return []
         start = len(out)
-        self._one(conn, rec, out)
+        self.one(conn, rec, out)
         return [(rec, start, len(out))]
 
     def flush_connection(self, conn: ConnState, out: list) -> list[tuple[Statement, int, int]]:
@@ -212,7 +212,8 @@ class SpanBuilder:
             return self._transaction(conn, out)
         return []
 
-    def _one(self, conn: ConnState, rec: Statement, out: list) -> None:
+    def one(self, conn: ConnState, rec: Statement, out: list) -> None:
+        """Append the spans of ``rec`` alone: :meth:`build` without transaction spans, groups or counting."""
         if rec.protocol == "extended":
             self._extended(conn, rec, out)
         else:
@@ -222,7 +223,7 @@ class SpanBuilder:
         groups = []
         for rec in records:
             start = len(out)
-            self._one(conn, rec, out)
+            self.one(conn, rec, out)
             groups.append((rec, start, len(out)))
         return groups
 

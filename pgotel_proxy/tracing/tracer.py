@@ -221,8 +221,21 @@ class Tracer:
             self._enrich_groups(builder.flush_connection(state, spans), spans)
             return
         self._records_out += len(records)
-        build = builder.build
         enriching = self.enricher is not None
+        if not enriching and not builder.transaction_spans:
+            # Nothing joins per-record span runs and no transaction holds records:
+            # straight to the per-statement builder (what build() would call).
+            STATS.statements += len(records)
+            one = builder.one
+            for rec in records:
+                mark = len(spans)
+                try:
+                    one(state, rec, spans)
+                except Exception:  # one odd statement must not stop the thread
+                    log.exception("could not build a span")
+                    del spans[mark:]
+            return
+        build = builder.build
         for rec in records:
             mark = len(spans)
             try:
