@@ -249,12 +249,24 @@ class Session:
 
         Raises ProtocolViolation for garbage; the caller answers 08P01 and closes.
         """
+        if _fast_client is not None and not self._cbuf and not self._cskip:
+            # The common case first: nothing held, and the compiled loop takes every
+            # message of the chunk (it checks the rest of its conditions itself).
+            n = len(data)
+            pos = _fast_client(self, data, 0, n, now)
+            if pos == n:
+                return None
+            return self._client_data(data, now, pos)
+        return self._client_data(data, now, 0)
+
+    def _client_data(self, data: bytes, now: int, start: int) -> bytes | None:
+        """client_data from ``start`` (> 0 only when nothing was held or to skip)."""
         held = self._cbuf
         if held:
             data = held + data
             self._cbuf = b""
         n = len(data)
-        pos = 0
+        pos = start
         if self._cskip:
             if self._cskip >= n:
                 self._cskip -= n
@@ -505,7 +517,14 @@ class Session:
         """Feed server bytes that were already forwarded to the client."""
         if self.out_of_sync is None:
             try:
-                self._server(data, now, None)
+                if _fast_server is not None and not self._sbuf and not self._sskip:
+                    # The common case first, as in client_data.
+                    n = len(data)
+                    pos = _fast_server(self, data, 0, n, now)
+                    if pos < n:
+                        self._server(data, now, None, pos)
+                else:
+                    self._server(data, now, None)
             except Exception as exc:  # never let observation break the relay
                 self.desync(f"server stream: {exc!r}")
 
@@ -526,7 +545,8 @@ class Session:
             out.append(rest)
         return b"".join(out)
 
-    def _server(self, data: bytes, now: int, out: list | None) -> None:
+    def _server(self, data: bytes, now: int, out: list | None, start: int = 0) -> None:
+        """Frame server bytes from ``start`` (> 0 only when nothing was held or to skip)."""
         sbuf = self._sbuf
         fwd = 0
         if sbuf:
@@ -535,7 +555,7 @@ class Session:
             self._sbuf = b""
             self._sfwd = 0
         n = len(data)
-        pos = 0
+        pos = start
         skip = self._sskip
         if skip:
             if skip >= n:
