@@ -29,6 +29,8 @@
 #include <Python.h>
 #include <structmember.h> /* PyMemberDef, READONLY (Python 3.11) */
 #include <string.h>
+#include <time.h>
+#include <stddef.h>
 
 #define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry (T_OBJECT_EX / Py_T_OBJECT_EX) */
 
@@ -40,13 +42,13 @@ enum {
     S_PENDING, S_BATCH, S_BATCH_PARSED, S_PREPARED, S_PORTALS, S_SKIPPING, S_ROWS, S_LAST_KIND,
     S_LAST_REC, S_MAX_PENDING, S_MAX_MESSAGE_SIZE, S_CAPTURE_PARAMS, S_MESSAGES_IN, S_MESSAGES_OUT,
     S_COPY_IN_EXT, S_OUT_OF_SYNC, S_READY, S_TX_STATUS, S_COMPLETED, S_SHIFTED, S_INJECTOR,
-    S_FLUSH_PHASES, S_COUNT
+    S_FLUSH_PHASES, S_CBUF, S_CSKIP, S_SBUF, S_SSKIP, S_INJECTED_PENDING, S_HELD_READY, S_COUNT
 };
 static const char *session_slots[S_COUNT] = {
     "_pending", "_batch", "_batch_parsed", "_prepared", "_portals", "_skipping", "_rows", "_last_kind",
     "_last_rec", "max_pending", "max_message_size", "capture_params", "messages_in", "messages_out",
     "_copy_in_ext", "out_of_sync", "ready", "tx_status", "completed", "_shifted", "injector",
-    "flush_phases",
+    "flush_phases", "_cbuf", "_cskip", "_sbuf", "_sskip", "_injected_pending", "_held_ready",
 };
 
 /* Statement slots (all of them: a new record gets every one). */
@@ -1307,6 +1309,274 @@ done:
     return list;
 }
 
+/* ---------------------------------------------------------------- Feed
+ *
+ * Feed(server_side, conn, session, write, full, resume, deliver_at): a callable
+ * that stands in for a relay protocol's data_received (proxy/connection.py:
+ * _FromClient / _FromServer), so that a chunk of the common kind goes from
+ * the event loop through the compiled loop to the peer's write without a
+ * Python frame. Anything else is handed to Python as it is, with nothing
+ * done yet: full(data) (the protocol's own data_received) when the
+ * connection is not observed, bytes are held, or (server side) the session
+ * holds server bytes back; resume(data, now, at) when the compiled loop
+ * stopped at ``at`` before the end of the chunk, or raised (``at`` is then
+ * the exception). The server side then hands finished statements to
+ * conn.deliver() as _FromServer does: when conn.eager is true or the
+ * session holds deliver_at of them.
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int server_side;
+    Py_ssize_t deliver_at;
+    PyObject *conn, *session, *write, *full, *resume;
+} Feed;
+
+static PyObject *str_observe, *str_eager, *str_deliver;
+
+static int
+feed_traverse(Feed *f, visitproc visit, void *arg)
+{
+    Py_VISIT(f->conn);
+    Py_VISIT(f->session);
+    Py_VISIT(f->write);
+    Py_VISIT(f->full);
+    Py_VISIT(f->resume);
+    return 0;
+}
+
+static int
+feed_clear(Feed *f)
+{
+    Py_CLEAR(f->conn);
+    Py_CLEAR(f->session);
+    Py_CLEAR(f->write);
+    Py_CLEAR(f->full);
+    Py_CLEAR(f->resume);
+    return 0;
+}
+
+static void
+feed_dealloc(Feed *f)
+{
+    PyObject_GC_UnTrack(f);
+    feed_clear(f);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static inline int
+is_zero(PyObject *v)
+{
+    return PyLong_CheckExact(v) && Py_SIZE(v) == 0;
+}
+
+static inline int
+is_empty_bytes(PyObject *v)
+{
+    return PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
+}
+
+/* conn.<name> is True */
+static int
+conn_flag(PyObject *conn, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(conn, name);
+    if (v == NULL)
+        return -1;
+    int r = v == Py_True;
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* time.time_ns()'s clock */
+    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+}
+
+/* Run the compiled loop (client() or server()) over all of data; resume in Python if it did not finish.
+ * Returns 0 when done, -1 on error (exception set). */
+static int
+feed_loop(Feed *f, PyObject *data, PyObject *now, Py_ssize_t n)
+{
+    PyObject *zero = PyLong_FromLong(0), *end = PyLong_FromSsize_t(n);
+    if (zero == NULL || end == NULL) {
+        Py_XDECREF(zero);
+        Py_XDECREF(end);
+        return -1;
+    }
+    PyObject *a[5] = {f->session, data, zero, end, now};
+    PyObject *at = f->server_side ? server(NULL, a, 5) : client(NULL, a, 5);
+    Py_DECREF(zero);
+    Py_DECREF(end);
+    PyObject *r;
+    if (at == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (value == NULL) {
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            return -1;
+        }
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        PyObject *b[3] = {data, now, value};
+        r = PyObject_Vectorcall(f->resume, b, 3, NULL);
+        Py_XDECREF(type);
+        Py_DECREF(value);
+        Py_XDECREF(tb);
+    } else {
+        Py_ssize_t pos = PyLong_AsSsize_t(at);
+        if (pos == n) {
+            Py_DECREF(at);
+            return 1; /* whole chunk taken */
+        }
+        PyObject *b[3] = {data, now, at};
+        r = PyObject_Vectorcall(f->resume, b, 3, NULL);
+        Py_DECREF(at);
+    }
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *
+feed_full(Feed *f, PyObject *data)
+{
+    return PyObject_CallOneArg(f->full, data);
+}
+
+static PyObject *
+feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Feed *f = (Feed *)self;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "Feed takes one bytes argument");
+        return NULL;
+    }
+    PyObject *data = args[0], *s = f->session;
+    if (!configured || check_session(s) < 0) {
+        PyErr_Clear(); /* Python says what is wrong */
+        return feed_full(f, data);
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (!f->server_side) {
+        int obs = conn_flag(f->conn, str_observe);
+        if (obs < 0)
+            return NULL;
+        if (!obs || !is_empty_bytes(get(s, s_off[S_CBUF])) || !is_zero(get(s, s_off[S_CSKIP])))
+            return feed_full(f, data);
+        PyObject *now = now_ns();
+        if (now == NULL)
+            return NULL;
+        int r = feed_loop(f, data, now, n);
+        Py_DECREF(now);
+        if (r < 0)
+            return NULL;
+        if (r == 1) { /* whole chunk accounted: forward it as it is */
+            PyObject *w = PyObject_CallOneArg(f->write, data);
+            if (w == NULL)
+                return NULL;
+            Py_DECREF(w);
+        }
+        /* r == 0: resume() forwarded what is to be forwarded */
+        Py_RETURN_NONE;
+    }
+    /* server side: while the session holds server bytes back, Python filters them */
+    PyObject *oos = get(s, s_off[S_OUT_OF_SYNC]);
+    if (oos == Py_None && !(get(s, s_off[S_READY]) == Py_True && is_zero(get(s, s_off[S_INJECTED_PENDING])) &&
+                            get(s, s_off[S_HELD_READY]) == Py_None && is_zero(get(s, s_off[S_SHIFTED]))))
+        return feed_full(f, data);
+    PyObject *w = PyObject_CallOneArg(f->write, data);
+    if (w == NULL)
+        return NULL;
+    Py_DECREF(w);
+    int obs = conn_flag(f->conn, str_observe);
+    if (obs < 0)
+        return NULL;
+    if (obs && oos == Py_None) {
+        PyObject *now = now_ns();
+        if (now == NULL)
+            return NULL;
+        int r;
+        if (is_empty_bytes(get(s, s_off[S_SBUF])) && is_zero(get(s, s_off[S_SSKIP]))) {
+            r = feed_loop(f, data, now, n);
+        } else {
+            PyObject *zero = PyLong_FromLong(0);
+            PyObject *b[3] = {data, now, zero};
+            PyObject *res = zero ? PyObject_Vectorcall(f->resume, b, 3, NULL) : NULL;
+            Py_XDECREF(zero);
+            r = res == NULL ? -1 : 0;
+            Py_XDECREF(res);
+        }
+        Py_DECREF(now);
+        if (r < 0)
+            return NULL;
+    }
+    PyObject *done = get(s, s_off[S_COMPLETED]);
+    if (PyList_Check(done) && PyList_GET_SIZE(done) > 0) {
+        int eager = PyList_GET_SIZE(done) >= f->deliver_at ? 1 : conn_flag(f->conn, str_eager);
+        if (eager < 0)
+            return NULL;
+        if (eager) {
+            PyObject *r = PyObject_CallMethodNoArgs(f->conn, str_deliver);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+feed_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    int server_side;
+    Py_ssize_t deliver_at;
+    PyObject *conn, *session, *write, *full, *resume;
+    if (!PyArg_ParseTuple(args, "pOOOOOn", &server_side, &conn, &session, &write, &full, &resume, &deliver_at))
+        return NULL;
+    if (!PyCallable_Check(write) || !PyCallable_Check(full) || !PyCallable_Check(resume)) {
+        PyErr_SetString(PyExc_TypeError, "Feed: write, full and resume must be callable");
+        return NULL;
+    }
+    Feed *f = (Feed *)type->tp_alloc(type, 0);
+    if (f == NULL)
+        return NULL;
+    f->vectorcall = feed_call;
+    f->server_side = server_side;
+    f->deliver_at = deliver_at;
+    Py_INCREF(conn);
+    f->conn = conn;
+    Py_INCREF(session);
+    f->session = session;
+    Py_INCREF(write);
+    f->write = write;
+    Py_INCREF(full);
+    f->full = full;
+    Py_INCREF(resume);
+    f->resume = resume;
+    return (PyObject *)f;
+}
+
+static PyTypeObject FeedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgotel_proxy.protocol._core.Feed",
+    .tp_basicsize = sizeof(Feed),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A relay protocol's data_received for the common case (see _core.c).",
+    .tp_new = feed_new,
+    .tp_dealloc = (destructor)feed_dealloc,
+    .tp_traverse = (traverseproc)feed_traverse,
+    .tp_clear = (inquiry)feed_clear,
+    .tp_vectorcall_offset = offsetof(Feed, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Session, Statement, Completion, record_fields, record_defaults, kinds): read the slot layout."},
@@ -1343,6 +1613,20 @@ PyInit__core(void)
     INTERN(str_tx[0], "I");
     INTERN(str_tx[1], "T");
     INTERN(str_tx[2], "E");
+    INTERN(str_observe, "observe");
+    INTERN(str_eager, "eager");
+    INTERN(str_deliver, "deliver");
 #undef INTERN
-    return PyModule_Create(&module);
+    if (PyType_Ready(&FeedType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FeedType);
+    if (PyModule_AddObject(m, "Feed", (PyObject *)&FeedType) < 0) {
+        Py_DECREF(&FeedType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -1,0 +1,78 @@
+"""The compiled relay step (protocol._core.Feed): traced connections relay through it, and what it
+does not take (bytes split across reads, garbage, COPY, errors) reaches the Python path unchanged.
+
+The rest of the suite runs every traced connection through the Feed too; these tests check that it
+is in use and drive the hand-overs on purpose.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import psycopg
+import pytest
+
+from pgotel_proxy.proxy import connection
+from rawpg import RawConn, message
+
+pytestmark = pytest.mark.skipif(connection.Feed is None, reason="compiled codec not built (or PGOTEL_PURE_PYTHON)")
+
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _protocols(proxy) -> list:
+    conns = list(proxy.server.connections)
+    return [(c.client.get_protocol(), c.upstream.get_protocol()) for c in conns if c.client is not None]
+
+
+def test_traced_connections_relay_through_the_feed(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(3):
+            assert conn.execute(f"SELECT %s::int + 1 /*traceparent='{TP}'*/", (i,)).fetchone() == (i + 1,)
+        (pair,) = _protocols(proxy)
+        assert [type(p) for p in pair] == [connection._FedClient, connection._FedServer]
+        assert all(type(p.data_received) is connection.Feed for p in pair)
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: sum(s.name == "execute" for s in got) >= 3)
+    assert sum(s.kind == "SERVER" for s in spans) >= 3
+
+
+def test_untraced_connections_keep_the_plain_relay(make_proxy):
+    proxy = make_proxy(tracing=False)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        (pair,) = _protocols(proxy)
+        assert [type(p) for p in pair] == [connection._Plain, connection._Plain]
+
+
+def test_messages_split_across_reads_and_odd_messages_go_through_python(make_proxy, otlp):
+    """Each message cut in two: the Feed leaves the held part to Python; results and spans as whole."""
+    proxy = make_proxy(sample_rate=1.0)
+    with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
+        raw.startup()
+        for i in range(5):
+            sql = f"SELECT {i} AS n /*route='split{i}',traceparent='{TP}'*/".encode() + b"\x00"
+            data = message(b"Q", sql)
+            cut = 3 + i * 7 % (len(data) - 4)
+            raw.send(data[:cut])
+            time.sleep(0.02)  # two reads on the proxy's side
+            raw.send(data[cut:])
+            msgs = raw.read_until_ready()
+            assert [t for t, _ in msgs] == ["T", "D", "C", "Z"], msgs
+            assert msgs[1][1].endswith(str(i).encode())
+        # An extended batch in one write with an error in the middle: the compiled loop stops at the
+        # error's answer, Python takes over, then the Feed again.
+        batch = (message(b"P", b"\x00SELECT 1/0\x00\x00\x00") + message(b"B", b"\x00\x00" + struct.pack("!hhh", 0, 0, 0))
+                 + message(b"E", b"\x00" + struct.pack("!i", 0)) + message(b"S"))
+        raw.send(batch)
+        msgs = raw.read_until_ready()
+        assert [t for t, _ in msgs] == ["1", "E", "Z"], msgs
+        assert [t for t, _ in raw.query(f"SELECT 'after' /*route='after',traceparent='{TP}'*/")] == ["T", "D", "C", "Z"]
+    proxy.flush()
+    routes = {f"split{i}" for i in range(5)} | {"after"}
+    spans = otlp.wait_for(lambda got: routes <= {s.attributes.get("pgotel.sqlcommenter.route") for s in got})
+    by_route = {s.attributes.get("pgotel.sqlcommenter.route"): s for s in spans}
+    assert all(by_route[r].attributes["db.response.returned_rows"] == 1 for r in routes)
+    assert any(s.attributes.get("db.response.status_code") == "22012" for s in spans)
