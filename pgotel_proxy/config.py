@@ -240,8 +240,9 @@ class Config(BaseModel):
                     "time nobody else wants, so span work yields to queries; on a CPU busy all "
                     "the time spans are then dropped (counted). normal: an ordinary share.")
     span_queue_size: int = _opt(
-        20000, group="Export", metavar="N", ge=1,
-        description="Spans buffered for export; when full, new spans are dropped (and counted).")
+        32768, group="Export", metavar="N", ge=1,
+        description="Spans buffered for export (four default batches); when full, new spans are "
+                    "dropped (and counted).")
     export_batch_size: int = _opt(
         DEFAULT_EXPORT_BATCH, group="Export", metavar="N", ge=1,
         description="Most spans sent in one export request; at most span_queue_size (when not "

@@ -221,7 +221,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     ({"PGOTEL_MAX_CONNECTIONS": "many"}, "max_connections", "valid integer"),
     ({"PGOTEL_CONNECT_TIMEOUT": "0"}, "connect_timeout", "greater than 0"),
     ({"PGOTEL_OTLP_ENDPOINT": "collector:4317"}, "otlp_endpoint", "http://"),
-    ({"PGOTEL_EXPORT_BATCH_SIZE": "30000"}, "export_batch_size", "span_queue_size"),
+    ({"PGOTEL_EXPORT_BATCH_SIZE": "40000"}, "export_batch_size", "span_queue_size"),
     ({"PGOTEL_SERVER_LOG_VIA_SQL": "on"}, "stats_dsn", "server_log_via_sql"),
     ({"PGOTEL_WAL_MESSAGE_PREFIX": ""}, "wal_message_prefix", ""),
     ({"PGOTEL_UNIX_SOCKET": "/" + "s" * 120}, "unix_socket", "limited to 107"),
