@@ -128,22 +128,14 @@ class _ScriptedRandom:
 
 def _kept_build(records, compiled: bool, draws, seed, monkeypatch):
     from pgotel_proxy.tracing import spans as spans_mod
-    from opentelemetry.sdk.resources import Resource
     from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
-
-    class _Session:
-        backend_pid = 4242
-        server_params = {"application_name": "shop"}
-        startup_params: dict = {}
-
-    class _Info:
-        session = _Session()
+    from test_span_encoding import RESOURCE, _Info
 
     if not compiled:
         monkeypatch.setattr(otlp, "statement_spans", None)
         monkeypatch.setattr(otlp, "simple_spans", None)
     monkeypatch.setattr(spans_mod, "_rand", _ScriptedRandom(draws, seed))
-    builder = SpanBuilder(resource=Resource.create({"service.name": "kept"}), sample_rate=1.0, capture_parameters=False, capture_literals=False,
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=False, capture_literals=False,
                           encode=True)
     conn = ConnState(_Info(), {"db.system.name": "postgresql"})
     out: list = []
@@ -151,6 +143,16 @@ def _kept_build(records, compiled: bool, draws, seed, monkeypatch):
         builder.build(conn, rec, out)
     monkeypatch.undo()
     return out
+
+
+def _both_ways(records, draws, seed) -> tuple[list, list]:
+    """The spans of ``records`` with the compiled calls and with the Python steps, the same ids drawn."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        return (_kept_build(records, True, draws, seed, monkeypatch),
+                _kept_build(records, False, draws, seed, monkeypatch))
+    finally:
+        monkeypatch.undo()
 
 
 _ns = st.one_of(st.just(0), st.integers(1, 2**63))
@@ -172,14 +174,7 @@ def test_kept_extended_statements_compiled_same_spans(rows, sql, reused, draws, 
                          bind_start_ns=e, bind_end_ns=f, bind_exact=g, exec_start_ns=h, end_ns=i, exec_exact=j,
                          status="ok", tag="SELECT 1", rows=1, tx_status="I", reused=reused)
                for a, b, c, d, e, f, g, h, i, j in [rows[0]] + rows]  # the first keeps the shape
-    import pytest as _pytest
-
-    monkeypatch = _pytest.MonkeyPatch()
-    try:
-        got = _kept_build(records, True, draws, seed, monkeypatch)
-        want = _kept_build(records, False, draws, seed, monkeypatch)
-    finally:
-        monkeypatch.undo()
+    got, want = _both_ways(records, draws, seed)
     assert got == want
 
 
@@ -192,14 +187,7 @@ def test_kept_simple_statements_compiled_same_spans(rows, draws, seed):
     records = [Statement("simple", f"SELECT * FROM t WHERE id = {v} /*traceparent='{_TP}'*/", start_ns=s,
                          end_ns=e, status="ok", tx_status="I", results=[Completion(e if v % 2 else 0, "SELECT 1", 1)])
                for v, s, e in [rows[0]] + rows]
-    import pytest as _pytest
-
-    monkeypatch = _pytest.MonkeyPatch()
-    try:
-        got = _kept_build(records, True, draws, seed, monkeypatch)
-        want = _kept_build(records, False, draws, seed, monkeypatch)
-    finally:
-        monkeypatch.undo()
+    got, want = _both_ways(records, draws, seed)
     assert got == want and len(got) == 2 * len(records)
 
 

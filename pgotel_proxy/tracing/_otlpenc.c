@@ -444,63 +444,106 @@ parts_of(PyObject *parts, const char **name, Py_ssize_t *name_len, long *kind, c
     return 0;
 }
 
-/* A child span of parent from phase_parts[phase][exact]. */
+/* What every span of a kept statement shares: read from (trace_id, parent_id, trace_state, parent_flags,
+ * child_flags, getrandbits) in the arguments. */
+typedef struct {
+    unsigned char trace_id[16], parent[8];
+    int has_parent;
+    const char *ts;
+    Py_ssize_t ts_len;
+    unsigned long parent_flags, child_flags;
+    PyObject *getrandbits;
+} Ctx;
+
 static int
-append_child(PyObject *out, PyObject *head, PyObject *phase_parts, int phase, int exact, const unsigned char *trace_id,
-             const unsigned char *parent, const char *ts, Py_ssize_t ts_len, unsigned long flags,
-             PyObject *getrandbits, unsigned long long start, unsigned long long end)
+read_ctx(PyObject *const *a, Ctx *c)
 {
-    PyObject *pair = PyTuple_GET_ITEM(phase_parts, phase);
-    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-        PyErr_SetString(PyExc_TypeError, "statement_spans: phase_parts must be three (inexact, exact) pairs");
+    if (!PyBytes_Check(a[2])) {
+        PyErr_SetString(PyExc_TypeError, "trace_state must be bytes");
         return -1;
     }
+    c->has_parent = a[1] != Py_None && PyObject_IsTrue(a[1]) == 1;
+    if (id_bytes(a[0], c->trace_id, 16) < 0 || (c->has_parent && id_bytes(a[1], c->parent, 8) < 0))
+        return -1;
+    c->ts = PyBytes_AS_STRING(a[2]);
+    c->ts_len = PyBytes_GET_SIZE(a[2]);
+    c->parent_flags = PyLong_AsUnsignedLong(a[3]);
+    if (PyErr_Occurred())
+        return -1;
+    c->child_flags = PyLong_AsUnsignedLong(a[4]);
+    if (PyErr_Occurred())
+        return -1;
+    if (c->parent_flags > 0xFFFFFFFFUL || c->child_flags > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "flags out of range");
+        return -1;
+    }
+    c->getrandbits = a[5];
+    return 0;
+}
+
+/* A span from parts with a freshly drawn id (written to id), appended to out as head + (field,). */
+static int
+append_drawn(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *parent,
+             unsigned long flags, unsigned long long start, unsigned long long end, unsigned char *id)
+{
     const char *name, *attrs, *status;
     Py_ssize_t name_len, attrs_len, status_len;
     long kind;
-    if (parts_of(PyTuple_GET_ITEM(pair, exact ? 1 : 0), &name, &name_len, &kind, &attrs, &attrs_len, &status,
-                 &status_len) < 0)
+    if (parts_of(parts, &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0 ||
+        draw_id(c->getrandbits, id) < 0)
         return -1;
-    unsigned char sid[8];
-    if (draw_id(getrandbits, sid) < 0)
-        return -1;
-    return append_field(out, head, build_field(trace_id, sid, parent, ts, ts_len, name, name_len, kind, start,
-                                               end > start ? end : start, flags, attrs, attrs_len, status,
-                                               status_len, "", 0));
+    return append_field(out, head, build_field(c->trace_id, id, parent, c->ts, c->ts_len, name, name_len, kind,
+                                               start, end, flags, attrs, attrs_len, status, status_len, "", 0));
+}
+
+/* The statement's own span: its parent is the context's (remote) one. */
+static int
+append_statement(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, unsigned long long start,
+                 unsigned long long end, unsigned char *sid)
+{
+    return append_drawn(out, head, parts, c, c->has_parent ? c->parent : NULL,
+                        c->has_parent ? c->parent_flags : c->child_flags, start, end, sid);
+}
+
+/* A local child of sid, ending no earlier than it starts. */
+static int
+append_child(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *sid,
+             unsigned long long start, unsigned long long end)
+{
+    unsigned char id[8];
+    return append_drawn(out, head, parts, c, sid, c->child_flags, start, end > start ? end : start, id);
+}
+
+/* phase_parts[phase][exact] */
+static PyObject *
+phase(PyObject *phase_parts, int which, int exact)
+{
+    PyObject *pair = PyTuple_GET_ITEM(phase_parts, which);
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "statement_spans: phase_parts must be three (inexact, exact) pairs");
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(pair, exact ? 1 : 0);
 }
 
 static PyObject *
 statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 11 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
-        !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3 || !PyBytes_Check(args[7])) {
+        !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state, "
                         "parent_flags, child_flags, getrandbits)");
         return NULL;
     }
-    PyObject *out = args[0], *head = args[1], *phase_parts = args[3], *rec = args[4], *getrandbits = args[10];
+    PyObject *out = args[0], *head = args[1], *phase_parts = args[3], *rec = args[4];
     if (record_type == NULL || Py_TYPE(rec) != record_type) {
         PyErr_SetString(PyExc_TypeError, "statement_spans: rec is not a record of the configured class");
         return NULL;
     }
-    unsigned char trace_id[16], parent[8];
-    int has_parent = args[6] != Py_None && PyObject_IsTrue(args[6]) == 1;
-    if (id_bytes(args[5], trace_id, 16) < 0 || (has_parent && id_bytes(args[6], parent, 8) < 0))
+    Ctx c;
+    if (read_ctx(args + 5, &c) < 0)
         return NULL;
-    unsigned long parent_flags = PyLong_AsUnsignedLong(args[8]);
-    if (PyErr_Occurred())
-        return NULL;
-    unsigned long child_flags = PyLong_AsUnsignedLong(args[9]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (parent_flags > 0xFFFFFFFFUL || child_flags > 0xFFFFFFFFUL) {
-        PyErr_SetString(PyExc_ValueError, "statement_spans: flags out of range");
-        return NULL;
-    }
-    const char *ts = PyBytes_AS_STRING(args[7]);
-    Py_ssize_t ts_len = PyBytes_GET_SIZE(args[7]);
-
     unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end;
     if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_PARSE_START, &parse_start) < 0 ||
         read_ns(rec, F_PARSE_END, &parse_end) < 0 || read_ns(rec, F_BIND_START, &bind_start) < 0 ||
@@ -514,36 +557,26 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *st = *(PyObject **)((char *)rec + record_offsets[F_STATUS]);
     int skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
 
-    /* the statement span */
-    const char *name, *attrs, *status;
-    Py_ssize_t name_len, attrs_len, status_len;
-    long kind;
-    if (parts_of(args[2], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
-        return NULL;
     unsigned char sid[8];
-    if (draw_id(getrandbits, sid) < 0)
+    if (append_statement(out, head, args[2], &c, start,
+                         end ? end : bind_end ? bind_end : parse_end ? parse_end : start, sid) < 0)
         return NULL;
-    unsigned long long stmt_end = end ? end : bind_end ? bind_end : parse_end ? parse_end : start;
-    if (append_field(out, head, build_field(trace_id, sid, has_parent ? parent : NULL, ts, ts_len, name, name_len,
-                                            kind, start, stmt_end, has_parent ? parent_flags : child_flags, attrs,
-                                            attrs_len, status, status_len, "", 0)) < 0)
-        return NULL;
-
     /* its phases (spans._observed_boundaries, SpanBuilder._phases) */
     unsigned long long later = bind_end ? bind_end : end;
     int parse_ok = parse_exact && (!later || parse_end < later);
     int bind_ok = bind_exact && (!end || bind_end < end);
+    PyObject *parts;
     if (parse_start && parse_end &&
-        append_child(out, head, phase_parts, 0, parse_ok, trace_id, sid, ts, ts_len, child_flags, getrandbits,
-                     parse_start, parse_end) < 0)
+        ((parts = phase(phase_parts, 0, parse_ok)) == NULL ||
+         append_child(out, head, parts, &c, sid, parse_start, parse_end) < 0))
         return NULL;
     if (bind_start && bind_end &&
-        append_child(out, head, phase_parts, 1, bind_ok && (parse_ok || !parse_end), trace_id, sid, ts, ts_len,
-                     child_flags, getrandbits, bind_start > parse_end ? bind_start : parse_end, bind_end) < 0)
+        ((parts = phase(phase_parts, 1, bind_ok && (parse_ok || !parse_end))) == NULL ||
+         append_child(out, head, parts, &c, sid, bind_start > parse_end ? bind_start : parse_end, bind_end) < 0))
         return NULL;
     if (exec_start && end && !skipped &&
-        append_child(out, head, phase_parts, 2, exec_exact && (bind_ok || !bind_end), trace_id, sid, ts, ts_len,
-                     child_flags, getrandbits, exec_start > bind_end ? exec_start : bind_end, end) < 0)
+        ((parts = phase(phase_parts, 2, exec_exact && (bind_ok || !bind_end))) == NULL ||
+         append_child(out, head, parts, &c, sid, exec_start > bind_end ? exec_start : bind_end, end) < 0))
         return NULL;
     Py_RETURN_NONE;
 }
@@ -554,23 +587,14 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 12 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
-        !PyBytes_Check(args[6])) {
+    if (nargs != 12 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2) {
         PyErr_SetString(PyExc_TypeError,
                         "simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, "
                         "parent_flags, child_flags, getrandbits, start, end)");
         return NULL;
     }
-    PyObject *out = args[0], *head = args[1], *getrandbits = args[9];
-    unsigned char trace_id[16], parent[8];
-    int has_parent = args[5] != Py_None && PyObject_IsTrue(args[5]) == 1;
-    if (id_bytes(args[4], trace_id, 16) < 0 || (has_parent && id_bytes(args[5], parent, 8) < 0))
-        return NULL;
-    unsigned long parent_flags = PyLong_AsUnsignedLong(args[7]);
-    if (PyErr_Occurred())
-        return NULL;
-    unsigned long child_flags = PyLong_AsUnsignedLong(args[8]);
-    if (PyErr_Occurred())
+    Ctx c;
+    if (read_ctx(args + 4, &c) < 0)
         return NULL;
     unsigned long long start = PyLong_AsUnsignedLongLong(args[10]);
     if (start == (unsigned long long)-1 && PyErr_Occurred())
@@ -578,32 +602,9 @@ simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned long long end = PyLong_AsUnsignedLongLong(args[11]);
     if (end == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (parent_flags > 0xFFFFFFFFUL || child_flags > 0xFFFFFFFFUL) {
-        PyErr_SetString(PyExc_ValueError, "simple_spans: flags out of range");
-        return NULL;
-    }
-    const char *ts = PyBytes_AS_STRING(args[6]);
-    Py_ssize_t ts_len = PyBytes_GET_SIZE(args[6]);
-    const char *name, *attrs, *status;
-    Py_ssize_t name_len, attrs_len, status_len;
-    long kind;
-    if (parts_of(args[2], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
-        return NULL;
     unsigned char sid[8];
-    if (draw_id(getrandbits, sid) < 0)
-        return NULL;
-    if (append_field(out, head, build_field(trace_id, sid, has_parent ? parent : NULL, ts, ts_len, name, name_len,
-                                            kind, start, end, has_parent ? parent_flags : child_flags, attrs,
-                                            attrs_len, status, status_len, "", 0)) < 0)
-        return NULL;
-    if (parts_of(args[3], &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0)
-        return NULL;
-    unsigned char cid[8];
-    if (draw_id(getrandbits, cid) < 0)
-        return NULL;
-    if (append_field(out, head, build_field(trace_id, cid, sid, ts, ts_len, name, name_len, kind, start,
-                                            end > start ? end : start, child_flags, attrs, attrs_len, status,
-                                            status_len, "", 0)) < 0)
+    if (append_statement(args[0], args[1], args[2], &c, start, end, sid) < 0 ||
+        append_child(args[0], args[1], args[3], &c, sid, start, end) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
