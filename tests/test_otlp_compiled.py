@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not otlp.COMPILED, reason="compiled encoder not 
 from pgotel_proxy.tracing._otlpenc import attribute_fields as c_attribute_fields  # noqa: E402
 from pgotel_proxy.tracing._otlpenc import local_children as c_local_children  # noqa: E402
 from pgotel_proxy.tracing._otlpenc import span_field as c_span_field  # noqa: E402
+from test_span_encoding import RESOURCE, _Info  # noqa: E402  (imported here: not from inside a @given test)
 
 
 def test_compiled_encoder_is_built_where_ci_expects_it():
@@ -129,7 +130,6 @@ class _ScriptedRandom:
 def _kept_build(records, compiled: bool, draws, seed, monkeypatch):
     from pgotel_proxy.tracing import spans as spans_mod
     from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
-    from test_span_encoding import RESOURCE, _Info
 
     if not compiled:
         monkeypatch.setattr(otlp, "statement_spans", None)
