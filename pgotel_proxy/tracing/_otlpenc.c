@@ -104,6 +104,14 @@ id_bytes(PyObject *o, unsigned char *out, size_t n)
 #endif
 }
 
+/* A nanosecond time (an int from 0 to 2**64 - 1); -1 with an exception otherwise. */
+static int
+ns_of(PyObject *v, unsigned long long *out)
+{
+    *out = PyLong_AsUnsignedLongLong(v);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* One span as an encoded ScopeSpans.spans field; parent_id NULL for none. */
 static PyObject *
 build_field(const unsigned char *trace_id, const unsigned char *span_id, const unsigned char *parent_id,
@@ -171,11 +179,8 @@ span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         as_bytes(args[11], "rare", &rare, &rare_len) < 0)
         return NULL;
     long kind = PyLong_AsLong(args[5]);
-    unsigned long long start = PyLong_AsUnsignedLongLong(args[6]);
-    if (start == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long end = PyLong_AsUnsignedLongLong(args[7]);
-    if (end == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long start, end;
+    if (ns_of(args[6], &start) < 0 || ns_of(args[7], &end) < 0)
         return NULL;
     unsigned long flags = PyLong_AsUnsignedLong(args[8]);
     if (PyErr_Occurred())
@@ -370,10 +375,7 @@ read_ns(PyObject *rec, int field, unsigned long long *out)
         PyErr_Format(PyExc_AttributeError, "statement_spans: record has no %s", record_fields[field]);
         return -1;
     }
-    *out = PyLong_AsUnsignedLongLong(v);
-    if (*out == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    return 0;
+    return ns_of(v, out);
 }
 
 static int
@@ -596,11 +598,8 @@ simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Ctx c;
     if (read_ctx(args + 4, &c) < 0)
         return NULL;
-    unsigned long long start = PyLong_AsUnsignedLongLong(args[10]);
-    if (start == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long end = PyLong_AsUnsignedLongLong(args[11]);
-    if (end == (unsigned long long)-1 && PyErr_Occurred())
+    unsigned long long start, end;
+    if (ns_of(args[10], &start) < 0 || ns_of(args[11], &end) < 0)
         return NULL;
     unsigned char sid[8];
     if (append_statement(args[0], args[1], args[2], &c, start, end, sid) < 0 ||
