@@ -126,6 +126,9 @@ class _ScriptedRandom:
     def getrandbits(self, bits):
         return self.draws.pop(0) if self.draws else self.rest.getrandbits(bits)
 
+    def random(self):
+        return self.rest.random()
+
 
 def _kept_build(records, compiled: bool, draws, seed, monkeypatch):
     from pgotel_proxy.tracing import spans as spans_mod
@@ -189,6 +192,124 @@ def test_kept_simple_statements_compiled_same_spans(rows, draws, seed):
                for v, s, e in [rows[0]] + rows]
     got, want = _both_ways(records, draws, seed)
     assert got == want and len(got) == 2 * len(records)
+
+
+# ---- kept_run: runs of kept statements in one call, inside the tracer's loop
+
+_TP_UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+def _record(kind: str, i: int):
+    """A finished record of one of the forms the span process sees (``i`` varies times and literals)."""
+    from pgotel_proxy.protocol.events import Completion, Statement
+
+    t = 1000 * (i + 1)
+    if kind.startswith("simple"):
+        sql = {"simple": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/",
+               "simple-unsampled": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP_UNSAMPLED}'*/",
+               "simple-plain": "SELECT 1",
+               "simple-error": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/"}[kind]
+        error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
+        return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="error" if error else "ok",
+                         tx_status="I", results=[Completion(t + 40 if i % 2 else 0, "SELECT 1", i % 3, error)])
+    sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
+           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0]}[kind]
+    return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
+                     bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
+                     exec_exact=True, status="ok", tag="SELECT 1", rows=1, tx_status="I",
+                     reused=kind == "ext-reused", statement_name="s1" if kind == "ext-reused" else None)
+
+
+_KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "ext-unsampled", "ext-plain",
+          "ext-tracestate", "ext-reused")
+
+
+def _tracer_build(records, compiled: bool, rate: float, draws, seed):
+    """What the span process's tracer makes of ``records`` (spans, errors logged, comments counted)."""
+    import logging
+
+    from pgotel_proxy import sqlcomment
+    from pgotel_proxy.tracing import spans as spans_mod
+    from pgotel_proxy.tracing import tracer as tracer_mod
+    from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+    monkeypatch = pytest.MonkeyPatch()
+    errors: list = []
+
+    class _Errors(logging.Handler):
+        def emit(self, record):
+            errors.append(record.getMessage())
+
+    handler = _Errors(level=logging.ERROR)
+    tracer_mod.log.addHandler(handler)
+    try:
+        if not compiled:
+            for name in ("statement_spans", "simple_spans", "kept_run"):
+                monkeypatch.setattr(otlp, name, None)
+        monkeypatch.setattr(spans_mod, "_rand", _ScriptedRandom(draws, seed))
+        tracer = tracer_mod.Tracer.__new__(tracer_mod.Tracer)
+        tracer.builder = SpanBuilder(resource=RESOURCE, sample_rate=rate, capture_parameters=False,
+                                     capture_literals=False, encode=True)
+        tracer._enricher = None
+        tracer._records_out = 0
+        conn = ConnState(_Info(), {"db.system.name": "postgresql"})
+        parsed = sqlcomment.STATS.parsed
+        out: list = []
+        for part in (records[: len(records) // 2], records[len(records) // 2:]):  # two hand-overs
+            tracer._build(conn, list(part), out)
+        return out, errors, sqlcomment.STATS.parsed - parsed
+    finally:
+        tracer_mod.log.removeHandler(handler)
+        monkeypatch.undo()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 50)), min_size=1, max_size=24),
+       st.sampled_from([1.0, 0.5]), st.lists(st.sampled_from([0, 1, 2**64 - 1, -1]), max_size=8),
+       st.integers(0, 100))
+def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed):
+    """Any mix of forms, repeated or not: the same spans, ids, errors and counts as without kept_run."""
+    records = [_record(kind, i) for kind, i in kinds]
+    got = _tracer_build(records, True, rate, draws, seed)
+    want = _tracer_build([_record(kind, i) for kind, i in kinds], False, rate, draws, seed)
+    assert got == want
+
+
+def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
+    from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=False, capture_literals=False,
+                          encode=True)
+    conn = ConnState(_Info(), {"db.system.name": "postgresql"})
+    first = [_record("ext", 0), _record("simple", 1)]
+    out: list = []
+    assert builder.kept(conn, first, 0, out) == (0, None)  # nothing kept yet
+    for rec in first:
+        builder.one(conn, rec, out)
+    out.clear()
+    again = [_record("ext", 2), _record("simple", 4), _record("simple", 7), _record("ext-plain", 6)]
+    assert builder.kept(conn, again, 0, out) == (3, None)  # up to the statement of a new shape
+    assert len(out) == 4 + 2 + 2
+    import random
+
+    from pgotel_proxy.tracing import spans as spans_mod
+
+    saved = spans_mod._rand
+    draws = iter([7, 8, -1])  # the third id of the extended statement cannot be encoded
+
+    class _Failing(random.Random):
+        def getrandbits(self, bits):
+            return next(draws, 9)
+
+    spans_mod._rand = _Failing()
+    try:
+        out.clear()
+        i, error = builder.kept(conn, again, 0, out)
+    finally:
+        spans_mod._rand = saved
+    assert (i, type(error)) == (0, OverflowError) and out == []  # none of its spans; the caller goes on at 1
+    conn.tx_parent = (1, 2, 1, None)  # inside a transaction span: the Python steps decide
+    assert builder.kept(conn, again, 1, out) == (1, None)
 
 
 def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_bad_input():

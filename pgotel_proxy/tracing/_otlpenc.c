@@ -330,81 +330,109 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 /* ---- statement_spans: a kept extended-protocol statement and its phases ---- */
 
 enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
-       F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_COUNT };
+       F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_PROTOCOL, F_SQL, F_STATEMENT_NAME, F_PORTAL, F_TAG, F_ROWS,
+       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_COUNT };
 static const char *record_fields[F_COUNT] = {
     "start_ns", "parse_start_ns", "parse_end_ns", "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact",
-    "exec_start_ns", "end_ns", "exec_exact", "status",
+    "exec_start_ns", "end_ns", "exec_exact", "status", "protocol", "sql", "statement_name", "portal", "tag", "rows",
+    "params", "results", "reused", "copy", "extra",
 };
-static PyTypeObject *record_type = NULL;
-static Py_ssize_t record_offsets[F_COUNT];
-static PyObject *py_64 = NULL;
+enum { C_END, C_TAG, C_ROWS, C_ERROR, C_COUNT };
+static const char *completion_fields[C_COUNT] = {"end_ns", "tag", "rows", "error"};
+static PyTypeObject *record_type = NULL, *completion_type = NULL;
+static Py_ssize_t record_offsets[F_COUNT], completion_offsets[C_COUNT];
+static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
 
-/* configure(Statement): where the fields statement_spans reads live. */
-static PyObject *
-configure(PyObject *self, PyObject *cls)
+static int
+slot_offsets(PyObject *cls, const char **names, int count, Py_ssize_t *offs)
 {
     if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "configure takes the record class");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "configure takes the record classes");
+        return -1;
     }
-    Py_ssize_t offs[F_COUNT];
-    for (int i = 0; i < F_COUNT; i++) {
-        PyObject *descr = PyObject_GetAttrString(cls, record_fields[i]);
+    for (int i = 0; i < count; i++) {
+        PyObject *descr = PyObject_GetAttrString(cls, names[i]);
         if (descr == NULL)
-            return NULL;
+            return -1;
         if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
             ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX_) {
             Py_DECREF(descr);
-            PyErr_Format(PyExc_TypeError, "configure: %s is not an object slot", record_fields[i]);
-            return NULL;
+            PyErr_Format(PyExc_TypeError, "configure: %s is not an object slot", names[i]);
+            return -1;
         }
         offs[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
         Py_DECREF(descr);
     }
+    return 0;
+}
+
+/* configure(Statement, Completion): where the fields statement_spans and kept_run read live. */
+static PyObject *
+configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t offs[F_COUNT], coffs[C_COUNT];
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "configure(Statement, Completion)");
+        return NULL;
+    }
+    if (slot_offsets(args[0], record_fields, F_COUNT, offs) < 0 ||
+        slot_offsets(args[1], completion_fields, C_COUNT, coffs) < 0)
+        return NULL;
     memcpy(record_offsets, offs, sizeof offs);
-    Py_INCREF(cls);
-    Py_XSETREF(record_type, (PyTypeObject *)cls);
+    memcpy(completion_offsets, coffs, sizeof coffs);
+    Py_INCREF(args[0]);
+    Py_XSETREF(record_type, (PyTypeObject *)args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(completion_type, (PyTypeObject *)args[1]);
     Py_RETURN_NONE;
 }
 
-static int
-read_ns(PyObject *rec, int field, unsigned long long *out)
+/* A record's slot (borrowed); NULL with AttributeError when unset. */
+static PyObject *
+field(PyObject *rec, int f)
 {
-    PyObject *v = *(PyObject **)((char *)rec + record_offsets[field]);
-    if (v == NULL) {
-        PyErr_Format(PyExc_AttributeError, "statement_spans: record has no %s", record_fields[field]);
-        return -1;
-    }
-    return ns_of(v, out);
+    PyObject *v = *(PyObject **)((char *)rec + record_offsets[f]);
+    if (v == NULL)
+        PyErr_Format(PyExc_AttributeError, "record has no %s", record_fields[f]);
+    return v;
 }
 
 static int
-read_flag(PyObject *rec, int field)
+read_ns(PyObject *rec, int f, unsigned long long *out)
 {
-    PyObject *v = *(PyObject **)((char *)rec + record_offsets[field]);
-    if (v == NULL) {
-        PyErr_Format(PyExc_AttributeError, "statement_spans: record has no %s", record_fields[field]);
-        return -1;
-    }
-    return PyObject_IsTrue(v);
+    PyObject *v = field(rec, f);
+    return v == NULL ? -1 : ns_of(v, out);
 }
 
-/* A span id from getrandbits(64), drawn again while it is zero (as spans._new_id). */
 static int
-draw_id(PyObject *getrandbits, unsigned char *out)
+read_flag(PyObject *rec, int f)
+{
+    PyObject *v = field(rec, f);
+    return v == NULL ? -1 : PyObject_IsTrue(v);
+}
+
+/* An id of n bytes from getrandbits(8 n), drawn again while it is zero (as spans._new_id). */
+static int
+draw_bytes(PyObject *getrandbits, unsigned char *out, size_t n)
 {
     for (;;) {
-        PyObject *v = PyObject_CallOneArg(getrandbits, py_64);
+        PyObject *v = PyObject_CallOneArg(getrandbits, n == 8 ? py_64 : py_128);
         if (v == NULL)
             return -1;
-        int r = id_bytes(v, out, 8);
+        int r = id_bytes(v, out, n);
         Py_DECREF(v);
         if (r < 0)
             return -1;
-        for (int i = 0; i < 8; i++)
+        for (size_t i = 0; i < n; i++)
             if (out[i])
                 return 0;
     }
+}
+
+static int
+draw_id(PyObject *getrandbits, unsigned char *out)
+{
+    return draw_bytes(getrandbits, out, 8);
 }
 
 static int
@@ -528,6 +556,9 @@ phase(PyObject *phase_parts, int which, int exact)
     return PyTuple_GET_ITEM(pair, exact ? 1 : 0);
 }
 
+static int extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *phase_parts,
+                          PyObject *rec, const Ctx *cp);
+
 static PyObject *
 statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -538,31 +569,40 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "parent_flags, child_flags, getrandbits)");
         return NULL;
     }
-    PyObject *out = args[0], *head = args[1], *phase_parts = args[3], *rec = args[4];
+    PyObject *rec = args[4];
     if (record_type == NULL || Py_TYPE(rec) != record_type) {
         PyErr_SetString(PyExc_TypeError, "statement_spans: rec is not a record of the configured class");
         return NULL;
     }
     Ctx c;
-    if (read_ctx(args + 5, &c) < 0)
+    if (read_ctx(args + 5, &c) < 0 || extended_spans(args[0], args[1], args[2], args[3], rec, &c) < 0)
         return NULL;
+    Py_RETURN_NONE;
+}
+
+/* statement_spans' work, for a checked record and its context. */
+static int
+extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *phase_parts, PyObject *rec,
+               const Ctx *cp)
+{
+    const Ctx c = *cp;
     unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end;
     if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_PARSE_START, &parse_start) < 0 ||
         read_ns(rec, F_PARSE_END, &parse_end) < 0 || read_ns(rec, F_BIND_START, &bind_start) < 0 ||
         read_ns(rec, F_BIND_END, &bind_end) < 0 || read_ns(rec, F_EXEC_START, &exec_start) < 0 ||
         read_ns(rec, F_END, &end) < 0)
-        return NULL;
+        return -1;
     int parse_exact = read_flag(rec, F_PARSE_EXACT), bind_exact = read_flag(rec, F_BIND_EXACT);
     int exec_exact = read_flag(rec, F_EXEC_EXACT);
     if (parse_exact < 0 || bind_exact < 0 || exec_exact < 0)
-        return NULL;
+        return -1;
     PyObject *st = *(PyObject **)((char *)rec + record_offsets[F_STATUS]);
     int skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
 
     unsigned char sid[8];
-    if (append_statement(out, head, args[2], &c, start,
+    if (append_statement(out, head, stmt_parts, &c, start,
                          end ? end : bind_end ? bind_end : parse_end ? parse_end : start, sid) < 0)
-        return NULL;
+        return -1;
     /* its phases (spans._observed_boundaries, SpanBuilder._phases) */
     unsigned long long later = bind_end ? bind_end : end;
     int parse_ok = parse_exact && (!later || parse_end < later);
@@ -571,16 +611,16 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (parse_start && parse_end &&
         ((parts = phase(phase_parts, 0, parse_ok)) == NULL ||
          append_child(out, head, parts, &c, sid, parse_start, parse_end) < 0))
-        return NULL;
+        return -1;
     if (bind_start && bind_end &&
         ((parts = phase(phase_parts, 1, bind_ok && (parse_ok || !parse_end))) == NULL ||
          append_child(out, head, parts, &c, sid, bind_start > parse_end ? bind_start : parse_end, bind_end) < 0))
-        return NULL;
+        return -1;
     if (exec_start && end && !skipped &&
         ((parts = phase(phase_parts, 2, exec_exact && (bind_ok || !bind_end))) == NULL ||
          append_child(out, head, parts, &c, sid, exec_start > bind_end ? exec_start : bind_end, end) < 0))
-        return NULL;
-    Py_RETURN_NONE;
+        return -1;
+    return 0;
 }
 
 /* simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
@@ -608,11 +648,219 @@ simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---- kept_run: a run of records of kept shapes, without a Python step each ---- */
+
+static int
+is_str(PyObject *v, PyObject *s)
+{
+    return v == s || (PyUnicode_CheckExact(v) && PyUnicode_Compare(v, s) == 0);
+}
+
+/* The context of a kept extended statement (its shape's third item, spans._kept_context):
+ * 1 spans with c filled, 0 no spans (not sampled), -2 the record is Python's, -1 an error. */
+static int
+kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
+{
+    if (fast == Py_False) { /* no context: a new root, sampled only when the rate is 1 */
+        if (!root_ok)
+            return -2;
+        if (draw_bytes(getrandbits, c->trace_id, 16) < 0)
+            return -1;
+        c->has_parent = 0;
+        c->ts = "";
+        c->ts_len = 0;
+        return 1;
+    }
+    if (!PyTuple_CheckExact(fast))
+        return -2;
+    if (PyTuple_GET_SIZE(fast) == 0)
+        return 0;
+    if (PyTuple_GET_SIZE(fast) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(fast, 2)))
+        return -2;
+    if (id_bytes(PyTuple_GET_ITEM(fast, 0), c->trace_id, 16) < 0 || id_bytes(PyTuple_GET_ITEM(fast, 1), c->parent, 8) < 0)
+        return -1;
+    c->has_parent = 1;
+    c->ts = PyBytes_AS_STRING(PyTuple_GET_ITEM(fast, 2));
+    c->ts_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(fast, 2));
+    return 1;
+}
+
+enum { KEPT_ROOT_OK = 1, KEPT_SIMPLE = 2, KEPT_PARAMS = 4 };
+
+/* One record: 1 done (spans appended), 0 the record is Python's, -1 an error. */
+static int
+kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
+         PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
+{
+    PyObject *protocol, *status, *copy, *extra;
+    if (Py_TYPE(rec) != record_type || (protocol = field(rec, F_PROTOCOL)) == NULL ||
+        (status = field(rec, F_STATUS)) == NULL || (copy = field(rec, F_COPY)) == NULL ||
+        (extra = field(rec, F_EXTRA)) == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None)
+        return 0;
+    if (is_str(protocol, s_extended)) {
+        PyObject *v[6];
+        for (int i = 0; i < 6; i++) {
+            static const int f[6] = {F_SQL, F_REUSED, F_TAG, F_ROWS, F_STATEMENT_NAME, F_PORTAL};
+            if ((v[i] = field(rec, f[i])) == NULL) {
+                PyErr_Clear();
+                return 0;
+            }
+        }
+        if (opts & KEPT_PARAMS) {
+            PyObject *params = field(rec, F_PARAMS);
+            if (params == NULL || (params != Py_None && PyObject_IsTrue(params) != 0)) {
+                PyErr_Clear();
+                return 0;
+            }
+        }
+        PyObject *key = PyTuple_Pack(7, v[0], v[1], v[2], v[3], v[4], v[5], app);
+        if (key == NULL)
+            return -1;
+        PyObject *hit = PyDict_GetItemWithError(shapes, key);
+        Py_DECREF(key);
+        if (hit == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3)
+            return 0;
+        Py_INCREF(hit);
+        int r = kept_context(PyTuple_GET_ITEM(hit, 2), opts & KEPT_ROOT_OK, c->getrandbits, c);
+        if (r == 1)
+            r = extended_spans(out, head, PyTuple_GET_ITEM(hit, 1), phase_parts, rec, c);
+        Py_DECREF(hit);
+        return r == -2 ? 0 : r < 0 ? -1 : 1;
+    }
+    if (!(opts & KEPT_SIMPLE) || !is_str(protocol, s_simple))
+        return 0;
+    PyObject *results = field(rec, F_RESULTS), *sql = field(rec, F_SQL);
+    if (results == NULL || sql == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!PyList_CheckExact(results) || PyList_GET_SIZE(results) != 1 || !PyUnicode_CheckExact(sql))
+        return 0;
+    PyObject *res = PyList_GET_ITEM(results, 0);
+    if (Py_TYPE(res) != completion_type)
+        return 0;
+    PyObject *tag = *(PyObject **)((char *)res + completion_offsets[C_TAG]);
+    PyObject *rows = *(PyObject **)((char *)res + completion_offsets[C_ROWS]);
+    PyObject *error = *(PyObject **)((char *)res + completion_offsets[C_ERROR]);
+    PyObject *res_end = *(PyObject **)((char *)res + completion_offsets[C_END]);
+    if (tag == NULL || rows == NULL || error != Py_None || res_end == NULL)
+        return 0;
+    PyObject *q = PyObject_CallOneArg(statement_key, sql);
+    if (q == NULL)
+        return -1;
+    int r = 0;
+    if (PyTuple_CheckExact(q) && PyTuple_GET_SIZE(q) == 5) {
+        PyObject *key = PyTuple_Pack(4, PyTuple_GET_ITEM(q, 0), tag, rows, app);
+        PyObject *hit = key == NULL ? NULL : PyDict_GetItemWithError(shapes, key);
+        Py_XDECREF(key);
+        if (hit == NULL)
+            r = PyErr_Occurred() ? -1 : 0;
+        else if (PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3 && PyBytes_Check(PyTuple_GET_ITEM(hit, 2))) {
+            Py_INCREF(hit);
+            long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
+            unsigned long long start, end;
+            r = 1;
+            if (flags == -1 && PyErr_Occurred())
+                r = -1;
+            else if (flags & 1) {
+                PyObject *parts = PyTuple_GET_ITEM(hit, 0);
+                unsigned char sid[8];
+                c->has_parent = 1;
+                c->ts = PyBytes_AS_STRING(PyTuple_GET_ITEM(hit, 2));
+                c->ts_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(hit, 2));
+                if (id_bytes(PyTuple_GET_ITEM(q, 1), c->trace_id, 16) < 0 ||
+                    id_bytes(PyTuple_GET_ITEM(q, 2), c->parent, 8) < 0 || read_ns(rec, F_START, &start) < 0 ||
+                    ns_of(res_end, &end) < 0 || (!end && read_ns(rec, F_END, &end) < 0) ||
+                    append_statement(out, head, parts, c, start, end, sid) < 0 ||
+                    append_child(out, head, exec_parts, c, sid, start, end) < 0)
+                    r = -1;
+            }
+            if (r == 1)
+                (*parsed)++;
+            Py_DECREF(hit);
+        }
+    }
+    Py_DECREF(q);
+    return r;
+}
+
+/* kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
+ *          getrandbits, statement_key, opts) -> (next, parsed, error) */
+static PyObject *
+kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 13 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
+        !PyList_Check(args[2]) || !PyDict_CheckExact(args[4]) || !PyTuple_Check(args[6]) ||
+        PyTuple_GET_SIZE(args[6]) != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, "
+                        "child_flags, getrandbits, statement_key, opts)");
+        return NULL;
+    }
+    if (record_type == NULL || completion_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "kept_run: configure() first");
+        return NULL;
+    }
+    PyObject *out = args[0], *records = args[2];
+    Py_ssize_t i = PyLong_AsSsize_t(args[3]);
+    long opts = PyLong_AsLong(args[12]);
+    if ((i == -1 || opts == -1) && PyErr_Occurred())
+        return NULL;
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.parent_flags = PyLong_AsUnsignedLong(args[8]);
+    c.child_flags = PyLong_AsUnsignedLong(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    c.getrandbits = args[10];
+    Py_ssize_t parsed = 0;
+    PyObject *error = NULL;
+    for (; i >= 0 && i < PyList_GET_SIZE(records); i++) {
+        Py_ssize_t mark = PyList_GET_SIZE(out);
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        Py_INCREF(rec);
+        int r = kept_one(out, args[1], rec, args[4], args[5], args[6], args[7], &c, args[11], opts, &parsed);
+        Py_DECREF(rec);
+        if (r == 0)
+            break;
+        if (r < 0) { /* this record's spans go; the caller logs the error and goes on */
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, &error, &tb);
+            PyErr_NormalizeException(&type, &error, &tb);
+            if (tb != NULL && error != NULL)
+                PyException_SetTraceback(error, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0) {
+                Py_XDECREF(error);
+                return NULL;
+            }
+            if (error == NULL) {
+                Py_INCREF(Py_None);
+                error = Py_None;
+            }
+            break;
+        }
+    }
+    PyObject *ret = Py_BuildValue("(nnO)", i, parsed, error != NULL ? error : Py_None);
+    Py_XDECREF(error);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"span_field", (PyCFunction)(void (*)(void))span_field, METH_FASTCALL, "One span as an encoded ScopeSpans.spans field."},
     {"local_children", (PyCFunction)(void (*)(void))local_children, METH_FASTCALL,
      "Child spans of one parent as ScopeSpans.spans fields, appended to a list."},
-    {"configure", (PyCFunction)configure, METH_O, "Where the record fields statement_spans reads live."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "Where the record fields statement_spans and kept_run read live."},
+    {"kept_run", (PyCFunction)(void (*)(void))kept_run, METH_FASTCALL,
+     "Spans of a run of records whose shapes are kept, up to the first that needs the Python steps."},
     {"statement_spans", (PyCFunction)(void (*)(void))statement_spans, METH_FASTCALL,
      "A kept extended-protocol statement's span and its phase spans, appended to a list."},
     {"simple_spans", (PyCFunction)(void (*)(void))simple_spans, METH_FASTCALL,
@@ -629,7 +877,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__otlpenc(void)
 {
-    if (py_64 == NULL && (py_64 = PyLong_FromLong(64)) == NULL)
+    if ((py_64 == NULL && (py_64 = PyLong_FromLong(64)) == NULL) ||
+        (py_128 == NULL && (py_128 = PyLong_FromLong(128)) == NULL) ||
+        (s_ok == NULL && (s_ok = PyUnicode_InternFromString("ok")) == NULL) ||
+        (s_extended == NULL && (s_extended = PyUnicode_InternFromString("extended")) == NULL) ||
+        (s_simple == NULL && (s_simple = PyUnicode_InternFromString("simple")) == NULL))
         return NULL;
     return PyModule_Create(&module);
 }

@@ -679,7 +679,8 @@ COMPILED = False
 # CHILD_FLAGS, getrandbits): a kept extended statement's span and phases in one call (see _otlpenc.c);
 # simple_spans(...): the same for a kept simple statement (its span and its execute child).
 # None without the compiled module, and the span builder takes its Python steps instead.
-statement_spans = simple_spans = None
+# kept_run(...): the spans of a run of records whose shapes are kept (SpanBuilder.kept).
+statement_spans = simple_spans = kept_run = None
 configure_records = None
 PARENT_FLAGS, CHILD_FLAGS = _IS_REMOTE, _HAS_IS_REMOTE
 _span_field = _span_field_py
@@ -696,6 +697,6 @@ if not os.environ.get("PGOTEL_PURE_PYTHON"):
         pass
     else:
         try:  # a build older than statement_spans still serves the rest
-            from ._otlpenc import configure as configure_records, simple_spans, statement_spans  # noqa: F811
+            from ._otlpenc import configure as configure_records, kept_run, simple_spans, statement_spans  # noqa: F811
         except ImportError:
             pass

@@ -212,6 +212,28 @@ class SpanBuilder:
             return self._transaction(conn, out)
         return []
 
+    def kept(self, conn: ConnState, records: list, i: int, out: list) -> tuple[int, BaseException | None]:
+        """Spans of ``records[i:]`` in one compiled call while their shapes are kept (``otlp.kept_run``).
+
+        Returns the index of the first record left for :meth:`one` (a shape not kept
+        yet, a context the compiled loop does not take, the end) and, when building that
+        record failed, its error (its spans are not in ``out``). The spans and the ids
+        drawn are what :meth:`one` would make. It runs only where a kept statement's
+        context cannot depend on the connection: no session carrier, no transaction
+        span, no ``SET`` waiting for its transaction's end.
+        """
+        if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
+                or conn.saved is not None or conn.carrier_local or type(records) is not list):
+            return i, None
+        opts = ((1 if self.sample_rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
+                | (4 if self.capture_parameters else 0))
+        i, parsed, error = otlp.kept_run(out, self._head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
+                                         _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
+                                         _rand.getrandbits, statement_key, opts)
+        if parsed:
+            sqlcomment.STATS.parsed += parsed
+        return i, error
+
     def one(self, conn: ConnState, rec: Statement, out: list) -> None:
         """Append the spans of ``rec`` alone: :meth:`build` without transaction spans, groups or counting."""
         if rec.protocol == "extended":
@@ -311,7 +333,7 @@ class SpanBuilder:
             shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
             hit = conn.shapes.get(shape)
             if hit is not None:
-                comment, parts = hit
+                comment, parts = hit[0], hit[1]
                 if comment is not None and comment.invalid_traceparent:
                     STATS.sqlcomment_invalid_traceparent += 1
                 ctx = self._context(conn, comment)
@@ -368,7 +390,8 @@ class SpanBuilder:
             self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
                        attrs, status, _links(conn, parent_id))
             if shape is not None and not may_set_carrier(text):
-                self._keep_shape(conn, shape, (comment, otlp.span_parts(name, _SERVER, attrs, status)))
+                self._keep_shape(conn, shape, (comment, otlp.span_parts(name, _SERVER, attrs, status),
+                                               _kept_context(comment)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
 
@@ -429,7 +452,7 @@ class SpanBuilder:
                 hit = conn.shapes.get(key)
                 if hit is not None:
                     sqlcomment.STATS.parsed += 1
-                    parts, tracestate = hit
+                    parts, tracestate = hit[0], hit[1]
                     ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
                     self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
@@ -484,7 +507,8 @@ class SpanBuilder:
                     parts = otlp.span_parts(name, _SERVER, attrs, span_status)
                     self._keep_shape(conn, shape, (info, parts))
                     if keyed is not None and _keyed_comment(keyed, raw, comment):
-                        self._keep_shape(conn, keyed[0], (parts, comment.context.tracestate))
+                        tracestate = comment.context.tracestate
+                        self._keep_shape(conn, keyed[0], (parts, tracestate, otlp.trace_state_field(tracestate)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
             start = res.end_ns or start
             if last:
@@ -576,6 +600,26 @@ _INTERNAL = SpanKind.INTERNAL
 _SERVER = SpanKind.SERVER
 
 
+def _kept_context(comment) -> tuple | bool | None:
+    """A kept extended statement's context as the compiled loop (``otlp.kept_run``) takes it.
+
+    ``(trace_id, span_id, trace_state_field)`` for a sampled context, ``()`` for an
+    unsampled one (no spans), ``False`` for none (a new root under the sample rate: the
+    loop runs only on connections without a carrier or transaction parent), ``None`` when
+    the Python steps must see the statement (an invalid traceparent is counted there).
+    """
+    if comment is None:
+        return False
+    if comment.invalid_traceparent:
+        return None
+    ctx = comment.context
+    if ctx is None:
+        return False
+    if not ctx.sampled:
+        return ()
+    return (ctx.trace_id, ctx.span_id, otlp.trace_state_field(ctx.tracestate))
+
+
 def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
     """Whether the comment found in ``raw`` is the one its statement key stands for.
 
@@ -605,7 +649,7 @@ _PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {
 }
 _PHASE_TRIPLE = (_PHASE_PARTS["parse"], _PHASE_PARTS["plan"], _PHASE_PARTS["execute"])  # otlp.statement_spans' order
 if otlp.statement_spans is not None:
-    otlp.configure_records(Statement)
+    otlp.configure_records(Statement, Completion)
 
 
 def _status(status: str, error, attrs: dict) -> Status:

@@ -226,14 +226,23 @@ class Tracer:
             # Nothing joins per-record span runs and no transaction holds records:
             # straight to the per-statement builder (what build() would call).
             STATS.statements += len(records)
-            one = builder.one
-            for rec in records:
+            one, kept = builder.one, builder.kept
+            i, n = 0, len(records)
+            while i < n:
+                i, error = kept(state, records, i, spans)  # statements of kept shapes, in one call
+                if error is not None:
+                    log.error("could not build a span", exc_info=error)
+                    i += 1
+                    continue
+                if i >= n:
+                    break
                 mark = len(spans)
                 try:
-                    one(state, rec, spans)
+                    one(state, records[i], spans)
                 except Exception:  # one odd statement must not stop the thread
                     log.exception("could not build a span")
                     del spans[mark:]
+                i += 1
             return
         build = builder.build
         for rec in records:
