@@ -459,3 +459,37 @@ def test_records_of_a_real_exchange_pack_and_come_back():
     assert [r.protocol for r in recs] == ["extended", "simple"] and len(recs[1].results) == 2
     assert [_fields(r) for r in session_mod.unpack_records(session_mod.pack_records(recs))] == [
         _fields(r) for r in recs]
+
+
+def test_a_text_repeated_in_a_batch_is_sent_once_and_comes_back_shared():
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+    recs = [Statement("extended", sql, statement_name="P0_1", status="ok", tag="SELECT 1", rows=1, tx_status="I")
+            for _ in range(50)]
+    packed = session_mod.pack_records(recs)
+    assert packed.count(sql.encode()) == 1
+    back = session_mod.unpack_records(packed)
+    assert back[0].sql == sql and all(r.sql is back[0].sql and r.tag == "SELECT 1" for r in back)
+    # A reference to a text not read yet is damage, not a guess.
+    one = session_mod.pack_records(recs[:1])
+    at = 4 + 2 + 8 * 8  # the record's first text: its SQL
+    assert one[at:at + 4] == len(sql).to_bytes(4, "little")
+    forward = one[:at] + b"\xfe\xff\xff\xff" + (0).to_bytes(4, "little") + one[at + 4 + len(sql):]
+    with pytest.raises(ValueError):
+        session_mod.unpack_records(forward)
+
+
+def test_repeated_texts_decode_to_what_was_sent():
+    """Texts of one length and one beginning and end, bytes that are not UTF-8: each record has its own text."""
+    from test_protocol_session import Bind, Execute, Parse, msg, ready_session
+
+    texts = [f"SELECT {i:04d} /* {'x' * 60} */" for i in range(700)] + ["SELECT 'caf\xe9'", "SELECT 1"] * 3
+    s = ready_session()
+    for n, text in enumerate(texts):
+        s.client_data(Parse(text, "") + Bind("", "", ()) + Execute() + msg(b"S"), 10 * n + 1)
+        s.server_observe(msg(b"1") + msg(b"2") + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"), 10 * n + 5)
+    raw = msg(b"P", b"\x00SELECT \xff\x00\x00\x00") + msg(b"S")  # not UTF-8
+    s.client_data(raw, 99999)
+    s.server_observe(msg(b"1") + msg(b"Z", b"I"), 100000)
+    recs = s.take_completed()
+    assert [r.sql for r in recs] == texts + ["SELECT \ufffd"]
+    assert all(r.tag == "SELECT 1" for r in recs[:-1])

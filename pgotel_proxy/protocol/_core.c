@@ -245,6 +245,51 @@ int_true(PyObject *v)
 }
 
 /* A NUL-terminated name inside [pos, end): decoded as Session does, *next set after the NUL. */
+/* Texts that repeat on the wire (statement texts of Parse, statement and portal names, command
+ * tags) decoded once: a direct-mapped table of recent ASCII texts, matched on their bytes. A
+ * repeated text comes back as the same object, so its hash is computed once wherever it is a
+ * key, and pack() sends it once per batch. Texts with other bytes are decoded every time. */
+#define TEXT_SLOTS 512
+#define TEXT_MAX 4096
+static PyObject *text_cache[TEXT_SLOTS];
+
+static PyObject *
+decode_text(const unsigned char *s, Py_ssize_t len, int ascii)
+{
+    return ascii ? PyUnicode_DecodeASCII((const char *)s, len, "replace")
+                 : PyUnicode_DecodeUTF8((const char *)s, len, "replace");
+}
+
+/* ascii: decoded as Python decodes command tags (each other byte replaced); else as UTF-8. */
+static PyObject *
+cached_text(const unsigned char *s, Py_ssize_t len, int ascii)
+{
+    if (len == 0) {
+        Py_INCREF(str_empty);
+        return str_empty;
+    }
+    if (len > TEXT_MAX)
+        return decode_text(s, len, ascii);
+    unsigned long long h = (unsigned long long)len * 0x9E3779B97F4A7C15ull;
+    Py_ssize_t head = len < 24 ? len : 24;
+    for (Py_ssize_t i = 0; i < head; i++)
+        h = (h ^ s[i]) * 0x100000001B3ull;
+    for (Py_ssize_t i = len - 40 > head ? len - 40 : head; i < len; i++)
+        h = (h ^ s[i]) * 0x100000001B3ull;
+    PyObject **slot = &text_cache[(h >> 32) % TEXT_SLOTS];
+    PyObject *e = *slot;
+    if (e != NULL && PyUnicode_GET_LENGTH(e) == len && memcmp(PyUnicode_1BYTE_DATA(e), s, (size_t)len) == 0) {
+        Py_INCREF(e);
+        return e;
+    }
+    PyObject *v = decode_text(s, len, ascii);
+    if (v != NULL && PyUnicode_IS_COMPACT_ASCII(v) && PyUnicode_GET_LENGTH(v) == len) {
+        Py_INCREF(v);
+        Py_XSETREF(*slot, v);
+    }
+    return v;
+}
+
 static PyObject *
 cstr(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t *next)
 {
@@ -253,11 +298,7 @@ cstr(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t *next)
         return NULL; /* no exception set: the caller bails */
     Py_ssize_t len = nul - (p + pos);
     *next = pos + len + 1;
-    if (len == 0) {
-        Py_INCREF(str_empty);
-        return str_empty;
-    }
-    return PyUnicode_DecodeUTF8((const char *)p + pos, len, "replace");
+    return cached_text(p + pos, len, 0);
 }
 
 static int
@@ -898,7 +939,7 @@ server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyObject *tag = NULL, *rowsobj = NULL;
             if (total == -1 && PyErr_Occurred())
                 goto c_fail;
-            tag = PyUnicode_DecodeASCII((const char *)p + start, end - 1 - start, "replace");
+            tag = cached_text(p + start, end - 1 - start, 1);
             rowsobj = tag ? PyLong_FromLong(total + rows) : NULL;
             if (rowsobj == NULL)
                 goto c_fail;
@@ -974,15 +1015,25 @@ out:
  * i64 (start_ns, parse_start_ns, parse_end_ns, bind_start_ns, bind_end_ns,
  * exec_start_ns, end_ns, rows), seven strings (sql, statement_name, portal,
  * status, tag, copy, tx_status: u32 length, 0xFFFFFFFF for None, then
- * UTF-8), and the results (u32 count, 0xFFFFFFFF for None; per result i64
+ * UTF-8; or 0xFFFFFFFE and u32 k for the same object as the k-th string of at
+ * least P_REF_MIN bytes written in full before it in this data), and the results (u32 count, 0xFFFFFFFF for None; per result i64
  * end_ns, a string tag, i64 rows). The data starts with u32 count.
  */
 
 #define P_NONE 0xFFFFFFFFu
+#define P_REF 0xFFFFFFFEu /* then u32 k: the k-th string of at least P_REF_MIN bytes written in full */
+#define P_REF_MIN 8
+#define P_REF_SLOTS 64
 
 typedef struct {
     unsigned char *buf;
     Py_ssize_t len, cap;
+    /* strings written in full, by identity (the records hold them during pack) */
+    struct {
+        PyObject *obj;
+        unsigned long k;
+    } refs[P_REF_SLOTS];
+    unsigned long written;
 } wbuf;
 
 static int
@@ -1046,8 +1097,15 @@ w_str(wbuf *w, PyObject *v)
         PyErr_Clear(); /* lone surrogates: marshal carries them */
         return 0;
     }
-    if (n >= (Py_ssize_t)P_NONE)
+    if (n >= (Py_ssize_t)P_REF)
         return 0;
+    if (n >= P_REF_MIN) {
+        size_t slot = ((size_t)v >> 4) % P_REF_SLOTS;
+        if (w->refs[slot].obj == v)
+            return w_u32(w, P_REF) < 0 || w_u32(w, w->refs[slot].k) < 0 ? -1 : 1;
+        w->refs[slot].obj = v;
+        w->refs[slot].k = w->written++;
+    }
     if (w_u32(w, (unsigned long)n) < 0 || w_reserve(w, n) < 0)
         return -1;
     memcpy(w->buf + w->len, s, (size_t)n);
@@ -1126,7 +1184,8 @@ pack(PyObject *self, PyObject *records)
 {
     if (!configured || !PyList_CheckExact(records))
         Py_RETURN_NONE;
-    wbuf w = {NULL, 0, 0};
+    wbuf w;
+    memset(&w, 0, sizeof w);
     Py_ssize_t n = PyList_GET_SIZE(records);
     PyObject *res = NULL;
     if (w_u32(&w, (unsigned long)n) < 0)
@@ -1150,6 +1209,7 @@ done:
 typedef struct {
     const unsigned char *p;
     Py_ssize_t pos, n;
+    PyObject *written; /* list: the strings of at least P_REF_MIN bytes read in full */
 } rbuf;
 
 static int
@@ -1194,22 +1254,40 @@ r_str(rbuf *r)
         return NULL;
     if (len == P_NONE)
         Py_RETURN_NONE;
+    if (len == P_REF) {
+        unsigned long k;
+        if (r_u32(r, &k) < 0)
+            return NULL;
+        if ((Py_ssize_t)k >= PyList_GET_SIZE(r->written)) {
+            PyErr_SetString(PyExc_ValueError, "unpack: reference to a string not read yet");
+            return NULL;
+        }
+        PyObject *v = PyList_GET_ITEM(r->written, (Py_ssize_t)k);
+        Py_INCREF(v);
+        return v;
+    }
     if (r_need(r, (Py_ssize_t)len) < 0)
         return NULL;
     const char *s = (const char *)r->p + r->pos;
     r->pos += (Py_ssize_t)len;
     PyObject *known[] = {str_empty, str_ok, str_error, str_pending, str_prepared, str_skipped,
                          str_tx[0], str_tx[1], str_tx[2]};
+    PyObject *v = NULL;
     if (len <= 8) {
         for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
             if ((unsigned long)PyUnicode_GET_LENGTH(known[i]) == len &&
                 memcmp(PyUnicode_1BYTE_DATA(known[i]), s, len) == 0) {
-                Py_INCREF(known[i]);
-                return known[i];
+                v = known[i];
+                Py_INCREF(v);
+                break;
             }
         }
     }
-    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, NULL);
+    if (v == NULL)
+        v = PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, NULL);
+    if (v != NULL && len >= P_REF_MIN && PyList_Append(r->written, v) < 0) /* as pack counts them */
+        Py_CLEAR(v);
+    return v;
 }
 
 static PyObject *
@@ -1280,8 +1358,10 @@ unpack(PyObject *self, PyObject *arg)
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    rbuf r = {(const unsigned char *)view.buf, 0, view.len};
+    rbuf r = {(const unsigned char *)view.buf, 0, view.len, PyList_New(0)};
     PyObject *list = NULL;
+    if (r.written == NULL)
+        goto done;
     unsigned long n;
     if (r_u32(&r, &n) < 0)
         goto done;
@@ -1305,6 +1385,7 @@ unpack(PyObject *self, PyObject *arg)
         Py_CLEAR(list);
     }
 done:
+    Py_XDECREF(r.written);
     PyBuffer_Release(&view);
     return list;
 }
