@@ -126,7 +126,8 @@ blank(const unsigned char *p, Py_ssize_t n, unsigned char *out)
 
 /* Whether a literal-blind key may stand for the code p[0:n] whose literals blanked are
  * b[0:m] (shape.blank_code): no backslash or \x01 in the code; outside its literals no
- * quote (one left open), dollar sign, double quote, "--", comment opener, U& or typed or prefixed
+ * quote (one left open), dollar sign (but a parameter: "$" and a digit), double quote, "--", comment opener,
+ * U& or typed or prefixed
  * string (E'', B'', X'', N'' not after [\w$]). */
 static int
 code_safe(const unsigned char *p, Py_ssize_t n, const unsigned char *b, Py_ssize_t m)
@@ -135,8 +136,8 @@ code_safe(const unsigned char *p, Py_ssize_t n, const unsigned char *b, Py_ssize
         return 0;
     for (Py_ssize_t i = 0; i < m; i++) {
         unsigned char c = b[i];
-        if (c == '\'' || c == '$' || c == '"')
-            return 0;
+        if (c == '\'' || c == '"' || (c == '$' && !(i + 1 < m && is_digit(b[i + 1]))))
+            return 0; /* $ before a digit is a parameter ($1), never a dollar quote */
         if ((c == '-' || c == '/') && i + 1 < m && b[i + 1] == (c == '-' ? '-' : '*'))
             return 0;
         if (c == 1 && i > 0 && memchr("eEbBxXnN", b[i - 1], 8) != NULL &&

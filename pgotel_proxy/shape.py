@@ -30,9 +30,10 @@ __all__ = ["SHAPE_LITERAL", "blank_code", "blind", "blind_py", "statement_key", 
 #: Plain string and number literals: what a literal-blind key blanks.
 SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
 #: What a literal-blind key cannot stand for, outside the literals it blanked: a quote
-#: left open, dollar quotes, quoted identifiers, comments, Unicode escapes, typed or
-#: prefixed strings (E'', B'', X'', N'': a prefix letter before a blanked literal).
-_BLANK_UNSAFE = re.compile(r"""['$"]|--|/\*|(?<![\w$])[eEbBxXnN]\x01|[uU]&""")
+#: left open, dollar quotes (a "$" not before a digit: "$1" is a parameter, and a dollar
+#: quote's tag never starts with a digit), quoted identifiers, comments, Unicode escapes,
+#: typed or prefixed strings (E'', B'', X'', N'': a prefix letter before a blanked literal).
+_BLANK_UNSAFE = re.compile(r"""['"]|\$(?![0-9])|--|/\*|(?<![\w$])[eEbBxXnN]\x01|[uU]&""")
 _TP_TAG = "traceparent='"
 _TP_VALUE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 #: Longest statement given a key (sqlcomment's shape limit).

@@ -212,8 +212,12 @@ def _record(kind: str, i: int):
         error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
         return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="error" if error else "ok",
                          tx_status="I", results=[Completion(t + 40 if i % 2 else 0, "SELECT 1", i % 3, error)])
+    own = f"00-{i + 1:032x}-{i + 7:016x}-0{1 if kind == 'ext-own' else 0}"  # a traceparent of its own
     sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
-           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0]}[kind]
+           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0],
+           "ext-own": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
+           "ext-own-unsampled": f"SELECT * FROM t WHERE id = $1 /*traceparent='{own}'*/",
+           "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/"}[kind]
     return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
                      bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
                      exec_exact=True, status="ok", tag="SELECT 1", rows=1, tx_status="I",
@@ -221,7 +225,7 @@ def _record(kind: str, i: int):
 
 
 _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "ext-unsampled", "ext-plain",
-          "ext-tracestate", "ext-reused")
+          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate")
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed):
@@ -290,6 +294,12 @@ def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
     again = [_record("ext", 2), _record("simple", 4), _record("simple", 7), _record("ext-plain", 6)]
     assert builder.kept(conn, again, 0, out) == (3, None)  # up to the statement of a new shape
     assert len(out) == 4 + 2 + 2
+    own = [_record("ext-own", i) for i in (0, 2, 4)]  # one shape, a new traceparent each time
+    builder.one(conn, own[0], out)
+    out.clear()
+    assert builder.kept(conn, own, 1, out) == (3, None) and len(out) == 8
+    for span, trace_id in zip(out[::4], (3, 5)):  # in their own traces
+        assert b"\x0a\x10" + trace_id.to_bytes(16, "big") in span[2]
     import random
 
     from pgotel_proxy.tracing import spans as spans_mod

@@ -122,7 +122,9 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
     f"SELECT E'a' /*traceparent='{TP}'*/",  # a prefixed string
     f"SELECT X'1f' /*traceparent='{TP}'*/",
     f"SELECT $$a$$ /*traceparent='{TP}'*/",  # dollar quotes
-    f"SELECT $1 /*traceparent='{TP}'*/",
+    f"SELECT $a$x$a$ /*traceparent='{TP}'*/",
+    f"SELECT $1$a$ /*traceparent='{TP}'*/",  # a parameter, then a dollar quote
+    f"SELECT $ 1 /*traceparent='{TP}'*/",
     f'SELECT "a" /*traceparent=\'{TP}\'*/',  # a quoted identifier
     f"SELECT 1 -- a\n/*traceparent='{TP}'*/",  # a line comment
     f"SELECT 'a\\' /*traceparent='{TP}'*/",  # a backslash
@@ -141,6 +143,17 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
 def test_texts_a_key_cannot_stand_for_have_none(sql):
     assert shape.statement_key(sql) is None
     assert shape.statement_key_py(sql) is None
+
+
+def test_parameters_share_a_key_across_trace_contexts():
+    """Extended-protocol texts ($1, $2) are keyed: "$" before a digit never opens a dollar quote."""
+    a = f"SELECT * FROM t WHERE id = $1 AND n > $12 AND s = 'x' /*traceparent='{TP}'*/"
+    b = f"SELECT * FROM t WHERE id = $1 AND n > $12 AND s = 'y' /*traceparent='{TP2}'*/"
+    assert _key(a) is not None and _key(a) == _key(b) and "$1 AND n > $12" in _key(a)
+    assert shape.statement_key_py(a) == shape.statement_key(a)
+    assert _key(a) != _key(a.replace("$12", "$13"))
+    assert sqlinfo.analyze_many(sqlcomment.parse(a).stripped_sql) == sqlinfo.analyze_many(
+        sqlcomment.parse(b).stripped_sql)
 
 
 def test_blank_code_blanks_only_what_lexes_as_one_token():

@@ -411,22 +411,33 @@ read_flag(PyObject *rec, int f)
     return v == NULL ? -1 : PyObject_IsTrue(v);
 }
 
-/* An id of n bytes from getrandbits(8 n), drawn again while it is zero (as spans._new_id). */
+/* `getrandbits(bits) or _new_id(bits)` as the span builder writes it: the first draw that is
+ * true (a new reference). Ids are drawn as Python draws them and only then encoded, so that
+ * both take the same draws whatever comes out of them. */
+static PyObject *
+draw_obj(PyObject *getrandbits, PyObject *bits)
+{
+    for (;;) {
+        PyObject *v = PyObject_CallOneArg(getrandbits, bits);
+        if (v == NULL)
+            return NULL;
+        int t = PyObject_IsTrue(v);
+        if (t != 0)
+            return t < 0 ? (Py_DECREF(v), NULL) : v;
+        Py_DECREF(v);
+    }
+}
+
+/* An id of n (8 or 16) bytes from draw_obj. */
 static int
 draw_bytes(PyObject *getrandbits, unsigned char *out, size_t n)
 {
-    for (;;) {
-        PyObject *v = PyObject_CallOneArg(getrandbits, n == 8 ? py_64 : py_128);
-        if (v == NULL)
-            return -1;
-        int r = id_bytes(v, out, n);
-        Py_DECREF(v);
-        if (r < 0)
-            return -1;
-        for (size_t i = 0; i < n; i++)
-            if (out[i])
-                return 0;
-    }
+    PyObject *v = draw_obj(getrandbits, n == 8 ? py_64 : py_128);
+    if (v == NULL)
+        return -1;
+    int r = id_bytes(v, out, n);
+    Py_DECREF(v);
+    return r;
 }
 
 static int
@@ -511,16 +522,18 @@ read_ctx(PyObject *const *a, Ctx *c)
     return 0;
 }
 
-/* A span from parts with a freshly drawn id (written to id), appended to out as head + (field,). */
+/* A span from parts appended to out as head + (field,), with the id in id, or a freshly drawn one
+ * written there (drawn: id_obj NULL). */
 static int
-append_drawn(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *parent,
-             unsigned long flags, unsigned long long start, unsigned long long end, unsigned char *id)
+append_span(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *parent,
+            unsigned long flags, unsigned long long start, unsigned long long end, PyObject *id_obj,
+            unsigned char *id)
 {
     const char *name, *attrs, *status;
     Py_ssize_t name_len, attrs_len, status_len;
     long kind;
     if (parts_of(parts, &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0 ||
-        draw_id(c->getrandbits, id) < 0)
+        (id_obj == NULL ? draw_id(c->getrandbits, id) : id_bytes(id_obj, id, 8)) < 0)
         return -1;
     return append_field(out, head, build_field(c->trace_id, id, parent, c->ts, c->ts_len, name, name_len, kind,
                                                start, end, flags, attrs, attrs_len, status, status_len, "", 0));
@@ -531,17 +544,17 @@ static int
 append_statement(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, unsigned long long start,
                  unsigned long long end, unsigned char *sid)
 {
-    return append_drawn(out, head, parts, c, c->has_parent ? c->parent : NULL,
-                        c->has_parent ? c->parent_flags : c->child_flags, start, end, sid);
+    return append_span(out, head, parts, c, c->has_parent ? c->parent : NULL,
+                       c->has_parent ? c->parent_flags : c->child_flags, start, end, NULL, sid);
 }
 
-/* A local child of sid, ending no earlier than it starts. */
+/* A local child of sid, ending no earlier than it starts; its id id_obj, or drawn when NULL. */
 static int
 append_child(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *sid,
-             unsigned long long start, unsigned long long end)
+             unsigned long long start, unsigned long long end, PyObject *id_obj)
 {
     unsigned char id[8];
-    return append_drawn(out, head, parts, c, sid, c->child_flags, start, end > start ? end : start, id);
+    return append_span(out, head, parts, c, sid, c->child_flags, start, end > start ? end : start, id_obj, id);
 }
 
 /* phase_parts[phase][exact] */
@@ -603,24 +616,29 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
     if (append_statement(out, head, stmt_parts, &c, start,
                          end ? end : bind_end ? bind_end : parse_end ? parse_end : start, sid) < 0)
         return -1;
-    /* its phases (spans._observed_boundaries, SpanBuilder._phases) */
+    /* its phases (spans._observed_boundaries, SpanBuilder._phases): their ids drawn first, as there */
     unsigned long long later = bind_end ? bind_end : end;
     int parse_ok = parse_exact && (!later || parse_end < later);
     int bind_ok = bind_exact && (!end || bind_end < end);
-    PyObject *parts;
-    if (parse_start && parse_end &&
-        ((parts = phase(phase_parts, 0, parse_ok)) == NULL ||
-         append_child(out, head, parts, &c, sid, parse_start, parse_end) < 0))
-        return -1;
-    if (bind_start && bind_end &&
-        ((parts = phase(phase_parts, 1, bind_ok && (parse_ok || !parse_end))) == NULL ||
-         append_child(out, head, parts, &c, sid, bind_start > parse_end ? bind_start : parse_end, bind_end) < 0))
-        return -1;
-    if (exec_start && end && !skipped &&
-        ((parts = phase(phase_parts, 2, exec_exact && (bind_ok || !bind_end))) == NULL ||
-         append_child(out, head, parts, &c, sid, exec_start > bind_end ? exec_start : bind_end, end) < 0))
-        return -1;
-    return 0;
+    int has[3] = {parse_start && parse_end, bind_start && bind_end, exec_start && end && !skipped};
+    int exact[3] = {parse_ok, bind_ok && (parse_ok || !parse_end), exec_exact && (bind_ok || !bind_end)};
+    unsigned long long from[3] = {parse_start, bind_start > parse_end ? bind_start : parse_end,
+                                  exec_start > bind_end ? exec_start : bind_end};
+    unsigned long long to[3] = {parse_end, bind_end, end};
+    PyObject *ids[3] = {NULL, NULL, NULL};
+    int rc = 0;
+    for (int i = 0; i < 3 && rc == 0; i++)
+        if (has[i] && (ids[i] = draw_obj(c.getrandbits, py_64)) == NULL)
+            rc = -1;
+    for (int i = 0; i < 3 && rc == 0; i++) {
+        PyObject *parts;
+        if (has[i] && ((parts = phase(phase_parts, i, exact[i])) == NULL ||
+                       append_child(out, head, parts, &c, sid, from[i], to[i], ids[i]) < 0))
+            rc = -1;
+    }
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(ids[i]);
+    return rc;
 }
 
 /* simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
@@ -643,7 +661,7 @@ simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     unsigned char sid[8];
     if (append_statement(args[0], args[1], args[2], &c, start, end, sid) < 0 ||
-        append_child(args[0], args[1], args[3], &c, sid, start, end) < 0)
+        append_child(args[0], args[1], args[3], &c, sid, start, end, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -687,6 +705,76 @@ kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
 
 enum { KEPT_ROOT_OK = 1, KEPT_SIMPLE = 2, KEPT_PARAMS = 4 };
 
+/* The context of a keyed statement: trace and parent ids from its key q (shape.statement_key), its
+ * trace_state field from the shape kept, hit = (parts, tracestate, trace_state_field). */
+static int
+keyed_ctx(PyObject *q, PyObject *hit, Ctx *c)
+{
+    c->has_parent = 1;
+    c->ts = PyBytes_AS_STRING(PyTuple_GET_ITEM(hit, 2));
+    c->ts_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(hit, 2));
+    return id_bytes(PyTuple_GET_ITEM(q, 1), c->trace_id, 16) < 0 || id_bytes(PyTuple_GET_ITEM(q, 2), c->parent, 8) < 0
+               ? -1 : 0;
+}
+
+/* The kept shape of a keyed text: key its text (shape.statement_key) and look the shape up as
+ * (key text, *rest, app); hit is set (a new reference) to a (parts, tracestate, trace_state_field)
+ * found, *q to the key. 1 found, 0 not (the record is Python's), -1 an error. */
+static int
+keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_ssize_t nrest, PyObject *app,
+             PyObject *shapes, PyObject **q, PyObject **hit)
+{
+    *hit = NULL;
+    *q = PyObject_CallOneArg(statement_key, sql);
+    if (*q == NULL)
+        return -1;
+    if (!PyTuple_CheckExact(*q) || PyTuple_GET_SIZE(*q) != 5)
+        return 0;
+    PyObject *key = PyTuple_New(nrest + 2);
+    if (key == NULL)
+        return -1;
+    PyObject *items[8];
+    items[0] = PyTuple_GET_ITEM(*q, 0);
+    for (Py_ssize_t i = 0; i < nrest; i++)
+        items[i + 1] = rest[i];
+    items[nrest + 1] = app;
+    for (Py_ssize_t i = 0; i < nrest + 2; i++) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(key, i, items[i]);
+    }
+    PyObject *h = PyDict_GetItemWithError(shapes, key);
+    Py_DECREF(key);
+    if (h == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(h, 2)))
+        return 0;
+    Py_INCREF(h);
+    *hit = h;
+    return 1;
+}
+
+/* A keyed extended statement (SpanBuilder._extended's keyed shapes): v = (sql, reused, tag, rows,
+ * statement_name, portal). */
+static int
+keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyObject *shapes, PyObject *app,
+          PyObject *phase_parts, Ctx *c, PyObject *statement_key, Py_ssize_t *parsed)
+{
+    PyObject *q, *hit, *rest[5] = {Py_None, v[2], v[3], v[4], v[5]};
+    int r = keyed_lookup(statement_key, v[0], rest, 5, app, shapes, &q, &hit);
+    if (r == 1) {
+        (*parsed)++; /* counted as the Python steps count it: found, before building */
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
+        if (flags == -1 && PyErr_Occurred())
+            r = -1;
+        else if ((flags & 1) && (keyed_ctx(q, hit, c) < 0 ||
+                                 extended_spans(out, head, PyTuple_GET_ITEM(hit, 0), phase_parts, rec, c) < 0))
+            r = -1;
+    }
+    Py_XDECREF(hit);
+    Py_XDECREF(q);
+    return r;
+}
+
 /* One record: 1 done (spans appended), 0 the record is Python's, -1 an error. */
 static int
 kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
@@ -717,6 +805,8 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
                 return 0;
             }
         }
+        if ((opts & KEPT_SIMPLE) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0]))
+            return keyed_one(out, head, rec, v, shapes, app, phase_parts, c, statement_key, parsed);
         PyObject *key = PyTuple_Pack(7, v[0], v[1], v[2], v[3], v[4], v[5], app);
         if (key == NULL)
             return -1;
@@ -751,42 +841,24 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     PyObject *res_end = *(PyObject **)((char *)res + completion_offsets[C_END]);
     if (tag == NULL || rows == NULL || error != Py_None || res_end == NULL)
         return 0;
-    PyObject *q = PyObject_CallOneArg(statement_key, sql);
-    if (q == NULL)
-        return -1;
-    int r = 0;
-    if (PyTuple_CheckExact(q) && PyTuple_GET_SIZE(q) == 5) {
-        PyObject *key = PyTuple_Pack(4, PyTuple_GET_ITEM(q, 0), tag, rows, app);
-        PyObject *hit = key == NULL ? NULL : PyDict_GetItemWithError(shapes, key);
-        Py_XDECREF(key);
-        if (hit == NULL)
-            r = PyErr_Occurred() ? -1 : 0;
-        else if (PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3 && PyBytes_Check(PyTuple_GET_ITEM(hit, 2))) {
-            Py_INCREF(hit);
-            long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
-            unsigned long long start, end;
-            r = 1;
-            if (flags == -1 && PyErr_Occurred())
-                r = -1;
-            else if (flags & 1) {
-                PyObject *parts = PyTuple_GET_ITEM(hit, 0);
-                unsigned char sid[8];
-                c->has_parent = 1;
-                c->ts = PyBytes_AS_STRING(PyTuple_GET_ITEM(hit, 2));
-                c->ts_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(hit, 2));
-                if (id_bytes(PyTuple_GET_ITEM(q, 1), c->trace_id, 16) < 0 ||
-                    id_bytes(PyTuple_GET_ITEM(q, 2), c->parent, 8) < 0 || read_ns(rec, F_START, &start) < 0 ||
-                    ns_of(res_end, &end) < 0 || (!end && read_ns(rec, F_END, &end) < 0) ||
-                    append_statement(out, head, parts, c, start, end, sid) < 0 ||
-                    append_child(out, head, exec_parts, c, sid, start, end) < 0)
-                    r = -1;
-            }
-            if (r == 1)
-                (*parsed)++;
-            Py_DECREF(hit);
-        }
+    PyObject *q, *hit, *rest[3] = {tag, rows, NULL};
+    int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, &q, &hit);
+    if (r == 1) {
+        (*parsed)++;
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
+        unsigned long long start, end;
+        unsigned char sid[8];
+        if (flags == -1 && PyErr_Occurred())
+            r = -1;
+        else if ((flags & 1) &&
+                 (keyed_ctx(q, hit, c) < 0 || read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
+                  (!end && read_ns(rec, F_END, &end) < 0) ||
+                  append_statement(out, head, PyTuple_GET_ITEM(hit, 0), c, start, end, sid) < 0 ||
+                  append_child(out, head, exec_parts, c, sid, start, end, NULL) < 0))
+            r = -1;
     }
-    Py_DECREF(q);
+    Py_XDECREF(hit);
+    Py_XDECREF(q);
     return r;
 }
 

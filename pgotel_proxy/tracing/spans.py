@@ -325,32 +325,38 @@ class SpanBuilder:
     # ------------------------------------------------------------ builders
 
     def _extended(self, conn: ConnState, rec: Statement, out: list) -> None:
-        shape = None
+        shape = keyed = None
         if (self.encode and rec.status == "ok" and conn.tx_parent is None and not rec.extra and not rec.copy
                 and not (self.capture_parameters and rec.params)):
             # A statement shape seen before on this connection (same text, tag, row count,
             # names): its comment, name and attributes are what they were, encoded once.
-            shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
-            hit = conn.shapes.get(shape)
-            if hit is not None:
-                comment, parts = hit[0], hit[1]
-                if comment is not None and comment.invalid_traceparent:
-                    STATS.sqlcomment_invalid_traceparent += 1
-                ctx = self._context(conn, comment)
-                if ctx is not None:
-                    trace_id, parent_id, flags, tracestate = ctx
-                    if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
-                        otlp.statement_spans(out, self._head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
-                                             otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS,
-                                             otlp.CHILD_FLAGS, _rand.getrandbits)
-                    else:
-                        sid = _rand.getrandbits(64) or _new_id(64)
-                        end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-                        out.append((self.resource, SCOPE, otlp.encode_span_parts(
-                            parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
-                        self._phases(out, rec, trace_id, flags, tracestate, sid)
-                conn.end_of_statement(rec.tx_status, rec.tag)
-                return
+            # A text with its own traceparent is keyed without it (shape.statement_key, as
+            # simple statements are): applications send a new traceparent, so a new text,
+            # with every execution.
+            q = (statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
+                 else None)
+            if q is not None:
+                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                hit = conn.shapes.get(shape)
+                if hit is not None:
+                    sqlcomment.STATS.parsed += 1
+                    if q[3] & 1:
+                        self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
+                    conn.end_of_statement(rec.tx_status, rec.tag)
+                    return
+                keyed = (shape, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+            else:
+                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                hit = conn.shapes.get(shape)
+                if hit is not None:
+                    comment, parts = hit[0], hit[1]
+                    if comment is not None and comment.invalid_traceparent:
+                        STATS.sqlcomment_invalid_traceparent += 1
+                    ctx = self._context(conn, comment)
+                    if ctx is not None:
+                        self._kept_extended(out, rec, parts, *ctx)
+                    conn.end_of_statement(rec.tx_status, rec.tag)
+                    return
         raw = rec.sql or ""
         # A statement prepared in an earlier batch must not reuse the traceparent frozen in its text.
         comment = sqlcomment.parse(raw) if raw and not rec.reused else None
@@ -390,10 +396,27 @@ class SpanBuilder:
             self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
                        attrs, status, _links(conn, parent_id))
             if shape is not None and not may_set_carrier(text):
-                self._keep_shape(conn, shape, (comment, otlp.span_parts(name, _SERVER, attrs, status),
-                                               _kept_context(comment)))
+                parts = otlp.span_parts(name, _SERVER, attrs, status)
+                if keyed is None:
+                    self._keep_shape(conn, shape, (comment, parts, _kept_context(comment)))
+                elif _keyed_comment(keyed, raw, comment):
+                    kept_ts = comment.context.tracestate
+                    self._keep_shape(conn, shape, (parts, kept_ts, otlp.trace_state_field(kept_ts)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
+
+    def _kept_extended(self, out, rec: Statement, parts: tuple, trace_id, parent_id, flags, tracestate) -> None:
+        """An extended statement of a kept shape: its span from the kept parts, and its phases."""
+        if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
+            otlp.statement_spans(out, self._head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
+                                 otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
+                                 _rand.getrandbits)
+            return
+        sid = _rand.getrandbits(64) or _new_id(64)
+        end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
+        out.append((self.resource, SCOPE, otlp.encode_span_parts(
+            parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
+        self._phases(out, rec, trace_id, flags, tracestate, sid)
 
     @staticmethod
     def _keep_shape(conn: ConnState, key: tuple, value: tuple) -> None:
