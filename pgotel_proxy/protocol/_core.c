@@ -301,14 +301,29 @@ cstr(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t *next)
     return cached_text(p + pos, len, 0);
 }
 
+/* collections.deque and its append / popleft method descriptors: called without looking the
+ * method up on every call (the session's queue of pending requests is a deque). */
+static PyTypeObject *deque_type;
+static PyObject *deque_append_m, *deque_popleft_m;
+
 static int
 deque_append(PyObject *deque, PyObject *item)
 {
-    PyObject *r = PyObject_CallMethodOneArg(deque, str_append, item);
+    PyObject *a[2] = {deque, item};
+    PyObject *r = Py_TYPE(deque) == deque_type ? PyObject_Vectorcall(deque_append_m, a, 2, NULL)
+                                               : PyObject_CallMethodOneArg(deque, str_append, item);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
     return 0;
+}
+
+/* deque.popleft() (a new reference). */
+static PyObject *
+deque_popleft(PyObject *deque)
+{
+    return Py_TYPE(deque) == deque_type ? PyObject_Vectorcall(deque_popleft_m, &deque, 1, NULL)
+                                        : PyObject_CallMethodNoArgs(deque, str_popleft);
 }
 
 /* Session._queue for a queue known to have room. */
@@ -732,7 +747,7 @@ front_of(PyObject *pending, int kind)
 static int
 popleft(PyObject *pending)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(pending, str_popleft);
+    PyObject *r = deque_popleft(pending);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -783,7 +798,7 @@ server_ready(PyObject *s, int status, PyObject *now)
     set(s, s_off[S_COPY_IN_EXT], Py_False);
     PyObject *done = NULL; /* new reference: the records the batch finished */
     for (Py_ssize_t i = 0; i < upto; i++) {
-        PyObject *e = PyObject_CallMethodNoArgs(pending, str_popleft);
+        PyObject *e = deque_popleft(pending);
         if (e == NULL)
             goto fail;
         PyObject *k = PyTuple_GET_ITEM(e, 0), *rec = PyTuple_GET_ITEM(e, 1);
@@ -1411,6 +1426,7 @@ typedef struct {
     int server_side;
     Py_ssize_t deliver_at;
     PyObject *conn, *session, *write, *full, *resume;
+    PyObject *conn_dict; /* conn.__dict__, where its plain attributes observe and eager live; or NULL */
 } Feed;
 
 static PyObject *str_observe, *str_eager, *str_deliver;
@@ -1423,6 +1439,7 @@ feed_traverse(Feed *f, visitproc visit, void *arg)
     Py_VISIT(f->write);
     Py_VISIT(f->full);
     Py_VISIT(f->resume);
+    Py_VISIT(f->conn_dict);
     return 0;
 }
 
@@ -1434,6 +1451,7 @@ feed_clear(Feed *f)
     Py_CLEAR(f->write);
     Py_CLEAR(f->full);
     Py_CLEAR(f->resume);
+    Py_CLEAR(f->conn_dict);
     return 0;
 }
 
@@ -1457,11 +1475,18 @@ is_empty_bytes(PyObject *v)
     return PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
 }
 
-/* conn.<name> is True */
+/* conn.<name> is True (read from its __dict__ when it is there: a plain attribute) */
 static int
-conn_flag(PyObject *conn, PyObject *name)
+conn_flag(Feed *f, PyObject *name)
 {
-    PyObject *v = PyObject_GetAttr(conn, name);
+    if (f->conn_dict != NULL) {
+        PyObject *d = PyDict_GetItemWithError(f->conn_dict, name);
+        if (d != NULL)
+            return d == Py_True;
+        if (PyErr_Occurred())
+            return -1;
+    }
+    PyObject *v = PyObject_GetAttr(f->conn, name);
     if (v == NULL)
         return -1;
     int r = v == Py_True;
@@ -1546,7 +1571,7 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (!f->server_side) {
-        int obs = conn_flag(f->conn, str_observe);
+        int obs = conn_flag(f, str_observe);
         if (obs < 0)
             return NULL;
         if (!obs || !is_empty_bytes(get(s, s_off[S_CBUF])) || !is_zero(get(s, s_off[S_CSKIP])))
@@ -1576,7 +1601,7 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (w == NULL)
         return NULL;
     Py_DECREF(w);
-    int obs = conn_flag(f->conn, str_observe);
+    int obs = conn_flag(f, str_observe);
     if (obs < 0)
         return NULL;
     if (obs && oos == Py_None) {
@@ -1600,7 +1625,7 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     }
     PyObject *done = get(s, s_off[S_COMPLETED]);
     if (PyList_Check(done) && PyList_GET_SIZE(done) > 0) {
-        int eager = PyList_GET_SIZE(done) >= f->deliver_at ? 1 : conn_flag(f->conn, str_eager);
+        int eager = PyList_GET_SIZE(done) >= f->deliver_at ? 1 : conn_flag(f, str_eager);
         if (eager < 0)
             return NULL;
         if (eager) {
@@ -1641,6 +1666,16 @@ feed_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     f->full = full;
     Py_INCREF(resume);
     f->resume = resume;
+    /* observe and eager are read from the instance dict only when no class attribute (a property)
+     * could stand in front of it */
+    if (_PyType_Lookup(Py_TYPE(conn), str_observe) == NULL && _PyType_Lookup(Py_TYPE(conn), str_eager) == NULL) {
+        PyObject *d = PyObject_GenericGetDict(conn, NULL);
+        if (d != NULL && PyDict_CheckExact(d))
+            f->conn_dict = d;
+        else
+            Py_XDECREF(d);
+        PyErr_Clear(); /* no dict: conn_flag looks the attributes up */
+    }
     return (PyObject *)f;
 }
 
@@ -1698,6 +1733,15 @@ PyInit__core(void)
     INTERN(str_eager, "eager");
     INTERN(str_deliver, "deliver");
 #undef INTERN
+    PyObject *collections = PyImport_ImportModule("collections");
+    if (collections == NULL)
+        return NULL;
+    deque_type = (PyTypeObject *)PyObject_GetAttrString(collections, "deque");
+    Py_DECREF(collections);
+    if (deque_type == NULL || !PyType_Check(deque_type) ||
+        (deque_append_m = PyObject_GetAttr((PyObject *)deque_type, str_append)) == NULL ||
+        (deque_popleft_m = PyObject_GetAttr((PyObject *)deque_type, str_popleft)) == NULL)
+        return NULL;
     if (PyType_Ready(&FeedType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
