@@ -1069,13 +1069,25 @@ w_reserve(wbuf *w, Py_ssize_t more)
     return 0;
 }
 
+/* n little-endian bytes of v at p */
+static inline void
+put_le(unsigned char *p, unsigned long long v, int n)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(p, &v, (size_t)n);
+#else
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+#endif
+}
+
 static int
 w_u32(wbuf *w, unsigned long v)
 {
     if (w_reserve(w, 4) < 0)
         return -1;
-    for (int i = 0; i < 4; i++)
-        w->buf[w->len++] = (unsigned char)(v >> (8 * i));
+    put_le(w->buf + w->len, v, 4);
+    w->len += 4;
     return 0;
 }
 
@@ -1093,9 +1105,8 @@ w_i64(wbuf *w, PyObject *v)
         return -1;
     if (w_reserve(w, 8) < 0)
         return -1;
-    unsigned long long u = (unsigned long long)x;
-    for (int i = 0; i < 8; i++)
-        w->buf[w->len++] = (unsigned char)(u >> (8 * i));
+    put_le(w->buf + w->len, (unsigned long long)x, 8);
+    w->len += 8;
     return 1;
 }
 
@@ -1203,7 +1214,8 @@ pack(PyObject *self, PyObject *records)
     memset(&w, 0, sizeof w);
     Py_ssize_t n = PyList_GET_SIZE(records);
     PyObject *res = NULL;
-    if (w_u32(&w, (unsigned long)n) < 0)
+    /* room for records of the usual size at once (no growing copies on the way) */
+    if (w_reserve(&w, 4 + n * 224) < 0 || w_u32(&w, (unsigned long)n) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         int r = pack_one(&w, PyList_GET_ITEM(records, i));
