@@ -337,3 +337,26 @@ def test_a_split_batch_that_fails_counts_its_spans_dropped_once(otlp, monkeypatc
     assert exported + dropped == len(spans) and exported > 0 and dropped > 0, (exported, dropped)
     assert STATS.export_failures - before[2] == 1  # one batch, partly delivered
     assert len(otlp.spans) == exported and otlp.request_count(mode="error") >= 2
+
+
+def test_spans_given_as_their_fields_alone_encode_as_the_tuples_do():
+    """A builder that feeds one exporter hands it bare fields (SpanBuilder.bare); the request is the same."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.status import Status, StatusCode
+
+    from pgotel_proxy.tracing import otlp as otlp_mod
+    from pgotel_proxy.tracing.spans import SCOPE
+    from test_span_encoding import RESOURCE
+
+    head = (RESOURCE, SCOPE)
+    fields = [otlp_mod.encode_span("SELECT", 1, i, None, False, None, SpanKind.SERVER, 10, 20, {"i": i},
+                                   Status(StatusCode.UNSET)) for i in range(1, 6)]
+    tuples = [(*head, f) for f in fields]
+    assert otlp_mod.encode_request(fields, head) == otlp_mod.encode_request(tuples)
+    # a mixed list still groups by head
+    other = (Resource.create({"service.name": "another"}), None)
+    mixed = fields[:2] + [(*other, fields[2])] + fields[3:]
+    assert otlp_mod.encode_request(mixed, head) == otlp_mod.encode_request(tuples[:2] + [(*other, fields[2])] + tuples[3:])
+    with pytest.raises(TypeError):
+        otlp_mod.encode_request(fields)  # whose spans they are is not known

@@ -228,7 +228,7 @@ _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "
           "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate")
 
 
-def _tracer_build(records, compiled: bool, rate: float, draws, seed):
+def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False):
     """What the span process's tracer makes of ``records`` (spans, errors logged, comments counted)."""
     import logging
 
@@ -254,6 +254,7 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed):
         tracer = tracer_mod.Tracer.__new__(tracer_mod.Tracer)
         tracer.builder = SpanBuilder(resource=RESOURCE, sample_rate=rate, capture_parameters=False,
                                      capture_literals=False, encode=True)
+        tracer.builder.bare = bare
         tracer._enricher = None
         tracer._records_out = 0
         conn = ConnState(_Info(), {"db.system.name": "postgresql"})
@@ -270,13 +271,17 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed):
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 50)), min_size=1, max_size=24),
        st.sampled_from([1.0, 0.5]), st.lists(st.sampled_from([0, 1, 2**64 - 1, -1]), max_size=8),
-       st.integers(0, 100))
-def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed):
+       st.integers(0, 100), st.booleans())
+def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed, bare):
     """Any mix of forms, repeated or not: the same spans, ids, errors and counts as without kept_run."""
     records = [_record(kind, i) for kind, i in kinds]
-    got = _tracer_build(records, True, rate, draws, seed)
-    want = _tracer_build([_record(kind, i) for kind, i in kinds], False, rate, draws, seed)
+    got = _tracer_build(records, True, rate, draws, seed, bare)
+    want = _tracer_build([_record(kind, i) for kind, i in kinds], False, rate, draws, seed, bare)
     assert got == want
+    spans = got[0]
+    assert all(type(s) is (bytes if bare else tuple) for s in spans)
+    if spans and not bare:  # the same request either way
+        assert otlp.encode_request([s[2] for s in spans], spans[0][:2]) == otlp.encode_request(spans)
 
 
 def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():

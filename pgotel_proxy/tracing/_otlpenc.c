@@ -282,16 +282,41 @@ fail:
     return NULL;
 }
 
+/* Append a span's field (stolen; NULL: an error already set) to out: as head + (field,), or alone
+ * when head is None (the exporter knows the head: SpanBuilder.bare). */
+static int
+append_field(PyObject *out, PyObject *head, PyObject *field)
+{
+    if (field == NULL)
+        return -1;
+    PyObject *item = field;
+    if (head != Py_None) {
+        item = PyTuple_Pack(3, PyTuple_GET_ITEM(head, 0), PyTuple_GET_ITEM(head, 1), field);
+        Py_DECREF(field);
+        if (item == NULL)
+            return -1;
+    }
+    int r = PyList_Append(out, item);
+    Py_DECREF(item);
+    return r;
+}
+
+/* head: a (resource, scope) pair, or None */
+static int
+head_ok(PyObject *head)
+{
+    return head == Py_None || (PyTuple_Check(head) && PyTuple_GET_SIZE(head) == 2);
+}
+
 /* local_children(out, head, trace_id, parent_id, trace_state, flags, parts, span_id, start, end, ...)
  *     For each group of four (parts, span_id, start, end), parts being
  *     (name_field, kind, attrs, status): the span_field of a child of
  *     parent_id, appended to the list out as head + (field,), head being a
- *     tuple (resource, scope). One call for a statement's phase spans. */
+ *     tuple (resource, scope), or alone when head is None. One call for a statement's phase spans. */
 static PyObject *
 local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 6 || (nargs - 6) % 4 != 0 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) ||
-        PyTuple_GET_SIZE(args[1]) != 2) {
+    if (nargs < 6 || (nargs - 6) % 4 != 0 || !PyList_Check(args[0]) || !head_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "local_children(out, head, trace_id, parent_id, trace_state, flags, (parts, span_id, start, end)...)");
         return NULL;
@@ -310,18 +335,10 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                            PyTuple_GET_ITEM(parts, 1), args[g + 2], args[g + 3], args[5],
                            PyTuple_GET_ITEM(parts, 2), PyTuple_GET_ITEM(parts, 3), empty};
         PyObject *field = span_field(NULL, a, 12);
-        if (field == NULL) {
+        if (append_field(args[0], args[1], field) < 0) {
             Py_DECREF(empty);
             return NULL;
         }
-        PyObject *item = PyTuple_Pack(3, PyTuple_GET_ITEM(args[1], 0), PyTuple_GET_ITEM(args[1], 1), field);
-        Py_DECREF(field);
-        if (item == NULL || PyList_Append(args[0], item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(empty);
-            return NULL;
-        }
-        Py_DECREF(item);
     }
     Py_DECREF(empty);
     Py_RETURN_NONE;
@@ -446,19 +463,6 @@ draw_id(PyObject *getrandbits, unsigned char *out)
     return draw_bytes(getrandbits, out, 8);
 }
 
-static int
-append_field(PyObject *out, PyObject *head, PyObject *field)
-{
-    if (field == NULL)
-        return -1;
-    PyObject *item = PyTuple_Pack(3, PyTuple_GET_ITEM(head, 0), PyTuple_GET_ITEM(head, 1), field);
-    Py_DECREF(field);
-    if (item == NULL)
-        return -1;
-    int r = PyList_Append(out, item);
-    Py_DECREF(item);
-    return r;
-}
 
 static int
 parts_of(PyObject *parts, const char **name, Py_ssize_t *name_len, long *kind, const char **attrs,
@@ -575,7 +579,7 @@ static int extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, P
 static PyObject *
 statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
+    if (nargs != 11 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state, "
@@ -647,7 +651,7 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
 static PyObject *
 simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 12 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2) {
+    if (nargs != 12 || !PyList_Check(args[0]) || !head_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, "
                         "parent_flags, child_flags, getrandbits, start, end)");
@@ -867,7 +871,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 13 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 2 ||
+    if (nargs != 13 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[4]) || !PyTuple_Check(args[6]) ||
         PyTuple_GET_SIZE(args[6]) != 3) {
         PyErr_SetString(PyExc_TypeError,

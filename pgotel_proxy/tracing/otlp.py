@@ -415,14 +415,15 @@ def _local_children_py(out: list, head: tuple, trace_id: int, parent_id: int, tr
                        *groups) -> None:
     for i in range(0, len(groups), 4):
         name_field, kind, attrs, status = groups[i]
-        out.append((*head, _span_field(trace_id, groups[i + 1], parent_id, trace_state, name_field, kind,
-                                       groups[i + 2], groups[i + 3], flags, attrs, status, b"")))
+        field = _span_field(trace_id, groups[i + 1], parent_id, trace_state, name_field, kind,
+                            groups[i + 2], groups[i + 3], flags, attrs, status, b"")
+        out.append(field if head is None else (*head, field))
 
 
 def encode_children(out: list, head: tuple, trace_id: int, parent_id: int, tracestate: str | None, *groups) -> None:
     """Local children of ``parent_id``, one per (parts, span_id, start, end) in ``groups`` (flattened).
 
-    Appends ``(*head, field)`` to ``out`` for each: the spans of
+    Appends ``(*head, field)`` (``field`` alone when ``head`` is None) to ``out`` for each: the spans of
     :func:`encode_span_parts` with ``parent_remote`` false, in one call.
     """
     _local_children(out, head, trace_id, parent_id, _trace_state_field(tracestate) if tracestate else b"",
@@ -445,26 +446,26 @@ def encode_span(name: str, trace_id: int, span_id: int, parent_id: int | None, p
                              parent_remote, tracestate, start, end, rare)
 
 
-def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
+def encode_request(spans: Sequence[ReadableSpan | tuple | bytes], head: tuple | None = None) -> bytes:
     """The serialized OTLP ``ExportTraceServiceRequest`` for ``spans``.
 
     Means what the SDK encoder's request means: same resource and scope
     grouping, same spans, same field values. A span may also come already
-    encoded, as (resource, scope, :func:`encode_span`'s bytes).
+    encoded, as (resource, scope, :func:`encode_span`'s bytes), or as the bytes
+    alone when ``head`` is their (resource, scope): a span builder that feeds
+    one exporter (``SpanBuilder.bare``) makes no tuple a span.
     """
-    if spans and type(spans[0]) is tuple:
-        fields = _one_pair(spans)
-        if fields is not None:
-            # One join, one copy of the spans: a request is often larger than the
-            # allocator's mmap threshold, where each fresh copy costs page faults.
-            resource, scope = spans[0][0], spans[0][1] or None
-            resource_head, scope_head = _resource_head(resource), _scope_head(scope)
-            scope_len = len(scope_head) + sum(map(len, fields))
-            scope_tag = _TAG_SCOPE_SPANS + _varint(scope_len)
-            parts = [_TAG_RESOURCE_SPANS, _varint(len(resource_head) + len(scope_tag) + scope_len), resource_head,
-                     scope_tag, scope_head]
-            parts += fields
-            return b"".join(parts)
+    if spans:
+        first = type(spans[0])
+        if first is bytes and head is not None:
+            try:
+                return _one_request(head[0], head[1], spans)
+            except TypeError:  # not all bytes: grouped below
+                pass
+        elif first is tuple:
+            fields = _one_pair(spans)
+            if fields is not None:
+                return _one_request(spans[0][0], spans[0][1], fields)
     # resource groups in first-seen order: [resource, [[scope, [span field, ...]], ...]]
     groups: list[list] = []
     by_pair: dict[tuple[int, int], list] = {}
@@ -474,6 +475,10 @@ def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
         if type(s) is tuple:
             resource, scope, field = s
             scope = scope or None
+        elif type(s) is bytes:
+            if head is None:
+                raise TypeError("encode_request: spans given as bytes need their (resource, scope) head")
+            resource, scope, field = head[0], head[1] or None, s
         else:
             resource = s.resource
             scope = s.instrumentation_scope or None
@@ -494,6 +499,21 @@ def encode_request(spans: Sequence[ReadableSpan | tuple]) -> bytes:
     return b"".join(out)
 
 
+def _one_request(resource: Any, scope: Any, fields: Sequence[bytes]) -> bytes:
+    """The request for encoded span fields of one resource and scope (TypeError if one is not bytes).
+
+    One join, one copy of the spans: a request is often larger than the
+    allocator's mmap threshold, where each fresh copy costs page faults.
+    """
+    resource_head, scope_head = _resource_head(resource), _scope_head(scope or None)
+    scope_len = len(scope_head) + sum(map(len, fields))  # a non-bytes field makes the join below raise
+    scope_tag = _TAG_SCOPE_SPANS + _varint(scope_len)
+    parts = [_TAG_RESOURCE_SPANS, _varint(len(resource_head) + len(scope_tag) + scope_len), resource_head,
+             scope_tag, scope_head]
+    parts += fields
+    return b"".join(parts)
+
+
 _first, _second, _third = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
@@ -512,9 +532,9 @@ def _one_pair(spans: Sequence) -> list[bytes] | None:
     return None
 
 
-def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+def encode_spans(spans: Sequence[ReadableSpan], head: tuple | None = None) -> ExportTraceServiceRequest:
     """The OTLP request for ``spans`` as a message (for gRPC): :func:`encode_request`, parsed (in C, ≈ 0.4 µs a span)."""
-    return ExportTraceServiceRequest.FromString(encode_request(spans))
+    return ExportTraceServiceRequest.FromString(encode_request(spans, head))
 
 
 def _bucket(groups: list, resource: Any, scope: Any) -> list:
@@ -557,11 +577,12 @@ class GrpcSpanExporter(_GrpcExporter):
     """The library's OTLP/gRPC span exporter with :func:`encode_spans` as its encoder."""
 
     accepts_encoded = True  # spans may come as encode_span's bytes (SpanBuilder.encode)
+    encoded_head: tuple | None = None  # (resource, scope) of spans given as bytes alone (SpanBuilder.bare)
     _encoded: tuple | None = None  # (spans, request bytes) export_counted encoded for export
 
     def export_counted(self, spans: Sequence) -> int:
         """Export, in halves while a request would exceed :data:`MAX_REQUEST_BYTES`; the spans delivered."""
-        data = encode_request(spans)
+        data = encode_request(spans, self.encoded_head)
         split = _halves(self, spans, len(data))
         if split is not None:
             return split
@@ -575,7 +596,7 @@ class GrpcSpanExporter(_GrpcExporter):
         encoded = self._encoded
         if encoded is not None and encoded[0] is data:
             return ExportTraceServiceRequest.FromString(encoded[1])
-        return encode_spans(data)
+        return encode_spans(data, self.encoded_head)
 
 
 # With one of these set, the library loads a session from a credential provider plugin.
@@ -623,6 +644,7 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
     """
 
     accepts_encoded = True  # spans may come as encode_span's bytes (SpanBuilder.encode)
+    encoded_head: tuple | None = None  # (resource, scope) of spans given as bytes alone (SpanBuilder.bare)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("session") is None and not any(os.environ.get(v) for v in _CREDENTIAL_PROVIDER_VARS):
@@ -635,7 +657,7 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
         if not self._fast or self._shutdown:
             return len(spans) if self.export(spans) is SpanExportResult.SUCCESS else 0
         try:
-            data = encode_request(spans)
+            data = encode_request(spans, self.encoded_head)
         except Exception:
             data = None  # export() logs it and fails
         if data is not None:
@@ -651,7 +673,7 @@ class HttpSpanExporter(_http.OTLPSpanExporter):
         with self._metrics.export_operation(len(spans)) as result:
             if data is None:
                 try:
-                    data = encode_request(spans)
+                    data = encode_request(spans, self.encoded_head)
                 except Exception as exc:
                     log.error("Failed to encode span batch: %s", exc)
                     result.error = exc

@@ -185,6 +185,21 @@ class SpanBuilder:
         # status objects are made, and the export thread only joins bytes.
         self.encode = encode
         self._head = (resource, SCOPE)
+        # With encode: True appends each span's field alone, for an exporter told the head
+        # (otlp exporters' encoded_head); no (resource, scope, field) tuple a span.
+        self._out_head: tuple | None = self._head
+
+    @property
+    def bare(self) -> bool:
+        return self._out_head is None
+
+    @bare.setter
+    def bare(self, bare: bool) -> None:
+        self._out_head = None if bare else self._head
+
+    def _item(self, field: bytes):
+        """An encoded span as ``out`` holds it (see :attr:`bare`)."""
+        return field if self._out_head is None else (self.resource, SCOPE, field)
 
     def build(self, conn: ConnState, rec: Statement, out: list) -> list[tuple[Statement, int, int]]:
         """Append the spans of ``rec`` (or of the transaction it ends) to ``out``.
@@ -227,7 +242,7 @@ class SpanBuilder:
             return i, None
         opts = ((1 if self.sample_rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
-        i, parsed, error = otlp.kept_run(out, self._head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                          _rand.getrandbits, statement_key, opts)
         if parsed:
@@ -408,13 +423,13 @@ class SpanBuilder:
     def _kept_extended(self, out, rec: Statement, parts: tuple, trace_id, parent_id, flags, tracestate) -> None:
         """An extended statement of a kept shape: its span from the kept parts, and its phases."""
         if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
-            otlp.statement_spans(out, self._head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
+            otlp.statement_spans(out, self._out_head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
                                  otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                  _rand.getrandbits)
             return
         sid = _rand.getrandbits(64) or _new_id(64)
         end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-        out.append((self.resource, SCOPE, otlp.encode_span_parts(
+        out.append(self._item(otlp.encode_span_parts(
             parts, trace_id, sid, parent_id, True, tracestate, rec.start_ns, end)))
         self._phases(out, rec, trace_id, flags, tracestate, sid)
 
@@ -456,7 +471,7 @@ class SpanBuilder:
             groups += (_PHASE_PARTS["execute"][1 if exec_exact else 0], _rand.getrandbits(64) or _new_id(64),
                        exec_start, end if end > exec_start else exec_start)
         if groups:
-            otlp.encode_children(out, self._head, trace_id, sid, tracestate, *groups)
+            otlp.encode_children(out, self._out_head, trace_id, sid, tracestate, *groups)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
         raw = rec.sql or ""
@@ -543,13 +558,13 @@ class SpanBuilder:
             trace_id, parent_id, flags, tracestate = ctx
             start, end = rec.start_ns, res.end_ns or rec.end_ns
             if otlp.simple_spans is not None:  # compiled: the same two spans, ids drawn in the same order
-                otlp.simple_spans(out, self._head, parts, _PHASE_PARTS["execute"][1], trace_id, parent_id,
+                otlp.simple_spans(out, self._out_head, parts, _PHASE_PARTS["execute"][1], trace_id, parent_id,
                                   otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                   _rand.getrandbits, start, end)
                 conn.end_of_statement(rec.tx_status, res.tag)
                 return
             sid = _rand.getrandbits(64) or _new_id(64)
-            out.append((self.resource, SCOPE, otlp.encode_span_parts(
+            out.append(self._item(otlp.encode_span_parts(
                 parts, trace_id, sid, parent_id, True, tracestate, start, end)))
             self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True)
         conn.end_of_statement(rec.tx_status, res.tag)
@@ -594,7 +609,7 @@ class SpanBuilder:
 
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
         if self.encode:
-            out.append((self.resource, SCOPE, otlp.encode_span_parts(
+            out.append(self._item(otlp.encode_span_parts(
                 _PHASE_PARTS[name][1 if exact else 0], trace_id, _rand.getrandbits(64) or _new_id(64),
                 parent_id, False, tracestate, start, max(start, end))))
             return
@@ -608,7 +623,7 @@ class SpanBuilder:
         ``links`` are (trace_id, span_id, flags, tracestate) of local spans.
         """
         if self.encode:
-            out.append((self.resource, SCOPE, otlp.encode_span(
+            out.append(self._item(otlp.encode_span(
                 name, trace_id, span_id, parent_id, parent_remote, tracestate, kind, start, end, attrs, status, links)))
             return
         ctx = _span_context(trace_id, span_id, flags, tracestate)

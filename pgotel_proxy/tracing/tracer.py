@@ -153,7 +153,13 @@ class Tracer:
         # Spans leave the builder encoded when nothing needs them as objects:
         # an exporter of otlp.py takes the bytes, the enricher edits spans.
         self._enricher = enricher
-        self.builder.encode = enricher is None and bool(getattr(self.pipeline.exporter, "accepts_encoded", False))
+        exporter = self.pipeline.exporter
+        builder = self.builder
+        builder.encode = enricher is None and bool(getattr(exporter, "accepts_encoded", False))
+        # ... and as their fields alone when the exporter is told whose they are
+        builder.bare = builder.encode and hasattr(exporter, "encoded_head")
+        if builder.bare:
+            exporter.encoded_head = builder._head
 
     # ------------------------------------------------------- runtime control
 
