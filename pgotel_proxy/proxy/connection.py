@@ -218,17 +218,21 @@ class _FedServer(_FromServer):
 
 
 class _Plain(asyncio.Protocol):
-    """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else."""
+    """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else.
 
-    __slots__ = ("peer", "c", "client_side")
+    Its ``data_received`` is the peer transport's own ``write`` (an instance
+    attribute): the event loop keeps the callable it finds when the protocol
+    is set, so a chunk goes from one transport to the other without a Python
+    frame.
+    """
+
+    __slots__ = ("peer", "c", "client_side", "data_received")
 
     def __init__(self, conn: "ClientConnection", peer: asyncio.Transport, client_side: bool) -> None:
         self.c = conn
         self.peer = peer
         self.client_side = client_side
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
+        self.data_received = peer.write
 
     def eof_received(self):
         return False
