@@ -418,14 +418,13 @@ parse_args(PyObject *const *args, Py_ssize_t nargs, Py_buffer *view, Py_ssize_t 
     return 0;
 }
 
-/* End of client()/server(): release the buffer, add the counts, return where the loop stopped. */
-static PyObject *
-loop_end(Py_buffer *view, PyObject *s, int err, Py_ssize_t pos, Py_ssize_t counter_off, long messages, long rows)
+/* End of a loop: add the counts, return where the loop stopped (-1: an error, set). */
+static Py_ssize_t
+loop_end(PyObject *s, int err, Py_ssize_t pos, Py_ssize_t counter_off, long messages, long rows)
 {
-    PyBuffer_Release(view);
     if (!err && (add_int(s, counter_off, messages) < 0 || add_int(s, s_off[S_ROWS], rows) < 0))
         err = 1;
-    return err ? NULL : PyLong_FromSsize_t(pos);
+    return err ? -1 : pos;
 }
 
 static inline Py_ssize_t
@@ -656,15 +655,10 @@ client_query(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t e
     return r < 0 ? -1 : 1;
 }
 
-static PyObject *
-client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* client()'s loop over p[pos:n] for a checked session: where it stopped, or -1 (an error, set). */
+static Py_ssize_t
+client_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, PyObject *now)
 {
-    Py_buffer view;
-    Py_ssize_t pos, n;
-    if (parse_args(args, nargs, &view, &pos, &n) < 0)
-        return NULL;
-    PyObject *s = args[0], *now = args[4];
-    const unsigned char *p = (const unsigned char *)view.buf;
     long messages = 0;
     int err = 0;
     if (get(s, s_off[S_OUT_OF_SYNC]) != Py_None || get(s, s_off[S_INJECTOR]) != Py_None ||
@@ -718,7 +712,19 @@ client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         pos = end;
     }
 out:
-    return loop_end(&view, s, err, pos, s_off[S_MESSAGES_IN], messages, 0);
+    return loop_end(s, err, pos, s_off[S_MESSAGES_IN], messages, 0);
+}
+
+static PyObject *
+client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, n;
+    if (parse_args(args, nargs, &view, &pos, &n) < 0)
+        return NULL;
+    Py_ssize_t at = client_loop(args[0], (const unsigned char *)view.buf, pos, n, args[4]);
+    PyBuffer_Release(&view);
+    return at < 0 ? NULL : PyLong_FromSsize_t(at);
 }
 
 /* ------------------------------------------------------------------ server */
@@ -871,15 +877,10 @@ fail:
     return -1;
 }
 
-static PyObject *
-server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* server()'s loop over p[pos:n] for a checked session: where it stopped, or -1 (an error, set). */
+static Py_ssize_t
+server_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, PyObject *now)
 {
-    Py_buffer view;
-    Py_ssize_t pos, n;
-    if (parse_args(args, nargs, &view, &pos, &n) < 0)
-        return NULL;
-    PyObject *s = args[0], *now = args[4];
-    const unsigned char *p = (const unsigned char *)view.buf;
     long messages = 0, rows = 0;
     int err = 0;
     if (get(s, s_off[S_OUT_OF_SYNC]) != Py_None)
@@ -1012,7 +1013,19 @@ server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         pos = end;
     }
 out:
-    return loop_end(&view, s, err, pos, s_off[S_MESSAGES_OUT], messages, rows);
+    return loop_end(s, err, pos, s_off[S_MESSAGES_OUT], messages, rows);
+}
+
+static PyObject *
+server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos, n;
+    if (parse_args(args, nargs, &view, &pos, &n) < 0)
+        return NULL;
+    Py_ssize_t at = server_loop(args[0], (const unsigned char *)view.buf, pos, n, args[4]);
+    PyBuffer_Release(&view);
+    return at < 0 ? NULL : PyLong_FromSsize_t(at);
 }
 
 /* ------------------------------------------------------------------ records over a pipe
@@ -1439,6 +1452,7 @@ typedef struct {
     Py_ssize_t deliver_at;
     PyObject *conn, *session, *write, *full, *resume;
     PyObject *conn_dict; /* conn.__dict__, where its plain attributes observe and eager live; or NULL */
+    int checked;         /* the session passed check_session (its slots stay set) */
 } Feed;
 
 static PyObject *str_observe, *str_eager, *str_deliver;
@@ -1519,17 +1533,12 @@ now_ns(void)
 static int
 feed_loop(Feed *f, PyObject *data, PyObject *now, Py_ssize_t n)
 {
-    PyObject *zero = PyLong_FromLong(0), *end = PyLong_FromSsize_t(n);
-    if (zero == NULL || end == NULL) {
-        Py_XDECREF(zero);
-        Py_XDECREF(end);
-        return -1;
-    }
-    PyObject *a[5] = {f->session, data, zero, end, now};
-    PyObject *at = f->server_side ? server(NULL, a, 5) : client(NULL, a, 5);
-    Py_DECREF(zero);
-    Py_DECREF(end);
-    PyObject *r;
+    /* the session was checked by feed_call; data is bytes */
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t pos = f->server_side ? server_loop(f->session, p, 0, n, now) : client_loop(f->session, p, 0, n, now);
+    if (pos == n)
+        return 1; /* whole chunk taken */
+    PyObject *r, *at = pos < 0 ? NULL : PyLong_FromSsize_t(pos);
     if (at == NULL) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
@@ -1547,11 +1556,6 @@ feed_loop(Feed *f, PyObject *data, PyObject *now, Py_ssize_t n)
         Py_DECREF(value);
         Py_XDECREF(tb);
     } else {
-        Py_ssize_t pos = PyLong_AsSsize_t(at);
-        if (pos == n) {
-            Py_DECREF(at);
-            return 1; /* whole chunk taken */
-        }
         PyObject *b[3] = {data, now, at};
         r = PyObject_Vectorcall(f->resume, b, 3, NULL);
         Py_DECREF(at);
@@ -1577,9 +1581,12 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         return NULL;
     }
     PyObject *data = args[0], *s = f->session;
-    if (!configured || check_session(s) < 0) {
-        PyErr_Clear(); /* Python says what is wrong */
-        return feed_full(f, data);
+    if (!f->checked) {
+        if (!configured || check_session(s) < 0) {
+            PyErr_Clear(); /* Python says what is wrong */
+            return feed_full(f, data);
+        }
+        f->checked = 1;
     }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (!f->server_side) {
