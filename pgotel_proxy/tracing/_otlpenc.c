@@ -15,8 +15,8 @@
  *     span_field for each group of four, as local children of parent_id,
  *     appended to the list out as head + (field,).
  *
- * configure(Statement)
- *     Where the record fields statement_spans reads live (the class's slots).
+ * configure(Statement, Completion)
+ *     Where the record fields statement_spans and kept_run read live (the classes' slots).
  *
  * statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state,
  *                 parent_flags, child_flags, getrandbits)
@@ -30,6 +30,13 @@
  *              getrandbits, start, end)
  *     The same for a kept simple-protocol statement: its span from start to
  *     end and its exact execute child (SpanBuilder._kept_simple).
+ *
+ * kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
+ *          getrandbits, statement_key, opts) -> (next, parsed, error)
+ *     SpanBuilder.kept: the spans of records[i:] whose shapes the connection keeps (shapes), one
+ *     record after the other, up to the first one the Python steps must see; next is its index,
+ *     parsed the comments counted as parsed, error the exception that record raised (its spans
+ *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -707,7 +714,9 @@ kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
     return 1;
 }
 
-enum { KEPT_ROOT_OK = 1, KEPT_SIMPLE = 2, KEPT_PARAMS = 4 };
+/* kept_run's opts: a new root may be sampled (rate 1); texts may be keyed without their literals and
+ * traceparent (no capture of literals); parameters are captured (a record with some is Python's). */
+enum { KEPT_ROOT_OK = 1, KEPT_KEYED = 2, KEPT_PARAMS = 4 };
 
 /* The context of a keyed statement: trace and parent ids from its key q (shape.statement_key), its
  * trace_state field from the shape kept, hit = (parts, tracestate, trace_state_field). */
@@ -809,7 +818,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
                 return 0;
             }
         }
-        if ((opts & KEPT_SIMPLE) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0]))
+        if ((opts & KEPT_KEYED) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0]))
             return keyed_one(out, head, rec, v, shapes, app, phase_parts, c, statement_key, parsed);
         PyObject *key = PyTuple_Pack(7, v[0], v[1], v[2], v[3], v[4], v[5], app);
         if (key == NULL)
@@ -827,7 +836,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
         Py_DECREF(hit);
         return r == -2 ? 0 : r < 0 ? -1 : 1;
     }
-    if (!(opts & KEPT_SIMPLE) || !is_str(protocol, s_simple))
+    if (!(opts & KEPT_KEYED) || !is_str(protocol, s_simple))
         return 0;
     PyObject *results = field(rec, F_RESULTS), *sql = field(rec, F_SQL);
     if (results == NULL || sql == NULL) {
