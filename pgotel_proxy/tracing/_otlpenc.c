@@ -464,12 +464,6 @@ draw_bytes(PyObject *getrandbits, unsigned char *out, size_t n)
     return r;
 }
 
-static int
-draw_id(PyObject *getrandbits, unsigned char *out)
-{
-    return draw_bytes(getrandbits, out, 8);
-}
-
 
 static int
 parts_of(PyObject *parts, const char **name, Py_ssize_t *name_len, long *kind, const char **attrs,
@@ -544,7 +538,7 @@ append_span(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const 
     Py_ssize_t name_len, attrs_len, status_len;
     long kind;
     if (parts_of(parts, &name, &name_len, &kind, &attrs, &attrs_len, &status, &status_len) < 0 ||
-        (id_obj == NULL ? draw_id(c->getrandbits, id) : id_bytes(id_obj, id, 8)) < 0)
+        (id_obj == NULL ? draw_bytes(c->getrandbits, id, 8) : id_bytes(id_obj, id, 8)) < 0)
         return -1;
     return append_field(out, head, build_field(c->trace_id, id, parent, c->ts, c->ts_len, name, name_len, kind,
                                                start, end, flags, attrs, attrs_len, status, status_len, "", 0));
