@@ -69,3 +69,19 @@ def cancel_sleep(conn, delay: float = 0.3) -> float:
     finally:
         timer.join()
     raise AssertionError("pg_sleep(10) was not cancelled")
+
+
+def best_rate(measure: Callable[[], float], at_least: float, tries: int = 3) -> float:
+    """The best of up to ``tries`` runs of ``measure`` (a rate), stopping at the first one
+    reaching ``at_least``.
+
+    For "the relay keeps its pace while X is sick" comparisons on a small shared machine: a
+    neighbour's burst can halve one run, while a relay that really waits on X stays slow in
+    every run (each test's bound is far from what waiting would cost).
+    """
+    best = 0.0
+    for _ in range(tries):
+        best = max(best, measure())
+        if best >= at_least:
+            break
+    return best
