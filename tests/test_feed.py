@@ -45,8 +45,9 @@ def test_untraced_connections_keep_the_plain_relay(make_proxy):
         conn.execute("SELECT 1")
         (pair,) = _protocols(proxy)
         assert [type(p) for p in pair] == [connection._Plain, connection._Plain]
-        # each side's data_received is the other transport's write: no Python step between them
-        assert [p.data_received for p in pair] == [p.peer.write for p in pair]
+        # each side's data_received writes to the other transport (a compiled Sender on these plain
+        # sockets): no Python step between them
+        assert all(type(p.data_received) is connection.Sender for p in pair)
         big = conn.execute("SELECT repeat('x', 200000)").fetchone()[0]  # many reads each way
         assert big == "x" * 200000
 

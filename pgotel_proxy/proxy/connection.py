@@ -41,11 +41,15 @@ log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
 try:  # the compiled relay steps (_core.c), when the codec's compiled half is in use
-    from ..protocol._core import Feed
+    from ..protocol._core import Feed, Sender
 except ImportError:
-    Feed = None
+    Feed = Sender = None
 if not CODEC_COMPILED:
-    Feed = None
+    Feed = Sender = None
+# Transports whose write() sends at once when nothing is buffered, and whose
+# is_closing() / get_write_buffer_size() say whether that is so: a Sender may
+# write to their socket itself (uvloop's TCP and Unix transports, asyncio's).
+_SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocketTransport"})
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 _DELIVER_AT = 256
@@ -217,11 +221,31 @@ class _FedServer(_FromServer):
     __slots__ = ("data_received",)
 
 
+def _writer(transport: asyncio.Transport):
+    """What a relay writes to ``transport`` with: a compiled ``Sender`` on a plain socket, else its ``write``.
+
+    The Sender sends a chunk on the socket itself when the transport holds
+    nothing unsent and is not closing (one ``send()``, no transport
+    bookkeeping), and hands everything else to ``transport.write`` (see
+    ``_core.c``). TLS transports always go through ``write``.
+    """
+    if Sender is not None and type(transport).__name__ in _SENDER_TRANSPORTS \
+            and transport.get_extra_info("ssl_object") is None:
+        sock = transport.get_extra_info("socket")
+        try:
+            if sock is not None and sock.type == socket.SOCK_STREAM:
+                return Sender(sock.fileno(), transport)
+        except (OSError, ValueError):
+            pass
+    return transport.write
+
+
 class _Plain(asyncio.Protocol):
     """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else.
 
-    Its ``data_received`` is the peer transport's own ``write`` (an instance
-    attribute): the event loop keeps the callable it finds when the protocol
+    Its ``data_received`` is what writes to the peer transport (an instance
+    attribute; a compiled ``Sender`` or the transport's ``write``, see
+    ``_writer``): the event loop keeps the callable it finds when the protocol
     is set, so a chunk goes from one transport to the other without a Python
     frame.
     """
@@ -232,7 +256,7 @@ class _Plain(asyncio.Protocol):
         self.c = conn
         self.peer = peer
         self.client_side = client_side
-        self.data_received = peer.write
+        self.data_received = _writer(peer)
 
     def eof_received(self):
         return False
@@ -513,9 +537,9 @@ class ClientConnection:
         if Feed is None:
             return
         fc, fs = _FedClient(self), _FedServer(self)
-        fc.data_received = Feed(False, self, self.session, self.upstream.write,
+        fc.data_received = Feed(False, self, self.session, _writer(self.upstream),
                                 partial(_FromClient.data_received, fc), fc.resume, _DELIVER_AT)
-        fs.data_received = Feed(True, self, self.session, self.client.write,
+        fs.data_received = Feed(True, self, self.session, _writer(self.client),
                                 partial(_FromServer.data_received, fs), fs.resume, _DELIVER_AT)
         self.client.set_protocol(fc)
         self.upstream.set_protocol(fs)
