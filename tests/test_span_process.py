@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -360,3 +361,56 @@ def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_noth
         assert "could not build a span" in caplog.text
     finally:
         tracer.shutdown()
+
+
+def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
+    """The relay side sends a frame straight to the socket when nothing waits, keeps what the socket
+    does not take, and sends the rest before anything newer: the helper reads every frame, whole, in
+    order, however the socket cut them."""
+    import random
+    import threading
+    from types import SimpleNamespace
+
+    from pgotel_proxy.tracing import process
+
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    near.setblocking(False)
+    tracer = SimpleNamespace(_lock=threading.Lock(), _sock=near, _stopping=False, _restart_at=0.0, _ops=[],
+                             _pending=0, _out=bytearray(), accepting=True)
+    rnd = random.Random(5)
+    sent, got, buf = [], [], bytearray()
+    far.setblocking(False)
+    try:
+        for i in range(300):
+            ops = [("x", i, rnd.randbytes(rnd.choice([1, 50, 3000, 70000])))]
+            tracer._ops = ops
+            process.ProcessTracer._send(tracer)
+            sent.append(ops)
+            if rnd.random() < 0.3:  # the helper reads a little now and then
+                try:
+                    buf += far.recv(rnd.choice([100, 5000, 100000]))
+                except BlockingIOError:
+                    pass
+        far.setblocking(True)
+        far.settimeout(5)
+        while len(got) < len(sent):
+            tracer._ops = []
+            process.ProcessTracer._send(tracer)  # what waited goes out as the socket takes it
+            try:
+                buf += far.recv(1 << 20)
+            except socket.timeout:
+                break
+            pos = 0
+            while len(buf) - pos >= 4:
+                (n,) = process._LEN.unpack_from(buf, pos)
+                if len(buf) - pos - 4 < n:
+                    break
+                got.append(process.marshal.loads(bytes(buf[pos + 4:pos + 4 + n])))
+                pos += 4 + n
+            del buf[:pos]
+    finally:
+        near.close()
+        far.close()
+    assert [list(map(tuple, g)) for g in got] == sent
+    assert not tracer._out

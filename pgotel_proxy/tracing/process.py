@@ -437,10 +437,30 @@ class ProcessTracer:
                     self._drop(ops)
                 else:
                     try:
-                        out += _frame(ops)
+                        data = marshal.dumps(ops)
                     except ValueError:  # a value marshal cannot write: should not happen
                         log.exception("could not hand records to the span process")
                         self._drop(ops)
+                    else:
+                        head = _LEN.pack(len(data))
+                        if out or blocking_until is not None:
+                            out += head
+                            out += data
+                        else:
+                            # Nothing waiting: straight to the socket, header and data in one call
+                            # (no copy into the buffer, whose growing and shrinking cost page faults
+                            # every time); only what the socket does not take waits in the buffer.
+                            try:
+                                n = sock.sendmsg((head, data))
+                            except (BlockingIOError, InterruptedError):
+                                n = 0
+                            except OSError:  # the helper is gone: its reader thread says so
+                                n = 0
+                            if n < len(head):
+                                out += head[n:]
+                                out += data
+                            elif n < len(head) + len(data):
+                                out += memoryview(data)[n - len(head):]
             while out:
                 try:
                     if blocking_until is not None:
