@@ -25,8 +25,13 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
     uvloop = None
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+def _run(main) -> None:
+    """Run ``main()`` on a fresh event loop of the kind the proxy runs on."""
+    loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 
@@ -88,11 +93,7 @@ def test_the_relay_picks_the_sender_for_plain_sockets(kind):
             transport.close()
             far.close()
 
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main)
 
 
 def test_tls_and_unknown_transports_keep_their_write():
@@ -136,11 +137,7 @@ def test_bytes_never_overtake_what_the_transport_holds(kind):
             transport.close()
             far.close()
 
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main)
 
 
 def test_a_closing_transport_is_never_written_behind_its_back():
@@ -155,11 +152,7 @@ def test_a_closing_transport_is_never_written_behind_its_back():
         assert far.recv(100) == b""  # end of stream, no late bytes
         far.close()
 
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main)
 
 
 def test_other_buffers_go_through_the_transport():
@@ -177,11 +170,7 @@ def test_other_buffers_go_through_the_transport():
             transport.close()
             far.close()
 
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main)
 
 
 @settings(max_examples=25, deadline=None)
@@ -211,8 +200,4 @@ def test_any_mix_of_chunks_and_slow_reads_arrives_whole_and_in_order(steps):
             transport.close()
             far.close()
 
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(main)
