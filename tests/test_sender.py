@@ -25,9 +25,13 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
     uvloop = None
 
 
-def _run(main) -> None:
-    """Run ``main()`` on a fresh event loop of the kind the proxy runs on."""
-    loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+# The proxy runs on uvloop where it is installed, else on asyncio's loop: the Sender serves both.
+LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
+
+
+def _run(main, loop_kind: str) -> None:
+    """Run ``main()`` on a fresh event loop of that kind."""
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
     try:
         loop.run_until_complete(main())
     finally:
@@ -79,8 +83,9 @@ def _read_available(far: socket.socket, limit: int) -> bytes:
     return bytes(got)
 
 
+@pytest.mark.parametrize("loop_kind", LOOPS)
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_the_relay_picks_the_sender_for_plain_sockets(kind):
+def test_the_relay_picks_the_sender_for_plain_sockets(kind, loop_kind):
     async def main():
         transport, far = await _pair(kind)
         try:
@@ -93,7 +98,7 @@ def test_the_relay_picks_the_sender_for_plain_sockets(kind):
             transport.close()
             far.close()
 
-    _run(main)
+    _run(main, loop_kind)
 
 
 def test_tls_and_unknown_transports_keep_their_write():
@@ -105,8 +110,9 @@ def test_tls_and_unknown_transports_keep_their_write():
     assert connection._writer(t) == t.write
 
 
+@pytest.mark.parametrize("loop_kind", LOOPS)
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_bytes_never_overtake_what_the_transport_holds(kind):
+def test_bytes_never_overtake_what_the_transport_holds(kind, loop_kind):
     """A chunk larger than the socket takes: the rest waits in the transport; the next small chunk
     must go behind it (through write()), and the far end reads every byte in order."""
 
@@ -137,10 +143,11 @@ def test_bytes_never_overtake_what_the_transport_holds(kind):
             transport.close()
             far.close()
 
-    _run(main)
+    _run(main, loop_kind)
 
 
-def test_a_closing_transport_is_never_written_behind_its_back():
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_closing_transport_is_never_written_behind_its_back(loop_kind):
     async def main():
         transport, far = await _pair("unix")
         w = connection._writer(transport)
@@ -152,10 +159,11 @@ def test_a_closing_transport_is_never_written_behind_its_back():
         assert far.recv(100) == b""  # end of stream, no late bytes
         far.close()
 
-    _run(main)
+    _run(main, loop_kind)
 
 
-def test_other_buffers_go_through_the_transport():
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_other_buffers_go_through_the_transport(loop_kind):
     async def main():
         transport, far = await _pair("unix")
         try:
@@ -170,12 +178,13 @@ def test_other_buffers_go_through_the_transport():
             transport.close()
             far.close()
 
-    _run(main)
+    _run(main, loop_kind)
 
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 3 << 20), st.booleans()), min_size=1, max_size=12))
-def test_any_mix_of_chunks_and_slow_reads_arrives_whole_and_in_order(steps):
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_any_mix_of_chunks_and_slow_reads_arrives_whole_and_in_order(loop_kind, steps):
     """Chunks of any size, the far end sometimes reading a little between them: the bytes read are
     the bytes written, in order, whichever way each chunk went."""
 
@@ -200,4 +209,4 @@ def test_any_mix_of_chunks_and_slow_reads_arrives_whole_and_in_order(steps):
             transport.close()
             far.close()
 
-    _run(main)
+    _run(main, loop_kind)
