@@ -29,14 +29,24 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
 
 
-def _run(main, loop_kind: str) -> None:
-    """Run ``main()`` on a fresh event loop of that kind."""
+def _on_pair(kind: str, loop_kind: str, body) -> None:
+    """``await body(transport, far, writer)`` on a fresh event loop of that kind, with a transport on
+    one end of a connected pair of sockets (``kind``: tcp or unix), the other end, and the relay's
+    writer for the transport; both ends closed afterwards."""
+
+    async def main():
+        transport, far = await _pair(kind)
+        try:
+            await body(transport, far, connection._writer(transport))
+        finally:
+            transport.close()
+            far.close()
+
     loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
     try:
         loop.run_until_complete(main())
     finally:
         loop.close()
-
 
 
 async def _pair(kind: str):
@@ -86,19 +96,13 @@ def _read_available(far: socket.socket, limit: int) -> bytes:
 @pytest.mark.parametrize("loop_kind", LOOPS)
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_the_relay_picks_the_sender_for_plain_sockets(kind, loop_kind):
-    async def main():
-        transport, far = await _pair(kind)
-        try:
-            w = connection._writer(transport)
-            assert type(w) is connection.Sender
-            w(b"hello")
-            assert transport.get_write_buffer_size() == 0  # sent by the Sender itself
-            assert _drain(far, 5) == b"hello"
-        finally:
-            transport.close()
-            far.close()
+    async def body(transport, far, w):
+        assert type(w) is connection.Sender
+        w(b"hello")
+        assert transport.get_write_buffer_size() == 0  # sent by the Sender itself
+        assert _drain(far, 5) == b"hello"
 
-    _run(main, loop_kind)
+    _on_pair(kind, loop_kind, body)
 
 
 def test_tls_and_unknown_transports_keep_their_write():
@@ -116,69 +120,54 @@ def test_bytes_never_overtake_what_the_transport_holds(kind, loop_kind):
     """A chunk larger than the socket takes: the rest waits in the transport; the next small chunk
     must go behind it (through write()), and the far end reads every byte in order."""
 
-    async def main():
-        transport, far = await _pair(kind)
-        try:
-            w = connection._writer(transport)
-            big = bytes(range(256)) * (64 << 10)  # 16 MiB: more than any socket buffer here
-            w(big)
-            held = transport.get_write_buffer_size()
-            assert 0 < held < len(big)  # a partial send, the rest in the transport
-            # The far end reads: the socket has room again, while the transport still holds bytes
-            # (the event loop has not run since). A chunk sent now would overtake them.
-            head = _read_available(far, 1 << 20)
-            assert head
-            w(b"tail-1")
-            w(b"tail-2")
-            assert transport.get_write_buffer_size() == held + 12  # queued behind, not sent
-            loop = asyncio.get_running_loop()
-            got = head + await loop.run_in_executor(None, _drain, far, len(big) + 12 - len(head))
-            assert got == big + b"tail-1tail-2"
-            while transport.get_write_buffer_size():
-                await asyncio.sleep(0.001)
-            w(b"after")  # empty again: the Sender sends it itself
-            assert transport.get_write_buffer_size() == 0
-            assert _drain(far, 5) == b"after"
-        finally:
-            transport.close()
-            far.close()
+    async def body(transport, far, w):
+        big = bytes(range(256)) * (64 << 10)  # 16 MiB: more than any socket buffer here
+        w(big)
+        held = transport.get_write_buffer_size()
+        assert 0 < held < len(big)  # a partial send, the rest in the transport
+        # The far end reads: the socket has room again, while the transport still holds bytes
+        # (the event loop has not run since). A chunk sent now would overtake them.
+        head = _read_available(far, 1 << 20)
+        assert head
+        w(b"tail-1")
+        w(b"tail-2")
+        assert transport.get_write_buffer_size() == held + 12  # queued behind, not sent
+        loop = asyncio.get_running_loop()
+        got = head + await loop.run_in_executor(None, _drain, far, len(big) + 12 - len(head))
+        assert got == big + b"tail-1tail-2"
+        while transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        w(b"after")  # empty again: the Sender sends it itself
+        assert transport.get_write_buffer_size() == 0
+        assert _drain(far, 5) == b"after"
 
-    _run(main, loop_kind)
+    _on_pair(kind, loop_kind, body)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_a_closing_transport_is_never_written_behind_its_back(loop_kind):
-    async def main():
-        transport, far = await _pair("unix")
-        w = connection._writer(transport)
+    async def body(transport, far, w):
         transport.close()
         assert transport.is_closing()
         w(b"late")  # to the transport, which drops it as it would have (no send on its socket)
         await asyncio.sleep(0.01)
         far.settimeout(2)
         assert far.recv(100) == b""  # end of stream, no late bytes
-        far.close()
 
-    _run(main, loop_kind)
+    _on_pair("unix", loop_kind, body)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_other_buffers_go_through_the_transport(loop_kind):
-    async def main():
-        transport, far = await _pair("unix")
-        try:
-            w = connection._writer(transport)
-            w(bytearray(b"ab"))
-            w(memoryview(b"cd"))
-            w(b"")
-            w(b"ef")
-            await asyncio.sleep(0.01)
-            assert _drain(far, 6) == b"abcdef"
-        finally:
-            transport.close()
-            far.close()
+    async def body(transport, far, w):
+        w(bytearray(b"ab"))
+        w(memoryview(b"cd"))
+        w(b"")
+        w(b"ef")
+        await asyncio.sleep(0.01)
+        assert _drain(far, 6) == b"abcdef"
 
-    _run(main, loop_kind)
+    _on_pair("unix", loop_kind, body)
 
 
 @settings(max_examples=25, deadline=None)
@@ -188,25 +177,19 @@ def test_any_mix_of_chunks_and_slow_reads_arrives_whole_and_in_order(loop_kind, 
     """Chunks of any size, the far end sometimes reading a little between them: the bytes read are
     the bytes written, in order, whichever way each chunk went."""
 
-    async def main():
-        transport, far = await _pair("tcp")
+    async def body(transport, far, w):
         loop = asyncio.get_running_loop()
-        try:
-            w = connection._writer(transport)
-            sent = bytearray()
-            got = bytearray()
-            for i, (size, read_some) in enumerate(steps):
-                chunk = bytes([i % 251]) * size
-                w(chunk)
-                sent += chunk
-                if read_some:  # room in the socket before the event loop moves what the transport holds
-                    got += _read_available(far, len(sent) - len(got))
-                else:
-                    await asyncio.sleep(0)
-            got += await loop.run_in_executor(None, _drain, far, len(sent) - len(got))
-            assert got == sent
-        finally:
-            transport.close()
-            far.close()
+        sent = bytearray()
+        got = bytearray()
+        for i, (size, read_some) in enumerate(steps):
+            chunk = bytes([i % 251]) * size
+            w(chunk)
+            sent += chunk
+            if read_some:  # room in the socket before the event loop moves what the transport holds
+                got += _read_available(far, len(sent) - len(got))
+            else:
+                await asyncio.sleep(0)
+        got += await loop.run_in_executor(None, _drain, far, len(sent) - len(got))
+        assert got == sent
 
-    _run(main, loop_kind)
+    _on_pair("tcp", loop_kind, body)
