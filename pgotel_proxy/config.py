@@ -232,7 +232,7 @@ class Config(BaseModel):
     span_process: bool = _opt(
         True, group="Export",
         description="Build and export spans in a helper process, so that the relay never waits for "
-                    "the interpreter lock (OTLP exporter only). Off, with the console exporter or with "
+                    "the interpreter lock (OTLP exporter or none). Off, with the console exporter or with "
                     "server-side enrichment configured: on a thread of the proxy process.")
     span_process_priority: Literal["idle", "normal"] = _opt(
         "idle", group="Export",

@@ -113,6 +113,34 @@ def test_records_in_either_form_reach_the_helper(make_proxy, otlp, monkeypatch):
         assert None in forms and any(type(f) is bytes for f in forms)
 
 
+def test_without_an_exporter_spans_are_built_in_the_helper_counted_and_dropped(make_proxy, otlp):
+    """exporter = "none": the helper builds spans as for a collector (encoded, off the relay process), sends none."""
+    proxy = make_proxy(sample_rate=1.0, exporter="none")
+    assert _helper_pid(proxy) != os.getpid()
+    started, exported = STATS.spans_started, STATS.spans_exported
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(5):
+            conn.execute(f"SELECT %s::int /*traceparent='{TP}'*/", (i,))
+    proxy.flush()
+    assert STATS.spans_started - started == 5 * 4  # each statement and its parse, plan and execute
+    assert STATS.spans_exported == exported
+    time.sleep(0.2)
+    assert otlp.request_count() == 0
+
+
+def test_without_an_exporter_an_in_process_tracer_builds_the_encoded_form():
+    from opentelemetry.sdk.resources import Resource
+
+    from pgotel_proxy.tracing.tracer import Tracer
+
+    tracer = Tracer(exporter=None, resource=Resource.create({}), thread=False)
+    try:
+        # SDK span objects cost tens of µs each: never built for nobody.
+        assert tracer.builder.encode and tracer.builder.bare
+    finally:
+        tracer.shutdown()
+
+
 def test_sample_rate_reaches_the_helper(make_proxy, otlp):
     proxy = make_proxy(sample_rate=1.0)
     proxy.tracer.set_sample_rate(0.0)

@@ -13,11 +13,14 @@ def build_tracer(config: Any, exporter: Any = None):
     ``exporter`` overrides the exporter the config names (embedding, tests);
     spans are then built on a thread of this process, as they are with
     server-side enrichment, the console exporter or ``span_process = false``;
-    otherwise in a helper process (:mod:`pgotel_proxy.tracing.process`).
+    otherwise (the OTLP exporter, or none) in a helper process
+    (:mod:`pgotel_proxy.tracing.process`).
     """
     if not getattr(config, "tracing", True):
         return None
-    if exporter is None and getattr(config, "span_process", False) and getattr(config, "exporter", "otlp") == "otlp":
+    # exporter = "none" goes the same way as "otlp": spans are built as they would be
+    # for a collector (and counted), then discarded, at the cost of tracing minus export.
+    if exporter is None and getattr(config, "span_process", False) and getattr(config, "exporter", "otlp") in ("otlp", "none"):
         from ..enrich import enabled as enrichment_enabled
 
         if not enrichment_enabled(config):

@@ -151,14 +151,15 @@ class Tracer:
     @enricher.setter
     def enricher(self, enricher) -> None:
         # Spans leave the builder encoded when nothing needs them as objects:
-        # an exporter of otlp.py takes the bytes, the enricher edits spans.
+        # an exporter of otlp.py takes the bytes, the enricher edits spans, and
+        # without an exporter (exporter = "none") they are only counted and dropped.
         self._enricher = enricher
         exporter = self.pipeline.exporter
         builder = self.builder
-        builder.encode = enricher is None and bool(getattr(exporter, "accepts_encoded", False))
-        # ... and as their fields alone when the exporter is told whose they are
-        builder.bare = builder.encode and hasattr(exporter, "encoded_head")
-        if builder.bare:
+        builder.encode = enricher is None and (exporter is None or bool(getattr(exporter, "accepts_encoded", False)))
+        # ... and as their fields alone when the exporter is told whose they are (or there is none)
+        builder.bare = builder.encode and (exporter is None or hasattr(exporter, "encoded_head"))
+        if builder.bare and exporter is not None:
             exporter.encoded_head = builder._head
 
     # ------------------------------------------------------- runtime control
