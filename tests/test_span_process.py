@@ -405,7 +405,7 @@ def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
     near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     near.setblocking(False)
     tracer = SimpleNamespace(_lock=threading.Lock(), _sock=near, _stopping=False, _restart_at=0.0, _ops=[],
-                             _pending=0, _out=bytearray(), accepting=True)
+                             _pending=0, _out=process._Outbox(), accepting=True)
     rnd = random.Random(5)
     sent, got, buf = [], [], bytearray()
     far.setblocking(False)

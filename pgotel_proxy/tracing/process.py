@@ -62,6 +62,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -140,6 +142,49 @@ def _read_frames(sock: socket.socket, buf: bytearray) -> list | None:
 # ------------------------------------------------------------------ relay side
 
 
+class _Outbox:
+    """Frames the helper has not taken yet: the buffers themselves, in order, and their size.
+
+    Sending takes them with one ``sendmsg`` (a frame's header and data, and
+    whatever waited before them) and keeps only views of what the socket did
+    not take. Nothing is copied into one growing buffer: a bytearray's growing
+    and shrinking cost the relay page faults at every send the socket took in
+    part (0.14-0.17 a transaction at 8 clients, simple statements).
+    """
+
+    __slots__ = ("_parts", "_size")
+    _IOV = 64  # buffers given to one sendmsg (the kernel's limit is 1024)
+
+    def __init__(self) -> None:
+        self._parts: deque[memoryview] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._parts.append(memoryview(data))
+            self._size += len(data)
+
+    def send(self, sock: socket.socket) -> int:
+        """Send what the socket takes now; the bytes sent (its exceptions propagate, nothing sent then)."""
+        parts = self._parts
+        n = sock.sendmsg(list(islice(parts, self._IOV)))
+        self._size -= n
+        left = n
+        while left:
+            first = parts[0]
+            if len(first) <= left:
+                left -= len(first)
+                parts.popleft()
+            else:
+                parts[0] = first[left:]
+                left = 0
+        return n
+
+
+
 class _Handle:
     """Per-connection handle given to the proxy (the relay side of one session).
 
@@ -216,7 +261,7 @@ class ProcessTracer:
         self._handles: dict[int, _Handle] = {}
         self._next_conn = 0
         self._lock = threading.Lock()  # one writer at a time: the loop's timer, or shutdown/flush
-        self._out = bytearray()
+        self._out = _Outbox()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
@@ -253,9 +298,10 @@ class ProcessTracer:
         theirs.close()
         ours.setblocking(False)
         self._sock = ours
-        self._out = bytearray(_frame(settings))
+        self._out = _Outbox()
+        self._out.append(_frame(settings))
         try:  # the settings now, so that the helper sets itself up before the first records
-            del self._out[:ours.send(self._out)]
+            self._out.send(ours)
         except OSError:
             pass  # left in _out: the next send takes it
         # Sessions already open are announced again, so the new helper knows them.
@@ -313,7 +359,7 @@ class ProcessTracer:
             if self._sock is sock:
                 self.accepting = False
                 self._sock = None
-                self._out = bytearray()
+                self._out = _Outbox()
                 for name in CHILD_COUNTERS:
                     self._base[name] += self._last[name]
                     self._last[name] = 0
@@ -442,38 +488,20 @@ class ProcessTracer:
                         log.exception("could not hand records to the span process")
                         self._drop(ops)
                     else:
-                        head = _LEN.pack(len(data))
-                        if out or blocking_until is not None:
-                            out += head
-                            out += data
-                        else:
-                            # Nothing waiting: straight to the socket, header and data in one call
-                            # (no copy into the buffer, whose growing and shrinking cost page faults
-                            # every time); only what the socket does not take waits in the buffer.
-                            try:
-                                n = sock.sendmsg((head, data))
-                            except (BlockingIOError, InterruptedError):
-                                n = 0
-                            except OSError:  # the helper is gone: its reader thread says so
-                                n = 0
-                            if n < len(head):
-                                out += head[n:]
-                                out += data
-                            elif n < len(head) + len(data):
-                                out += memoryview(data)[n - len(head):]
+                        out.append(_LEN.pack(len(data)))
+                        out.append(data)
             while out:
                 try:
                     if blocking_until is not None:
                         sock.settimeout(max(0.001, blocking_until - time.monotonic()))
-                    n = sock.send(out)
+                    out.send(sock)
                 except (BlockingIOError, InterruptedError):
                     break
-                except (socket.timeout, OSError):
+                except (socket.timeout, OSError):  # OSError: the helper is gone, its reader thread says so
                     break
                 finally:
                     if blocking_until is not None:
                         sock.setblocking(False)
-                del out[:n]
             self.accepting = len(out) <= _MAX_OUT
 
     def _drop(self, ops: list) -> None:
