@@ -3,11 +3,13 @@
 * pgotel_proxy/protocol/_scan.c: stepping over runs of DataRow/CopyData;
 * pgotel_proxy/protocol/_core.c: the codec's per-message loop for the common messages;
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder;
-* pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key).
+* pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
+* pgotel_proxy/proxy/_pump.c: the relay of connections with nothing to observe, on a thread.
 
 ``optional=True``: without a C compiler the package installs anyway and the
 Python versions of the same functions serve (pgotel_proxy.protocol.scan,
-pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp, pgotel_proxy.shape).
+pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the
+asyncio relay of pgotel_proxy.proxy.connection for the pump).
 """
 
 from setuptools import Extension, setup
@@ -18,5 +20,6 @@ setup(
         Extension("pgotel_proxy.protocol._core", ["pgotel_proxy/protocol/_core.c"], optional=True),
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
+        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], optional=True),
     ],
 )

@@ -39,8 +39,9 @@ def test_traced_connections_relay_through_the_feed(make_proxy, otlp):
     assert sum(s.kind == "SERVER" for s in spans) >= 3
 
 
-def test_untraced_connections_keep_the_plain_relay(make_proxy):
+def test_untraced_connections_keep_the_plain_relay_without_the_pump(make_proxy):
     proxy = make_proxy(tracing=False)
+    proxy.server._pump_failed = True  # as without the compiled pump (tests/test_pump.py tests it)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")
         (pair,) = _protocols(proxy)

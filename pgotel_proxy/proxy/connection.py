@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -319,6 +320,7 @@ class ClientConnection:
         self.closed: asyncio.Future | None = None
         self._cancel_key: tuple[int, bytes] | None = None
         self._closing = False
+        self.pump_id: int | None = None  # relayed by the server's pump (_to_pump)
 
     # ------------------------------------------------------------ start-up
 
@@ -525,10 +527,54 @@ class ClientConnection:
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
-            if not s._cbuf and not s._cskip:
+            if not s._cbuf and not s._cskip and not self._to_pump():
                 # At a client message boundary nothing is held, so the cheapest relay can take over.
                 self.client.set_protocol(_Plain(self, self.upstream, True))
                 self.upstream.set_protocol(_Plain(self, self.client, False))
+
+    def _to_pump(self) -> bool:
+        """Hand both sockets to the server's compiled pump (``_pump.c``); False when it cannot take them.
+
+        It can when it was built, neither leg is TLS, both transports are plain
+        sockets and hold nothing unsent. The transports give their duplicated
+        descriptors up and are closed; the pump relays on its own thread from
+        the next byte on, and this connection ends when the pump says the pair
+        ended (``pump_ended``) or when it is closed (``pump.close``).
+        """
+        srv = self.server
+        pump = srv.pump()
+        client, upstream = self.client, self.upstream
+        if pump is None or client.get_extra_info("ssl_object") is not None \
+                or upstream.get_extra_info("ssl_object") is not None:
+            return False
+        if not srv.fd_room(2):
+            # The transports close their own descriptors only at the event loop's next
+            # turn: until then the hand-over holds two more. Short of them, stay here.
+            return False
+        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
+            return False
+        socks = (client.get_extra_info("socket"), upstream.get_extra_info("socket"))
+        if any(sk is None or sk.type != socket.SOCK_STREAM for sk in socks):
+            return False
+        try:
+            fds = [os.dup(sk.fileno()) for sk in socks]
+        except OSError:
+            return False
+        for t in (client, upstream):
+            t.pause_reading()
+            t.set_protocol(_Discard())
+        self.pump_id = pump.add(fds[0], fds[1])
+        srv.pumped[self.pump_id] = self
+        client.abort()
+        upstream.abort()
+        return True
+
+    def pump_ended(self, err: int) -> None:
+        """The pump relayed this connection to its end (err: the first errno, 0 for an end of input)."""
+        self.pump_id = None
+        if err and err != errno.ECONNABORTED:
+            log.debug("client %s: relay ended: %s", self.peer, os.strerror(err))
+        self._finish()
 
     def _feed(self) -> None:
         """Relay through compiled Feeds from now on (when built): the same steps, no Python frame per chunk.
@@ -589,6 +635,10 @@ class ClientConnection:
 
     def _close_transports(self) -> None:
         self._closing = True
+        if self.pump_id is not None:
+            self.server.pumped.pop(self.pump_id, None)
+            self.server.pump().close(self.pump_id)
+            self.pump_id = None
         for t in (self.client, self.upstream):
             if t is not None and not t.is_closing():
                 t.close()

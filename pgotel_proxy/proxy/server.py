@@ -20,6 +20,13 @@ from typing import Any, Callable
 from ..protocol.messages import error_response
 from ..stats import STATS
 from .connection import ClientConnection
+
+try:  # the compiled relay of unobserved connections (_pump.c)
+    from ._pump import Pump
+except ImportError:
+    Pump = None
+if os.environ.get("PGOTEL_PURE_PYTHON"):
+    Pump = None
 from .tls import client_context, upstream_context
 
 __all__ = ["ProxyServer", "run", "split_hostport"]
@@ -61,6 +68,10 @@ class ProxyServer:
         self._tasks: set[asyncio.Task] = set()
         self._reserve_fd: int | None = None
         self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
+        self.pumped: dict[int, ClientConnection] = {}  # connections the pump relays, by pair id
+        self._pump = None
+        self._pump_fd: int | None = None
+        self._pump_failed = Pump is None
         self._fd_limit: int | None = None
         self._fd_base = 0
         up = config.upstream
@@ -189,18 +200,22 @@ class ProxyServer:
         otherwise a burst of clients takes every descriptor and none of them can
         open its upstream connection.
         """
+        return not self.fd_room(1)
+
+    def fd_room(self, need: int) -> bool:
+        """Whether ``need`` more descriptors leave room for the upstream legs still to come and the headroom."""
         limit = self._fd_limit
         if limit is None:
-            return False
+            return True
         # Listing the descriptors costs O(open descriptors): only past half the limit. The
         # estimate (two per session) misses refused clients whose legs are still closing.
         if self._fd_base + 2 * len(self._tasks) < limit // 2:
-            return False
+            return True
         used = _open_fds()
         if used is None:
-            return True  # not even a descriptor left to list the descriptors with
+            return False  # not even a descriptor left to list the descriptors with
         waiting = len(self._tasks) - self.active  # accepted, their upstream descriptor still to come
-        return used + waiting + 1 + _FD_HEADROOM > limit
+        return used + waiting + need + _FD_HEADROOM <= limit
 
     async def _refuse_for_fds(self, lsock: socket.socket) -> None:
         if self._reserve_fd is None:
@@ -237,6 +252,55 @@ class ProxyServer:
             conn.close(notify=False)
         finally:
             self.connections.discard(conn)
+
+    # ---------------------------------------------------------------- pump
+
+    def pump(self):
+        """The compiled relay for connections with nothing to observe (started on first use); None without it."""
+        if self._pump is None and not self._pump_failed:
+            fd = None
+            try:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._pump = Pump(fd)
+                asyncio.get_running_loop().add_reader(fd, self._pump_ended)
+            except (OSError, RuntimeError) as exc:
+                log.warning("compiled relay unavailable, relaying in Python: %s", exc)
+                self._pump_failed = True
+                if self._pump is not None:
+                    self._pump.stop()
+                    self._pump = None
+                if fd is not None:
+                    os.close(fd)
+                return None
+            self._pump_fd = fd
+        return self._pump
+
+    def _pump_ended(self) -> None:
+        try:
+            os.eventfd_read(self._pump_fd)
+        except BlockingIOError:
+            pass
+        for pair, err in self._pump.take_closed():
+            conn = self.pumped.pop(pair, None)
+            if conn is not None:
+                conn.pump_ended(err)
+
+    def stop_pump(self) -> None:
+        """End the pump's thread; pairs it still relays are closed."""
+        pump, self._pump = self._pump, None
+        if pump is None:
+            return
+        fd, self._pump_fd = self._pump_fd, None
+        try:
+            asyncio.get_running_loop().remove_reader(fd)
+        except RuntimeError:
+            pass
+        pump.stop()
+        for pair, err in pump.take_closed():
+            conn = self.pumped.pop(pair, None)
+            if conn is not None:
+                conn.pump_ended(err)
+        os.close(fd)
 
     # -------------------------------------------------------------- cancel
 
@@ -305,6 +369,7 @@ class ProxyServer:
             conn.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
+        self.stop_pump()
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
             self._reserve_fd = None
