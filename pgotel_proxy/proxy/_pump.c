@@ -412,14 +412,16 @@ thread_main(void *arg)
                 continue;
             break;
         }
-        int stop = 0;
+        int commands = 0;
         for (int i = 0; i < n; i++) {
             if (events[i].data.u64 == CMD_TAG)
-                stop |= run_commands(p);
+                commands = 1;
             else
                 handle(p, events[i].data.u64, events[i].events, chunk);
         }
-        if (stop)
+        /* Commands last: a slot freed by an event of this batch is reused only after every
+         * event of the batch (one may be for the freed pair's other socket) is handled. */
+        if (commands && run_commands(p))
             break;
     }
     for (size_t s = 0; s < p->nslots; s++)
