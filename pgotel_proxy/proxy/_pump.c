@@ -18,9 +18,9 @@
  * on request (pump.close: shutdown, drain) is closed at once.
  *
  * The Python side learns of ended pairs through an eventfd it watches on its
- * event loop (notify_fd) and take_closed(). Commands (add, close, stop) are
- * queued under a mutex and wake the thread through its own eventfd; the
- * thread alone touches the pairs.
+ * event loop (notify_fd) and take_closed(). Commands (add, close) are
+ * queued under a mutex, a stop is a flag, and both wake the thread through its
+ * own eventfd; the thread alone touches the pairs.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -40,7 +40,7 @@
 #define MAX_EVENTS 64
 #define CMD_TAG UINT64_MAX
 
-enum { CMD_ADD, CMD_CLOSE, CMD_STOP };
+enum { CMD_ADD, CMD_CLOSE };
 
 typedef struct {
     int kind;
@@ -69,6 +69,7 @@ typedef struct {
     int epfd, cmdfd, notifyfd;
     pthread_t thread;
     int started, stopped;
+    int stop_req; /* the thread is to end (under mu) */
     pthread_mutex_t mu;
     Cmd *cmds;
     size_t ncmds, capcmds;
@@ -93,6 +94,19 @@ wake(int fd)
     do {
         r = write(fd, &one, sizeof one);
     } while (r < 0 && errno == EINTR);
+}
+
+/* A queue's items, taken under the lock; the queue is left empty (*count: how many). */
+static void *
+take_all(Pump *p, void **items, size_t *n, size_t *cap, size_t *count)
+{
+    pthread_mutex_lock(&p->mu);
+    void *out = *items;
+    *count = *n;
+    *items = NULL;
+    *n = *cap = 0;
+    pthread_mutex_unlock(&p->mu);
+    return out;
 }
 
 static int
@@ -372,28 +386,22 @@ run_commands(Pump *p)
     do {
         r = read(p->cmdfd, &v, sizeof v);
     } while (r < 0 && errno == EINTR);
-    pthread_mutex_lock(&p->mu);
-    Cmd *cmds = p->cmds;
-    size_t n = p->ncmds;
-    p->cmds = NULL;
-    p->ncmds = p->capcmds = 0;
-    pthread_mutex_unlock(&p->mu);
-    int stop = 0;
+    size_t n;
+    Cmd *cmds = take_all(p, (void **)&p->cmds, &p->ncmds, &p->capcmds, &n);
     for (size_t i = 0; i < n; i++) {
         Cmd *c = &cmds[i];
         if (c->kind == CMD_ADD) {
             add_pair(p, c);
-        } else if (c->kind == CMD_CLOSE) {
-            for (size_t s = 0; s < p->nslots; s++)
-                if (p->slots[s] != NULL && (c->id < 0 || p->slots[s]->id == c->id)) {
-                    p->slots[s]->err = ECONNABORTED;
-                    pair_free(p, s, ECONNABORTED);
-                }
         } else {
-            stop = 1;
+            for (size_t s = 0; s < p->nslots; s++)
+                if (p->slots[s] != NULL && (c->id < 0 || p->slots[s]->id == c->id))
+                    pair_free(p, s, ECONNABORTED);
         }
     }
     free(cmds);
+    pthread_mutex_lock(&p->mu);
+    int stop = p->stop_req;
+    pthread_mutex_unlock(&p->mu);
     return stop;
 }
 
@@ -498,21 +506,8 @@ static void
 pump_stop_thread(Pump *p)
 {
     if (p->started && !p->stopped) {
-        Cmd c = {CMD_STOP, 0, {-1, -1}};
         pthread_mutex_lock(&p->mu);
-        int ok = 1;
-        if (p->ncmds == p->capcmds) {
-            size_t cap = p->capcmds ? p->capcmds * 2 : 16;
-            Cmd *n = realloc(p->cmds, cap * sizeof *n);
-            if (n == NULL)
-                ok = 0;
-            else {
-                p->cmds = n;
-                p->capcmds = cap;
-            }
-        }
-        if (ok)
-            p->cmds[p->ncmds++] = c;
+        p->stop_req = 1;
         pthread_mutex_unlock(&p->mu);
         wake(p->cmdfd);
         Py_BEGIN_ALLOW_THREADS
@@ -580,12 +575,8 @@ PyDoc_STRVAR(take_closed_doc, "take_closed() -> [(id, errno)]: pairs ended since
 static PyObject *
 pump_take_closed(Pump *p, PyObject *unused)
 {
-    pthread_mutex_lock(&p->mu);
-    Closed *c = p->closed;
-    size_t n = p->nclosed;
-    p->closed = NULL;
-    p->nclosed = p->capclosed = 0;
-    pthread_mutex_unlock(&p->mu);
+    size_t n;
+    Closed *c = take_all(p, (void **)&p->closed, &p->nclosed, &p->capclosed, &n);
     PyObject *out = PyList_New((Py_ssize_t)n);
     if (out != NULL)
         for (size_t i = 0; i < n; i++) {

@@ -14,6 +14,10 @@ is forwarded, both transports switch to relay protocols whose
 
 Backpressure: when one side's write buffer passes its high-water mark, reading
 from the other side pauses until it drains.
+
+A session with nothing to observe leaves these protocols once its start-up is
+over: its two sockets go to the server's compiled pump (``_pump.c``, a thread
+moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
 """
 
 from __future__ import annotations
@@ -636,8 +640,7 @@ class ClientConnection:
     def _close_transports(self) -> None:
         self._closing = True
         if self.pump_id is not None:
-            self.server.pumped.pop(self.pump_id, None)
-            self.server.pump().close(self.pump_id)
+            self.server.pump_close(self.pump_id)
             self.pump_id = None
         for t in (self.client, self.upstream):
             if t is not None and not t.is_closing():

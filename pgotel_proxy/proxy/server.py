@@ -257,7 +257,7 @@ class ProxyServer:
 
     def pump(self):
         """The compiled relay for connections with nothing to observe (started on first use); None without it."""
-        if self._pump is None and not self._pump_failed:
+        if self._pump is None and not self._pump_failed and not self.draining:
             fd = None
             try:
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -274,6 +274,12 @@ class ProxyServer:
                 return None
             self._pump_fd = fd
         return self._pump
+
+    def pump_close(self, pair: int) -> None:
+        """End a pair the pump relays now (its connection is closing)."""
+        self.pumped.pop(pair, None)
+        if self._pump is not None:
+            self._pump.close(pair)
 
     def _pump_ended(self) -> None:
         try:
