@@ -432,6 +432,16 @@ thread_main(void *arg)
         if (commands && run_commands(p))
             break;
     }
+    /* Ending: pairs still queued to be added are closed too (a stop may come right after an add). */
+    size_t n;
+    Cmd *cmds = take_all(p, (void **)&p->cmds, &p->ncmds, &p->capcmds, &n);
+    for (size_t i = 0; i < n; i++)
+        if (cmds[i].kind == CMD_ADD) {
+            close(cmds[i].fd[0]);
+            close(cmds[i].fd[1]);
+            report_closed(p, cmds[i].id, ECONNABORTED);
+        }
+    free(cmds);
     for (size_t s = 0; s < p->nslots; s++)
         if (p->slots[s] != NULL)
             pair_free(p, s, ECONNABORTED);
@@ -445,6 +455,11 @@ static int
 push(Pump *p, Cmd c)
 {
     pthread_mutex_lock(&p->mu);
+    if (p->stop_req) { /* the thread is ending or gone: nothing would take the command */
+        pthread_mutex_unlock(&p->mu);
+        PyErr_SetString(PyExc_RuntimeError, "pump stopped");
+        return -1;
+    }
     if (p->ncmds == p->capcmds) {
         size_t cap = p->capcmds ? p->capcmds * 2 : 16;
         Cmd *n = realloc(p->cmds, cap * sizeof *n);
@@ -541,10 +556,6 @@ pump_add(Pump *p, PyObject *args)
     int a, b;
     if (!PyArg_ParseTuple(args, "ii:add", &a, &b))
         return NULL;
-    if (p->stopped) {
-        PyErr_SetString(PyExc_RuntimeError, "pump stopped");
-        return NULL;
-    }
     pthread_mutex_lock(&p->mu);
     long long id = ++p->next_id;
     pthread_mutex_unlock(&p->mu);
@@ -562,11 +573,9 @@ pump_close(Pump *p, PyObject *arg)
     long long id = PyLong_AsLongLong(arg);
     if (id == -1 && PyErr_Occurred())
         return NULL;
-    if (p->stopped)
-        Py_RETURN_NONE;
     Cmd c = {CMD_CLOSE, id, {-1, -1}};
     if (push(p, c) < 0)
-        return NULL;
+        PyErr_Clear(); /* stopped: every pair is closed already */
     Py_RETURN_NONE;
 }
 
