@@ -546,31 +546,36 @@ class ClientConnection:
         ended (``pump_ended``) or when it is closed (``pump.close``).
         """
         srv = self.server
-        pump = srv.pump()
         client, upstream = self.client, self.upstream
-        if pump is None or client.get_extra_info("ssl_object") is not None \
-                or upstream.get_extra_info("ssl_object") is not None:
-            return False
-        if not srv.fd_room(2):
-            # The transports close their own descriptors only at the event loop's next
-            # turn: until then the hand-over holds two more. Short of them, stay here.
+        if client.get_extra_info("ssl_object") is not None or upstream.get_extra_info("ssl_object") is not None:
             return False
         if client.get_write_buffer_size() or upstream.get_write_buffer_size():
             return False
         socks = (client.get_extra_info("socket"), upstream.get_extra_info("socket"))
         if any(sk is None or sk.type != socket.SOCK_STREAM for sk in socks):
             return False
-        try:
-            fds = [os.dup(sk.fileno()) for sk in socks]
-        except OSError:
+        if not srv.fd_room(2):
+            # The transports close their own descriptors only at the event loop's next
+            # turn: until then the hand-over holds two more. Short of them, stay here.
             return False
+        pump = srv.pump()
+        if pump is None:
+            return False
+        fds: list[int] = []
+        try:
+            for sk in socks:
+                fds.append(os.dup(sk.fileno()))
+            # The pump may read from now on; the event loop cannot before this callback returns.
+            self.pump_id = pump.add(fds[0], fds[1])
+        except (OSError, RuntimeError):
+            for fd in fds:
+                os.close(fd)
+            return False
+        srv.pumped[self.pump_id] = self
         for t in (client, upstream):
             t.pause_reading()
             t.set_protocol(_Discard())
-        self.pump_id = pump.add(fds[0], fds[1])
-        srv.pumped[self.pump_id] = self
-        client.abort()
-        upstream.abort()
+            t.abort()
         return True
 
     def pump_ended(self, err: int) -> None:
