@@ -243,9 +243,11 @@ def test_a_stop_right_after_an_add_closes_that_pair_too():
 
 
 def _pumped(proxy, n: int = 1) -> list:
-    return wait_for(lambda: [c for c in list(proxy.server.connections) if c.pump_id is not None]
-                    if len([c for c in list(proxy.server.connections) if c.pump_id is not None]) >= n else None,
-                    timeout=10, what="sessions handed to the pump")
+    def found() -> list | None:
+        conns = [c for c in list(proxy.server.connections) if c.pump_id is not None]
+        return conns if len(conns) >= n else None
+
+    return wait_for(found, timeout=10, what="sessions handed to the pump")
 
 
 @needs_pump

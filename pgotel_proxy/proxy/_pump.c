@@ -214,6 +214,15 @@ begin_end(Pair *q, int err)
     return q->len[0] == 0 && q->len[1] == 0;
 }
 
+/* A socket failed: nothing more goes anywhere, the pair ends now (returns 1). */
+static int
+broken(Pair *q, int err)
+{
+    q->len[0] = q->len[1] = 0; /* the buffers are freed with the pair */
+    begin_end(q, err);
+    return 1;
+}
+
 /* Read from side and send on; 1 when the pair is to be freed now. */
 static int
 pump_in(Pair *q, int side, char *chunk)
@@ -225,10 +234,7 @@ pump_in(Pair *q, int side, char *chunk)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return 0;
-            int e = errno;
-            q->len[0] = q->len[1] = 0; /* a broken socket: nothing more goes anywhere */
-            begin_end(q, e);
-            return 1;
+            return broken(q, errno);
         }
         if (n == 0)
             return begin_end(q, 0);
@@ -240,10 +246,7 @@ pump_in(Pair *q, int side, char *chunk)
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK)
                     break;
-                int e = errno;
-                q->len[0] = q->len[1] = 0;
-                begin_end(q, e);
-                return 1;
+                return broken(q, errno);
             }
             sent += (size_t)s;
         }

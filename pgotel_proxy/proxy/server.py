@@ -286,7 +286,11 @@ class ProxyServer:
             os.eventfd_read(self._pump_fd)
         except BlockingIOError:
             pass
-        for pair, err in self._pump.take_closed():
+        self._end_pairs(self._pump)
+
+    def _end_pairs(self, pump) -> None:
+        """End the connections of the pairs ``pump`` reported ended."""
+        for pair, err in pump.take_closed():
             conn = self.pumped.pop(pair, None)
             if conn is not None:
                 conn.pump_ended(err)
@@ -302,10 +306,7 @@ class ProxyServer:
         except RuntimeError:
             pass
         pump.stop()
-        for pair, err in pump.take_closed():
-            conn = self.pumped.pop(pair, None)
-            if conn is not None:
-                conn.pump_ended(err)
+        self._end_pairs(pump)
         os.close(fd)
 
     # -------------------------------------------------------------- cancel

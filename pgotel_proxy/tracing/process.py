@@ -184,7 +184,6 @@ class _Outbox:
         return n
 
 
-
 class _Handle:
     """Per-connection handle given to the proxy (the relay side of one session).
 
