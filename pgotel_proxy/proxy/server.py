@@ -208,13 +208,17 @@ class ProxyServer:
         if limit is None:
             return True
         # Listing the descriptors costs O(open descriptors): only past half the limit. The
-        # estimate (two per session) misses refused clients whose legs are still closing.
-        if self._fd_base + 2 * len(self._tasks) < limit // 2:
+        # estimate (four per session: its two legs, and two more for a session handed to the
+        # pump until its transports have closed their own) misses refused clients whose legs
+        # are still closing.
+        if self._fd_base + 4 * len(self._tasks) < limit // 2:
             return True
         used = _open_fds()
         if used is None:
             return False  # not even a descriptor left to list the descriptors with
-        waiting = len(self._tasks) - self.active  # accepted, their upstream descriptor still to come
+        # Accepted, their upstream descriptor still to come (a session counted active may still be
+        # connecting: only an upstream transport says the descriptor is taken).
+        waiting = len(self._tasks) - sum(1 for c in self.connections if c.upstream is not None)
         return used + waiting + need + _FD_HEADROOM <= limit
 
     async def _refuse_for_fds(self, lsock: socket.socket) -> None:
