@@ -621,9 +621,10 @@ def idle_rss(starters: dict[str, Any], n: int, settle: float = 1.0) -> list[dict
 
 
 def add_ratios(cells: list[dict[str, Any]]) -> None:
-    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    """Each cell's ratios to direct and to PgBouncer in the same mode, clients and round."""
+    by_key: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
     for c in cells:
-        by_key.setdefault((c["mode"], c["clients"]), {})[c["target"]] = c
+        by_key.setdefault((c["mode"], c["clients"], c.get("round", 0)), {})[c["target"]] = c
     for group in by_key.values():
         direct = group.get("direct")
         bouncer = group.get("pgbouncer")
@@ -639,14 +640,68 @@ def add_ratios(cells: list[dict[str, Any]]) -> None:
                 c["added_p99_us"] = (c["p99_ms"] - direct["p99_ms"]) * 1000
 
 
+#: Figures of a cell that combine_rounds gives as medians over the rounds; ratios are
+#: taken within a round first (each against its neighbour cells), then their median.
+_MEDIAN_KEYS = ("tps", "mean_ms", "p50_ms", "p99_ms", "cpu_us_per_tx", "tps_x_direct", "tps_x_pgbouncer",
+                "cpu_x_pgbouncer", "added_p50_us", "added_p99_us")
+#: Counts that add up over the rounds.
+_SUM_KEYS = ("transactions", "failed", "logged", "cpu_s", "wall_s", "spans_exported", "spans_dropped",
+             "statements_dropped", "statements", "spans_started", "spans_received")
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def combine_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cell per mode, clients and target from several rounds of the same cells.
+
+    Noise on a shared machine moves a 10 s cell by several per cent either
+    way, and it moves neighbouring cells together more than cells minutes
+    apart: so each round's ratios are taken first (add_ratios), and a cell
+    reports their median, with the range over the rounds beside it
+    (``*_range``). Counts (transactions, spans) are the sums over the rounds,
+    and ``cpu_us_total_per_tx`` is the CPU of all rounds over their transactions.
+    """
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["clients"], r["target"]), []).append(r)
+    out = []
+    for (mode, clients, target), rs in groups.items():
+        cell: dict[str, Any] = {"target": target, "mode": mode, "clients": clients, "rounds": len(rs)}
+        for key in _MEDIAN_KEYS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            cell[key] = _median(values) if values else None
+            if key.startswith(("tps", "cpu_x")) and values:
+                cell[key + "_range"] = [min(values), max(values)]
+        for key in _SUM_KEYS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            cell[key] = sum(values) if values else None
+        if cell["cpu_s"] is not None and cell["transactions"]:
+            cell["cpu_us_total_per_tx"] = cell["cpu_s"] / cell["transactions"] * 1e6
+        out.append(cell)
+    return out
+
+
 def _f(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _range(pair: list[float] | None) -> str:
+    return "-" if not pair else f"{pair[0]:.2f}–{pair[1]:.2f}"
+
+
 def format_tables(results: dict[str, Any]) -> str:
     lines = []
+    ranged = any(c.get("tps_x_pgbouncer_range") for c in results["pgbench"])
     head = (f"{'mode':<9}{'cl':>3} {'target':<12}{'tps':>9}{'×dir':>6}{'×pgb':>6}"
             f"{'mean ms':>9}{'p99 ms':>8}{'cpu µs/tx':>10}{'×pgb':>6}{'spans/tx':>9}{'exp':>9}{'drop':>7}{'st.drop':>8}")
+    if ranged:
+        rounds = max(c.get("rounds", 1) for c in results["pgbench"])
+        lines.append(f"medians of {rounds} interleaved rounds; ranges: tps ×pgb and cpu ×pgb over the rounds")
+        head += f"{'tps ×pgb range':>16}{'cpu ×pgb range':>16}"
     lines += [head, "-" * len(head)]
     for c in results["pgbench"]:
         spans_tx = (c["spans_exported"] / c["transactions"]
@@ -657,7 +712,9 @@ def format_tables(results: dict[str, Any]) -> str:
             f"{_f(c.get('mean_ms'), '.3f'):>9}{_f(c.get('p99_ms'), '.3f'):>8}"
             f"{_f(c.get('cpu_us_per_tx'), '.1f'):>10}{_f(c.get('cpu_x_pgbouncer'), '.2f'):>6}"
             f"{_f(spans_tx, '.2f'):>9}{_f(c.get('spans_exported'), 'd'):>9}{_f(c.get('spans_dropped'), 'd'):>7}"
-            f"{_f(c.get('statements_dropped'), 'd'):>8}")
+            f"{_f(c.get('statements_dropped'), 'd'):>8}"
+            + (f"{_range(c.get('tps_x_pgbouncer_range')):>16}{_range(c.get('cpu_x_pgbouncer_range')):>16}"
+               if ranged else ""))
     added = [c for c in results["pgbench"] if c.get("added_p50_us") is not None and c["target"] != "direct"]
     if added:
         lines += ["", "latency added over direct at 1 client (µs)",
@@ -718,6 +775,7 @@ class Options:
     idle_conns: int = 1000
     idle_settle: float = 1.0
     warmup: float = 2.0
+    rounds: int = 1
     workdir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -757,19 +815,27 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
         # Warm every path once (connection set-up, imports, caches) outside the measurements.
         for t in targets if opts.warmup > 0 else ():
             run_pgbench(t, script=script, mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
-        cells = []
-        for mode in opts.modes:
-            for clients in opts.clients:
-                for t in targets:
-                    spans0 = sink.count() if sink and t.traced else None
-                    row = run_pgbench(t, script=script, mode=mode, clients=clients,
-                                      duration=opts.duration, logdir=workdir)
-                    if spans0 is not None and row.get("spans_exported") is not None:
-                        row["spans_received"] = sink.count() - spans0
-                    cells.append(row)
-                    log.info("%-8s %2d %-12s %8.0f tps  cpu/tx %s µs", mode, clients, t.name, row["tps"],
-                             _f(row.get("cpu_us_per_tx"), ".1f"))
-        add_ratios(cells)
+        rounds = []
+        for rnd in range(opts.rounds):
+            # Each round starts the order of targets one further along, so that no
+            # target always follows the same one (a cell can inherit its predecessor's
+            # leftovers: dirty caches, a span process still exporting, TCP TIME_WAITs).
+            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)] if targets else []
+            for mode in opts.modes:
+                for clients in opts.clients:
+                    for t in order:
+                        spans0 = sink.count() if sink and t.traced else None
+                        row = run_pgbench(t, script=script, mode=mode, clients=clients,
+                                          duration=opts.duration, logdir=workdir)
+                        if spans0 is not None and row.get("spans_exported") is not None:
+                            row["spans_received"] = sink.count() - spans0
+                        row["round"] = rnd
+                        rounds.append(row)
+                        log.info("%-8s %2d %-12s %8.0f tps  cpu/tx %s µs%s", mode, clients, t.name, row["tps"],
+                                 _f(row.get("cpu_us_per_tx"), ".1f"),
+                                 f"  (round {rnd + 1}/{opts.rounds})" if opts.rounds > 1 else "")
+        add_ratios(rounds)
+        cells = combine_rounds(rounds) if opts.rounds > 1 else rounds
         bulk = run_bulk(targets, data, opts.bulk_repeat, workdir) if opts.bulk_mb else []
         for p in proxies:
             p.stop()
@@ -801,6 +867,8 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                     if k not in ("workdir", "extra")},
         "data": data,
         "pgbench": cells,
+        # every cell of every round as measured (``pgbench`` holds their medians when rounds > 1)
+        **({"pgbench_rounds": rounds} if opts.rounds > 1 else {}),
         "bulk": bulk,
         "idle": idle,
     }
@@ -819,6 +887,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
                                                  "(default 1000, quick 300; 0 skips bulk)")
     ap.add_argument("--select-rows", type=int, help="rows of the bulk SELECT (default 5M, quick 1M)")
     ap.add_argument("--idle-conns", type=int, help="idle connections for the RSS test (default 1000, 0 skips)")
+    ap.add_argument("--rounds", type=int, help="run every cell this many times, interleaved, and report medians "
+                                                "of the per-round ratios with their range (default 1)")
     ap.add_argument("--keep", type=Path, help="keep logs and pgbench files in this directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -837,9 +907,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         opts.clients = tuple(int(c) for c in args.clients.split(","))
     if args.targets:
         opts.targets = tuple(t.strip() for t in args.targets.split(","))
-    for name in ("scale", "bulk_mb", "select_rows", "idle_conns"):
+    for name in ("scale", "bulk_mb", "select_rows", "idle_conns", "rounds"):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
+    if opts.rounds < 1:
+        ap.error("--rounds must be at least 1")
     opts.workdir = args.keep
     return opts, args
 

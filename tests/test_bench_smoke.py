@@ -42,6 +42,33 @@ def test_latency_stats_from_pgbench_logs(bench, tmp_path):
     assert not list(tmp_path.glob("pgb.*")), "log files are removed once read"
 
 
+def test_rounds_combine_into_medians_of_paired_ratios(bench):
+    # Round 2 ran on a slower machine for all: its ratios are still taken against its own PgBouncer cell.
+    rows = []
+    for rnd, (pgb, proxy, cpu) in enumerate([(1000, 900, 10.0), (500, 480, 12.0), (1000, 800, 11.0)]):
+        rows.append({"mode": "simple", "clients": 8, "target": "pgbouncer", "round": rnd, "tps": pgb,
+                     "transactions": pgb * 10, "cpu_us_per_tx": 10.0, "cpu_s": pgb * 1e-4, "p99_ms": 1.0})
+        rows.append({"mode": "simple", "clients": 8, "target": "proxy-on", "round": rnd, "tps": proxy,
+                     "transactions": proxy * 10, "cpu_us_per_tx": cpu, "cpu_s": proxy * cpu * 1e-5,
+                     "p99_ms": 2.0 + rnd, "spans_exported": proxy * 30})
+    bench.add_ratios(rows)
+    cells = {c["target"]: c for c in bench.combine_rounds(rows)}
+    on = cells["proxy-on"]
+    assert on["rounds"] == 3
+    assert on["tps"] == 800  # median of 900, 480, 800
+    assert on["tps_x_pgbouncer"] == pytest.approx(0.9)  # median of 0.90, 0.96, 0.80 (not 800 / 1000)
+    assert on["tps_x_pgbouncer_range"] == [pytest.approx(0.8), pytest.approx(0.96)]
+    assert on["cpu_x_pgbouncer"] == pytest.approx(1.1)
+    assert on["cpu_x_pgbouncer_range"] == [pytest.approx(1.0), pytest.approx(1.2)]
+    assert on["p99_ms"] == 3.0
+    assert on["transactions"] == (900 + 480 + 800) * 10
+    assert on["spans_exported"] == (900 + 480 + 800) * 30
+    assert on["cpu_us_total_per_tx"] == pytest.approx((900 * 10 + 480 * 12 + 800 * 11) / (900 + 480 + 800))
+    assert cells["pgbouncer"]["tps_x_pgbouncer"] == 1.0
+    table = bench.format_tables({"pgbench": list(cells.values())})
+    assert "medians of 3 interleaved rounds" in table and "0.80–0.96" in table
+
+
 def test_cpu_and_rss_of_this_process(bench):
     before = bench.cpu_seconds(os.getpid())
     sum(i * i for i in range(300_000))
@@ -57,13 +84,19 @@ def test_whole_bench_runs_tiny(bench, pg, tmp_path):
         duration=1, modes=("extended",), clients=(2,),
         targets=("direct", "pgbouncer", "proxy-on"),
         scale=1, bulk_mb=2, select_rows=2000, bulk_repeat=1, idle_conns=10, idle_settle=0.1, warmup=0,
-        workdir=tmp_path,
+        rounds=2, workdir=tmp_path,
     )
     results = bench.run_bench(pg, opts)
     json.dumps(results)  # the results document must serialise as written
 
     cells = {c["target"]: c for c in results["pgbench"]}
     assert set(cells) == {"direct", "pgbouncer", "proxy-on"}
+    # two rounds, each with its own order of targets; the cells hold their medians and sums
+    raw = results["pgbench_rounds"]
+    assert [r["target"] for r in raw if r["round"] == 1] == ["pgbouncer", "proxy-on", "direct"]
+    for name, cell in cells.items():
+        assert cell["rounds"] == 2
+        assert cell["transactions"] == sum(r["transactions"] for r in raw if r["target"] == name)
     for name, cell in cells.items():
         assert cell["transactions"] > 0 and cell["tps"] > 0, cell
         assert cell["failed"] == 0
