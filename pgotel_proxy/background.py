@@ -90,8 +90,14 @@ class BackgroundProxy:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every finished statement has been built and exported."""
+        if self.server is not None:
+            # what the pump relayed is observed every few ms: now, so that it counts as finished
+            self.call(self._observe_now(), timeout)
         if self.tracer is not None:
             self.tracer.flush(timeout)
+
+    async def _observe_now(self) -> None:
+        self.server.observe_now()
 
     def stop(self, drain: float = 1.0) -> None:
         if self.server is not None:

@@ -1,8 +1,9 @@
 """The compiled relay step (protocol._core.Feed): traced connections relay through it, and what it
 does not take (bytes split across reads, garbage, COPY, errors) reaches the Python path unchanged.
 
-The rest of the suite runs every traced connection through the Feed too; these tests check that it
-is in use and drive the hand-overs on purpose.
+Where the compiled pump can take a traced connection (no TLS, nothing to splice in), it relays it and
+the Feed is not used (tests/test_pump.py); these tests turn the pump off, as a TLS session or a build
+without it would, check that the Feed is then in use, and drive its hand-overs on purpose.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.proxy import connection
+from pgotel_proxy.proxy import server as proxy_server
 from rawpg import RawConn, message
 
 pytestmark = pytest.mark.skipif(connection.Feed is None, reason="compiled codec not built (or PGOTEL_PURE_PYTHON)")
@@ -28,6 +30,7 @@ def _protocols(proxy) -> list:
 
 def test_traced_connections_relay_through_the_feed(make_proxy, otlp):
     proxy = make_proxy(sample_rate=1.0)
+    proxy.server._pump_failed = True  # as on a TLS session or without the compiled pump
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         for i in range(3):
             assert conn.execute(f"SELECT %s::int + 1 /*traceparent='{TP}'*/", (i,)).fetchone() == (i + 1,)
@@ -53,9 +56,17 @@ def test_untraced_connections_keep_the_plain_relay_without_the_pump(make_proxy):
         assert big == "x" * 200000
 
 
-def test_messages_split_across_reads_and_odd_messages_go_through_python(make_proxy, otlp):
-    """Each message cut in two: the Feed leaves the held part to Python; results and spans as whole."""
+@pytest.mark.parametrize("pumped", [False, True], ids=["feed", "pump"])
+def test_messages_split_across_reads_and_odd_messages_go_through_python(make_proxy, otlp, pumped):
+    """Each message cut in two: the Feed leaves the held part to Python; results and spans as whole.
+
+    The same through the pump, which frames the client's messages across its reads itself.
+    """
     proxy = make_proxy(sample_rate=1.0)
+    if not pumped:
+        proxy.server._pump_failed = True
+    elif proxy_server.Pump is None:
+        pytest.skip("compiled pump not built")
     with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
         raw.startup()
         for i in range(5):
@@ -68,6 +79,8 @@ def test_messages_split_across_reads_and_odd_messages_go_through_python(make_pro
             msgs = raw.read_until_ready()
             assert [t for t, _ in msgs] == ["T", "D", "C", "Z"], msgs
             assert msgs[1][1].endswith(str(i).encode())
+            (conn,) = proxy.server.connections
+            assert conn.pump_observes is pumped
         # An extended batch in one write with an error in the middle: the compiled loop stops at the
         # error's answer, Python takes over, then the Feed again.
         batch = (message(b"P", b"\x00SELECT 1/0\x00\x00\x00") + message(b"B", b"\x00\x00" + struct.pack("!hhh", 0, 0, 0))

@@ -1,4 +1,4 @@
-"""The compiled relay of connections with nothing to observe (``proxy/_pump.c``).
+"""The compiled relay (``proxy/_pump.c``): of connections with nothing to observe, and of traced ones.
 
 First the pump alone, on socket pairs: bytes arrive whole and in order in
 both directions whatever the chunk sizes and however slowly a side reads
@@ -8,7 +8,12 @@ its cause, and ``close`` / ``stop`` end pairs at once. Then the proxy: its
 untraced sessions go to the pump after start-up, relay large results and
 COPY both ways through real PostgreSQL, and end cleanly when the client
 goes, when the backend goes, and at shutdown; TLS sessions stay on the
-asyncio relay.
+asyncio relay. Last, observed pairs (traced sessions): the log holds what was
+relayed, in order, with receive times; a client chunk the codec would refuse
+is not forwarded and the pair is handed back, as it is when the server ends;
+the log's bound stops reading until it is taken; and through the proxy,
+traced sessions are observed from the log, a traced COPY larger than the
+bound arrives whole with its span, and garbage gets the proxy's 08P01.
 """
 
 from __future__ import annotations
@@ -350,3 +355,213 @@ def test_tls_sessions_stay_on_the_asyncio_relay(make_proxy, certs):
         (c,) = list(proxy.server.connections)
         assert c.pump_id is None and not proxy.server.pumped
         assert conn.execute("SELECT repeat('y', 300000)").fetchone()[0] == "y" * 300000
+
+
+# ---------------------------------------------------------------- observed pairs (traced sessions)
+
+_FRONTEND = bytes(sorted(b"BCdcfDEHFPpQSX"))
+_HEAD = struct.Struct("=qiiq")
+_BACK = struct.Struct("=iiiiIIII")
+
+
+def _observed_pair(harness, max_message: int = 1 << 20):
+    client, mid_a = socket.socketpair()
+    mid_b, server = socket.socketpair()
+    for s in (mid_a, mid_b):
+        s.setblocking(False)
+    pid = harness.pump.add(mid_a.detach(), mid_b.detach(), observe=True, max_message=max_message, types=_FRONTEND)
+    return client, server, pid
+
+
+def _entries(log: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(log):
+        pid, kind, n, ts = _HEAD.unpack_from(log, pos)
+        out.append((pid, kind, ts, log[pos + 24:pos + 24 + n]))
+        pos += 24 + n
+    assert pos == len(log)
+    return out
+
+
+def _log_until(harness, pred, timeout: float = 10.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while not pred(got):
+        assert time.monotonic() < deadline, f"log never complete: {got[-3:]}"
+        got += _entries(harness.pump.take_log())
+        time.sleep(0.005)
+    return got
+
+
+@needs_pump
+def test_an_observed_pair_logs_what_it_relays_in_order_with_receive_times(harness):
+    client, server, pid = _observed_pair(harness)
+    rnd = random.Random(3)
+    stream = b"".join(message(b"Q", b"SELECT %d\x00" % i) for i in range(300))
+    t0 = time.time_ns()
+    pos = 0
+    while pos < len(stream):  # cut anywhere, message heads included
+        n = rnd.choice([1, 2, 3, 5, 17, 400])
+        client.sendall(stream[pos:pos + n])
+        pos += n
+        answer = os.urandom(rnd.choice([1, 90, 3000]))  # server bytes are not framed by the pump
+        server.sendall(answer)
+        assert _recv_exactly(client, len(answer)) == answer
+    assert _recv_exactly(server, len(stream)) == stream
+    t1 = time.time_ns()
+    log = _log_until(harness, lambda got: sum(len(e[3]) for e in got if e[1] == 0) >= len(stream))
+    assert {e[0] for e in log} == {pid}
+    assert b"".join(e[3] for e in log if e[1] == 0) == stream
+    times = [e[2] for e in log]
+    assert times == sorted(times) and t0 <= times[0] and times[-1] <= t1
+    assert harness.pump.take_log() == b""  # taken once
+
+
+@needs_pump
+@pytest.mark.parametrize("bad", [b"\x01\x00\x00\x00\x05x", message(b"Q", b"x" * 70000), b"Q\x00\x00\x00\x02"],
+                         ids=["type", "too-long", "too-short"])
+def test_an_observed_pair_refuses_a_bad_client_chunk_and_hands_the_pair_back(harness, bad):
+    client, server, pid = _observed_pair(harness, max_message=65536)
+    good = message(b"Q", b"SELECT 1\x00")
+    client.sendall(good)
+    assert _recv_exactly(server, len(good)) == good
+    client.sendall(good[:3])  # a head split between reads: framed across them
+    time.sleep(0.05)
+    client.sendall(good[3:] + bad)
+    log = _log_until(harness, lambda got: any(e[1] == 2 for e in got))
+    back = next(e for e in log if e[1] == 2)
+    reason, err, fd_c, fd_s, n_chunk, n_srv, n_cli, _ = _BACK.unpack_from(back[3])
+    assert reason == 1 and len(good) - 3 < n_chunk <= len(good) - 3 + len(bad)
+    # the refused read, whole (at most the pump's 64 KiB chunk of what was sent)
+    assert back[3][_BACK.size:_BACK.size + n_chunk] == (good[3:] + bad)[:n_chunk]
+    # Nothing of the refused chunk went on (not even its good message), and the pump let go of the pair.
+    server.settimeout(0.3)
+    assert server.recv(100) == good[:3]
+    with pytest.raises(socket.timeout):
+        server.recv(100)
+    assert harness.pump.live == 0 and harness.pump.take_closed() == []
+    # The descriptors are the caller's now, still connected.
+    os.write(fd_c, b"answer")
+    assert _recv_exactly(client, 6) == b"answer"
+    os.close(fd_c)
+    os.close(fd_s)
+
+
+@needs_pump
+def test_an_observed_pair_is_handed_back_when_the_server_ends(harness):
+    client, server, pid = _observed_pair(harness)
+    server.sendall(b"last words")
+    assert _recv_exactly(client, 10) == b"last words"
+    server.close()
+    log = _log_until(harness, lambda got: any(e[1] == 2 for e in got))
+    assert [e[1] for e in log] == [1, 2] and log[0][3] == b"last words"
+    reason, err, fd_c, fd_s, *_ = _BACK.unpack_from(log[1][3])
+    assert reason == 2 and err == 0
+    assert harness.pump.live == 0
+    os.write(fd_c, b"08006")  # the client leg is still there for the proxy's own last word
+    assert _recv_exactly(client, 5) == b"08006"
+    os.close(fd_c)
+    os.close(fd_s)
+
+
+@needs_pump
+def test_an_observed_pair_waits_for_its_log_to_be_taken():
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    pump = Pump(efd, log_limit=64 << 10)
+    h = _Harness.__new__(_Harness)
+    h.efd, h.pump, h.ended = efd, pump, {}
+    try:
+        client, server, pid = _observed_pair(h, max_message=8 << 20)
+        data = message(b"d", os.urandom(4 << 20))  # one large COPY message
+        sender = threading.Thread(target=client.sendall, args=(data,))
+        sender.start()
+        server.setblocking(False)
+        got = bytearray()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # nobody takes the log: the relay stalls near its bound
+            try:
+                got += server.recv(1 << 20)
+            except BlockingIOError:
+                time.sleep(0.02)
+        assert len(got) < 1 << 20, len(got)
+        logged = bytearray()
+        server.setblocking(True)
+        server.settimeout(0.05)
+        deadline = time.monotonic() + 20
+        while len(got) < len(data):  # taking the log lets it go on, in steps
+            assert time.monotonic() < deadline
+            logged += b"".join(e[3] for e in _entries(pump.take_log()))
+            try:
+                got += server.recv(1 << 20)
+            except socket.timeout:
+                pass
+        sender.join(10)
+        logged += b"".join(e[3] for e in _entries(pump.take_log()))
+        assert bytes(got) == data and bytes(logged) == data
+    finally:
+        pump.stop()
+        os.close(efd)
+
+
+@needs_pump
+def test_traced_sessions_go_to_the_pump_and_are_observed(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=1.0)
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute(f"SELECT %s::int /*traceparent='{tp}'*/", (5,)).fetchone() == (5,)
+        (c,) = _pumped(proxy)
+        assert c.pump_observes and proxy.server.observed == 1
+        big = conn.execute(f"SELECT repeat('z', 3000000) /*route='big',traceparent='{tp}'*/").fetchone()[0]
+        assert big == "z" * 3000000
+    wait_for(lambda: not proxy.server.pumped and proxy.server.observed == 0, timeout=10, what="the session to end")
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: any(s.attributes.get("pgotel.sqlcommenter.route") == "big" for s in got))
+    (stmt,) = [s for s in spans if s.attributes.get("pgotel.sqlcommenter.route") == "big"]
+    assert stmt.attributes["db.response.returned_rows"] == 1
+    assert {s.name for s in spans if s.parent_span_id == stmt.span_id} >= {"execute"}
+
+
+@needs_pump
+def test_a_traced_copy_larger_than_the_log_bound_is_observed_whole(make_proxy, otlp, monkeypatch):
+    monkeypatch.setattr(server_mod, "PUMP_LOG_LIMIT", 64 << 10)
+    proxy = make_proxy(sample_rate=1.0)
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        (c,) = _pumped(proxy)
+        assert c.pump_observes
+        out = bytearray()
+        with conn.cursor().copy(f"COPY (SELECT i, md5(i::text) FROM generate_series(1, 60000) i) TO STDOUT "
+                                f"/*route='copy-out',traceparent='{tp}'*/") as copy:
+            for chunk in copy:
+                out += chunk
+        assert out.count(b"\n") == 60000 and out.startswith(b"1\tc4ca4238a0b923820dcc509a6f75849b\n")
+    proxy.flush()
+    spans = otlp.wait_for(lambda got: any(s.attributes.get("pgotel.sqlcommenter.route") == "copy-out" for s in got))
+    (stmt,) = [s for s in spans if s.attributes.get("pgotel.sqlcommenter.route") == "copy-out"]
+    assert stmt.attributes["db.postgresql.command_tag"] == "COPY 60000"
+
+
+@needs_pump
+def test_garbage_from_a_traced_client_gets_the_proxys_08p01_and_never_reaches_postgres(make_proxy, pg):
+    from pgotel_proxy.stats import STATS
+    proxy = make_proxy(sample_rate=1.0)
+    before = STATS.protocol_violations
+    raw = RawConn("127.0.0.1", proxy.port, timeout=10)
+    raw.startup(application_name="pump-garbage")
+    assert [t for t, _ in raw.query("SELECT 1")] == ["T", "D", "C", "Z"]
+    (c,) = _pumped(proxy)
+    assert c.pump_observes
+    raw.send(message(b"Q", b"SELECT 2\x00") + b"\x07garbage")  # a good message, then garbage, one write
+    msgs = []
+    with pytest.raises(ConnectionError):
+        while True:
+            msgs.append(raw.read_message())
+    assert [t for t, _ in msgs] == ["E"], msgs  # not even SELECT 2 went on
+    fields = dict((b[:1].decode(), b[1:].decode()) for b in msgs[0][1].split(b"\x00") if b)
+    assert fields["C"] == "08P01" and "invalid frontend message type 7" in fields["M"]
+    assert STATS.protocol_violations == before + 1
+    wait_for(lambda: not proxy.server.connections and proxy.server.observed == 0, timeout=10, what="the session to end")
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:  # its backend was let go, cleanly
+        wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pump-garbage'")
+                 .fetchone(), timeout=10, what="the backend to end")

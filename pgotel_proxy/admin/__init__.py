@@ -114,10 +114,17 @@ class AdminServer:
         return web.Response(text="ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
+        self._observe_now()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _observe_now(self) -> None:
+        observe = getattr(self.proxy, "observe_now", None)  # what the pump relayed, observed before counting
+        if observe is not None:
+            observe()
+
     def status_dict(self) -> dict:
+        self._observe_now()
         t = self.tracer
         link = getattr(self.proxy, "worker_link", None)
         d = {

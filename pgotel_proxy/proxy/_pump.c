@@ -21,6 +21,18 @@
  * event loop (notify_fd) and take_closed(). Commands (add, close) are
  * queued under a mutex, a stop is a flag, and both wake the thread through its
  * own eventfd; the thread alone touches the pairs.
+ *
+ * Observed pairs (traced sessions: add(..., observe=True)): fd_a is the
+ * client, fd_b its server. Each chunk read is logged, with its receive time,
+ * before it is sent on (take_log(): the event loop feeds the session from
+ * it, so relaying comes first and observing happens on another thread). The
+ * client's chunks are framed first (message type and length, what the codec
+ * checks): a chunk holding a message the codec refuses is not forwarded, and
+ * the pair is handed back, as it is when the server's side ends or fails: a
+ * LOG_HANDBACK entry carries both descriptors (left open, the Python side's
+ * now), the chunk not forwarded and the bytes kept for each side, and the
+ * proxy answers as its asyncio relay does (08P01, 08006). The log is bounded
+ * (log_limit): past it, observed pairs stop reading until it is taken.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -34,19 +46,43 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CHUNK 65536
 #define MAX_EVENTS 64
 #define CMD_TAG UINT64_MAX
+#define LOG_NOTIFY (1u << 20) /* the log this long wakes the event loop (else it looks every few ms) */
 
 enum { CMD_ADD, CMD_CLOSE };
+
+/* Log entry kinds (observed pairs). */
+enum { LOG_CLIENT, LOG_SERVER, LOG_HANDBACK };
+/* Why a pair is handed back. */
+enum { BACK_VIOLATION = 1, BACK_SERVER_END = 2 };
 
 typedef struct {
     int kind;
     long long id;
     int fd[2];
+    int observe;
+    uint32_t max_message;
+    unsigned char types[32]; /* bitmap of the frontend message types (observed pairs) */
 } Cmd;
+
+/* One log entry's head; the bytes follow. */
+typedef struct {
+    long long id;
+    int32_t kind;
+    int32_t len;
+    long long ts;
+} LogHead;
+
+/* What follows a LOG_HANDBACK head: the numbers, then the unforwarded chunk and the kept bytes. */
+typedef struct {
+    int32_t reason, err, fd_client, fd_server;
+    uint32_t chunk, kept_to_server, kept_to_client, pad;
+} Back;
 
 typedef struct {
     long long id;
@@ -57,6 +93,14 @@ typedef struct {
     int hup[2];     /* fd[i] hung up: nothing can be sent to it; read to its end, out of epoll */
     int ending;     /* no more reads; sending what is kept, then closing */
     int err;        /* the first errno seen (0: end of input) */
+    /* observed pairs: every chunk relayed is logged for the event loop, which observes it */
+    int observe;
+    int starved[2];          /* reading fd[i] waits until the event loop takes the log */
+    uint32_t max_message;    /* a longer client message is a protocol violation */
+    unsigned char types[32]; /* the frontend message types */
+    uint32_t cskip;          /* bytes of the current client message still to come */
+    unsigned char chdr[5];   /* a client message head split between chunks */
+    int chn;
 } Pair;
 
 typedef struct {
@@ -77,6 +121,11 @@ typedef struct {
     size_t nclosed, capclosed;
     long long next_id;
     size_t live; /* pairs the thread holds (read under mu) */
+    /* the observation log (under mu): entries of observed pairs, in the order relayed */
+    char *log;
+    size_t loglen, logcap, log_limit;
+    int notified;      /* the event loop was woken for this log */
+    int resume_reads;  /* the log was taken: starved pairs may read again */
     /* thread-owned */
     Pair **slots;
     size_t nslots;
@@ -129,7 +178,7 @@ static uint32_t
 wanted(Pair *q, int side)
 {
     uint32_t w = 0;
-    if (!q->ending && q->len[side] == 0 && !q->hup[1 - side]) /* not for a socket that is gone */
+    if (!q->ending && q->len[side] == 0 && !q->hup[1 - side] && !q->starved[side]) /* not for a socket that is gone */
         w |= EPOLLIN;
     if (q->len[1 - side] > q->off[1 - side])
         w |= EPOLLOUT;
@@ -223,21 +272,185 @@ broken(Pair *q, int err)
     return 1;
 }
 
-/* Read from side and send on; 1 when the pair is to be freed now. */
-static int
-pump_in(Pair *q, int side, char *chunk)
+static long long
+now_ns(void)
 {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts); /* time.time_ns()'s clock, as the codec's */
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Room for n more bytes in the log (under mu); 0 when memory ran out. */
+static int
+log_room(Pump *p, size_t n)
+{
+    if (p->loglen + n <= p->logcap)
+        return 1;
+    size_t cap = p->logcap ? p->logcap : 65536;
+    while (cap < p->loglen + n)
+        cap *= 2;
+    char *l = realloc(p->log, cap);
+    if (l == NULL)
+        return 0;
+    p->log = l;
+    p->logcap = cap;
+    return 1;
+}
+
+/* Append an entry: head, then up to three pieces of bytes. 0 when memory ran out. */
+static int
+log_entry(Pump *p, long long id, int kind, long long ts, const void *a, size_t na, const void *b, size_t nb,
+          const void *c, size_t nc)
+{
+    LogHead h = {id, kind, (int32_t)(na + nb + nc), ts};
+    int wake_loop = 0, ok = 0;
+    pthread_mutex_lock(&p->mu);
+    if (log_room(p, sizeof h + na + nb + nc)) {
+        char *w = p->log + p->loglen;
+        memcpy(w, &h, sizeof h);
+        w += sizeof h;
+        if (na)
+            memcpy(w, a, na);
+        if (nb)
+            memcpy(w + na, b, nb);
+        if (nc)
+            memcpy(w + na + nb, c, nc);
+        p->loglen += sizeof h + na + nb + nc;
+        ok = 1;
+    }
+    if ((p->loglen >= LOG_NOTIFY || kind == LOG_HANDBACK) && !p->notified) {
+        p->notified = 1;
+        wake_loop = 1;
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (wake_loop)
+        wake(p->notifyfd);
+    return ok;
+}
+
+static int
+log_full(Pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    int full = p->loglen >= p->log_limit;
+    pthread_mutex_unlock(&p->mu);
+    return full;
+}
+
+/* Frame a chunk of client bytes (observed pairs): 1 when it holds a message the codec refuses
+ * (a type that is not a frontend message, a length below 4 or above max_message). The pair's
+ * framing state moves on only when the whole chunk is good: a bad chunk is not forwarded. */
+static int
+frame_client(Pair *q, const unsigned char *d, size_t n)
+{
+    uint32_t skip = q->cskip;
+    unsigned char hdr[5];
+    int hn = q->chn;
+    memcpy(hdr, q->chdr, 5);
+    size_t pos = 0;
+    while (pos < n) {
+        if (skip) {
+            size_t take = n - pos < skip ? n - pos : skip;
+            pos += take;
+            skip -= (uint32_t)take;
+            continue;
+        }
+        while (hn < 5 && pos < n)
+            hdr[hn++] = d[pos++];
+        if (hn < 5)
+            break;
+        uint32_t len = ((uint32_t)hdr[1] << 24) | ((uint32_t)hdr[2] << 16) | ((uint32_t)hdr[3] << 8) | hdr[4];
+        if (!(q->types[hdr[0] >> 3] & (1u << (hdr[0] & 7))) || len < 4 || len > q->max_message)
+            return 1;
+        skip = len - 4;
+        hn = 0;
+    }
+    q->cskip = skip;
+    q->chn = hn;
+    memcpy(q->chdr, hdr, 5);
+    return 0;
+}
+
+/* Give an observed pair back to the event loop: out of epoll, its sockets left open for the
+ * Python side, what it kept logged, the pair freed. Returns 1 (the pair is gone). */
+static int
+hand_back(Pump *p, size_t slot, int reason, int err, const char *chunk, size_t n)
+{
+    Pair *q = p->slots[slot];
+    for (int i = 0; i < 2; i++)
+        if (!q->hup[i])
+            epoll_ctl(p->epfd, EPOLL_CTL_DEL, q->fd[i], NULL);
+    size_t k0 = q->len[0] - q->off[0], k1 = q->len[1] - q->off[1];
+    Back b = {reason, err, q->fd[0], q->fd[1], (uint32_t)n, (uint32_t)k0, (uint32_t)k1, 0};
+    /* one entry: Back, the chunk not forwarded, then what each direction kept */
+    char *joined = malloc(sizeof b + n + 1);
+    int ok = 0;
+    if (joined != NULL) {
+        memcpy(joined, &b, sizeof b);
+        if (n)
+            memcpy(joined + sizeof b, chunk, n);
+        ok = log_entry(p, q->id, LOG_HANDBACK, now_ns(), joined, sizeof b + n, q->buf[0] ? q->buf[0] + q->off[0] : NULL, k0,
+                       q->buf[1] ? q->buf[1] + q->off[1] : NULL, k1);
+        free(joined);
+    }
+    if (!ok) { /* the event loop cannot take it over: end the pair as a broken one */
+        close(q->fd[0]);
+        close(q->fd[1]);
+    }
+    long long id = q->id;
+    free(q->buf[0]);
+    free(q->buf[1]);
+    free(q);
+    p->slots[slot] = NULL;
+    p->free_slots[p->nfree++] = slot;
+    if (ok) {
+        pthread_mutex_lock(&p->mu);
+        p->live--;
+        pthread_mutex_unlock(&p->mu);
+    } else {
+        report_closed(p, id, ENOMEM);
+    }
+    return 1;
+}
+
+/* Read from side and send on; 1 when the pair is to be freed now, 2 when it was handed back. */
+static int
+pump_in(Pump *p, size_t slot, int side, char *chunk)
+{
+    Pair *q = p->slots[slot];
     for (;;) {
+        if (q->observe && log_full(p)) {
+            q->starved[side] = 1; /* the event loop is behind: this side reads again once it caught up */
+            return 0;
+        }
         ssize_t n = recv(q->fd[side], chunk, CHUNK, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return 0;
+            if (q->observe && side == 1) {
+                hand_back(p, slot, BACK_SERVER_END, errno, NULL, 0);
+                return 2;
+            }
             return broken(q, errno);
         }
-        if (n == 0)
+        if (n == 0) {
+            if (q->observe && side == 1) { /* the proxy may have words for the client (08006) */
+                hand_back(p, slot, BACK_SERVER_END, 0, NULL, 0);
+                return 2;
+            }
             return begin_end(q, 0);
+        }
+        long long ts = q->observe ? now_ns() : 0;
+        if (q->observe && side == 0 && frame_client(q, (const unsigned char *)chunk, (size_t)n)) {
+            hand_back(p, slot, BACK_VIOLATION, 0, chunk, (size_t)n); /* the proxy answers 08P01 */
+            return 2;
+        }
+        /* Logged before it is sent: once a peer has these bytes, the event loop can see them (a
+         * client that got its answer and asks the proxy to flush finds the statement finished). */
+        if (q->observe && !log_entry(p, q->id, side == 0 ? LOG_CLIENT : LOG_SERVER, ts, chunk, (size_t)n, NULL, 0, NULL, 0))
+            return broken(q, ENOMEM); /* observation cannot go on without this chunk */
         size_t sent = 0;
         while (sent < (size_t)n) {
             ssize_t s = send(q->fd[1 - side], chunk + sent, (size_t)n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -246,6 +459,10 @@ pump_in(Pair *q, int side, char *chunk)
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK)
                     break;
+                if (q->observe && side == 0) { /* the server is gone (the chunk was logged): back */
+                    hand_back(p, slot, BACK_SERVER_END, errno, NULL, 0);
+                    return 2;
+                }
                 return broken(q, errno);
             }
             sent += (size_t)s;
@@ -287,6 +504,10 @@ handle(Pump *p, uint64_t tag, uint32_t events, char *chunk)
     Pair *q = p->slots[slot];
     int done = 0;
     if (events & EPOLLERR) { /* reset: what either socket holds is lost anyway */
+        if (q->observe && side == 1) { /* the proxy may have words for the client (08006) */
+            hand_back(p, slot, BACK_SERVER_END, sock_error(q->fd[1]), NULL, 0);
+            return;
+        }
         begin_end(q, sock_error(q->fd[side]));
         pair_free(p, slot, q->err);
         return;
@@ -301,16 +522,25 @@ handle(Pump *p, uint64_t tag, uint32_t events, char *chunk)
         drop(q, 1 - side);
     }
     if ((events & EPOLLOUT) && flush_side(q, 1 - side) < 0) { /* fd[side] can take the other side's bytes */
+        if (q->observe && side == 1) {
+            hand_back(p, slot, BACK_SERVER_END, errno, NULL, 0);
+            return;
+        }
         begin_end(q, errno);
         pair_free(p, slot, q->err);
         return;
     }
-    if (!q->ending && q->len[side] == 0 && (events & (EPOLLIN | EPOLLHUP)))
-        done = pump_in(q, side, chunk);
+    if (!q->ending && q->len[side] == 0 && !q->starved[side] && (events & (EPOLLIN | EPOLLHUP)))
+        done = pump_in(p, slot, side, chunk);
+    if (done == 2)
+        return; /* handed back */
     /* A hung-up side whose kept bytes have left is read on here (epoll no longer says). */
     for (int i = 0; i < 2 && !done; i++)
-        if (q->hup[i] && !q->ending && q->len[i] == 0 && (i != side || !(events & (EPOLLIN | EPOLLHUP))))
-            done = pump_in(q, i, chunk);
+        if (q->hup[i] && !q->ending && q->len[i] == 0 && !q->starved[i] &&
+            (i != side || !(events & (EPOLLIN | EPOLLHUP))))
+            done = pump_in(p, slot, i, chunk);
+    if (done == 2)
+        return;
     for (int i = 0; i < 2; i++)
         if (q->hup[1 - i] && q->len[i]) /* kept for a socket that is gone */
             drop(q, i);
@@ -358,6 +588,9 @@ add_pair(Pump *p, Cmd *c)
     q->id = c->id;
     q->fd[0] = c->fd[0];
     q->fd[1] = c->fd[1];
+    q->observe = c->observe;
+    q->max_message = c->max_message;
+    memcpy(q->types, c->types, sizeof q->types);
     p->slots[slot] = q;
     for (int i = 0; i < 2; i++) {
         struct epoll_event e;
@@ -381,8 +614,25 @@ fail:
     report_closed(p, c->id, ENOMEM); /* so that the connection ends */
 }
 
+/* The event loop took the log: pairs that stopped reading for it read again. */
+static void
+resume_starved(Pump *p, char *chunk)
+{
+    for (size_t s = 0; s < p->nslots; s++) {
+        Pair *q = p->slots[s];
+        if (q == NULL || !(q->starved[0] || q->starved[1]))
+            continue;
+        for (int i = 0; i < 2 && p->slots[s] != NULL; i++)
+            if (p->slots[s]->starved[i]) {
+                p->slots[s]->starved[i] = 0;
+                /* as if epoll said the side is readable: reads, registers again, or ends */
+                handle(p, ((uint64_t)s << 1) | (uint64_t)i, EPOLLIN, chunk);
+            }
+    }
+}
+
 static int
-run_commands(Pump *p)
+run_commands(Pump *p, char *chunk)
 {
     uint64_t v;
     ssize_t r;
@@ -403,8 +653,11 @@ run_commands(Pump *p)
     }
     free(cmds);
     pthread_mutex_lock(&p->mu);
-    int stop = p->stop_req;
+    int stop = p->stop_req, resume = p->resume_reads;
+    p->resume_reads = 0;
     pthread_mutex_unlock(&p->mu);
+    if (resume && !stop)
+        resume_starved(p, chunk);
     return stop;
 }
 
@@ -432,7 +685,7 @@ thread_main(void *arg)
         }
         /* Commands last: a slot freed by an event of this batch is reused only after every
          * event of the batch (one may be for the freed pair's other socket) is handled. */
-        if (commands && run_commands(p))
+        if (commands && run_commands(p, chunk))
             break;
     }
     /* Ending: pairs still queued to be added are closed too (a stop may come right after an add). */
@@ -486,13 +739,20 @@ static PyObject *
 pump_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     int notifyfd;
-    if (!PyArg_ParseTuple(args, "i:Pump", &notifyfd))
+    Py_ssize_t log_limit = 16 << 20;
+    static char *kwlist[] = {"notify_fd", "log_limit", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|n:Pump", kwlist, &notifyfd, &log_limit))
         return NULL;
+    if (log_limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "log_limit must be positive");
+        return NULL;
+    }
     Pump *p = (Pump *)type->tp_alloc(type, 0);
     if (p == NULL)
         return NULL;
     p->epfd = p->cmdfd = -1;
     p->notifyfd = notifyfd;
+    p->log_limit = (size_t)log_limit;
     pthread_mutex_init(&p->mu, NULL);
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     p->cmdfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -545,27 +805,71 @@ pump_dealloc(Pump *p)
         close(p->cmdfd);
     free(p->cmds);
     free(p->closed);
+    free(p->log);
     free(p->slots);
     free(p->free_slots);
     pthread_mutex_destroy(&p->mu);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-PyDoc_STRVAR(add_doc, "add(fd_a, fd_b) -> id: relay between two sockets from now on; the pump owns both fds.");
+PyDoc_STRVAR(add_doc,
+"add(fd_a, fd_b, observe=False, max_message=0, types=b'') -> id: relay between two sockets from now on; the\n"
+"pump owns both fds. observe: fd_a is a client and fd_b its server; every chunk relayed is logged (take_log),\n"
+"the client's messages are framed before they are forwarded (types: the frontend message type bytes,\n"
+"max_message: the longest message), and on a refused chunk or the server's end the pair is handed back.");
 
 static PyObject *
-pump_add(Pump *p, PyObject *args)
+pump_add(Pump *p, PyObject *args, PyObject *kw)
 {
-    int a, b;
-    if (!PyArg_ParseTuple(args, "ii:add", &a, &b))
+    int a, b, observe = 0;
+    unsigned long max_message = 0;
+    Py_buffer types = {0};
+    static char *kwlist[] = {"fd_a", "fd_b", "observe", "max_message", "types", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|pky*:add", kwlist, &a, &b, &observe, &max_message, &types))
         return NULL;
+    Cmd c;
+    memset(&c, 0, sizeof c);
+    c.kind = CMD_ADD;
+    c.fd[0] = a;
+    c.fd[1] = b;
+    c.observe = observe;
+    c.max_message = max_message > UINT32_MAX ? UINT32_MAX : (uint32_t)max_message;
+    for (Py_ssize_t i = 0; i < types.len; i++) {
+        unsigned char t = ((const unsigned char *)types.buf)[i];
+        c.types[t >> 3] |= (unsigned char)(1u << (t & 7));
+    }
+    if (types.obj != NULL)
+        PyBuffer_Release(&types);
     pthread_mutex_lock(&p->mu);
-    long long id = ++p->next_id;
+    c.id = ++p->next_id;
     pthread_mutex_unlock(&p->mu);
-    Cmd c = {CMD_ADD, id, {a, b}};
     if (push(p, c) < 0)
         return NULL;
-    return PyLong_FromLongLong(id);
+    return PyLong_FromLongLong(c.id);
+}
+
+PyDoc_STRVAR(take_log_doc,
+"take_log() -> bytes: the observation log since the last call (entries: id int64, kind int32, length int32,\n"
+"receive time ns int64, then length bytes; kind 0 client bytes, 1 server bytes, 2 the pair handed back).");
+
+static PyObject *
+pump_take_log(Pump *p, PyObject *unused)
+{
+    pthread_mutex_lock(&p->mu);
+    char *log = p->log;
+    size_t n = p->loglen;
+    int resume = n >= p->log_limit;
+    p->log = NULL;
+    p->loglen = p->logcap = 0;
+    p->notified = 0;
+    if (resume)
+        p->resume_reads = 1;
+    pthread_mutex_unlock(&p->mu);
+    if (resume)
+        wake(p->cmdfd);
+    PyObject *out = PyBytes_FromStringAndSize(log ? log : "", (Py_ssize_t)n);
+    free(log);
+    return out;
 }
 
 PyDoc_STRVAR(close_doc, "close(id): end that pair now (both sockets closed); close(-1): every pair.");
@@ -576,7 +880,11 @@ pump_close(Pump *p, PyObject *arg)
     long long id = PyLong_AsLongLong(arg);
     if (id == -1 && PyErr_Occurred())
         return NULL;
-    Cmd c = {CMD_CLOSE, id, {-1, -1}};
+    Cmd c;
+    memset(&c, 0, sizeof c);
+    c.kind = CMD_CLOSE;
+    c.id = id;
+    c.fd[0] = c.fd[1] = -1;
     if (push(p, c) < 0)
         PyErr_Clear(); /* stopped: every pair is closed already */
     Py_RETURN_NONE;
@@ -622,7 +930,8 @@ pump_live(Pump *p, void *closure)
 }
 
 static PyMethodDef pump_methods[] = {
-    {"add", (PyCFunction)pump_add, METH_VARARGS, add_doc},
+    {"add", (PyCFunction)(void (*)(void))pump_add, METH_VARARGS | METH_KEYWORDS, add_doc},
+    {"take_log", (PyCFunction)pump_take_log, METH_NOARGS, take_log_doc},
     {"close", (PyCFunction)pump_close, METH_O, close_doc},
     {"take_closed", (PyCFunction)pump_take_closed, METH_NOARGS, take_closed_doc},
     {"stop", (PyCFunction)pump_stop, METH_NOARGS, stop_doc},
@@ -640,7 +949,8 @@ static PyTypeObject PumpType = {
     .tp_basicsize = sizeof(Pump),
     .tp_dealloc = (destructor)pump_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Pump(notify_fd): relays pairs of sockets on a thread of its own; writes notify_fd (an eventfd) when pairs end.",
+    .tp_doc = "Pump(notify_fd, log_limit=16 MiB): relays pairs of sockets on a thread of its own; writes notify_fd (an eventfd)\n"
+              "when pairs end, when a pair is handed back and when the observation log passes 1 MiB.",
     .tp_methods = pump_methods,
     .tp_getset = pump_getset,
     .tp_new = pump_new,

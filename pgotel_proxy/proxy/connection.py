@@ -18,6 +18,11 @@ from the other side pauses until it drains.
 A session with nothing to observe leaves these protocols once its start-up is
 over: its two sockets go to the server's compiled pump (``_pump.c``, a thread
 moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
+A traced session with nothing to splice in goes to the pump as well, which
+logs what it relays for the event loop to observe (``_to_pump``,
+``pump_observe``) and hands the sockets back for the proxy's own last words
+(``pump_back``); elsewhere (TLS, WAL propagation, Flush timing, no compiled
+pump) traced sessions relay through the compiled Feeds below.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
-from ..protocol.messages import error_response
+from ..protocol.messages import FRONTEND_TYPES, error_response
 from ..protocol.session import COMPILED as CODEC_COMPILED
 from ..stats import STATS
 
@@ -63,6 +68,11 @@ _SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocke
 # 32 clients, where the tracer's 50 ms collection comes first.
 _DELIVER_AT = 32
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
+_FRONTEND_TYPES = bytes(sorted(FRONTEND_TYPES))
+# A pair the pump hands back (_pump.c): reason, errno, client fd, server fd, then the lengths of the
+# chunk it did not forward and of what it kept for the server and for the client.
+_BACK = struct.Struct("=iiiiIIII")
+_BACK_VIOLATION = 1
 _WRITE_HIGH = 1 << 20
 _WRITE_LOW = 256 << 10
 
@@ -117,6 +127,19 @@ class _Discard(asyncio.Protocol):
     """Client leg after the proxy's last ErrorResponse: swallow input until the client hangs up."""
 
     def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self):
+        return False
+
+
+class _Held(asyncio.Protocol):
+    """A socket the pump handed back, paused until its relay protocol is set."""
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:  # not while paused
         pass
 
     def eof_received(self):
@@ -325,6 +348,7 @@ class ClientConnection:
         self._cancel_key: tuple[int, bytes] | None = None
         self._closing = False
         self.pump_id: int | None = None  # relayed by the server's pump (_to_pump)
+        self.pump_observes = False  # ... which logs what it relays for this connection's session
 
     # ------------------------------------------------------------ start-up
 
@@ -527,7 +551,10 @@ class ClientConnection:
         if tracer is not None and tracer.wants_connection(s):
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
-            self._feed()
+            # Nothing to splice in: the pump relays, and the event loop observes what it relayed.
+            if not (self.wal is None and not s.flush_phases and not s._cbuf and not s._cskip
+                    and not s.server_hold and self._to_pump(observe=True)):
+                self._feed()
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
@@ -536,7 +563,7 @@ class ClientConnection:
                 self.client.set_protocol(_Plain(self, self.upstream, True))
                 self.upstream.set_protocol(_Plain(self, self.client, False))
 
-    def _to_pump(self) -> bool:
+    def _to_pump(self, observe: bool = False) -> bool:
         """Hand both sockets to the server's compiled pump (``_pump.c``); False when it cannot take them.
 
         It can when it was built, neither leg is TLS, both transports are plain
@@ -544,6 +571,15 @@ class ClientConnection:
         descriptors up and are closed; the pump relays on its own thread from
         the next byte on, and this connection ends when the pump says the pair
         ended (``pump_ended``) or when it is closed (``pump.close``).
+
+        ``observe``: the session is traced. The pump frames the client's
+        messages before it forwards them (what the codec would refuse, it does
+        not forward) and logs every chunk it relays with its receive time; the
+        event loop reads the log every few milliseconds and feeds the session
+        (``pump_observe``): relay first, observe second, on another thread. A
+        refused chunk or the server's end hands the pair back to the event
+        loop (``pump_back``), which answers as the asyncio relay does (08P01,
+        08006).
         """
         srv = self.server
         client, upstream = self.client, self.upstream
@@ -566,17 +602,119 @@ class ClientConnection:
             for sk in socks:
                 fds.append(os.dup(sk.fileno()))
             # The pump may read from now on; the event loop cannot before this callback returns.
-            self.pump_id = pump.add(fds[0], fds[1])
+            if observe:
+                self.pump_id = pump.add(fds[0], fds[1], observe=True,
+                                        max_message=self.session.max_message_size, types=_FRONTEND_TYPES)
+            else:
+                self.pump_id = pump.add(fds[0], fds[1])
         except (OSError, RuntimeError):
             for fd in fds:
                 os.close(fd)
             return False
         srv.pumped[self.pump_id] = self
+        if observe:
+            self.pump_observes = True
+            srv.observed += 1
+            srv.observe_soon()
         for t in (client, upstream):
             t.pause_reading()
             t.set_protocol(_Discard())
             t.abort()
         return True
+
+    def pump_observe(self, kind: int, chunk: bytes, ts: int) -> None:
+        """Observe a chunk the pump relayed (kind 0: from the client, 1: from the server) at its receive time."""
+        if not self.observe:
+            return
+        session = self.session
+        try:
+            if kind == 0:
+                session.client_data(chunk, ts)  # nothing is spliced in on a pumped session
+            else:
+                session.server_observe(chunk, ts)
+        except Exception as exc:  # as in the asyncio relay: the bytes went on, observation stops
+            session._cbuf = b""
+            session.desync(f"{'client' if kind == 0 else 'server'} stream: {exc!r}")
+            self.observe = False
+            STATS.decode_desyncs += 1
+            log.warning("client %s: observation stopped: %r", self.peer, exc)
+
+    def pump_observed(self) -> None:
+        """After a read of the log: hand over finished statements as the Feed does."""
+        s = self.session
+        if s is not None and s.completed and (self.eager or len(s.completed) >= _DELIVER_AT):
+            self.deliver()
+
+    def pump_back(self, payload: bytes, ts: int) -> None:
+        """The pump handed the pair back (a refused client chunk, or the server's end): relay on here."""
+        srv = self.server
+        if self.pump_id is not None:
+            srv.unpump(self.pump_id)
+            self.pump_id = None
+        reason, err, fd_client, fd_server, n_chunk, n_to_server, n_to_client, _ = _BACK.unpack_from(payload)
+        pos = _BACK.size
+        chunk = payload[pos:pos + n_chunk]
+        pos += n_chunk
+        to_server = payload[pos:pos + n_to_server]
+        to_client = payload[pos + n_to_server:pos + n_to_server + n_to_client]
+        self.pump_observed()
+        task = asyncio.get_running_loop().create_task(
+            self._take_back(reason, err, fd_client, fd_server, chunk, ts, to_server, to_client))
+        srv._tasks.add(task)
+        task.add_done_callback(srv._tasks.discard)
+
+    async def _take_back(self, reason: int, err: int, fd_client: int, fd_server: int, chunk: bytes, ts: int,
+                         to_server: bytes, to_client: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        socks = []
+        try:
+            for fd in (fd_client, fd_server):
+                socks.append(socket.socket(fileno=fd))
+        except OSError:
+            for fd in (fd_client, fd_server)[len(socks):]:
+                os.close(fd)
+            for sk in socks:
+                sk.close()
+            self._finish()
+            return
+        client = upstream = None
+        try:
+            if not self._closing and not self.server.pump_stopped:
+                client, _ = await loop.connect_accepted_socket(_Held, socks[0])
+                if reason == _BACK_VIOLATION:
+                    upstream, _ = await loop.connect_accepted_socket(_Held, socks[1])
+        except (OSError, RuntimeError) as exc:
+            log.debug("client %s: taking the relay back failed: %r", self.peer, exc)
+        if client is None or self._closing or self.server.pump_stopped:
+            for t in (client, upstream):
+                if t is not None:
+                    t.abort()
+            for sk in socks:
+                if sk.fileno() >= 0:
+                    sk.close()
+            self._finish()
+            return
+        self.client = client
+        if reason != _BACK_VIOLATION:
+            # The server ended (err: how): it gets nothing more; the client may get 08006.
+            socks[1].close()
+            client.set_protocol(_FromClient(self))
+            if to_client:
+                client.write(to_client)
+            self.upstream_lost(OSError(err, os.strerror(err)) if err else None)
+            return
+        self.upstream = upstream
+        fc, fs = _FromClient(self), _FromServer(self)
+        client.set_protocol(fc)
+        upstream.set_protocol(fs)
+        if to_server:
+            upstream.write(to_server)
+        if to_client:
+            client.write(to_client)
+        fc.resume(chunk, ts, 0)  # the codec refuses it (08P01, the connection ends) or forwards it
+        for t in (client, upstream):
+            if not t.is_closing():
+                t.resume_reading()
 
     def pump_ended(self, err: int) -> None:
         """The pump relayed this connection to its end (err: the first errno, 0 for an end of input)."""

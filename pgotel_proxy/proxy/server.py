@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 from typing import Any, Callable
 
 from ..protocol.messages import error_response
@@ -28,6 +29,15 @@ except ImportError:
 if os.environ.get("PGOTEL_PURE_PYTHON"):
     Pump = None
 from .tls import client_context, upstream_context
+
+# The pump's observation log (_pump.c): an entry's head, and a hand-back's numbers.
+_LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
+_LOG_BACK = 2
+#: How often the event loop reads the pump's log while observed sessions are pumped (it is
+#: also woken when the log passes 1 MiB, and when a pair is handed back or ends).
+OBSERVE_INTERVAL = 0.005
+#: The log's bound: past it, observed pairs stop reading until the event loop caught up.
+PUMP_LOG_LIMIT = 16 << 20
 
 __all__ = ["ProxyServer", "run", "split_hostport"]
 
@@ -69,6 +79,9 @@ class ProxyServer:
         self._reserve_fd: int | None = None
         self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
         self.pumped: dict[int, ClientConnection] = {}  # connections the pump relays, by pair id
+        self.observed = 0  # of them, those whose chunks the pump logs for observation
+        self.pump_stopped = False  # the pump was stopped for good (the end of a drain)
+        self._observe_timer: asyncio.TimerHandle | None = None
         self._pump = None
         self._pump_fd: int | None = None
         self._pump_failed = Pump is None
@@ -265,7 +278,7 @@ class ProxyServer:
             fd = None
             try:
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self._pump = Pump(fd)
+                self._pump = Pump(fd, log_limit=PUMP_LOG_LIMIT)
                 asyncio.get_running_loop().add_reader(fd, self._pump_ended)
             except (OSError, RuntimeError) as exc:
                 log.warning("compiled relay unavailable, relaying in Python: %s", exc)
@@ -281,7 +294,7 @@ class ProxyServer:
 
     def pump_close(self, pair: int) -> None:
         """End a pair the pump relays now (its connection is closing)."""
-        self.pumped.pop(pair, None)
+        self.unpump(pair)
         if self._pump is not None:
             self._pump.close(pair)
 
@@ -292,10 +305,60 @@ class ProxyServer:
             pass
         self._end_pairs(self._pump)
 
+    def unpump(self, pair: int):
+        """The connection of a pair the pump no longer relays (None if already gone)."""
+        conn = self.pumped.pop(pair, None)
+        if conn is not None and conn.pump_observes:
+            conn.pump_observes = False
+            self.observed -= 1
+        return conn
+
+    def observe_now(self) -> None:
+        """Feed the sessions what the pump relayed for them so far (before a flush or a scrape)."""
+        if self._pump is not None and self.observed:
+            self._observe_log(self._pump)
+
+    def observe_soon(self) -> None:
+        """Read the pump's log within OBSERVE_INTERVAL (an observed session is pumped)."""
+        if self._observe_timer is None:
+            self._observe_timer = asyncio.get_running_loop().call_later(OBSERVE_INTERVAL, self._observe_tick)
+
+    def _observe_tick(self) -> None:
+        self._observe_timer = None
+        if self._pump is not None:
+            self._observe_log(self._pump)
+        if self.observed:
+            self.observe_soon()
+
+    def _observe_log(self, pump) -> None:
+        """Feed what the pump relayed for observed sessions to their sessions, in order."""
+        data = pump.take_log()
+        if not data:
+            return
+        pumped = self.pumped
+        head = _LOG_HEAD.unpack_from
+        touched: dict[int, ClientConnection] = {}
+        pos, end = 0, len(data)
+        while pos < end:
+            pair, kind, length, ts = head(data, pos)
+            pos += 24
+            conn = pumped.get(pair)
+            if conn is not None:
+                if kind == _LOG_BACK:
+                    touched.pop(pair, None)
+                    conn.pump_back(data[pos:pos + length], ts)
+                else:
+                    conn.pump_observe(kind, data[pos:pos + length], ts)
+                    touched[pair] = conn
+            pos += length
+        for conn in touched.values():
+            conn.pump_observed()
+
     def _end_pairs(self, pump) -> None:
-        """End the connections of the pairs ``pump`` reported ended."""
+        """End the connections of the pairs ``pump`` reported ended (after what they relayed was observed)."""
+        self._observe_log(pump)
         for pair, err in pump.take_closed():
-            conn = self.pumped.pop(pair, None)
+            conn = self.unpump(pair)
             if conn is not None:
                 conn.pump_ended(err)
 
@@ -309,6 +372,10 @@ class ProxyServer:
             asyncio.get_running_loop().remove_reader(fd)
         except RuntimeError:
             pass
+        self.pump_stopped = True
+        if self._observe_timer is not None:
+            self._observe_timer.cancel()
+            self._observe_timer = None
         pump.stop()
         self._end_pairs(pump)
         os.close(fd)

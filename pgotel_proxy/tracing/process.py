@@ -223,8 +223,7 @@ class _Handle:
             for rec in records:
                 self._op(t, app, [rec], pack_records([rec]))
         t._pending += len(records)
-        if not t._armed:
-            t._arm()
+        t._arm()  # (sooner, when only an idle look was set)
 
     def _op(self, t, app, records: list, packed: bytes | None) -> None:
         if packed is not None:
@@ -255,6 +254,7 @@ class ProcessTracer:
         self._ops: list = []
         self._pending = 0  # statements in _ops
         self._armed = False
+        self._due = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, _Handle] = {}
@@ -425,10 +425,18 @@ class ProcessTracer:
     # ------------------------------------------------ sending (event loop)
 
     def _arm(self, delay: float = _SEND_INTERVAL) -> None:
-        if self._armed or self._loop is None:
+        """Look again within ``delay`` (sooner than an idle look already set, if that is later)."""
+        loop = self._loop
+        if loop is None:
             return
+        due = loop.time() + delay
+        if self._armed:
+            if self._due <= due or self._timer is None:
+                return
+            self._timer.cancel()  # statements came in while an idle look was set
         self._armed = True
-        self._timer = self._loop.call_later(delay, self._tick)
+        self._due = due
+        self._timer = loop.call_later(delay, self._tick)
 
     def _send_soon(self) -> None:
         loop = self._loop
