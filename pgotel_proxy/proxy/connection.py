@@ -180,12 +180,7 @@ class _FromClient(_Relay):
             c.violation(exc)
             return
         except Exception as exc:  # a bug in observation must not cost the client its traffic
-            held = session._cbuf
-            session._cbuf = b""
-            session.desync(f"client stream: {exc!r}")
-            c.observe = False
-            STATS.decode_desyncs += 1
-            log.warning("client %s: observation stopped: %r", c.peer, exc)
+            held = c.stop_observing("client", exc)
             out = held + data if held else None
         c.upstream.write(data if out is None else out)
 
@@ -633,11 +628,20 @@ class ClientConnection:
             else:
                 session.server_observe(chunk, ts)
         except Exception as exc:  # as in the asyncio relay: the bytes went on, observation stops
-            session._cbuf = b""
-            session.desync(f"{'client' if kind == 0 else 'server'} stream: {exc!r}")
-            self.observe = False
-            STATS.decode_desyncs += 1
-            log.warning("client %s: observation stopped: %r", self.peer, exc)
+            self.stop_observing("client" if kind == 0 else "server", exc)
+
+    def stop_observing(self, stream: str, exc: BaseException) -> bytes:
+        """Observation failed on ``stream``: the session stops observing, the relay goes on.
+
+        Returns the client bytes the session held (not yet forwarded), for the caller to forward.
+        """
+        session = self.session
+        held, session._cbuf = session._cbuf, b""
+        session.desync(f"{stream} stream: {exc!r}")
+        self.observe = False
+        STATS.decode_desyncs += 1
+        log.warning("client %s: observation stopped: %r", self.peer, exc)
+        return held
 
     def pump_observed(self) -> None:
         """After a read of the log: hand over finished statements as the Feed does."""
