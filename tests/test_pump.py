@@ -565,3 +565,31 @@ def test_garbage_from_a_traced_client_gets_the_proxys_08p01_and_never_reaches_po
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:  # its backend was let go, cleanly
         wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pump-garbage'")
                  .fetchone(), timeout=10, what="the backend to end")
+
+
+@needs_pump
+def test_a_failure_in_observing_a_pumped_session_stops_observation_not_the_relay(make_proxy, monkeypatch):
+    from pgotel_proxy.protocol.session import Session
+    from pgotel_proxy.stats import STATS
+
+    real = Session.server_observe
+
+    def failing(self, data, now):
+        if b"observer-bug" in data:
+            raise RuntimeError("observer bug")
+        return real(self, data, now)
+
+    monkeypatch.setattr(Session, "server_observe", failing)
+    proxy = make_proxy(sample_rate=1.0)
+    before = STATS.decode_desyncs
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        (c,) = _pumped(proxy)
+        assert c.pump_observes and c.observe
+        assert conn.execute("SELECT 'observer-bug'").fetchone() == ("observer-bug",)
+        proxy.flush()  # the log is read: observation fails on that answer
+        assert not c.observe and STATS.decode_desyncs == before + 1
+        assert c.session.out_of_sync
+        for i in range(20):  # the session goes on, relayed, no longer observed
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        assert proxy.server.pumped.get(c.pump_id) is c
