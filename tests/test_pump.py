@@ -48,9 +48,9 @@ def test_compiled_pump_is_built_where_ci_expects_it():
 class _Harness:
     """A Pump and its notify eventfd; pairs of connected sockets whose middle ends it relays."""
 
-    def __init__(self) -> None:
+    def __init__(self, **pump_options) -> None:
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.pump = Pump(self.efd)
+        self.pump = Pump(self.efd, **pump_options)
         self.ended: dict[int, int] = {}
 
     def pair(self, rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket, int]:
@@ -466,10 +466,8 @@ def test_an_observed_pair_is_handed_back_when_the_server_ends(harness):
 
 @needs_pump
 def test_an_observed_pair_waits_for_its_log_to_be_taken():
-    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    pump = Pump(efd, log_limit=64 << 10)
-    h = _Harness.__new__(_Harness)
-    h.efd, h.pump, h.ended = efd, pump, {}
+    h = _Harness(log_limit=64 << 10)
+    pump = h.pump
     try:
         client, server, pid = _observed_pair(h, max_message=8 << 20)
         data = message(b"d", os.urandom(4 << 20))  # one large COPY message
@@ -499,8 +497,7 @@ def test_an_observed_pair_waits_for_its_log_to_be_taken():
         logged += b"".join(e[3] for e in _entries(pump.take_log()))
         assert bytes(got) == data and bytes(logged) == data
     finally:
-        pump.stop()
-        os.close(efd)
+        h.close()
 
 
 @needs_pump
