@@ -240,11 +240,14 @@ class Config(BaseModel):
         description="Build and export spans in a helper process, so that the relay never waits for "
                     "the interpreter lock (OTLP exporter or none). Off, with the console exporter or with "
                     "server-side enrichment configured: on a thread of the proxy process.")
-    span_process_priority: Literal["idle", "normal"] = _opt(
+    span_process_priority: Literal["idle", "low", "normal"] = _opt(
         "idle", group="Export",
         description="CPU priority of the span process. idle (Linux SCHED_IDLE): it runs on CPU "
-                    "time nobody else wants, so span work yields to queries; on a CPU busy all "
-                    "the time spans are then dropped (counted). normal: an ordinary share.")
+                    "time nobody else wants, so span work yields to queries; when it falls behind "
+                    "(1 MiB of records waiting) the proxy lifts it to an ordinary share until it has "
+                    "caught up, where it may (CAP_SYS_NICE, as root); elsewhere idle means low. "
+                    "low: SCHED_BATCH at nice 10, a small share it keeps on a busy machine. "
+                    "normal: an ordinary share.")
     span_queue_size: int = _opt(
         32768, group="Export", metavar="N", ge=1,
         description="Spans buffered for export (four default batches); when full, new spans are "

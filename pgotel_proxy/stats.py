@@ -24,6 +24,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "spans_dropped": ("counter", "Spans dropped because the export queue was full or export failed"),
     "statements_dropped": ("counter", "Statements never turned into spans because the record queue was full"),
     "export_failures": ("counter", "Export batches that failed"),
+    "span_process_lifted": ("counter", "Times the span process, behind, was lifted out of the idle scheduling class"),
     "span_queue_size": ("gauge", "Statements waiting to become spans, plus spans waiting for export"),
     "sqlcomment_invalid_traceparent": ("counter", "sqlcommenter traceparent values rejected"),
     "wal_messages_emitted": ("counter", "otelwal logical messages emitted"),

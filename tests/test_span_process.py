@@ -298,15 +298,82 @@ def test_the_span_process_never_outlives_the_proxy(pg, otlp, sig):
             proc.wait()
 
 
-@pytest.mark.parametrize("priority", ["idle", "normal"])
+def _scheduling(pid: int) -> set[tuple[int, int]]:
+    """(policy, nice) of every thread of the process."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add((os.sched_getscheduler(int(tid)), os.getpriority(os.PRIO_PROCESS, int(tid))))
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # a thread that ended in between
+    return out
+
+
+def _expected_scheduling(priority: str) -> tuple[int, int]:
+    from pgotel_proxy.tracing.process import may_leave_idle
+
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if priority == "idle" and not may_leave_idle():
+        priority = "low"  # the stand-in where lifting is not allowed
+    return {"idle": (os.SCHED_IDLE, nice), "low": (os.SCHED_BATCH, max(10, nice)),
+            "normal": (os.SCHED_OTHER, nice)}[priority]
+
+
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
 def test_span_process_priority(make_proxy, priority):
     proxy = make_proxy(span_process_priority=priority)
     pid = _helper_pid(proxy)
-    expected = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
-    # the helper sets it once it has read its settings
-    wait_for(lambda: os.sched_getscheduler(pid) == expected, timeout=10, what=f"scheduling class {priority}")
+    expected = _expected_scheduling(priority)
+    # the helper sets it once it has read its settings; every thread it starts inherits it
+    wait_for(lambda: _scheduling(pid) == {expected}, timeout=10, what=f"scheduling class {priority}")
     _run(proxy, 5)  # and it still traces
     proxy.flush()
+    assert _scheduling(pid) == {expected}
+
+
+def test_idle_means_low_where_the_helper_may_not_be_lifted(make_proxy, monkeypatch):
+    from pgotel_proxy.tracing import process
+
+    monkeypatch.setattr(process, "may_leave_idle", lambda: False)
+    proxy = make_proxy(span_process_priority="idle")
+    pid = _helper_pid(proxy)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    wait_for(lambda: _scheduling(pid) == {(os.SCHED_BATCH, max(10, nice))}, timeout=10, what="low priority")
+
+
+def test_a_helper_behind_is_lifted_out_of_the_idle_class_until_it_has_caught_up(make_proxy, otlp, monkeypatch):
+    """A stopped helper stands in for one the idle class starves on a machine busy all the time."""
+    from pgotel_proxy.tracing import process
+
+    if not process.may_leave_idle():
+        pytest.skip("lifting needs CAP_SYS_NICE or RLIMIT_NICE 20 (root has it)")
+    monkeypatch.setattr(process, "_LIFT_AT", 64 << 10)
+    proxy = make_proxy(sample_rate=1.0, span_process_priority="idle")
+    pid = _helper_pid(proxy)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    wait_for(lambda: _scheduling(pid) == {(os.SCHED_IDLE, nice)}, timeout=10, what="the idle class")
+    lifted, dropped = STATS.span_process_lifted, STATS.statements_dropped
+    otlp.clear()
+    sent = 0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # The helper takes nothing: the socket fills, then the relay's buffer past _LIFT_AT.
+        while STATS.span_process_lifted == lifted and sent < 40_000:
+            _run(proxy, 1000, conns=2)
+            sent += 2000
+            time.sleep(0.1)  # a hand-over or two
+        assert STATS.span_process_lifted == lifted + 1, f"not lifted after {sent} statements"
+        assert len(proxy.tracer._out) > 64 << 10
+        assert _scheduling(pid) == {(os.SCHED_OTHER, nice)}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    proxy.flush(timeout=30)
+    # Caught up: back in the idle class, and nothing was lost on the way.
+    wait_for(lambda: _scheduling(pid) == {(os.SCHED_IDLE, nice)}, timeout=10, what="the idle class again")
+    spans = otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= sent, timeout=30)
+    assert sum(s.name == "SELECT" for s in spans) == sent
+    assert STATS.statements_dropped == dropped
+    assert STATS.span_process_lifted == lifted + 1
 
 
 def test_settle_gc_freezes_start_up_objects_and_raises_the_young_threshold():
@@ -405,7 +472,7 @@ def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
     near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     near.setblocking(False)
     tracer = SimpleNamespace(_lock=threading.Lock(), _sock=near, _stopping=False, _restart_at=0.0, _ops=[],
-                             _pending=0, _out=process._Outbox(), accepting=True)
+                             _pending=0, _out=process._Outbox(), accepting=True, _may_lift=False)
     rnd = random.Random(5)
     sent, got, buf = [], [], bytearray()
     far.setblocking(False)
