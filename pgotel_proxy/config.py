@@ -218,8 +218,8 @@ class Config(BaseModel):
         True, group="Tracing",
         description="Relay traced sessions (not TLS, no WAL propagation, no flush phase timing) "
                     "through the compiled pump too, observing what it relayed from a log: more "
-                    "throughput under load, at the price of a higher p99 at high concurrency. Off: "
-                    "traced sessions go through the event loop.")
+                    "throughput under load with extended and prepared statements, a p99 some tens "
+                    "of µs higher at light load. Off: traced sessions go through the event loop.")
 
     # -- Export --------------------------------------------------------------
     exporter: Literal["otlp", "console", "none"] = _opt(
