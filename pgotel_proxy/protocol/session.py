@@ -259,6 +259,17 @@ class Session:
             return self._client_data(data, now, pos)
         return self._client_data(data, now, 0)
 
+    def client_observe(self, data: bytes, start: int, stop: int, now: int) -> None:
+        """Frame client bytes another relay already forwarded (the pump): ``data[start:stop]``, in place.
+
+        Raises as client_data does.
+        """
+        if _fast_client is not None and not self._cbuf and not self._cskip:
+            start = _fast_client(self, data, start, stop, now)
+            if start >= stop:
+                return
+        self._client_data(data[start:stop], now, 0)
+
     def _client_data(self, data: bytes, now: int, start: int) -> bytes | None:
         """client_data from ``start`` (> 0 only when nothing was held or to skip)."""
         held = self._cbuf
@@ -513,18 +524,25 @@ class Session:
 
     # ------------------------------------------------------------ server side
 
-    def server_observe(self, data: bytes, now: int) -> None:
-        """Feed server bytes that were already forwarded to the client."""
+    def server_observe(self, data: bytes, now: int, start: int = 0, stop: int | None = None) -> None:
+        """Feed server bytes that were already forwarded to the client: ``data[start:stop]``.
+
+        The range lets the pump's log be read in place: the common chunk is
+        observed without a copy of its own.
+        """
         if self.out_of_sync is None:
+            n = len(data)
+            end = n if stop is None else stop
             try:
+                pos = start
                 if _fast_server is not None and not self._sbuf and not self._sskip:
                     # The common case first, as in client_data.
-                    n = len(data)
-                    pos = _fast_server(self, data, 0, n, now)
-                    if pos < n:
-                        self._server(data, now, None, pos)
-                else:
-                    self._server(data, now, None)
+                    pos = _fast_server(self, data, start, end, now)
+                    if pos >= end:
+                        return
+                if end != n or (pos and (self._sbuf or self._sskip)):
+                    data, pos = data[pos:end], 0  # the rest on its own: _server reads to the end
+                self._server(data, now, None, pos)
             except Exception as exc:  # never let observation break the relay
                 self.desync(f"server stream: {exc!r}")
 

@@ -617,16 +617,16 @@ class ClientConnection:
             t.abort()
         return True
 
-    def pump_observe(self, kind: int, chunk: bytes, ts: int) -> None:
-        """Observe a chunk the pump relayed (kind 0: from the client, 1: from the server) at its receive time."""
+    def pump_observe(self, kind: int, log: bytes, start: int, stop: int, ts: int) -> None:
+        """Observe a chunk the pump relayed, ``log[start:stop]`` (kind 0: from the client, 1: from the server)."""
         if not self.observe:
             return
         session = self.session
         try:
             if kind == 0:
-                session.client_data(chunk, ts)  # nothing is spliced in on a pumped session
+                session.client_observe(log, start, stop, ts)  # nothing is spliced in on a pumped session
             else:
-                session.server_observe(chunk, ts)
+                session.server_observe(log, ts, start, stop)
         except Exception as exc:  # as in the asyncio relay: the bytes went on, observation stops
             self.stop_observing("client" if kind == 0 else "server", exc)
 

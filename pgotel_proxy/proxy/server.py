@@ -342,15 +342,16 @@ class ProxyServer:
         while pos < end:
             pair, kind, length, ts = head(data, pos)
             pos += 24
+            stop = pos + length
             conn = pumped.get(pair)
             if conn is not None:
                 if kind == _LOG_BACK:
                     touched.pop(pair, None)
-                    conn.pump_back(data[pos:pos + length], ts)
+                    conn.pump_back(data[pos:stop], ts)
                 else:
-                    conn.pump_observe(kind, data[pos:pos + length], ts)
+                    conn.pump_observe(kind, data, pos, stop, ts)
                     touched[pair] = conn
-            pos += length
+            pos = stop
         for conn in touched.values():
             conn.pump_observed()
 
