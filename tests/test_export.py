@@ -160,6 +160,7 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
     healthy = _workload(proxy)
     proxy.flush()
     dropped_healthy = STATS.spans_dropped
+    statements_dropped_healthy = STATS.statements_dropped
 
     if sickness == "stopped":
         otlp.stop()
@@ -181,8 +182,11 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
     finally:
         stop.set()
         watcher.join()
-    dropped_sick = STATS.spans_dropped - dropped_healthy
     # Both runs traced 2000 statements (4000 spans); the sick one could export almost nothing.
+    # The builder waits while the export queue is more than half full, so the loss shows as
+    # spans with no room, or as statements (2 spans each) the full record queue refused.
+    dropped_sick = (STATS.spans_dropped - dropped_healthy
+                    + 2 * (STATS.statements_dropped - statements_dropped_healthy))
     assert dropped_sick >= 1000, (dropped_sick, STATS.snapshot())
     assert max_queue <= 200
     assert sick >= 0.5 * healthy, f"healthy {healthy:.0f}/s, sick collector {sick:.0f}/s"
@@ -191,6 +195,36 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
     t0 = time.monotonic()
     proxy.tracer.shutdown()
     assert time.monotonic() - t0 < 1.0 + 1.5
+
+
+def test_a_slow_collector_makes_the_builder_thread_wait_rather_than_drop(make_proxy, otlp):
+    """A burst larger than the export queue: the builder waits for room, its records queue, nothing is lost."""
+    proxy = make_proxy(sample_rate=1.0, span_queue_size=400, export_batch_size=50, span_process=False)
+    _workload(proxy, 1, 10)
+    proxy.flush()
+    otlp.clear()
+    otlp.delay, otlp.mode = 0.05, "slow"  # 50 spans every 50 ms, at best
+    spans_dropped, statements_dropped = STATS.spans_dropped, STATS.statements_dropped
+    max_queue = 0
+    stop = threading.Event()
+
+    def watch_queue() -> None:
+        nonlocal max_queue
+        while not stop.is_set():
+            max_queue = max(max_queue, len(proxy.tracer.pipeline))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        _workload(proxy, 2, 150)  # 300 statements, 600 spans, at once
+        proxy.flush(timeout=30)
+    finally:
+        stop.set()
+        watcher.join()
+    assert (STATS.spans_dropped, STATS.statements_dropped) == (spans_dropped, statements_dropped)
+    assert max_queue < 400  # past half the queue the builder waits: the queue never filled
+    otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= 300, timeout=30)
 
 
 def test_collector_recovers(make_proxy, otlp, app):

@@ -192,6 +192,28 @@ class ExportPipeline:
             STATS.export_failures += 1
             STATS.spans_dropped += len(batch) - delivered
 
+    def wait_for_room(self, limit: float, tick: Any = None) -> None:
+        """Flow control for a builder: wait, up to ``limit`` seconds, while the queue is more than half full.
+
+        A builder that kept building would only take the interpreter lock
+        from the export thread to make spans that find no room. While it
+        waits, records queue before it (the span process's socket and the
+        relay's bounded buffer, or the builder thread's record queue); only
+        when those are full are statements dropped, and counted there.
+        ``tick`` is called every 50 ms of waiting (the builder thread's other
+        duty: releasing enriched spans whose wait is over).
+        """
+        now = time.monotonic()
+        deadline, next_tick = now + limit, now + 0.05
+        while len(self._q) > self.queue_size // 2 and now < deadline:
+            if len(self._q) < self.batch_size:  # else a full batch is on its way: no partial one
+                self.request_export()
+            time.sleep(0.002)
+            now = time.monotonic()
+            if tick is not None and now >= next_tick:
+                tick()
+                next_tick = now + 0.05
+
     def request_export(self) -> None:
         """Export what is queued now, partial batches included, without waiting."""
         self._flush_requested = True

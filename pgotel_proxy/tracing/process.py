@@ -88,6 +88,7 @@ _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
 _LOW_NICE = 10  # span_process_priority = "low"
+_ROOM_WAIT = 1.0  # seconds the helper stops reading while its export queue is more than half full
 _LEN = struct.Struct("<I")
 _MAX_FRAME = 256 << 20
 
@@ -705,21 +706,6 @@ def _take_priority(priority: str) -> None:
                  priority, exc)
 
 
-def _wait_for_room(pipeline, limit: float = 1.0) -> None:
-    """Flow control: stop reading while the export queue is more than half full.
-
-    This thread would otherwise keep the interpreter lock busy building spans
-    that the export thread then has no room for. While it waits, the proxy's
-    frames queue in the socket and then in the relay side's bounded buffer;
-    only when that is full are statements dropped (and counted there).
-    """
-    deadline = time.monotonic() + limit
-    while len(pipeline) > pipeline.queue_size // 2 and time.monotonic() < deadline:
-        if len(pipeline) < pipeline.batch_size:  # else a full batch is on its way: no partial one
-            pipeline.request_export()
-        time.sleep(0.002)
-
-
 def child_main(fd: int) -> int:
     import signal
     from types import SimpleNamespace
@@ -801,7 +787,7 @@ def child_main(fd: int) -> int:
                     if len(spans) >= pipeline.batch_size:  # a large frame goes in parts too
                         STATS.spans_started += len(spans)
                         pipeline.put(spans)
-                        _wait_for_room(pipeline)
+                        pipeline.wait_for_room(_ROOM_WAIT)
                         spans = []
                 elif kind == "o":
                     _, conn_id, base, pid, app = op
@@ -826,7 +812,7 @@ def child_main(fd: int) -> int:
             if spans:
                 STATS.spans_started += len(spans)
                 pipeline.put(spans)
-                _wait_for_room(pipeline)
+                pipeline.wait_for_room(_ROOM_WAIT)
         pending = None
         if flushed:
             tracer.flush(tracer.shutdown_timeout)

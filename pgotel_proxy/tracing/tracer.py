@@ -10,7 +10,10 @@ The proxy calls, on the event loop:
 
 A builder thread turns records into spans (sqlcommenter parsing, SQL summaries,
 attributes) and hands them to the export pipeline, which exports in batches
-from its own thread. Tracing can be switched on and off and the sample ratio
+from its own thread. While the export queue is more than half full the
+builder waits (up to a second at a time), so that a collector slower than
+the traffic for a moment costs queued records rather than dropped spans; the
+record queue's bound still protects the relay. Tracing can be switched on and off and the sample ratio
 changed at runtime (admin endpoint, SIGHUP); connections that were opened
 while tracing was off at start-up stay plain relays.
 """
@@ -37,6 +40,7 @@ __all__ = ["Tracer", "connection_attributes"]
 log = logging.getLogger("pgotel_proxy.tracing")
 
 _CLOSE = object()
+_ROOM_WAIT = 1.0  # seconds the builder thread waits, at most, while the export queue is more than half full
 
 
 class _Handle:
@@ -211,10 +215,13 @@ class Tracer:
                 state, records = q.popleft()
                 self._build(state, records, spans)
                 n += 1
+                if len(spans) >= pipeline.batch_size:  # to the queue a batch at a time (flow control below)
+                    break
             self._enrich_tick()
             if spans:
                 STATS.spans_started += len(spans)
                 pipeline.put(spans)
+                pipeline.wait_for_room(_ROOM_WAIT, self._enrich_tick)  # flow control
         self._enrich_tick(final=True)
         self._idle.set()
 
