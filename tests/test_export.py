@@ -150,6 +150,29 @@ def _workload(proxy, n_conns: int = 4, per_conn: int = 500) -> float:
     return n_conns * per_conn / elapsed
 
 
+class _QueueWatch:
+    """The largest length the export queue reached while the block ran (sampled every ms)."""
+
+    def __init__(self, proxy) -> None:
+        self.pipeline = proxy.tracer.pipeline
+        self.max = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.max = max(self.max, len(self.pipeline))
+            time.sleep(0.001)
+
+    def __enter__(self) -> "_QueueWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.mark.parametrize("sickness", ["blackhole", "error", "stopped"])
 def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
     # The export thread's own queue is watched: spans built on a thread (tests/test_span_process.py
@@ -166,22 +189,9 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
         otlp.stop()
     else:
         otlp.mode = sickness
-    max_queue = 0
-    stop = threading.Event()
-
-    def watch_queue() -> None:
-        nonlocal max_queue
-        while not stop.is_set():
-            max_queue = max(max_queue, len(proxy.tracer.pipeline))
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch_queue)
-    watcher.start()
-    try:
+    with _QueueWatch(proxy) as watch:
         sick = best_rate(lambda: _workload(proxy), 0.5 * healthy)
-    finally:
-        stop.set()
-        watcher.join()
+    max_queue = watch.max
     # Both runs traced 2000 statements (4000 spans); the sick one could export almost nothing.
     # The builder waits while the export queue is more than half full, so the loss shows as
     # spans with no room, or as statements (2 spans each) the full record queue refused.
@@ -205,23 +215,10 @@ def test_a_slow_collector_makes_the_builder_thread_wait_rather_than_drop(make_pr
     otlp.clear()
     otlp.delay, otlp.mode = 0.05, "slow"  # 50 spans every 50 ms, at best
     spans_dropped, statements_dropped = STATS.spans_dropped, STATS.statements_dropped
-    max_queue = 0
-    stop = threading.Event()
-
-    def watch_queue() -> None:
-        nonlocal max_queue
-        while not stop.is_set():
-            max_queue = max(max_queue, len(proxy.tracer.pipeline))
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch_queue)
-    watcher.start()
-    try:
+    with _QueueWatch(proxy) as watch:
         _workload(proxy, 2, 150)  # 300 statements, 600 spans, at once
         proxy.flush(timeout=30)
-    finally:
-        stop.set()
-        watcher.join()
+    max_queue = watch.max
     assert (STATS.spans_dropped, STATS.statements_dropped) == (spans_dropped, statements_dropped)
     assert max_queue < 400  # past half the queue the builder waits: the queue never filled
     otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= 300, timeout=30)
