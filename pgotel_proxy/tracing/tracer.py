@@ -13,9 +13,10 @@ attributes) and hands them to the export pipeline, which exports in batches
 from its own thread. While the export queue is more than half full the
 builder waits (up to a second at a time), so that a collector slower than
 the traffic for a moment costs queued records rather than dropped spans; the
-record queue's bound still protects the relay. Tracing can be switched on and off and the sample ratio
-changed at runtime (admin endpoint, SIGHUP); connections that were opened
-while tracing was off at start-up stay plain relays.
+record queue's bound still protects the relay. Tracing can be switched on
+and off and the sample ratio changed at runtime (admin endpoint, SIGHUP);
+connections that were opened while tracing was off at start-up stay plain
+relays.
 """
 
 from __future__ import annotations
