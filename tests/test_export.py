@@ -17,7 +17,7 @@ import pytest
 
 from pgotel_proxy.stats import STATS
 from tracetree import AppTracer, assert_statement, comment, server_spans
-from waiting import best_rate
+from waiting import best_rate, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -209,6 +209,13 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
 
 def test_a_slow_collector_makes_the_builder_thread_wait_rather_than_drop(make_proxy, otlp):
     """A burst larger than the export queue: the builder waits for room, its records queue, nothing is lost."""
+    # The counters are the process's: earlier tests' tracers must be gone (a builder thread still
+    # dropping what its stopped pipeline refused, a span process's reader still reporting).
+    def others() -> list[str]:
+        return [t.name for t in threading.enumerate()
+                if t.name in ("pgotel-spans", "pgotel-export", "pgotel-export-close", "pgotel-span-process")]
+
+    wait_for(lambda: not others(), timeout=15, what="earlier tests' tracer threads to end")
     proxy = make_proxy(sample_rate=1.0, span_queue_size=400, export_batch_size=50, span_process=False)
     _workload(proxy, 1, 10)
     proxy.flush()

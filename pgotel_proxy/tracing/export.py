@@ -192,20 +192,30 @@ class ExportPipeline:
             STATS.export_failures += 1
             STATS.spans_dropped += len(batch) - delivered
 
-    def wait_for_room(self, limit: float, tick: Any = None) -> None:
-        """Flow control for a builder: wait, up to ``limit`` seconds, while the queue is more than half full.
+    def put_paced(self, spans: list, limit: float, tick: Any = None) -> None:
+        """put() for a builder, with flow control: in parts of a quarter of the queue, each once there is room.
 
-        A builder that kept building would only take the interpreter lock
-        from the export thread to make spans that find no room. While it
-        waits, records queue before it (the span process's socket and the
-        relay's bounded buffer, or the builder thread's record queue); only
-        when those are full are statements dropped, and counted there.
-        ``tick`` is called every 50 ms of waiting (the builder thread's other
-        duty: releasing enriched spans whose wait is over).
+        Before each part it waits, up to ``limit`` seconds, while the queue is
+        more than half full, so a part finds room unless the export thread
+        fell that far behind. A builder that kept building would only take
+        the interpreter lock from the export thread to make spans that find
+        no room. While it waits, records queue before it (the span process's
+        socket and the relay's bounded buffer, or the builder thread's record
+        queue); only when those are full are statements dropped, and counted
+        there. ``tick`` is called every 50 ms of waiting (the builder
+        thread's other duty: releasing enriched spans whose wait is over).
+        Once the pipeline is shut down nothing waits: what finds no room is
+        dropped (counted) at once.
         """
+        part = max(1, self.queue_size // 4)
+        for i in range(0, len(spans), part):
+            self._wait_for_room(limit, tick)
+            self.put(spans if len(spans) <= part else spans[i:i + part])
+
+    def _wait_for_room(self, limit: float, tick: Any) -> None:
         now = time.monotonic()
         deadline, next_tick = now + limit, now + 0.05
-        while len(self._q) > self.queue_size // 2 and now < deadline:
+        while len(self._q) > self.queue_size // 2 and now < deadline and not self._stop:
             if len(self._q) < self.batch_size:  # else a full batch is on its way: no partial one
                 self.request_export()
             time.sleep(0.002)

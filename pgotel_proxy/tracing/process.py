@@ -88,7 +88,7 @@ _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
 _LOW_NICE = 10  # span_process_priority = "low"
-_ROOM_WAIT = 1.0  # seconds the helper stops reading while its export queue is more than half full
+_ROOM_WAIT = 1.0  # seconds the helper stops reading, at most, while its export queue is more than half full
 _LEN = struct.Struct("<I")
 _MAX_FRAME = 256 << 20
 
@@ -786,8 +786,7 @@ def child_main(fd: int) -> int:
                     build(state, records, spans)
                     if len(spans) >= pipeline.batch_size:  # a large frame goes in parts too
                         STATS.spans_started += len(spans)
-                        pipeline.put(spans)
-                        pipeline.wait_for_room(_ROOM_WAIT)
+                        pipeline.put_paced(spans, _ROOM_WAIT)
                         spans = []
                 elif kind == "o":
                     _, conn_id, base, pid, app = op
@@ -811,8 +810,7 @@ def child_main(fd: int) -> int:
             # at the queue as one burst larger than its room.
             if spans:
                 STATS.spans_started += len(spans)
-                pipeline.put(spans)
-                pipeline.wait_for_room(_ROOM_WAIT)
+                pipeline.put_paced(spans, _ROOM_WAIT)
         pending = None
         if flushed:
             tracer.flush(tracer.shutdown_timeout)

@@ -221,8 +221,7 @@ class Tracer:
             self._enrich_tick()
             if spans:
                 STATS.spans_started += len(spans)
-                pipeline.put(spans)
-                pipeline.wait_for_room(_ROOM_WAIT, self._enrich_tick)  # flow control
+                pipeline.put_paced(spans, _ROOM_WAIT, self._enrich_tick)
         self._enrich_tick(final=True)
         self._idle.set()
 
