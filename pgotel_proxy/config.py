@@ -244,7 +244,7 @@ class Config(BaseModel):
         "idle", group="Export",
         description="CPU priority of the span process. idle (Linux SCHED_IDLE): it runs on CPU "
                     "time nobody else wants, so span work yields to queries; when it falls behind "
-                    "(1 MiB of records waiting) the proxy lifts it to an ordinary share until it has "
+                    "(1 MiB of records waiting, or silent for a second) the proxy lifts it to an ordinary share until it has "
                     "caught up, where it may (CAP_SYS_NICE, as root); elsewhere idle means low. "
                     "low: SCHED_BATCH at nice 10, a small share it keeps on a busy machine. "
                     "normal: an ordinary share.")

@@ -87,6 +87,7 @@ _IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wake
 _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
+_STARVED_AFTER = 1.0  # seconds without a report (it reports every _REPORT_INTERVAL): it gets no CPU
 _LOW_NICE = 10  # span_process_priority = "low"
 _ROOM_WAIT = 1.0  # seconds the helper stops reading, at most, while its export queue is more than half full
 _LEN = struct.Struct("<I")
@@ -280,6 +281,7 @@ class ProcessTracer:
         self._flush_cond = threading.Condition()
         self._priority = str(getattr(config, "span_process_priority", "idle"))
         self._lifted = False  # the helper was lifted out of the idle class to catch up
+        self._reported = time.monotonic()  # when the helper last reported (its reader thread sets it)
         self._may_lift = self._priority == "idle" and may_leave_idle()
         if self._priority == "idle" and not self._may_lift:
             log.info("the span process may not be lifted out of the idle scheduling class when it falls "
@@ -323,7 +325,8 @@ class ProcessTracer:
         # The reader has its own socket object with a timeout: a blocking one
         # would clear O_NONBLOCK on the shared file and block the relay's sends.
         reader_sock = ours.dup()
-        reader_sock.settimeout(1.0)
+        reader_sock.settimeout(_STARVED_AFTER)
+        self._reported = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, args=(reader_sock, ours, self._proc),
                                         name="pgotel-span-process", daemon=True)
         self._reader.start()
@@ -337,6 +340,7 @@ class ProcessTracer:
                 except TimeoutError:
                     if proc.poll() is not None:
                         break
+                    self._starving(sock)
                     continue
                 except (OSError, ValueError):
                     frames = None
@@ -348,7 +352,26 @@ class ProcessTracer:
             rsock.close()
             self._child_gone(sock, proc)
 
+    def _starving(self, sock: socket.socket) -> None:
+        """No report for ``_STARVED_AFTER``: the helper gets no CPU (or hangs); lift it (see ``_lift``).
+
+        With few statements the relay's buffer never grows, so its size alone
+        would leave an idle-class helper without CPU on a busy machine for as
+        long as the machine stays busy, and its spans (and a flush) with it.
+        """
+        with self._lock:
+            if not (self._may_lift and not self._lifted and self._sock is sock):
+                return
+            self._lift(True)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._arm, _IDLE_INTERVAL)  # a look that puts it back
+            except RuntimeError:
+                pass
+
     def _report(self, msg: dict) -> None:
+        self._reported = time.monotonic()
         stats = msg.get("stats") or {}
         for name in CHILD_COUNTERS:
             value = stats.get(name, 0)
@@ -483,8 +506,8 @@ class ProcessTracer:
         self._send()
         if busy or self._out or self._ops or (self._sock is None and not self._stopping):
             self._arm()
-        elif self._handles:
-            self._arm(_IDLE_INTERVAL)  # connections open but quiet: look less often
+        elif self._handles or self._lifted:
+            self._arm(_IDLE_INTERVAL)  # connections open but quiet (or a lifted helper to put back): look less often
 
     def _send(self, blocking_until: float | None = None) -> None:
         with self._lock:
@@ -525,7 +548,7 @@ class ProcessTracer:
             if self._may_lift:
                 if not self._lifted and len(out) > _LIFT_AT:
                     self._lift(True)
-                elif self._lifted and not out:
+                elif self._lifted and not out and time.monotonic() - self._reported < 2 * _REPORT_INTERVAL:
                     self._lift(False)
 
     def _lift(self, up: bool) -> None:
@@ -535,9 +558,10 @@ class ProcessTracer:
         which is what span work should cost, as long as there is such time.
         On a machine busy all the time it gets none, and statements would be
         dropped once the outgoing buffer is full. So when more than
-        ``_LIFT_AT`` bytes of records wait for it, its threads get an ordinary
-        share (counted in ``span_process_lifted``) until the buffer is empty
-        again. Only a process allowed to raise a priority (CAP_SYS_NICE, or
+        ``_LIFT_AT`` bytes of records wait for it, or it sent no report for
+        ``_STARVED_AFTER`` (``_starving``), its threads get an ordinary share
+        (counted in ``span_process_lifted``) until the buffer is empty and
+        its reports come again. Only a process allowed to raise a priority (CAP_SYS_NICE, or
         RLIMIT_NICE of 20) may do this; elsewhere the helper runs at "low"
         instead (see ``may_leave_idle``).
         """
