@@ -192,7 +192,7 @@ class ExportPipeline:
             STATS.export_failures += 1
             STATS.spans_dropped += len(batch) - delivered
 
-    def put_paced(self, spans: list, limit: float, tick: Any = None) -> None:
+    def put_paced(self, spans: list, limit: float = 1.0, tick: Any = None) -> None:
         """put() for a builder, with flow control: in parts of a quarter of the queue, each once there is room.
 
         Before each part it waits, up to ``limit`` seconds, while the queue is

@@ -89,7 +89,6 @@ _RESTART_DELAY = 1.0
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
 _STARVED_AFTER = 1.0  # seconds without a report (it reports every _REPORT_INTERVAL): it gets no CPU
 _LOW_NICE = 10  # span_process_priority = "low"
-_ROOM_WAIT = 1.0  # seconds the helper stops reading, at most, while its export queue is more than half full
 _LEN = struct.Struct("<I")
 _MAX_FRAME = 256 << 20
 
@@ -810,7 +809,7 @@ def child_main(fd: int) -> int:
                     build(state, records, spans)
                     if len(spans) >= pipeline.batch_size:  # a large frame goes in parts too
                         STATS.spans_started += len(spans)
-                        pipeline.put_paced(spans, _ROOM_WAIT)
+                        pipeline.put_paced(spans)
                         spans = []
                 elif kind == "o":
                     _, conn_id, base, pid, app = op
@@ -834,7 +833,7 @@ def child_main(fd: int) -> int:
             # at the queue as one burst larger than its room.
             if spans:
                 STATS.spans_started += len(spans)
-                pipeline.put_paced(spans, _ROOM_WAIT)
+                pipeline.put_paced(spans)
         pending = None
         if flushed:
             tracer.flush(tracer.shutdown_timeout)

@@ -41,7 +41,6 @@ __all__ = ["Tracer", "connection_attributes"]
 log = logging.getLogger("pgotel_proxy.tracing")
 
 _CLOSE = object()
-_ROOM_WAIT = 1.0  # seconds the builder thread waits, at most, while the export queue is more than half full
 
 
 class _Handle:
@@ -221,7 +220,7 @@ class Tracer:
             self._enrich_tick()
             if spans:
                 STATS.spans_started += len(spans)
-                pipeline.put_paced(spans, _ROOM_WAIT, self._enrich_tick)
+                pipeline.put_paced(spans, tick=self._enrich_tick)
         self._enrich_tick(final=True)
         self._idle.set()
 
