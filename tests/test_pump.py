@@ -571,12 +571,15 @@ def test_a_failure_in_observing_a_pumped_session_stops_observation_not_the_relay
 
     real = Session.server_observe
 
-    def failing(self, data, now):
-        if b"observer-bug" in data:
+    def failing(self, data, now, start=0, stop=None):
+        if b"observer-bug" in data[start:stop]:
             raise RuntimeError("observer bug")
-        return real(self, data, now)
+        return real(self, data, now, start, stop)
 
     monkeypatch.setattr(Session, "server_observe", failing)
+    # The log read in Python, where a bug can be planted in the session's own method (the
+    # compiled read hands a failing chunk to the same place: test_session_compiled).
+    monkeypatch.setattr(server_mod, "observe_log", None)
     proxy = make_proxy(sample_rate=1.0, traced_pump=True)
     before = STATS.decode_desyncs
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +29,9 @@ from hypothesis import strategies as st
 from pgotel_proxy.protocol import ProtocolViolation, Session
 from pgotel_proxy.protocol import session as session_mod
 from pgotel_proxy.protocol.events import Completion, Statement
+from pgotel_proxy.proxy import server as server_mod
+from pgotel_proxy.proxy.connection import ClientConnection
+from pgotel_proxy.proxy.server import _LOG_HEAD, ProxyServer
 
 from test_protocol_fuzz import CORPUS, _split, cut_lists, mutate
 
@@ -540,3 +544,160 @@ def test_repeated_texts_decode_to_what_was_sent():
     recs = s.take_completed()
     assert [r.sql for r in recs] == texts + ["SELECT \ufffd"]
     assert all(r.tag == "SELECT 1" for r in recs[:-1])
+
+
+# ------------------------------------------------------------------ the pump's log
+
+
+class _PumpedConn:
+    """The part of ClientConnection the pump's log reaches: its own methods, on a real Session."""
+
+    pump_observe = ClientConnection.pump_observe
+    pump_failed = ClientConnection.pump_failed
+    stop_observing = ClientConnection.stop_observing
+
+    def __init__(self, pumped: dict, pair: int, **kw) -> None:
+        self.pumped, self.pair = pumped, pair
+        self.peer = "test"
+        self.observe = True
+        self.session = Session(**kw)
+        self.backs: list[tuple[bytes, int]] = []
+
+    def pump_back(self, payload: bytes, ts: int) -> None:
+        self.pumped.pop(self.pair)  # as ProxyServer.unpump
+        self.backs.append((payload, ts))
+
+
+def _log(entries) -> bytes:
+    return b"".join(_LOG_HEAD.pack(pair, kind, len(data), ts) + data for pair, kind, data, ts in entries)
+
+
+def _log_entries(streams, cuts, back_at: int | None) -> list[list[tuple[int, int, bytes, int]]]:
+    """The pump's log for conversations relayed at once: pieces of each, interleaved, in reads of a few."""
+    pieces = []
+    for pair, steps in enumerate(streams, start=1):
+        mine = []
+        for i, (side, data) in enumerate(steps):
+            for piece in _split(data, cuts[i % len(cuts)] if cuts else []):
+                mine.append((pair, 0 if side == "c" else 1, piece))
+        pieces.append(mine)
+    entries, ts = [], 0
+    while any(pieces):
+        for mine in pieces:
+            if mine:
+                ts += 1
+                pair, kind, piece = mine.pop(0)
+                entries.append((pair, kind, piece, ts))
+                if back_at is not None and ts == back_at:
+                    entries.append((pair, 2, b"handed back", ts))
+    entries.insert(len(entries) // 2, (99, 0, b"Q\x00\x00\x00\x05", ts))  # a pair nobody owns any more
+    return [entries[i:i + 7] for i in range(0, len(entries), 7)]
+
+
+def _feed_log(compiled: bool, streams, cuts, back_at, **kw):
+    pumped: dict = {}
+    conns = {pair: _PumpedConn(pumped, pair, **kw) for pair in range(1, len(streams) + 1)}
+    pumped.update(conns)
+    owner = SimpleNamespace(pumped=pumped)
+    resumed = 0
+
+    def resume(*args):
+        nonlocal resumed
+        resumed += 1
+        server_mod._resume(*args)
+
+    fed = []
+    for read in _log_entries(streams, cuts, back_at):
+        data = _log(read)
+        if compiled:
+            touched = session_mod.observe_log(data, owner.pumped, resume)
+        else:
+            touched = ProxyServer._observe_log_py(SimpleNamespace(pumped=owner.pumped), data)
+            resumed += len(read)
+        fed.append(sorted(touched))
+        for c in conns.values():
+            c.records = getattr(c, "records", []) + c.session.take_completed()
+    return conns, fed, resumed
+
+
+def _same_feeds(streams, cuts, back_at=None, **kw):
+    a, fed_a, resumed = _feed_log(True, streams, cuts, back_at, **kw)
+    b, fed_b, _ = _feed_log(False, streams, cuts, back_at, **kw)
+    assert fed_a == fed_b
+    for pair in a:
+        ca, cb = a[pair], b[pair]
+        assert (ca.observe, ca.backs) == (cb.observe, cb.backs), f"pair {pair}"
+        assert state(ca.session) == state(cb.session), f"pair {pair}"
+        assert [record_values(r) for r in ca.records] == [record_values(r) for r in cb.records], f"pair {pair}"
+    return a, resumed
+
+
+@SETTINGS
+@given(names=st.lists(st.sampled_from(sorted(CORPUS)), min_size=1, max_size=3), cuts=cut_lists,
+       back=st.one_of(st.none(), st.integers(min_value=1, max_value=40)))
+def test_pump_log_fed_compiled_as_in_python(names, cuts, back):
+    conns, _ = _same_feeds([CORPUS[n] for n in names], cuts, back, observe_limit=1 << 20,
+                           max_message_size=1 << 20)
+    if back is None:
+        assert all(c.records and c.observe for c in conns.values())
+
+
+@SETTINGS
+@given(names=st.lists(st.sampled_from(sorted(CORPUS)), min_size=1, max_size=3), muts=st.lists(st.tuples(
+    st.sampled_from(["flip", "set", "length", "type", "cut", "dup", "insert"]),
+    st.integers(min_value=0, max_value=1 << 16),
+    st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1)), max_size=6), cuts=cut_lists)
+def test_damaged_pump_log_chunks_answered_as_in_python(names, muts, cuts):
+    _same_feeds([mutate(CORPUS[n], muts) for n in names], cuts, None, observe_limit=512, max_pending=64,
+                max_message_size=4096)
+
+
+def test_pump_log_common_chunks_take_no_python_call():
+    name = max(CORPUS, key=lambda n: len(CORPUS[n]))
+    conns, resumed = _same_feeds([CORPUS[name]] * 2, [[]], observe_limit=1 << 20, max_message_size=1 << 20)
+    chunks = 2 * len(CORPUS[name])
+    assert all(c.records for c in conns.values())
+    assert resumed < chunks // 2, f"{resumed} of {chunks} chunks went through Python"
+
+
+def test_observe_log_refuses_a_truncated_log():
+    conn = _PumpedConn({}, 1)
+    whole = _log([(1, 0, b"Q\x00\x00\x00\x0bSELECT 1\x00", 5)])
+    for cut in (whole[:10], whole[:-1]):
+        with pytest.raises(ValueError):
+            session_mod.observe_log(cut, {1: conn}, server_mod._resume)
+    with pytest.raises(TypeError):
+        session_mod.observe_log(bytearray(whole), {1: conn}, server_mod._resume)
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_a_loop_that_raises_on_the_pump_log_is_answered_as_in_python(kind):
+    """The compiled loop raising (a slot of the wrong type here): client side stops observing, server side desyncs."""
+    from pgotel_proxy.stats import STATS
+
+    answers = []
+    for compiled in (True, False):
+        pumped: dict = {}
+        conn = pumped[1] = _PumpedConn(pumped, 1)
+        s = conn.session
+        log = _log([(1, 1, ready(), 1)])
+        ProxyServer._observe_log_py(SimpleNamespace(pumped=pumped), log)
+        if kind == 0:
+            s.max_message_size = "not a size"
+            chunk = msg("Q", cs("SELECT 1"))
+        else:
+            conn_log = _log([(1, 0, msg("Q", cs("SELECT 1")), 2)])
+            ProxyServer._observe_log_py(SimpleNamespace(pumped=pumped), conn_log)
+            s._rows = "not a count"
+            chunk = msg("T", struct.pack("!h", 0)) + row() + complete("SELECT 1") + ready()
+        before = STATS.decode_desyncs
+        log = _log([(1, kind, chunk, 3)])
+        if compiled:
+            session_mod.observe_log(log, pumped, server_mod._resume)
+        else:
+            ProxyServer._observe_log_py(SimpleNamespace(pumped=pumped), log)
+        answers.append((conn.observe, STATS.decode_desyncs - before, s.out_of_sync))
+    assert answers[0] == answers[1]
+    stream = "client" if kind == 0 else "server"
+    assert answers[0] == (kind != 0, 1 if kind == 0 else 0, f"{stream} stream: TypeError({answers[0][2].split('(', 1)[1]}")
+    assert "integer" in answers[0][2]

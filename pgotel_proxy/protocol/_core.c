@@ -1853,6 +1853,175 @@ static PyTypeObject SenderType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* ------------------------------------------------------------------ the pump's log
+ *
+ * observe_log(log, pumped, resume) -> dict
+ *     Feed what the compiled pump relayed for traced sessions (its log,
+ *     proxy/_pump.c: per chunk an i64 pair id, i32 kind, i32 length and i64
+ *     receive time in native byte order, then the chunk) to the sessions of
+ *     the connections in ``pumped`` (pair id -> connection), in order, as
+ *     ClientConnection.pump_observe does: a client (0) or server (1) chunk of
+ *     the common kind goes through client_loop / server_loop without a Python
+ *     frame. Any other record goes to resume(conn, kind, log, at, stop, ts),
+ *     nothing done from ``at`` on: where the loop stopped, the chunk's start
+ *     when the session holds bytes or is out of step, or the exception the loop
+ *     raised; kind 2 (the pump handed the pair back) always. Records of pairs
+ *     not in ``pumped`` are skipped. Returns the connections fed (pair id ->
+ *     connection) for the caller to hand their finished statements on; a
+ *     pair handed back is left out (pump_back does that itself).
+ */
+#define LOG_HEAD 24
+#define LOG_BACK 2
+
+static PyObject *str_session;
+
+/* resume(conn, kind, log, at, stop, ts); at is an int or an exception. 0, or -1 (set). */
+static int
+log_resume(PyObject *resume, PyObject *conn, int kind, PyObject *log, PyObject *at, Py_ssize_t stop, PyObject *ts)
+{
+    PyObject *k = PyLong_FromLong(kind), *st = PyLong_FromSsize_t(stop);
+    PyObject *r = NULL;
+    if (k != NULL && st != NULL) {
+        PyObject *b[6] = {conn, k, log, at, st, ts};
+        r = PyObject_Vectorcall(resume, b, 6, NULL);
+    }
+    Py_XDECREF(k);
+    Py_XDECREF(st);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* One client or server chunk of an observed pair: 0, or -1 (set). */
+static int
+log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t start, Py_ssize_t stop, PyObject *ts)
+{
+    PyObject *obs = PyObject_GetAttr(conn, str_observe);
+    if (obs == NULL)
+        return -1;
+    int observing = obs == Py_True;
+    Py_DECREF(obs);
+    if (!observing)
+        return 0; /* observation stopped: the pump relays, nobody frames */
+    PyObject *s = PyObject_GetAttr(conn, str_session);
+    if (s == NULL)
+        return -1;
+    int fast = 0;
+    if (kind == 0 || kind == 1) {
+        if (check_session(s) < 0)
+            PyErr_Clear(); /* not a Session of this layout: Python does it */
+        else if (kind == 0)
+            fast = is_empty_bytes(get(s, s_off[S_CBUF])) && is_zero(get(s, s_off[S_CSKIP]));
+        else
+            fast = get(s, s_off[S_OUT_OF_SYNC]) == Py_None && is_empty_bytes(get(s, s_off[S_SBUF])) &&
+                   is_zero(get(s, s_off[S_SSKIP]));
+    }
+    Py_ssize_t at = start;
+    PyObject *at_obj = NULL;
+    if (fast) {
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(log);
+        at = kind == 0 ? client_loop(s, p, start, stop, ts) : server_loop(s, p, start, stop, ts);
+        if (at == stop) {
+            Py_DECREF(s);
+            return 0;
+        }
+        if (at < 0) { /* the loop raised: Python decides what that means for the session */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (value != NULL && tb != NULL)
+                PyException_SetTraceback(value, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            if (value == NULL) {
+                Py_DECREF(s);
+                return -1;
+            }
+            at_obj = value;
+        }
+    }
+    Py_DECREF(s);
+    if (at_obj == NULL && (at_obj = PyLong_FromSsize_t(at)) == NULL)
+        return -1;
+    int r = log_resume(resume, conn, kind, log, at_obj, stop, ts);
+    Py_DECREF(at_obj);
+    return r;
+}
+
+static PyObject *
+observe_log(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "expected (log: bytes, pumped: dict, resume)");
+        return NULL;
+    }
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
+        return NULL;
+    }
+    PyObject *log = args[0], *pumped = args[1], *resume = args[2];
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(log);
+    Py_ssize_t end = PyBytes_GET_SIZE(log), pos = 0;
+    PyObject *touched = PyDict_New();
+    if (touched == NULL)
+        return NULL;
+    while (pos < end) {
+        long long pair, ts_ns;
+        int32_t kind, length;
+        if (end - pos < LOG_HEAD)
+            goto truncated;
+        memcpy(&pair, p + pos, 8);
+        memcpy(&kind, p + pos + 8, 4);
+        memcpy(&length, p + pos + 12, 4);
+        memcpy(&ts_ns, p + pos + 16, 8);
+        pos += LOG_HEAD;
+        if (length < 0 || length > end - pos)
+            goto truncated;
+        Py_ssize_t stop = pos + length;
+        PyObject *key = PyLong_FromLongLong(pair);
+        if (key == NULL)
+            goto fail;
+        PyObject *conn = PyDict_GetItemWithError(pumped, key);
+        if (conn == NULL) {
+            Py_DECREF(key);
+            if (PyErr_Occurred())
+                goto fail;
+            pos = stop;
+            continue;
+        }
+        Py_INCREF(conn); /* resume may take it out of pumped */
+        int r = -1;
+        PyObject *ts = PyLong_FromLongLong(ts_ns);
+        if (ts != NULL) {
+            if (kind == LOG_BACK) {
+                r = PyDict_Contains(touched, key);
+                if (r == 1)
+                    r = PyDict_DelItem(touched, key);
+                PyObject *at = r < 0 ? NULL : PyLong_FromSsize_t(pos);
+                r = at == NULL ? -1 : log_resume(resume, conn, kind, log, at, stop, ts);
+                Py_XDECREF(at);
+            } else {
+                r = PyDict_SetItem(touched, key, conn);
+                if (r == 0)
+                    r = log_feed(resume, conn, kind, log, pos, stop, ts);
+            }
+            Py_DECREF(ts);
+        }
+        Py_DECREF(conn);
+        Py_DECREF(key);
+        if (r < 0)
+            goto fail;
+        pos = stop;
+    }
+    return touched;
+truncated:
+    PyErr_SetString(PyExc_ValueError, "observe_log: a truncated record");
+fail:
+    Py_DECREF(touched);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Session, Statement, Completion, record_fields, record_defaults, kinds): read the slot layout."},
@@ -1860,6 +2029,8 @@ static PyMethodDef methods[] = {
      "client(session, data, pos, n, now) -> pos: account the client messages this path handles."},
     {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
      "server(session, data, pos, n, now) -> pos: account the server messages this path handles."},
+    {"observe_log", (PyCFunction)(void (*)(void))observe_log, METH_FASTCALL,
+     "observe_log(log, pumped, resume) -> dict: feed the pump's log to the pumped sessions (see _core.c)."},
     {"pack", pack, METH_O, "pack(records) -> bytes | None: finished records in a compact form (None: use marshal)."},
     {"unpack", unpack, METH_O, "unpack(data) -> list: the records pack() packed."},
     {NULL, NULL, 0, NULL},
@@ -1892,6 +2063,7 @@ PyInit__core(void)
     INTERN(str_observe, "observe");
     INTERN(str_eager, "eager");
     INTERN(str_deliver, "deliver");
+    INTERN(str_session, "session");
 #undef INTERN
     PyObject *collections = PyImport_ImportModule("collections");
     if (collections == NULL)

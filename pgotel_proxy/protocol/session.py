@@ -966,6 +966,9 @@ _fast_client = _fast_server = None
 # Finished records in a compact binary form and back (tracing/process.py hands them to the
 # span process this way; without the compiled module it uses marshal).
 pack_records = unpack_records = None
+# The compiled pump's log fed to its traced sessions without a Python call per chunk
+# (proxy/server.py; without it a Python loop does the same).
+observe_log = None
 if not os.environ.get("PGOTEL_PURE_PYTHON"):
     try:
         from . import _core  # type: ignore[attr-defined]
@@ -981,6 +984,7 @@ if not os.environ.get("PGOTEL_PURE_PYTHON"):
         )
         _fast_client, _fast_server = _core.client, _core.server
         pack_records, unpack_records = _core.pack, _core.unpack
+        observe_log = _core.observe_log
     except ImportError:  # not built (no compiler at install time): Python serves
         pass
 COMPILED = _fast_client is not None

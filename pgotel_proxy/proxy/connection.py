@@ -630,6 +630,13 @@ class ClientConnection:
         except Exception as exc:  # as in the asyncio relay: the bytes went on, observation stops
             self.stop_observing("client" if kind == 0 else "server", exc)
 
+    def pump_failed(self, kind: int, exc: BaseException) -> None:
+        """The compiled loop raised on a chunk the pump relayed: as pump_observe handles it."""
+        if kind == 0:
+            self.stop_observing("client", exc)
+        else:
+            self.session.desync(f"server stream: {exc!r}")  # as server_observe does
+
     def stop_observing(self, stream: str, exc: BaseException) -> bytes:
         """Observation failed on ``stream``: the session stops observing, the relay goes on.
 

@@ -19,6 +19,7 @@ import struct
 from typing import Any, Callable
 
 from ..protocol.messages import error_response
+from ..protocol.session import observe_log
 from ..stats import STATS
 from .connection import ClientConnection
 
@@ -33,6 +34,16 @@ from .tls import client_context, upstream_context
 # The pump's observation log (_pump.c): an entry's head, and a hand-back's numbers.
 _LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
 _LOG_BACK = 2
+
+
+def _resume(conn: ClientConnection, kind: int, log: bytes, at: int | BaseException, stop: int, ts: int) -> None:
+    """One record of the pump's log, ``log[at:stop]``, for Python (observe_log leaves it here)."""
+    if kind == _LOG_BACK:
+        conn.pump_back(log[at:stop], ts)
+    elif isinstance(at, BaseException):
+        conn.pump_failed(kind, at)
+    else:
+        conn.pump_observe(kind, log, at, stop, ts)
 #: How often the event loop reads the pump's log while observed sessions are pumped (it is
 #: also woken when the log passes 1 MiB, and when a pair is handed back or ends).
 OBSERVE_INTERVAL = 0.005
@@ -335,6 +346,17 @@ class ProxyServer:
         data = pump.take_log()
         if not data:
             return
+        if observe_log is not None:
+            # The compiled loop over the log: the common chunk reaches the codec
+            # without a Python frame; the rest comes back through _resume.
+            touched = observe_log(data, self.pumped, _resume)
+        else:
+            touched = self._observe_log_py(data)
+        for conn in touched.values():
+            conn.pump_observed()
+
+    def _observe_log_py(self, data: bytes) -> dict[int, ClientConnection]:
+        """observe_log in Python: the connections fed, by pair."""
         pumped = self.pumped
         head = _LOG_HEAD.unpack_from
         touched: dict[int, ClientConnection] = {}
@@ -347,13 +369,11 @@ class ProxyServer:
             if conn is not None:
                 if kind == _LOG_BACK:
                     touched.pop(pair, None)
-                    conn.pump_back(data[pos:stop], ts)
                 else:
-                    conn.pump_observe(kind, data, pos, stop, ts)
                     touched[pair] = conn
+                _resume(conn, kind, data, pos, stop, ts)
             pos = stop
-        for conn in touched.values():
-            conn.pump_observed()
+        return touched
 
     def _end_pairs(self, pump) -> None:
         """End the connections of the pairs ``pump`` reported ended (after what they relayed was observed)."""
