@@ -421,7 +421,8 @@ def test_statements_of_one_send_keep_their_order_whatever_their_form():
     from pgotel_proxy.protocol.events import Completion, Statement
     from pgotel_proxy.tracing import process
 
-    tracer = SimpleNamespace(enabled=True, accepting=True, _ops=[], _pending=0, _armed=True, _arm=lambda: None)
+    tracer = SimpleNamespace(enabled=True, accepting=True, _ops=[], _pending=0, _armed=True, _arm=lambda: None,
+                             _sample_rate=1.0, _presample=True)
     session = SimpleNamespace(server_params={"application_name": "app"})
     handle = process._Handle(tracer, 7, session, ("o",))
     records = [Statement("simple", f"SELECT {i}", start_ns=i, end_ns=i + 1, status="ok", tx_status="I",

@@ -21,13 +21,15 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
 * relay → helper: the configuration first, then lists of operations in order:
   ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
-  connection opened; ``("p", conn, count, application_name, packed)``
+  connection opened; ``("p", conn, count, application_name, packed, drawn)``
   finished statements in the compiled codec's compact form
   (``protocol.session.pack_records``), or, when it is not built or a record
   holds what that form does not carry (errors, parameters, extra facts),
-  ``("b", conn, count, payload)``, the payload being ``marshal`` data of
-  ``(application_name, records)`` (records as tuples of :class:`Statement`
-  fields); ``("g", conn)``
+  ``("b", conn, count, payload, drawn)``, the payload being ``marshal`` data
+  of ``(application_name, records)`` (records as tuples of :class:`Statement`
+  fields); ``drawn``: the relay's draw kept these new roots (below a sample
+  rate of 1 the relay draws for the roots it can tell, ``sampling.Presampler``,
+  and what its draw leaves out is never handed over); ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
   ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
   ``("s",)`` build and export what is left, then exit.
@@ -71,6 +73,7 @@ from ..protocol.events import Completion, Statement
 from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
 from ..stats import STATS
+from .sampling import Presampler
 
 __all__ = ["ProcessTracer", "CHILD_COUNTERS", "statement_to_tuple", "statement_from_tuple"]
 
@@ -198,7 +201,7 @@ class _Handle:
     injector wants them as they finish, or when it holds ``_DELIVER_AT``.
     """
 
-    __slots__ = ("tracer", "conn_id", "session", "open_op", "gap")
+    __slots__ = ("tracer", "conn_id", "session", "open_op", "gap", "pre")
     collects = True
 
     def __init__(self, tracer: "ProcessTracer", conn_id: int, session: Any, open_op: tuple) -> None:
@@ -207,6 +210,7 @@ class _Handle:
         self.session = session
         self.open_op = open_op
         self.gap = False
+        self.pre = Presampler()
 
     def statements(self, records: list) -> None:
         t = self.tracer
@@ -219,21 +223,34 @@ class _Handle:
             return
         self.gap = False
         app = self.session.server_params.get("application_name")
-        packed = pack_records(records) if pack_records is not None else None
-        if packed is not None or pack_records is None or len(records) == 1:
-            self._op(t, app, records, packed)
-        else:  # some record the compact form does not carry: each in its own form, in order
-            for rec in records:
-                self._op(t, app, [rec], pack_records([rec]))
-        t._pending += len(records)
+        rate = t._sample_rate
+        if rate < 1.0 and t._presample:
+            # New roots the sample rate leaves out stop here (sampling.Presampler).
+            drawn, records, left_out = self.pre.split(records, rate)
+            if left_out:
+                t._left_out += left_out
+                STATS.statements += left_out
+            if drawn:
+                self._hand(t, app, drawn, True)
+        if records:
+            self._hand(t, app, records, False)
         t._arm()  # (sooner, when only an idle look was set)
 
-    def _op(self, t, app, records: list, packed: bytes | None) -> None:
+    def _hand(self, t, app, records: list, drawn: bool) -> None:
+        packed = pack_records(records) if pack_records is not None else None
+        if packed is not None or pack_records is None or len(records) == 1:
+            self._op(t, app, records, packed, drawn)
+        else:  # some record the compact form does not carry: each in its own form, in order
+            for rec in records:
+                self._op(t, app, [rec], pack_records([rec]), drawn)
+        t._pending += len(records)
+
+    def _op(self, t, app, records: list, packed: bytes | None, drawn: bool) -> None:
         if packed is not None:
-            t._ops.append(("p", self.conn_id, len(records), app, packed))
+            t._ops.append(("p", self.conn_id, len(records), app, packed, drawn))
         else:
             t._ops.append(("b", self.conn_id, len(records),
-                           marshal.dumps((app, [statement_to_tuple(r) for r in records]))))
+                           marshal.dumps((app, [statement_to_tuple(r) for r in records])), drawn))
 
     def close(self) -> None:
         t = self.tracer
@@ -250,6 +267,9 @@ class ProcessTracer:
         self.config = config
         self.enabled = bool(getattr(config, "tracing", True))
         self._sample_rate = float(getattr(config, "sample_rate", 1.0))
+        # the relay draws for new roots (sampling.Presampler) unless transaction spans need every statement
+        self._presample = not getattr(config, "transaction_spans", False)
+        self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
         self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
         self.enricher = None  # never: enrichment keeps spans in the relay process
         self.builder = None
@@ -376,6 +396,7 @@ class ProcessTracer:
             value = stats.get(name, 0)
             self._last[name] = value
             setattr(STATS, name, self._base[name] + value)
+        STATS.statements += self._left_out  # observed here, never handed over
         self._child_queue = msg.get("queue", 0)
         dropped = msg.get("dropped", 0)
         if dropped > self._child_dropped:  # statements the helper's own bounded queue refused
@@ -806,7 +827,7 @@ def child_main(fd: int) -> int:
                         records = [statement_from_tuple(t) for t in records]
                     if app is not None:
                         state.info.session.server_params["application_name"] = app
-                    build(state, records, spans)
+                    build(state, records, spans, op[-1] is True)
                     if len(spans) >= pipeline.batch_size:  # a large frame goes in parts too
                         STATS.spans_started += len(spans)
                         pipeline.put_paced(spans)

@@ -39,6 +39,7 @@ from ..shape import statement_key
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
+from .sampling import Presampler, may_set_carrier  # noqa: F401  (Presampler: the relay side of the draw)
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
@@ -83,7 +84,8 @@ def _new_id(bits: int) -> int:
 class ConnState:
     """What the builder remembers per connection: the session carrier (``SET pgotel.traceparent``)."""
 
-    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent", "shapes")
+    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent", "shapes",
+                 "presampled")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
         self.info = info
@@ -97,6 +99,8 @@ class ConnState:
         self.tx_parent: tuple | None = None
         # encoded statement spans: what repeats between executions of one statement shape (_SHAPE_KEY)
         self.shapes: dict[tuple, tuple] = {}
+        # the records being built were drawn by the relay's Presampler: their roots are kept
+        self.presampled = False
 
     def observe_set(self, sql: str, rec_ok: bool, tx_status: str) -> None:
         """Apply a successful ``SET [LOCAL] pgotel.traceparent`` / ``RESET``; Postgres' transaction rules apply."""
@@ -138,11 +142,6 @@ class ConnState:
         if self.carrier_local:
             self.carrier = None
             self.carrier_local = False
-
-
-def may_set_carrier(sql: str) -> bool:
-    """Whether a statement could be ``SET``/``RESET pgotel.traceparent``, ``RESET ALL`` or ``DISCARD ALL``."""
-    return "pgotel" in sql or "ALL" in sql.upper()
 
 
 _SHAPES_MAX = 256  # statement shapes remembered per connection
@@ -240,7 +239,7 @@ class SpanBuilder:
         if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
             return i, None
-        opts = ((1 if self.sample_rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
+        opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
@@ -332,7 +331,7 @@ class SpanBuilder:
             if not ctx.sampled:
                 return None
             return ctx.trace_id, ctx.span_id, ctx.flags, ctx.tracestate
-        rate = self.sample_rate
+        rate = 1.0 if conn.presampled else self.sample_rate
         if rate <= 0.0 or (rate < 1.0 and _rand.random() >= rate):
             return None
         return _new_id(128), None, 1, None

@@ -34,6 +34,7 @@ from ..config import DEFAULT_EXPORT_BATCH
 from ..stats import STATS
 from .attributes import connection_attributes
 from .export import ExportPipeline, make_exporter
+from .sampling import Presampler
 from .spans import ConnState, SpanBuilder
 
 __all__ = ["Tracer", "connection_attributes"]
@@ -46,12 +47,13 @@ _CLOSE = object()
 class _Handle:
     """Per-connection handle given to the proxy."""
 
-    __slots__ = ("tracer", "state", "gap")
+    __slots__ = ("tracer", "state", "gap", "pre")
 
     def __init__(self, tracer: "Tracer", state: ConnState) -> None:
         self.tracer = tracer
         self.state = state
         self.gap = False  # statements went unseen since the builder last heard of this connection
+        self.pre = Presampler()
 
     def statements(self, records: list) -> None:
         t = self.tracer
@@ -65,16 +67,27 @@ class _Handle:
                 # the session carrier: tell it (once per gap, so the queue stays bounded by
                 # the number of connections) to forget what it knows.
                 self.gap = True
-                q.append((self.state, None))
+                q.append((self.state, None, False))
             return
         self.gap = False
+        builder = t.builder
+        rate = builder.sample_rate
+        if rate < 1.0 and not builder.transaction_spans:
+            # New roots the sample rate leaves out stop here (sampling.Presampler).
+            drawn, records, left_out = self.pre.split(records, rate)
+            STATS.statements += left_out
+            if drawn:
+                t._records_in += len(drawn)
+                q.append((self.state, drawn, True))
+            if not records:
+                return
         t._records_in += len(records)
-        q.append((self.state, records))
+        q.append((self.state, records, False))
 
     def close(self) -> None:
         if self.tracer.builder.transaction_spans:
             # A transaction still open when the connection ended is built now.
-            self.tracer._records.append((self.state, _CLOSE))
+            self.tracer._records.append((self.state, _CLOSE, False))
 
 
 class Tracer:
@@ -212,8 +225,8 @@ class Tracer:
             spans: list = []
             n = 0
             while q and n < 256:
-                state, records = q.popleft()
-                self._build(state, records, spans)
+                state, records, drawn = q.popleft()
+                self._build(state, records, spans, drawn)
                 n += 1
                 if len(spans) >= pipeline.batch_size:  # to the queue a batch at a time (flow control below)
                     break
@@ -224,8 +237,11 @@ class Tracer:
         self._enrich_tick(final=True)
         self._idle.set()
 
-    def _build(self, state: ConnState, records, spans: list) -> None:
-        """Append the spans of one queue entry (records, a gap marker or a close) to ``spans``."""
+    def _build(self, state: ConnState, records, spans: list, drawn: bool = False) -> None:
+        """Append the spans of one queue entry (records, a gap marker or a close) to ``spans``.
+
+        ``drawn``: the relay's draw kept these records' new roots (sampling.Presampler).
+        """
         if records is None:
             state.forget()
             return
@@ -233,6 +249,7 @@ class Tracer:
         if records is _CLOSE:
             self._enrich_groups(builder.flush_connection(state, spans), spans)
             return
+        state.presampled = drawn
         self._records_out += len(records)
         enriching = self.enricher is not None
         if not enriching and not builder.transaction_spans:
@@ -269,10 +286,10 @@ class Tracer:
             if enriching:
                 self._enrich_groups(groups, spans)
 
-    def build_now(self, state: ConnState, records, spans: list) -> None:
+    def build_now(self, state: ConnState, records, spans: list, drawn: bool = False) -> None:
         """Build one entry on the caller's thread (a tracer made with ``thread=False``)."""
         self._records_in += len(records) if isinstance(records, list) else 0
-        self._build(state, records, spans)
+        self._build(state, records, spans, drawn)
 
     def _enrich_groups(self, groups: list, spans: list) -> None:
         """Let the enricher join each record's run of spans (from the last, so indexes hold)."""

@@ -1,0 +1,65 @@
+"""The sample rate's draw for new roots, where the relay can make it (``Presampler``).
+
+Kept apart from the span builder (spans.py) so that the relay, which hands
+records to a span process, does not load the tracing SDK for it.
+"""
+
+from __future__ import annotations
+
+import random
+
+_rand = random.Random()
+
+
+def may_set_carrier(sql: str) -> bool:
+    """Whether a statement could be ``SET``/``RESET pgotel.traceparent``, ``RESET ALL`` or ``DISCARD ALL``."""
+    return "pgotel" in sql or "ALL" in sql.upper()
+
+
+class Presampler:
+    """The sample rate's draw for new roots, made where statements finish (the relay).
+
+    Below a rate of 1, a statement the draw leaves out costs its framing and
+    its record alone: it is not handed to the span builder (no pack, no pipe,
+    no builder step). The draw is the builder's own (a new root is kept with
+    probability ``rate``) and is made only where the relay can tell a
+    statement is a new root: its text holds no comment (which may carry a
+    traceparent; a prepared statement's comment is not read again when it is
+    executed later) and no statement of the connection so far could have set a
+    session carrier (``may_set_carrier``). A commented statement goes to the
+    builder undrawn; from the first statement that could set a carrier on,
+    all of the connection's records do: the builder tracks the carrier and
+    draws itself. Records handed over after a draw say so (``drawn``): the
+    builder keeps their roots (``ConnState.presampled``), so no root is drawn
+    twice. Transaction spans need every statement of a block: a tracer
+    that builds them does not use this.
+    """
+
+    __slots__ = ("plain",)
+
+    def __init__(self) -> None:
+        self.plain = True  # no statement of this connection could have set a carrier
+
+    def split(self, records: list, rate: float) -> tuple[list, list, int]:
+        """(drawn, undrawn, left_out): the new roots the draw kept; the records the builder is to
+        draw for, in order (those with a comment, and all from the first that could set a
+        carrier on); how many the draw left out. Each list keeps the records' order; no
+        record of a plain connection depends on another's, so the two may be built apart."""
+        if rate >= 1.0 or not self.plain:
+            return [], records, 0
+        drawn: list = []
+        undrawn: list = []
+        rand = _rand.random
+        for i, rec in enumerate(records):
+            sql = rec.sql or ""
+            if "/*" in sql and not (rec.reused and rec.protocol == "extended"):
+                # Its comment may carry a context: the builder decides. (A prepared statement's
+                # comment was read when it was prepared: its later executions are roots.)
+                undrawn.append(rec)
+            elif may_set_carrier(sql):
+                self.plain = False
+                undrawn += records[i:]
+                return drawn, undrawn, len(records) - len(drawn) - len(undrawn)
+            elif rate > 0.0 and rand() < rate:
+                drawn.append(rec)
+        return drawn, undrawn, len(records) - len(drawn) - len(undrawn)
