@@ -480,3 +480,33 @@ def test_sighup_settings_reach_restarted_workers(pg, tmp_path):
                  "statements from every worker")
     finally:
         assert p.stop() == 0, p.log()
+
+
+@pytest.mark.parametrize("span_process", [False, True])
+def test_workers_draw_ids_of_their_own(pg, tmp_path, otlp, span_process):
+    """Forked workers must not share the parent's random state: no trace or span id made twice.
+
+    With spans built in the worker (``--no-span-process``, or enrichment), the
+    generator the parent imported before forking would give every worker the
+    same ids, in the same order.
+    """
+    extra = () if span_process else ("--no-span-process",)
+    p = ProxyProcess(pg, tmp_path, *extra, otlp=otlp)
+    try:
+        p.wait_ready()
+        app = f"ids-{uuid.uuid4().hex[:6]}"
+        spread = traffic(p, n=20, application_name=app)
+        assert all(s > 0 for s in spread), spread
+
+        def mine(spans=None) -> list:
+            return [s for s in (spans if spans is not None else otlp.spans)
+                    if s.attributes.get("db.postgresql.application_name") == app and s.parent_span_id is None]
+
+        otlp.wait_for(lambda spans: len(mine(spans)) >= 20, 10)
+        roots = mine()
+        trace_ids = [s.trace_id for s in roots]
+        assert len(set(trace_ids)) == len(trace_ids), sorted(trace_ids)
+        ids = [s.span_id for s in otlp.spans]
+        assert len(set(ids)) == len(ids)
+    finally:
+        p.stop()

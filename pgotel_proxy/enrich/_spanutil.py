@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import random
-
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
 from .. import __version__
+from ..tracing.sampling import _rand  # seeded afresh in each forked worker
 
 SCOPE = InstrumentationScope("pgotel_proxy", __version__)
-_rand = random.Random()
 
 
 def _new_span_id() -> int:

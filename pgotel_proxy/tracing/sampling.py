@@ -6,9 +6,16 @@ records to a span process, does not load the tracing SDK for it.
 
 from __future__ import annotations
 
+import os
 import random
 
+#: The generator every id and every sampling draw of the proxy comes from (span
+#: and trace ids here and in the span builder, the enricher's span ids). A
+#: forked worker (``--workers``) seeds it afresh: the parent imports this
+#: module before forking, and workers sharing its state would make the same
+#: ids in the same order.
 _rand = random.Random()
+os.register_at_fork(after_in_child=_rand.seed)
 
 
 def may_set_carrier(sql: str) -> bool:

@@ -16,7 +16,6 @@ and ``pgotel.timing.exact`` is false: its duration is an upper bound.
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any
 
@@ -39,7 +38,7 @@ from ..shape import statement_key
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
-from .sampling import Presampler, may_set_carrier  # noqa: F401  (Presampler: the relay side of the draw)
+from .sampling import Presampler, _rand, may_set_carrier  # noqa: F401  (Presampler: the relay side of the draw)
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
@@ -71,7 +70,6 @@ _SET_RE = re.compile(
     r"|SET\s+(?:LOCAL\s+|SESSION\s+)?pgotel\.traceparent\s*(?:=|TO)\s*DEFAULT)\s*;?\s*$",
     re.IGNORECASE,
 )
-_rand = random.Random()
 
 
 def _new_id(bits: int) -> int:
