@@ -1534,6 +1534,20 @@ now_ns(void)
     return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
 }
 
+/* The exception set, taken as an object with its traceback (new reference); NULL if there is none. */
+static PyObject *
+take_exception(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
 /* Run the compiled loop (client() or server()) over all of data; resume in Python if it did not finish.
  * Returns 0 when done, -1 on error (exception set). */
 static int
@@ -1546,21 +1560,12 @@ feed_loop(Feed *f, PyObject *data, PyObject *now, Py_ssize_t n)
         return 1; /* whole chunk taken */
     PyObject *r, *at = pos < 0 ? NULL : PyLong_FromSsize_t(pos);
     if (at == NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (value == NULL) {
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
+        PyObject *value = take_exception();
+        if (value == NULL)
             return -1;
-        }
-        if (tb != NULL)
-            PyException_SetTraceback(value, tb);
         PyObject *b[3] = {data, now, value};
         r = PyObject_Vectorcall(f->resume, b, 3, NULL);
-        Py_XDECREF(type);
         Py_DECREF(value);
-        Py_XDECREF(tb);
     } else {
         PyObject *b[3] = {data, now, at};
         r = PyObject_Vectorcall(f->resume, b, 3, NULL);
@@ -1926,19 +1931,9 @@ log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t s
             Py_DECREF(s);
             return 0;
         }
-        if (at < 0) { /* the loop raised: Python decides what that means for the session */
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (value != NULL && tb != NULL)
-                PyException_SetTraceback(value, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
-            if (value == NULL) {
-                Py_DECREF(s);
-                return -1;
-            }
-            at_obj = value;
+        if (at < 0 && (at_obj = take_exception()) == NULL) { /* the loop raised: Python decides */
+            Py_DECREF(s);
+            return -1;
         }
     }
     Py_DECREF(s);
