@@ -101,7 +101,8 @@ def test_record_queue_is_bounded_in_statements_and_counts_them_as_statements(mak
     # them over as its log is read, several pipelines at once.
     proxy.server._pump_failed = True
     tracer = proxy.tracer
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+    # (never prepared: a prepared statement executed again is a root the relay's draw takes)
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
         conn.execute("SELECT 1")  # the connection's handle is open before the builder parks
         proxy.flush()
         parked = _Parked()
