@@ -26,6 +26,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "export_failures": ("counter", "Export batches that failed"),
     "span_process_lifted": ("counter", "Times the span process, behind, was lifted out of the idle scheduling class"),
     "span_queue_size": ("gauge", "Statements waiting to become spans, plus spans waiting for export"),
+    "span_process_backlog_bytes": ("gauge", "Bytes of finished statements the span process has not read yet "
+                                   "(past 16 MiB, statements are dropped)"),
     "sqlcomment_invalid_traceparent": ("counter", "sqlcommenter traceparent values rejected"),
     "wal_messages_emitted": ("counter", "otelwal logical messages emitted"),
     "wal_emission_disabled": ("counter", "Sessions where otelwal emission was turned off"),

@@ -21,6 +21,7 @@ import pytest
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
 from pgotel_proxy.tracing.process import ProcessTracer, statement_from_tuple, statement_to_tuple
+from test_tracing_control import metrics
 from waiting import best_rate, free_port, wait_accepting, wait_for
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -173,6 +174,9 @@ def test_a_stalled_helper_never_holds_the_relay(make_proxy, otlp):
         try:
             stalled = best_rate(lambda: _run(proxy, 3000, conns=2), 0.5 * healthy)
             assert len(proxy.tracer._out) <= (64 << 10) + (1 << 20)
+            # what waits for the helper shows in /metrics
+            assert 64 << 10 <= STATS.span_process_backlog_bytes <= (64 << 10) + (1 << 20)
+            assert 64 << 10 <= metrics(proxy)["pgotel_span_process_backlog_bytes"] <= (64 << 10) + (1 << 20)
         finally:
             proc_mod._MAX_OUT = limit
         assert STATS.statements_dropped > dropped
@@ -184,6 +188,7 @@ def test_a_stalled_helper_never_holds_the_relay(make_proxy, otlp):
     _run(proxy, 5)
     proxy.flush()
     otlp.wait_for(lambda got: sum(s.name == "SELECT" for s in got) >= 5)
+    wait_for(lambda: STATS.span_process_backlog_bytes == 0, timeout=5, what="the backlog to be read")
 
 
 def test_a_dead_helper_is_restarted(make_proxy, otlp, caplog):

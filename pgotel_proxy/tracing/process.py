@@ -414,6 +414,7 @@ class ProcessTracer:
                 self.accepting = False
                 self._sock = None
                 self._out = _Outbox()
+                STATS.span_process_backlog_bytes = 0
                 for name in CHILD_COUNTERS:
                     self._base[name] += self._last[name]
                     self._last[name] = 0
@@ -565,6 +566,7 @@ class ProcessTracer:
                     if blocking_until is not None:
                         sock.setblocking(False)
             self.accepting = len(out) <= _MAX_OUT
+            STATS.span_process_backlog_bytes = len(out)
             if self._may_lift:
                 if not self._lifted and len(out) > _LIFT_AT:
                     self._lift(True)
