@@ -38,7 +38,7 @@ from ..shape import statement_key
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
-from .sampling import Presampler, _rand, may_set_carrier  # noqa: F401  (Presampler: the relay side of the draw)
+from .sampling import _rand, may_set_carrier
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
