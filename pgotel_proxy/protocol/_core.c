@@ -31,6 +31,7 @@
 #include <string.h>
 #include <time.h>
 #include <stddef.h>
+#include "../_cutil.h" /* take_exception */
 #include <errno.h>
 #include <sys/types.h>
 #include <sys/socket.h>
@@ -1532,20 +1533,6 @@ now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts); /* time.time_ns()'s clock */
     return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
-}
-
-/* The exception set, taken as an object with its traceback (new reference); NULL if there is none. */
-static PyObject *
-take_exception(void)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && tb != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
 }
 
 /* Run the compiled loop (client() or server()) over all of data; resume in Python if it did not finish.

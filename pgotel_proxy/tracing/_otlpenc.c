@@ -48,6 +48,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include "../_cutil.h" /* take_exception */
 #include <structmember.h> /* PyMemberDef, READONLY (Python 3.11) */
 
 #define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry */
@@ -909,13 +910,7 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (r == 0)
             break;
         if (r < 0) { /* this record's spans go; the caller logs the error and goes on */
-            PyObject *type, *tb;
-            PyErr_Fetch(&type, &error, &tb);
-            PyErr_NormalizeException(&type, &error, &tb);
-            if (tb != NULL && error != NULL)
-                PyException_SetTraceback(error, tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
+            error = take_exception();
             if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0) {
                 Py_XDECREF(error);
                 return NULL;
