@@ -184,7 +184,7 @@ class TraceContext(NamedTuple):
     """A validated W3C trace context taken from a sqlcommenter comment.
 
     (A named tuple: made for every traced statement, and a frozen dataclass
-    costs a µs more to construct.)
+    costs noticeably more to construct.)
     """
 
     trace_id: int

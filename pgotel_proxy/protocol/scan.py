@@ -1,8 +1,8 @@
 """Stepping over runs of same-type messages (DataRow, CopyData) in the server stream.
 
-A large result is millions of DataRows that the proxy only counts; stepping
-over each in Python costs about 150 ns, which caps observation near 400 MB/s
-on one core. ``run_end`` steps over a whole run in one call: compiled
+A large result is millions of DataRows that the proxy only counts; a Python
+step per message would make observing a large result slower than relaying
+it. ``run_end`` steps over a whole run in one call: compiled
 (``_scan.c``, built with the package when a C compiler is there) or, as a
 fallback with the same answers, in Python. ``PGOTEL_PURE_PYTHON=1`` forces the
 fallback (tests run both).

@@ -3,8 +3,8 @@
 Why: in one process, the builder and export threads share the interpreter lock
 with the relay. Every time the relay thread blocks in a system call, a
 builder thread takes the lock and keeps it for up to the switch interval, so
-under load the relay waits milliseconds for its next message (the p99 latency
-of a traced proxy was 2–9 ms this way), and the hand-overs themselves cost CPU.
+under load the relay waits milliseconds for its next message, which shows in
+queries' tail latency, and the hand-overs themselves cost CPU.
 With ``span_process = true`` (the default) the relay process keeps only the
 compact statement records the protocol layer fills anyway. Every 50 ms
 (``_SEND_INTERVAL``; 0.5 s after a look that found nothing) it takes the
@@ -85,7 +85,7 @@ CHILD_COUNTERS = (
     "sqlcomment_invalid_traceparent",
 )
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
-_SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (bench: 0.05 vs 0.005 at 1 client: -17 % CPU, same p99)
+_SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (fewer, larger hand-overs cost less CPU; no query waits for them)
 _IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wakes twice a second
 _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
@@ -734,9 +734,9 @@ def _take_priority(priority: str) -> None:
     when the proxy may.
 
     ``low`` (SCHED_BATCH at nice 10): a small share that it keeps when the
-    machine is busy (measured with two CPU hogs beside the bench's simple
-    8-client cell: no statement dropped, where the idle class without lifting
-    dropped 112,694 of 175,000), and no preemption of others when it wakes.
+    machine is busy (so it keeps up where the idle class, without lifting,
+    would get nothing and drop statements), and no preemption of others when
+    it wakes.
     The default's stand-in where lifting is not allowed.
 
     ``normal``: an ordinary share.
@@ -799,7 +799,7 @@ def child_main(fd: int) -> int:
     threading.Thread(target=reporter, name="pgotel-report", daemon=True).start()
     # Every span here is a tuple that lives until its batch is exported, so with the
     # default thresholds the collector walks each several times, and with it all the
-    # SDK's and parser's objects (runtime.settle_gc): 1-1.5 us of CPU a statement.
+    # SDK's and parser's objects (runtime.settle_gc): a cost paid on every statement.
     from ..runtime import settle_gc
 
     settle_gc()
