@@ -243,8 +243,12 @@ def run(ctx: click.Context, config_file: str | None, **params: Any) -> None:
     from pgotel_proxy.proxy.server import run as serve
 
     log.debug("starting with listen=%s upstream=%s", config.listen, config.upstream)
-    # SIGHUP re-reads the same sources (file, environment, flags).
-    code = serve(config, reload=lambda: load_from_cli(ctx, config_file, params))
+    try:
+        # SIGHUP re-reads the same sources (file, environment, flags).
+        code = serve(config, reload=lambda: load_from_cli(ctx, config_file, params))
+    except ConfigError as exc:  # a listen address in use
+        click.echo(f"{PROG}: config error: {exc}", err=True)
+        ctx.exit(CONFIG_ERROR_EXIT)
     ctx.exit(int(code or 0))
 
 

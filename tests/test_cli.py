@@ -276,3 +276,23 @@ def test_run_text_logging_honours_level(monkeypatch: pytest.MonkeyPatch,
     result = invoke(["run", "--log-level", "debug"])
     assert result.exit_code == 0
     assert "DEBUG" in result.stderr and "x: debug line" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["listen", "admin-listen"])
+def test_address_in_use_is_one_line_and_exit_2(option: str, tmp_path: Path) -> None:
+    """A second proxy on the same host: the taken address is named, no traceback, exit 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        args = ["run", "--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                "--no-tracing", f"--{option}", address]
+        proc = subprocess.run([sys.executable, "-m", "pgotel_proxy", *args], env=_subprocess_env(),
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(PREFIX), lines[0]
+    assert f"--{option}" in lines[0] and address in lines[0] and "in use" in lines[0], lines[0]

@@ -76,7 +76,7 @@ class AdminServer:
         self._token = token.get_secret_value() if hasattr(token, "get_secret_value") else token
 
     async def start(self) -> None:
-        from ..proxy.server import split_hostport
+        from ..proxy.server import bind_tcp
 
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -86,8 +86,11 @@ class AdminServer:
         app.router.add_post("/tracing", self.set_tracing)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        host, port = split_hostport(self.config.admin_listen, 9187)
-        site = web.TCPSite(self._runner, host, port)
+        # Bound here (not by aiohttp) so that an address in use is the configuration's
+        # one-line error, like the main listener's.
+        sock = bind_tcp("admin_listen", self.config.admin_listen, 9187)
+        host = sock.getsockname()[0]
+        site = web.SockSite(self._runner, sock)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         log.info("admin listening on %s:%s", host, self.port)

@@ -18,6 +18,7 @@ import socket
 import struct
 from typing import Any, Callable
 
+from ..config import ConfigError
 from ..protocol.messages import error_response
 from ..protocol.session import observe_log
 from ..stats import STATS
@@ -50,7 +51,7 @@ OBSERVE_INTERVAL = 0.005
 #: The log's bound: past it, observed pairs stop reading until the event loop caught up.
 PUMP_LOG_LIMIT = 16 << 20
 
-__all__ = ["ProxyServer", "run", "split_hostport"]
+__all__ = ["ProxyServer", "bind_tcp", "check_addresses", "run", "split_hostport"]
 
 log = logging.getLogger("pgotel_proxy.proxy")
 
@@ -70,6 +71,45 @@ def split_hostport(value: str, default_port: int = 5432) -> tuple[str, int]:
     if not sep:
         return value, default_port
     return host or "0.0.0.0", int(port)
+
+
+def bind_tcp(option: str, address: str, default_port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``address``; a bind that fails is the configuration's error.
+
+    ``option`` is the configuration field that named the address, so that an
+    address in use is answered as every other configuration problem is: one
+    line naming the option (``ConfigError``), not a traceback.
+    """
+    host, port = split_hostport(address, default_port)
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"{option}: cannot resolve {address!r}: {exc.strerror or exc}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror or exc}"
+        raise ConfigError(f"{option}: {host or '*'}:{port} {what} (--{option.replace('_', '-')})") from None
+    return sock
+
+
+def check_addresses(config: Any) -> None:
+    """Bind each fixed listen address once and let it go: one that is taken is a ``ConfigError``.
+
+    Called before the proxy starts (and before ``--workers`` fork), so that a
+    second proxy on the same host stops at once with one line instead of a
+    worker dying at its first bind. Port 0 (any free port) needs no check.
+    """
+    for option, address, default_port in (("listen", config.listen, 6432),
+                                          ("admin_listen", config.admin_listen, 9187)):
+        if address and split_hostport(address, default_port)[1] != 0:
+            bind_tcp(option, address, default_port).close()
 
 
 class ProxyServer:
@@ -138,14 +178,9 @@ class ProxyServer:
 
     async def start(self) -> None:
         cfg = self.config
-        host, port = split_hostport(cfg.listen, 6432)
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if getattr(cfg, "workers", 1) > 1 and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
+        reuse_port = getattr(cfg, "workers", 1) > 1 and hasattr(socket, "SO_REUSEPORT")
+        sock = bind_tcp("listen", cfg.listen, 6432, reuse_port=reuse_port)
+        family = sock.family
         sock.listen(1024)
         sock.setblocking(False)
         self._listeners.append(sock)
@@ -158,7 +193,11 @@ class ProxyServer:
             except FileNotFoundError:
                 pass
             usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            usock.bind(path)
+            try:
+                usock.bind(path)
+            except OSError as exc:
+                usock.close()
+                raise ConfigError(f"unix_socket: cannot listen on {path}: {exc.strerror or exc}") from None
             os.chmod(path, 0o777)
             usock.listen(1024)
             usock.setblocking(False)
@@ -598,7 +637,12 @@ async def serve(
 
 
 def run(config: Any, reload: Callable[[], Any] | None = None, worker: Any = None) -> int:
-    """Blocking entry point for the CLI: uvloop when available; ``workers > 1`` forks workers first."""
+    """Blocking entry point for the CLI: uvloop when available; ``workers > 1`` forks workers first.
+
+    A listen address in use raises :class:`ConfigError` before anything starts.
+    """
+    if worker is None:
+        check_addresses(config)
     if worker is None and getattr(config, "workers", 1) > 1:
         from .workers import run_workers
 
