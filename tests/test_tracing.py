@@ -169,6 +169,23 @@ def test_error_statement(make_proxy, otlp, app):
     assert ext.status_message == "division by zero"
 
 
+def test_statement_the_parser_rejects_still_has_a_name(make_proxy, otlp, app):
+    """Text neither PostgreSQL nor the summariser can read: the span is named after the system."""
+    proxy = make_proxy()
+    with connect(proxy) as conn:
+        with app.span() as simple_ctx, pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute(comment("selec 1", simple_ctx))
+        with app.span() as extended_ctx, pytest.raises(psycopg.errors.SyntaxError):
+            conn.execute(comment("frobnicate %s", extended_ctx), (1,))
+    spans = collect(proxy, otlp, lambda s: with_app(simple_ctx.trace_id, 1)(s) and with_app(extended_ctx.trace_id, 1)(s))
+    for ctx, protocol in ((simple_ctx, "simple"), (extended_ctx, "extended")):
+        (stmt,) = server_spans(spans, ctx.trace_id)
+        assert stmt.name == "postgresql", (protocol, stmt.name)
+        assert stmt.attributes["db.postgresql.protocol"] == protocol
+        assert stmt.attributes.get("db.query.summary", "postgresql") != ""
+        assert stmt.attributes["db.response.status_code"] == "42601"
+
+
 # --------------------------------------------------------------------------
 # pipelines and batches
 

@@ -156,6 +156,19 @@ def _other_tags(comment) -> tuple:
     return tuple(kv for kv in tags.items() if kv[0] not in _CONTEXT_TAGS)
 
 
+
+def _span_name(info, protocol: str) -> str:
+    """A statement span's name: the query summary, else the operation, else the system.
+
+    Text the SQL parser rejects (``selec 1``) has an empty summary; the span
+    still needs a low-cardinality name.
+    """
+    if info is not None and info.summary:
+        return info.summary
+    if info is not None and info.operation:
+        return info.operation
+    return "FUNCTION CALL" if protocol == "function" else "postgresql"
+
 class SpanBuilder:
     """Builds spans for finished statement records (runs on the builder thread)."""
 
@@ -383,7 +396,7 @@ class SpanBuilder:
             info = sqlinfo.analyze(text) if text else None
             trace_id, parent_id, flags, tracestate = ctx
             sid = _rand.getrandbits(64) or _new_id(64)
-            name = info.summary if info is not None else "postgresql"
+            name = _span_name(info, rec.protocol)
             if rec.status == "prepared":
                 name = f"PREPARE {name}"
             end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
@@ -524,7 +537,7 @@ class SpanBuilder:
             if ctx is not None:
                 trace_id, parent_id, flags, tracestate = ctx
                 sid = _rand.getrandbits(64) or _new_id(64)
-                name = info.summary if info is not None else ("FUNCTION CALL" if rec.protocol == "function" else "postgresql")
+                name = _span_name(info, rec.protocol)
                 attrs = self._attrs(conn, info, stmt_text, res.tag, res.rows, res.error, comment)
                 attrs[ATTR["protocol"]] = rec.protocol
                 if rec.copy and last:
@@ -571,7 +584,8 @@ class SpanBuilder:
     def _attrs(self, conn: ConnState, info, text: str, tag, rows: int, error, comment) -> dict:
         attrs = dict(conn.base_attrs)
         if info is not None:
-            attrs[DB_QUERY_SUMMARY] = info.summary
+            if info.summary:
+                attrs[DB_QUERY_SUMMARY] = info.summary
             attrs[DB_QUERY_TEXT] = text if self.capture_literals else info.sanitized
             if info.operation:
                 attrs[DB_OPERATION_NAME] = info.operation
