@@ -20,7 +20,7 @@ import pytest
 
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
-from pgotel_proxy.tracing.process import ProcessTracer, statement_from_tuple, statement_to_tuple
+from pgotel_proxy.tracing.process import ProcessTracer, pack_records, unpack_records
 from test_tracing_control import metrics
 from waiting import best_rate, free_port, wait_accepting, wait_for
 
@@ -56,15 +56,13 @@ def _run(proxy, n: int, conns: int = 1) -> float:
     return n * conns / (time.perf_counter() - t0)
 
 
-def test_records_survive_the_trip_through_marshal():
+def test_records_survive_the_trip_to_the_helper():
     rec = Statement("simple", "SELECT 1; SELECT 2", start_ns=5, end_ns=9, status="ok", tx_status="I",
                     results=[Completion(7, "SELECT 1", 1), Completion(9, "SELECT 1", 1, {"C": "42P01", "M": "x"})],
                     error={"C": "42P01"}, params=["1", None], extra={"wal_lsn": "0/16B3748"})
-    import marshal
-
-    back = statement_from_tuple(marshal.loads(marshal.dumps(statement_to_tuple(rec))))
-    assert back == rec or (back.__class__ is Statement and all(
-        getattr(back, f) == getattr(rec, f) for f in Statement.__slots__ if f != "results"))
+    (back,) = unpack_records(pack_records([rec]))
+    assert back.__class__ is Statement and all(
+        getattr(back, f) == getattr(rec, f) for f in Statement.__slots__ if f != "results")
     assert [(c.end_ns, c.tag, c.rows, c.error) for c in back.results] == [
         (c.end_ns, c.tag, c.rows, c.error) for c in rec.results]
 
@@ -89,14 +87,13 @@ def test_trace_tree_and_counters_come_from_the_helper(make_proxy, otlp):
     assert STATS.spans_exported >= exported + 4
 
 
-def test_records_in_either_form_reach_the_helper(make_proxy, otlp, monkeypatch):
-    """Statements go packed (compiled codec) or, with an error, as marshal data: both become spans."""
+def test_records_in_one_form_reach_the_helper(make_proxy, otlp, monkeypatch):
+    """Statements go packed, with an error as without: all become spans."""
     from pgotel_proxy.tracing import process
 
     forms = []
-    if process.pack_records is not None:
-        real = process.pack_records
-        monkeypatch.setattr(process, "pack_records", lambda recs: forms.append(real(recs)) or forms[-1])
+    real = process.pack_records
+    monkeypatch.setattr(process, "pack_records", lambda recs: forms.append(real(recs)) or forms[-1])
     proxy = make_proxy(sample_rate=1.0)
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute(f"SELECT 1 /*route='ok',traceparent='{TP}'*/")
@@ -110,8 +107,7 @@ def test_records_in_either_form_reach_the_helper(make_proxy, otlp, monkeypatch):
     assert by_route["bad"].attributes["db.response.status_code"] == "42P01"
     assert by_route["ok"].attributes["db.response.returned_rows"] == 1
     assert {s.name for s in spans if s.parent_span_id == by_route["ext"].span_id} == {"parse", "plan", "execute"}
-    if process.pack_records is not None:  # both forms were used
-        assert None in forms and any(type(f) is bytes for f in forms)
+    assert forms and all(type(f) is bytes for f in forms)
 
 
 def test_without_an_exporter_spans_are_built_in_the_helper_counted_and_dropped(make_proxy, otlp):
@@ -419,8 +415,8 @@ def test_settle_gc_freezes_start_up_objects_and_raises_the_young_threshold():
     assert int(out[0]) > 1000 and out[1] == "True", out
 
 
-def test_statements_of_one_send_keep_their_order_whatever_their_form():
-    """A connection's statements are handed over together; one the compact form cannot carry goes as marshal data."""
+def test_statements_of_one_send_keep_their_order_in_one_operation():
+    """A connection's statements are handed over together, one with an error among them, in one packed batch."""
     from types import SimpleNamespace
 
     from pgotel_proxy.protocol.events import Completion, Statement
@@ -435,19 +431,10 @@ def test_statements_of_one_send_keep_their_order_whatever_their_form():
     records[2].error = {"C": "42P01", "M": "no"}
     handle.statements(records)
     assert tracer._pending == 5
-    got = []
-    for op in tracer._ops:
-        assert op[1] == 7
-        if op[0] == "p":
-            got += [(r.sql, "p") for r in process.unpack_records(op[4])]
-        else:
-            app, tuples = process.marshal.loads(op[3])
-            got += [(process.statement_from_tuple(t).sql, "b") for t in tuples]
-    assert [sql for sql, _ in got] == [f"SELECT {i}" for i in range(5)]
-    if process.pack_records is not None:
-        assert [form for _, form in got] == ["p", "p", "b", "p", "p"]
-    else:
-        assert {form for _, form in got} == {"b"}
+    assert [(op[0], op[1], op[2], op[3]) for op in tracer._ops] == [("p", 7, 5, "app")]
+    back = process.unpack_records(tracer._ops[0][4])
+    assert [r.sql for r in back] == [f"SELECT {i}" for i in range(5)]
+    assert back[2].error == {"C": "42P01", "M": "no"}
 
 
 @pytest.mark.parametrize("transaction_spans", [False, True])

@@ -20,10 +20,11 @@
  * streams to both and compare every record and counter.
  *
  * The Session, Statement and Completion classes are plain Python classes
- * with __slots__; configure() reads where each slot lives from the classes'
- * member descriptors, so records are made and fields set without a Python
- * call. When the layout is not what this file expects, configure() fails and
- * Session runs in Python alone.
+ * with __slots__; configure() is given the record layouts (events.py: every
+ * field's name, kind and default) and reads where each slot lives from the
+ * classes' member descriptors, so the codec makes records and sets fields
+ * without a Python call. When the layout is not what this file expects,
+ * configure() fails and Session runs in Python alone.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -58,27 +59,40 @@ static const char *session_slots[S_COUNT] = {
     "flush_phases", "_cbuf", "_cskip", "_sbuf", "_sskip", "_injected_pending", "_held_ready",
 };
 
-/* Statement slots (all of them: a new record gets every one). */
+/* Statement fields the codec writes, looked up by name in the layout configure() is given
+ * (events.STATEMENT_LAYOUT, which defines every field, their order and defaults). */
 enum {
     R_PROTOCOL, R_SQL, R_STATEMENT_NAME, R_PORTAL, R_START_NS, R_PARSE_START_NS, R_PARSE_END_NS,
     R_PARSE_EXACT, R_BIND_START_NS, R_BIND_END_NS, R_BIND_EXACT, R_EXEC_START_NS, R_END_NS,
-    R_EXEC_EXACT, R_STATUS, R_TAG, R_ROWS, R_ERROR, R_PARAMS, R_RESULTS, R_REUSED, R_COPY,
-    R_TX_STATUS, R_EXTRA, R_COUNT
+    R_EXEC_EXACT, R_STATUS, R_TAG, R_ROWS, R_PARAMS, R_RESULTS, R_REUSED, R_TX_STATUS, R_COUNT
 };
 static const char *record_slots[R_COUNT] = {
     "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
     "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns",
-    "exec_exact", "status", "tag", "rows", "error", "params", "results", "reused", "copy",
-    "tx_status", "extra",
+    "exec_exact", "status", "tag", "rows", "params", "results", "reused", "tx_status",
 };
 
 enum { C_END_NS, C_TAG, C_ROWS, C_ERROR, C_COUNT };
 static const char *completion_slots[C_COUNT] = {"end_ns", "tag", "rows", "error"};
 
+/* Field kinds (events.py). */
+enum { KIND_INT, KIND_BOOL, KIND_STR, KIND_VALUE, KIND_COMPLETIONS, KIND_COUNT };
+
+/* One record class's layout as configure() was given it: per field its kind, default, data
+ * descriptor (the class attribute, read and written through its public get / set slots by
+ * pack() and unpack()) and, for the codec, its slot offset. */
+typedef struct {
+    Py_ssize_t count;
+    int *kinds;
+    PyObject **defaults;
+    PyObject **descrs;
+    Py_ssize_t *offs;
+} layout;
+
 static int configured = 0;
 static Py_ssize_t s_off[S_COUNT], r_off[R_COUNT], c_off[C_COUNT];
 static PyTypeObject *session_type, *record_type, *completion_type;
-static PyObject *record_defaults[R_COUNT];
+static layout rec_layout, comp_layout;
 static PyObject *kind_obj[K_COUNT];
 static PyObject *str_empty, *str_simple, *str_extended, *str_pending, *str_prepared, *str_skipped,
     *str_ok, *str_error, *str_append, *str_popleft, *str_function, *str_tx[3];
@@ -135,32 +149,91 @@ slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offs, int count
     return 0;
 }
 
-/* configure(Session, Statement, Completion, record_fields, record_defaults, kinds) */
+static void
+layout_clear(layout *l)
+{
+    for (Py_ssize_t i = 0; i < l->count; i++) {
+        Py_XDECREF(l->defaults[i]);
+        Py_XDECREF(l->descrs[i]);
+    }
+    PyMem_Free(l->kinds);
+    PyMem_Free(l->defaults);
+    PyMem_Free(l->descrs);
+    PyMem_Free(l->offs);
+    memset(l, 0, sizeof *l);
+}
+
+/* Read a layout, ((name, kind, default), ...), of the record class type into l (0), or -1 (set);
+ * the offsets of the fields named in wanted (want_count of them) go to wanted_offs. */
+static int
+layout_read(layout *l, PyTypeObject *type, PyObject *spec, const char **wanted, Py_ssize_t *wanted_offs,
+            int want_count)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(spec);
+    memset(l, 0, sizeof *l);
+    l->kinds = PyMem_Calloc((size_t)n + 1, sizeof(int));
+    l->defaults = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    l->descrs = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    l->offs = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
+    if (l->kinds == NULL || l->defaults == NULL || l->descrs == NULL || l->offs == NULL) {
+        layout_clear(l);
+        PyErr_NoMemory();
+        return -1;
+    }
+    l->count = n;
+    for (int w = 0; w < want_count; w++)
+        wanted_offs[w] = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(spec, i), *name;
+        long kind;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(name = PyTuple_GET_ITEM(item, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(item, 1)) || (kind = PyLong_AsLong(PyTuple_GET_ITEM(item, 1))) < 0 ||
+            kind >= KIND_COUNT) {
+            PyErr_SetString(PyExc_ValueError, "configure: a layout is ((name, kind, default), ...)");
+            goto fail;
+        }
+        l->kinds[i] = (int)kind;
+        l->defaults[i] = PyTuple_GET_ITEM(item, 2);
+        Py_INCREF(l->defaults[i]);
+        PyObject *descr = PyObject_GetAttr((PyObject *)type, name);
+        if (descr == NULL)
+            goto fail;
+        l->descrs[i] = descr;
+        if (Py_TYPE(descr)->tp_descr_get == NULL || Py_TYPE(descr)->tp_descr_set == NULL) {
+            PyErr_Format(PyExc_TypeError, "configure: %s.%U is not a data descriptor", type->tp_name, name);
+            goto fail;
+        }
+        const char *cname = PyUnicode_AsUTF8(name);
+        if (cname == NULL || slot_offsets(type, &cname, &l->offs[i], 1) < 0)
+            goto fail;
+        for (int w = 0; w < want_count; w++)
+            if (strcmp(cname, wanted[w]) == 0)
+                wanted_offs[w] = l->offs[i];
+    }
+    for (int w = 0; w < want_count; w++) {
+        if (wanted_offs[w] < 0) {
+            PyErr_Format(PyExc_ValueError, "configure: the layout of %s has no field %s", type->tp_name, wanted[w]);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    layout_clear(l);
+    return -1;
+}
+
+/* configure(Session, Statement, Completion, statement_layout, completion_layout, kinds) */
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
-    PyObject *st, *rt, *ct, *names, *defaults, *kinds;
+    PyObject *st, *rt, *ct, *rspec, *cspec, *kinds;
     if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyType_Type, &st, &PyType_Type, &rt, &PyType_Type, &ct,
-                          &PyTuple_Type, &names, &PyTuple_Type, &defaults, &PyTuple_Type, &kinds))
+                          &PyTuple_Type, &rspec, &PyTuple_Type, &cspec, &PyTuple_Type, &kinds))
         return NULL;
-    if (PyTuple_GET_SIZE(names) != R_COUNT || PyTuple_GET_SIZE(defaults) != R_COUNT ||
-        PyTuple_GET_SIZE(kinds) != K_COUNT) {
-        PyErr_SetString(PyExc_ValueError, "configure: the record's fields are not the ones this path knows");
+    if (PyTuple_GET_SIZE(kinds) != K_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "configure: request kinds are not 0..8 in order");
         return NULL;
     }
-    for (int i = 0; i < R_COUNT; i++) {
-        PyObject *nm = PyTuple_GET_ITEM(names, i);
-        if (!PyUnicode_Check(nm) || PyUnicode_CompareWithASCIIString(nm, record_slots[i]) != 0) {
-            PyErr_SetString(PyExc_ValueError, "configure: the record's fields are not the ones this path knows");
-            return NULL;
-        }
-    }
-    /* Read into locals: a configure that fails leaves the working layout as it was. */
-    Py_ssize_t so[S_COUNT], ro[R_COUNT], co[C_COUNT];
-    if (slot_offsets((PyTypeObject *)st, session_slots, so, S_COUNT) < 0 ||
-        slot_offsets((PyTypeObject *)rt, record_slots, ro, R_COUNT) < 0 ||
-        slot_offsets((PyTypeObject *)ct, completion_slots, co, C_COUNT) < 0)
-        return NULL;
     for (int i = 0; i < K_COUNT; i++) {
         PyObject *k = PyTuple_GET_ITEM(kinds, i);
         if (!PyLong_Check(k) || PyLong_AsLong(k) != i) {
@@ -168,18 +241,27 @@ configure(PyObject *self, PyObject *args)
             return NULL;
         }
     }
+    /* Read into locals: a configure that fails leaves the working layout as it was. */
+    Py_ssize_t so[S_COUNT], ro[R_COUNT], co[C_COUNT];
+    layout rl, cl;
+    if (slot_offsets((PyTypeObject *)st, session_slots, so, S_COUNT) < 0 ||
+        layout_read(&rl, (PyTypeObject *)rt, rspec, record_slots, ro, R_COUNT) < 0)
+        return NULL;
+    if (layout_read(&cl, (PyTypeObject *)ct, cspec, completion_slots, co, C_COUNT) < 0) {
+        layout_clear(&rl);
+        return NULL;
+    }
     memcpy(s_off, so, sizeof so);
     memcpy(r_off, ro, sizeof ro);
     memcpy(c_off, co, sizeof co);
+    layout_clear(&rec_layout);
+    rec_layout = rl;
+    layout_clear(&comp_layout);
+    comp_layout = cl;
     for (int i = 0; i < K_COUNT; i++) {
         PyObject *k = PyTuple_GET_ITEM(kinds, i);
         Py_INCREF(k);
         Py_XSETREF(kind_obj[i], k);
-    }
-    for (int i = 0; i < R_COUNT; i++) {
-        PyObject *d = PyTuple_GET_ITEM(defaults, i);
-        Py_INCREF(d);
-        Py_XSETREF(record_defaults[i], d);
     }
     Py_INCREF(st);
     Py_XSETREF(session_type, (PyTypeObject *)st);
@@ -191,18 +273,28 @@ configure(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A record of type with every field of layout l at its default (new reference). */
+static PyObject *
+new_defaults(PyTypeObject *type, const layout *l)
+{
+    PyObject *rec = type->tp_alloc(type, 0);
+    if (rec == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < l->count; i++) {
+        PyObject *v = l->defaults[i];
+        Py_INCREF(v);
+        SLOT(rec, l->offs[i]) = v;
+    }
+    return rec;
+}
+
 /* A Statement with every field at its default, protocol and sql set (new reference). */
 static PyObject *
 new_record(PyObject *protocol, PyObject *sql)
 {
-    PyObject *rec = record_type->tp_alloc(record_type, 0);
+    PyObject *rec = new_defaults(record_type, &rec_layout);
     if (rec == NULL)
         return NULL;
-    for (int i = 0; i < R_COUNT; i++) {
-        PyObject *v = record_defaults[i];
-        Py_INCREF(v);
-        SLOT(rec, r_off[i]) = v;
-    }
     set(rec, r_off[R_PROTOCOL], protocol);
     set(rec, r_off[R_SQL], sql);
     return rec;
@@ -211,17 +303,13 @@ new_record(PyObject *protocol, PyObject *sql)
 static PyObject *
 new_completion(PyObject *end_ns, PyObject *tag, PyObject *rows)
 {
-    PyObject *c = completion_type->tp_alloc(completion_type, 0);
+    PyObject *c = new_defaults(completion_type, &comp_layout);
     if (c == NULL)
         return NULL;
-    Py_INCREF(end_ns);
-    SLOT(c, c_off[C_END_NS]) = end_ns;
-    Py_INCREF(tag);
-    SLOT(c, c_off[C_TAG]) = tag;
-    Py_INCREF(rows);
-    SLOT(c, c_off[C_ROWS]) = rows;
-    Py_INCREF(Py_None);
-    SLOT(c, c_off[C_ERROR]) = Py_None;
+    set(c, c_off[C_END_NS], end_ns);
+    set(c, c_off[C_TAG], tag);
+    set(c, c_off[C_ROWS], rows);
+    set(c, c_off[C_ERROR], Py_None);
     return c;
 }
 
@@ -1037,28 +1125,25 @@ server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------ records over a pipe
  *
- * pack(records) -> bytes | None
- *     The finished records of one connection in a compact binary form for the
- *     span process (tracing/process.py), or None when one of them holds what
- *     this form does not carry (an error, parameters, extra facts, a result
- *     with an error, a value of another type): the caller then uses marshal.
+ * pack(records) -> bytes
+ *     The finished records of one connection in the compact form the span
+ *     process takes them in (tracing/process.py).
  * unpack(data) -> list
  *     The records again, every field equal to the packed one.
  *
- * Per record, little-endian: u8 protocol (0 simple, 1 extended, 2 function),
- * u8 flags (parse_exact 1, bind_exact 2, exec_exact 4, reused 8), eight
- * i64 (start_ns, parse_start_ns, parse_end_ns, bind_start_ns, bind_end_ns,
- * exec_start_ns, end_ns, rows), seven strings (sql, statement_name, portal,
- * status, tag, copy, tx_status: u32 length, 0xFFFFFFFF for None, then
- * UTF-8; or 0xFFFFFFFE and u32 k for the same object as the k-th string of at
- * least P_REF_MIN bytes written in full before it in this data), and the results (u32 count, 0xFFFFFFFF for None; per result i64
- * end_ns, a string tag, i64 rows). The data starts with u32 count.
+ * The form is defined in protocol/records.py, which implements it in Python;
+ * tests hold both byte-equal. The fields and their kinds come from the
+ * layouts configure() was given; fields are read and written through the
+ * classes' descriptors (public get / set slots), not by offset.
  */
 
+#define P_VERSION 1
 #define P_NONE 0xFFFFFFFFu
 #define P_REF 0xFFFFFFFEu /* then u32 k: the k-th string of at least P_REF_MIN bytes written in full */
 #define P_REF_MIN 8
 #define P_REF_SLOTS 64
+#define P_MAX_DEPTH 32
+enum { V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT };
 
 typedef struct {
     unsigned char *buf;
@@ -1102,6 +1187,15 @@ put_le(unsigned char *p, unsigned long long v, int n)
 }
 
 static int
+w_u8(wbuf *w, int v)
+{
+    if (w_reserve(w, 1) < 0)
+        return -1;
+    w->buf[w->len++] = (unsigned char)v;
+    return 0;
+}
+
+static int
 w_u32(wbuf *w, unsigned long v)
 {
     if (w_reserve(w, 4) < 0)
@@ -1111,142 +1205,222 @@ w_u32(wbuf *w, unsigned long v)
     return 0;
 }
 
-/* 1 written, 0 not packable (not an exact int in i64 range), -1 error */
 static int
-w_i64(wbuf *w, PyObject *v)
+w_u64(wbuf *w, unsigned long long v)
 {
-    if (v == NULL || !PyLong_CheckExact(v))
-        return 0;
-    int overflow;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (overflow)
-        return 0;
-    if (x == -1 && PyErr_Occurred())
-        return -1;
     if (w_reserve(w, 8) < 0)
         return -1;
-    put_le(w->buf + w->len, (unsigned long long)x, 8);
+    put_le(w->buf + w->len, v, 8);
     w->len += 8;
-    return 1;
+    return 0;
 }
 
 static int
-w_str(wbuf *w, PyObject *v)
+w_bytes(wbuf *w, const char *s, Py_ssize_t n)
 {
-    if (v == Py_None)
-        return w_u32(w, P_NONE) < 0 ? -1 : 1;
-    if (v == NULL || !PyUnicode_CheckExact(v))
-        return 0;
-    Py_ssize_t n;
-    const char *s = PyUnicode_AsUTF8AndSize(v, &n);
-    if (s == NULL) {
-        PyErr_Clear(); /* lone surrogates: marshal carries them */
-        return 0;
-    }
-    if (n >= (Py_ssize_t)P_REF)
-        return 0;
-    if (n >= P_REF_MIN) {
-        size_t slot = ((size_t)v >> 4) % P_REF_SLOTS;
-        if (w->refs[slot].obj == v)
-            return w_u32(w, P_REF) < 0 || w_u32(w, w->refs[slot].k) < 0 ? -1 : 1;
-        w->refs[slot].obj = v;
-        w->refs[slot].k = w->written++;
-    }
     if (w_u32(w, (unsigned long)n) < 0 || w_reserve(w, n) < 0)
         return -1;
     memcpy(w->buf + w->len, s, (size_t)n);
     w->len += n;
-    return 1;
+    return 0;
 }
 
-static const int pack_ints[8] = {R_START_NS, R_PARSE_START_NS, R_PARSE_END_NS, R_BIND_START_NS,
-                                 R_BIND_END_NS, R_EXEC_START_NS, R_END_NS, R_ROWS};
-static const int pack_strs[7] = {R_SQL, R_STATEMENT_NAME, R_PORTAL, R_STATUS, R_TAG, R_COPY, R_TX_STATUS};
-static const int pack_bools[4] = {R_PARSE_EXACT, R_BIND_EXACT, R_EXEC_EXACT, R_REUSED};
-
-/* 1 written, 0 not packable, -1 error */
+/* An INT field: an exact int in the i64 range. */
 static int
-pack_one(wbuf *w, PyObject *rec)
+w_int(wbuf *w, PyObject *v)
 {
-    if (Py_TYPE(rec) != record_type)
-        return 0;
-    for (int i = 0; i < R_COUNT; i++)
-        if (get(rec, r_off[i]) == NULL)
-            return 0;
-    if (get(rec, r_off[R_ERROR]) != Py_None || get(rec, r_off[R_PARAMS]) != Py_None ||
-        get(rec, r_off[R_EXTRA]) != Py_None)
-        return 0;
-    PyObject *proto = get(rec, r_off[R_PROTOCOL]);
-    int code;
-    if (is_str(proto, str_simple))
-        code = 0;
-    else if (is_str(proto, str_extended))
-        code = 1;
-    else if (is_str(proto, str_function))
-        code = 2;
-    else
-        return 0;
-    int flags = 0;
-    for (int i = 0; i < 4; i++) {
-        PyObject *b = get(rec, r_off[pack_bools[i]]);
-        if (b == Py_True)
-            flags |= 1 << i;
-        else if (b != Py_False)
-            return 0;
-    }
-    if (w_reserve(w, 2) < 0)
+    if (!PyLong_CheckExact(v)) {
+        PyErr_SetString(PyExc_TypeError, "pack: an int field that is not an int");
         return -1;
-    w->buf[w->len++] = (unsigned char)code;
-    w->buf[w->len++] = (unsigned char)flags;
-    int r;
-    for (int i = 0; i < 8; i++)
-        if ((r = w_i64(w, get(rec, r_off[pack_ints[i]]))) <= 0)
-            return r;
-    for (int i = 0; i < 7; i++)
-        if ((r = w_str(w, get(rec, r_off[pack_strs[i]]))) <= 0)
-            return r;
-    PyObject *results = get(rec, r_off[R_RESULTS]);
-    if (results == Py_None)
-        return w_u32(w, P_NONE) < 0 ? -1 : 1;
-    if (!PyList_CheckExact(results))
-        return 0;
-    Py_ssize_t n = PyList_GET_SIZE(results);
-    if (w_u32(w, (unsigned long)n) < 0)
-        return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *c = PyList_GET_ITEM(results, i);
-        if (Py_TYPE(c) != completion_type || get(c, c_off[C_END_NS]) == NULL || get(c, c_off[C_TAG]) == NULL ||
-            get(c, c_off[C_ROWS]) == NULL || get(c, c_off[C_ERROR]) != Py_None)
-            return 0;
-        if ((r = w_i64(w, get(c, c_off[C_END_NS]))) <= 0 || (r = w_str(w, get(c, c_off[C_TAG]))) <= 0 ||
-            (r = w_i64(w, get(c, c_off[C_ROWS]))) <= 0)
-            return r;
     }
-    return 1;
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    return w_u64(w, (unsigned long long)x);
+}
+
+/* A STR field: a str or None. */
+static int
+w_str(wbuf *w, PyObject *v)
+{
+    if (v == Py_None)
+        return w_u32(w, P_NONE);
+    if (!PyUnicode_CheckExact(v)) {
+        PyErr_SetString(PyExc_TypeError, "pack: a str field that is not a str");
+        return -1;
+    }
+    PyObject *encoded = NULL;
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+    if (s == NULL) { /* lone surrogates: passed through */
+        PyErr_Clear();
+        if ((encoded = PyUnicode_AsEncodedString(v, "utf-8", "surrogatepass")) == NULL)
+            return -1;
+        s = PyBytes_AS_STRING(encoded);
+        n = PyBytes_GET_SIZE(encoded);
+    }
+    int r = 0;
+    if (n >= (Py_ssize_t)P_REF) {
+        PyErr_SetString(PyExc_OverflowError, "pack: a string of 4 GiB or more");
+        r = -1;
+    } else if (n >= P_REF_MIN && w->refs[((size_t)v >> 4) % P_REF_SLOTS].obj == v) {
+        size_t slot = ((size_t)v >> 4) % P_REF_SLOTS;
+        r = w_u32(w, P_REF) < 0 || w_u32(w, w->refs[slot].k) < 0 ? -1 : 0;
+    } else {
+        if (n >= P_REF_MIN) {
+            size_t slot = ((size_t)v >> 4) % P_REF_SLOTS;
+            w->refs[slot].obj = v;
+            w->refs[slot].k = w->written++;
+        }
+        r = w_bytes(w, s, n);
+    }
+    Py_XDECREF(encoded);
+    return r;
+}
+
+static int
+w_value(wbuf *w, PyObject *v, int depth)
+{
+    if (depth > P_MAX_DEPTH) {
+        PyErr_SetString(PyExc_ValueError, "pack: values nested too deep");
+        return -1;
+    }
+    if (v == Py_None)
+        return w_u8(w, V_NONE);
+    if (v == Py_False)
+        return w_u8(w, V_FALSE);
+    if (v == Py_True)
+        return w_u8(w, V_TRUE);
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (!overflow)
+            return w_u8(w, V_INT) < 0 ? -1 : w_u64(w, (unsigned long long)x);
+        /* its digits, a temporary object: never remembered for a reference */
+        PyObject *digits = PyObject_Str(v);
+        if (digits == NULL)
+            return -1;
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(digits, &n);
+        int r = s == NULL || w_u8(w, V_BIGINT) < 0 || w_bytes(w, s, n) < 0 ? -1 : 0;
+        Py_DECREF(digits);
+        return r;
+    }
+    if (PyUnicode_CheckExact(v))
+        return w_u8(w, V_STR) < 0 ? -1 : w_str(w, v);
+    if (PyFloat_CheckExact(v)) {
+        double d = PyFloat_AS_DOUBLE(v);
+        unsigned long long bits;
+        memcpy(&bits, &d, sizeof bits);
+        return w_u8(w, V_FLOAT) < 0 ? -1 : w_u64(w, bits);
+    }
+    if (PyBytes_CheckExact(v))
+        return w_u8(w, V_BYTES) < 0 ? -1 : w_bytes(w, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+    if (PyList_CheckExact(v) || PyTuple_CheckExact(v)) {
+        int list = PyList_CheckExact(v);
+        Py_ssize_t n = list ? PyList_GET_SIZE(v) : PyTuple_GET_SIZE(v);
+        if (w_u8(w, list ? V_LIST : V_TUPLE) < 0 || w_u32(w, (unsigned long)n) < 0)
+            return -1;
+        /* a list may change size under a nested call only through Python code, which none runs */
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (w_value(w, list ? PyList_GET_ITEM(v, i) : PyTuple_GET_ITEM(v, i), depth + 1) < 0)
+                return -1;
+        return 0;
+    }
+    if (PyDict_CheckExact(v)) {
+        if (w_u8(w, V_DICT) < 0 || w_u32(w, (unsigned long)PyDict_GET_SIZE(v)) < 0)
+            return -1;
+        Py_ssize_t pos = 0;
+        PyObject *key, *item;
+        while (PyDict_Next(v, &pos, &key, &item))
+            if (w_value(w, key, depth + 1) < 0 || w_value(w, item, depth + 1) < 0)
+                return -1;
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "pack: a value of type %s", Py_TYPE(v)->tp_name);
+    return -1;
+}
+
+/* A field's value through its descriptor, borrowed: the record keeps it alive while pack runs. */
+static PyObject *
+field_of(PyObject *rec, PyObject *descr)
+{
+    PyObject *v = Py_TYPE(descr)->tp_descr_get(descr, rec, (PyObject *)Py_TYPE(rec));
+    Py_XDECREF(v);
+    return v;
+}
+
+static int
+pack_one(wbuf *w, PyObject *rec, PyTypeObject *type, const layout *l)
+{
+    if (!PyObject_TypeCheck(rec, type)) {
+        PyErr_Format(PyExc_TypeError, "pack: %s is not a %s", Py_TYPE(rec)->tp_name, type->tp_name);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < l->count; i++) {
+        PyObject *v = field_of(rec, l->descrs[i]);
+        if (v == NULL)
+            return -1;
+        int r;
+        switch (l->kinds[i]) {
+        case KIND_INT:
+            r = w_int(w, v);
+            break;
+        case KIND_BOOL:
+            if (v != Py_True && v != Py_False) {
+                PyErr_SetString(PyExc_TypeError, "pack: a bool field that is not a bool");
+                return -1;
+            }
+            r = w_u8(w, v == Py_True);
+            break;
+        case KIND_STR:
+            r = w_str(w, v);
+            break;
+        case KIND_VALUE:
+            r = w_value(w, v, 0);
+            break;
+        default: /* KIND_COMPLETIONS */
+            if (v == Py_None) {
+                r = w_u32(w, P_NONE);
+                break;
+            }
+            if (!PyList_CheckExact(v)) {
+                PyErr_SetString(PyExc_TypeError, "pack: a completions field that is not a list");
+                return -1;
+            }
+            r = w_u32(w, (unsigned long)PyList_GET_SIZE(v));
+            for (Py_ssize_t j = 0; r == 0 && j < PyList_GET_SIZE(v); j++)
+                r = pack_one(w, PyList_GET_ITEM(v, j), completion_type, &comp_layout);
+        }
+        if (r < 0)
+            return -1;
+    }
+    return 0;
 }
 
 static PyObject *
 pack(PyObject *self, PyObject *records)
 {
-    if (!configured || !PyList_CheckExact(records))
-        Py_RETURN_NONE;
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
+        return NULL;
+    }
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "pack takes a list of records");
+        return NULL;
+    }
     wbuf w;
     memset(&w, 0, sizeof w);
     Py_ssize_t n = PyList_GET_SIZE(records);
     PyObject *res = NULL;
     /* room for records of the usual size at once (no growing copies on the way) */
-    if (w_reserve(&w, 4 + n * 224) < 0 || w_u32(&w, (unsigned long)n) < 0)
+    if (w_reserve(&w, 5 + n * 256) < 0 || w_u8(&w, P_VERSION) < 0 || w_u32(&w, (unsigned long)n) < 0)
         goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int r = pack_one(&w, PyList_GET_ITEM(records, i));
-        if (r < 0)
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (pack_one(&w, PyList_GET_ITEM(records, i), record_type, &rec_layout) < 0)
             goto done;
-        if (r == 0) {
-            res = Py_None;
-            Py_INCREF(res);
-            goto done;
-        }
-    }
     res = PyBytes_FromStringAndSize((const char *)w.buf, w.len);
 done:
     PyMem_Free(w.buf);
@@ -1262,10 +1436,19 @@ typedef struct {
 static int
 r_need(rbuf *r, Py_ssize_t k)
 {
-    if (r->n - r->pos < k) {
+    if (k < 0 || r->n - r->pos < k) {
         PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
         return -1;
     }
+    return 0;
+}
+
+static int
+r_u8(rbuf *r, int *v)
+{
+    if (r_need(r, 1) < 0)
+        return -1;
+    *v = r->p[r->pos++];
     return 0;
 }
 
@@ -1281,15 +1464,36 @@ r_u32(rbuf *r, unsigned long *v)
     return 0;
 }
 
-static PyObject *
-r_i64(rbuf *r)
+static int
+r_u64(rbuf *r, unsigned long long *v)
 {
     if (r_need(r, 8) < 0)
-        return NULL;
+        return -1;
     unsigned long long u = 0;
     for (int i = 0; i < 8; i++)
         u |= (unsigned long long)r->p[r->pos++] << (8 * i);
-    return PyLong_FromLongLong((long long)u);
+    *v = u;
+    return 0;
+}
+
+static PyObject *
+r_i64(rbuf *r)
+{
+    unsigned long long u;
+    return r_u64(r, &u) < 0 ? NULL : PyLong_FromLongLong((long long)u);
+}
+
+/* A count of items that each take at least one byte. */
+static int
+r_count(rbuf *r, unsigned long *n)
+{
+    if (r_u32(r, n) < 0)
+        return -1;
+    if (*n != P_NONE && (Py_ssize_t)*n > r->n - r->pos) {
+        PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+        return -1;
+    }
+    return 0;
 }
 
 /* Common short values come back as the interned strings the codec uses. */
@@ -1318,7 +1522,7 @@ r_str(rbuf *r)
     const char *s = (const char *)r->p + r->pos;
     r->pos += (Py_ssize_t)len;
     PyObject *known[] = {str_empty, str_ok, str_error, str_pending, str_prepared, str_skipped,
-                         str_tx[0], str_tx[1], str_tx[2]};
+                         str_tx[0], str_tx[1], str_tx[2], str_simple, str_extended, str_function};
     PyObject *v = NULL;
     if (len <= 8) {
         for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
@@ -1330,69 +1534,193 @@ r_str(rbuf *r)
             }
         }
     }
-    if (v == NULL)
-        v = PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, NULL);
-    if (v != NULL && len >= P_REF_MIN && PyList_Append(r->written, v) < 0) /* as pack counts them */
+    if (v == NULL) {
+        v = PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, "surrogatepass");
+        if (v == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+                return NULL;
+            PyErr_SetString(PyExc_ValueError, "unpack: a string that is not UTF-8");
+            return NULL;
+        }
+    }
+    if (len >= P_REF_MIN && PyList_Append(r->written, v) < 0) /* as pack counts them */
         Py_CLEAR(v);
     return v;
 }
 
 static PyObject *
-unpack_one(rbuf *r)
+r_value(rbuf *r, int depth)
 {
-    if (r_need(r, 2) < 0)
-        return NULL;
-    int code = r->p[r->pos++];
-    int flags = r->p[r->pos++];
-    PyObject *proto = code == 0 ? str_simple : code == 1 ? str_extended : code == 2 ? str_function : NULL;
-    if (proto == NULL || flags > 15) {
-        PyErr_SetString(PyExc_ValueError, "unpack: bad record header");
+    if (depth > P_MAX_DEPTH) {
+        PyErr_SetString(PyExc_ValueError, "unpack: values nested too deep");
         return NULL;
     }
-    PyObject *rec = new_record(proto, Py_None);
+    int tag;
+    unsigned long n;
+    unsigned long long u;
+    if (r_u8(r, &tag) < 0)
+        return NULL;
+    switch (tag) {
+    case V_NONE:
+        Py_RETURN_NONE;
+    case V_FALSE:
+        Py_RETURN_FALSE;
+    case V_TRUE:
+        Py_RETURN_TRUE;
+    case V_INT:
+        return r_i64(r);
+    case V_STR: {
+        PyObject *v = r_str(r);
+        if (v == Py_None) {
+            Py_DECREF(v);
+            PyErr_SetString(PyExc_ValueError, "unpack: a str value that is None");
+            return NULL;
+        }
+        return v;
+    }
+    case V_FLOAT: {
+        if (r_u64(r, &u) < 0)
+            return NULL;
+        double d;
+        memcpy(&d, &u, sizeof d);
+        return PyFloat_FromDouble(d);
+    }
+    case V_BYTES:
+        if (r_u32(r, &n) < 0 || r_need(r, (Py_ssize_t)n) < 0)
+            return NULL;
+        r->pos += (Py_ssize_t)n;
+        return PyBytes_FromStringAndSize((const char *)r->p + r->pos - n, (Py_ssize_t)n);
+    case V_LIST:
+    case V_TUPLE: {
+        if (r_count(r, &n) < 0)
+            return NULL;
+        if (n == P_NONE) {
+            PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+            return NULL;
+        }
+        PyObject *seq = tag == V_LIST ? PyList_New((Py_ssize_t)n) : PyTuple_New((Py_ssize_t)n);
+        if (seq == NULL)
+            return NULL;
+        for (unsigned long i = 0; i < n; i++) {
+            PyObject *item = r_value(r, depth + 1);
+            if (item == NULL) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+            if (tag == V_LIST)
+                PyList_SET_ITEM(seq, (Py_ssize_t)i, item);
+            else
+                PyTuple_SET_ITEM(seq, (Py_ssize_t)i, item);
+        }
+        return seq;
+    }
+    case V_DICT: {
+        if (r_count(r, &n) < 0)
+            return NULL;
+        if (n == P_NONE) {
+            PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
+            return NULL;
+        }
+        PyObject *d = PyDict_New();
+        if (d == NULL)
+            return NULL;
+        for (unsigned long i = 0; i < n; i++) {
+            PyObject *key = r_value(r, depth + 1), *item = key ? r_value(r, depth + 1) : NULL;
+            int rc = item ? PyDict_SetItem(d, key, item) : -1;
+            Py_XDECREF(key);
+            Py_XDECREF(item);
+            if (rc < 0) {
+                if (PyErr_ExceptionMatches(PyExc_TypeError))
+                    PyErr_SetString(PyExc_ValueError, "unpack: a dict key that is not hashable");
+                Py_DECREF(d);
+                return NULL;
+            }
+        }
+        return d;
+    }
+    case V_BIGINT: {
+        if (r_u32(r, &n) < 0 || r_need(r, (Py_ssize_t)n) < 0)
+            return NULL;
+        PyObject *digits = PyUnicode_DecodeASCII((const char *)r->p + r->pos, (Py_ssize_t)n, NULL);
+        r->pos += (Py_ssize_t)n;
+        if (digits == NULL) {
+            PyErr_SetString(PyExc_ValueError, "unpack: a big int that is not digits");
+            return NULL;
+        }
+        PyObject *v = PyLong_FromUnicodeObject(digits, 10);
+        Py_DECREF(digits);
+        if (v == NULL && PyErr_ExceptionMatches(PyExc_ValueError))
+            PyErr_SetString(PyExc_ValueError, "unpack: a big int that is not digits");
+        return v;
+    }
+    default:
+        PyErr_Format(PyExc_ValueError, "unpack: unknown value tag %d", tag);
+        return NULL;
+    }
+}
+
+/* A field set through its descriptor, the reference to v stolen. */
+static int
+set_field(PyObject *rec, PyObject *descr, PyObject *v)
+{
+    int r = Py_TYPE(descr)->tp_descr_set(descr, rec, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+unpack_one(rbuf *r, PyTypeObject *type, const layout *l)
+{
+    PyObject *rec = type->tp_alloc(type, 0);
     if (rec == NULL)
         return NULL;
-    for (int i = 0; i < 4; i++)
-        set(rec, r_off[pack_bools[i]], (flags >> i) & 1 ? Py_True : Py_False);
-    for (int i = 0; i < 8; i++) {
-        PyObject *v = r_i64(r);
-        if (v == NULL)
-            goto fail;
-        set_steal(rec, r_off[pack_ints[i]], v);
-    }
-    for (int i = 0; i < 7; i++) {
-        PyObject *v = r_str(r);
-        if (v == NULL)
-            goto fail;
-        set_steal(rec, r_off[pack_strs[i]], v);
-    }
-    unsigned long count;
-    if (r_u32(r, &count) < 0)
-        goto fail;
-    if (count != P_NONE) {
-        if ((Py_ssize_t)count > (r->n - r->pos) / 20) {
-            PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
-            goto fail;
+    for (Py_ssize_t i = 0; i < l->count; i++) {
+        PyObject *v = NULL;
+        int b;
+        unsigned long n;
+        switch (l->kinds[i]) {
+        case KIND_INT:
+            v = r_i64(r);
+            break;
+        case KIND_BOOL:
+            if (r_u8(r, &b) < 0)
+                break;
+            if (b > 1)
+                PyErr_SetString(PyExc_ValueError, "unpack: bad bool");
+            else
+                v = b ? Py_True : Py_False, Py_INCREF(v);
+            break;
+        case KIND_STR:
+            v = r_str(r);
+            break;
+        case KIND_VALUE:
+            v = r_value(r, 0);
+            break;
+        default: /* KIND_COMPLETIONS */
+            if (r_count(r, &n) < 0)
+                break;
+            if (n == P_NONE) {
+                v = Py_None;
+                Py_INCREF(v);
+                break;
+            }
+            if ((v = PyList_New((Py_ssize_t)n)) == NULL)
+                break;
+            for (unsigned long j = 0; j < n; j++) {
+                PyObject *c = unpack_one(r, completion_type, &comp_layout);
+                if (c == NULL) {
+                    Py_CLEAR(v);
+                    break;
+                }
+                PyList_SET_ITEM(v, (Py_ssize_t)j, c);
+            }
         }
-        PyObject *list = PyList_New((Py_ssize_t)count);
-        if (list == NULL)
-            goto fail;
-        set_steal(rec, r_off[R_RESULTS], list);
-        for (unsigned long i = 0; i < count; i++) {
-            PyObject *end = r_i64(r), *tag = end ? r_str(r) : NULL, *rows = tag ? r_i64(r) : NULL;
-            PyObject *c = rows ? new_completion(end, tag, rows) : NULL;
-            Py_XDECREF(end);
-            Py_XDECREF(tag);
-            Py_XDECREF(rows);
-            if (c == NULL)
-                goto fail;
-            PyList_SET_ITEM(list, (Py_ssize_t)i, c);
+        if (v == NULL || set_field(rec, l->descrs[i], v) < 0) {
+            Py_DECREF(rec);
+            return NULL;
         }
     }
     return rec;
-fail:
-    Py_DECREF(rec);
-    return NULL;
 }
 
 static PyObject *
@@ -1409,10 +1737,17 @@ unpack(PyObject *self, PyObject *arg)
     PyObject *list = NULL;
     if (r.written == NULL)
         goto done;
+    int version;
     unsigned long n;
-    if (r_u32(&r, &n) < 0)
+    if (r_u8(&r, &version) < 0)
         goto done;
-    if ((Py_ssize_t)n > r.n / 60) { /* every record takes at least 2 + 64 + 28 + 4 bytes */
+    if (version != P_VERSION) {
+        PyErr_Format(PyExc_ValueError, "unpack: format version %d, not %d", version, P_VERSION);
+        goto done;
+    }
+    if (r_count(&r, &n) < 0)
+        goto done;
+    if (n == P_NONE) {
         PyErr_SetString(PyExc_ValueError, "unpack: truncated record data");
         goto done;
     }
@@ -1420,7 +1755,7 @@ unpack(PyObject *self, PyObject *arg)
     if (list == NULL)
         goto done;
     for (unsigned long i = 0; i < n; i++) {
-        PyObject *rec = unpack_one(&r);
+        PyObject *rec = unpack_one(&r, record_type, &rec_layout);
         if (rec == NULL) {
             Py_CLEAR(list);
             goto done;
@@ -2006,14 +2341,14 @@ fail:
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(Session, Statement, Completion, record_fields, record_defaults, kinds): read the slot layout."},
+     "configure(Session, Statement, Completion, statement_layout, completion_layout, kinds): take the layouts."},
     {"client", (PyCFunction)(void (*)(void))client, METH_FASTCALL,
      "client(session, data, pos, n, now) -> pos: account the client messages this path handles."},
     {"server", (PyCFunction)(void (*)(void))server, METH_FASTCALL,
      "server(session, data, pos, n, now) -> pos: account the server messages this path handles."},
     {"observe_log", (PyCFunction)(void (*)(void))observe_log, METH_FASTCALL,
      "observe_log(log, pumped, resume) -> dict: feed the pump's log to the pumped sessions (see _core.c)."},
-    {"pack", pack, METH_O, "pack(records) -> bytes | None: finished records in a compact form (None: use marshal)."},
+    {"pack", pack, METH_O, "pack(records) -> bytes: finished records in the compact form (protocol/records.py)."},
     {"unpack", unpack, METH_O, "unpack(data) -> list: the records pack() packed."},
     {NULL, NULL, 0, NULL},
 };

@@ -3,13 +3,30 @@
 The relay path only fills integers and references into a :class:`Statement`
 while the request is in flight; the tracer turns finished records into spans
 later, in batches, off the relay path.
+
+The two classes below are the one definition of the record layout. Everything
+that handles records field by field derives from :data:`STATEMENT_LAYOUT` and
+:data:`COMPLETION_LAYOUT` (name, kind, default of each field, in order): the
+compact form records cross to the span process in (``protocol/records.py`` and
+its compiled twin in ``_core.c``), and the compiled codec and OTLP encoder,
+which are handed the layout when they are configured. A new field is one line
+in its class; its annotation gives its kind (``_KINDS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["Statement", "Completion"]
+__all__ = ["Statement", "Completion", "STATEMENT_LAYOUT", "COMPLETION_LAYOUT",
+           "INT", "BOOL", "STR", "VALUE", "COMPLETIONS", "REQUIRED"]
+
+# Field kinds: how a field is carried in the compact form (protocol/records.py).
+INT = 0  # an int in the signed 64-bit range
+BOOL = 1  # True or False
+STR = 2  # a str or None
+VALUE = 3  # None or a plain value: bool, int, float, str, bytes, list, tuple, dict of those
+COMPLETIONS = 4  # None or a list of Completion
 
 
 @dataclass(slots=True, eq=False)
@@ -63,3 +80,36 @@ class Statement:
     copy: str | None = None  # "in" | "out" | "both" when the statement ran COPY
     tx_status: str = ""  # the ReadyForQuery status that closed its batch: I, T or E
     extra: dict | None = None  # room for later stages (WAL LSN, ...)
+
+
+# Each field's annotation, as written above, names its kind; an annotation not
+# listed here fails at import, so a new field cannot go without one.
+_KINDS = {
+    "int": INT,
+    "bool": BOOL,
+    "str": STR,
+    "str | None": STR,
+    "dict[str, str] | None": VALUE,
+    "list[str | None] | None": VALUE,
+    "dict | None": VALUE,
+    "list[Completion] | None": COMPLETIONS,
+}
+
+#: The default of a field that has none (the constructor requires it).
+REQUIRED = None
+
+
+def _layout(cls) -> tuple[tuple[str, int, object], ...]:
+    layout = []
+    for f in dataclasses.fields(cls):
+        kind = _KINDS.get(f.type)
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no record kind for the annotation {f.type!r}")
+        layout.append((f.name, kind, REQUIRED if f.default is dataclasses.MISSING else f.default))
+    return tuple(layout)
+
+
+#: (name, kind, default) of every Statement field, in order.
+STATEMENT_LAYOUT = _layout(Statement)
+#: (name, kind, default) of every Completion field, in order.
+COMPLETION_LAYOUT = _layout(Completion)

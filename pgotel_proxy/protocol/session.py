@@ -25,13 +25,13 @@ keep flowing untouched. Only client-side framing errors raise
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 from collections import deque
 
 from .errors import ProtocolViolation
-from .events import Completion, Statement
+from . import records
+from .events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
 from .scan import run_end as _run_end
 from .messages import (
     FLUSH,
@@ -963,9 +963,10 @@ class Session:
 # Python loop above then handles. PGOTEL_PURE_PYTHON=1 leaves it out; tests
 # feed the same streams to both and compare.
 _fast_client = _fast_server = None
-# Finished records in a compact binary form and back (tracing/process.py hands them to the
-# span process this way; without the compiled module it uses marshal).
-pack_records = unpack_records = None
+# Finished records in the compact form the span process takes them in
+# (protocol/records.py; tracing/process.py hands them over this way), compiled
+# when _core is built.
+pack_records, unpack_records = records.pack, records.unpack
 # The compiled pump's log fed to its traced sessions without a Python call per chunk
 # (proxy/server.py; without it a Python loop does the same).
 observe_log = None
@@ -973,15 +974,8 @@ if not os.environ.get("PGOTEL_PURE_PYTHON"):
     try:
         from . import _core  # type: ignore[attr-defined]
 
-        _fields = dataclasses.fields(Statement)
-        _core.configure(
-            Session,
-            Statement,
-            Completion,
-            tuple(f.name for f in _fields),
-            tuple(None if f.default is dataclasses.MISSING else f.default for f in _fields),
-            tuple(range(_PREFIX + 1)),
-        )
+        _core.configure(Session, Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT,
+                        tuple(range(_PREFIX + 1)))
         _fast_client, _fast_server = _core.client, _core.server
         pack_records, unpack_records = _core.pack, _core.unpack
         observe_log = _core.observe_log

@@ -15,8 +15,9 @@
  *     span_field for each group of four, as local children of parent_id,
  *     appended to the list out as head + (field,).
  *
- * configure(Statement, Completion)
- *     Where the record fields statement_spans and kept_run read live (the classes' slots).
+ * configure(Statement, Completion, statement_layout, completion_layout)
+ *     The record classes and their layouts (events.py); statement_spans and kept_run read the
+ *     fields they need through the classes' descriptors.
  *
  * statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state,
  *                 parent_flags, child_flags, getrandbits)
@@ -49,9 +50,6 @@
 #include <Python.h>
 #include <string.h>
 #include "../_cutil.h" /* take_exception */
-#include <structmember.h> /* PyMemberDef, READONLY (Python 3.11) */
-
-#define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry */
 
 static Py_ssize_t
 varint_len(unsigned long long v)
@@ -354,57 +352,110 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- statement_spans: a kept extended-protocol statement and its phases ---- */
 
+/* The Statement fields this encoder reads and the kind each must have in the layout (events.py,
+ * where the record layout is defined; configure() is given it). They are read through the
+ * classes' descriptors (their public get slot), not by offset. */
 enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
        F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_PROTOCOL, F_SQL, F_STATEMENT_NAME, F_PORTAL, F_TAG, F_ROWS,
        F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_COUNT };
-static const char *record_fields[F_COUNT] = {
-    "start_ns", "parse_start_ns", "parse_end_ns", "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact",
-    "exec_start_ns", "end_ns", "exec_exact", "status", "protocol", "sql", "statement_name", "portal", "tag", "rows",
-    "params", "results", "reused", "copy", "extra",
+enum { KIND_INT, KIND_BOOL, KIND_STR, KIND_VALUE, KIND_COMPLETIONS }; /* events.py */
+static const struct {
+    const char *name;
+    int kind;
+} read_fields[F_COUNT] = {
+    {"start_ns", KIND_INT}, {"parse_start_ns", KIND_INT}, {"parse_end_ns", KIND_INT},
+    {"parse_exact", KIND_BOOL}, {"bind_start_ns", KIND_INT}, {"bind_end_ns", KIND_INT},
+    {"bind_exact", KIND_BOOL}, {"exec_start_ns", KIND_INT}, {"end_ns", KIND_INT},
+    {"exec_exact", KIND_BOOL}, {"status", KIND_STR}, {"protocol", KIND_STR},
+    {"sql", KIND_STR}, {"statement_name", KIND_STR}, {"portal", KIND_STR},
+    {"tag", KIND_STR}, {"rows", KIND_INT}, {"params", KIND_VALUE},
+    {"results", KIND_COMPLETIONS}, {"reused", KIND_BOOL}, {"copy", KIND_STR},
+    {"extra", KIND_VALUE},
 };
 enum { C_END, C_TAG, C_ROWS, C_ERROR, C_COUNT };
-static const char *completion_fields[C_COUNT] = {"end_ns", "tag", "rows", "error"};
+static const struct {
+    const char *name;
+    int kind;
+} read_completion_fields[C_COUNT] = {
+    {"end_ns", KIND_INT}, {"tag", KIND_STR}, {"rows", KIND_INT}, {"error", KIND_VALUE},
+};
 static PyTypeObject *record_type = NULL, *completion_type = NULL;
-static Py_ssize_t record_offsets[F_COUNT], completion_offsets[C_COUNT];
+static PyObject *record_descrs[F_COUNT], *completion_descrs[C_COUNT];
 static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
 
+/* The descriptors of the named fields of cls, checked against its layout ((name, kind, default), ...). */
 static int
-slot_offsets(PyObject *cls, const char **names, int count, Py_ssize_t *offs)
+field_descrs(PyObject *cls, PyObject *layout, int count, const char *const *names, const int *kinds,
+             PyObject **descrs)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "configure takes the record classes");
+    if (!PyType_Check(cls) || !PyTuple_Check(layout)) {
+        PyErr_SetString(PyExc_TypeError, "configure(Statement, Completion, statement_layout, completion_layout)");
         return -1;
     }
     for (int i = 0; i < count; i++) {
+        int found = 0;
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(layout) && !found; j++) {
+            PyObject *item = PyTuple_GET_ITEM(layout, j);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+                PyErr_SetString(PyExc_ValueError, "configure: a layout is ((name, kind, default), ...)");
+                return -1;
+            }
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(item, 0), names[i]) != 0)
+                continue;
+            long kind = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+            if (kind == -1 && PyErr_Occurred())
+                return -1;
+            if (kind != kinds[i]) {
+                PyErr_Format(PyExc_ValueError, "configure: %s is of another kind than this encoder reads", names[i]);
+                return -1;
+            }
+            found = 1;
+        }
+        if (!found) {
+            PyErr_Format(PyExc_ValueError, "configure: the layout has no field %s", names[i]);
+            return -1;
+        }
         PyObject *descr = PyObject_GetAttrString(cls, names[i]);
         if (descr == NULL)
             return -1;
-        if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX_) {
+        if (Py_TYPE(descr)->tp_descr_get == NULL) {
             Py_DECREF(descr);
-            PyErr_Format(PyExc_TypeError, "configure: %s is not an object slot", names[i]);
+            PyErr_Format(PyExc_TypeError, "configure: %s is not a descriptor", names[i]);
             return -1;
         }
-        offs[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
-        Py_DECREF(descr);
+        descrs[i] = descr;
     }
     return 0;
 }
 
-/* configure(Statement, Completion): where the fields statement_spans and kept_run read live. */
+/* configure(Statement, Completion, statement_layout, completion_layout): the fields statement_spans
+ * and kept_run read. */
 static PyObject *
 configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t offs[F_COUNT], coffs[C_COUNT];
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "configure(Statement, Completion)");
+    PyObject *descrs[F_COUNT] = {NULL}, *cdescrs[C_COUNT] = {NULL};
+    const char *names[F_COUNT], *cnames[C_COUNT];
+    int kinds[F_COUNT], ckinds[C_COUNT];
+    for (int i = 0; i < F_COUNT; i++)
+        names[i] = read_fields[i].name, kinds[i] = read_fields[i].kind;
+    for (int i = 0; i < C_COUNT; i++)
+        cnames[i] = read_completion_fields[i].name, ckinds[i] = read_completion_fields[i].kind;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "configure(Statement, Completion, statement_layout, completion_layout)");
         return NULL;
     }
-    if (slot_offsets(args[0], record_fields, F_COUNT, offs) < 0 ||
-        slot_offsets(args[1], completion_fields, C_COUNT, coffs) < 0)
+    if (field_descrs(args[0], args[2], F_COUNT, names, kinds, descrs) < 0 ||
+        field_descrs(args[1], args[3], C_COUNT, cnames, ckinds, cdescrs) < 0) {
+        for (int i = 0; i < F_COUNT; i++)
+            Py_XDECREF(descrs[i]);
+        for (int i = 0; i < C_COUNT; i++)
+            Py_XDECREF(cdescrs[i]);
         return NULL;
-    memcpy(record_offsets, offs, sizeof offs);
-    memcpy(completion_offsets, coffs, sizeof coffs);
+    }
+    for (int i = 0; i < F_COUNT; i++)
+        Py_XSETREF(record_descrs[i], descrs[i]);
+    for (int i = 0; i < C_COUNT; i++)
+        Py_XSETREF(completion_descrs[i], cdescrs[i]);
     Py_INCREF(args[0]);
     Py_XSETREF(record_type, (PyTypeObject *)args[0]);
     Py_INCREF(args[1]);
@@ -412,14 +463,21 @@ configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* A record's slot (borrowed); NULL with AttributeError when unset. */
+/* A field's value through its descriptor, borrowed (the record holds it while the caller runs);
+ * NULL with an exception (AttributeError when unset). */
+static PyObject *
+descr_value(PyObject *obj, PyObject *descr)
+{
+    PyObject *v = Py_TYPE(descr)->tp_descr_get(descr, obj, (PyObject *)Py_TYPE(obj));
+    Py_XDECREF(v);
+    return v;
+}
+
+/* A record's field (borrowed); NULL with AttributeError when unset. */
 static PyObject *
 field(PyObject *rec, int f)
 {
-    PyObject *v = *(PyObject **)((char *)rec + record_offsets[f]);
-    if (v == NULL)
-        PyErr_Format(PyExc_AttributeError, "record has no %s", record_fields[f]);
-    return v;
+    return descr_value(rec, record_descrs[f]);
 }
 
 static int
@@ -615,7 +673,9 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
     int exec_exact = read_flag(rec, F_EXEC_EXACT);
     if (parse_exact < 0 || bind_exact < 0 || exec_exact < 0)
         return -1;
-    PyObject *st = *(PyObject **)((char *)rec + record_offsets[F_STATUS]);
+    PyObject *st = field(rec, F_STATUS);
+    if (st == NULL)
+        PyErr_Clear();
     int skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
 
     unsigned char sid[8];
@@ -843,11 +903,14 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     PyObject *res = PyList_GET_ITEM(results, 0);
     if (Py_TYPE(res) != completion_type)
         return 0;
-    PyObject *tag = *(PyObject **)((char *)res + completion_offsets[C_TAG]);
-    PyObject *rows = *(PyObject **)((char *)res + completion_offsets[C_ROWS]);
-    PyObject *error = *(PyObject **)((char *)res + completion_offsets[C_ERROR]);
-    PyObject *res_end = *(PyObject **)((char *)res + completion_offsets[C_END]);
-    if (tag == NULL || rows == NULL || error != Py_None || res_end == NULL)
+    PyObject *tag = descr_value(res, completion_descrs[C_TAG]), *rows = tag ? descr_value(res, completion_descrs[C_ROWS]) : NULL;
+    PyObject *error = rows ? descr_value(res, completion_descrs[C_ERROR]) : NULL;
+    PyObject *res_end = error ? descr_value(res, completion_descrs[C_END]) : NULL;
+    if (res_end == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (error != Py_None)
         return 0;
     PyObject *q, *hit, *rest[3] = {tag, rows, NULL};
     int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, &q, &hit);

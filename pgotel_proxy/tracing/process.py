@@ -22,12 +22,9 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 * relay → helper: the configuration first, then lists of operations in order:
   ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
   connection opened; ``("p", conn, count, application_name, packed, drawn)``
-  finished statements in the compiled codec's compact form
-  (``protocol.session.pack_records``), or, when it is not built or a record
-  holds what that form does not carry (errors, parameters, extra facts),
-  ``("b", conn, count, payload, drawn)``, the payload being ``marshal`` data
-  of ``(application_name, records)`` (records as tuples of :class:`Statement`
-  fields); ``drawn``: the relay's draw kept these new roots (below a sample
+  finished statements in the records' compact form (``protocol/records.py``,
+  ``protocol.session.pack_records``), which carries every field of every
+  record; ``drawn``: the relay's draw kept these new roots (below a sample
   rate of 1 the relay draws for the roots it can tell, ``sampling.Presampler``,
   and what its draw leaves out is never handed over); ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
@@ -66,16 +63,14 @@ import threading
 import time
 from collections import deque
 from itertools import islice
-from operator import attrgetter
 from typing import Any
 
-from ..protocol.events import Completion, Statement
 from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
 from ..stats import STATS
 from .sampling import Presampler
 
-__all__ = ["ProcessTracer", "CHILD_COUNTERS", "statement_to_tuple", "statement_from_tuple"]
+__all__ = ["ProcessTracer", "CHILD_COUNTERS"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
 
@@ -94,28 +89,6 @@ _STARVED_AFTER = 1.0  # seconds without a report (it reports every _REPORT_INTER
 _LOW_NICE = 10  # span_process_priority = "low"
 _LEN = struct.Struct("<I")
 _MAX_FRAME = 256 << 20
-
-_FIELDS = tuple(f for f in Statement.__slots__)
-_RESULTS = _FIELDS.index("results")
-_get_fields = attrgetter(*_FIELDS)
-_get_completion = attrgetter(*Completion.__slots__)
-
-
-def statement_to_tuple(rec: Statement) -> tuple:
-    """The record as plain values ``marshal`` can write."""
-    t = _get_fields(rec)
-    results = t[_RESULTS]
-    if results:
-        t = (*t[:_RESULTS], [_get_completion(c) for c in results], *t[_RESULTS + 1:])
-    return t
-
-
-def statement_from_tuple(t) -> Statement:
-    rec = Statement(*t)
-    if rec.results:
-        rec.results = [Completion(*c) for c in rec.results]
-    return rec
-
 
 def _frame(obj: Any) -> bytes:
     data = marshal.dumps(obj)
@@ -237,20 +210,8 @@ class _Handle:
         t._arm()  # (sooner, when only an idle look was set)
 
     def _hand(self, t, app, records: list, drawn: bool) -> None:
-        packed = pack_records(records) if pack_records is not None else None
-        if packed is not None or pack_records is None or len(records) == 1:
-            self._op(t, app, records, packed, drawn)
-        else:  # some record the compact form does not carry: each in its own form, in order
-            for rec in records:
-                self._op(t, app, [rec], pack_records([rec]), drawn)
+        t._ops.append(("p", self.conn_id, len(records), app, pack_records(records), drawn))
         t._pending += len(records)
-
-    def _op(self, t, app, records: list, packed: bytes | None, drawn: bool) -> None:
-        if packed is not None:
-            t._ops.append(("p", self.conn_id, len(records), app, packed, drawn))
-        else:
-            t._ops.append(("b", self.conn_id, len(records),
-                           marshal.dumps((app, [statement_to_tuple(r) for r in records])), drawn))
 
     def close(self) -> None:
         t = self.tracer
@@ -818,15 +779,11 @@ def child_main(fd: int) -> int:
             spans: list = []
             for op in ops:
                 kind = op[0]
-                if kind == "p" or kind == "b":
+                if kind == "p":
                     state = conns.get(op[1])
                     if state is None:
                         continue
-                    if kind == "p":
-                        app, records = op[3], unpack_records(op[4])
-                    else:
-                        app, records = marshal.loads(op[3])
-                        records = [statement_from_tuple(t) for t in records]
+                    app, records = op[3], unpack_records(op[4])
                     if app is not None:
                         state.info.session.server_params["application_name"] = app
                     build(state, records, spans, op[-1] is True)

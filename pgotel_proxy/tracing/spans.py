@@ -35,7 +35,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from .. import __version__, sqlcomment
 from ..shape import statement_key
-from ..protocol.events import Completion, Statement
+from ..protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
 from .sampling import _rand, may_set_carrier
@@ -698,7 +698,7 @@ _PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {
 }
 _PHASE_TRIPLE = (_PHASE_PARTS["parse"], _PHASE_PARTS["plan"], _PHASE_PARTS["execute"])  # otlp.statement_spans' order
 if otlp.statement_spans is not None:
-    otlp.configure_records(Statement, Completion)
+    otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT)
 
 
 def _status(status: str, error, attrs: dict) -> Status:

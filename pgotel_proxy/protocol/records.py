@@ -1,0 +1,319 @@
+"""The compact form finished records cross to the span process in, pure Python.
+
+``pack(records) -> bytes`` and ``unpack(data) -> list`` for the records of
+``events.STATEMENT_LAYOUT``; every field of every record comes back equal.
+``_core.c`` implements the same form (``_core.pack``, ``_core.unpack``) and
+``protocol.session`` chooses one of the two; tests hold them byte-equal.
+
+The form, little-endian throughout. A batch: u8 ``FORMAT_VERSION``, u32
+record count, the records. A record: its fields in layout order, each by its
+kind (``events``):
+
+* INT: i64. BOOL: u8 0 or 1.
+* STR: u32 ``NONE`` for None; or u32 ``REF`` and u32 k: the same object as
+  the k-th string of at least ``REF_MIN`` UTF-8 bytes written in full before
+  it in this batch (remembered by identity in ``REF_SLOTS`` slots, slot
+  ``(id >> 4) % REF_SLOTS``, the last one written in full wins); or u32 length
+  and the UTF-8 bytes (lone surrogates passed through).
+* VALUE: a tag byte (``V_*``) and what it announces: nothing (None, False,
+  True), an i64 (INT), a STR (STR; BIGINT: its decimal digits, never
+  referred to), an IEEE double (FLOAT), u32 length and bytes (BYTES), u32
+  count and values (LIST, TUPLE), u32 count and key, value pairs (DICT).
+* COMPLETIONS: u32 ``NONE``, or u32 count and each Completion's fields in
+  ``events.COMPLETION_LAYOUT`` order.
+
+A value of a type its field's kind does not carry raises TypeError (an int
+out of range: OverflowError); data that is not a batch raises ValueError.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .events import (BOOL, COMPLETION_LAYOUT, COMPLETIONS, INT, STATEMENT_LAYOUT, STR, VALUE, Completion,
+                     Statement)
+
+__all__ = ["FORMAT_VERSION", "RecordForm", "pack", "unpack"]
+
+FORMAT_VERSION = 1
+NONE = 0xFFFFFFFF
+REF = 0xFFFFFFFE
+REF_MIN = 8
+REF_SLOTS = 64
+MAX_DEPTH = 32  # nesting of VALUEs
+
+# VALUE tags.
+V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT = range(11)
+
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class RecordForm:
+    """pack / unpack for one pair of record classes and their layouts."""
+
+    def __init__(self, statement=Statement, completion=Completion, statement_layout=STATEMENT_LAYOUT,
+                 completion_layout=COMPLETION_LAYOUT) -> None:
+        self.statement = statement
+        self.completion = completion
+        self.statement_layout = statement_layout
+        self.completion_layout = completion_layout
+
+    # ------------------------------------------------------------ pack
+
+    def pack(self, records: list) -> bytes:
+        out = bytearray((FORMAT_VERSION,))
+        out += _U32.pack(len(records))
+        refs: list = [None] * REF_SLOTS  # (object, k) by slot
+        written = [0]
+        for rec in records:
+            self._pack_record(out, rec, self.statement, self.statement_layout, refs, written)
+        return bytes(out)
+
+    def _pack_record(self, out, rec, cls, layout, refs, written) -> None:
+        if not isinstance(rec, cls):
+            raise TypeError(f"pack: {type(rec).__name__} is not a {cls.__name__}")
+        for name, kind, _ in layout:
+            v = getattr(rec, name)
+            if kind == INT:
+                _pack_int(out, v, name)
+            elif kind == BOOL:
+                if v is not True and v is not False:
+                    raise TypeError(f"pack: {name} is not a bool")
+                out.append(1 if v else 0)
+            elif kind == STR:
+                if v is not None and type(v) is not str:
+                    raise TypeError(f"pack: {name} is not a str")
+                _pack_str(out, v, refs, written)
+            elif kind == VALUE:
+                _pack_value(out, v, refs, written, 0)
+            elif kind == COMPLETIONS:
+                if v is None:
+                    out += _U32.pack(NONE)
+                    continue
+                if type(v) is not list:
+                    raise TypeError(f"pack: {name} is not a list")
+                out += _U32.pack(len(v))
+                for c in v:
+                    self._pack_record(out, c, self.completion, self.completion_layout, refs, written)
+            else:
+                raise TypeError(f"pack: {name} has an unknown kind {kind!r}")
+
+    # ---------------------------------------------------------- unpack
+
+    def unpack(self, data) -> list:
+        r = _Reader(memoryview(data).cast("B"))
+        version = r.u8()
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unpack: format version {version}, not {FORMAT_VERSION}")
+        n = r.u32()
+        if n > r.left():
+            raise ValueError("unpack: truncated record data")
+        records = [self._unpack_record(r, self.statement, self.statement_layout) for _ in range(n)]
+        if r.left():
+            raise ValueError("unpack: data after the last record")
+        return records
+
+    def _unpack_record(self, r: _Reader, cls, layout):
+        values = []
+        for _name, kind, _ in layout:
+            if kind == INT:
+                values.append(r.i64())
+            elif kind == BOOL:
+                b = r.u8()
+                if b > 1:
+                    raise ValueError("unpack: bad bool")
+                values.append(b == 1)
+            elif kind == STR:
+                values.append(r.str())
+            elif kind == VALUE:
+                values.append(r.value(0))
+            else:
+                n = r.u32()
+                if n == NONE:
+                    values.append(None)
+                    continue
+                if n > r.left():
+                    raise ValueError("unpack: truncated record data")
+                values.append([self._unpack_record(r, self.completion, self.completion_layout) for _ in range(n)])
+        return cls(*values)
+
+
+def _pack_int(out: bytearray, v, name) -> None:
+    if type(v) is not int:
+        raise TypeError(f"pack: {name} is not an int")
+    if not _I64_MIN <= v <= _I64_MAX:
+        raise OverflowError(f"pack: {name} is out of the 64-bit range")
+    out += _I64.pack(v)
+
+
+def _utf8(v: str) -> bytes:
+    try:
+        return v.encode("utf-8")
+    except UnicodeEncodeError:
+        return v.encode("utf-8", "surrogatepass")
+
+
+def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
+    if v is None:
+        out += _U32.pack(NONE)
+        return
+    b = _utf8(v)
+    if len(b) >= REF:
+        raise OverflowError("pack: a string of 4 GiB or more")
+    if len(b) >= REF_MIN:
+        slot = (id(v) >> 4) % REF_SLOTS
+        seen = refs[slot]
+        if seen is not None and seen[0] is v:
+            out += _U32.pack(REF)
+            out += _U32.pack(seen[1])
+            return
+        refs[slot] = (v, written[0])
+        written[0] += 1
+    out += _U32.pack(len(b))
+    out += b
+
+
+def _pack_value(out: bytearray, v, refs: list, written: list, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError("pack: values nested too deep")
+    t = type(v)
+    if v is None:
+        out.append(V_NONE)
+    elif v is False:
+        out.append(V_FALSE)
+    elif v is True:
+        out.append(V_TRUE)
+    elif t is int:
+        if _I64_MIN <= v <= _I64_MAX:
+            out.append(V_INT)
+            out += _I64.pack(v)
+        else:  # its digits, a temporary object: never remembered for a reference
+            out.append(V_BIGINT)
+            b = str(v).encode()
+            out += _U32.pack(len(b))
+            out += b
+    elif t is str:
+        out.append(V_STR)
+        _pack_str(out, v, refs, written)
+    elif t is float:
+        out.append(V_FLOAT)
+        out += _F64.pack(v)
+    elif t is bytes:
+        out.append(V_BYTES)
+        out += _U32.pack(len(v))
+        out += v
+    elif t is list or t is tuple:
+        out.append(V_LIST if t is list else V_TUPLE)
+        out += _U32.pack(len(v))
+        for item in v:
+            _pack_value(out, item, refs, written, depth + 1)
+    elif t is dict:
+        out.append(V_DICT)
+        out += _U32.pack(len(v))
+        for key, item in v.items():
+            _pack_value(out, key, refs, written, depth + 1)
+            _pack_value(out, item, refs, written, depth + 1)
+    else:
+        raise TypeError(f"pack: a value of type {t.__name__}")
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "written")
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.pos = 0
+        self.written: list[str] = []
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, k: int) -> memoryview:
+        if len(self.data) - self.pos < k:
+            raise ValueError("unpack: truncated record data")
+        v = self.data[self.pos:self.pos + k]
+        self.pos += k
+        return v
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def i64(self) -> int:
+        return _I64.unpack(self.take(8))[0]
+
+    def str(self) -> str | None:
+        n = self.u32()
+        if n == NONE:
+            return None
+        if n == REF:
+            k = self.u32()
+            if k >= len(self.written):
+                raise ValueError("unpack: reference to a string not read yet")
+            return self.written[k]
+        try:
+            v = str(self.take(n), "utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise ValueError("unpack: a string that is not UTF-8") from None
+        if n >= REF_MIN:
+            self.written.append(v)
+        return v
+
+    def value(self, depth: int):
+        if depth > MAX_DEPTH:
+            raise ValueError("unpack: values nested too deep")
+        tag = self.u8()
+        if tag == V_NONE:
+            return None
+        if tag == V_FALSE:
+            return False
+        if tag == V_TRUE:
+            return True
+        if tag == V_INT:
+            return self.i64()
+        if tag == V_STR:
+            v = self.str()
+            if v is None:
+                raise ValueError("unpack: a str value that is None")
+            return v
+        if tag == V_FLOAT:
+            return _F64.unpack(self.take(8))[0]
+        if tag == V_BYTES:
+            return bytes(self.take(self.u32()))
+        if tag == V_LIST or tag == V_TUPLE:
+            n = self.u32()
+            if n > self.left():
+                raise ValueError("unpack: truncated record data")
+            items = [self.value(depth + 1) for _ in range(n)]
+            return items if tag == V_LIST else tuple(items)
+        if tag == V_DICT:
+            n = self.u32()
+            if n > self.left():
+                raise ValueError("unpack: truncated record data")
+            d = {}
+            for _ in range(n):
+                key = self.value(depth + 1)
+                try:
+                    d[key] = self.value(depth + 1)
+                except TypeError:  # an unhashable key
+                    raise ValueError("unpack: a dict key that is not hashable") from None
+            return d
+        if tag == V_BIGINT:
+            digits = bytes(self.take(self.u32()))
+            try:
+                return int(digits)
+            except ValueError:
+                raise ValueError("unpack: a big int that is not digits") from None
+        raise ValueError(f"unpack: unknown value tag {tag}")
+
+
+_FORM = RecordForm()
+#: The finished records of one connection as one batch of the compact form.
+pack = _FORM.pack
+#: The records of one batch again, every field equal to the packed one.
+unpack = _FORM.unpack
