@@ -239,7 +239,7 @@ class WalInjector:
             return None  # CopyDone / CopyFail belong to the Query that started the COPY
         if not self._batch_open:
             self._batch_open = self._batch_first = True
-            self._batch_idle_tx = session.tx_status if not session._pending else ""
+            self._batch_idle_tx = session.tx_status if not session.answers_due else ""
             if self._batch_idle_tx == "I":
                 self._tx_ctx = None  # whatever was open before has ended
         else:
@@ -301,7 +301,7 @@ class WalInjector:
                 self._tx_ctx = ctx
 
     def _on_sync(self, session):
-        batch = session._batch
+        batch = session.current_batch
         if not batch or (self._carrier.carrier is None and self._tx_ctx is None
                          and not any(r.sql and "traceparent" in r.sql for r in batch)):
             return None
@@ -338,7 +338,7 @@ class WalInjector:
         else:
             portal_end = buf.index(0, start)
             stmt = bytes(buf[portal_end + 1 : buf.index(0, portal_end + 1)]).decode("utf-8", "replace")
-            sql = session._prepared.get(stmt)
+            sql = session.prepared_text(stmt)
         if not self._is_commit(sql):
             return None
         ctx, self._tx_ctx = self._tx_ctx, None
