@@ -38,7 +38,7 @@ from ..shape import statement_key
 from ..protocol.events import Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
-from .sampling import _rand, may_set_carrier
+from .sampling import may_set_carrier, rand as _rand
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
