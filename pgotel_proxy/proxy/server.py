@@ -535,12 +535,12 @@ async def serve(
     without a restart: certificates (new sessions only), tracing on/off and the
     sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
     """
+    from ..enrich import attach as attach_enrichment, enabled as enrichment_enabled
     from ..tracing import build_tracer
 
     loop = asyncio.get_running_loop()
-    tracer = build_tracer(config)
+    tracer = build_tracer(config, in_process=enrichment_enabled(config))
     server = ProxyServer(config, tracer)
-    from ..enrich import attach as attach_enrichment
 
     attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
     admin = None
