@@ -477,10 +477,8 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
-        if cfg.wal_propagation:
-            from ..wal.emit import WalInjector
-
-            self.wal = WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=self.peer)
+        self.wal = srv.wal_injector(self.peer)
+        if self.wal is not None:
             self.session.injector = self.wal
             self.session.hold_first_ready = True
         self.closed = loop.create_future()

@@ -120,6 +120,19 @@ class ProxyServer:
                 _str(getattr(config, "upstream_tls_key", None)),
             )
 
+    def wal_injector(self, peer: str):
+        """The otelwal injector for a new session (``wal_propagation``), else None.
+
+        Made here, where the proxy is put together, so that the connection code
+        knows only the session's injector interface (``Session.injector``).
+        """
+        cfg = self.config
+        if not cfg.wal_propagation:
+            return None
+        from ..wal import WalInjector
+
+        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer)
+
     def reload_tls(self) -> None:
         """Re-read certificates (SIGHUP); open sessions keep the context they started with.
 
