@@ -50,10 +50,14 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
-try:  # the compiled relay steps (_core.c), when the codec's compiled half is in use
-    from ..protocol._core import Feed, Sender
+try:  # the compiled relay steps, when the codec's compiled half is in use
+    from ..protocol._core import Feed  # the codec's loop as a data_received
 except ImportError:
-    Feed = Sender = None
+    Feed = None
+try:
+    from ._sender import Sender  # the socket write (_sender.c)
+except ImportError:
+    Sender = None
 if not CODEC_COMPILED:
     Feed = Sender = None
 # Transports whose write() sends at once when nothing is buffered, and whose
@@ -251,7 +255,7 @@ def _writer(transport: asyncio.Transport):
     The Sender sends a chunk on the socket itself when the transport holds
     nothing unsent and is not closing (one ``send()``, no transport
     bookkeeping), and hands everything else to ``transport.write`` (see
-    ``_core.c``). TLS transports always go through ``write``.
+    ``_sender.c``). TLS transports always go through ``write``.
     """
     if Sender is not None and type(transport).__name__ in _SENDER_TRANSPORTS \
             and transport.get_extra_info("ssl_object") is None:
