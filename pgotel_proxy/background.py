@@ -58,9 +58,11 @@ class BackgroundProxy:
         return self
 
     async def _start(self) -> None:
-        self.tracer = build_tracer(self.config, exporter=self.span_exporter)
+        from .enrich import attach as attach_enrichment, enabled as enrichment_enabled
+
+        self.tracer = build_tracer(self.config, exporter=self.span_exporter,
+                                   in_process=enrichment_enabled(self.config))
         self.server = ProxyServer(self.config, self.tracer)
-        from .enrich import attach as attach_enrichment
 
         self.enricher = attach_enrichment(self.config, self.server, self.tracer)
         await self.server.start()

@@ -1,8 +1,8 @@
 """The ``pgotel-proxy`` command line: the click group, ``run`` and ``check-config``.
 
 Every config option is generated from :class:`pgotel_proxy.config.Config`;
-this module declares no setting of its own except ``--config``.  It also owns
-log setup (text or JSON lines on stderr).
+this module declares no setting of its own except ``--config``.  Log setup
+(text or JSON lines on stderr) is :mod:`pgotel_proxy.logsetup`'s.
 
 Adding a command: write it in its own module as ::
 
@@ -22,15 +22,12 @@ that ``--help`` and the other commands keep working without them.
 
 from __future__ import annotations
 
-import datetime
 import importlib
-import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -51,6 +48,7 @@ from pgotel_proxy.config import (
     is_list_field,
     load_config_with_sources,
 )
+from pgotel_proxy.logsetup import configure_logging
 
 __all__ = [
     "main",
@@ -166,54 +164,6 @@ def load_from_cli(ctx: click.Context, config_file: str | None,
     On a configuration problem prints the one-line error and exits with 2.
     """
     return _load(ctx, config_file, params)[0]
-
-
-# -- logging -------------------------------------------------------------------
-
-# Attributes every LogRecord has; anything else came in through ``extra=``.
-_STANDARD_RECORD_KEYS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-            .isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
-                doc[key] = value
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            doc["stack"] = record.stack_info
-        return json.dumps(doc, default=str)
-
-
-def configure_logging(level: str = "info", fmt: str = "text",
-                      stream: TextIO | None = None) -> logging.Handler:
-    """Send all logging to stderr (or ``stream``) as text or JSON lines at ``level``.
-
-    Replaces the root logger's handlers, so calling it twice does not
-    duplicate lines.  Returns the installed handler.
-    """
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.captureWarnings(True)
-    return handler
 
 
 # -- commands ------------------------------------------------------------------

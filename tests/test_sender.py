@@ -1,4 +1,4 @@
-"""The compiled relay write (protocol._core.Sender): a chunk goes out with one send() on the
+"""The compiled relay write (proxy._sender.Sender): a chunk goes out with one send() on the
 transport's socket only when the transport holds nothing unsent and is open; everything else goes
 through the transport's write(), and no byte ever overtakes one the transport holds.
 

@@ -7,14 +7,14 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
 from .. import __version__
-from ..tracing.sampling import _rand  # seeded afresh in each forked worker
+from ..tracing.sampling import rand  # seeded afresh in each forked worker
 
 SCOPE = InstrumentationScope("pgotel_proxy", __version__)
 
 
 def _new_span_id() -> int:
     while True:
-        v = _rand.getrandbits(64)
+        v = rand.getrandbits(64)
         if v:
             return v
 

@@ -161,15 +161,9 @@ def inflight_backends(server) -> list[tuple[int, int]]:
         if pid is None:
             continue
         try:
-            items = list(session._pending)
-        except RuntimeError:
+            start = session.oldest_unanswered_start_ns()
+        except RuntimeError:  # the relay changed its queue during the copy: next time
             continue
-        for item in items:
-            rec = item[1]
-            if isinstance(rec, list):
-                rec = rec[0] if rec else None
-            start = getattr(rec, "start_ns", 0)
-            if start:
-                out.append((pid, start))
-                break
+        if start:
+            out.append((pid, start))
     return out

@@ -220,6 +220,51 @@ class Session:
             self._prepared.clear()
             self._batch_parsed.clear()
 
+    # What other layers read. The queue, batch and buffers are slots the compiled
+    # loop (_core.c) finds by name, so they keep their private names and are
+    # read through these, none of which is on the per-message path.
+
+    @property
+    def answers_due(self) -> bool:
+        """Whether a request sent upstream (the client's or the proxy's) still waits for its answer."""
+        return bool(self._pending)
+
+    @property
+    def at_client_boundary(self) -> bool:
+        """Whether the client's bytes so far end on a message boundary (nothing held, nothing to skip)."""
+        return not self._cbuf and not self._cskip
+
+    @property
+    def current_batch(self) -> list[Statement]:
+        """The extended-protocol statements the client sent since its last Sync (not a copy)."""
+        return self._batch
+
+    def prepared_text(self, name: str) -> str | None:
+        """The text of the client's prepared statement ``name`` ("" is the unnamed one), or None."""
+        return self._prepared.get(name)
+
+    def oldest_unanswered_start_ns(self) -> int:
+        """When the oldest statement still waiting for an answer started (ns), 0 when none has.
+
+        May be called from another thread: the queue is copied in one C call
+        under the GIL. RuntimeError when the relay changed it during the copy.
+        """
+        for _kind, rec, _inj in list(self._pending):
+            if isinstance(rec, list):  # a Sync: the batch it closes
+                rec = rec[0] if rec else None
+            start = getattr(rec, "start_ns", 0)
+            if start:
+                return start
+        return 0
+
+    def take_held_client_bytes(self) -> bytes:
+        """The start of a partial client message held back (not yet forwarded); the session holds none after.
+
+        For a caller that stops observing: it forwards these itself.
+        """
+        held, self._cbuf = self._cbuf, b""
+        return held
+
     def take_completed(self) -> list[Statement]:
         done = self.completed
         self.completed = []
@@ -256,8 +301,8 @@ class Session:
             pos = _fast_client(self, data, 0, n, now)
             if pos == n:
                 return None
-            return self._client_data(data, now, pos)
-        return self._client_data(data, now, 0)
+            return self.client_data_from(data, now, pos)
+        return self.client_data_from(data, now, 0)
 
     def client_observe(self, data: bytes, start: int, stop: int, now: int) -> None:
         """Frame client bytes another relay already forwarded (the pump): ``data[start:stop]``, in place.
@@ -268,10 +313,14 @@ class Session:
             start = _fast_client(self, data, start, stop, now)
             if start >= stop:
                 return
-        self._client_data(data[start:stop], now, 0)
+        self.client_data_from(data[start:stop], now, 0)
 
-    def _client_data(self, data: bytes, now: int, start: int) -> bytes | None:
-        """client_data from ``start`` (> 0 only when nothing was held or to skip)."""
+    def client_data_from(self, data: bytes, now: int, start: int) -> bytes | None:
+        """``client_data`` from ``start``: where the compiled loop (or a compiled Feed) stopped.
+
+        ``start`` is > 0 only when nothing was held or is to be skipped; the
+        bytes before it were already accounted. Returns and raises as client_data.
+        """
         held = self._cbuf
         if held:
             data = held + data
@@ -545,6 +594,13 @@ class Session:
                 self._server(data, now, None, pos)
             except Exception as exc:  # never let observation break the relay
                 self.desync(f"server stream: {exc!r}")
+
+    def server_observe_from(self, data: bytes, now: int, start: int) -> None:
+        """``server_observe`` from ``start``: where a compiled Feed stopped (or 0), in the Python loop."""
+        try:
+            self._server(data, now, None, start)
+        except Exception as exc:  # as server_observe: never let observation break the relay
+            self.desync(f"server stream: {exc!r}")
 
     def server_filter(self, data: bytes, now: int) -> bytes:
         """Feed server bytes that are NOT yet forwarded; return what to forward (see ``server_hold``)."""

@@ -50,10 +50,14 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
-try:  # the compiled relay steps (_core.c), when the codec's compiled half is in use
-    from ..protocol._core import Feed, Sender
+try:  # the compiled relay steps, when the codec's compiled half is in use
+    from ..protocol._core import Feed  # the codec's loop as a data_received
 except ImportError:
-    Feed = Sender = None
+    Feed = None
+try:
+    from ._sender import Sender  # the socket write (_sender.c)
+except ImportError:
+    Sender = None
 if not CODEC_COMPILED:
     Feed = Sender = None
 # Transports whose write() sends at once when nothing is buffered, and whose
@@ -174,7 +178,7 @@ class _FromClient(_Relay):
         try:
             if isinstance(at, BaseException):
                 raise at
-            out = session.client_data(data, now) if at == 0 else session._client_data(data, now, at)
+            out = session.client_data(data, now) if at == 0 else session.client_data_from(data, now, at)
         except ProtocolViolation as exc:
             c.violation(exc)
             return
@@ -220,10 +224,7 @@ class _FromServer(_Relay):
         elif at == 0:
             session.server_observe(data, now)
         else:
-            try:
-                session._server(data, now, None, at)
-            except Exception as exc:  # as server_observe: never let observation break the relay
-                session.desync(f"server stream: {exc!r}")
+            session.server_observe_from(data, now, at)
 
     def pause_writing(self) -> None:
         self.c.client.pause_reading()
@@ -253,7 +254,7 @@ def _writer(transport: asyncio.Transport):
     The Sender sends a chunk on the socket itself when the transport holds
     nothing unsent and is not closing (one ``send()``, no transport
     bookkeeping), and hands everything else to ``transport.write`` (see
-    ``_core.c``). TLS transports always go through ``write``.
+    ``_sender.c``). TLS transports always go through ``write``.
     """
     if Sender is not None and type(transport).__name__ in _SENDER_TRANSPORTS \
             and transport.get_extra_info("ssl_object") is None:
@@ -479,10 +480,8 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
-        if cfg.wal_propagation:
-            from ..wal.emit import WalInjector
-
-            self.wal = WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=self.peer)
+        self.wal = srv.wal_injector(self.peer)
+        if self.wal is not None:
             self.session.injector = self.wal
             self.session.hold_first_ready = True
         self.closed = loop.create_future()
@@ -546,13 +545,13 @@ class ClientConnection:
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
             # Nothing to splice in (and asked for): the pump relays, the event loop observes what it relayed.
-            if not (self.wal is None and not s.flush_phases and not s._cbuf and not s._cskip and not s.server_hold
+            if not (self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
                     and getattr(srv.config, "traced_pump", False) and self._to_pump(observe=True)):
                 self._feed()
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
-            if not s._cbuf and not s._cskip and not self._to_pump():
+            if s.at_client_boundary and not self._to_pump():
                 # At a client message boundary nothing is held, so the cheapest relay can take over.
                 self.client.set_protocol(_Plain(self, self.upstream, True))
                 self.upstream.set_protocol(_Plain(self, self.client, False))
@@ -642,7 +641,7 @@ class ClientConnection:
         Returns the client bytes the session held (not yet forwarded), for the caller to forward.
         """
         session = self.session
-        held, session._cbuf = session._cbuf, b""
+        held = session.take_held_client_bytes()
         session.desync(f"{stream} stream: {exc!r}")
         self.observe = False
         STATS.decode_desyncs += 1
@@ -786,7 +785,7 @@ class ClientConnection:
         """Close both legs now (shutdown after the drain time)."""
         self._closing = True
         s = self.session
-        if notify and self.client is not None and not self.client.is_closing() and s is not None and s.tx_status == "I" and not s._pending:
+        if notify and self.client is not None and not self.client.is_closing() and s is not None and s.tx_status == "I" and not s.answers_due:
             self.client.write(error_response("57P01", "terminating connection: the proxy is shutting down"))
         self._close_transports()
 

@@ -160,6 +160,19 @@ class ProxyServer:
                 _str(getattr(config, "upstream_tls_key", None)),
             )
 
+    def wal_injector(self, peer: str):
+        """The otelwal injector for a new session (``wal_propagation``), else None.
+
+        Made here, where the proxy is put together, so that the connection code
+        knows only the session's injector interface (``Session.injector``).
+        """
+        cfg = self.config
+        if not cfg.wal_propagation:
+            return None
+        from ..wal import WalInjector
+
+        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer)
+
     def reload_tls(self) -> None:
         """Re-read certificates (SIGHUP); open sessions keep the context they started with.
 
@@ -574,12 +587,12 @@ async def serve(
     without a restart: certificates (new sessions only), tracing on/off and the
     sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
     """
+    from ..enrich import attach as attach_enrichment, enabled as enrichment_enabled
     from ..tracing import build_tracer
 
     loop = asyncio.get_running_loop()
-    tracer = build_tracer(config)
+    tracer = build_tracer(config, in_process=enrichment_enabled(config))
     server = ProxyServer(config, tracer)
-    from ..enrich import attach as attach_enrichment
 
     attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
     admin = None

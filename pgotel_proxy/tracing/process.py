@@ -725,7 +725,7 @@ def child_main(fd: int) -> int:
     if not first:
         return 0
     settings = first.pop(0)
-    from ..cli import configure_logging
+    from ..logsetup import configure_logging
 
     configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
     _take_priority(settings.pop("span_process_priority", "idle"))

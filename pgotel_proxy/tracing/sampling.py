@@ -14,8 +14,8 @@ import random
 #: forked worker (``--workers``) seeds it afresh: the parent imports this
 #: module before forking, and workers sharing its state would make the same
 #: ids in the same order.
-_rand = random.Random()
-os.register_at_fork(after_in_child=_rand.seed)
+rand = random.Random()
+os.register_at_fork(after_in_child=rand.seed)
 
 
 def may_set_carrier(sql: str) -> bool:
@@ -56,7 +56,7 @@ class Presampler:
             return [], records, 0
         drawn: list = []
         undrawn: list = []
-        rand = _rand.random
+        rand_draw = rand.random
         for i, rec in enumerate(records):
             sql = rec.sql or ""
             if "/*" in sql and not (rec.reused and rec.protocol == "extended"):
@@ -67,6 +67,6 @@ class Presampler:
                 self.plain = False
                 undrawn += records[i:]
                 return drawn, undrawn, len(records) - len(drawn) - len(undrawn)
-            elif rate > 0.0 and rand() < rate:
+            elif rate > 0.0 and rand_draw() < rate:
                 drawn.append(rec)
         return drawn, undrawn, len(records) - len(drawn) - len(undrawn)

@@ -38,7 +38,8 @@ from ..shape import statement_key
 from ..protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
-from .sampling import _rand, may_set_carrier
+from .carrier import SessionCarrier
+from .sampling import may_set_carrier, rand as _rand
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR"]
 
@@ -64,13 +65,6 @@ ATTR = {
     "parameter": "db.query.parameter.",
 }
 
-_SET_RE = re.compile(
-    r"^\s*(?:SET\s+(?P<scope>LOCAL\s+|SESSION\s+)?pgotel\.traceparent\s*(?:=|TO)\s*'(?P<value>[^']*)'"
-    r"|(?P<reset>RESET\s+pgotel\.traceparent|RESET\s+ALL|DISCARD\s+ALL)"
-    r"|SET\s+(?:LOCAL\s+|SESSION\s+)?pgotel\.traceparent\s*(?:=|TO)\s*DEFAULT)\s*;?\s*$",
-    re.IGNORECASE,
-)
-
 
 def _new_id(bits: int) -> int:
     while True:
@@ -79,17 +73,14 @@ def _new_id(bits: int) -> int:
             return v
 
 
-class ConnState:
-    """What the builder remembers per connection: the session carrier (``SET pgotel.traceparent``)."""
+class ConnState(SessionCarrier):
+    """What the builder remembers per connection: the session carrier, and what building needs."""
 
-    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent", "shapes",
-                 "presampled")
+    __slots__ = ("info", "base_attrs", "tx_records", "tx_parent", "shapes", "presampled")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
+        super().__init__()
         self.info = info
-        self.carrier: sqlcomment.TraceContext | None = None
-        self.carrier_local = False
-        self.saved: tuple | None = None  # carrier before the first SET inside the open transaction
         self.base_attrs = base_attrs
         # transaction_spans: records of the open transaction, built when it ends
         self.tx_records: list | None = None
@@ -99,47 +90,6 @@ class ConnState:
         self.shapes: dict[tuple, tuple] = {}
         # the records being built were drawn by the relay's Presampler: their roots are kept
         self.presampled = False
-
-    def observe_set(self, sql: str, rec_ok: bool, tx_status: str) -> None:
-        """Apply a successful ``SET [LOCAL] pgotel.traceparent`` / ``RESET``; Postgres' transaction rules apply."""
-        if not rec_ok or not may_set_carrier(sql):
-            return
-        m = _SET_RE.match(sql)
-        if m is None:
-            return
-        if tx_status in ("T", "E") and self.saved is None:
-            self.saved = (self.carrier, self.carrier_local)
-        if m.group("value") is not None:
-            ctx = sqlcomment.parse_traceparent(m.group("value"))
-            local = bool(m.group("scope")) and m.group("scope").strip().upper() == "LOCAL"
-            if local and tx_status == "I":
-                return  # SET LOCAL outside a transaction block does nothing
-            self.carrier = ctx
-            self.carrier_local = local
-        else:
-            self.carrier = None
-            self.carrier_local = False
-
-    def forget(self) -> None:
-        """Statements of this connection went unseen (tracing off, queue full): the carrier is unknown.
-
-        Forgetting it may leave later statements without their context; keeping
-        it could put them in a trace that is no longer theirs.
-        """
-        self.carrier = None
-        self.carrier_local = False
-        self.saved = None
-
-    def end_of_statement(self, tx_status: str, tag: str | None) -> None:
-        if tx_status != "I":
-            return
-        if self.saved is not None:
-            if tag is None or not tag.startswith("COMMIT"):
-                self.carrier, self.carrier_local = self.saved  # rolled back: SET is undone
-            self.saved = None
-        if self.carrier_local:
-            self.carrier = None
-            self.carrier_local = False
 
 
 _SHAPES_MAX = 256  # statement shapes remembered per connection

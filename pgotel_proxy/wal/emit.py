@@ -43,13 +43,14 @@ import json
 import logging
 import re
 import struct
+from functools import lru_cache
 
 from .. import sqlcomment
 from ..protocol.events import Statement
 from ..protocol.messages import frontend_message, query_message
 from ..stats import STATS
-from ..tracing import sqlinfo
-from ..tracing.spans import ConnState
+from ..tracing.carrier import SessionCarrier
+from ..tracing.sqlscan import guess_many
 
 __all__ = ["WalInjector", "CHECK_SQL", "emit_sql", "carrier_json"]
 
@@ -98,8 +99,22 @@ def emit_sql(prefix: str, content: str) -> str:
     return f"SELECT pg_catalog.pg_logical_emit_message(true, {_quote(prefix)}, {_quote(content)})"
 
 
-def _op(info) -> str:
-    return (info.operation or "").upper() if info is not None else ""
+def _read_statements(sql: str) -> tuple[tuple[str, bool], ...]:
+    return tuple(((info.operation or "").upper(), info.is_write) for info in guess_many(sql))
+
+
+_read_cached = lru_cache(maxsize=1024)(_read_statements)
+_CACHE_MAX_CHARS = 4096  # longer texts are read every time: the cache stays small
+
+
+def _statements(sql: str) -> tuple[tuple[str, bool], ...]:
+    """(operation upper-cased, writes) per statement of ``sql``.
+
+    Read without a parser (tracing.sqlscan): this runs in the relay, which
+    never loads pglast. Commit texts and an application's traced writes
+    repeat, hence the cache.
+    """
+    return _read_cached(sql) if len(sql) <= _CACHE_MAX_CHARS else _read_statements(sql)
 
 
 class WalInjector:
@@ -113,7 +128,7 @@ class WalInjector:
         # "checking" until the server answered CHECK_SQL, then "on" or "off".
         self.state = "checking"
         self._check = {}
-        self._carrier = ConnState(None, {})
+        self._carrier = SessionCarrier()
         self._tx_ctx: tuple[str, str | None] | None = None  # context of the open transaction's first traced write
         self._batch_open = False
         self._batch_first = False  # the message being looked at is the first of its batch
@@ -206,8 +221,7 @@ class WalInjector:
                 stripped = c.stripped_sql
         out = []
         func_re = self._func_re
-        for info in sqlinfo.analyze_many(stripped):
-            op = _op(info)
+        for op, is_write in _statements(stripped):
             if op in _TX_BEGIN:
                 out.append("begin")
             elif op in _TX_COMMIT:
@@ -216,7 +230,7 @@ class WalInjector:
                 out.append("end")
             elif op in _TX_OTHER or op.startswith("ROLLBACK"):
                 out.append("other_tx")
-            elif info.is_write and op in _WRITE_OPS:
+            elif is_write and op in _WRITE_OPS:
                 out.append("write")
             elif func_re is not None and func_re.search(stripped):
                 out.append("write")
@@ -239,7 +253,7 @@ class WalInjector:
             return None  # CopyDone / CopyFail belong to the Query that started the COPY
         if not self._batch_open:
             self._batch_open = self._batch_first = True
-            self._batch_idle_tx = session.tx_status if not session._pending else ""
+            self._batch_idle_tx = session.tx_status if not session.answers_due else ""
             if self._batch_idle_tx == "I":
                 self._tx_ctx = None  # whatever was open before has ended
         else:
@@ -301,7 +315,7 @@ class WalInjector:
                 self._tx_ctx = ctx
 
     def _on_sync(self, session):
-        batch = session._batch
+        batch = session.current_batch
         if not batch or (self._carrier.carrier is None and self._tx_ctx is None
                          and not any(r.sql and "traceparent" in r.sql for r in batch)):
             return None
@@ -338,7 +352,7 @@ class WalInjector:
         else:
             portal_end = buf.index(0, start)
             stmt = bytes(buf[portal_end + 1 : buf.index(0, portal_end + 1)]).decode("utf-8", "replace")
-            sql = session._prepared.get(stmt)
+            sql = session.prepared_text(stmt)
         if not self._is_commit(sql):
             return None
         ctx, self._tx_ctx = self._tx_ctx, None
