@@ -13,22 +13,27 @@ pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp, pgotel_proxy.shape; th
 asyncio relay of pgotel_proxy.proxy.connection for the pump, the transport's
 write for the Sender).
 
-Shared helpers of the extensions are in the header pgotel_proxy/_cutil.h.
+Shared helpers of the extensions are in the header pgotel_proxy/_cutil.h; the
+message type bytes in pgotel_proxy/protocol/_kinds.h; the pump's log layout, which
+_pump.c writes and _core.c reads, in pgotel_proxy/_pumplog.h.
 """
 
 from setuptools import Extension, setup
 
 #: Helpers shared by extensions, included as a header (pgotel_proxy/_cutil.h).
 _COMMON = ["pgotel_proxy/_cutil.h"]
+#: The pump's log layout, shared by its writer and its reader.
+_PUMPLOG = ["pgotel_proxy/_pumplog.h"]
 
 setup(
     ext_modules=[
         Extension("pgotel_proxy.protocol._scan", ["pgotel_proxy/protocol/_scan.c"], optional=True),
-        Extension("pgotel_proxy.protocol._core", ["pgotel_proxy/protocol/_core.c"], depends=_COMMON, optional=True),
+        Extension("pgotel_proxy.protocol._core", ["pgotel_proxy/protocol/_core.c"],
+                  depends=[*_COMMON, "pgotel_proxy/protocol/_kinds.h", *_PUMPLOG], optional=True),
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], depends=_COMMON,
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
-        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], optional=True),
+        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=_PUMPLOG, optional=True),
         Extension("pgotel_proxy.proxy._sender", ["pgotel_proxy/proxy/_sender.c"], optional=True),
     ],
 )

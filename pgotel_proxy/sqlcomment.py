@@ -49,11 +49,10 @@ from typing import NamedTuple
 from urllib.parse import unquote
 
 from .shape import blank_code
+from .stats import STATS
 
 __all__ = [
     "Comment",
-    "STATS",
-    "Stats",
     "TraceContext",
     "parse",
     "parse_traceparent",
@@ -156,30 +155,6 @@ _TRACESTATE_MEMBER = re.compile(
 )
 
 
-class Stats:
-    """Process-wide counters the tracer exports; plain ints, reset only by tests."""
-
-    __slots__ = ("parsed", "invalid_traceparent", "oversized", "malformed")
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.parsed = 0
-        self.invalid_traceparent = 0
-        self.oversized = 0
-        self.malformed = 0
-
-    def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __repr__(self) -> str:
-        return f"Stats({self.snapshot()})"
-
-
-STATS = Stats()
-
-
 class TraceContext(NamedTuple):
     """A validated W3C trace context taken from a sqlcommenter comment.
 
@@ -273,7 +248,7 @@ def parse(sql: str, *, max_len: int = 8192) -> Comment | None:
             return _parse(sql, max_len)
         return _parse_shaped(sql, m, max_len)
     except Exception:  # pragma: no cover - a bug here must not break tracing
-        STATS.malformed += 1
+        STATS.sqlcomment_malformed += 1
         logger.exception("sqlcommenter parse failed for a %s-char statement", len(sql))
         return None
 
@@ -360,11 +335,11 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
                 key = (blank, sql[base:vs], key[1], max_len)
             hit = _SHAPES.get(key)
     if hit is None:
-        before = (STATS.oversized, STATS.malformed)
+        before = (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed)
         spans: list[tuple[int, int]] = []
         comment = _parse(sql, max_len, spans)
         if (comment is not None and comment.tags.get("traceparent") == value
-                and value not in comment.stripped_sql and before == (STATS.oversized, STATS.malformed)):
+                and value not in comment.stripped_sql and before == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed)):
             tracestate = comment.tags.get("tracestate")
             if tracestate is not None and not valid_tracestate(tracestate):
                 tracestate = None
@@ -376,12 +351,12 @@ def _parse_shaped(sql: str, m: re.Match, max_len: int) -> Comment | None:
     tags, stripped, tracestate = hit
     if blinded is not None:
         stripped = _strip(sql, [(a + base, b + base) for a, b in stripped])
-    STATS.parsed += 1
+    STATS.sqlcomment_parsed += 1
     tags = dict(tags)
     tags["traceparent"] = value
     context = _known_shape_context(value, tracestate)
     if context is None:
-        STATS.invalid_traceparent += 1
+        STATS.sqlcomment_parsed_invalid_traceparent += 1
     return Comment(tags, context, stripped, context is None)
 
 
@@ -415,12 +390,12 @@ def _parse(sql: str, max_len: int, spans: list[tuple[int, int]] | None = None) -
             _comment_run(sql, start, _GAP_RUN, max_len, tags, spans, budget)
 
     if budget.oversized:
-        STATS.oversized += 1
+        STATS.sqlcomment_oversized += 1
     if budget.malformed:
-        STATS.malformed += 1
+        STATS.sqlcomment_malformed += 1
     if not spans:
         return None
-    STATS.parsed += 1
+    STATS.sqlcomment_parsed += 1
 
     context = None
     invalid = False
@@ -429,7 +404,7 @@ def _parse(sql: str, max_len: int, spans: list[tuple[int, int]] | None = None) -
         context = parse_traceparent(traceparent)
         if context is None:
             invalid = True
-            STATS.invalid_traceparent += 1
+            STATS.sqlcomment_parsed_invalid_traceparent += 1
         else:
             tracestate = tags.get("tracestate")
             if tracestate is not None and valid_tracestate(tracestate):

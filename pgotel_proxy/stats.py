@@ -1,52 +1,122 @@
-"""Every counter and gauge the proxy keeps, declared once.
+"""Every statistic the proxy keeps, declared once, in :data:`STATISTICS`.
 
-The relay path increments plain integer attributes (no locks, no label
-look-ups); the admin endpoint turns them into Prometheus metrics on scrape.
+The relay path and the tracer increment plain integer attributes of
+:data:`STATS` (no locks, no label look-ups); the admin endpoint turns the
+exported ones into Prometheus metrics named ``pgotel_<name>`` on scrape.
+A few are kept for the code's own use (the span builder's parse cache reads
+the sqlcommenter counts) and are not exported.
+
+The metrics reference in ``docs/operations.md`` is rendered from the same
+list: ``python -m pgotel_proxy.stats --markdown`` prints it.
 """
 
 from __future__ import annotations
 
-__all__ = ["STATS", "Stats", "METRICS"]
+import sys
+from typing import NamedTuple
 
-# name -> (kind, help). Order is the exposition order.
-METRICS: dict[str, tuple[str, str]] = {
-    "connections_accepted": ("counter", "Client connections accepted"),
-    "connections_active": ("gauge", "Client connections open now"),
-    "connections_refused": ("counter", "Client connections refused (limit reached, bad start-up, shutting down)"),
-    "protocol_violations": ("counter", "Client connections closed for a protocol violation (08P01)"),
-    "upstream_errors": ("counter", "Upstream connections that failed or ended unexpectedly"),
-    "cancel_forwarded": ("counter", "CancelRequests forwarded upstream"),
-    "cancel_dropped": ("counter", "CancelRequests for unknown keys, dropped"),
-    "decode_desyncs": ("counter", "Connections whose observation stopped on an unexpected message"),
-    "statements": ("counter", "Statements observed"),
-    "spans_started": ("counter", "Spans built"),
-    "spans_exported": ("counter", "Spans exported successfully"),
-    "spans_dropped": ("counter", "Spans dropped because the export queue was full or export failed"),
-    "statements_dropped": ("counter", "Statements never turned into spans because the record queue was full"),
-    "export_failures": ("counter", "Export batches that failed"),
-    "span_process_lifted": ("counter", "Times the span process, behind, was lifted out of the idle scheduling class"),
-    "span_queue_size": ("gauge", "Statements waiting to become spans, plus spans waiting for export"),
-    "span_process_backlog_bytes": ("gauge", "Bytes of finished statements the span process has not read yet "
-                                   "(past 16 MiB, statements are dropped)"),
-    "sqlcomment_invalid_traceparent": ("counter", "sqlcommenter traceparent values rejected"),
-    "wal_messages_emitted": ("counter", "otelwal logical messages emitted"),
-    "wal_emission_disabled": ("counter", "Sessions where otelwal emission was turned off"),
-    "enrich_joined": ("counter", "Statement spans joined with server-side records"),
-    "enrich_timeouts": ("counter", "Statement spans that left without their server-side records"),
-}
+__all__ = ["STATS", "Stats", "Statistic", "STATISTICS", "METRICS", "PROMETHEUS_PREFIX", "metrics_markdown"]
+
+#: Prefix of every exported metric's name.
+PROMETHEUS_PREFIX = "pgotel_"
+
+
+class Statistic(NamedTuple):
+    """One statistic: its attribute name on :data:`STATS`, its kind, and what it counts."""
+
+    name: str
+    kind: str  # "counter" (only grows) or "gauge" (goes up and down)
+    help: str
+    exported: bool = True  # shown on /metrics
+
+
+#: Every statistic. Order is the exposition order.
+STATISTICS: tuple[Statistic, ...] = (
+    Statistic("connections_accepted", "counter", "Client connections accepted"),
+    Statistic("connections_active", "gauge", "Client connections open now"),
+    Statistic("connections_refused", "counter",
+              "Client connections refused (limit reached, bad start-up, shutting down)"),
+    Statistic("protocol_violations", "counter", "Client connections closed for a protocol violation (08P01)"),
+    Statistic("upstream_errors", "counter", "Upstream connections that failed or ended unexpectedly"),
+    Statistic("cancel_forwarded", "counter", "CancelRequests forwarded upstream"),
+    Statistic("cancel_dropped", "counter", "CancelRequests for unknown keys, dropped"),
+    Statistic("decode_desyncs", "counter", "Connections whose observation stopped on an unexpected message"),
+    Statistic("statements", "counter", "Statements observed"),
+    Statistic("spans_started", "counter", "Spans built"),
+    Statistic("spans_exported", "counter", "Spans exported successfully"),
+    Statistic("spans_dropped", "counter", "Spans dropped because the export queue was full or export failed"),
+    Statistic("statements_dropped", "counter",
+              "Statements never turned into spans because the record queue was full"),
+    Statistic("export_failures", "counter", "Export batches that failed"),
+    Statistic("span_process_lifted", "counter",
+              "Times the span process, behind, was lifted out of the idle scheduling class"),
+    Statistic("span_queue_size", "gauge", "Statements waiting to become spans, plus spans waiting for export"),
+    Statistic("span_process_backlog_bytes", "gauge",
+              "Bytes of finished statements the span process has not read yet (past 16 MiB, statements are dropped)"),
+    Statistic("sqlcomment_invalid_traceparent", "counter", "sqlcommenter traceparent values rejected"),
+    Statistic("wal_messages_emitted", "counter", "otelwal logical messages emitted"),
+    Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
+    Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),
+    Statistic("enrich_timeouts", "counter", "Statement spans that left without their server-side records"),
+    # sqlcommenter parsing (sqlcomment.parse), once per parse: the span builder caches
+    # a parse per statement shape, and compares oversized/malformed before and after a
+    # parse to tell whether its result may be cached.
+    Statistic("sqlcomment_parsed", "counter", "sqlcommenter comments parsed", exported=False),
+    Statistic("sqlcomment_parsed_invalid_traceparent", "counter",
+              "Parsed comments whose traceparent was rejected (per parse; the exported count is per statement)",
+              exported=False),
+    Statistic("sqlcomment_oversized", "counter", "Comments or statements too long to parse", exported=False),
+    Statistic("sqlcomment_malformed", "counter", "Comments that are not sqlcommenter key='value' lists",
+              exported=False),
+    # otelwal contents a CDC consumer examined (wal/carrier.py).
+    Statistic("wal_carrier_extracted", "counter", "otelwal contents turned into a trace context", exported=False),
+    Statistic("wal_carrier_malformed", "counter", "otelwal contents ignored as malformed", exported=False),
+    Statistic("wal_carrier_oversized", "counter", "otelwal contents ignored as too long", exported=False),
+)
+
+#: The exported statistics: name -> (kind, help), in exposition order.
+METRICS: dict[str, tuple[str, str]] = {s.name: (s.kind, s.help) for s in STATISTICS if s.exported}
 
 
 class Stats:
-    """Plain integer counters; one process-wide instance, :data:`STATS`."""
+    """Plain integer counters and gauges; one process-wide instance, :data:`STATS`."""
 
-    __slots__ = tuple(METRICS)
+    __slots__ = tuple(s.name for s in STATISTICS)
 
     def __init__(self) -> None:
-        for name in METRICS:
+        for name in self.__slots__:
             setattr(self, name, 0)
 
     def snapshot(self) -> dict[str, int]:
+        """The exported statistics' values."""
         return {name: getattr(self, name) for name in METRICS}
+
+    def __repr__(self) -> str:
+        return f"Stats({ {name: getattr(self, name) for name in self.__slots__} })"
 
 
 STATS = Stats()
+
+
+def metrics_markdown() -> str:
+    """The metrics reference: a Markdown table of every exported metric, as /metrics names it."""
+    rows = ["| Metric | Type | Description |", "| --- | --- | --- |"]
+    for s in STATISTICS:
+        if not s.exported:
+            continue
+        # The Prometheus exposition adds _total to a counter's name.
+        name = PROMETHEUS_PREFIX + s.name + ("_total" if s.kind == "counter" else "")
+        rows.append(f"| `{name}` | {s.kind} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--markdown"]:
+        print("usage: python -m pgotel_proxy.stats --markdown", file=sys.stderr)
+        return 2
+    sys.stdout.write(metrics_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -232,7 +232,7 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
     """What the span process's tracer makes of ``records`` (spans, errors logged, comments counted)."""
     import logging
 
-    from pgotel_proxy import sqlcomment
+    from pgotel_proxy.stats import STATS
     from pgotel_proxy.tracing import spans as spans_mod
     from pgotel_proxy.tracing import tracer as tracer_mod
     from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
@@ -258,11 +258,11 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
         tracer._enricher = None
         tracer._records_out = 0
         conn = ConnState(_Info(), {"db.system.name": "postgresql"})
-        parsed = sqlcomment.STATS.parsed
+        parsed = STATS.sqlcomment_parsed
         out: list = []
         for part in (records[: len(records) // 2], records[len(records) // 2:]):  # two hand-overs
             tracer._build(conn, list(part), out)
-        return out, errors, sqlcomment.STATS.parsed - parsed
+        return out, errors, STATS.sqlcomment_parsed - parsed
     finally:
         tracer_mod.log.removeHandler(handler)
         monkeypatch.undo()

@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 
 from pgotel_proxy.protocol.events import Completion, Statement
+from pgotel_proxy.stats import STATS
 from pgotel_proxy.tracing import otlp, spans as spans_mod
 from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
 
@@ -270,16 +271,16 @@ def test_simple_statements_keyed_by_shape_encode_the_same_and_skip_the_parsers(m
         return real(sql, **kw)
 
     monkeypatch.setattr(spans_mod.sqlcomment, "parse", counting)
-    parsed0 = spans_mod.sqlcomment.STATS.parsed
+    parsed0 = STATS.sqlcomment_parsed
     _build(records, True, transaction_spans=False, seed=13)
-    encoded_calls, encoded_parsed = len(calls), spans_mod.sqlcomment.STATS.parsed - parsed0
+    encoded_calls, encoded_parsed = len(calls), STATS.sqlcomment_parsed - parsed0
     calls.clear()
-    parsed0 = spans_mod.sqlcomment.STATS.parsed
+    parsed0 = STATS.sqlcomment_parsed
     readable = _same_request(records, seed=13)
     # the SDK path parses every statement; the encoded path the first of each key
     # (two shapes, the second with two row counts), and counts the same
     assert encoded_calls == 3, encoded_calls
-    assert (spans_mod.sqlcomment.STATS.parsed - parsed0) / 2 == encoded_parsed == len(records)
+    assert (STATS.sqlcomment_parsed - parsed0) / 2 == encoded_parsed == len(records)
     assert len(readable) == 2 * (len(records) - 2)
     assert {s.attributes["db.query.text"] for s in readable if s.name != "execute"} == {
         "SELECT abalance FROM accounts WHERE aid = ? AND name = ?"}
@@ -303,8 +304,8 @@ def test_simple_statements_that_a_key_must_not_stand_for_are_parsed_every_time(m
         records.append(_simple(f"SELECT {i}; SELECT 2 /*traceparent='{tp}'*/", t=t,
                                results=[Completion(t + 20, "SELECT 1", 1), Completion(t + 40, "SELECT 1", 1)]))
         t += 1_000
-    oversized0 = spans_mod.sqlcomment.STATS.oversized
+    oversized0 = STATS.sqlcomment_oversized
     _same_request(records, seed=17)
     # once per statement on each of the two builds
-    assert spans_mod.sqlcomment.STATS.oversized - oversized0 == 2 * 4
+    assert STATS.sqlcomment_oversized - oversized0 == 2 * 4
     assert not [k for k in _kept_shapes(records, capture_parameters=False) if type(k[0]) is str and "/*" in k[0]]

@@ -425,13 +425,13 @@ def test_statements_of_one_send_keep_their_order_in_one_operation():
     tracer = SimpleNamespace(enabled=True, accepting=True, _ops=[], _pending=0, _armed=True, _arm=lambda: None,
                              _sample_rate=1.0, _presample=True)
     session = SimpleNamespace(server_params={"application_name": "app"})
-    handle = process._Handle(tracer, 7, session, ("o",))
+    handle = process._Handle(tracer, 7, session, (process.OP_CONNECTION_OPENED,))
     records = [Statement("simple", f"SELECT {i}", start_ns=i, end_ns=i + 1, status="ok", tx_status="I",
                          results=[Completion(i + 1, "SELECT 1", 1)]) for i in range(5)]
     records[2].error = {"C": "42P01", "M": "no"}
     handle.statements(records)
     assert tracer._pending == 5
-    assert [(op[0], op[1], op[2], op[3]) for op in tracer._ops] == [("p", 7, 5, "app")]
+    assert [(op[0], op[1], op[2], op[3]) for op in tracer._ops] == [(process.OP_STATEMENTS_PACKED, 7, 5, "app")]
     back = process.unpack_records(tracer._ops[0][4])
     assert [r.sql for r in back] == [f"SELECT {i}" for i in range(5)]
     assert back[2].error == {"C": "42P01", "M": "no"}
@@ -499,7 +499,7 @@ def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
     far.setblocking(False)
     try:
         for i in range(300):
-            ops = [("x", i, rnd.randbytes(rnd.choice([1, 50, 3000, 70000])))]
+            ops = [(process.OP_CONNECTION_CLOSED, i, rnd.randbytes(rnd.choice([1, 50, 3000, 70000])))]
             tracer._ops = ops
             process.ProcessTracer._send(tracer)
             sent.append(ops)

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from pglast.parser import ParseError, scan
 
 from pgotel_proxy import sqlcomment
-from pgotel_proxy.sqlcomment import STATS, Comment, TraceContext, parse, parse_traceparent, valid_tracestate
+from pgotel_proxy.sqlcomment import Comment, TraceContext, parse, parse_traceparent, valid_tracestate
+from pgotel_proxy.stats import STATS
 
 TP = "00-5bd66ef5095369c7b0d1f8f4bd33716a-c532cb4098ac3dd2-01"
 TP_TRACE = 0x5BD66EF5095369C7B0D1F8F4BD33716A
@@ -380,13 +381,13 @@ def test_valid_traceparent(value, expected):
 @pytest.mark.parametrize("value", INVALID_TRACEPARENTS)
 def test_invalid_traceparent(value):
     assert parse_traceparent(value) is None
-    before = STATS.invalid_traceparent
+    before = STATS.sqlcomment_parsed_invalid_traceparent
     got = parse(f"SELECT 1 /*traceparent='{quote(value)}',tracestate='{quote(TS)}'*/")
     assert got is not None
     assert got.context is None
     assert got.invalid_traceparent is True
     assert got.tags["traceparent"] == value
-    assert STATS.invalid_traceparent == before + 1
+    assert STATS.sqlcomment_parsed_invalid_traceparent == before + 1
 
 
 @pytest.mark.parametrize(
@@ -419,16 +420,18 @@ def test_tracestate_validation(value, ok):
 
 
 def test_stats_count():
-    before = STATS.snapshot()
+    names = ("sqlcomment_parsed", "sqlcomment_parsed_invalid_traceparent", "sqlcomment_oversized",
+             "sqlcomment_malformed")
+    before = {name: getattr(STATS, name) for name in names}
     parse("SELECT 1 /*a='1'*/")
     parse("SELECT 1 /* plain */")
     parse("SELECT 1 /*" + "a" * 10_000 + "*/")
     parse("SELECT 1 /*" + ",".join(f"k{i}='v'" for i in range(70)) + "*/")
-    after = STATS.snapshot()
-    assert after["parsed"] - before["parsed"] == 2
-    assert after["oversized"] - before["oversized"] == 1
-    assert after["malformed"] - before["malformed"] == 1
-    assert set(after) == {"parsed", "invalid_traceparent", "oversized", "malformed"}
+    after = {name: getattr(STATS, name) for name in names}
+    assert after["sqlcomment_parsed"] - before["sqlcomment_parsed"] == 2
+    assert after["sqlcomment_oversized"] - before["sqlcomment_oversized"] == 1
+    assert after["sqlcomment_malformed"] - before["sqlcomment_malformed"] == 1
+    assert after["sqlcomment_parsed_invalid_traceparent"] == before["sqlcomment_parsed_invalid_traceparent"]
 
 
 def test_pair_and_length_caps():

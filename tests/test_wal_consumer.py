@@ -20,8 +20,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from pgotel_proxy.stats import STATS
 from pgotel_proxy.tracing.export import make_exporter
-from pgotel_proxy.wal import EXTRACT_STATS, CdcConsumer, extract, extract_carrier
+from pgotel_proxy.wal import CdcConsumer, extract, extract_carrier
 from pgotel_proxy.wal import pgoutput as po
 from pgotel_proxy.wal.replication import PgError, ReplicationConnection, parse_dsn
 from pgotel_proxy.wal.scram import ScramClient, ScramError
@@ -219,9 +220,9 @@ def test_extract_every_delivery_form():
     '{"a":' * 5000, b"x" * 1_000_000, None, 12,
 ])
 def test_extract_hostile_content_is_ignored_and_counted(content):
-    before = EXTRACT_STATS["malformed"] + EXTRACT_STATS["oversized"]
+    before = STATS.wal_carrier_malformed + STATS.wal_carrier_oversized
     assert extract(content) is None
-    assert EXTRACT_STATS["malformed"] + EXTRACT_STATS["oversized"] == before + 1
+    assert STATS.wal_carrier_malformed + STATS.wal_carrier_oversized == before + 1
     assert extract_carrier(b'{"traceparent": "x"}') == {"traceparent": "x"}
 
 

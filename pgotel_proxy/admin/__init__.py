@@ -31,7 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from .. import __version__
-from ..stats import METRICS, STATS
+from ..stats import METRICS, PROMETHEUS_PREFIX, STATS
 
 __all__ = ["AdminServer"]
 
@@ -54,7 +54,7 @@ class _StatsCollector:
             if self.tracer is not None:
                 snap["span_queue_size"] = self.tracer.queue_size_now()
         for name, (kind, help_text) in METRICS.items():
-            full = f"pgotel_{name}"
+            full = PROMETHEUS_PREFIX + name
             if kind == "counter":
                 m = CounterMetricFamily(full, help_text)
             else:

@@ -33,6 +33,8 @@
 #include <time.h>
 #include <stddef.h>
 #include "../_cutil.h" /* take_exception */
+#include "_kinds.h" /* FE_* and BE_* message type bytes */
+#include "../_pumplog.h" /* the pump log's head and entry kinds */
 
 #define T_OBJECT_EX_ 16 /* PyMemberDef type of a __slots__ entry (T_OBJECT_EX / Py_T_OBJECT_EX) */
 
@@ -766,12 +768,12 @@ client_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
             break; /* garbage (Python raises) or incomplete */
         Py_ssize_t start = pos + 5, end = pos + 1 + length;
         int r;
-        if (typ == 'd') {
+        if (typ == FE_COPY_DATA) {
             r = 1; /* CopyData: relayed, nothing to account */
         } else {
             if (get(s, s_off[S_SKIPPING]) != Py_False || get(s, s_off[S_COPY_IN_EXT]) != Py_False)
                 break;
-            if (typ != 'H') {
+            if (typ != FE_FLUSH) {
                 Py_ssize_t queued = PyObject_Size(get(s, s_off[S_PENDING]));
                 if (queued < 0) {
                     err = 1;
@@ -781,13 +783,13 @@ client_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
                     break;
             }
             switch (typ) {
-            case 'B': r = client_bind(s, p, start, end, now); break;
-            case 'E': r = client_execute(s, p, start, end, now); break;
-            case 'S': r = client_sync(s); break;
-            case 'P': r = client_parse(s, p, start, end, now); break;
-            case 'D': r = queue(s, K_DESCRIBE, Py_None) < 0 ? -1 : 1; break;
-            case 'H': mark_flushed(s); r = 1; break;
-            case 'Q': r = client_query(s, p, start, end, now); break;
+            case FE_BIND: r = client_bind(s, p, start, end, now); break;
+            case FE_EXECUTE: r = client_execute(s, p, start, end, now); break;
+            case FE_SYNC: r = client_sync(s); break;
+            case FE_PARSE: r = client_parse(s, p, start, end, now); break;
+            case FE_DESCRIBE: r = queue(s, K_DESCRIBE, Py_None) < 0 ? -1 : 1; break;
+            case FE_FLUSH: mark_flushed(s); r = 1; break;
+            case FE_QUERY: r = client_query(s, p, start, end, now); break;
             default: r = 0; /* Close, FunctionCall, COPY, Terminate, garbage: Python */
             }
         }
@@ -983,18 +985,18 @@ server_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
         Py_ssize_t start = pos + 5, end = pos + 1 + length;
         int r = 0;
         PyObject *f, *rec;
-        if (typ == 'D' || typ == 'd') {
+        if (typ == BE_DATA_ROW || typ == BE_COPY_DATA) {
             /* DataRow is counted, CopyData relayed; neither counts as a message here (as in Python). */
-            if (typ == 'D')
+            if (typ == BE_DATA_ROW)
                 rows++;
             pos = end;
             continue;
         }
         switch (typ) {
-        case '1':
-        case '2':
-        case '3':
-            f = front_of(pending, typ == '1' ? K_PARSE : typ == '2' ? K_BIND : K_CLOSE);
+        case BE_PARSE_COMPLETE:
+        case BE_BIND_COMPLETE:
+        case BE_CLOSE_COMPLETE:
+            f = front_of(pending, typ == BE_PARSE_COMPLETE ? K_PARSE : typ == BE_BIND_COMPLETE ? K_BIND : K_CLOSE);
             if (f == NULL)
                 break;
             rec = PyTuple_GET_ITEM(f, 1);
@@ -1006,13 +1008,13 @@ server_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
                 r = -1;
                 break;
             }
-            if (typ != '3' && rec != Py_None)
-                set(rec, r_off[typ == '1' ? R_PARSE_END_NS : R_BIND_END_NS], now);
+            if (typ != BE_CLOSE_COMPLETE && rec != Py_None)
+                set(rec, r_off[typ == BE_PARSE_COMPLETE ? R_PARSE_END_NS : R_BIND_END_NS], now);
             Py_DECREF(rec);
             r = 1;
             break;
-        case 'T':
-        case 'n':
+        case BE_ROW_DESCRIPTION:
+        case BE_NO_DATA:
             if (PyObject_Size(pending) == 0) {
                 r = 1;
                 break;
@@ -1025,7 +1027,7 @@ server_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
             else
                 r = 1;
             break;
-        case 'C': {
+        case BE_COMMAND_COMPLETE: {
             if (end - 1 < start)
                 break;
             f = front_of(pending, -1);
@@ -1084,7 +1086,7 @@ server_loop(PyObject *s, const unsigned char *p, Py_ssize_t pos, Py_ssize_t n, P
             r = -1;
             break;
         }
-        case 'Z':
+        case BE_READY_FOR_QUERY:
             if (end <= start)
                 break;
             r = server_ready(s, p[start], now);
@@ -2043,21 +2045,18 @@ static PyTypeObject FeedType = {
  *
  * observe_log(log, pumped, resume) -> dict
  *     Feed what the compiled pump relayed for traced sessions (its log,
- *     proxy/_pump.c: per chunk an i64 pair id, i32 kind, i32 length and i64
- *     receive time in native byte order, then the chunk) to the sessions of
+ *     proxy/_pump.c, laid out in _pumplog.h) to the sessions of
  *     the connections in ``pumped`` (pair id -> connection), in order, as
- *     ClientConnection.pump_observe does: a client (0) or server (1) chunk of
+ *     ClientConnection.pump_observe does: a LOG_CLIENT or LOG_SERVER chunk of
  *     the common kind goes through client_loop / server_loop without a Python
  *     frame. Any other record goes to resume(conn, kind, log, at, stop, ts),
  *     nothing done from ``at`` on: where the loop stopped, the chunk's start
  *     when the session holds bytes or is out of step, or the exception the loop
- *     raised; kind 2 (the pump handed the pair back) always. Records of pairs
+ *     raised; LOG_HANDBACK (the pump handed the pair back) always. Records of pairs
  *     not in ``pumped`` are skipped. Returns the connections fed (pair id ->
  *     connection) for the caller to hand their finished statements on; a
  *     pair handed back is left out (pump_back does that itself).
  */
-#define LOG_HEAD 24
-#define LOG_BACK 2
 
 static PyObject *str_session;
 
@@ -2094,10 +2093,10 @@ log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t s
     if (s == NULL)
         return -1;
     int fast = 0;
-    if (kind == 0 || kind == 1) {
+    if (kind == LOG_CLIENT || kind == LOG_SERVER) {
         if (check_session(s) < 0)
             PyErr_Clear(); /* not a Session of this layout: Python does it */
-        else if (kind == 0)
+        else if (kind == LOG_CLIENT)
             fast = is_empty_bytes(get(s, s_off[S_CBUF])) && is_zero(get(s, s_off[S_CSKIP]));
         else
             fast = get(s, s_off[S_OUT_OF_SYNC]) == Py_None && is_empty_bytes(get(s, s_off[S_SBUF])) &&
@@ -2107,7 +2106,7 @@ log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t s
     PyObject *at_obj = NULL;
     if (fast) {
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(log);
-        at = kind == 0 ? client_loop(s, p, start, stop, ts) : server_loop(s, p, start, stop, ts);
+        at = kind == LOG_CLIENT ? client_loop(s, p, start, stop, ts) : server_loop(s, p, start, stop, ts);
         if (at == stop) {
             Py_DECREF(s);
             return 0;
@@ -2170,7 +2169,7 @@ observe_log(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         int r = -1;
         PyObject *ts = PyLong_FromLongLong(ts_ns);
         if (ts != NULL) {
-            if (kind == LOG_BACK) {
+            if (kind == LOG_HANDBACK) {
                 r = PyDict_Contains(touched, key);
                 if (r == 1)
                     r = PyDict_DelItem(touched, key);

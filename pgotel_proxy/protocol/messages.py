@@ -1,17 +1,24 @@
-"""Message type bytes, the few decoders the tracer needs, and encoders for what the proxy says itself.
+"""The few message decoders the tracer needs, and encoders for what the proxy says itself.
 
 Names follow the "Message Formats" chapter of the PostgreSQL documentation;
-(F) marks frontend messages, (B) backend ones. Decoders take the buffer and the
-payload bounds (after type byte and length) so nothing is copied before it is
-known to be needed.
+(F) marks frontend messages, (B) backend ones; the type bytes are named in
+:mod:`.kinds`. Decoders take the buffer and the payload bounds (after type
+byte and length) so nothing is copied before it is known to be needed.
 """
 
 from __future__ import annotations
 
 import struct
 
+from .kinds import (
+    BACKEND_AUTHENTICATION,
+    BACKEND_ERROR_RESPONSE,
+    FRONTEND_FLUSH,
+    FRONTEND_QUERY,
+    FRONTEND_SYNC,
+)
+
 __all__ = [
-    "FRONTEND_TYPES",
     "SSL_REQUEST_CODE",
     "GSSENC_REQUEST_CODE",
     "CANCEL_REQUEST_CODE",
@@ -25,14 +32,14 @@ __all__ = [
     "encode_sasl_mechanisms",
     "error_response",
     "query_message",
-    "frontend_message",
+    "typed_message",
     "FLUSH",
     "SYNC",
 ]
 
-_I = struct.Struct("!I")
-_i = struct.Struct("!i")
-_H = struct.Struct("!H")
+_UINT32 = struct.Struct("!I")
+_INT32 = struct.Struct("!i")
+_UINT16 = struct.Struct("!H")
 
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -40,11 +47,8 @@ CANCEL_REQUEST_CODE = 80877102
 PROTOCOL_3_0 = 196608
 PROTOCOL_3_2 = 196610
 
-# Frontend (F) message types, after start-up. Anything else from a client is garbage.
-FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
-
-FLUSH = b"H\x00\x00\x00\x04"
-SYNC = b"S\x00\x00\x00\x04"
+FLUSH = bytes((FRONTEND_FLUSH, 0, 0, 0, 4))
+SYNC = bytes((FRONTEND_SYNC, 0, 0, 0, 4))
 
 
 def cstring(buf, start: int) -> tuple[str, int]:
@@ -72,15 +76,15 @@ def decode_bind(buf, start: int, end: int, want_params: bool = False):
     stmt, pos = cstring(buf, pos)
     if not want_params:
         return portal, stmt, None
-    (nfmt,) = _H.unpack_from(buf, pos)
+    (nfmt,) = _UINT16.unpack_from(buf, pos)
     pos += 2
-    fmts = [_H.unpack_from(buf, pos + 2 * i)[0] for i in range(nfmt)]
+    fmts = [_UINT16.unpack_from(buf, pos + 2 * i)[0] for i in range(nfmt)]
     pos += 2 * nfmt
-    (nparams,) = _H.unpack_from(buf, pos)
+    (nparams,) = _UINT16.unpack_from(buf, pos)
     pos += 2
     params: list[str | None] = []
     for i in range(nparams):
-        (ln,) = _i.unpack_from(buf, pos)
+        (ln,) = _INT32.unpack_from(buf, pos)
         pos += 4
         if ln < 0:
             params.append(None)
@@ -115,8 +119,8 @@ def decode_sasl_mechanisms(buf, start: int, end: int) -> list[str]:
 
 def encode_sasl_mechanisms(mechs: list[str]) -> bytes:
     """A whole AuthenticationSASL (B) message offering ``mechs``."""
-    body = _I.pack(10) + b"".join(m.encode() + b"\x00" for m in mechs) + b"\x00"
-    return b"R" + _I.pack(len(body) + 4) + body
+    body = _UINT32.pack(10) + b"".join(m.encode() + b"\x00" for m in mechs) + b"\x00"
+    return typed_message(BACKEND_AUTHENTICATION, body)
 
 
 def error_response(sqlstate: str, message: str, severity: str = "FATAL", detail: str | None = None) -> bytes:
@@ -130,14 +134,14 @@ def error_response(sqlstate: str, message: str, severity: str = "FATAL", detail:
     if detail:
         parts.append(b"D" + detail.encode("utf-8", "replace") + b"\x00")
     body = b"".join(parts) + b"\x00"
-    return b"E" + _I.pack(len(body) + 4) + body
+    return typed_message(BACKEND_ERROR_RESPONSE, body)
 
 
-def frontend_message(type_byte: bytes, body: bytes) -> bytes:
-    """A whole typed message: type byte, int32 length, body."""
-    return type_byte + _I.pack(len(body) + 4) + body
+def typed_message(kind: int, body: bytes) -> bytes:
+    """A whole typed message of either direction: type byte (a :mod:`.kinds` name), int32 length, body."""
+    return bytes((kind,)) + _UINT32.pack(len(body) + 4) + body
 
 
 def query_message(sql: str) -> bytes:
     """Query (F)."""
-    return frontend_message(b"Q", sql.encode() + b"\x00")
+    return typed_message(FRONTEND_QUERY, sql.encode() + b"\x00")

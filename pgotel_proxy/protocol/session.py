@@ -32,10 +32,47 @@ from collections import deque
 from .errors import ProtocolViolation
 from . import records
 from .events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
+from .kinds import (
+    BACKEND_AUTHENTICATION,
+    BACKEND_BACKEND_KEY_DATA,
+    BACKEND_BIND_COMPLETE,
+    BACKEND_CLOSE_COMPLETE,
+    BACKEND_COMMAND_COMPLETE,
+    BACKEND_COPY_BOTH_RESPONSE,
+    BACKEND_COPY_DATA,
+    BACKEND_COPY_IN_RESPONSE,
+    BACKEND_COPY_OUT_RESPONSE,
+    BACKEND_DATA_ROW,
+    BACKEND_EMPTY_QUERY_RESPONSE,
+    BACKEND_ERROR_RESPONSE,
+    BACKEND_NO_DATA,
+    BACKEND_NOTICE_RESPONSE,
+    BACKEND_NOTIFICATION_RESPONSE,
+    BACKEND_PARAMETER_STATUS,
+    BACKEND_PARSE_COMPLETE,
+    BACKEND_PORTAL_SUSPENDED,
+    BACKEND_READY_FOR_QUERY,
+    BACKEND_ROW_DESCRIPTION,
+    FRONTEND_BIND,
+    FRONTEND_CLOSE,
+    FRONTEND_COPY_DATA,
+    FRONTEND_COPY_DONE,
+    FRONTEND_COPY_FAIL,
+    FRONTEND_DESCRIBE,
+    FRONTEND_EXECUTE,
+    FRONTEND_FLUSH,
+    FRONTEND_FUNCTION_CALL,
+    FRONTEND_PARSE,
+    FRONTEND_PASSWORD,
+    FRONTEND_QUERY,
+    FRONTEND_SYNC,
+    FRONTEND_TERMINATE,
+    FRONTEND_TYPES,
+    TARGET_STATEMENT,
+)
 from .scan import run_end as _run_end
 from .messages import (
     FLUSH,
-    FRONTEND_TYPES,
     decode_bind,
     decode_error_fields,
     decode_parse,
@@ -60,13 +97,8 @@ _PREFIX = 8
 INJECTED = 1  # the proxy: every answer is removed
 INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
 
-# Type bytes, as ints (indexing bytes yields ints).
-_D, _C, _Z, _T, _E, _N, _A, _S = b"DCZTENAS"
-_ONE, _TWO, _THREE, _t, _n, _s, _I = b"123tnsI"
-_G, _H, _W, _d, _c, _V, _K, _R, _v = b"GHWdcVKRv"
-_Q, _P, _B, _Ee, _F, _X, _f, _p = b"QPBEFXfp"
-
-_ASYNC_SERVER = frozenset((_N, _A, _S))
+# Server messages that may arrive at any time and answer no request.
+_ASYNC_SERVER = frozenset((BACKEND_NOTICE_RESPONSE, BACKEND_NOTIFICATION_RESPONSE, BACKEND_PARAMETER_STATUS))
 
 
 def _shift_position(buf, start: int, end: int, typ: int, shift: int) -> bytes | None:
@@ -355,19 +387,19 @@ class Session:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
             mend = pos + 1 + length
             self.messages_in += 1
-            if typ == _X:
+            if typ == FRONTEND_TERMINATE:
                 self.client_terminated = True
             if mend > n:
-                if typ == _d or length > self.observe_limit or not observing:
+                if typ == FRONTEND_COPY_DATA or length > self.observe_limit or not observing:
                     # Relay without holding: COPY data, huge messages, or nothing to decode.
-                    if observing and typ != _d:
+                    if observing and typ != FRONTEND_COPY_DATA:
                         self._client_message(typ, None, 0, 0, now)
                     self._cskip = mend - n
                     pos = n
                 else:
                     self._cbuf = data[pos:]
                 break
-            if observing and typ != _d:
+            if observing and typ != FRONTEND_COPY_DATA:
                 inj = self.injector
                 if inj is not None:
                     res = inj.before(self, typ, data, pos + 5, mend)
@@ -392,9 +424,11 @@ class Session:
                     self._last_rec.extra = extra
                     if "position_shift" in extra:
                         self._shifted += 1
-                if observing and self.flush_phases and (typ == _P or typ == _B or typ == _Ee):
+                if observing and self.flush_phases and (
+                    typ == FRONTEND_PARSE or typ == FRONTEND_BIND or typ == FRONTEND_EXECUTE
+                ):
                     nxt = data[mend] if mend < n else -1
-                    if nxt != _H and nxt != _S:
+                    if nxt != FRONTEND_FLUSH and nxt != FRONTEND_SYNC:
                         if out is None:
                             out = []
                         out.append(data[seg:mend])
@@ -437,7 +471,7 @@ class Session:
 
     def _client_message(self, typ: int, buf, start: int, end: int, now: int) -> None:
         """Account one whole client message (``buf`` is None when it was too large to decode)."""
-        if typ == _Q:
+        if typ == FRONTEND_QUERY:
             sql = None if buf is None else bytes(buf[start : end - 1]).decode("utf-8", "replace")
             rec = Statement("simple", sql, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
@@ -446,9 +480,9 @@ class Session:
             self._batch_parsed.clear()
             self._queue(_QUERY, rec)
             return
-        if typ == _S or typ == _H:
+        if typ == FRONTEND_SYNC or typ == FRONTEND_FLUSH:
             self._mark_flushed()
-            if typ == _S:
+            if typ == FRONTEND_SYNC:
                 batch = self._batch
                 self._batch = []
                 self._batch_parsed.clear()
@@ -456,34 +490,41 @@ class Session:
                 self._queue(_SYNC, batch)
                 self._last_rec = None
             return
-        if typ in (_C, _X, _f, _c, _p, _d):
-            if self._copy_in_ext and (typ == _c or typ == _f):
+        if typ in (
+            FRONTEND_CLOSE,
+            FRONTEND_TERMINATE,
+            FRONTEND_COPY_FAIL,
+            FRONTEND_COPY_DONE,
+            FRONTEND_PASSWORD,
+            FRONTEND_COPY_DATA,
+        ):
+            if self._copy_in_ext and (typ == FRONTEND_COPY_DONE or typ == FRONTEND_COPY_FAIL):
                 self._copy_in_ended()
-            if typ == _C and buf is not None:
+            if typ == FRONTEND_CLOSE and buf is not None:
                 # Close (F): 'S' statement or 'P' portal.
                 which = buf[start]
                 name = bytes(buf[start + 1 : end - 1]).decode("utf-8", "replace")
-                if which == 83:  # 'S'
+                if which == TARGET_STATEMENT:
                     self._prepared.pop(name, None)
                 else:
                     self._portals.pop(name, None)
-            if typ == _C and not self._skipping:
+            if typ == FRONTEND_CLOSE and not self._skipping:
                 self._queue(_CLOSE, None)
             return
         if self._skipping:
             # The server is discarding everything up to Sync after an error.
-            if typ == _P or typ == _B or typ == _Ee:
+            if typ == FRONTEND_PARSE or typ == FRONTEND_BIND or typ == FRONTEND_EXECUTE:
                 rec = self._extended_rec(typ, buf, start, end, now)
                 if rec is not None and rec.status == "pending":
                     rec.status = "skipped"
                     rec.end_ns = now
             return
-        if typ == _P or typ == _B or typ == _Ee:
+        if typ == FRONTEND_PARSE or typ == FRONTEND_BIND or typ == FRONTEND_EXECUTE:
             rec = self._extended_rec(typ, buf, start, end, now)
-            self._queue(_PARSE if typ == _P else _BIND if typ == _B else _EXECUTE, rec)
-        elif typ == _D:
+            self._queue(_PARSE if typ == FRONTEND_PARSE else _BIND if typ == FRONTEND_BIND else _EXECUTE, rec)
+        elif typ == FRONTEND_DESCRIBE:
             self._queue(_DESCRIBE, None)
-        elif typ == _F:
+        elif typ == FRONTEND_FUNCTION_CALL:
             rec = Statement("function", None, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
             self._queue(_FUNC, rec)
@@ -513,7 +554,7 @@ class Session:
     def _extended_rec(self, typ: int, buf, start: int, end: int, now: int) -> Statement | None:
         """Find or make the Statement a Parse / Bind / Execute belongs to."""
         batch = self._batch
-        if typ == _P:
+        if typ == FRONTEND_PARSE:
             if buf is None:
                 name, sql = "", None
             else:
@@ -527,7 +568,7 @@ class Session:
             self._batch_parsed[name] = rec
             batch.append(rec)
             return rec
-        if typ == _B:
+        if typ == FRONTEND_BIND:
             if buf is None:
                 portal, stmt, params = "", "", None
             else:
@@ -650,13 +691,13 @@ class Session:
                 break
             typ = data[pos]
             mend = pos + 1 + _unpack_I(data, pos + 1)[0]
-            if out is None and (typ == _D or typ == _d):
+            if out is None and (typ == BACKEND_DATA_ROW or typ == BACKEND_COPY_DATA):
                 # Already forwarded: a run of DataRows (a large result is millions of
                 # them; each is only counted) or of CopyData (COPY TO STDOUT,
                 # replication streams: relayed, never held or decoded, so a large row
                 # costs no re-joining of chunks), stepped over in one call.
                 mend, count = _run_end(data, pos, n, typ)
-                if typ == _D:
+                if typ == BACKEND_DATA_ROW:
                     self._rows += count
                 if mend > n:
                     self._sskip = mend - n
@@ -664,7 +705,7 @@ class Session:
                     break
                 pos = mend
                 continue
-            if typ == _D:
+            if typ == BACKEND_DATA_ROW:
                 if out is not None and self._suppressing():
                     # Answer to the proxy's own request: held until whole, read, removed.
                     if mend > n:
@@ -701,7 +742,7 @@ class Session:
                 suppress = (
                     self._suppressing()
                     and typ not in _ASYNC_SERVER
-                    and not (typ == _E and self._pending[0][2] == INJECTED_ERRORS_PASS)
+                    and not (typ == BACKEND_ERROR_RESPONSE and self._pending[0][2] == INJECTED_ERRORS_PASS)
                 )
                 first = not self.ready
                 try:
@@ -711,7 +752,7 @@ class Session:
                     # (the caller stops observing).
                     out.append(data[max(pos, fwd) :])
                     raise
-                if typ == _Z and first and self.hold_first_ready and self.ready:
+                if typ == BACKEND_READY_FOR_QUERY and first and self.hold_first_ready and self.ready:
                     self.hold_first_ready = False
                     self._held_ready = bytes(data[pos:mend])
                     suppress = True
@@ -720,7 +761,12 @@ class Session:
                         out.append(replacement)
                     else:
                         out.append(data[max(pos, fwd) : mend])
-                if typ == _Z and self._held_ready is not None and self._injected_pending == 0 and not first:
+                if (
+                    typ == BACKEND_READY_FOR_QUERY
+                    and self._held_ready is not None
+                    and self._injected_pending == 0
+                    and not first
+                ):
                     out.append(self._held_ready)
                     self._held_ready = None
                 if not self.server_hold:
@@ -774,7 +820,7 @@ class Session:
 
     def _server_message(self, typ: int, buf, start: int, end: int, now: int) -> bytes | None:
         """Account one whole server message; may return a replacement for it (hold mode only)."""
-        if typ == _C:
+        if typ == BACKEND_COMMAND_COMPLETE:
             tag = None if buf is None else bytes(buf[start : end - 1]).decode("ascii", "replace")
             front = self._pending[0] if self._pending else None
             if front is not None and front[0] == _QUERY:
@@ -797,24 +843,24 @@ class Session:
                 rec.status = "ok"
             self._rows = 0
             return None
-        if typ == _Z:
+        if typ == BACKEND_READY_FOR_QUERY:
             self._ready_for_query(buf[start] if buf is not None else 0, now)
             return None
-        if typ == _ONE:
+        if typ == BACKEND_PARSE_COMPLETE:
             rec = self._pop(_PARSE)
             if rec is not None:
                 rec.parse_end_ns = now
             return None
-        if typ == _TWO:
+        if typ == BACKEND_BIND_COMPLETE:
             rec = self._pop(_BIND)
             if rec is not None:
                 rec.bind_end_ns = now
             return None
-        if typ == _T or typ == _n:
+        if typ == BACKEND_ROW_DESCRIPTION or typ == BACKEND_NO_DATA:
             if self._pending and self._pending[0][0] == _DESCRIBE:
                 self._pop(_DESCRIBE)
             return None
-        if typ == _E or typ == _N:
+        if typ == BACKEND_ERROR_RESPONSE or typ == BACKEND_NOTICE_RESPONSE:
             front = self._pending[0] if self._pending else None
             shift = 0
             if self._shifted and front is not None and buf is not None:
@@ -822,43 +868,48 @@ class Session:
                     front = self._pending[1]  # a parse error of the whole text: nothing ran
                 if front[0] == _QUERY and not front[2] and front[1].extra:
                     shift = front[1].extra.get("position_shift", 0)
-            if typ == _E:
+            if typ == BACKEND_ERROR_RESPONSE:
                 self._error(decode_error_fields(buf, start, end) if buf is not None else {}, now)
             return _shift_position(buf, start, end, typ, shift) if shift else None
-        if typ == _s or typ == _I:
+        if typ == BACKEND_PORTAL_SUSPENDED or typ == BACKEND_EMPTY_QUERY_RESPONSE:
             front = self._pending[0] if self._pending else None
-            if typ == _I and front is not None and front[0] == _QUERY:
+            if typ == BACKEND_EMPTY_QUERY_RESPONSE and front is not None and front[0] == _QUERY:
                 front[1].results.append(Completion(now, None, 0))
                 return None
             rec = self._pop(_EXECUTE)
             if rec is not None:
                 rec.end_ns = now
                 rec.rows = self._rows
-                rec.status = "suspended" if typ == _s else "ok"
+                rec.status = "suspended" if typ == BACKEND_PORTAL_SUSPENDED else "ok"
             self._rows = 0
             return None
-        if typ == _THREE:
+        if typ == BACKEND_CLOSE_COMPLETE:
             self._pop(_CLOSE)
             return None
-        if typ == _G or typ == _H or typ == _W:
+        if typ == BACKEND_COPY_IN_RESPONSE or typ == BACKEND_COPY_OUT_RESPONSE or typ == BACKEND_COPY_BOTH_RESPONSE:
             front = self._pending[0] if self._pending else None
             if front is not None and front[1] is not None and front[0] in (_QUERY, _EXECUTE):
-                front[1].copy = "in" if typ == _G else "out" if typ == _H else "both"
-                if typ == _G and front[0] == _EXECUTE:
+                if typ == BACKEND_COPY_IN_RESPONSE:
+                    front[1].copy = "in"
+                elif typ == BACKEND_COPY_OUT_RESPONSE:
+                    front[1].copy = "out"
+                else:
+                    front[1].copy = "both"
+                if typ == BACKEND_COPY_IN_RESPONSE and front[0] == _EXECUTE:
                     self._copy_in_ext = True
             return None
-        if typ == _K:
+        if typ == BACKEND_BACKEND_KEY_DATA:
             if buf is not None:
                 self.backend_pid = _unpack_I(buf, start)[0]
                 self.cancel_key = bytes(buf[start + 4 : end])
             return None
-        if typ == _S:
+        if typ == BACKEND_PARAMETER_STATUS:
             if buf is not None:
                 raw = bytes(buf[start:end]).split(b"\x00")
                 if len(raw) >= 2 and len(self.server_params) < 256:
                     self.server_params[raw[0].decode("utf-8", "replace")] = raw[1].decode("utf-8", "replace")
             return None
-        if typ == _R:
+        if typ == BACKEND_AUTHENTICATION:
             if buf is not None:
                 code = _unpack_I(buf, start)[0]
                 if code == 0:

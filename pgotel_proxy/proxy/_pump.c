@@ -49,6 +49,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../_pumplog.h" /* LOG_HEAD, LOG_CLIENT, LOG_SERVER, LOG_HANDBACK */
+
 #define CHUNK 65536
 #define MAX_EVENTS 64
 #define CMD_TAG UINT64_MAX
@@ -56,8 +58,6 @@
 
 enum { CMD_ADD, CMD_CLOSE };
 
-/* Log entry kinds (observed pairs). */
-enum { LOG_CLIENT, LOG_SERVER, LOG_HANDBACK };
 /* Why a pair is handed back. */
 enum { BACK_VIOLATION = 1, BACK_SERVER_END = 2 };
 
@@ -850,7 +850,8 @@ pump_add(Pump *p, PyObject *args, PyObject *kw)
 
 PyDoc_STRVAR(take_log_doc,
 "take_log() -> bytes: the observation log since the last call (entries: id int64, kind int32, length int32,\n"
-"receive time ns int64, then length bytes; kind 0 client bytes, 1 server bytes, 2 the pair handed back).");
+"receive time ns int64, then length bytes; kind 0 client bytes, 1 server bytes, 2 the pair handed back:\n"
+"LOG_CLIENT, LOG_SERVER, LOG_HANDBACK in _pumplog.h).");
 
 static PyObject *
 pump_take_log(Pump *p, PyObject *unused)

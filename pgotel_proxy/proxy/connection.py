@@ -38,7 +38,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
-from ..protocol.messages import FRONTEND_TYPES, error_response
+from ..protocol.kinds import FRONTEND_TYPES
+from ..protocol.messages import error_response
 from ..protocol.session import COMPILED as CODEC_COMPILED
 from ..stats import STATS
 
@@ -72,6 +73,10 @@ _SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocke
 _DELIVER_AT = 32
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
 _FRONTEND_TYPES = bytes(sorted(FRONTEND_TYPES))
+# Kinds of the pump's log entries (_pumplog.h, which the C side includes).
+PUMP_LOG_CLIENT = 0  # bytes the client sent, already forwarded
+PUMP_LOG_SERVER = 1  # bytes the server sent, already forwarded
+PUMP_LOG_HANDBACK = 2  # the pair is handed back to the event loop
 # A pair the pump hands back (_pump.c): reason, errno, client fd, server fd, then the lengths of the
 # chunk it did not forward and of what it kept for the server and for the client.
 _BACK = struct.Struct("=iiiiIIII")
@@ -616,21 +621,21 @@ class ClientConnection:
         return True
 
     def pump_observe(self, kind: int, log: bytes, start: int, stop: int, ts: int) -> None:
-        """Observe a chunk the pump relayed, ``log[start:stop]`` (kind 0: from the client, 1: from the server)."""
+        """Observe a chunk the pump relayed, ``log[start:stop]`` (kind PUMP_LOG_CLIENT or PUMP_LOG_SERVER)."""
         if not self.observe:
             return
         session = self.session
         try:
-            if kind == 0:
+            if kind == PUMP_LOG_CLIENT:
                 session.client_observe(log, start, stop, ts)  # nothing is spliced in on a pumped session
             else:
                 session.server_observe(log, ts, start, stop)
         except Exception as exc:  # as in the asyncio relay: the bytes went on, observation stops
-            self.stop_observing("client" if kind == 0 else "server", exc)
+            self.stop_observing("client" if kind == PUMP_LOG_CLIENT else "server", exc)
 
     def pump_failed(self, kind: int, exc: BaseException) -> None:
         """The compiled loop raised on a chunk the pump relayed: as pump_observe handles it."""
-        if kind == 0:
+        if kind == PUMP_LOG_CLIENT:
             self.stop_observing("client", exc)
         else:
             self.session.desync(f"server stream: {exc!r}")  # as server_observe does

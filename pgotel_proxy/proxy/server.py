@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..protocol.messages import error_response
 from ..protocol.session import observe_log
 from ..stats import STATS
-from .connection import ClientConnection
+from .connection import PUMP_LOG_HANDBACK, ClientConnection
 
 try:  # the compiled relay of unobserved connections (_pump.c)
     from ._pump import Pump
@@ -32,14 +32,13 @@ if os.environ.get("PGOTEL_PURE_PYTHON"):
     Pump = None
 from .tls import client_context, upstream_context
 
-# The pump's observation log (_pump.c): an entry's head, and a hand-back's numbers.
+# The head of an entry in the pump's observation log (_pumplog.h).
 _LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
-_LOG_BACK = 2
 
 
 def _resume(conn: ClientConnection, kind: int, log: bytes, at: int | BaseException, stop: int, ts: int) -> None:
     """One record of the pump's log, ``log[at:stop]``, for Python (observe_log leaves it here)."""
-    if kind == _LOG_BACK:
+    if kind == PUMP_LOG_HANDBACK:
         conn.pump_back(log[at:stop], ts)
     elif isinstance(at, BaseException):
         conn.pump_failed(kind, at)
@@ -415,11 +414,11 @@ class ProxyServer:
         pos, end = 0, len(data)
         while pos < end:
             pair, kind, length, ts = head(data, pos)
-            pos += 24
+            pos += _LOG_HEAD.size
             stop = pos + length
             conn = pumped.get(pair)
             if conn is not None:
-                if kind == _LOG_BACK:
+                if kind == PUMP_LOG_HANDBACK:
                     touched.pop(pair, None)
                 else:
                     touched[pair] = conn

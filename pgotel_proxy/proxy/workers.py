@@ -85,6 +85,9 @@ _SIGNALS = _HELD | {signal.SIGCHLD}
 # CancelRequest; reply = kind, id, answering worker, owned (1) or not (0).
 _REQUEST = struct.Struct("=cQH")
 _REPLY = struct.Struct("=cQHB")
+# Their kinds (the first byte).
+_CANCEL_REQUEST = b"Q"
+_CANCEL_REPLY = b"R"
 
 
 class SharedArea:
@@ -304,7 +307,7 @@ class WorkerLink:
         if sock is None or self.area.workers < 2:
             return False
         req = next(self._ids)
-        msg = _REQUEST.pack(b"Q", req, self.index) + bytes(raw)
+        msg = _REQUEST.pack(_CANCEL_REQUEST, req, self.index) + bytes(raw)
         asked: set[int] = set()
         for i in range(self.area.workers):
             if i == self.index:
@@ -343,9 +346,9 @@ class WorkerLink:
                 log.warning("sibling socket failed: %s", exc)
                 return
             kind = data[:1]
-            if kind == b"Q" and len(data) > _REQUEST.size:
+            if kind == _CANCEL_REQUEST and len(data) > _REQUEST.size:
                 self._on_request(data)
-            elif kind == b"R" and len(data) == _REPLY.size:
+            elif kind == _CANCEL_REPLY and len(data) == _REPLY.size:
                 _, req, who, owned = _REPLY.unpack(data)
                 self._on_reply(req, who, bool(owned))
 
@@ -375,7 +378,7 @@ class WorkerLink:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(_REPLY.pack(b"R", req, self.index, int(owned)), self.path(origin))
+            self._sock.sendto(_REPLY.pack(_CANCEL_REPLY, req, self.index, int(owned)), self.path(origin))
         except OSError as exc:
             log.debug("cannot answer worker %d: %s", origin, exc)
 

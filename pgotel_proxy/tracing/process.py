@@ -19,17 +19,20 @@ SDK, protobuf or the SQL parser.
 
 Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
-* relay → helper: the configuration first, then lists of operations in order:
-  ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
-  connection opened; ``("p", conn, count, application_name, packed, drawn)``
+* relay → helper: the configuration first, then lists of operations in order,
+  each a tuple whose first element names it (the ``OP_*`` constants below):
+  ``(OP_CONNECTION_OPENED, conn, base_attrs, backend_pid,
+  startup_application_name)`` a connection opened;
+  ``(OP_STATEMENTS_PACKED, conn, count, application_name, packed, drawn)``
   finished statements in the records' compact form (``protocol/records.py``,
   ``protocol.session.pack_records``), which carries every field of every
   record; ``drawn``: the relay's draw kept these new roots (below a sample
   rate of 1 the relay draws for the roots it can tell, ``sampling.Presampler``,
-  and what its draw leaves out is never handed over); ``("g", conn)``
-  statements of that connection went unseen; ``("x", conn)`` it closed;
-  ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
-  ``("s",)`` build and export what is left, then exit.
+  and what its draw leaves out is never handed over);
+  ``(OP_STATEMENTS_UNSEEN, conn)`` statements of that connection went unseen;
+  ``(OP_CONNECTION_CLOSED, conn)`` it closed; ``(OP_SAMPLE_RATE, rate)`` new
+  sample rate; ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP,)`` build and
+  export what is left, then exit.
 * helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
   "flushed": seq}``. The helper's counters (spans built, exported, dropped,
   export failures) are the ones ``/metrics`` shows.
@@ -73,6 +76,16 @@ from .sampling import Presampler
 __all__ = ["ProcessTracer", "CHILD_COUNTERS"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
+
+# Operations, relay -> helper: the first element of each tuple (see the module docstring).
+# The values are what goes over the socket (marshal data, one short string each).
+OP_CONNECTION_OPENED = "o"
+OP_STATEMENTS_PACKED = "p"
+OP_STATEMENTS_UNSEEN = "g"
+OP_CONNECTION_CLOSED = "x"
+OP_SAMPLE_RATE = "r"
+OP_FLUSH = "f"
+OP_STOP = "s"
 
 #: Counters the helper owns; the relay process shows the helper's values.
 CHILD_COUNTERS = (
@@ -192,7 +205,7 @@ class _Handle:
                 STATS.statements_dropped += len(records)
             if not self.gap:
                 self.gap = True
-                t._ops.append(("g", self.conn_id))
+                t._ops.append((OP_STATEMENTS_UNSEEN, self.conn_id))
             return
         self.gap = False
         app = self.session.server_params.get("application_name")
@@ -210,13 +223,13 @@ class _Handle:
         t._arm()  # (sooner, when only an idle look was set)
 
     def _hand(self, t, app, records: list, drawn: bool) -> None:
-        t._ops.append(("p", self.conn_id, len(records), app, pack_records(records), drawn))
+        t._ops.append((OP_STATEMENTS_PACKED, self.conn_id, len(records), app, pack_records(records), drawn))
         t._pending += len(records)
 
     def close(self) -> None:
         t = self.tracer
         t._handles.pop(self.conn_id, None)
-        t._ops.append(("x", self.conn_id))
+        t._ops.append((OP_CONNECTION_CLOSED, self.conn_id))
         if not t._armed:
             t._arm()
 
@@ -411,7 +424,7 @@ class ProcessTracer:
         if not 0.0 <= rate <= 1.0:
             raise ValueError("sample rate must be between 0 and 1")
         self._sample_rate = rate
-        self._ops.append(("r", rate))
+        self._ops.append((OP_SAMPLE_RATE, rate))
         self._send_soon()
         log.info("sample rate set to %s", rate)
 
@@ -431,7 +444,7 @@ class ProcessTracer:
         self._next_conn += 1
         conn_id = self._next_conn
         session = info.session
-        op = ("o", conn_id, connection_attributes(info), session.backend_pid,
+        op = (OP_CONNECTION_OPENED, conn_id, connection_attributes(info), session.backend_pid,
               session.startup_params.get("application_name"))
         handle = _Handle(self, conn_id, session, op)
         self._handles[conn_id] = handle
@@ -576,12 +589,12 @@ class ProcessTracer:
         """Statements that cannot be handed over: counted; connection events still go."""
         keep = []
         for op in ops:
-            if op[0] in ("b", "p"):
+            if op[0] == OP_STATEMENTS_PACKED:
                 STATS.statements_dropped += op[2]
                 h = self._handles.get(op[1])
                 if h is not None and not h.gap:
                     h.gap = True
-                    keep.append(("g", op[1]))
+                    keep.append((OP_STATEMENTS_UNSEEN, op[1]))
             else:
                 keep.append(op)
         if keep:
@@ -594,7 +607,7 @@ class ProcessTracer:
         deadline = time.monotonic() + timeout
         self._flush_seq += 1
         seq = self._flush_seq
-        self._ops.append(("f", seq))
+        self._ops.append((OP_FLUSH, seq))
         self._send_soon()
         with self._flush_cond:
             while self._flushed < seq and self._sock is not None:
@@ -612,7 +625,7 @@ class ProcessTracer:
         self._stopping = True
         if self._loop is None or not self._loop.is_running():
             self._collect()
-        self._ops.append(("s",))
+        self._ops.append((OP_STOP,))
         self._send(blocking_until=deadline)
         proc, reader = self._proc, self._reader
         if proc is not None:
@@ -779,7 +792,7 @@ def child_main(fd: int) -> int:
             spans: list = []
             for op in ops:
                 kind = op[0]
-                if kind == "p":
+                if kind == OP_STATEMENTS_PACKED:
                     state = conns.get(op[1])
                     if state is None:
                         continue
@@ -791,22 +804,22 @@ def child_main(fd: int) -> int:
                         STATS.spans_started += len(spans)
                         pipeline.put_paced(spans)
                         spans = []
-                elif kind == "o":
+                elif kind == OP_CONNECTION_OPENED:
                     _, conn_id, base, pid, app = op
                     conns[conn_id] = ConnState(_ChildInfo(pid, app), base)
-                elif kind == "x":
+                elif kind == OP_CONNECTION_CLOSED:
                     state = conns.pop(op[1], None)
                     if state is not None and tracer.builder.transaction_spans:
                         build(state, _CLOSE, spans)
-                elif kind == "g":
+                elif kind == OP_STATEMENTS_UNSEEN:
                     state = conns.get(op[1])
                     if state is not None:
                         state.forget()
-                elif kind == "r":
+                elif kind == OP_SAMPLE_RATE:
                     tracer.set_sample_rate(op[1])
-                elif kind == "f":
+                elif kind == OP_FLUSH:
                     flushed.append(op[1])
-                elif kind == "s":
+                elif kind == OP_STOP:
                     stop = True
             # Each frame's spans go to the export queue before the next frame is built:
             # frames that waited together (this process runs on idle CPU) never arrive

@@ -206,7 +206,7 @@ class SpanBuilder:
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                          _rand.getrandbits, statement_key, opts)
         if parsed:
-            sqlcomment.STATS.parsed += parsed
+            STATS.sqlcomment_parsed += parsed
         return i, error
 
     def one(self, conn: ConnState, rec: Statement, out: list) -> None:
@@ -314,12 +314,12 @@ class SpanBuilder:
                 shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
-                    sqlcomment.STATS.parsed += 1
+                    STATS.sqlcomment_parsed += 1
                     if q[3] & 1:
                         self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
                     conn.end_of_statement(rec.tx_status, rec.tag)
                     return
-                keyed = (shape, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+                keyed = (shape, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
             else:
                 shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
                 hit = conn.shapes.get(shape)
@@ -449,12 +449,12 @@ class SpanBuilder:
                 key = (q[0], res.tag, res.rows, self._app(conn))
                 hit = conn.shapes.get(key)
                 if hit is not None:
-                    sqlcomment.STATS.parsed += 1
+                    STATS.sqlcomment_parsed += 1
                     parts, tracestate = hit[0], hit[1]
                     ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
                     self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
-                keyed = (key, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+                keyed = (key, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
         comment = sqlcomment.parse(raw) if raw else None
         if comment is not None and comment.invalid_traceparent:
             STATS.sqlcomment_invalid_traceparent += 1
@@ -631,7 +631,7 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
     return (ctx is not None and not comment.invalid_traceparent
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
             and comment.tags.get("traceparent") == raw[vs:vs + 55]
-            and counts == (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+            and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
 
 
 def _links(conn: ConnState, parent_id: int | None) -> tuple:

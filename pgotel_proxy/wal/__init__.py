@@ -12,7 +12,7 @@ when these names are first used, so the proxy's start-up does not pay for it.
 
 from __future__ import annotations
 
-__all__ = ["CdcConsumer", "TransactionInfo", "extract", "extract_carrier", "EXTRACT_STATS", "WalInjector"]
+__all__ = ["CdcConsumer", "TransactionInfo", "extract", "extract_carrier", "WalInjector"]
 
 
 def __getattr__(name: str):
@@ -20,7 +20,7 @@ def __getattr__(name: str):
         from . import consumer
 
         return getattr(consumer, name)
-    if name in ("extract", "extract_carrier", "EXTRACT_STATS"):
+    if name in ("extract", "extract_carrier"):
         from . import carrier
 
         return getattr(carrier, name)

@@ -4,8 +4,8 @@ pgoutput hands over the raw bytes; wal2json prints them as text; Debezium puts
 them base64-encoded (``binary.handling.mode=bytes``, the default) or hex. All of
 them are accepted: plain JSON, base64 of JSON, hex of JSON (with or without a
 ``\\x`` prefix). Any role may call ``pg_logical_emit_message``, so the content
-is untrusted: anything malformed or oversized yields None, is counted in
-:data:`EXTRACT_STATS`, and never raises.
+is untrusted: anything malformed or oversized yields None, is counted
+(``wal_carrier_*`` in :data:`pgotel_proxy.stats.STATS`), and never raises.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["extract", "extract_carrier", "EXTRACT_STATS", "MAX_CONTENT"]
+from ..stats import STATS
+
+__all__ = ["extract", "extract_carrier", "MAX_CONTENT"]
 
 log = logging.getLogger("pgotel_proxy.wal")
 
 #: Longer content is not examined (the proxy writes well under 1 KiB).
 MAX_CONTENT = 8192
 
-#: How many contents were turned into a context, and how many were ignored.
-EXTRACT_STATS = {"extracted": 0, "malformed": 0, "oversized": 0}
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _HEX = re.compile(r"(?:\\x)?([0-9a-fA-F]{2})+")
@@ -68,14 +68,14 @@ def extract_carrier(content) -> dict[str, str] | None:
     try:
         size = len(content)
     except TypeError:
-        EXTRACT_STATS["malformed"] += 1
+        STATS.wal_carrier_malformed += 1
         return None
     if size > MAX_CONTENT * 2 + 2:  # hex doubles the size
-        EXTRACT_STATS["oversized"] += 1
+        STATS.wal_carrier_oversized += 1
         return None
     text = _text(content)
     if text is None:
-        EXTRACT_STATS["malformed"] += 1
+        STATS.wal_carrier_malformed += 1
         return None
     text = text.strip()
     carrier = None
@@ -94,7 +94,7 @@ def extract_carrier(content) -> dict[str, str] | None:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             carrier = None
     if carrier is None:
-        EXTRACT_STATS["malformed"] += 1
+        STATS.wal_carrier_malformed += 1
     return carrier
 
 
@@ -109,11 +109,11 @@ def extract(content) -> Context | None:
             return None
         ctx = _PROPAGATOR.extract(carrier)
         if not trace.get_current_span(ctx).get_span_context().is_valid:
-            EXTRACT_STATS["malformed"] += 1
+            STATS.wal_carrier_malformed += 1
             return None
-        EXTRACT_STATS["extracted"] += 1
+        STATS.wal_carrier_extracted += 1
         return ctx
     except Exception:  # noqa: BLE001 - hostile input must never stop a consumer
-        EXTRACT_STATS["malformed"] += 1
+        STATS.wal_carrier_malformed += 1
         log.debug("otelwal content could not be read", exc_info=True)
         return None

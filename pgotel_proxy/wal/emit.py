@@ -47,7 +47,18 @@ from functools import lru_cache
 
 from .. import sqlcomment
 from ..protocol.events import Statement
-from ..protocol.messages import frontend_message, query_message
+from ..protocol.kinds import (
+    FRONTEND_BIND,
+    FRONTEND_CLOSE,
+    FRONTEND_COPY_DONE,
+    FRONTEND_COPY_FAIL,
+    FRONTEND_EXECUTE,
+    FRONTEND_PARSE,
+    FRONTEND_QUERY,
+    FRONTEND_SYNC,
+    TARGET_STATEMENT,
+)
+from ..protocol.messages import query_message, typed_message
 from ..stats import STATS
 from ..tracing.carrier import SessionCarrier
 from ..tracing.sqlscan import guess_many
@@ -56,9 +67,8 @@ __all__ = ["WalInjector", "CHECK_SQL", "emit_sql", "carrier_json"]
 
 log = logging.getLogger("pgotel_proxy.wal")
 
-_Q, _P, _B, _S, _c, _f = b"QPBScf"
-_H = struct.Struct("!H")
-_I = struct.Struct("!I")
+_UINT16 = struct.Struct("!H")
+_UINT32 = struct.Struct("!I")
 
 #: One row, one boolean column: can this session emit messages that logical decoding will see?
 CHECK_SQL = (
@@ -249,7 +259,7 @@ class WalInjector:
 
     def before(self, session, typ: int, buf, start: int, end: int):
         """Called by the session for every whole client message; see ``Session.inject_request``."""
-        if typ == _c or typ == _f:
+        if typ == FRONTEND_COPY_DONE or typ == FRONTEND_COPY_FAIL:
             return None  # CopyDone / CopyFail belong to the Query that started the COPY
         if not self._batch_open:
             self._batch_open = self._batch_first = True
@@ -258,13 +268,18 @@ class WalInjector:
                 self._tx_ctx = None  # whatever was open before has ended
         else:
             self._batch_first = False
-        if typ == _Q:
+        if typ == FRONTEND_QUERY:
             self._batch_open = False
             return self._on_query(session, buf, start, end)
-        if typ == _S:
+        if typ == FRONTEND_SYNC:
             self._batch_open = False
             return self._on_sync(session)
-        if (typ == _P or typ == _B) and self._batch_first and self._tx_ctx is not None and self._batch_idle_tx == "T":
+        if (
+            (typ == FRONTEND_PARSE or typ == FRONTEND_BIND)
+            and self._batch_first
+            and self._tx_ctx is not None
+            and self._batch_idle_tx == "T"
+        ):
             return self._on_extended_commit(session, typ, buf, start, end)
         return None
 
@@ -345,7 +360,7 @@ class WalInjector:
         return self._extended_emit(session, first_ctx, extra), None, None
 
     def _on_extended_commit(self, session, typ: int, buf, start: int, end: int):
-        if typ == _P:
+        if typ == FRONTEND_PARSE:
             name_end = buf.index(0, start)
             q_end = buf.index(0, name_end + 1)
             sql = bytes(buf[name_end + 1 : q_end]).decode("utf-8", "replace")
@@ -367,14 +382,14 @@ class WalInjector:
         self._n += 1
         name = f"pgotel_otelwal_{self._n}".encode()
         params = [self.prefix.encode(), carrier_json(*ctx).encode()]
-        parse = frontend_message(b"P", name + b"\x00" + _EMIT_PARAM_SQL.encode() + b"\x00" + _H.pack(0))
-        bind_body = [name + b"\x00", name + b"\x00", _H.pack(0), _H.pack(len(params))]
+        parse = typed_message(FRONTEND_PARSE, name + b"\x00" + _EMIT_PARAM_SQL.encode() + b"\x00" + _UINT16.pack(0))
+        bind_body = [name + b"\x00", name + b"\x00", _UINT16.pack(0), _UINT16.pack(len(params))]
         for p in params:
-            bind_body.append(_I.pack(len(p)) + p)
-        bind_body.append(_H.pack(0))
-        bind = frontend_message(b"B", b"".join(bind_body))
-        execute = frontend_message(b"E", name + b"\x00" + _I.pack(0))
-        close = frontend_message(b"C", b"S" + name + b"\x00")
+            bind_body.append(_UINT32.pack(len(p)) + p)
+        bind_body.append(_UINT16.pack(0))
+        bind = typed_message(FRONTEND_BIND, b"".join(bind_body))
+        execute = typed_message(FRONTEND_EXECUTE, name + b"\x00" + _UINT32.pack(0))
+        close = typed_message(FRONTEND_CLOSE, bytes((TARGET_STATEMENT,)) + name + b"\x00")
         holder = Statement("extended", None)
         holder.extra = extra
         session.inject_request("parse", None, errors_pass=True)

@@ -57,6 +57,32 @@ _h = struct.Struct("!h")
 _QQq = struct.Struct("!QQq")
 _Qq = struct.Struct("!Qq")
 
+# Streaming replication messages: the first byte of a CopyData payload.
+XLOG_DATA = ord("w")
+PRIMARY_KEEPALIVE = ord("k")
+STANDBY_STATUS_UPDATE = ord("r")
+
+# pgoutput messages: the first byte of an XLogData's data.
+PGOUTPUT_BEGIN = "B"
+PGOUTPUT_COMMIT = "C"
+PGOUTPUT_ORIGIN = "O"
+PGOUTPUT_RELATION = "R"
+PGOUTPUT_TYPE = "Y"
+PGOUTPUT_INSERT = "I"
+PGOUTPUT_UPDATE = "U"
+PGOUTPUT_DELETE = "D"
+PGOUTPUT_TRUNCATE = "T"
+PGOUTPUT_MESSAGE = "M"
+
+# TupleData: what precedes a tuple in Insert/Update/Delete, and each column's kind.
+TUPLE_NEW = ord("N")
+TUPLE_KEY = ord("K")
+TUPLE_OLD = ord("O")
+COLUMN_NULL = ord("n")
+COLUMN_UNCHANGED_TOAST = ord("u")
+COLUMN_TEXT = ord("t")
+COLUMN_BINARY = ord("b")
+
 
 class DecodeError(ValueError):
     """Truncated or malformed replication data."""
@@ -109,10 +135,10 @@ def decode_copy_data(payload: bytes) -> XLogData | Keepalive | None:
         raise DecodeError("empty CopyData")
     kind = payload[0]
     try:
-        if kind == 0x77:  # 'w'
+        if kind == XLOG_DATA:
             start, end, t = _QQq.unpack_from(payload, 1)
             return XLogData(start, end, t, bytes(payload[25:]))
-        if kind == 0x6B:  # 'k'
+        if kind == PRIMARY_KEEPALIVE:
             end, t = _Qq.unpack_from(payload, 1)
             if len(payload) < 18:
                 raise DecodeError("truncated keepalive")
@@ -124,7 +150,8 @@ def decode_copy_data(payload: bytes) -> XLogData | Keepalive | None:
 
 def standby_status_update(written: int, flushed: int, applied: int, reply: bool = False, clock: int | None = None) -> bytes:
     """Standby status update (F) payload, to be sent inside CopyData."""
-    return b"r" + struct.pack("!QQQqB", written, flushed, applied, now_pg_time() if clock is None else clock, 1 if reply else 0)
+    sent = now_pg_time() if clock is None else clock
+    return bytes((STANDBY_STATUS_UPDATE,)) + struct.pack("!QQQqB", written, flushed, applied, sent, 1 if reply else 0)
 
 
 # -------------------------------------------------------------- pgoutput layer
@@ -282,11 +309,11 @@ class _Reader:
         out = []
         for _ in range(n):
             kind = self.u8()
-            if kind == 0x6E:  # 'n'
+            if kind == COLUMN_NULL:
                 out.append(None)
-            elif kind == 0x75:  # 'u'
+            elif kind == COLUMN_UNCHANGED_TOAST:
                 out.append(...)
-            elif kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
+            elif kind == COLUMN_TEXT or kind == COLUMN_BINARY:
                 out.append(self.raw(self.i32()))
             else:
                 raise DecodeError(f"unknown tuple column kind {kind!r}")
@@ -299,13 +326,13 @@ def decode_message(data: bytes):
         raise DecodeError("empty pgoutput message")
     kind = chr(data[0])
     r = _Reader(data)
-    if kind == "B":
+    if kind == PGOUTPUT_BEGIN:
         return Begin(r.u64(), r.i64(), r.u32())
-    if kind == "C":
+    if kind == PGOUTPUT_COMMIT:
         return Commit(r.u8(), r.u64(), r.u64(), r.i64())
-    if kind == "O":
+    if kind == PGOUTPUT_ORIGIN:
         return Origin(r.u64(), r.string())
-    if kind == "R":
+    if kind == PGOUTPUT_RELATION:
         relid = r.u32()
         ns = r.string()
         name = r.string()
@@ -315,36 +342,36 @@ def decode_message(data: bytes):
             raise DecodeError("negative column count")
         cols = tuple(Column(r.u8(), r.string(), r.u32(), r.i32()) for _ in range(n))
         return Relation(relid, ns, name, ident, cols)
-    if kind == "Y":
+    if kind == PGOUTPUT_TYPE:
         return TypeInfo(r.u32(), r.string(), r.string())
-    if kind == "I":
+    if kind == PGOUTPUT_INSERT:
         relid = r.u32()
-        if r.u8() != 0x4E:  # 'N'
+        if r.u8() != TUPLE_NEW:
             raise DecodeError("Insert without a new tuple")
         return Insert(relid, r.tuple())
-    if kind == "U":
+    if kind == PGOUTPUT_UPDATE:
         relid = r.u32()
         tag = r.u8()
         old = None
-        if tag == 0x4B or tag == 0x4F:  # 'K' / 'O'
+        if tag == TUPLE_KEY or tag == TUPLE_OLD:
             old = r.tuple()
             tag = r.u8()
-        if tag != 0x4E:
+        if tag != TUPLE_NEW:
             raise DecodeError("Update without a new tuple")
         return Update(relid, old, r.tuple())
-    if kind == "D":
+    if kind == PGOUTPUT_DELETE:
         relid = r.u32()
         tag = r.u8()
-        if tag != 0x4B and tag != 0x4F:
+        if tag != TUPLE_KEY and tag != TUPLE_OLD:
             raise DecodeError("Delete without an old tuple")
         return Delete(relid, r.tuple())
-    if kind == "T":
+    if kind == PGOUTPUT_TRUNCATE:
         n = r.i32()
         if n < 0:
             raise DecodeError("negative relation count")
         opts = r.u8()
         return Truncate(opts, tuple(r.u32() for _ in range(n)))
-    if kind == "M":
+    if kind == PGOUTPUT_MESSAGE:
         flags = r.u8()
         lsn = r.u64()
         prefix = r.string()

@@ -17,13 +17,28 @@ import ssl
 import struct
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ..protocol.kinds import (
+    BACKEND_AUTHENTICATION,
+    BACKEND_BACKEND_KEY_DATA,
+    BACKEND_COMMAND_COMPLETE,
+    BACKEND_COPY_BOTH_RESPONSE,
+    BACKEND_COPY_DATA,
+    BACKEND_COPY_DONE,
+    BACKEND_DATA_ROW,
+    BACKEND_ERROR_RESPONSE,
+    BACKEND_NOTICE_RESPONSE,
+    BACKEND_PARAMETER_STATUS,
+    BACKEND_READY_FOR_QUERY,
+    FRONTEND_COPY_DATA,
+    FRONTEND_PASSWORD,
+)
 from ..protocol.messages import (
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
     decode_error_fields,
     decode_sasl_mechanisms,
-    frontend_message,
     query_message,
+    typed_message,
 )
 from ..protocol.startup import encode_startup
 from .scram import ScramClient
@@ -155,61 +170,61 @@ class ReplicationConnection:
         scram: ScramClient | None = None
         while True:
             typ, body = await self.read_message()
-            if typ == b"R":
+            if typ == BACKEND_AUTHENTICATION:
                 code = _I.unpack_from(body, 0)[0]
                 if code == 0:
                     continue
                 if code in (3, 5, 10) and password is None:
                     raise PgError(f"the server asks for a password for user {user!r} and none was given")
                 if code == 3:
-                    self._send(b"p", password.encode() + b"\x00")
+                    self._send(FRONTEND_PASSWORD, password.encode() + b"\x00")
                 elif code == 5:
                     inner = hashlib.md5(password.encode() + user.encode()).hexdigest()
                     outer = hashlib.md5(inner.encode() + body[4:8]).hexdigest()
-                    self._send(b"p", b"md5" + outer.encode() + b"\x00")
+                    self._send(FRONTEND_PASSWORD, b"md5" + outer.encode() + b"\x00")
                 elif code == 10:
                     mechs = decode_sasl_mechanisms(body, 4, len(body))
                     if ScramClient.mechanism not in mechs:
                         raise PgError(f"no supported SASL mechanism among {mechs}")
                     scram = ScramClient(password)
                     first = scram.first()
-                    self._send(b"p", ScramClient.mechanism.encode() + b"\x00" + _i.pack(len(first)) + first)
+                    self._send(FRONTEND_PASSWORD, ScramClient.mechanism.encode() + b"\x00" + _i.pack(len(first)) + first)
                 elif code == 11 and scram is not None:
-                    self._send(b"p", scram.final(body[4:]))
+                    self._send(FRONTEND_PASSWORD, scram.final(body[4:]))
                 elif code == 12 and scram is not None:
                     scram.verify(body[4:])
                 else:
                     raise PgError(f"unsupported authentication request {code}")
                 await self.writer.drain()
-            elif typ == b"K":
+            elif typ == BACKEND_BACKEND_KEY_DATA:
                 self.backend_pid = _I.unpack_from(body, 0)[0]
-            elif typ == b"Z":
+            elif typ == BACKEND_READY_FOR_QUERY:
                 return
-            elif typ == b"E":
+            elif typ == BACKEND_ERROR_RESPONSE:
                 fields = decode_error_fields(body, 0, len(body))
                 raise PgError(fields.get("M", "connection refused"), fields)
             # ParameterStatus, NoticeResponse, NegotiateProtocolVersion: handled in read_message / ignored
 
     # ----------------------------------------------------------- messages
 
-    def _send(self, typ: bytes, body: bytes) -> None:
-        self.writer.write(frontend_message(typ, body))
+    def _send(self, kind: int, body: bytes) -> None:
+        self.writer.write(typed_message(kind, body))
 
-    async def read_message(self) -> tuple[bytes, bytes]:
-        """Next server message that is not ParameterStatus or a notice."""
+    async def read_message(self) -> tuple[int, bytes]:
+        """Next server message that is not ParameterStatus or a notice: its type byte (``BACKEND_*``) and body."""
         while True:
             head = await self.reader.readexactly(5)
             length = _I.unpack_from(head, 1)[0]
             if length < 4 or length > _MAX_MESSAGE:
                 raise PgError(f"bad message length {length} from the server")
             body = await self.reader.readexactly(length - 4)
-            typ = head[:1]
-            if typ == b"S":
+            typ = head[0]
+            if typ == BACKEND_PARAMETER_STATUS:
                 parts = body.split(b"\x00")
                 if len(parts) >= 2:
                     self.params[parts[0].decode("utf-8", "replace")] = parts[1].decode("utf-8", "replace")
                 continue
-            if typ == b"N":
+            if typ == BACKEND_NOTICE_RESPONSE:
                 if len(self.notices) < 100:
                     self.notices.append(decode_error_fields(body, 0, len(body)))
                 continue
@@ -223,11 +238,11 @@ class ReplicationConnection:
         error = None
         while True:
             typ, body = await self.read_message()
-            if typ == b"D":
+            if typ == BACKEND_DATA_ROW:
                 rows.append(_data_row(body))
-            elif typ == b"E":
+            elif typ == BACKEND_ERROR_RESPONSE:
                 error = decode_error_fields(body, 0, len(body))
-            elif typ == b"Z":
+            elif typ == BACKEND_READY_FOR_QUERY:
                 if error is not None:
                     raise PgError(error.get("M", "query failed"), error)
                 return rows
@@ -238,9 +253,9 @@ class ReplicationConnection:
         await self.writer.drain()
         while True:
             typ, body = await self.read_message()
-            if typ == b"W":
+            if typ == BACKEND_COPY_BOTH_RESPONSE:
                 return
-            if typ == b"E":
+            if typ == BACKEND_ERROR_RESPONSE:
                 fields = decode_error_fields(body, 0, len(body))
                 # The server follows with ReadyForQuery; read it so the connection stays usable.
                 try:
@@ -253,16 +268,16 @@ class ReplicationConnection:
         """Next CopyData payload of the stream; None when the server ended it."""
         while True:
             typ, body = await self.read_message()
-            if typ == b"d":
+            if typ == BACKEND_COPY_DATA:
                 return body
-            if typ == b"c" or typ == b"C" or typ == b"Z":
+            if typ == BACKEND_COPY_DONE or typ == BACKEND_COMMAND_COMPLETE or typ == BACKEND_READY_FOR_QUERY:
                 return None
-            if typ == b"E":
+            if typ == BACKEND_ERROR_RESPONSE:
                 fields = decode_error_fields(body, 0, len(body))
                 raise PgError(fields.get("M", "replication stream failed"), fields)
 
     def send_copy(self, payload: bytes) -> None:
-        self._send(b"d", payload)
+        self._send(FRONTEND_COPY_DATA, payload)
 
     async def drain(self) -> None:
         await self.writer.drain()

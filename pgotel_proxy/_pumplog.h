@@ -1,0 +1,21 @@
+/*
+ * The pump's observation log: entries proxy/_pump.c writes for observed pairs
+ * and protocol/_core.c (observe_log) reads, as proxy/server.py does without it.
+ *
+ * An entry: a head of LOG_HEAD bytes (pair id int64, kind int32, length int32,
+ * receive time in ns int64, native byte order), then length bytes. The kinds
+ * have the same names in Python (proxy/connection.py, PUMP_LOG_*); a test
+ * holds the two equal.
+ */
+#ifndef PGOTEL_PUMPLOG_H
+#define PGOTEL_PUMPLOG_H
+
+#define LOG_HEAD 24
+
+enum {
+    LOG_CLIENT = 0,  /* bytes the client sent (already forwarded) */
+    LOG_SERVER = 1,  /* bytes the server sent (already forwarded) */
+    LOG_HANDBACK = 2 /* the pair is handed back to the event loop */
+};
+
+#endif
