@@ -432,19 +432,31 @@ def test_sigterm_right_after_start_still_exits_zero(pg, tmp_path):
         p.stop()
 
 
-def test_worker_failing_before_it_serves_stops_the_proxy(pg, tmp_path):
-    with socket.socket() as taken:  # a listener without SO_REUSEPORT: no worker can bind
+def test_listen_address_in_use_stops_before_forking(pg, tmp_path):
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: no worker could bind
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         p = ProxyProcess(pg, tmp_path, listen_port=taken.getsockname()[1])
         try:
-            assert p.proc.wait(20) == 1
-            log = p.log()
-            assert "cannot serve: [Errno 98]" in log
-            assert re.search(r"worker \d failed 3 times in a row before serving", log), log
-            assert "Traceback" not in log
+            assert p.proc.wait(20) == 2
+            lines = p.log().splitlines()
+            assert len(lines) == 1 and "--listen" in lines[0] and "in use" in lines[0], lines
         finally:
             p.stop()
+
+
+def test_worker_failing_before_it_serves_stops_the_proxy(pg, tmp_path):
+    # Worker 0 alone binds the Unix socket; a directory that does not exist fails it
+    # at every start, after the parent's checks.
+    p = ProxyProcess(pg, tmp_path, "--unix-socket", str(tmp_path / "missing" / ".s.PGSQL.5432"))
+    try:
+        assert p.proc.wait(20) == 1
+        log = p.log()
+        assert "cannot serve: unix_socket: cannot listen on" in log
+        assert re.search(r"worker \d failed 3 times in a row before serving", log), log
+        assert "Traceback" not in log
+    finally:
+        p.stop()
 
 
 def test_sighup_settings_reach_restarted_workers(pg, tmp_path):

@@ -55,6 +55,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..config import ConfigError
 from ..protocol import ProtocolViolation, parse_startup_packet
 from ..stats import METRICS, STATS
 
@@ -544,7 +545,7 @@ class _Supervisor:
             code = int(run(_for_worker(self.config, index), reload=worker_reload, worker=link) or 0)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except OSError as exc:  # listening address taken, certificate unreadable ...
+        except (OSError, ConfigError) as exc:  # listening address taken, certificate unreadable ...
             log.error("cannot serve: %s", exc)
         except BaseException:
             log.exception("stopped by an unexpected error")
