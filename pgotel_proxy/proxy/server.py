@@ -542,7 +542,7 @@ async def serve(
     server = ProxyServer(config, tracer)
     from ..enrich import attach as attach_enrichment
 
-    attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
+    attach_enrichment(config, server, tracer)  # sets server.source_status, which the span process reports
     admin = None
     await server.start()
     if worker is not None:
