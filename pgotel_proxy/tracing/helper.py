@@ -184,10 +184,10 @@ class SpanHelper:
             self.tick()
         self.pipeline.flush(max(0.0, deadline - time.monotonic()))
 
-    def shutdown(self) -> None:
-        """Release what the enricher holds and flush it all, within ``shutdown_timeout``."""
-        deadline = time.monotonic() + self.shutdown_timeout
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Release what the enricher holds and flush it all, within ``timeout`` (``shutdown_timeout``)."""
+        deadline = time.monotonic() + max(0.0, self.shutdown_timeout if timeout is None else timeout)
         if self._enricher is not None:
-            self._enricher.stop()
+            self._enricher.stop(max(0.0, deadline - time.monotonic()))
             self.tick(final=True)
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))

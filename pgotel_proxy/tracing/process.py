@@ -40,7 +40,8 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   and what its draw leaves out is never handed over); ``("g", conn)``
   statements of that connection went unseen; ``("x", conn)`` it closed;
   ``("r", rate)`` new sample rate; ``("f", seq)`` flush and answer;
-  ``("s",)`` build and export what is left, then exit.
+  ``("s", deadline)`` build and export what is left by that wall-clock
+  time, then exit.
 * helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
   "flushed": seq}``, with ``"sources": {...}, "sources_ready": bool`` when
   enrichment is configured. The helper's counters (spans built, exported,
@@ -100,6 +101,8 @@ _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (bench:
 _IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wakes twice a second
 _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
+_EXIT_MARGIN = 0.1  # seconds of a helper's shutdown deadline left for its last report and its exit
+_EXIT_GRACE = 0.25  # seconds past the shutdown deadline the relay waits for the helper to exit
 _ENRICH_TICK = 0.02  # seconds the helper waits for input before it releases enriched spans whose wait is over
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
 _STARVED_AFTER = 1.0  # seconds without a report (it reports every _REPORT_INTERVAL): it gets no CPU
@@ -691,14 +694,21 @@ class ProcessTracer:
         """Send what is left, let the helper export it, all within ``shutdown_timeout``."""
         deadline = time.monotonic() + self.shutdown_timeout
         self._stopping = True
+        with self._lock:
+            if self._may_lift and not self._lifted:
+                # Its deadline runs from now: an idle-class helper on a busy machine would
+                # not even read the request to stop in time.
+                self._lift(True)
         if self._loop is None or not self._loop.is_running():
             self._collect()
-        self._ops.append(("s",))
+        self._ops.append(("s", time.time() + self.shutdown_timeout))
         self._send(blocking_until=deadline)
         proc, reader = self._proc, self._reader
         if proc is not None:
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+                # A helper that read the request to stop in time is done by the deadline (it keeps
+                # _EXIT_MARGIN to exit); one still behind on its input when it passes is stopped.
+                proc.wait(max(0.0, deadline - time.monotonic()) + _EXIT_GRACE)
             except subprocess.TimeoutExpired:
                 log.warning("shutdown: the span process did not finish within %ss", self.shutdown_timeout)
                 proc.kill()
@@ -885,6 +895,7 @@ def child_main(fd: int) -> int:
         readable.register(sock, select.POLLIN)
     pending = first
     stop = False
+    stop_by = None  # wall-clock deadline of the proxy's shutdown
     while not stop:
         if pending is None:
             if readable is not None and not readable.poll(_ENRICH_TICK * 1000):
@@ -936,6 +947,7 @@ def child_main(fd: int) -> int:
                     flushed.append(op[1])
                 elif kind == "s":
                     stop = True
+                    stop_by = op[1]
             # Each frame's spans go to the export queue before the next frame is built:
             # frames that waited together (this process runs on idle CPU) never arrive
             # at the queue as one burst larger than its room.
@@ -946,7 +958,8 @@ def child_main(fd: int) -> int:
             helper.flush(helper.shutdown_timeout)
             report({"flushed": flushed[-1]})
             flushed.clear()
-    helper.shutdown()
+    # Within the proxy's deadline, whenever the request to stop was read (less a moment to exit).
+    helper.shutdown(helper.shutdown_timeout if stop_by is None else stop_by - time.time() - _EXIT_MARGIN)
     done.set()
     report()
     try:
