@@ -279,8 +279,8 @@ class SourceStatus:
     """The relay process's view of the helper's server-side sources (admin ``/status``).
 
     ``status`` is updated in place from the helper's reports; the start-up
-    line that sums it up is logged here, once per helper, when its probes
-    are done.
+    line that sums it up is logged here, in the proxy's log, once the first
+    helper's probes are done.
     """
 
     def __init__(self) -> None:
