@@ -37,15 +37,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class BackgroundProxy:
     """A proxy started from config overrides (validated by the real config model).
 
-    ``span_exporter`` replaces the configured span exporter (e.g. an in-memory
-    one); ``overrides`` are config fields (``exporter="console"`` is the config's).
+    ``overrides`` are config fields (``exporter="console"``, ``otlp_endpoint``:
+    spans are built and exported by the span process, so they leave the way
+    the config says, never as objects in this process).
     """
 
-    def __init__(self, span_exporter: Any = None, env: dict | None = None, **overrides: Any) -> None:
+    def __init__(self, env: dict | None = None, **overrides: Any) -> None:
         settings: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
         settings.update(overrides)
         self.config = load_config(None, env=env if env is not None else {}, overrides=settings)
-        self.span_exporter = span_exporter
         self.loop = _new_loop()
         self.server: ProxyServer | None = None
         self.tracer = None
@@ -58,13 +58,12 @@ class BackgroundProxy:
         return self
 
     async def _start(self) -> None:
-        from .enrich import attach as attach_enrichment, enabled as enrichment_enabled
+        from .enrich import attach as attach_enrichment
 
-        self.tracer = build_tracer(self.config, exporter=self.span_exporter,
-                                   in_process=enrichment_enabled(self.config))
+        self.tracer = build_tracer(self.config)
         self.server = ProxyServer(self.config, self.tracer)
 
-        self.enricher = attach_enrichment(self.config, self.server, self.tracer)
+        self.enricher = attach_enrichment(self.config, self.server, self.tracer)  # the sources' status view
         await self.server.start()
         if self.config.admin_listen:
             from .admin import AdminServer

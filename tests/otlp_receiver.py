@@ -98,6 +98,8 @@ class Span:
     links: tuple[Link, ...] = ()
     resource: dict[str, Any] = field(default_factory=dict)
     scope: str = ""
+    trace_state: str = ""
+    flags: int = 0  # OTLP span flags: HAS_IS_REMOTE (0x100), IS_REMOTE (0x200) of the parent
 
     # Dict fields make the generated hash unusable; a span is identified by its ids.
     def __hash__(self) -> int:
@@ -181,6 +183,8 @@ def decode_request(request: trace_service_pb2.ExportTraceServiceRequest) -> list
                         ),
                         resource=resource,
                         scope=scope,
+                        trace_state=s.trace_state,
+                        flags=s.flags,
                     )
                 )
     return spans

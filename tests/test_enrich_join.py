@@ -121,6 +121,7 @@ def test_join_query_becomes_plan_node_spans_matching_explain(make_proxy, pg, otl
         assert node.end_ns - node.start_ns == pytest.approx(min(total * 1e6, parent.end_ns - parent.start_ns), abs=1000)
     assert stmt.attributes["db.postgresql.query_id"] != 0
     assert stmt.attributes["db.postgresql.execution_time_ms"] > 0
+    proxy.flush()  # the span process's counters arrive with its reports
     assert STATS.enrich_joined > joined_before
 
 
@@ -228,6 +229,7 @@ def test_log_rotation_during_the_run_loses_no_plan(make_proxy, pg, otlp, tables)
     spans = otlp.wait_for(all_planned, timeout=10)
     for ctx in ctxs:
         assert "pgotel.enrich.plan_missing" not in server_span(spans, ctx.trace_id).attributes
+    proxy.flush()  # the span process's counters arrive with its reports
     assert STATS.enrich_timeouts == timeouts_before
 
 
@@ -274,6 +276,7 @@ def test_statement_without_plan_leaves_after_join_timeout(make_proxy, pg, otlp, 
     waited = time.monotonic() - done
     assert 0.2 <= waited < 2.0
     assert server_span(spans, ctx.trace_id).attributes["pgotel.enrich.plan_missing"] is True
+    proxy.flush()  # the span process's counters arrive with its reports
     assert STATS.enrich_timeouts == before + 1
 
 

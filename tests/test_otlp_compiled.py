@@ -229,12 +229,12 @@ _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False):
-    """What the span process's tracer makes of ``records`` (spans, errors logged, comments counted)."""
+    """What the span process's helper makes of ``records`` (spans, errors logged, comments counted)."""
     import logging
 
     from pgotel_proxy.stats import STATS
     from pgotel_proxy.tracing import spans as spans_mod
-    from pgotel_proxy.tracing import tracer as tracer_mod
+    from pgotel_proxy.tracing import helper as helper_mod
     from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
 
     monkeypatch = pytest.MonkeyPatch()
@@ -245,26 +245,25 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
             errors.append(record.getMessage())
 
     handler = _Errors(level=logging.ERROR)
-    tracer_mod.log.addHandler(handler)
+    helper_mod.log.addHandler(handler)
     try:
         if not compiled:
             for name in ("statement_spans", "simple_spans", "kept_run"):
                 monkeypatch.setattr(otlp, name, None)
         monkeypatch.setattr(spans_mod, "_rand", _ScriptedRandom(draws, seed))
-        tracer = tracer_mod.Tracer.__new__(tracer_mod.Tracer)
+        tracer = helper_mod.SpanHelper.__new__(helper_mod.SpanHelper)
         tracer.builder = SpanBuilder(resource=RESOURCE, sample_rate=rate, capture_parameters=False,
                                      capture_literals=False, encode=True)
         tracer.builder.bare = bare
         tracer._enricher = None
-        tracer._records_out = 0
         conn = ConnState(_Info(), {"db.system.name": "postgresql"})
         parsed = STATS.sqlcomment_parsed
         out: list = []
         for part in (records[: len(records) // 2], records[len(records) // 2:]):  # two hand-overs
-            tracer._build(conn, list(part), out)
+            tracer.build(conn, list(part), out)
         return out, errors, STATS.sqlcomment_parsed - parsed
     finally:
-        tracer_mod.log.removeHandler(handler)
+        helper_mod.log.removeHandler(handler)
         monkeypatch.undo()
 
 

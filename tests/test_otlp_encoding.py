@@ -188,12 +188,54 @@ def test_an_unencodable_attribute_is_skipped_like_the_sdk_skips_it():
     assert [kv.key for kv in ours([span]).resource_spans[0].scope_spans[0].spans[0].attributes] == ["ok", "after"]
 
 
-def test_the_proxys_own_spans_encode_as_the_sdk_encodes_them(make_proxy, otlp):
-    """Spans the builder made from real statements (extended, simple, errors, tracestate) through both encoders."""
-    import psycopg
+def _as_sdk_spans(ops: list) -> list:
+    """The ReadableSpans the span helper builds, for an SDK exporter, from the operations the relay handed over."""
+    import marshal
+    from types import SimpleNamespace
+
+    from pgotel_proxy.protocol.session import unpack_records
+    from pgotel_proxy.tracing.helper import SpanHelper
+    from pgotel_proxy.tracing.process import _ChildInfo, statement_from_tuple
+    from pgotel_proxy.tracing.spans import ConnState
 
     kept = InMemorySpanExporter()
-    proxy = make_proxy(span_exporter=kept)
+    helper = SpanHelper(SimpleNamespace(exporter="otlp"), exporter=kept)
+    assert not helper.builder.encode  # an SDK exporter: span objects
+    conns, spans = {}, []
+    for op in ops:
+        if op[0] == "o":
+            conns[op[1]] = ConnState(_ChildInfo(op[3], op[4]), op[2])
+        elif op[0] in ("p", "b"):
+            if op[0] == "p":
+                app, records = op[3], unpack_records(op[4])
+            else:
+                app, records = marshal.loads(op[3])
+                records = [statement_from_tuple(t) for t in records]
+            if app is not None:
+                conns[op[1]].info.session.server_params["application_name"] = app
+            helper.build(conns[op[1]], records, spans, op[-1] is True)
+    helper.export(spans)
+    helper.shutdown()
+    return list(kept.get_finished_spans())
+
+
+def test_the_proxys_own_spans_encode_as_the_sdk_encodes_them(make_proxy, otlp):
+    """Spans the builder made from real statements (extended, simple, errors, tracestate) through both encoders.
+
+    The span process builds them; here the same builder builds them, as span objects,
+    from the records the relay handed over.
+    """
+    import psycopg
+
+    proxy = make_proxy()
+    handed: list = []
+    send = proxy.tracer._send
+
+    def keep_and_send(*args, **kwargs):
+        handed.extend(proxy.tracer._ops)
+        send(*args, **kwargs)
+
+    proxy.tracer._send = keep_and_send
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute(f"SELECT %s::int /*traceparent='{tp}',tracestate='rojo%%3D00f067aa0ba902b7'*/", (1,))
@@ -203,7 +245,7 @@ def test_the_proxys_own_spans_encode_as_the_sdk_encodes_them(make_proxy, otlp):
         for _ in range(3):
             conn.execute("SELECT %s::text", ("x",), prepare=True)
     proxy.flush()
-    captured = list(kept.get_finished_spans())
+    captured = _as_sdk_spans(handed)
     assert len(captured) >= 10
     assert any(s.context.trace_state for s in captured)
     assert_same(captured)
@@ -337,16 +379,13 @@ def test_grpc_exporter_sends_our_encoding(otlp):
     exporter.shutdown()
 
 
-@pytest.mark.parametrize("span_process", [False, True], ids=["thread", "process"])
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
-def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol, span_process):
+def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol):
     import psycopg
 
     endpoint = otlp.http_endpoint if protocol == "http/protobuf" else "http://" + otlp.grpc_endpoint
-    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint, span_process=span_process)
-    if not span_process:  # the span process builds its exporter the same way (make_exporter)
-        exporter = proxy.tracer.pipeline.exporter
-        assert type(exporter) is (fast.HttpSpanExporter if protocol == "http/protobuf" else fast.GrpcSpanExporter)
+    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint)
+    # (the span process builds its exporter with make_exporter: test_make_exporter_builds_the_fast_exporters)
     with psycopg.connect(proxy.dsn(application_name="enc"), autocommit=True) as conn:
         conn.execute("SELECT %s::int AS answer", (42,))
     proxy.flush()

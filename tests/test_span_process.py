@@ -1,7 +1,6 @@
-"""Spans built and exported in the helper process (``span_process = true``, the default).
+"""Spans built and exported in the helper process (the one tracer).
 
-Against a real PostgreSQL and the decoding OTLP receiver: the trace tree is the
-same as the thread's; counters from the helper show in the proxy's STATS; the
+Against a real PostgreSQL and the decoding OTLP receiver: the trace tree; counters from the helper show in the proxy's STATS; the
 sample rate reaches it; a helper that stops reading (SIGSTOP), or dies
 (SIGKILL), never holds the relay up, and statements it could not take are
 counted; a dead helper is started again; shutdown exports what is left.
@@ -125,17 +124,18 @@ def test_without_an_exporter_spans_are_built_in_the_helper_counted_and_dropped(m
     assert otlp.request_count() == 0
 
 
-def test_without_an_exporter_an_in_process_tracer_builds_the_encoded_form():
-    from opentelemetry.sdk.resources import Resource
+def test_without_an_exporter_the_span_helper_builds_the_encoded_form():
+    from types import SimpleNamespace
 
-    from pgotel_proxy.tracing.tracer import Tracer
+    from pgotel_proxy.tracing.helper import SpanHelper
 
-    tracer = Tracer(exporter=None, resource=Resource.create({}), thread=False)
+    helper = SpanHelper(SimpleNamespace(exporter="none"))
     try:
         # SDK span objects cost tens of µs each: never built for nobody.
-        assert tracer.builder.encode and tracer.builder.bare
+        assert helper.pipeline.exporter is None
+        assert helper.builder.encode and helper.builder.bare
     finally:
-        tracer.shutdown()
+        helper.shutdown()
 
 
 def test_sample_rate_reaches_the_helper(make_proxy, otlp):
@@ -444,7 +444,7 @@ def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_noth
     from pgotel_proxy.protocol.events import Completion, Statement
     from pgotel_proxy.tracing.process import _ChildInfo
     from pgotel_proxy.tracing.spans import ConnState
-    from pgotel_proxy.tracing.tracer import Tracer
+    from pgotel_proxy.tracing.helper import SpanHelper
 
     class _Encoded:
         accepts_encoded = True
@@ -457,7 +457,7 @@ def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_noth
 
     config = SimpleNamespace(tracing=True, exporter="otlp", sample_rate=1.0, service_name="t",
                              transaction_spans=transaction_spans)
-    tracer = Tracer.from_config(config, exporter=_Encoded(), thread=False)
+    tracer = SpanHelper(config, exporter=_Encoded())
     try:
         state = ConnState(_ChildInfo(1, "app"), {"db.system.name": "postgresql"})
         records = [Statement("simple", f"SELECT {i}", start_ns=10 * i + 1, end_ns=10 * i + 5, status="ok",
@@ -472,7 +472,7 @@ def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_noth
         tracer.builder._simple = flaky
         spans: list = []
         with caplog.at_level("ERROR", logger="pgotel_proxy.tracing"):
-            tracer.build_now(state, records, spans)
+            tracer.build(state, records, spans)
         assert len(spans) == 4  # two statements, two spans each; none of the failed one
         assert "could not build a span" in caplog.text
     finally:

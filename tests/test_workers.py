@@ -494,16 +494,13 @@ def test_sighup_settings_reach_restarted_workers(pg, tmp_path):
         assert p.stop() == 0, p.log()
 
 
-@pytest.mark.parametrize("span_process", [False, True])
-def test_workers_draw_ids_of_their_own(pg, tmp_path, otlp, span_process):
+def test_workers_draw_ids_of_their_own(pg, tmp_path, otlp):
     """Forked workers must not share the parent's random state: no trace or span id made twice.
 
-    With spans built in the worker (``--no-span-process``, or enrichment), the
-    generator the parent imported before forking would give every worker the
-    same ids, in the same order.
+    Each worker has its own span process, which draws the ids; the relay's own
+    draws (pre-sampling) come from a generator seeded afresh in each fork.
     """
-    extra = () if span_process else ("--no-span-process",)
-    p = ProxyProcess(pg, tmp_path, *extra, otlp=otlp)
+    p = ProxyProcess(pg, tmp_path, otlp=otlp)
     try:
         p.wait_ready()
         app = f"ids-{uuid.uuid4().hex[:6]}"

@@ -1,9 +1,17 @@
-"""The enrichment thread: probes the sources once, then follows the log and samples the statistics views.
+"""The enrichment thread of the span process: probes the sources once, then follows the log and samples the statistics views.
 
-It owns one thread with its own asyncio loop (the relay's loop is never
-used), the side connections (psycopg, ``stats_dsn``), the shared state the
-builder thread's :class:`~.join.Joiner` reads, and the per-source status
-shown in the admin ``/status`` and logged once at start-up.
+It owns one thread with its own asyncio loop, the side connections
+(psycopg, ``stats_dsn``), the shared state the span helper's
+:class:`~.join.Joiner` reads (on the helper's reading thread), and the
+per-source status that the helper reports to the relay process (admin
+``/status``, the start-up line of :func:`pgotel_proxy.enrich.log_status`).
+
+Wait events: every :data:`WAIT_SAMPLE_PERIOD` the backends of the proxy's
+open connections (their pids came with the connections' records) that
+pg_stat_activity shows ``active`` are sampled. A statement's span gets the
+samples of its backend taken between ``wait_event_threshold`` after its
+start and its end (its wire interval): statements shorter than the
+threshold get none.
 
 Sources and when each is on:
 
@@ -23,21 +31,21 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from .join import Joiner
 from .logformat import make_parser
 from .logsource import FileLogFollower, SqlLogFollower
-from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples, inflight_backends
+from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples
 from .plans import parse_plan_message
 
 __all__ = ["Enricher", "WAIT_SAMPLE_PERIOD"]
 
 log = logging.getLogger("pgotel_proxy.enrich")
 
-#: How often in-flight statements are checked against wait_event_threshold.
+#: How often the open connections' active backends are sampled.
 WAIT_SAMPLE_PERIOD = 0.1
-#: Plans read but not yet taken by the builder thread, at most.
+#: Plans read but not yet taken by the span helper, at most.
 MAX_PLAN_INBOX = 10000
 _FILE_POLL = 0.05
 _SQL_POLL = 0.2
@@ -46,12 +54,16 @@ _SQL_POLL = 0.2
 class Enricher:
     """Server-side sources and the join, for one proxy."""
 
-    def __init__(self, config: Any, server: Any = None, resource: Any = None) -> None:
+    def __init__(self, config: Any, backends: Callable[[], list[int]] = list, resource: Any = None) -> None:
+        """``backends``: the backend pids of the proxy's open connections (whose wait events to sample)."""
         self.config = config
-        self.server = server
+        self.backends = backends
         self.status: dict[str, str] = {}
-        dsn = config.stats_dsn.get_secret_value() if config.stats_dsn is not None else None
+        dsn = config.stats_dsn
+        if hasattr(dsn, "get_secret_value"):
+            dsn = dsn.get_secret_value()
         self._dsn = dsn
+        self._wait_threshold_ns = int(config.wait_event_threshold * 1e9)
         sources = set(getattr(config, "enrich_sources", ("auto_explain", "pg_stat_statements", "wait_events")))
         want_log = config.server_log is not None or (config.server_log_via_sql and dsn)
         self.status["auto_explain"] = "starting" if want_log and "auto_explain" in sources else "off"
@@ -68,7 +80,7 @@ class Enricher:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgotel-enrich", daemon=True)
 
-    # ------------------------------------------------------------ Joiner facing (builder thread)
+    # ------------------------------------------------------------ Joiner facing (the helper's thread)
 
     def plans_enabled(self) -> bool:
         return self.status.get("auto_explain", "").startswith("ok")
@@ -77,7 +89,8 @@ class Enricher:
         return self.status.get("pg_stat_statements", "").startswith("ok")
 
     def wait_samples(self, pid: int, start: int, end: int) -> list[tuple]:
-        return self._waits.between(pid, start, end)
+        """Samples of backend ``pid`` while a statement of [start, end] ran past the threshold."""
+        return self._waits.between(pid, start + self._wait_threshold_ns, end)
 
     def query_id_for(self, fingerprint: str | None) -> int | None:
         return self._pgss.by_fingerprint.get(fingerprint) if fingerprint else None
@@ -85,7 +98,7 @@ class Enricher:
     def pgss_figures(self, query_id: int) -> dict | None:
         return self._pgss.figures.get(query_id)
 
-    # ------------------------------------------------------------ tracer facing
+    # ------------------------------------------------------------ span helper facing
 
     def statement(self, rec, spans: list) -> list:
         return self.joiner.statement(rec, spans)
@@ -107,8 +120,12 @@ class Enricher:
         self._thread.start()
         return self
 
+    def ready(self) -> bool:
+        """Whether the start-up probes are done (or nothing is on)."""
+        return self._ready.is_set() or all(v == "off" for v in self.status.values())
+
     def wait_ready(self, timeout: float = 10.0) -> bool:
-        """Block until the start-up probes are done (tests, ``check-config``)."""
+        """Block until the start-up probes are done."""
         if not self._thread.is_alive() and not self._ready.is_set():
             return all(v == "off" for v in self.status.values())
         return self._ready.wait(timeout)
@@ -199,11 +216,6 @@ class Enricher:
             st["auto_explain"], task = await self._probe_log(conn)
             if task is not None:
                 tasks.append(task)
-        line = ", ".join(f"{k} {v}" for k, v in st.items())
-        if any(v.startswith("unavailable") for v in st.values()):
-            log.warning("server-side enrichment: %s", line)
-        else:
-            log.info("server-side enrichment: %s", line)
         return tasks
 
     async def _probe_pgss(self, conn, privileged: bool) -> str:
@@ -318,7 +330,6 @@ class Enricher:
             await asyncio.sleep(interval)
 
     async def _wait_loop(self, conn, major: int) -> None:
-        threshold_ns = int(self.config.wait_event_threshold * 1e9)
         qid = "query_id" if major >= 14 else "NULL::bigint"
         sql = f"SELECT pid, wait_event_type, wait_event, {qid} FROM pg_stat_activity WHERE pid = ANY(%s) AND state = 'active'"
         waits = self._waits
@@ -326,7 +337,7 @@ class Enricher:
         last_prune = 0
         while True:
             now = time.time_ns()
-            due = [pid for pid, start in inflight_backends(self.server) if now - start >= threshold_ns]
+            due = self.backends()
             if due:
                 try:
                     cur = await conn.execute(sql, (due,))

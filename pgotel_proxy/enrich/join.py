@@ -1,6 +1,6 @@
-"""The bounded time-window join of statement spans with server-side records (runs on the builder thread).
+"""The bounded time-window join of statement spans with server-side records (runs in the span process).
 
-The tracer hands each statement record's freshly built spans to
+The span helper (``tracing.helper``) hands each statement record's freshly built spans to
 :meth:`Joiner.statement`. A statement whose plan auto_explain will log (a
 SELECT/INSERT/UPDATE/DELETE/MERGE that completed, on a backend we know, with
 the auto_explain source up) waits for it at most ``join_timeout`` seconds;

@@ -1,6 +1,6 @@
 """Side-connection samplers: pg_stat_statements window deltas and pg_stat_activity wait events.
 
-Both run on the enrichment thread's event loop over their own psycopg
+Both run on the enrichment thread's event loop, in the span process, over their own psycopg
 connection (``stats_dsn``). Least privilege: a role that is a member of
 ``pg_read_all_stats`` sees every session's wait events and every user's
 pg_stat_statements entries; nothing else is needed (no superuser, no write).
@@ -34,7 +34,7 @@ from collections import deque
 
 from ..tracing import sqlinfo
 
-__all__ = ["PgssWindows", "WaitSamples", "inflight_backends", "PGSS_FIELDS"]
+__all__ = ["PgssWindows", "WaitSamples", "PGSS_FIELDS"]
 
 log = logging.getLogger("pgotel_proxy.enrich")
 
@@ -145,25 +145,3 @@ class WaitSamples:
         for pid, dq in list(self._by_pid.items()):
             if not dq or dq[-1][0] < now - self.MAX_AGE_NS:
                 self._by_pid.pop(pid, None)
-
-
-def inflight_backends(server) -> list[tuple[int, int]]:
-    """(backend pid, start ns of its oldest unanswered statement) for the proxy's connections.
-
-    Read-only and lock-free: the relay thread is never asked anything. Copying
-    a set or deque of plain objects with ``list()`` happens under the GIL in
-    one C call, so a concurrent append on the relay thread cannot break it.
-    """
-    out = []
-    for conn in list(getattr(server, "connections", ())):
-        session = getattr(conn, "session", None)
-        pid = getattr(session, "backend_pid", None)
-        if pid is None:
-            continue
-        try:
-            start = session.oldest_unanswered_start_ns()
-        except RuntimeError:  # the relay changed its queue during the copy: next time
-            continue
-        if start:
-            out.append((pid, start))
-    return out

@@ -586,14 +586,14 @@ async def serve(
     without a restart: certificates (new sessions only), tracing on/off and the
     sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
     """
-    from ..enrich import attach as attach_enrichment, enabled as enrichment_enabled
+    from ..enrich import attach as attach_enrichment
     from ..tracing import build_tracer
 
     loop = asyncio.get_running_loop()
-    tracer = build_tracer(config, in_process=enrichment_enabled(config))
+    tracer = build_tracer(config)
     server = ProxyServer(config, tracer)
 
-    attach_enrichment(config, server, tracer)  # sets server.source_status; the tracer stops it
+    attach_enrichment(config, server, tracer)  # sets server.source_status, which the span process reports
     admin = None
     await server.start()
     if worker is not None:

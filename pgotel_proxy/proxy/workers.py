@@ -630,7 +630,7 @@ def _preload() -> None:
     """
     import importlib
 
-    for name in ("uvloop", "pgotel_proxy.tracing.tracer", "pgotel_proxy.admin", "pgotel_proxy.enrich"):
+    for name in ("uvloop", "pgotel_proxy.tracing.process", "pgotel_proxy.admin", "pgotel_proxy.enrich"):
         try:
             importlib.import_module(name)
         except ImportError as exc:  # pragma: no cover - optional pieces; the worker reports it

@@ -1,5 +1,9 @@
 """Exporters and the export pipeline: OTLP over HTTP/protobuf or gRPC, a console tree, bounded batching.
 
+Both run in the span process (``tracing.helper.SpanHelper`` owns the one
+pipeline); the console tree is printed on the stdout that process inherits
+from the proxy.
+
 The OTLP exporters are opentelemetry-exporter-otlp's own, subclassed only to
 encode faster (``otlp.py``); they read the standard ``OTEL_EXPORTER_OTLP_*``
 variables themselves. ``otlp_endpoint`` in
@@ -200,10 +204,10 @@ class ExportPipeline:
         fell that far behind. A builder that kept building would only take
         the interpreter lock from the export thread to make spans that find
         no room. While it waits, records queue before it (the span process's
-        socket and the relay's bounded buffer, or the builder thread's record
-        queue); only when those are full are statements dropped, and counted
-        there. ``tick`` is called every 50 ms of waiting (the builder
-        thread's other duty: releasing enriched spans whose wait is over).
+        socket and the relay's bounded buffer); only when those are full are
+        statements dropped, and counted there. ``tick`` is called every 50 ms
+        of waiting (the span helper's other duty: releasing enriched spans
+        whose wait is over).
         Once the pipeline is shut down nothing waits: what finds no room is
         dropped (counted) at once.
         """

@@ -1,21 +1,29 @@
-"""Spans built and exported in a helper process: the relay's interpreter only records.
+"""The one tracer: spans built, enriched and exported in a helper process; the relay's interpreter only records.
 
 Why: in one process, the builder and export threads share the interpreter lock
 with the relay. Every time the relay thread blocks in a system call, a
 builder thread takes the lock and keeps it for up to the switch interval, so
 under load the relay waits milliseconds for its next message, which shows in
 queries' tail latency, and the hand-overs themselves cost CPU.
-With ``span_process = true`` (the default) the relay process keeps only the
-compact statement records the protocol layer fills anyway. Every 50 ms
+So the relay process keeps only the compact statement records the protocol
+layer fills anyway. Every 50 ms
 (``_SEND_INTERVAL``; 0.5 s after a look that found nothing) it takes the
 records each connection finished since the last look, packs them (one call
 per connection), and writes them, as one frame, to a helper process over a
 socket pair. The helper
-(``python -m pgotel_proxy.tracing.process``) runs the ordinary
-:class:`~pgotel_proxy.tracing.tracer.Tracer`: sqlcommenter parsing, SQL
-summaries, span building (straight into OTLP bytes), batching and OTLP
-export, on its own core. The relay process never imports the OpenTelemetry
-SDK, protobuf or the SQL parser.
+(``python -m pgotel_proxy.tracing.process``) runs
+:class:`~pgotel_proxy.tracing.helper.SpanHelper`: sqlcommenter parsing, SQL
+summaries, span building (straight into OTLP bytes), server-side enrichment
+when it is configured (:mod:`pgotel_proxy.enrich`: the side connections, the
+log follower and the join run there), batching and export (OTLP, or the
+console tree printed on the stdout it inherits), on its own core. The relay
+process never imports the OpenTelemetry SDK, protobuf, psycopg or the SQL
+parser.
+
+This module owns both halves of the hand-over: the relay side
+(:class:`ProcessTracer`: the per-connection handles, pre-sampling, the
+bounded outgoing buffer, gap marking and the drop count, each in one place)
+and the helper's main loop (:func:`child_main`).
 
 Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
@@ -31,11 +39,19 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   and what its draw leaves out is never handed over);
   ``(OP_STATEMENTS_UNSEEN, conn)`` statements of that connection went unseen;
   ``(OP_CONNECTION_CLOSED, conn)`` it closed; ``(OP_SAMPLE_RATE, rate)`` new
-  sample rate; ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP,)`` build and
-  export what is left, then exit.
+  sample rate; ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP, deadline)``
+  build and export what is left by that wall-clock time, then exit.
 * helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
-  "flushed": seq}``. The helper's counters (spans built, exported, dropped,
-  export failures) are the ones ``/metrics`` shows.
+  "flushed": seq}``, with ``"sources": {...}, "sources_ready": bool`` when
+  enrichment is configured. The helper's counters (spans built, exported,
+  dropped, export failures, enrichment joins and timeouts) are the ones
+  ``/metrics`` shows; the sources' status is the admin ``/status``'s.
+
+Server-side enrichment in the helper: it knows each connection's backend pid
+from the connection-opened operation, so its wait-event sampler asks pg_stat_activity
+about the open connections' backends (``state = 'active'``) and the join
+takes the samples of a statement's backend within its wire interval when the
+statement's record arrives (``enrich.enricher``).
 
 Bounds and failure: the relay side never blocks. Frames the helper has not
 read yet wait in an outgoing buffer of at most ``_MAX_OUT`` bytes; beyond it
@@ -45,11 +61,6 @@ dies, an error is logged, statements are dropped while it is away, and it is
 started again after a second; a helper whose parent vanished (its socket
 closed) exports what it has and exits. SIGINT and SIGTERM are ignored by the
 helper: the proxy's shutdown tells it to stop, within ``shutdown_timeout``.
-
-Not used when server-side enrichment is configured: the enricher samples the
-live sessions of the relay, so spans are then built in the relay process (on
-a thread), as they are when an exporter object is passed in (embedding,
-tests). ``span_process = false`` chooses the thread as well.
 """
 
 from __future__ import annotations
@@ -73,7 +84,7 @@ from .attributes import connection_attributes
 from ..stats import STATS
 from .sampling import Presampler
 
-__all__ = ["ProcessTracer", "CHILD_COUNTERS"]
+__all__ = ["ProcessTracer", "SourceStatus", "CHILD_COUNTERS"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
 
@@ -90,13 +101,16 @@ OP_STOP = "s"
 #: Counters the helper owns; the relay process shows the helper's values.
 CHILD_COUNTERS = (
     "statements", "spans_started", "spans_exported", "spans_dropped", "export_failures",
-    "sqlcomment_invalid_traceparent",
+    "sqlcomment_invalid_traceparent", "enrich_joined", "enrich_timeouts",
 )
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
 _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (fewer, larger hand-overs cost less CPU; no query waits for them)
 _IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wakes twice a second
 _REPORT_INTERVAL = 0.25
 _RESTART_DELAY = 1.0
+_EXIT_MARGIN = 0.1  # seconds of a helper's shutdown deadline left for its last report and its exit
+_EXIT_GRACE = 0.25  # seconds past the shutdown deadline the relay waits for the helper to exit
+_ENRICH_TICK = 0.02  # seconds the helper waits for input before it releases enriched spans whose wait is over
 _LIFT_AT = 1 << 20  # bytes of records the helper has not taken: it is behind (about 10,000 statements)
 _STARVED_AFTER = 1.0  # seconds without a report (it reports every _REPORT_INTERVAL): it gets no CPU
 _LOW_NICE = 10  # span_process_priority = "low"
@@ -234,8 +248,36 @@ class _Handle:
             t._arm()
 
 
+class SourceStatus:
+    """The relay process's view of the helper's server-side sources (admin ``/status``).
+
+    ``status`` is updated in place from the helper's reports; the start-up
+    line that sums it up is logged here, in the proxy's log, once the first
+    helper's probes are done.
+    """
+
+    def __init__(self) -> None:
+        self.status: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._logged = False
+
+    def update(self, status: dict, ready: bool) -> None:
+        self.status.update(status)
+        if ready and not self._logged:
+            self._logged = True
+            from ..enrich import log_status
+
+            log_status(self.status)
+        if ready:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Block until the helper's start-up probes are done (tests)."""
+        return self._ready.wait(timeout)
+
+
 class ProcessTracer:
-    """The tracer interface of :class:`~pgotel_proxy.tracing.tracer.Tracer`, backed by a helper process."""
+    """The tracer the proxy talks to: records handed to the span process (module docstring)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -245,8 +287,7 @@ class ProcessTracer:
         self._presample = not getattr(config, "transaction_spans", False)
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
         self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
-        self.enricher = None  # never: enrichment keeps spans in the relay process
-        self.builder = None
+        self.sources = SourceStatus()  # server-side enrichment's sources, as the helper reports them
         self.accepting = False  # a helper is running and the outgoing buffer has room
         self._ops: list = []
         self._pending = 0  # statements in _ops
@@ -372,6 +413,9 @@ class ProcessTracer:
             setattr(STATS, name, self._base[name] + value)
         STATS.statements += self._left_out  # observed here, never handed over
         self._child_queue = msg.get("queue", 0)
+        sources = msg.get("sources")
+        if sources is not None:
+            self.sources.update(sources, bool(msg.get("sources_ready")))
         dropped = msg.get("dropped", 0)
         if dropped > self._child_dropped:  # statements the helper's own bounded queue refused
             STATS.statements_dropped += dropped - self._child_dropped
@@ -623,20 +667,32 @@ class ProcessTracer:
         """Send what is left, let the helper export it, all within ``shutdown_timeout``."""
         deadline = time.monotonic() + self.shutdown_timeout
         self._stopping = True
+        with self._lock:
+            if self._may_lift and not self._lifted:
+                # Its deadline runs from now: an idle-class helper on a busy machine would
+                # not even read the request to stop in time.
+                self._lift(True)
         if self._loop is None or not self._loop.is_running():
             self._collect()
-        self._ops.append((OP_STOP,))
+        self._ops.append((OP_STOP, time.time() + self.shutdown_timeout))
         self._send(blocking_until=deadline)
         proc, reader = self._proc, self._reader
         if proc is not None:
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+                # A helper that read the request to stop in time is done by the deadline (it keeps
+                # _EXIT_MARGIN to exit); one still behind on its input when it passes is stopped.
+                proc.wait(max(0.0, deadline - time.monotonic()) + _EXIT_GRACE)
             except subprocess.TimeoutExpired:
                 log.warning("shutdown: the span process did not finish within %ss", self.shutdown_timeout)
                 proc.kill()
                 proc.wait()
         if reader is not None:
             reader.join(2.0)
+
+
+#: What server-side enrichment reads of the configuration (pgotel_proxy.enrich), handed over as they are.
+_ENRICH_SETTINGS = ("server_log", "server_log_format", "server_log_line_prefix", "server_log_via_sql", "stats_dsn",
+                    "stats_interval", "wait_event_threshold", "join_timeout", "enrich_sources")
 
 
 def _child_settings(config: Any) -> dict:
@@ -650,6 +706,18 @@ def _child_settings(config: Any) -> dict:
         value = getattr(config, name, None)
         if value is not None:
             out[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    from ..enrich import enabled as enrichment_enabled
+
+    if enrichment_enabled(config):
+        for name in _ENRICH_SETTINGS:
+            value = getattr(config, name, None)
+            if hasattr(value, "get_secret_value"):  # stats_dsn: the helper connects with it
+                value = value.get_secret_value()
+            elif isinstance(value, (list, tuple)):
+                value = [str(v) for v in value]
+            elif value is not None and not isinstance(value, (str, int, float, bool)):
+                value = str(value)
+            out[name] = value
     return out
 
 
@@ -742,22 +810,34 @@ def child_main(fd: int) -> int:
 
     configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
     _take_priority(settings.pop("span_process_priority", "idle"))
+    from .helper import SpanHelper
     from .spans import ConnState
-    from .tracer import _CLOSE, Tracer
 
     config = SimpleNamespace(tracing=True, **settings)
     # No builder thread: this thread reads and builds, the export thread exports.
-    tracer = Tracer.from_config(config, thread=False)
+    helper = SpanHelper(config)
     conns: dict[int, ConnState] = {}
-    build = tracer.build_now
-    pipeline = tracer.pipeline
+    # Backend pid of each open connection: the wait-event sampler's list (read from its thread).
+    backends: dict[int, int] = {}
+    from ..enrich import enabled as enrichment_enabled
+
+    enricher = None
+    if enrichment_enabled(config):
+        from ..enrich import start_enricher
+
+        enricher = start_enricher(config, helper, lambda: list(backends.values()))
+    build = helper.build
+    pipeline = helper.pipeline
     send_lock = threading.Lock()
     done = threading.Event()
     flushed: list = []
 
     def report(extra: dict | None = None) -> None:
-        msg = {"stats": {n: getattr(STATS, n) for n in CHILD_COUNTERS}, "queue": tracer.queue_size_now(),
+        msg = {"stats": {n: getattr(STATS, n) for n in CHILD_COUNTERS}, "queue": helper.queue_size_now(),
                "dropped": STATS.statements_dropped}
+        if enricher is not None:
+            msg["sources"] = dict(enricher.status)
+            msg["sources_ready"] = enricher.ready()
         if extra:
             msg.update(extra)
         with send_lock:
@@ -777,10 +857,23 @@ def child_main(fd: int) -> int:
     from ..runtime import settle_gc
 
     settle_gc()
+    # Statements waiting for their plans leave when their wait is over, input or not:
+    # with an enricher, input is waited for _ENRICH_TICK at a time (a poll, not a socket
+    # timeout, which would make the reporter's sends non-blocking too).
+    readable = None
+    if enricher is not None:
+        import select
+
+        readable = select.poll()
+        readable.register(sock, select.POLLIN)
     pending = first
     stop = False
+    stop_by = None  # wall-clock deadline of the proxy's shutdown
     while not stop:
         if pending is None:
+            if readable is not None and not readable.poll(_ENRICH_TICK * 1000):
+                helper.tick()
+                continue
             try:
                 pending = _read_frames(sock, buf)
             except (OSError, ValueError) as exc:
@@ -801,38 +894,41 @@ def child_main(fd: int) -> int:
                         state.info.session.server_params["application_name"] = app
                     build(state, records, spans, op[-1] is True)
                     if len(spans) >= pipeline.batch_size:  # a large frame goes in parts too
-                        STATS.spans_started += len(spans)
-                        pipeline.put_paced(spans)
+                        helper.export(spans)
                         spans = []
                 elif kind == OP_CONNECTION_OPENED:
                     _, conn_id, base, pid, app = op
                     conns[conn_id] = ConnState(_ChildInfo(pid, app), base)
+                    if pid is not None:
+                        backends[conn_id] = pid
                 elif kind == OP_CONNECTION_CLOSED:
+                    backends.pop(op[1], None)
                     state = conns.pop(op[1], None)
-                    if state is not None and tracer.builder.transaction_spans:
-                        build(state, _CLOSE, spans)
+                    if state is not None:
+                        helper.close(state, spans)
                 elif kind == OP_STATEMENTS_UNSEEN:
                     state = conns.get(op[1])
                     if state is not None:
                         state.forget()
                 elif kind == OP_SAMPLE_RATE:
-                    tracer.set_sample_rate(op[1])
+                    helper.set_sample_rate(op[1])
                 elif kind == OP_FLUSH:
                     flushed.append(op[1])
                 elif kind == OP_STOP:
                     stop = True
+                    stop_by = op[1]
             # Each frame's spans go to the export queue before the next frame is built:
             # frames that waited together (this process runs on idle CPU) never arrive
             # at the queue as one burst larger than its room.
-            if spans:
-                STATS.spans_started += len(spans)
-                pipeline.put_paced(spans)
+            helper.export(spans)
         pending = None
+        helper.tick()
         if flushed:
-            tracer.flush(tracer.shutdown_timeout)
+            helper.flush(helper.shutdown_timeout)
             report({"flushed": flushed[-1]})
             flushed.clear()
-    tracer.shutdown()
+    # Within the proxy's deadline, whenever the request to stop was read (less a moment to exit).
+    helper.shutdown(helper.shutdown_timeout if stop_by is None else stop_by - time.time() - _EXIT_MARGIN)
     done.set()
     report()
     try:

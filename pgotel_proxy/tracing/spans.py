@@ -1,4 +1,9 @@
-"""Statement records → ReadableSpans named and attributed by OpenTelemetry's database conventions.
+"""Statement records → spans named and attributed by OpenTelemetry's database conventions.
+
+The span builder runs in the span process only (``tracing.helper.SpanHelper``
+drives it there); the relay process never imports this module. It makes
+ReadableSpans for an SDK exporter and for the enricher, or each span's
+encoded OTLP field for the exporters of ``otlp.py``.
 
 Each statement becomes a SERVER span (the database side of the application's
 CLIENT span) with INTERNAL children for the phases the wire shows:
@@ -120,7 +125,7 @@ def _span_name(info, protocol: str) -> str:
     return "FUNCTION CALL" if protocol == "function" else "postgresql"
 
 class SpanBuilder:
-    """Builds spans for finished statement records (runs on the builder thread)."""
+    """Builds spans for finished statement records (in the span process, on its reading thread)."""
 
     def __init__(
         self,

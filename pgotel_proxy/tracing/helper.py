@@ -1,0 +1,193 @@
+"""The span process's work: statement records → spans → server-side enrichment → the export pipeline.
+
+:func:`pgotel_proxy.tracing.process.child_main` (the helper process) owns one
+:class:`SpanHelper` and calls it on its one reading thread: ``build`` for
+each connection's finished records as they arrive, ``close`` and ``forget``
+for a connection that ended or whose statements went unseen, ``tick`` while
+it waits for input. The :class:`~.spans.SpanBuilder` does sqlcommenter
+parsing, SQL summaries and attributes; when server-side enrichment is on
+(:mod:`pgotel_proxy.enrich`), each statement's spans pass through the
+enricher's join before they go to the :class:`~.export.ExportPipeline`,
+which exports in batches from its own thread. While the export queue is more
+than half full the build waits (up to a second at a time), so that a
+collector slower than the traffic for a moment costs records waiting in the
+socket and the relay's bounded buffer rather than dropped spans.
+
+Nothing here bounds, samples ahead or drops records: that is the relay side's
+(:class:`~.process.ProcessTracer`), in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+
+from ..config import DEFAULT_EXPORT_BATCH
+from ..stats import STATS
+from .export import ExportPipeline, make_exporter
+from .spans import ConnState, SpanBuilder
+
+__all__ = ["SpanHelper"]
+
+log = logging.getLogger("pgotel_proxy.tracing")
+
+_NO_EXPORTER = object()
+
+
+class SpanHelper:
+    """Owns the span builder, the enricher (when configured) and the export pipeline of the span process."""
+
+    def __init__(self, config: Any, exporter: Any = _NO_EXPORTER) -> None:
+        """``exporter``: the exporter the config names unless given (tests of this class alone)."""
+        service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
+        self.builder = SpanBuilder(
+            resource=Resource.create({"service.name": service}),
+            sample_rate=float(getattr(config, "sample_rate", 1.0)),
+            capture_parameters=bool(getattr(config, "capture_parameters", False)),
+            capture_literals=bool(getattr(config, "capture_query_literals", False)),
+            transaction_spans=bool(getattr(config, "transaction_spans", False)),
+        )
+        self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
+        self.pipeline = ExportPipeline(
+            make_exporter(config) if exporter is _NO_EXPORTER else exporter,
+            queue_size=int(getattr(config, "span_queue_size", 32768)),
+            batch_size=int(getattr(config, "export_batch_size", DEFAULT_EXPORT_BATCH)),
+            interval=float(getattr(config, "export_interval", 1.0)),
+        )
+        self._enricher = None
+        self.enricher = None  # sets the builder's output form
+
+    @property
+    def enricher(self):
+        """Server-side records joined into spans (pgotel_proxy.enrich.Enricher), or None."""
+        return self._enricher
+
+    @enricher.setter
+    def enricher(self, enricher) -> None:
+        # Spans leave the builder encoded when nothing needs them as objects:
+        # an exporter of otlp.py takes the bytes, the enricher edits spans, and
+        # without an exporter (exporter = "none") they are only counted and dropped.
+        self._enricher = enricher
+        exporter = self.pipeline.exporter
+        builder = self.builder
+        builder.encode = enricher is None and (exporter is None or bool(getattr(exporter, "accepts_encoded", False)))
+        # ... and as their fields alone when the exporter is told whose they are (or there is none)
+        builder.bare = builder.encode and (exporter is None or hasattr(exporter, "encoded_head"))
+        if builder.bare and exporter is not None:
+            exporter.encoded_head = builder._head
+
+    def set_sample_rate(self, rate: float) -> None:
+        self.builder.sample_rate = rate
+
+    def queue_size_now(self) -> int:
+        """Spans waiting to be exported, and statements waiting for their server-side records."""
+        enricher = self._enricher
+        return len(self.pipeline) + (enricher.pending() if enricher is not None else 0)
+
+    # ------------------------------------------------------------- building
+
+    def build(self, state: ConnState, records: list, spans: list, drawn: bool = False) -> None:
+        """Append the spans of one connection's finished ``records`` to ``spans``.
+
+        ``drawn``: the relay's draw kept these records' new roots (sampling.Presampler).
+        """
+        builder = self.builder
+        state.presampled = drawn
+        enriching = self._enricher is not None
+        if not enriching and not builder.transaction_spans:
+            # Nothing joins per-record span runs and no transaction holds records:
+            # straight to the per-statement builder (what build() would call).
+            STATS.statements += len(records)
+            one, kept = builder.one, builder.kept
+            i, n = 0, len(records)
+            while i < n:
+                i, error = kept(state, records, i, spans)  # statements of kept shapes, in one call
+                if error is not None:
+                    log.error("could not build a span", exc_info=error)
+                    i += 1
+                    continue
+                if i >= n:
+                    break
+                mark = len(spans)
+                try:
+                    one(state, records[i], spans)
+                except Exception:  # one odd statement must not stop the span process
+                    log.exception("could not build a span")
+                    del spans[mark:]
+                i += 1
+            return
+        build = builder.build
+        for rec in records:
+            mark = len(spans)
+            try:
+                groups = build(state, rec, spans)
+            except Exception:  # one odd statement must not stop the span process
+                log.exception("could not build a span")
+                del spans[mark:]
+                continue
+            if enriching:
+                self._enrich_groups(groups, spans)
+
+    def close(self, state: ConnState, spans: list) -> None:
+        """The connection ended: a transaction it left open is built now."""
+        if self.builder.transaction_spans:
+            self._enrich_groups(self.builder.flush_connection(state, spans), spans)
+
+    def export(self, spans: list) -> None:
+        """Hand built spans to the export pipeline, waiting while it is more than half full."""
+        if spans:
+            STATS.spans_started += len(spans)
+            self.pipeline.put_paced(spans, tick=self.tick)
+
+    # ------------------------------------ server-side enrichment (pgotel_proxy.enrich)
+
+    def _enrich_groups(self, groups: list, spans: list) -> None:
+        """Let the enricher join each record's run of spans (from the last, so indexes hold)."""
+        if self._enricher is None:
+            return
+        for rec, start, end in reversed(groups):
+            if end > start:
+                spans[start:end] = self._enriched(rec, spans[start:end])
+
+    def _enriched(self, rec, spans: list) -> list:
+        try:
+            return self._enricher.statement(rec, spans)
+        except Exception:  # enrichment must never cost a span
+            log.exception("could not join server-side records")
+            return spans
+
+    def tick(self, final: bool = False) -> None:
+        """Export the enriched spans whose wait is over (all of them when ``final``)."""
+        enricher = self._enricher
+        if enricher is None:
+            return
+        try:
+            ready = enricher.release_all() if final else enricher.tick()
+        except Exception:
+            log.exception("could not join server-side records")
+            return
+        if ready:
+            STATS.spans_started += len(ready)
+            self.pipeline.put(ready)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Export everything built so far, statements waiting for server-side records included."""
+        deadline = time.monotonic() + timeout
+        while self._enricher is not None and self._enricher.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)  # statements waiting for server-side records (at most join_timeout)
+            self.tick()
+        self.pipeline.flush(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Release what the enricher holds and flush it all, within ``timeout`` (``shutdown_timeout``)."""
+        deadline = time.monotonic() + max(0.0, self.shutdown_timeout if timeout is None else timeout)
+        if self._enricher is not None:
+            self._enricher.stop(max(0.0, deadline - time.monotonic()))
+            self.tick(final=True)
+        self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
