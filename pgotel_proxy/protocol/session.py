@@ -30,6 +30,7 @@ import os
 import struct
 from collections import deque
 
+from ._impl import PURE_PYTHON
 from .errors import ProtocolViolation
 from .events import Completion, Statement
 from .scan import run_end as _run_end
@@ -969,7 +970,7 @@ pack_records = unpack_records = None
 # The compiled pump's log fed to its traced sessions without a Python call per chunk
 # (proxy/server.py; without it a Python loop does the same).
 observe_log = None
-if not os.environ.get("PGOTEL_PURE_PYTHON"):
+if not PURE_PYTHON:
     try:
         from . import _core  # type: ignore[attr-defined]
 

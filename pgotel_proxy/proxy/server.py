@@ -18,18 +18,19 @@ import socket
 import struct
 from typing import Any, Callable
 
+from ..protocol._impl import PURE_PYTHON
 from ..protocol.messages import error_response
 from ..protocol.session import observe_log
 from ..stats import STATS
 from .connection import ClientConnection
-
-try:  # the compiled relay of unobserved connections (_pump.c)
-    from ._pump import Pump
-except ImportError:
-    Pump = None
-if os.environ.get("PGOTEL_PURE_PYTHON"):
-    Pump = None
 from .tls import client_context, upstream_context
+
+Pump = None
+if not PURE_PYTHON:
+    try:  # the compiled relay of unobserved connections (_pump.c)
+        from ._pump import Pump
+    except ImportError:
+        pass
 
 # The pump's observation log (_pump.c): an entry's head, and a hand-back's numbers.
 _LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
