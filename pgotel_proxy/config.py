@@ -23,7 +23,6 @@ Run ``python -m pgotel_proxy.config`` to print the Markdown reference.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
@@ -44,6 +43,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from pgotel_proxy.hostport import parse_hostport
 
 __all__ = [
     "ENV_PREFIX",
@@ -86,7 +87,6 @@ GROUPS: tuple[str, ...] = (
 # sun_path in struct sockaddr_un is 108 bytes on Linux, one of them the NUL.
 _UNIX_PATH_MAX = 107
 _MIB = 1024 * 1024
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 
 class ConfigError(Exception):
@@ -611,47 +611,6 @@ def default_text(name: str) -> str:
     if isinstance(value, str) and (value != value.strip() or not value):
         return repr(value)
     return str(value)
-
-
-# -- host:port -------------------------------------------------------------------
-
-def parse_hostport(s: str) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6addr]:port`` into (host, port); ValueError if malformed.
-
-    The port may be 0 (meaning "any free port" for listeners).  IPv6 addresses
-    must be bracketed because their colons are otherwise ambiguous.
-    """
-    if not isinstance(s, str):
-        raise ValueError(f"expected host:port, got {type(s).__name__}")
-    text = s.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{s!r}: missing ']' after the IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
-        if not rest.startswith(":"):
-            raise ValueError(f"{s!r}: expected :port after ']'")
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{s!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{s!r} is not host:port (no port)")
-        if ":" in host:
-            raise ValueError(f"{s!r}: put IPv6 addresses in brackets, e.g. [::1]:6432")
-        if not host:
-            raise ValueError(f"{s!r}: the host is empty")
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{s!r}: {host!r} is not a valid host name or address")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{s!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{s!r}: port {port} is out of range (0-65535)")
-    return host, port
 
 
 def _check_unix_path(path: str) -> None:

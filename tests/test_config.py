@@ -8,8 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 from pgotel_proxy.config import (
@@ -22,7 +20,6 @@ from pgotel_proxy.config import (
     flag_name,
     load_config,
     load_config_with_sources,
-    parse_hostport,
     reference_markdown,
 )
 
@@ -294,35 +291,6 @@ def test_multiple_problems_still_give_one_line() -> None:
 def test_unknown_override_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^listn: unknown option \(did you mean 'listen'\?\)"):
         load_config(env={}, overrides={"listn": "x"})
-
-
-# -- host:port -------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:6432", ("127.0.0.1", 6432)),
-    ("localhost:0", ("localhost", 0)),
-    ("[::1]:6432", ("::1", 6432)),
-    ("[fe80::1%eth0]:5432", ("fe80::1%eth0", 5432)),
-    (" db-1.example.com:5432 ", ("db-1.example.com", 5432)),
-])
-def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
-    assert parse_hostport(text) == expected
-
-
-@pytest.mark.parametrize("text", [
-    "", ":5432", "host", "host:", "host:-1", "host:65536", "[::1]6432", "[::1:6432",
-    "[nothost]:1", "a b:1", "::1:5432", "host:５４",
-])
-def test_parse_hostport_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_hostport(text)
-
-
-@given(st.ip_addresses(), st.integers(0, 65535))
-def test_parse_hostport_round_trips_addresses(address, port: int) -> None:
-    host = str(address)
-    text = f"[{host}]:{port}" if address.version == 6 else f"{host}:{port}"
-    assert parse_hostport(text) == (host, port)
 
 
 # -- rendering -------------------------------------------------------------------

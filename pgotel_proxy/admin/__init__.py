@@ -76,8 +76,6 @@ class AdminServer:
         self._token = token.get_secret_value() if hasattr(token, "get_secret_value") else token
 
     async def start(self) -> None:
-        from ..proxy.server import split_hostport
-
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -86,7 +84,7 @@ class AdminServer:
         app.router.add_post("/tracing", self.set_tracing)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        host, port = split_hostport(self.config.admin_listen, 9187)
+        host, port = self.config.admin_address
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]

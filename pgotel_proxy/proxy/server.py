@@ -18,6 +18,7 @@ import socket
 import struct
 from typing import Any, Callable
 
+from ..hostport import format_hostport
 from ..protocol._impl import PURE_PYTHON
 from ..protocol.messages import error_response
 from ..protocol.session import observe_log
@@ -51,7 +52,7 @@ OBSERVE_INTERVAL = 0.005
 #: The log's bound: past it, observed pairs stop reading until the event loop caught up.
 PUMP_LOG_LIMIT = 16 << 20
 
-__all__ = ["ProxyServer", "run", "split_hostport"]
+__all__ = ["ProxyServer", "run"]
 
 log = logging.getLogger("pgotel_proxy.proxy")
 
@@ -59,18 +60,6 @@ log = logging.getLogger("pgotel_proxy.proxy")
 # requests, cancel forwarding, the exporter's and enrichment's sockets, log files.
 _FD_HEADROOM = 16
 _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
-
-
-def split_hostport(value: str, default_port: int = 5432) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'host' -> (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
-    return host or "0.0.0.0", int(port)
 
 
 class ProxyServer:
@@ -99,15 +88,13 @@ class ProxyServer:
         self._pump_failed = Pump is None
         self._fd_limit: int | None = None
         self._fd_base = 0
-        up = config.upstream
-        if up.startswith("/"):
-            self.upstream_path: str | None = up
+        self.upstream_path: str | None = config.upstream_unix_path
+        if self.upstream_path is not None:
             self.upstream_host, self.upstream_port = "", 0
-            self.upstream_label = up
+            self.upstream_label = self.upstream_path
         else:
-            self.upstream_path = None
-            self.upstream_host, self.upstream_port = split_hostport(up)
-            self.upstream_label = f"{self.upstream_host}:{self.upstream_port}"
+            self.upstream_host, self.upstream_port = config.upstream_address
+            self.upstream_label = format_hostport(self.upstream_host, self.upstream_port)
         self.upstream_server_name = getattr(config, "upstream_tls_server_name", None) or self.upstream_host or None
         self.client_tls = None
         if config.client_tls_cert and config.client_tls_key:
@@ -139,7 +126,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         cfg = self.config
-        host, port = split_hostport(cfg.listen, 6432)
+        host, port = cfg.listen_address
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -151,7 +138,7 @@ class ProxyServer:
         sock.setblocking(False)
         self._listeners.append(sock)
         bound = sock.getsockname()
-        self.listen_addresses.append(f"{bound[0]}:{bound[1]}" if family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}")
+        self.listen_addresses.append(format_hostport(bound[0], bound[1]))
         if cfg.unix_socket:
             path = str(cfg.unix_socket)
             try:
@@ -204,7 +191,7 @@ class ProxyServer:
             STATS.connections_accepted += 1
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = f"{addr[0]}:{addr[1]}"
+                peer = format_hostport(addr[0], addr[1])
             else:
                 peer = "unix"
             if self._short_of_fds():

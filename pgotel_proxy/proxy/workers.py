@@ -55,6 +55,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..hostport import format_hostport
 from ..protocol import ProtocolViolation, parse_startup_packet
 from ..stats import METRICS, STATS
 
@@ -602,9 +603,7 @@ def _fix_port(config: Any) -> tuple[Any, list[socket.socket]]:
     the port stays ours while workers restart; a socket that does not listen
     receives no connections.
     """
-    from .server import split_hostport
-
-    host, port = split_hostport(config.listen, 6432)
+    host, port = config.listen_address
     if port != 0:
         return config, []
     family, _, _, _, addr = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -613,8 +612,7 @@ def _fix_port(config: Any) -> tuple[Any, list[socket.socket]]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(addr)
     bound = sock.getsockname()
-    listen = f"{bound[0]}:{bound[1]}" if family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}"
-    return config.model_copy(update={"listen": listen}), [sock]
+    return config.model_copy(update={"listen": format_hostport(bound[0], bound[1])}), [sock]
 
 
 def _preload() -> None:
