@@ -8,20 +8,20 @@ on the relay path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["attach", "enabled"]
 
 
-def enabled(config: Any) -> bool:
+def enabled(config: Config) -> bool:
     """Whether any server-side source is configured."""
-    return bool(
-        getattr(config, "server_log", None) is not None
-        or getattr(config, "stats_dsn", None) is not None
-    )
+    return config.server_log is not None or config.stats_dsn is not None
 
 
-def attach(config: Any, server: Any, tracer: Any):
+def attach(config: Config, server: Any, tracer: Any):
     """Start enrichment for ``server`` and hook it into ``tracer``; None when nothing is configured.
 
     Sets ``server.source_status`` (shown by the admin ``/status``) to the live

@@ -23,13 +23,16 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .join import Joiner
 from .logformat import make_parser
 from .logsource import FileLogFollower, SqlLogFollower
 from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples, inflight_backends
 from .plans import parse_plan_message
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["Enricher", "WAIT_SAMPLE_PERIOD"]
 
@@ -46,13 +49,13 @@ _SQL_POLL = 0.2
 class Enricher:
     """Server-side sources and the join, for one proxy."""
 
-    def __init__(self, config: Any, server: Any = None, resource: Any = None) -> None:
+    def __init__(self, config: Config, server: Any = None, resource: Any = None) -> None:
         self.config = config
         self.server = server
         self.status: dict[str, str] = {}
         dsn = config.stats_dsn.get_secret_value() if config.stats_dsn is not None else None
         self._dsn = dsn
-        sources = set(getattr(config, "enrich_sources", ("auto_explain", "pg_stat_statements", "wait_events")))
+        sources = set(config.enrich_sources)
         want_log = config.server_log is not None or (config.server_log_via_sql and dsn)
         self.status["auto_explain"] = "starting" if want_log and "auto_explain" in sources else "off"
         self.status["pg_stat_statements"] = "starting" if dsn and "pg_stat_statements" in sources else "off"

@@ -548,7 +548,7 @@ class ClientConnection:
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
             # Nothing to splice in (and asked for): the pump relays, the event loop observes what it relayed.
             if not (self.wal is None and not s.flush_phases and not s._cbuf and not s._cskip and not s.server_hold
-                    and getattr(srv.config, "traced_pump", False) and self._to_pump(observe=True)):
+                    and srv.config.traced_pump and self._to_pump(observe=True)):
                 self._feed()
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.

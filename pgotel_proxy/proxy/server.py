@@ -16,7 +16,7 @@ import resource
 import signal
 import socket
 import struct
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..hostport import format_hostport
 from ..protocol._impl import PURE_PYTHON
@@ -25,6 +25,9 @@ from ..protocol.session import observe_log
 from ..stats import STATS
 from .connection import ClientConnection
 from .tls import client_context, upstream_context
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 Pump = None
 if not PURE_PYTHON:
@@ -65,7 +68,7 @@ _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 class ProxyServer:
     """Listens, accepts, and owns every :class:`ClientConnection`."""
 
-    def __init__(self, config: Any, tracer: Any = None) -> None:
+    def __init__(self, config: Config, tracer: Any = None) -> None:
         self.config = config
         self.tracer = tracer
         self.startup_timeout = max(config.connect_timeout, 10.0)
@@ -95,7 +98,7 @@ class ProxyServer:
         else:
             self.upstream_host, self.upstream_port = config.upstream_address
             self.upstream_label = format_hostport(self.upstream_host, self.upstream_port)
-        self.upstream_server_name = getattr(config, "upstream_tls_server_name", None) or self.upstream_host or None
+        self.upstream_server_name = config.upstream_server_name
         self.client_tls = None
         if config.client_tls_cert and config.client_tls_key:
             self.client_tls = client_context(str(config.client_tls_cert), str(config.client_tls_key), config.client_tls_min_version)
@@ -104,8 +107,8 @@ class ProxyServer:
             self.upstream_tls = upstream_context(
                 config.upstream_tls,
                 _str(config.upstream_tls_ca),
-                _str(getattr(config, "upstream_tls_cert", None)),
-                _str(getattr(config, "upstream_tls_key", None)),
+                _str(config.upstream_tls_cert),
+                _str(config.upstream_tls_key),
             )
 
     def reload_tls(self) -> None:
@@ -119,7 +122,7 @@ class ProxyServer:
         if cfg.client_tls_cert and cfg.client_tls_key:
             client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
         if not self.upstream_path:
-            upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(getattr(cfg, "upstream_tls_cert", None)), _str(getattr(cfg, "upstream_tls_key", None)))
+            upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(cfg.upstream_tls_cert), _str(cfg.upstream_tls_key))
         self.client_tls, self.upstream_tls = client_tls, upstream_tls
 
     # ------------------------------------------------------------ listening
@@ -131,7 +134,7 @@ class ProxyServer:
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if getattr(cfg, "workers", 1) > 1 and hasattr(socket, "SO_REUSEPORT"):
+        if cfg.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         sock.listen(1024)
@@ -510,7 +513,7 @@ def _str(v) -> str | None:
 
 
 async def serve(
-    config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None, worker: Any = None,
+    config: Config, ready: asyncio.Future | None = None, reload: Callable[[], Config] | None = None, worker: Any = None,
     settle_gc: bool = False,
 ) -> int:
     """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code.
@@ -535,7 +538,7 @@ async def serve(
     await server.start()
     if worker is not None:
         await worker.attach(server, tracer)  # before the admin: it reads totals through server.worker_link
-    if getattr(config, "admin_listen", None):
+    if config.admin_listen:
         from ..admin import AdminServer
 
         admin = AdminServer(config, server, tracer)
@@ -585,9 +588,9 @@ async def serve(
     return 0
 
 
-def run(config: Any, reload: Callable[[], Any] | None = None, worker: Any = None) -> int:
+def run(config: Config, reload: Callable[[], Config] | None = None, worker: Any = None) -> int:
     """Blocking entry point for the CLI: uvloop when available; ``workers > 1`` forks workers first."""
-    if worker is None and getattr(config, "workers", 1) > 1:
+    if worker is None and config.workers > 1:
         from .workers import run_workers
 
         return run_workers(config, reload)

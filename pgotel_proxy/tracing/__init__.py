@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["build_tracer"]
 
 
-def build_tracer(config: Any, exporter: Any = None):
+def build_tracer(config: Config, exporter: Any = None):
     """The tracer for ``config``; None when tracing is off at start-up (the relay alone).
 
     ``exporter`` overrides the exporter the config names (embedding, tests);
@@ -16,11 +19,11 @@ def build_tracer(config: Any, exporter: Any = None):
     otherwise (the OTLP exporter, or none) in a helper process
     (:mod:`pgotel_proxy.tracing.process`).
     """
-    if not getattr(config, "tracing", True):
+    if not config.tracing:
         return None
     # exporter = "none" goes the same way as "otlp": spans are built as they would be
     # for a collector (and counted), then discarded, at the cost of tracing minus export.
-    if exporter is None and getattr(config, "span_process", False) and getattr(config, "exporter", "otlp") in ("otlp", "none"):
+    if exporter is None and config.span_process and config.exporter in ("otlp", "none"):
         from ..enrich import enabled as enrichment_enabled
 
         if not enrichment_enabled(config):

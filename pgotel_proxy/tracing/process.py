@@ -19,7 +19,9 @@ SDK, protobuf or the SQL parser.
 
 Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
-* relay → helper: the configuration first, then lists of operations in order:
+* relay → helper: the configuration first (the proxy's :class:`~pgotel_proxy.config.Config`
+  as plain values, secrets left out; the helper validates it back into a
+  ``Config``), then lists of operations in order:
   ``("o", conn, base_attrs, backend_pid, startup_application_name)`` a
   connection opened; ``("p", conn, count, application_name, packed, drawn)``
   finished statements in the compiled codec's compact form
@@ -69,6 +71,7 @@ from itertools import islice
 from operator import attrgetter
 from typing import Any
 
+from ..config import Config, is_secret_field
 from ..protocol.events import Completion, Statement
 from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
@@ -263,14 +266,14 @@ class _Handle:
 class ProcessTracer:
     """The tracer interface of :class:`~pgotel_proxy.tracing.tracer.Tracer`, backed by a helper process."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.enabled = bool(getattr(config, "tracing", True))
-        self._sample_rate = float(getattr(config, "sample_rate", 1.0))
+        self.enabled = config.tracing
+        self._sample_rate = config.sample_rate
         # the relay draws for new roots (sampling.Presampler) unless transaction spans need every statement
-        self._presample = not getattr(config, "transaction_spans", False)
+        self._presample = not config.transaction_spans
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
-        self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
+        self.shutdown_timeout = config.shutdown_timeout
         self.enricher = None  # never: enrichment keeps spans in the relay process
         self.builder = None
         self.accepting = False  # a helper is running and the outgoing buffer has room
@@ -298,7 +301,7 @@ class ProcessTracer:
         self._flush_seq = 0
         self._flushed = 0
         self._flush_cond = threading.Condition()
-        self._priority = str(getattr(config, "span_process_priority", "idle"))
+        self._priority = config.span_process_priority
         self._lifted = False  # the helper was lifted out of the idle class to catch up
         self._reported = time.monotonic()  # when the helper last reported (its reader thread sets it)
         self._may_lift = self._priority == "idle" and may_leave_idle()
@@ -311,10 +314,8 @@ class ProcessTracer:
 
     def _start_child(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        settings = _child_settings(self.config)
-        settings["sample_rate"] = self._sample_rate
-        settings["span_process_priority"] = "idle" if self._may_lift else (
-            "low" if self._priority == "idle" else self._priority)
+        settings = _child_config(self.config, sample_rate=self._sample_rate, priority="idle" if self._may_lift else (
+            "low" if self._priority == "idle" else self._priority))
         self._lifted = False
         try:
             self._proc = subprocess.Popen(
@@ -665,18 +666,18 @@ class ProcessTracer:
             reader.join(2.0)
 
 
-def _child_settings(config: Any) -> dict:
-    """The configuration fields the helper needs, as plain values."""
-    names = ("service_name", "exporter", "otlp_endpoint", "otlp_protocol", "export_timeout",
-             "span_queue_size", "export_batch_size", "export_interval", "shutdown_timeout",
-             "capture_parameters", "capture_query_literals", "transaction_spans", "sample_rate",
-             "log_level", "log_format", "span_process_priority")
-    out = {}
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            out[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
-    return out
+def _child_config(config: Config, *, sample_rate: float, priority: str) -> dict:
+    """The helper's configuration as plain values (marshal-able): the proxy's, with what is live now.
+
+    ``sample_rate`` may have changed at runtime since ``config`` was loaded;
+    ``priority`` is the scheduling class the helper is to take (the configured
+    one, or its stand-in where the proxy may not lift an idle helper). The
+    helper only traces, so tracing is on. Secrets stay in the relay process.
+    """
+    secrets = {name for name in Config.model_fields if is_secret_field(name)}
+    data = config.model_dump(mode="json", exclude=secrets)
+    data.update(tracing=True, sample_rate=sample_rate, span_process_priority=priority)
+    return data
 
 
 # ----------------------------------------------------------------- helper side
@@ -754,7 +755,6 @@ def _take_priority(priority: str) -> None:
 
 def child_main(fd: int) -> int:
     import signal
-    from types import SimpleNamespace
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -763,15 +763,14 @@ def child_main(fd: int) -> int:
     first = _read_frames(sock, buf)
     if not first:
         return 0
-    settings = first.pop(0)
+    config = Config.model_validate(first.pop(0))
     from ..cli import configure_logging
 
-    configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
-    _take_priority(settings.pop("span_process_priority", "idle"))
+    configure_logging(config.log_level, config.log_format)
+    _take_priority(config.span_process_priority)
     from .spans import ConnState
     from .tracer import _CLOSE, Tracer
 
-    config = SimpleNamespace(tracing=True, **settings)
     # No builder thread: this thread reads and builds, the export thread exports.
     tracer = Tracer.from_config(config, thread=False)
     conns: dict[int, ConnState] = {}

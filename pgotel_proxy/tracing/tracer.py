@@ -22,7 +22,6 @@ relays.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -30,7 +29,7 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
-from ..config import DEFAULT_EXPORT_BATCH
+from ..config import DEFAULT_EXPORT_BATCH, Config
 from ..stats import STATS
 from .attributes import connection_attributes
 from .export import ExportPipeline, make_exporter
@@ -107,7 +106,7 @@ class Tracer:
         capture_literals: bool = False,
         transaction_spans: bool = False,
         shutdown_timeout: float = 5.0,
-        config: Any = None,
+        config: Config | None = None,
         thread: bool = True,
     ) -> None:
         self.config = config
@@ -142,21 +141,20 @@ class Tracer:
         # per transaction at 1 and 8 clients and its p99 latency was no worse.
 
     @classmethod
-    def from_config(cls, config: Any, exporter: Any = None, thread: bool = True) -> "Tracer":
-        service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
-        resource = Resource.create({"service.name": service})
+    def from_config(cls, config: Config, exporter: Any = None, thread: bool = True) -> "Tracer":
+        resource = Resource.create({"service.name": config.resolved_service_name()})
         return cls(
             exporter=exporter if exporter is not None else make_exporter(config),
             resource=resource,
-            sample_rate=float(getattr(config, "sample_rate", 1.0)),
-            enabled=bool(getattr(config, "tracing", True)),
-            queue_size=int(getattr(config, "span_queue_size", 32768)),
-            batch_size=int(getattr(config, "export_batch_size", DEFAULT_EXPORT_BATCH)),
-            export_interval=float(getattr(config, "export_interval", 1.0)),
-            capture_parameters=bool(getattr(config, "capture_parameters", False)),
-            capture_literals=bool(getattr(config, "capture_query_literals", False)),
-            transaction_spans=bool(getattr(config, "transaction_spans", False)),
-            shutdown_timeout=float(getattr(config, "shutdown_timeout", 5.0)),
+            sample_rate=config.sample_rate,
+            enabled=config.tracing,
+            queue_size=config.span_queue_size,
+            batch_size=config.export_batch_size,
+            export_interval=config.export_interval,
+            capture_parameters=config.capture_parameters,
+            capture_literals=config.capture_query_literals,
+            transaction_spans=config.transaction_spans,
+            shutdown_timeout=config.shutdown_timeout,
             config=config,
             thread=thread,
         )
