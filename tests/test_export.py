@@ -179,7 +179,7 @@ def test_sick_collector_never_slows_the_relay(make_proxy, otlp, sickness):
     # The export thread's own queue is watched: spans built on a thread (tests/test_span_process.py
     # has the span process's version).
     proxy = make_proxy(span_queue_size=200, export_batch_size=50, export_timeout=0.5, shutdown_timeout=1.0,
-                       span_process=False)
+                       experimental={"span_process": False})
     _workload(proxy, 2, 50)  # warm up: connections, caches
     healthy = _workload(proxy)
     proxy.flush()
@@ -217,7 +217,7 @@ def test_a_slow_collector_makes_the_builder_thread_wait_rather_than_drop(make_pr
                 if t.name in ("pgotel-spans", "pgotel-export", "pgotel-export-close", "pgotel-span-process")]
 
     wait_for(lambda: not others(), timeout=15, what="earlier tests' tracer threads to end")
-    proxy = make_proxy(sample_rate=1.0, span_queue_size=400, export_batch_size=50, span_process=False)
+    proxy = make_proxy(sample_rate=1.0, span_queue_size=400, export_batch_size=50, experimental={"span_process": False})
     _workload(proxy, 1, 10)
     proxy.flush()
     otlp.clear()
@@ -274,7 +274,7 @@ def test_flush_waits_for_the_export_in_flight(make_proxy, otlp, app):
 
 def test_shutdown_deadline_beats_a_long_export_timeout(make_proxy, otlp):
     # export_timeout (10 s) is far beyond shutdown_timeout: shutdown still ends on time.
-    proxy = make_proxy(export_timeout=10, shutdown_timeout=1.0, span_process=False)
+    proxy = make_proxy(export_timeout=10, shutdown_timeout=1.0, experimental={"span_process": False})
     otlp.mode = "blackhole"
     dropped = STATS.spans_dropped
     _workload(proxy, 1, 30)

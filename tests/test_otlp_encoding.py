@@ -343,7 +343,7 @@ def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol
     import psycopg
 
     endpoint = otlp.http_endpoint if protocol == "http/protobuf" else "http://" + otlp.grpc_endpoint
-    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint, span_process=span_process)
+    proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint, experimental={"span_process": span_process})
     if not span_process:  # the span process builds its exporter the same way (make_exporter)
         exporter = proxy.tracer.pipeline.exporter
         assert type(exporter) is (fast.HttpSpanExporter if protocol == "http/protobuf" else fast.GrpcSpanExporter)

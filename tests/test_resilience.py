@@ -167,7 +167,7 @@ def test_sick_collector(make_proxy, otlp, sickness):
     # Spans built on a thread, so that the export queue can be watched here
     # (tests/test_span_process.py has the span process's version).
     proxy = make_proxy(sample_rate=1.0, span_queue_size=2000, export_batch_size=200,
-                       export_timeout=export_timeout, shutdown_timeout=shutdown_timeout, span_process=False)
+                       export_timeout=export_timeout, shutdown_timeout=shutdown_timeout, experimental={"span_process": False})
     _workload(proxy, 2, 100)  # warm up: connections, caches, the exporter's session
     healthy, healthy_lat = _workload(proxy)
     proxy.flush()

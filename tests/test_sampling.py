@@ -74,7 +74,7 @@ def _statement_spans(otlp, marker: str) -> list:
 @pytest.mark.parametrize("span_process", [True, False])
 def test_roots_are_sampled_once_at_the_rate_and_all_counted(make_proxy, otlp, span_process):
     """At 0.25, 600 plain statements give about 150 statement spans (drawn twice: about 38)."""
-    proxy = make_proxy(sample_rate=0.25, span_process=span_process)
+    proxy = make_proxy(sample_rate=0.25, experimental={"span_process": span_process})
     before = STATS.statements
     n = 600
     # (not prepared: the PREPARE record psycopg's fifth execution makes has a parse phase alone)

@@ -1,4 +1,4 @@
-"""Spans built and exported in the helper process (``span_process = true``, the default).
+"""Spans built and exported in the helper process (``experimental.span_process = true``, the default).
 
 Against a real PostgreSQL and the decoding OTLP receiver: the trace tree is the
 same as the thread's; counters from the helper show in the proxy's STATS; the

@@ -96,7 +96,7 @@ def test_record_queue_is_bounded_in_statements_and_counts_them_as_statements(mak
     all 16 were queued (4 batches < 10); now the fourth batch finds 12
     statements queued and is dropped, counted in statements_dropped.
     """
-    proxy = make_proxy(span_queue_size=10, export_batch_size=10, sample_rate=0.0, span_process=False)
+    proxy = make_proxy(span_queue_size=10, export_batch_size=10, sample_rate=0.0, experimental={"span_process": False})
     # Handed over as each pipeline's answers arrive (the asyncio relay): the pump's relay would hand
     # them over as its log is read, several pipelines at once.
     proxy.server._pump_failed = True

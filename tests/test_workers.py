@@ -486,11 +486,11 @@ def test_sighup_settings_reach_restarted_workers(pg, tmp_path):
 def test_workers_draw_ids_of_their_own(pg, tmp_path, otlp, span_process):
     """Forked workers must not share the parent's random state: no trace or span id made twice.
 
-    With spans built in the worker (``--no-span-process``, or enrichment), the
+    With spans built in the worker (``--no-experimental-span-process``, or enrichment), the
     generator the parent imported before forking would give every worker the
     same ids, in the same order.
     """
-    extra = () if span_process else ("--no-span-process",)
+    extra = () if span_process else ("--no-experimental-span-process",)
     p = ProxyProcess(pg, tmp_path, *extra, otlp=otlp)
     try:
         p.wait_ready()

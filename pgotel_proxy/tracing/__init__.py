@@ -15,7 +15,7 @@ def build_tracer(config: Config, exporter: Any = None):
 
     ``exporter`` overrides the exporter the config names (embedding, tests);
     spans are then built on a thread of this process, as they are with
-    server-side enrichment, the console exporter or ``span_process = false``;
+    server-side enrichment, the console exporter or ``experimental.span_process = false``;
     otherwise (the OTLP exporter, or none) in a helper process
     (:mod:`pgotel_proxy.tracing.process`).
     """
@@ -23,7 +23,7 @@ def build_tracer(config: Config, exporter: Any = None):
         return None
     # exporter = "none" goes the same way as "otlp": spans are built as they would be
     # for a collector (and counted), then discarded, at the cost of tracing minus export.
-    if exporter is None and config.span_process and config.exporter in ("otlp", "none"):
+    if exporter is None and config.experimental.span_process and config.exporter in ("otlp", "none"):
         from ..enrich import enabled as enrichment_enabled
 
         if not enrichment_enabled(config):

@@ -5,7 +5,7 @@ with the relay. Every time the relay thread blocks in a system call, a
 builder thread takes the lock and keeps it for up to the switch interval, so
 under load the relay waits milliseconds for its next message (the p99 latency
 of a traced proxy was 2–9 ms this way), and the hand-overs themselves cost CPU.
-With ``span_process = true`` (the default) the relay process keeps only the
+With ``experimental.span_process = true`` (the default) the relay process keeps only the
 compact statement records the protocol layer fills anyway. Every 50 ms
 (``_SEND_INTERVAL``; 0.5 s after a look that found nothing) it takes the
 records each connection finished since the last look, packs them (one call
@@ -51,7 +51,7 @@ helper: the proxy's shutdown tells it to stop, within ``shutdown_timeout``.
 Not used when server-side enrichment is configured: the enricher samples the
 live sessions of the relay, so spans are then built in the relay process (on
 a thread), as they are when an exporter object is passed in (embedding,
-tests). ``span_process = false`` chooses the thread as well.
+tests). ``experimental.span_process = false`` chooses the thread as well.
 """
 
 from __future__ import annotations
