@@ -932,9 +932,10 @@ def reference_markdown() -> str:
     for group in GROUPS:
         out += [f"## {group}", ""]
         if group == EXPERIMENTAL_GROUP:
+            key = next(iter(Experimental.model_fields))
             out += [f"{EXPERIMENTAL_NOTE[:1].upper()}{EXPERIMENTAL_NOTE[1:]}. In the config file"
-                    f" they go in an `[{EXPERIMENTAL}]` table (key `traced_pump` there, or"
-                    f" `{EXPERIMENTAL}.traced_pump` at the top level); their variables and flags"
+                    f" they go in an `[{EXPERIMENTAL}]` table (key `{key}` there, or"
+                    f" `{EXPERIMENTAL}.{key}` at the top level); their variables and flags"
                     f" carry the table's name.", ""]
         out += ["| Option | Flag | Environment | Default | Description |",
                 "|---|---|---|---|---|"]
