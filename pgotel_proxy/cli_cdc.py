@@ -54,7 +54,8 @@ def cdc(dsn: str, slot: str, publications: tuple[str, ...], create_slot: bool, p
             otlp_protocol=otlp_protocol,
         )
     except ValidationError as exc:
-        raise click.BadParameter(str(exc.errors(include_url=False)[0]["msg"]), param_hint="--otlp-endpoint") from None
+        raise click.BadParameter(str(exc.errors(include_url=False)[0]["msg"]).removeprefix("Value error, "),
+                                param_hint="--otlp-endpoint") from None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(make_exporter(export)))
     consumer = CdcConsumer(dsn, slot, list(publications), create_slot=create_slot, prefix=prefix, tracer_provider=provider)
