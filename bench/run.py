@@ -65,7 +65,7 @@ PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-on": ["--tracing", "--sample-rate", "1"],
     "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
     # spans built and exported on threads of the proxy process instead of the span process
-    "proxy-thread": ["--tracing", "--sample-rate", "1", "--no-span-process"],
+    "proxy-thread": ["--tracing", "--sample-rate", "1", "--no-experimental-span-process"],
     # two worker processes (SO_REUSEPORT), each with its span process
     "proxy-w2": ["--tracing", "--sample-rate", "1", "--workers", "2"],
 }

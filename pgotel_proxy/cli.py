@@ -36,11 +36,13 @@ from pgotel_proxy import __version__
 from pgotel_proxy.config import (
     CONFIG_ENV,
     GROUPS,
+    OPTIONS,
     Config,
     ConfigError,
     default_text,
     dump_toml,
     env_name,
+    field_description,
     field_group,
     field_metavar,
     flag_name,
@@ -96,29 +98,34 @@ class SectionedCommand(click.Command):
                     formatter.write_dl(sections[group])
 
 
+def _param_name(name: str) -> str:
+    """The click parameter of an option (``experimental.x`` -> ``experimental_x``)."""
+    return name.replace(".", "_")
+
+
 def _field_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    description = Config.model_fields[name].description or ""
     # Defaults stay in the model: click's default is None so that only flags
     # really given on the command line become overrides.
-    help_text = f"{description} [env: {env_name(name)}; default: {default_text(name)}]"
+    help_text = f"{field_description(name)} [env: {env_name(name)}; default: {default_text(name)}]"
     common: dict[str, Any] = {"cls": _FieldOption, "group": field_group(name),
                               "help": help_text, "default": None}
+    param = _param_name(name)
     if is_bool_field(name):
-        decls = [f"{flag_name(name)}/--no-{flag_name(name)[2:]}", name]
+        decls = [f"{flag_name(name)}/--no-{flag_name(name)[2:]}", param]
         return click.option(*decls, **common)
     if is_list_field(name):
         common["default"] = ()
-        return click.option(flag_name(name), name, multiple=True, type=str,
+        return click.option(flag_name(name), param, multiple=True, type=str,
                             metavar=field_metavar(name), **common)
     # Plain strings: pydantic does the checking so that a bad flag gets the
     # same one-line error as a bad environment variable or file entry.
-    return click.option(flag_name(name), name, type=str, metavar=field_metavar(name), **common)
+    return click.option(flag_name(name), param, type=str, metavar=field_metavar(name), **common)
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--config`` and one option per Config field to a click command."""
+    """Add ``--config`` and one option per config option (:data:`OPTIONS`) to a click command."""
     # click lists options in reverse order of decoration.
-    for name in reversed(list(Config.model_fields)):
+    for name in reversed(OPTIONS):
         func = _field_option(name)(func)
     return click.option(
         "--config", "config_file", metavar="FILE", default=None, type=str,
@@ -128,9 +135,10 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _overrides(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in Config.model_fields:
-        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            value = params[name]
+    for name in OPTIONS:
+        param = _param_name(name)
+        if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
+            value = params[param]
             out[name] = list(value) if is_list_field(name) else value
     return out
 

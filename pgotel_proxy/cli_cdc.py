@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import types
 
 import click
+from pydantic import ValidationError
 
 from pgotel_proxy.cli import configure_logging, main
+from pgotel_proxy.config import Config
 
 __all__ = ["cdc"]
 
@@ -43,13 +44,20 @@ def cdc(dsn: str, slot: str, publications: tuple[str, ...], create_slot: bool, p
     from pgotel_proxy.tracing.export import make_exporter
     from pgotel_proxy.wal import CdcConsumer
 
-    settings = types.SimpleNamespace(
-        exporter="console" if otlp_endpoint == "console" else "otlp",
-        otlp_endpoint=None if otlp_endpoint == "console" else otlp_endpoint,
-        otlp_protocol=otlp_protocol,
-    )
+    if otlp_endpoint and otlp_endpoint != "console" and "://" not in otlp_endpoint:
+        # host:port, as gRPC endpoints are often written: plain text, as without a scheme before.
+        otlp_endpoint = "http://" + otlp_endpoint
+    try:
+        export = Config(
+            exporter="console" if otlp_endpoint == "console" else "otlp",
+            otlp_endpoint=None if otlp_endpoint == "console" else otlp_endpoint,
+            otlp_protocol=otlp_protocol,
+        )
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors(include_url=False)[0]["msg"]).removeprefix("Value error, "),
+                                param_hint="--otlp-endpoint") from None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(make_exporter(settings)))
+    provider.add_span_processor(BatchSpanProcessor(make_exporter(export)))
     consumer = CdcConsumer(dsn, slot, list(publications), create_slot=create_slot, prefix=prefix, tracer_provider=provider)
 
     async def _run() -> None:

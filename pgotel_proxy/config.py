@@ -17,13 +17,18 @@ Conventions every derived surface follows:
 * TOML keys are the field names, at the top level of the file;
 * an empty string for an optional setting means "unset".
 
+The switches kept only to compare implementations in benchmarks live in
+:class:`Experimental`, the ``[experimental]`` table of the file; their option
+names are ``experimental.<field>``, and the variables and flags follow from
+those (``PGOTEL_EXPERIMENTAL_SPAN_PROCESS``, ``--no-experimental-span-process``).
+:data:`OPTIONS` lists every option name.
+
 Run ``python -m pgotel_proxy.config`` to print the Markdown reference.
 """
 
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
@@ -44,18 +49,26 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+
+from pgotel_proxy.hostport import parse_hostport
 
 __all__ = [
     "ENV_PREFIX",
     "CONFIG_ENV",
     "GROUPS",
+    "EXPERIMENTAL",
+    "OPTIONS",
     "Config",
+    "Experimental",
     "ConfigError",
     "load_config",
     "load_config_with_sources",
     "parse_hostport",
+    "option_value",
     "env_name",
     "flag_name",
+    "field_description",
     "field_group",
     "field_choices",
     "field_metavar",
@@ -71,6 +84,13 @@ ENV_PREFIX = "PGOTEL_"
 #: Environment variable naming the TOML config file (same as ``--config``).
 CONFIG_ENV = "PGOTEL_CONFIG"
 
+#: The table (and name prefix) of the options in :class:`Experimental`, and their group.
+EXPERIMENTAL = "experimental"
+EXPERIMENTAL_GROUP = "Experimental"
+EXPERIMENTAL_NOTE = ("switches kept to compare implementations in benchmarks, not a supported"
+                     " interface: they may change or go away in any release, and their defaults"
+                     " are what the proxy is tested with")
+
 GROUPS: tuple[str, ...] = (
     "Network",
     "TLS",
@@ -81,12 +101,12 @@ GROUPS: tuple[str, ...] = (
     "Server-side enrichment",
     "WAL propagation",
     "Logging",
+    EXPERIMENTAL_GROUP,  # last: in a TOML file its table follows every top-level key
 )
 
 # sun_path in struct sockaddr_un is 108 bytes on Linux, one of them the NUL.
 _UNIX_PATH_MAX = 107
 _MIB = 1024 * 1024
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 
 class ConfigError(Exception):
@@ -115,6 +135,39 @@ TLSMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 # default; a batch whose request would pass 4 MB goes in parts
 # (otlp.MAX_REQUEST_BYTES), under the 4 MiB gRPC receivers accept.
 DEFAULT_EXPORT_BATCH = 8192
+
+
+class Experimental(BaseModel):
+    """Switches kept to compare implementations (``bench/run.py``); not a supported interface.
+
+    They sit in the config file's ``[experimental]`` table, and their
+    environment variables and flags carry the table's name
+    (``PGOTEL_EXPERIMENTAL_SPAN_PROCESS``, ``--no-experimental-span-process``).
+    They may change or go away in any release; the defaults are what the proxy
+    is tested and supported with.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    traced_pump: bool = _opt(
+        True, group=EXPERIMENTAL_GROUP,
+        description="Relay traced sessions through the compiled relay (the pump) too, the event loop "
+                    "observing afterwards what it relayed, where nothing has to be written into the "
+                    "stream (no TLS, no WAL propagation, phase_timing 'wire'). It gives more "
+                    "throughput under load with extended and prepared statements and a p99 some "
+                    "tens of µs higher at light load. Off: the event loop relays traced sessions.")
+    span_process: bool = _opt(
+        True, group=EXPERIMENTAL_GROUP,
+        description="Build and export spans in a helper process, so that the relay never waits for "
+                    "the interpreter lock; applies with the OTLP exporter or none, without "
+                    "server-side enrichment. Off, with the console exporter or with enrichment "
+                    "configured: on a thread of the proxy process.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _normalise_raw(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return _normalise(f"{EXPERIMENTAL}.{info.field_name}", value)
 
 
 class Config(BaseModel):
@@ -201,8 +254,16 @@ class Config(BaseModel):
         description="Fraction of new traces recorded, from 0 to 1.")
     phase_timing: Literal["wire", "flush"] = _opt(
         "wire", group="Tracing",
-        description="How statement phases are timed: 'wire' stamps each protocol message "
-                    "as it passes, 'flush' only at socket flushes (cheaper, coarser).")
+        description="How the parse, plan and execute spans are timed. 'wire': each phase ends when "
+                    "its answer passes the proxy; when a driver sends Parse, Bind and Execute "
+                    "together before one Sync, the server answers them together, and those phases "
+                    "end late (pgotel.timing.exact = false: the duration is an upper bound). "
+                    "'flush': the proxy adds a Flush message after each Parse, Bind and Execute "
+                    "that no Flush or Sync follows, so the server sends each answer at once and "
+                    "every phase ends exactly. Finer, and dearer: one more server write (and network "
+                    "packet) per phase, and every session, traced or not, stays on the event loop "
+                    "with its client messages read by the Python loop instead of the compiled "
+                    "ones. The client receives the same bytes either way.")
     transaction_spans: bool = _opt(
         False, group="Tracing",
         description="Group the statements of an explicit transaction under one span.")
@@ -214,13 +275,6 @@ class Config(BaseModel):
         False, group="Tracing",
         description="Keep literals in the recorded query text. Off by default: literals are "
                     "replaced by placeholders, as they may hold personal data.")
-    traced_pump: bool = _opt(
-        True, group="Tracing",
-        description="Relay traced sessions (not TLS, no WAL propagation, no flush phase timing) "
-                    "through the compiled pump too, observing what it relayed from a log: more "
-                    "throughput under load with extended and prepared statements, a p99 some tens "
-                    "of µs higher at light load. Off: traced sessions go through the event loop.")
-
     # -- Export --------------------------------------------------------------
     exporter: Literal["otlp", "console", "none"] = _opt(
         "otlp", group="Export",
@@ -235,11 +289,6 @@ class Config(BaseModel):
     service_name: str | None = _opt(
         None, group="Export", metavar="NAME",
         description="service.name of the spans. Unset: OTEL_SERVICE_NAME, else pgotel-proxy.")
-    span_process: bool = _opt(
-        True, group="Export",
-        description="Build and export spans in a helper process, so that the relay never waits for "
-                    "the interpreter lock (OTLP exporter or none). Off, with the console exporter or with "
-                    "server-side enrichment configured: on a thread of the proxy process.")
     span_process_priority: Literal["idle", "low", "normal"] = _opt(
         "idle", group="Export",
         description="CPU priority of the span process. idle (Linux SCHED_IDLE): it runs on CPU "
@@ -340,32 +389,18 @@ class Config(BaseModel):
         "text", group="Logging",
         description="Log lines on stderr as text or as JSON objects, one per line.")
 
+    # -- Experimental --------------------------------------------------------
+    experimental: Experimental = Field(
+        default_factory=Experimental, json_schema_extra={"group": EXPERIMENTAL_GROUP},
+        description="Switches kept to compare implementations in benchmarks ([experimental] table).")
+
     # -- validation ----------------------------------------------------------
 
     @field_validator("*", mode="before")
     @classmethod
     def _normalise_raw(cls, value: Any, info: ValidationInfo) -> Any:
-        name = info.field_name
-        assert name is not None
-        if isinstance(value, str) and not value.strip() and _accepts_none(name):
-            return None
-        choices = field_choices(name)
-        if choices and isinstance(value, str):
-            # LOG_LEVEL=INFO and tlsv1.3 are obvious enough to accept.
-            folded = {c.lower(): c for c in choices}
-            return folded.get(value.strip().lower(), value)
-        if is_list_field(name):
-            # One shape for env ("a,b"), repeated flags (("a", "b,c")) and TOML lists.
-            items = [value] if isinstance(value, str) else value
-            if isinstance(items, (list, tuple)):
-                out: list[Any] = []
-                for item in items:
-                    if isinstance(item, str):
-                        out.extend(p.strip() for p in item.split(",") if p.strip())
-                    else:
-                        out.append(item)
-                return out
-        return value
+        assert info.field_name is not None
+        return _normalise(info.field_name, value)
 
     @field_validator("listen")
     @classmethod
@@ -532,10 +567,58 @@ class Config(BaseModel):
         return "http/protobuf"
 
 
-# -- field metadata helpers ----------------------------------------------------
+#: Every option by name: the fields of :class:`Config`, then those of its
+#: ``[experimental]`` table as ``experimental.<field>``. The flags, variables,
+#: file keys and the reference are generated from this list.
+OPTIONS: tuple[str, ...] = tuple(name for name in Config.model_fields if name != EXPERIMENTAL) + tuple(
+    f"{EXPERIMENTAL}.{name}" for name in Experimental.model_fields)
+
+
+def _normalise(name: str, value: Any) -> Any:
+    """A raw value (environment, flag, file) in the shape the option's type expects."""
+    if isinstance(value, str) and not value.strip() and _accepts_none(name):
+        return None
+    choices = field_choices(name)
+    if choices and isinstance(value, str):
+        # LOG_LEVEL=INFO and tlsv1.3 are obvious enough to accept.
+        folded = {c.lower(): c for c in choices}
+        return folded.get(value.strip().lower(), value)
+    if is_list_field(name):
+        # One shape for env ("a,b"), repeated flags (("a", "b,c")) and TOML lists.
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            out: list[Any] = []
+            for item in items:
+                if isinstance(item, str):
+                    out.extend(p.strip() for p in item.split(",") if p.strip())
+                else:
+                    out.append(item)
+            return out
+    return value
+
+
+# -- option metadata helpers ---------------------------------------------------
+
+def _field(name: str) -> FieldInfo:
+    """The pydantic field of an option (``experimental.x`` is field x of Experimental)."""
+    table, _, key = name.rpartition(".")
+    if table == EXPERIMENTAL:
+        return Experimental.model_fields[key]
+    if table:
+        raise KeyError(name)
+    return Config.model_fields[key]
+
+
+def option_value(config: Config, name: str) -> Any:
+    """The value of an option in ``config`` (``experimental.x`` reads ``config.experimental.x``)."""
+    value: Any = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
 
 def _annotation(name: str) -> Any:
-    return Config.model_fields[name].annotation
+    return _field(name).annotation
 
 
 def _union_args(annotation: Any) -> tuple[Any, ...]:
@@ -549,18 +632,23 @@ def _accepts_none(name: str) -> bool:
 
 
 def _extra(name: str) -> dict[str, Any]:
-    extra = Config.model_fields[name].json_schema_extra
+    extra = _field(name).json_schema_extra
     return extra if isinstance(extra, dict) else {}
 
 
 def env_name(name: str) -> str:
-    """Environment variable of a field: ``PGOTEL_`` + the name upper-cased."""
-    return ENV_PREFIX + name.upper()
+    """Environment variable of an option: ``PGOTEL_`` + the name upper-cased, ``.`` -> ``_``."""
+    return ENV_PREFIX + name.replace(".", "_").upper()
 
 
 def flag_name(name: str) -> str:
-    """Command-line flag of a field (the positive form for booleans)."""
-    return "--" + name.replace("_", "-")
+    """Command-line flag of an option (the positive form for booleans)."""
+    return "--" + name.replace("_", "-").replace(".", "-")
+
+
+def field_description(name: str) -> str:
+    """What an option does, as the reference and ``--help`` say it."""
+    return _field(name).description or ""
 
 
 def field_group(name: str) -> str:
@@ -598,8 +686,7 @@ def is_secret_field(name: str) -> bool:
 
 def default_text(name: str) -> str:
     """The default of a field as a short human-readable string."""
-    field = Config.model_fields[name]
-    value = field.get_default(call_default_factory=True)
+    value = _field(name).get_default(call_default_factory=True)
     if value is None:
         return "unset"
     if isinstance(value, bool):
@@ -611,47 +698,6 @@ def default_text(name: str) -> str:
     if isinstance(value, str) and (value != value.strip() or not value):
         return repr(value)
     return str(value)
-
-
-# -- host:port -------------------------------------------------------------------
-
-def parse_hostport(s: str) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6addr]:port`` into (host, port); ValueError if malformed.
-
-    The port may be 0 (meaning "any free port" for listeners).  IPv6 addresses
-    must be bracketed because their colons are otherwise ambiguous.
-    """
-    if not isinstance(s, str):
-        raise ValueError(f"expected host:port, got {type(s).__name__}")
-    text = s.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{s!r}: missing ']' after the IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
-        if not rest.startswith(":"):
-            raise ValueError(f"{s!r}: expected :port after ']'")
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{s!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{s!r} is not host:port (no port)")
-        if ":" in host:
-            raise ValueError(f"{s!r}: put IPv6 addresses in brackets, e.g. [::1]:6432")
-        if not host:
-            raise ValueError(f"{s!r}: the host is empty")
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{s!r}: {host!r} is not a valid host name or address")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{s!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{s!r}: port {port} is out of range (0-65535)")
-    return host, port
 
 
 def _check_unix_path(path: str) -> None:
@@ -674,16 +720,43 @@ def _read_file(file: Path) -> dict[str, Any]:
         raise ConfigError(f"config: {file} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {file}: invalid TOML: {exc}") from None
-    for key in data:
-        if key not in Config.model_fields:
-            raise ConfigError(f"{key}: unknown option in {file}{_suggest(key)}")
-    return data
+    return _options(data, f" in {file}")
+
+
+def _options(data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Option name -> value from file keys or overrides; the experimental table's keys as ``experimental.x``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == EXPERIMENTAL:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{EXPERIMENTAL}: must be a table of options{where}, e.g. [experimental]")
+            items = [(f"{EXPERIMENTAL}.{sub}", subvalue) for sub, subvalue in value.items()]
+        else:
+            items = [(key, value)]
+        for name, item in items:
+            if name not in OPTIONS:
+                raise ConfigError(f"{name}: unknown option{where}{_suggest(name)}")
+            out[name] = item
+    return out
 
 
 def _suggest(key: str) -> str:
-    guess = difflib.get_close_matches(key.replace("-", "_").lower(), list(Config.model_fields),
-                                      n=1, cutoff=0.6)
+    if key in Experimental.model_fields:
+        return f" (experimental now: {EXPERIMENTAL}.{key}, in the [{EXPERIMENTAL}] table)"
+    guess = difflib.get_close_matches(key.replace("-", "_").lower(), list(OPTIONS), n=1, cutoff=0.6)
     return f" (did you mean {guess[0]!r}?)" if guess else ""
+
+
+def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Option name -> value as the models take it: ``experimental.x`` into an ``experimental`` dict."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        table, _, key = name.rpartition(".")
+        if table:
+            out.setdefault(table, {})[key] = value
+        else:
+            out[name] = value
+    return out
 
 
 def _describe(exc: ValidationError, sources: Mapping[str, str], values: Mapping[str, Any]) -> str:
@@ -692,7 +765,7 @@ def _describe(exc: ValidationError, sources: Mapping[str, str], values: Mapping[
     msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     loc = first["loc"]
     if loc:
-        field = str(loc[0])
+        field = f"{loc[0]}.{loc[1]}" if loc[0] == EXPERIMENTAL and len(loc) > 1 else str(loc[0])
         text = f"{field}: {_lower_first(msg)}"
     else:
         text = msg
@@ -726,26 +799,29 @@ def load_config_with_sources(
 ) -> tuple[Config, dict[str, str]]:
     """Like :func:`load_config`, also returning where each non-default value came from.
 
-    The second item maps field names to a label: the file name, the
-    environment variable, or ``override_label(field)`` for overrides.
+    The second item maps option names (:data:`OPTIONS`) to a label: the file
+    name, the environment variable, or ``override_label(option)`` for overrides.
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if file is None or str(file) == "":
         file = env.get(CONFIG_ENV, "").strip() or None
     if file is not None:
-        for key, value in _read_file(Path(file)).items():
-            values[key], sources[key] = value, str(file)
-    for name in Config.model_fields:
+        for name, value in _read_file(Path(file)).items():
+            values[name], sources[name] = value, str(file)
+    for key in Experimental.model_fields:
+        # Its variable used to be PGOTEL_<KEY>: refused rather than silently ignored.
+        if env_name(key) in env:
+            name = f"{EXPERIMENTAL}.{key}"
+            raise ConfigError(f"{env_name(key)}: {key} is experimental now: set {env_name(name)} instead")
+    for name in OPTIONS:
         var = env_name(name)
         if var in env:
             values[name], sources[name] = env[var], var
-    for name, value in overrides.items():
-        if name not in Config.model_fields:
-            raise ConfigError(f"{name}: unknown option{_suggest(name)}")
+    for name, value in _options(overrides).items():
         values[name], sources[name] = value, override_label(name)
     try:
-        config = Config.model_validate(values)
+        config = Config.model_validate(_nest(values))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, sources, values)) from None
     return config, sources
@@ -758,10 +834,12 @@ def load_config(
 ) -> Config:
     """Build the effective :class:`Config`: overrides > env > file > defaults.
 
-    ``file`` is a TOML file with field names as top-level keys; when None,
+    ``file`` is a TOML file with field names as top-level keys and the
+    experimental options in an ``[experimental]`` table; when None,
     ``PGOTEL_CONFIG`` in ``env`` may name one.  ``env`` is searched for
-    ``PGOTEL_<FIELD>`` variables; other variables are ignored.  ``overrides``
-    maps field names to values (the CLI passes the flags given).  Raises
+    ``PGOTEL_<OPTION>`` variables; other variables are ignored.  ``overrides``
+    maps option names to values, ``experimental.x`` or ``experimental={"x": ...}``
+    for the experimental ones (the CLI passes the flags given).  Raises
     :class:`ConfigError` with a one-line message on any problem.
     """
     return load_config_with_sources(file, env, overrides)[0]
@@ -804,24 +882,29 @@ def dump_toml(config: Config, sources: Mapping[str, str] | None = None) -> str:
     """
     lines: list[str] = []
     for group in GROUPS:
-        lines.append(f"# {group}")
-        for name in Config.model_fields:
+        if group == EXPERIMENTAL_GROUP:
+            # A table: after every top-level key (the group is the last one).
+            lines += [f"# {group}: kept for benchmarks, not a supported interface", f"[{EXPERIMENTAL}]"]
+        else:
+            lines.append(f"# {group}")
+        for name in OPTIONS:
             if field_group(name) != group:
                 continue
-            value = getattr(config, name)
+            key = name.rpartition(".")[2]
+            value = option_value(config, name)
             notes = []
             if value is not None and is_secret_field(name):
                 notes.append("secret, masked")
             if sources and name in sources:
                 notes.append(f"from {sources[name]}")
-            if value is None and Config.model_fields[name].default is not None:
+            if value is None and _field(name).default is not None:
                 # Commenting it out would bring the default back; "" means unset.
-                lines.append(f'{name} = ""  # unset' + (f"; {'; '.join(notes)}" if notes else ""))
+                lines.append(f'{key} = ""  # unset' + (f"; {'; '.join(notes)}" if notes else ""))
             elif value is None:
-                lines.append(f"# {name} is unset" + (f" ({'; '.join(notes)})" if notes else ""))
+                lines.append(f"# {key} is unset" + (f" ({'; '.join(notes)})" if notes else ""))
             else:
                 note = f"  # {'; '.join(notes)}" if notes else ""
-                lines.append(f"{name} = {_toml_value(value)}{note}")
+                lines.append(f"{key} = {_toml_value(value)}{note}")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -847,10 +930,16 @@ def reference_markdown() -> str:
         "",
     ]
     for group in GROUPS:
-        out += [f"## {group}", "",
-                "| Option | Flag | Environment | Default | Description |",
+        out += [f"## {group}", ""]
+        if group == EXPERIMENTAL_GROUP:
+            key = next(iter(Experimental.model_fields))
+            out += [f"{EXPERIMENTAL_NOTE[:1].upper()}{EXPERIMENTAL_NOTE[1:]}. In the config file"
+                    f" they go in an `[{EXPERIMENTAL}]` table (key `{key}` there, or"
+                    f" `{EXPERIMENTAL}.{key}` at the top level); their variables and flags"
+                    f" carry the table's name.", ""]
+        out += ["| Option | Flag | Environment | Default | Description |",
                 "|---|---|---|---|---|"]
-        for name in Config.model_fields:
+        for name in OPTIONS:
             if field_group(name) != group:
                 continue
             if is_bool_field(name):
@@ -859,7 +948,7 @@ def reference_markdown() -> str:
                 flag = f"`{flag_name(name)} {field_metavar(name)}`"
                 if is_list_field(name):
                     flag += " (repeatable)"
-            description = Config.model_fields[name].description or ""
+            description = field_description(name)
             choices = field_choices(name)
             if choices:
                 description += " One of " + ", ".join(f"`{c}`" for c in choices) + "."

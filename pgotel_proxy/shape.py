@@ -22,8 +22,9 @@ extension is missing or ``PGOTEL_PURE_PYTHON=1``.
 
 from __future__ import annotations
 
-import os
 import re
+
+from .protocol._impl import PURE_PYTHON
 
 __all__ = ["SHAPE_LITERAL", "blank_code", "blind", "blind_py", "statement_key", "statement_key_py", "COMPILED", "MAX_CHARS"]
 
@@ -120,7 +121,7 @@ def _blind_compiled(s: str) -> str:
 COMPILED = False
 blind = blind_py
 statement_key = statement_key_py
-if not os.environ.get("PGOTEL_PURE_PYTHON"):
+if not PURE_PYTHON:
     try:
         from ._shape import blind as _c_blind, statement_key  # type: ignore[no-redef]  # noqa: F811
 

@@ -8,26 +8,27 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 from pgotel_proxy.config import (
     GROUPS,
+    OPTIONS,
     Config,
     ConfigError,
+    Experimental,
     dump_toml,
     env_name,
+    field_description,
     field_group,
     flag_name,
     load_config,
     load_config_with_sources,
-    parse_hostport,
+    option_value,
     reference_markdown,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "pgotel-proxy.toml"
-FIELDS = list(Config.model_fields)
+FIELDS = list(OPTIONS)
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,7 @@ def test_defaults_match_the_documented_values() -> None:
 def test_every_field_has_a_group_and_a_description() -> None:
     for name in FIELDS:
         assert field_group(name) in GROUPS, name
-        description = Config.model_fields[name].description
+        description = field_description(name)
         assert description and description.endswith("."), name
     assert {field_group(n) for n in FIELDS} == set(GROUPS)
 
@@ -94,6 +95,57 @@ def test_names_are_derived_mechanically() -> None:
     assert env_name("upstream_tls") == "PGOTEL_UPSTREAM_TLS"
     assert env_name("sample_rate") == "PGOTEL_SAMPLE_RATE"
     assert flag_name("client_tls_cert") == "--client-tls-cert"
+    assert env_name("experimental.span_process") == "PGOTEL_EXPERIMENTAL_SPAN_PROCESS"
+    assert flag_name("experimental.span_process") == "--experimental-span-process"
+
+
+# -- the experimental table ------------------------------------------------------
+
+def test_benchmark_switches_are_experimental_options_only() -> None:
+    assert set(Experimental.model_fields) == {"traced_pump", "span_process"}
+    assert "traced_pump" not in Config.model_fields and "span_process" not in Config.model_fields
+    assert {n for n in OPTIONS if field_group(n) == "Experimental"} == {
+        "experimental.traced_pump", "experimental.span_process"}
+    assert Config().experimental == Experimental(traced_pump=True, span_process=True)
+
+
+def test_experimental_options_from_file_env_and_overrides(tmp_path: Path) -> None:
+    file = write(tmp_path, "sample_rate = 0.5\n[experimental]\ntraced_pump = false\n")
+    config, sources = load_config_with_sources(file=file, env={})
+    assert config.experimental.traced_pump is False and config.experimental.span_process is True
+    assert sources == {"sample_rate": str(file), "experimental.traced_pump": str(file)}
+    dotted = write(tmp_path, "experimental.span_process = false\n", "dotted.toml")
+    assert load_config(file=dotted, env={}).experimental.span_process is False
+    # Environment over file, overrides over both; the table is merged key by key.
+    config, sources = load_config_with_sources(
+        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on", "PGOTEL_EXPERIMENTAL_SPAN_PROCESS": "off"},
+        overrides={"experimental": {"span_process": True}})
+    assert config.experimental == Experimental(traced_pump=True, span_process=True)
+    assert sources["experimental.traced_pump"] == "PGOTEL_EXPERIMENTAL_TRACED_PUMP"
+    assert sources["experimental.span_process"] == "override experimental.span_process"
+    assert load_config(env={}, overrides={"experimental.span_process": False}).experimental.span_process is False
+
+
+@pytest.mark.parametrize("kwargs,start", [
+    ({"overrides": {"traced_pump": False}}, "traced_pump: unknown option (experimental now: experimental.traced_pump"),
+    ({"env": {"PGOTEL_SPAN_PROCESS": "off"}},
+     "PGOTEL_SPAN_PROCESS: span_process is experimental now: set PGOTEL_EXPERIMENTAL_SPAN_PROCESS"),
+    ({"overrides": {"experimental": {"span_proces": False}}},
+     "experimental.span_proces: unknown option (did you mean 'experimental.span_process'?)"),
+    ({"env": {"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "maybe"}}, "experimental.traced_pump: input should be a valid boolean"),
+])
+def test_experimental_mistakes_are_named(kwargs: dict, start: str) -> None:
+    kwargs.setdefault("env", {})
+    message = error_of(**kwargs)
+    assert message.startswith(start), message
+
+
+def test_former_top_level_keys_in_a_file_say_where_they_went(tmp_path: Path) -> None:
+    message = error_of(file=write(tmp_path, "span_process = false\n"), env={})
+    assert message.startswith("span_process: unknown option in ")
+    assert "experimental.span_process, in the [experimental] table" in message
+    assert error_of(file=write(tmp_path, "experimental = 1\n", "n.toml"), env={}).startswith(
+        "experimental: must be a table")
 
 
 # -- environment -----------------------------------------------------------------
@@ -296,35 +348,6 @@ def test_unknown_override_is_refused() -> None:
         load_config(env={}, overrides={"listn": "x"})
 
 
-# -- host:port -------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:6432", ("127.0.0.1", 6432)),
-    ("localhost:0", ("localhost", 0)),
-    ("[::1]:6432", ("::1", 6432)),
-    ("[fe80::1%eth0]:5432", ("fe80::1%eth0", 5432)),
-    (" db-1.example.com:5432 ", ("db-1.example.com", 5432)),
-])
-def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
-    assert parse_hostport(text) == expected
-
-
-@pytest.mark.parametrize("text", [
-    "", ":5432", "host", "host:", "host:-1", "host:65536", "[::1]6432", "[::1:6432",
-    "[nothost]:1", "a b:1", "::1:5432", "host:５４",
-])
-def test_parse_hostport_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_hostport(text)
-
-
-@given(st.ip_addresses(), st.integers(0, 65535))
-def test_parse_hostport_round_trips_addresses(address, port: int) -> None:
-    host = str(address)
-    text = f"[{host}]:{port}" if address.version == 6 else f"{host}:{port}"
-    assert parse_hostport(text) == (host, port)
-
-
 # -- rendering -------------------------------------------------------------------
 
 def test_dump_toml_round_trips(tmp_path: Path) -> None:
@@ -335,12 +358,17 @@ def test_dump_toml_round_trips(tmp_path: Path) -> None:
     assert 'admin_listen = ""  # unset' in text
     assert "# unix_socket is unset" in text
     assert load_config(file=write(tmp_path, text), env={}) == config
+    changed = config.model_copy(update={"experimental": Experimental(traced_pump=False)})
+    text = dump_toml(changed)
+    assert "\n[experimental]\ntraced_pump = false\nspan_process = true\n" in text
+    assert load_config(file=write(tmp_path, text, "changed.toml"), env={}) == changed
 
 
 def test_reference_mentions_every_field_flag_and_env_var() -> None:
     text = reference_markdown()
     for group in GROUPS:
         assert f"## {group}\n" in text
+    assert "\n## Experimental\n\nSwitches kept to compare implementations in benchmarks, not a supported" in text
     for name in FIELDS:
         assert f"| `{name}` |" in text, name
         assert f"`{env_name(name)}`" in text, name
@@ -355,11 +383,16 @@ def test_reference_mentions_every_field_flag_and_env_var() -> None:
 # -- the example file ------------------------------------------------------------
 
 def _example_entries() -> dict[str, list[str]]:
+    """Option name -> the values shown for it (a table's keys as ``table.key``)."""
     entries: dict[str, list[str]] = {}
+    table = ""
     for line in EXAMPLE.read_text().splitlines():
+        header = re.match(r"^#?\[([a-z_]+)\]$", line)
+        if header:
+            table = header.group(1) + "."
         match = re.match(r"^#?([a-z_]+) = (.+)$", line)
         if match:
-            entries.setdefault(match.group(1), []).append(match.group(2))
+            entries.setdefault(table + match.group(1), []).append(match.group(2))
     return entries
 
 
@@ -372,7 +405,7 @@ def test_example_file_covers_every_field_once_with_the_real_default() -> None:
     assert sorted(entries) == sorted(FIELDS)
     for name, values in entries.items():
         assert len(values) == 1, name
-        default = Config.model_fields[name].get_default(call_default_factory=True)
+        default = option_value(Config(), name)
         if default is None or default == []:
             continue  # the file shows an example value instead
         shown = tomllib.loads(f"v = {values[0]}")["v"]

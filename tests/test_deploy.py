@@ -36,7 +36,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from pgotel_proxy.cli import main as cli_main  # noqa: E402
-from pgotel_proxy.config import ENV_PREFIX, Config, env_name, load_config, parse_hostport  # noqa: E402
+from pgotel_proxy.config import ENV_PREFIX, OPTIONS, Config, env_name, load_config, parse_hostport  # noqa: E402
 from waiting import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ COLLECTOR_CONFIG = ROOT / "config" / "otel-collector.yaml"
 # the validator knows.
 K8S_VERSIONS = ("1.29.0", "latest")
 
-PGOTEL_ENV_NAMES = {env_name(name) for name in Config.model_fields} | {"PGOTEL_CONFIG"}
+PGOTEL_ENV_NAMES = {env_name(name) for name in OPTIONS} | {"PGOTEL_CONFIG"}
 
 
 # --------------------------------------------------------------------------

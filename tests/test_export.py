@@ -15,6 +15,7 @@ import time
 import psycopg
 import pytest
 
+from pgotel_proxy.config import Config
 from pgotel_proxy.stats import STATS
 from tracetree import AppTracer, assert_statement, comment, server_spans
 from waiting import best_rate, wait_for
@@ -317,17 +318,15 @@ def _encoded_spans(count: int) -> list:
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_a_batch_too_large_for_one_request_goes_in_parts(otlp, protocol, monkeypatch):
     """Every span arrives once, in several requests each under the limit; counted as exported."""
-    from types import SimpleNamespace
-
     from pgotel_proxy.tracing import otlp as otlp_mod
     from pgotel_proxy.tracing.export import ExportPipeline, make_exporter
 
     spans = _encoded_spans(300)
     whole = len(otlp_mod.encode_request(spans))
     monkeypatch.setattr(otlp_mod, "MAX_REQUEST_BYTES", whole // 5)
-    endpoint = otlp.http_endpoint if protocol == "http/protobuf" else otlp.grpc_endpoint
-    exporter = make_exporter(SimpleNamespace(exporter="otlp", otlp_protocol=protocol, otlp_endpoint=endpoint,
-                                             export_timeout=5.0))
+    endpoint = otlp.http_endpoint if protocol == "http/protobuf" else "http://" + otlp.grpc_endpoint
+    exporter = make_exporter(Config(exporter="otlp", otlp_protocol=protocol, otlp_endpoint=endpoint,
+                                    export_timeout=5.0))
     pipeline = ExportPipeline(exporter, queue_size=len(spans), batch_size=len(spans), interval=60.0)
     before = (STATS.spans_exported, STATS.spans_dropped, STATS.export_failures)
     otlp.reset_counts()
@@ -344,15 +343,13 @@ def test_a_batch_too_large_for_one_request_goes_in_parts(otlp, protocol, monkeyp
 
 
 def test_a_split_batch_that_fails_counts_its_spans_dropped_once(otlp, monkeypatch):
-    from types import SimpleNamespace
-
     from pgotel_proxy.tracing import otlp as otlp_mod
     from pgotel_proxy.tracing.export import ExportPipeline, make_exporter
 
     spans = _encoded_spans(100)
     monkeypatch.setattr(otlp_mod, "MAX_REQUEST_BYTES", len(otlp_mod.encode_request(spans)) // 3)
-    exporter = make_exporter(SimpleNamespace(exporter="otlp", otlp_protocol="http/protobuf",
-                                             otlp_endpoint=otlp.http_endpoint, export_timeout=0.5))
+    exporter = make_exporter(Config(exporter="otlp", otlp_protocol="http/protobuf",
+                                    otlp_endpoint=otlp.http_endpoint, export_timeout=0.5))
     # The collector refuses every other request: the parts it took count as exported, the rest as dropped.
     real_begin = otlp._begin_request
     seen = []

@@ -264,7 +264,7 @@ def test_upstream_refuses(make_proxy):
 
 @pytest.mark.parametrize("traced_pump", [False, True], ids=["asyncio", "pump"])
 def test_backend_terminated_mid_query(pg, make_proxy, traced_pump):
-    proxy = make_proxy(traced_pump=traced_pump)
+    proxy = make_proxy(experimental={"traced_pump": traced_pump})
     app = f"term-{uuid.uuid4().hex[:8]}"
     r = Raw(proxy.port).login(application_name=app)
     r.sock.sendall(_msg(b"Q", b"select pg_sleep(30)\x00"))
@@ -311,7 +311,7 @@ def test_upstream_reset_mid_query(pg, make_proxy, traced_pump):
     fault = FaultProxy((pg.host, pg.port))
     app = f"rst-{uuid.uuid4().hex[:8]}"
     try:
-        proxy = make_proxy(upstream=f"127.0.0.1:{fault.port}", traced_pump=traced_pump)
+        proxy = make_proxy(upstream=f"127.0.0.1:{fault.port}", experimental={"traced_pump": traced_pump})
         conn = psycopg.connect(proxy.dsn(application_name=app), autocommit=True)
         assert conn.execute("select 1").fetchone() == (1,)
         threading.Timer(0.3, fault.cut).start()

@@ -1,7 +1,7 @@
 """The compiled relay step (protocol._core.Feed): traced connections relay through it, and what it
 does not take (bytes split across reads, garbage, COPY, errors) reaches the Python path unchanged.
 
-With ``traced_pump`` the compiled pump relays traced connections it can take (no TLS, nothing to
+With ``experimental.traced_pump`` the compiled pump relays traced connections it can take (no TLS, nothing to
 splice in) and the Feed is not used (tests/test_pump.py); these tests check that the Feed is in use
 otherwise (the pump off too, as on a TLS session or a build without it) and drive its hand-overs on
 purpose, the split-message one through the pump as well.
@@ -63,7 +63,7 @@ def test_messages_split_across_reads_and_odd_messages_go_through_python(make_pro
 
     The same through the pump, which frames the client's messages across its reads itself.
     """
-    proxy = make_proxy(sample_rate=1.0, traced_pump=pumped)
+    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": pumped})
     if not pumped:
         proxy.server._pump_failed = True
     elif proxy_server.Pump is None:

@@ -397,12 +397,10 @@ def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol
 
 
 def test_make_exporter_builds_the_fast_exporters():
-    class Cfg:
-        exporter = "otlp"
-        otlp_protocol = "grpc"
-        otlp_endpoint = "http://127.0.0.1:4317"
+    from pgotel_proxy.config import Config
 
-    assert type(make_exporter(Cfg())) is fast.GrpcSpanExporter
-    Cfg.otlp_protocol = "http/protobuf"
-    assert type(make_exporter(Cfg())) is fast.HttpSpanExporter
+    config = Config(exporter="otlp", otlp_protocol="grpc", otlp_endpoint="http://127.0.0.1:4317")
+    assert type(make_exporter(config)) is fast.GrpcSpanExporter
+    config = config.model_copy(update={"otlp_protocol": "http/protobuf"})
+    assert type(make_exporter(config)) is fast.HttpSpanExporter
 

@@ -41,7 +41,6 @@ from click.testing import CliRunner
 
 from pgotel_proxy.cli import main as cli_main
 from pgotel_proxy.config import load_config
-from pgotel_proxy.proxy.server import split_hostport
 from rawpg import RawConn, error_fields
 from tracetree import random_traceparent, server_spans
 
@@ -278,9 +277,9 @@ def _non_loopback_address() -> str | None:
 
 def test_admin_and_proxy_default_to_loopback(make_proxy):
     defaults = load_config(None, env={}, overrides={})
-    host, port = split_hostport(defaults.admin_listen, 0)
+    host, port = defaults.admin_address
     assert (host, port) == ("127.0.0.1", 9187)
-    assert split_hostport(defaults.listen, 0)[0] == "127.0.0.1"
+    assert defaults.listen_address[0] == "127.0.0.1"
     assert defaults.admin_token is None
     # The default host with a free port: bound to loopback only, really unreachable from elsewhere.
     proxy = make_proxy(admin_listen=f"{host}:0")

@@ -17,6 +17,7 @@ import time
 import psycopg
 import pytest
 
+from pgotel_proxy.config import Config
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
 from pgotel_proxy.tracing.process import ProcessTracer, pack_records, unpack_records
@@ -129,7 +130,7 @@ def test_without_an_exporter_the_span_helper_builds_the_encoded_form():
 
     from pgotel_proxy.tracing.helper import SpanHelper
 
-    helper = SpanHelper(SimpleNamespace(exporter="none"))
+    helper = SpanHelper(Config(exporter="none"))
     try:
         # SDK span objects cost tens of µs each: never built for nobody.
         assert helper.pipeline.exporter is None
@@ -439,8 +440,6 @@ def test_statements_of_one_send_keep_their_order_in_one_operation():
 
 @pytest.mark.parametrize("transaction_spans", [False, True])
 def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_nothing(transaction_spans, caplog):
-    from types import SimpleNamespace
-
     from pgotel_proxy.protocol.events import Completion, Statement
     from pgotel_proxy.tracing.process import _ChildInfo
     from pgotel_proxy.tracing.spans import ConnState
@@ -455,8 +454,8 @@ def test_a_statement_that_cannot_be_built_leaves_no_partial_spans_and_stops_noth
         def shutdown(self):
             pass
 
-    config = SimpleNamespace(tracing=True, exporter="otlp", sample_rate=1.0, service_name="t",
-                             transaction_spans=transaction_spans)
+    config = Config(tracing=True, exporter="otlp", sample_rate=1.0, service_name="t",
+                    transaction_spans=transaction_spans)
     tracer = SpanHelper(config, exporter=_Encoded())
     try:
         state = ConnState(_ChildInfo(1, "app"), {"db.system.name": "postgresql"})
@@ -530,3 +529,22 @@ def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
         far.close()
     assert [list(map(tuple, g)) for g in got] == sent
     assert not tracer._out
+
+
+def test_the_span_process_receives_the_config_itself_without_secrets():
+    """The helper rebuilds the proxy's Config from the first frame: every setting, the live sample rate, no secret."""
+    import marshal
+
+    from pgotel_proxy.tracing.process import _child_config
+
+    config = Config(service_name="orders", export_batch_size=100, span_queue_size=400, capture_parameters=True,
+                    enrich_sources=["wait_events"], admin_token="hunter2", stats_dsn="host=db user=monitor",
+                    sample_rate=0.5, log_format="json")
+    data = marshal.loads(marshal.dumps(_child_config(config, sample_rate=0.25, priority="low")))
+    received = Config.model_validate(data)
+    assert received.admin_token is None and received.stats_dsn is None
+    assert "hunter2" not in repr(data) and "monitor" not in repr(data)
+    assert (received.sample_rate, received.span_process_priority, received.tracing) == (0.25, "low", True)
+    expected = config.model_copy(update={"admin_token": None, "stats_dsn": None, "sample_rate": 0.25,
+                                         "span_process_priority": "low"})
+    assert received == expected

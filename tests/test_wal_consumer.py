@@ -12,7 +12,6 @@ import itertools
 import struct
 import threading
 import time
-import types
 
 import psycopg
 import pytest
@@ -21,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from pgotel_proxy.stats import STATS
+from pgotel_proxy.config import Config
 from pgotel_proxy.tracing.export import make_exporter
 from pgotel_proxy.wal import CdcConsumer, extract, extract_carrier
 from pgotel_proxy.wal import pgoutput as po
@@ -44,7 +44,7 @@ class RunningConsumer:
     """A CdcConsumer on its own event-loop thread, exporting to the test's OTLP receiver."""
 
     def __init__(self, pg, otlp, slot: str, publication: str, **kw) -> None:
-        settings = types.SimpleNamespace(exporter="otlp", otlp_endpoint=otlp.http_endpoint, otlp_protocol="http/protobuf")
+        settings = Config(exporter="otlp", otlp_endpoint=otlp.http_endpoint, otlp_protocol="http/protobuf")
         self.provider = TracerProvider(resource=Resource.create({"service.name": "cdc-test"}))
         self.provider.add_span_processor(SimpleSpanProcessor(make_exporter(settings)))
         self.transactions: list = []

@@ -23,7 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,6 +32,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from .. import __version__
 from ..stats import METRICS, PROMETHEUS_PREFIX, STATS
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["AdminServer"]
 
@@ -64,7 +67,7 @@ class _StatsCollector:
 
 
 class AdminServer:
-    def __init__(self, config: Any, proxy, tracer) -> None:
+    def __init__(self, config: Config, proxy, tracer) -> None:
         self.config = config
         self.proxy = proxy
         self.tracer = tracer
@@ -72,11 +75,10 @@ class AdminServer:
         self.registry.register(_StatsCollector(tracer, proxy))
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
-        token = getattr(config, "admin_token", None)
-        self._token = token.get_secret_value() if hasattr(token, "get_secret_value") else token
+        self._token = config.admin_token.get_secret_value() if config.admin_token is not None else None
 
     async def start(self) -> None:
-        from ..proxy.server import bind_tcp
+        from ..listen import bind_tcp
 
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
@@ -88,8 +90,8 @@ class AdminServer:
         await self._runner.setup()
         # Bound here (not by aiohttp) so that an address in use is the configuration's
         # one-line error, like the main listener's.
-        sock = bind_tcp("admin_listen", self.config.admin_listen, 9187)
-        host = sock.getsockname()[0]
+        host, port = self.config.admin_address
+        sock = bind_tcp("admin_listen", host, port)
         site = web.SockSite(self._runner, sock)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]

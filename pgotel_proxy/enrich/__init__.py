@@ -12,22 +12,22 @@ Nothing here runs on the relay path.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["attach", "enabled", "log_status", "start_enricher"]
 
 log = logging.getLogger("pgotel_proxy.enrich")
 
 
-def enabled(config: Any) -> bool:
+def enabled(config: Config) -> bool:
     """Whether any server-side source is configured."""
-    return bool(
-        getattr(config, "server_log", None) is not None
-        or getattr(config, "stats_dsn", None) is not None
-    )
+    return config.server_log is not None or config.stats_dsn is not None
 
 
-def attach(config: Any, server: Any, tracer: Any):
+def attach(config: Config, server: Any, tracer: Any):
     """Show the span process's sources for ``server``; their status view, or None when nothing is configured.
 
     Sets ``server.source_status`` (shown by the admin ``/status``) to the

@@ -31,13 +31,16 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .join import Joiner
 from .logformat import make_parser
 from .logsource import FileLogFollower, SqlLogFollower
 from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples
 from .plans import parse_plan_message
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["Enricher", "WAIT_SAMPLE_PERIOD"]
 
@@ -54,7 +57,7 @@ _SQL_POLL = 0.2
 class Enricher:
     """Server-side sources and the join, for one proxy."""
 
-    def __init__(self, config: Any, backends: Callable[[], list[int]] = list, resource: Any = None) -> None:
+    def __init__(self, config: Config, backends: Callable[[], list[int]] = list, resource: Any = None) -> None:
         """``backends``: the backend pids of the proxy's open connections (whose wait events to sample)."""
         self.config = config
         self.backends = backends
@@ -64,7 +67,7 @@ class Enricher:
             dsn = dsn.get_secret_value()
         self._dsn = dsn
         self._wait_threshold_ns = int(config.wait_event_threshold * 1e9)
-        sources = set(getattr(config, "enrich_sources", ("auto_explain", "pg_stat_statements", "wait_events")))
+        sources = set(config.enrich_sources)
         want_log = config.server_log is not None or (config.server_log_via_sql and dsn)
         self.status["auto_explain"] = "starting" if want_log and "auto_explain" in sources else "off"
         self.status["pg_stat_statements"] = "starting" if dsn and "pg_stat_statements" in sources else "off"

@@ -10,8 +10,9 @@ fallback (tests run both).
 
 from __future__ import annotations
 
-import os
 import struct
+
+from ._impl import PURE_PYTHON
 
 __all__ = ["run_end", "run_end_py", "COMPILED"]
 
@@ -41,7 +42,7 @@ def run_end_py(buf, pos: int, n: int, typ: int) -> tuple[int, int]:
 
 COMPILED = False
 run_end = run_end_py
-if not os.environ.get("PGOTEL_PURE_PYTHON"):
+if not PURE_PYTHON:
     try:
         from ._scan import run_end  # type: ignore[no-redef]  # noqa: F811
 

@@ -29,6 +29,7 @@ import os
 import struct
 from collections import deque
 
+from ._impl import PURE_PYTHON
 from .errors import ProtocolViolation
 from . import records
 from .events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
@@ -1077,7 +1078,7 @@ pack_records, unpack_records = records.pack, records.unpack
 # The compiled pump's log fed to its traced sessions without a Python call per chunk
 # (proxy/server.py; without it a Python loop does the same).
 observe_log = None
-if not os.environ.get("PGOTEL_PURE_PYTHON"):
+if not PURE_PYTHON:
     try:
         from . import _core  # type: ignore[attr-defined]
 

@@ -1,5 +1,5 @@
 """Sockets, TLS, backpressure, cancel routing and graceful drain."""
 
-from .server import ProxyServer, run, serve, split_hostport
+from .server import ProxyServer, run, serve
 
-__all__ = ["ProxyServer", "run", "serve", "split_hostport"]
+__all__ = ["ProxyServer", "run", "serve"]

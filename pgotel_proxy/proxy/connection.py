@@ -18,7 +18,7 @@ from the other side pauses until it drains.
 A session with nothing to observe leaves these protocols once its start-up is
 over: its two sockets go to the server's compiled pump (``_pump.c``, a thread
 moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
-With ``traced_pump``, a traced session with nothing to splice in goes to the pump as well, which
+With ``experimental.traced_pump``, a traced session with nothing to splice in goes to the pump as well, which
 logs what it relays for the event loop to observe (``_to_pump``,
 ``pump_observe``) and hands the sockets back for the proxy's own last words
 (``pump_back``); elsewhere (TLS, WAL propagation, Flush timing, no compiled
@@ -551,7 +551,7 @@ class ClientConnection:
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
             # Nothing to splice in (and asked for): the pump relays, the event loop observes what it relayed.
             if not (self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
-                    and getattr(srv.config, "traced_pump", False) and self._to_pump(observe=True)):
+                    and srv.config.experimental.traced_pump and self._to_pump(observe=True)):
                 self._feed()
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.

@@ -16,21 +16,27 @@ import resource
 import signal
 import socket
 import struct
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import ConfigError
+from ..hostport import format_hostport
+from ..listen import bind_tcp, check_addresses
+from ..protocol._impl import PURE_PYTHON
 from ..protocol.messages import error_response
 from ..protocol.session import observe_log
 from ..stats import STATS
 from .connection import PUMP_LOG_HANDBACK, ClientConnection
-
-try:  # the compiled relay of unobserved connections (_pump.c)
-    from ._pump import Pump
-except ImportError:
-    Pump = None
-if os.environ.get("PGOTEL_PURE_PYTHON"):
-    Pump = None
 from .tls import client_context, upstream_context
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+Pump = None
+if not PURE_PYTHON:
+    try:  # the compiled relay of unobserved connections (_pump.c)
+        from ._pump import Pump
+    except ImportError:
+        pass
 
 # The head of an entry in the pump's observation log (_pumplog.h).
 _LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
@@ -50,7 +56,7 @@ OBSERVE_INTERVAL = 0.005
 #: The log's bound: past it, observed pairs stop reading until the event loop caught up.
 PUMP_LOG_LIMIT = 16 << 20
 
-__all__ = ["ProxyServer", "bind_tcp", "check_addresses", "run", "split_hostport"]
+__all__ = ["ProxyServer", "run"]
 
 log = logging.getLogger("pgotel_proxy.proxy")
 
@@ -60,61 +66,10 @@ _FD_HEADROOM = 16
 _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
 
 
-def split_hostport(value: str, default_port: int = 5432) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'host' -> (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
-    return host or "0.0.0.0", int(port)
-
-
-def bind_tcp(option: str, address: str, default_port: int, reuse_port: bool = False) -> socket.socket:
-    """A TCP socket bound to ``address``; a bind that fails is the configuration's error.
-
-    ``option`` is the configuration field that named the address, so that an
-    address in use is answered as every other configuration problem is: one
-    line naming the option (``ConfigError``), not a traceback.
-    """
-    host, port = split_hostport(address, default_port)
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                   flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"{option}: cannot resolve {address!r}: {exc.strerror or exc}") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        what = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror or exc}"
-        raise ConfigError(f"{option}: {host or '*'}:{port} {what} (--{option.replace('_', '-')})") from None
-    return sock
-
-
-def check_addresses(config: Any) -> None:
-    """Bind each fixed listen address once and let it go: one that is taken is a ``ConfigError``.
-
-    Called before the proxy starts (and before ``--workers`` fork), so that a
-    second proxy on the same host stops at once with one line instead of a
-    worker dying at its first bind. Port 0 (any free port) needs no check.
-    """
-    for option, address, default_port in (("listen", config.listen, 6432),
-                                          ("admin_listen", config.admin_listen, 9187)):
-        if address and split_hostport(address, default_port)[1] != 0:
-            bind_tcp(option, address, default_port).close()
-
-
 class ProxyServer:
     """Listens, accepts, and owns every :class:`ClientConnection`."""
 
-    def __init__(self, config: Any, tracer: Any = None) -> None:
+    def __init__(self, config: Config, tracer: Any = None) -> None:
         self.config = config
         self.tracer = tracer
         self.startup_timeout = max(config.connect_timeout, 10.0)
@@ -137,16 +92,14 @@ class ProxyServer:
         self._pump_failed = Pump is None
         self._fd_limit: int | None = None
         self._fd_base = 0
-        up = config.upstream
-        if up.startswith("/"):
-            self.upstream_path: str | None = up
+        self.upstream_path: str | None = config.upstream_unix_path
+        if self.upstream_path is not None:
             self.upstream_host, self.upstream_port = "", 0
-            self.upstream_label = up
+            self.upstream_label = self.upstream_path
         else:
-            self.upstream_path = None
-            self.upstream_host, self.upstream_port = split_hostport(up)
-            self.upstream_label = f"{self.upstream_host}:{self.upstream_port}"
-        self.upstream_server_name = getattr(config, "upstream_tls_server_name", None) or self.upstream_host or None
+            self.upstream_host, self.upstream_port = config.upstream_address
+            self.upstream_label = format_hostport(self.upstream_host, self.upstream_port)
+        self.upstream_server_name = config.upstream_server_name
         self.client_tls = None
         if config.client_tls_cert and config.client_tls_key:
             self.client_tls = client_context(str(config.client_tls_cert), str(config.client_tls_key), config.client_tls_min_version)
@@ -155,8 +108,8 @@ class ProxyServer:
             self.upstream_tls = upstream_context(
                 config.upstream_tls,
                 _str(config.upstream_tls_ca),
-                _str(getattr(config, "upstream_tls_cert", None)),
-                _str(getattr(config, "upstream_tls_key", None)),
+                _str(config.upstream_tls_cert),
+                _str(config.upstream_tls_key),
             )
 
     def wal_injector(self, peer: str):
@@ -183,21 +136,21 @@ class ProxyServer:
         if cfg.client_tls_cert and cfg.client_tls_key:
             client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
         if not self.upstream_path:
-            upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(getattr(cfg, "upstream_tls_cert", None)), _str(getattr(cfg, "upstream_tls_key", None)))
+            upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(cfg.upstream_tls_cert), _str(cfg.upstream_tls_key))
         self.client_tls, self.upstream_tls = client_tls, upstream_tls
 
     # ------------------------------------------------------------ listening
 
     async def start(self) -> None:
         cfg = self.config
-        reuse_port = getattr(cfg, "workers", 1) > 1 and hasattr(socket, "SO_REUSEPORT")
-        sock = bind_tcp("listen", cfg.listen, 6432, reuse_port=reuse_port)
+        host, port = cfg.listen_address
+        sock = bind_tcp("listen", host, port, reuse_port=cfg.workers > 1 and hasattr(socket, "SO_REUSEPORT"))
         family = sock.family
         sock.listen(1024)
         sock.setblocking(False)
         self._listeners.append(sock)
         bound = sock.getsockname()
-        self.listen_addresses.append(f"{bound[0]}:{bound[1]}" if family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}")
+        self.listen_addresses.append(format_hostport(bound[0], bound[1]))
         if cfg.unix_socket:
             path = str(cfg.unix_socket)
             try:
@@ -254,7 +207,7 @@ class ProxyServer:
             STATS.connections_accepted += 1
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = f"{addr[0]}:{addr[1]}"
+                peer = format_hostport(addr[0], addr[1])
             else:
                 peer = "unix"
             if self._short_of_fds():
@@ -573,7 +526,7 @@ def _str(v) -> str | None:
 
 
 async def serve(
-    config: Any, ready: asyncio.Future | None = None, reload: Callable[[], Any] | None = None, worker: Any = None,
+    config: Config, ready: asyncio.Future | None = None, reload: Callable[[], Config] | None = None, worker: Any = None,
     settle_gc: bool = False,
 ) -> int:
     """Run the proxy until SIGTERM / SIGINT, then drain and return the exit code.
@@ -598,7 +551,7 @@ async def serve(
     await server.start()
     if worker is not None:
         await worker.attach(server, tracer)  # before the admin: it reads totals through server.worker_link
-    if getattr(config, "admin_listen", None):
+    if config.admin_listen:
         from ..admin import AdminServer
 
         admin = AdminServer(config, server, tracer)
@@ -648,14 +601,14 @@ async def serve(
     return 0
 
 
-def run(config: Any, reload: Callable[[], Any] | None = None, worker: Any = None) -> int:
+def run(config: Config, reload: Callable[[], Config] | None = None, worker: Any = None) -> int:
     """Blocking entry point for the CLI: uvloop when available; ``workers > 1`` forks workers first.
 
     A listen address in use raises :class:`ConfigError` before anything starts.
     """
     if worker is None:
         check_addresses(config)
-    if worker is None and getattr(config, "workers", 1) > 1:
+    if worker is None and config.workers > 1:
         from .workers import run_workers
 
         return run_workers(config, reload)

@@ -53,11 +53,15 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import ConfigError
+from ..hostport import format_hostport
 from ..protocol import ProtocolViolation, parse_startup_packet
 from ..stats import METRICS, STATS
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["run_workers", "SharedArea", "WorkerLink", "PUBLISH_INTERVAL"]
 
@@ -403,7 +407,7 @@ class WorkerLink:
 
 
 
-def _for_worker(config: Any, index: int) -> Any:
+def _for_worker(config: Config, index: int) -> Config:
     """Worker ``index``'s view of the config: the admin listener and Unix socket belong to worker 0."""
     if index == 0:
         return config
@@ -433,7 +437,7 @@ class _Slot:
 
 
 class _Supervisor:
-    def __init__(self, config: Any, reload: Callable[[], Any] | None, area: SharedArea, sock_dir: str,
+    def __init__(self, config: Config, reload: Callable[[], Config] | None, area: SharedArea, sock_dir: str,
                  keep: list[socket.socket]) -> None:
         self.base = config
         self.config = config
@@ -599,16 +603,14 @@ class _Supervisor:
                 self._spawn(i)
 
 
-def _fix_port(config: Any) -> tuple[Any, list[socket.socket]]:
+def _fix_port(config: Config) -> tuple[Config, list[socket.socket]]:
     """With ``listen`` on port 0 every worker would get its own port: pick one and hold it.
 
     The parent keeps a bound (never listening) SO_REUSEPORT socket on it, so
     the port stays ours while workers restart; a socket that does not listen
     receives no connections.
     """
-    from .server import split_hostport
-
-    host, port = split_hostport(config.listen, 6432)
+    host, port = config.listen_address
     if port != 0:
         return config, []
     family, _, _, _, addr = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -617,8 +619,7 @@ def _fix_port(config: Any) -> tuple[Any, list[socket.socket]]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(addr)
     bound = sock.getsockname()
-    listen = f"{bound[0]}:{bound[1]}" if family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}"
-    return config.model_copy(update={"listen": listen}), [sock]
+    return config.model_copy(update={"listen": format_hostport(bound[0], bound[1])}), [sock]
 
 
 def _preload() -> None:
@@ -637,7 +638,7 @@ def _preload() -> None:
             log.debug("not preloaded: %s: %s", name, exc)
 
 
-def run_workers(config: Any, reload: Callable[[], Any] | None = None) -> int:
+def run_workers(config: Config, reload: Callable[[], Config] | None = None) -> int:
     """Blocking entry point for ``workers > 1``: fork, supervise, return the exit code."""
     if not hasattr(socket, "SO_REUSEPORT") or not hasattr(signal, "sigtimedwait"):
         log.error("workers > 1 needs SO_REUSEPORT and sigtimedwait (Linux)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = ["build_tracer"]
 
 
-def build_tracer(config: Any):
+def build_tracer(config: Config):
     """The tracer for ``config``; None when tracing is off at start-up (the relay alone).
 
     Spans are built, enriched and exported in a helper process
@@ -16,7 +19,7 @@ def build_tracer(config: Any):
     or none (spans built and counted, then discarded, at the cost of tracing
     minus export).
     """
-    if not getattr(config, "tracing", True):
+    if not config.tracing:
         return None
     from .process import ProcessTracer
 

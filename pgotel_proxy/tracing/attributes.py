@@ -12,6 +12,8 @@ from opentelemetry.semconv.attributes.db_attributes import DB_NAMESPACE, DB_SYST
 from opentelemetry.semconv.attributes.network_attributes import NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 
+from ..hostport import parse_hostport
+
 __all__ = ["connection_attributes"]
 
 
@@ -35,13 +37,9 @@ def connection_attributes(info) -> dict:
     return base
 
 
-def _split(addr: str) -> tuple[str, int | None]:
-    if not addr or addr.startswith("/"):
-        return addr, None
-    host, sep, port = addr.rpartition(":")
-    if not sep:
-        return addr, None
+def _split(label: str) -> tuple[str, int | None]:
+    """A connection's peer or upstream label as (host, port); (label, None) for a socket path or "unix"."""
     try:
-        return host.strip("[]"), int(port)
+        return parse_hostport(label)
     except ValueError:
-        return addr, None
+        return label, None

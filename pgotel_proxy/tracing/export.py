@@ -14,43 +14,35 @@ appended for HTTP).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 from collections import deque
 from itertools import repeat
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from ..stats import STATS
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 __all__ = ["make_exporter", "ConsoleTreeExporter", "ExportPipeline", "format_tree"]
 
 log = logging.getLogger("pgotel_proxy.export")
 
 
-def _protocol(config: Any) -> str:
-    return (
-        getattr(config, "otlp_protocol", None)
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    )
-
-
-def make_exporter(config: Any) -> SpanExporter | None:
+def make_exporter(config: Config) -> SpanExporter | None:
     """The exporter the config asks for; None for ``exporter = "none"``."""
-    kind = getattr(config, "exporter", "otlp")
-    if kind == "none":
+    if config.exporter == "none":
         return None
-    if kind == "console":
+    if config.exporter == "console":
         return ConsoleTreeExporter()
-    timeout = float(getattr(config, "export_timeout", 10.0))
-    endpoint = getattr(config, "otlp_endpoint", None)
-    if _protocol(config) == "grpc":
+    timeout = config.export_timeout
+    endpoint = config.otlp_endpoint
+    if config.resolved_otlp_protocol() == "grpc":
         from .otlp import GrpcSpanExporter as GrpcExporter
 
         kw: dict[str, Any] = {"timeout": timeout}

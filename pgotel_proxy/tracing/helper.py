@@ -26,7 +26,7 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
-from ..config import DEFAULT_EXPORT_BATCH
+from ..config import Config
 from ..stats import STATS
 from .export import ExportPipeline, make_exporter
 from .spans import ConnState, SpanBuilder
@@ -41,22 +41,22 @@ _NO_EXPORTER = object()
 class SpanHelper:
     """Owns the span builder, the enricher (when configured) and the export pipeline of the span process."""
 
-    def __init__(self, config: Any, exporter: Any = _NO_EXPORTER) -> None:
+    def __init__(self, config: Config, exporter: Any = _NO_EXPORTER) -> None:
         """``exporter``: the exporter the config names unless given (tests of this class alone)."""
-        service = getattr(config, "service_name", None) or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
+        service = config.service_name or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
         self.builder = SpanBuilder(
             resource=Resource.create({"service.name": service}),
-            sample_rate=float(getattr(config, "sample_rate", 1.0)),
-            capture_parameters=bool(getattr(config, "capture_parameters", False)),
-            capture_literals=bool(getattr(config, "capture_query_literals", False)),
-            transaction_spans=bool(getattr(config, "transaction_spans", False)),
+            sample_rate=config.sample_rate,
+            capture_parameters=config.capture_parameters,
+            capture_literals=config.capture_query_literals,
+            transaction_spans=config.transaction_spans,
         )
-        self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
+        self.shutdown_timeout = config.shutdown_timeout
         self.pipeline = ExportPipeline(
             make_exporter(config) if exporter is _NO_EXPORTER else exporter,
-            queue_size=int(getattr(config, "span_queue_size", 32768)),
-            batch_size=int(getattr(config, "export_batch_size", DEFAULT_EXPORT_BATCH)),
-            interval=float(getattr(config, "export_interval", 1.0)),
+            queue_size=config.span_queue_size,
+            batch_size=config.export_batch_size,
+            interval=config.export_interval,
         )
         self._enricher = None
         self.enricher = None  # sets the builder's output form

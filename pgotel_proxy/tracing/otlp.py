@@ -47,6 +47,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind, TraceState
 
+from ..protocol._impl import PURE_PYTHON
+
 __all__ = ["encode_request", "encode_spans", "HttpSpanExporter", "GrpcSpanExporter"]
 
 log = logging.getLogger("pgotel_proxy.otlp")
@@ -708,7 +710,7 @@ PARENT_FLAGS, CHILD_FLAGS = _IS_REMOTE, _HAS_IS_REMOTE
 _span_field = _span_field_py
 _attribute_fields = _attribute_fields_py
 _local_children = _local_children_py
-if not os.environ.get("PGOTEL_PURE_PYTHON"):
+if not PURE_PYTHON:
     try:
         from ._otlpenc import attribute_fields as _c_attribute_fields, span_field as _span_field  # noqa: F811
         from ._otlpenc import local_children as _local_children  # noqa: F811

@@ -27,8 +27,11 @@ and the helper's main loop (:func:`child_main`).
 
 Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
 
-* relay → helper: the configuration first, then lists of operations in order,
-  each a tuple whose first element names it (the ``OP_*`` constants below):
+* relay → helper: the configuration first (the proxy's :class:`~pgotel_proxy.config.Config`
+  as plain values, secrets left out but the stats DSN that enrichment's side
+  connections need; the helper validates it back into a ``Config``), then
+  lists of operations in order, each a tuple whose first element names it
+  (the ``OP_*`` constants below):
   ``(OP_CONNECTION_OPENED, conn, base_attrs, backend_pid,
   startup_application_name)`` a connection opened;
   ``(OP_STATEMENTS_PACKED, conn, count, application_name, packed, drawn)``
@@ -79,6 +82,7 @@ from collections import deque
 from itertools import islice
 from typing import Any
 
+from ..config import Config, is_secret_field
 from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
 from ..stats import STATS
@@ -279,14 +283,14 @@ class SourceStatus:
 class ProcessTracer:
     """The tracer the proxy talks to: records handed to the span process (module docstring)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.enabled = bool(getattr(config, "tracing", True))
-        self._sample_rate = float(getattr(config, "sample_rate", 1.0))
+        self.enabled = config.tracing
+        self._sample_rate = config.sample_rate
         # the relay draws for new roots (sampling.Presampler) unless transaction spans need every statement
-        self._presample = not getattr(config, "transaction_spans", False)
+        self._presample = not config.transaction_spans
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
-        self.shutdown_timeout = float(getattr(config, "shutdown_timeout", 5.0))
+        self.shutdown_timeout = config.shutdown_timeout
         self.sources = SourceStatus()  # server-side enrichment's sources, as the helper reports them
         self.accepting = False  # a helper is running and the outgoing buffer has room
         self._ops: list = []
@@ -313,7 +317,7 @@ class ProcessTracer:
         self._flush_seq = 0
         self._flushed = 0
         self._flush_cond = threading.Condition()
-        self._priority = str(getattr(config, "span_process_priority", "idle"))
+        self._priority = config.span_process_priority
         self._lifted = False  # the helper was lifted out of the idle class to catch up
         self._reported = time.monotonic()  # when the helper last reported (its reader thread sets it)
         self._may_lift = self._priority == "idle" and may_leave_idle()
@@ -326,10 +330,8 @@ class ProcessTracer:
 
     def _start_child(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        settings = _child_settings(self.config)
-        settings["sample_rate"] = self._sample_rate
-        settings["span_process_priority"] = "idle" if self._may_lift else (
-            "low" if self._priority == "idle" else self._priority)
+        settings = _child_config(self.config, sample_rate=self._sample_rate, priority="idle" if self._may_lift else (
+            "low" if self._priority == "idle" else self._priority))
         self._lifted = False
         try:
             self._proc = subprocess.Popen(
@@ -690,35 +692,24 @@ class ProcessTracer:
             reader.join(2.0)
 
 
-#: What server-side enrichment reads of the configuration (pgotel_proxy.enrich), handed over as they are.
-_ENRICH_SETTINGS = ("server_log", "server_log_format", "server_log_line_prefix", "server_log_via_sql", "stats_dsn",
-                    "stats_interval", "wait_event_threshold", "join_timeout", "enrich_sources")
+def _child_config(config: Config, *, sample_rate: float, priority: str) -> dict:
+    """The helper's configuration as plain values (marshal-able): the proxy's, with what is live now.
 
-
-def _child_settings(config: Any) -> dict:
-    """The configuration fields the helper needs, as plain values."""
-    names = ("service_name", "exporter", "otlp_endpoint", "otlp_protocol", "export_timeout",
-             "span_queue_size", "export_batch_size", "export_interval", "shutdown_timeout",
-             "capture_parameters", "capture_query_literals", "transaction_spans", "sample_rate",
-             "log_level", "log_format", "span_process_priority")
-    out = {}
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            out[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    ``sample_rate`` may have changed at runtime since ``config`` was loaded;
+    ``priority`` is the scheduling class the helper is to take (the configured
+    one, or its stand-in where the proxy may not lift an idle helper). The
+    helper only traces, so tracing is on. Secrets stay in the relay process,
+    but for the stats DSN when enrichment is on: the helper opens its side
+    connections.
+    """
     from ..enrich import enabled as enrichment_enabled
 
-    if enrichment_enabled(config):
-        for name in _ENRICH_SETTINGS:
-            value = getattr(config, name, None)
-            if hasattr(value, "get_secret_value"):  # stats_dsn: the helper connects with it
-                value = value.get_secret_value()
-            elif isinstance(value, (list, tuple)):
-                value = [str(v) for v in value]
-            elif value is not None and not isinstance(value, (str, int, float, bool)):
-                value = str(value)
-            out[name] = value
-    return out
+    secrets = {name for name in Config.model_fields if is_secret_field(name)}
+    data = config.model_dump(mode="json", exclude=secrets)
+    data.update(tracing=True, sample_rate=sample_rate, span_process_priority=priority)
+    if enrichment_enabled(config) and config.stats_dsn is not None:
+        data["stats_dsn"] = config.stats_dsn.get_secret_value()
+    return data
 
 
 # ----------------------------------------------------------------- helper side
@@ -796,7 +787,6 @@ def _take_priority(priority: str) -> None:
 
 def child_main(fd: int) -> int:
     import signal
-    from types import SimpleNamespace
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -805,15 +795,14 @@ def child_main(fd: int) -> int:
     first = _read_frames(sock, buf)
     if not first:
         return 0
-    settings = first.pop(0)
+    config = Config.model_validate(first.pop(0))
     from ..logsetup import configure_logging
 
-    configure_logging(settings.get("log_level", "info"), settings.get("log_format", "text"))
-    _take_priority(settings.pop("span_process_priority", "idle"))
+    configure_logging(config.log_level, config.log_format)
+    _take_priority(config.span_process_priority)
     from .helper import SpanHelper
     from .spans import ConnState
 
-    config = SimpleNamespace(tracing=True, **settings)
     # No builder thread: this thread reads and builds, the export thread exports.
     helper = SpanHelper(config)
     conns: dict[int, ConnState] = {}
