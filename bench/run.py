@@ -58,14 +58,12 @@ DBNAME = "pgotel_bench"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MODES = ("simple", "extended", "prepared")
 CLIENTS = (1, 8, 32)
-TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-w2", "proxy-thread", "proxy-flush")
+TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-w2", "proxy-flush")
 #: Proxy configurations: target name -> extra CLI flags.
 PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-off": ["--no-tracing"],
     "proxy-on": ["--tracing", "--sample-rate", "1"],
     "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
-    # spans built and exported on threads of the proxy process instead of the span process
-    "proxy-thread": ["--tracing", "--sample-rate", "1", "--no-experimental-span-process"],
     # two worker processes (SO_REUSEPORT), each with its span process
     "proxy-w2": ["--tracing", "--sample-rate", "1", "--workers", "2"],
 }

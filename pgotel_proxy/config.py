@@ -20,7 +20,7 @@ Conventions every derived surface follows:
 The switches kept only to compare implementations in benchmarks live in
 :class:`Experimental`, the ``[experimental]`` table of the file; their option
 names are ``experimental.<field>``, and the variables and flags follow from
-those (``PGOTEL_EXPERIMENTAL_SPAN_PROCESS``, ``--no-experimental-span-process``).
+those (``PGOTEL_EXPERIMENTAL_TRACED_PUMP``, ``--no-experimental-traced-pump``).
 :data:`OPTIONS` lists every option name.
 
 Run ``python -m pgotel_proxy.config`` to print the Markdown reference.
@@ -142,7 +142,7 @@ class Experimental(BaseModel):
 
     They sit in the config file's ``[experimental]`` table, and their
     environment variables and flags carry the table's name
-    (``PGOTEL_EXPERIMENTAL_SPAN_PROCESS``, ``--no-experimental-span-process``).
+    (``PGOTEL_EXPERIMENTAL_TRACED_PUMP``, ``--no-experimental-traced-pump``).
     They may change or go away in any release; the defaults are what the proxy
     is tested and supported with.
     """
@@ -156,13 +156,6 @@ class Experimental(BaseModel):
                     "stream (no TLS, no WAL propagation, phase_timing 'wire'). It gives more "
                     "throughput under load with extended and prepared statements and a p99 some "
                     "tens of µs higher at light load. Off: the event loop relays traced sessions.")
-    span_process: bool = _opt(
-        True, group=EXPERIMENTAL_GROUP,
-        description="Build and export spans in a helper process, so that the relay never waits for "
-                    "the interpreter lock; applies with the OTLP exporter or none, without "
-                    "server-side enrichment. Off, with the console exporter or with enrichment "
-                    "configured: on a thread of the proxy process.")
-
     @field_validator("*", mode="before")
     @classmethod
     def _normalise_raw(cls, value: Any, info: ValidationInfo) -> Any:

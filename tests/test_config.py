@@ -95,43 +95,46 @@ def test_names_are_derived_mechanically() -> None:
     assert env_name("upstream_tls") == "PGOTEL_UPSTREAM_TLS"
     assert env_name("sample_rate") == "PGOTEL_SAMPLE_RATE"
     assert flag_name("client_tls_cert") == "--client-tls-cert"
-    assert env_name("experimental.span_process") == "PGOTEL_EXPERIMENTAL_SPAN_PROCESS"
-    assert flag_name("experimental.span_process") == "--experimental-span-process"
+    assert env_name("experimental.traced_pump") == "PGOTEL_EXPERIMENTAL_TRACED_PUMP"
+    assert flag_name("experimental.traced_pump") == "--experimental-traced-pump"
 
 
 # -- the experimental table ------------------------------------------------------
 
 def test_benchmark_switches_are_experimental_options_only() -> None:
-    assert set(Experimental.model_fields) == {"traced_pump", "span_process"}
-    assert "traced_pump" not in Config.model_fields and "span_process" not in Config.model_fields
-    assert {n for n in OPTIONS if field_group(n) == "Experimental"} == {
-        "experimental.traced_pump", "experimental.span_process"}
-    assert Config().experimental == Experimental(traced_pump=True, span_process=True)
+    assert set(Experimental.model_fields) == {"traced_pump"}
+    assert "traced_pump" not in Config.model_fields
+    # Spans are always built in the span process: no switch for it remains.
+    assert "span_process" not in Config.model_fields
+    assert {n for n in OPTIONS if field_group(n) == "Experimental"} == {"experimental.traced_pump"}
+    assert Config().experimental == Experimental(traced_pump=True)
 
 
 def test_experimental_options_from_file_env_and_overrides(tmp_path: Path) -> None:
     file = write(tmp_path, "sample_rate = 0.5\n[experimental]\ntraced_pump = false\n")
     config, sources = load_config_with_sources(file=file, env={})
-    assert config.experimental.traced_pump is False and config.experimental.span_process is True
+    assert config.experimental.traced_pump is False
     assert sources == {"sample_rate": str(file), "experimental.traced_pump": str(file)}
-    dotted = write(tmp_path, "experimental.span_process = false\n", "dotted.toml")
-    assert load_config(file=dotted, env={}).experimental.span_process is False
-    # Environment over file, overrides over both; the table is merged key by key.
+    dotted = write(tmp_path, "experimental.traced_pump = false\n", "dotted.toml")
+    assert load_config(file=dotted, env={}).experimental.traced_pump is False
+    # Environment over file, overrides over both.
     config, sources = load_config_with_sources(
-        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on", "PGOTEL_EXPERIMENTAL_SPAN_PROCESS": "off"},
-        overrides={"experimental": {"span_process": True}})
-    assert config.experimental == Experimental(traced_pump=True, span_process=True)
+        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on"})
+    assert config.experimental == Experimental(traced_pump=True)
     assert sources["experimental.traced_pump"] == "PGOTEL_EXPERIMENTAL_TRACED_PUMP"
-    assert sources["experimental.span_process"] == "override experimental.span_process"
-    assert load_config(env={}, overrides={"experimental.span_process": False}).experimental.span_process is False
+    config, sources = load_config_with_sources(
+        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on"}, overrides={"experimental": {"traced_pump": False}})
+    assert config.experimental == Experimental(traced_pump=False)
+    assert sources["experimental.traced_pump"] == "override experimental.traced_pump"
+    assert load_config(env={}, overrides={"experimental.traced_pump": False}).experimental.traced_pump is False
 
 
 @pytest.mark.parametrize("kwargs,start", [
     ({"overrides": {"traced_pump": False}}, "traced_pump: unknown option (experimental now: experimental.traced_pump"),
-    ({"env": {"PGOTEL_SPAN_PROCESS": "off"}},
-     "PGOTEL_SPAN_PROCESS: span_process is experimental now: set PGOTEL_EXPERIMENTAL_SPAN_PROCESS"),
-    ({"overrides": {"experimental": {"span_proces": False}}},
-     "experimental.span_proces: unknown option (did you mean 'experimental.span_process'?)"),
+    ({"env": {"PGOTEL_TRACED_PUMP": "off"}},
+     "PGOTEL_TRACED_PUMP: traced_pump is experimental now: set PGOTEL_EXPERIMENTAL_TRACED_PUMP"),
+    ({"overrides": {"experimental": {"traced_pum": False}}},
+     "experimental.traced_pum: unknown option (did you mean 'experimental.traced_pump'?)"),
     ({"env": {"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "maybe"}}, "experimental.traced_pump: input should be a valid boolean"),
 ])
 def test_experimental_mistakes_are_named(kwargs: dict, start: str) -> None:
@@ -141,9 +144,9 @@ def test_experimental_mistakes_are_named(kwargs: dict, start: str) -> None:
 
 
 def test_former_top_level_keys_in_a_file_say_where_they_went(tmp_path: Path) -> None:
-    message = error_of(file=write(tmp_path, "span_process = false\n"), env={})
-    assert message.startswith("span_process: unknown option in ")
-    assert "experimental.span_process, in the [experimental] table" in message
+    message = error_of(file=write(tmp_path, "traced_pump = false\n"), env={})
+    assert message.startswith("traced_pump: unknown option in ")
+    assert "experimental.traced_pump, in the [experimental] table" in message
     assert error_of(file=write(tmp_path, "experimental = 1\n", "n.toml"), env={}).startswith(
         "experimental: must be a table")
 
@@ -360,7 +363,7 @@ def test_dump_toml_round_trips(tmp_path: Path) -> None:
     assert load_config(file=write(tmp_path, text), env={}) == config
     changed = config.model_copy(update={"experimental": Experimental(traced_pump=False)})
     text = dump_toml(changed)
-    assert "\n[experimental]\ntraced_pump = false\nspan_process = true\n" in text
+    assert "\n[experimental]\ntraced_pump = false\n" in text
     assert load_config(file=write(tmp_path, text, "changed.toml"), env={}) == changed
 
 

@@ -190,27 +190,21 @@ def test_an_unencodable_attribute_is_skipped_like_the_sdk_skips_it():
 
 def _as_sdk_spans(ops: list) -> list:
     """The ReadableSpans the span helper builds, for an SDK exporter, from the operations the relay handed over."""
-    import marshal
-    from types import SimpleNamespace
-
+    from pgotel_proxy.config import Config
     from pgotel_proxy.protocol.session import unpack_records
     from pgotel_proxy.tracing.helper import SpanHelper
-    from pgotel_proxy.tracing.process import _ChildInfo, statement_from_tuple
+    from pgotel_proxy.tracing.process import OP_CONNECTION_OPENED, OP_STATEMENTS_PACKED, _ChildInfo
     from pgotel_proxy.tracing.spans import ConnState
 
     kept = InMemorySpanExporter()
-    helper = SpanHelper(SimpleNamespace(exporter="otlp"), exporter=kept)
+    helper = SpanHelper(Config(exporter="otlp"), exporter=kept)
     assert not helper.builder.encode  # an SDK exporter: span objects
     conns, spans = {}, []
     for op in ops:
-        if op[0] == "o":
+        if op[0] == OP_CONNECTION_OPENED:
             conns[op[1]] = ConnState(_ChildInfo(op[3], op[4]), op[2])
-        elif op[0] in ("p", "b"):
-            if op[0] == "p":
-                app, records = op[3], unpack_records(op[4])
-            else:
-                app, records = marshal.loads(op[3])
-                records = [statement_from_tuple(t) for t in records]
+        elif op[0] == OP_STATEMENTS_PACKED:
+            app, records = op[3], unpack_records(op[4])
             if app is not None:
                 conns[op[1]].info.session.server_params["application_name"] = app
             helper.build(conns[op[1]], records, spans, op[-1] is True)

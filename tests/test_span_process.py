@@ -532,7 +532,8 @@ def test_frames_reach_the_helper_whole_and_in_order_through_a_full_socket():
 
 
 def test_the_span_process_receives_the_config_itself_without_secrets():
-    """The helper rebuilds the proxy's Config from the first frame: every setting, the live sample rate, no secret."""
+    """The helper rebuilds the proxy's Config from the first frame: every setting, the live sample rate, no secret
+    but the stats DSN, whose side connections the helper opens (enrichment runs there)."""
     import marshal
 
     from pgotel_proxy.tracing.process import _child_config
@@ -542,9 +543,9 @@ def test_the_span_process_receives_the_config_itself_without_secrets():
                     sample_rate=0.5, log_format="json")
     data = marshal.loads(marshal.dumps(_child_config(config, sample_rate=0.25, priority="low")))
     received = Config.model_validate(data)
-    assert received.admin_token is None and received.stats_dsn is None
-    assert "hunter2" not in repr(data) and "monitor" not in repr(data)
+    assert received.admin_token is None and "hunter2" not in repr(data)
+    assert received.stats_dsn.get_secret_value() == "host=db user=monitor"
     assert (received.sample_rate, received.span_process_priority, received.tracing) == (0.25, "low", True)
-    expected = config.model_copy(update={"admin_token": None, "stats_dsn": None, "sample_rate": 0.25,
+    expected = config.model_copy(update={"admin_token": None, "sample_rate": 0.25,
                                          "span_process_priority": "low"})
     assert received == expected
