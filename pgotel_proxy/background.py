@@ -65,6 +65,7 @@ class BackgroundProxy:
 
         self.enricher = attach_enrichment(self.config, self.server, self.tracer)  # the sources' status view
         await self.server.start()
+        self.server.check_channel_binding()
         if self.config.admin_listen:
             from .admin import AdminServer
 

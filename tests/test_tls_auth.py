@@ -8,38 +8,48 @@ server's requests and the client's answers (cleartext password, MD5, SCRAM)
 pass through unchanged, so every method the server supports works, with one
 exception, channel binding:
 
-Channel binding limits
-----------------------
+Channel binding
+---------------
 SCRAM-SHA-256-PLUS binds the SCRAM exchange to the TLS connection the client
 sees, through a hash of the server certificate (``tls-server-end-point``).
-Behind a proxy that terminates TLS the client sees the proxy's certificate
-while the server knows its own, so the two can never match. The proxy
-therefore always removes SCRAM-SHA-256-PLUS from the mechanisms the server
-offers. What this means for clients:
+Behind a proxy that terminates TLS the client hashes the certificate the proxy
+presented, the server its own. So:
 
-* ``channel_binding=require`` cannot work through the proxy: libpq refuses
-  to authenticate without it.
-* With libpq's default ``channel_binding=prefer`` over TLS to the proxy, a
+* When the proxy presents the upstream's own certificate (and key) to its
+  clients, both hashes agree: the proxy passes SCRAM-SHA-256-PLUS through
+  untouched and binding verifies end to end (``channel_binding=require``
+  works, and libpq's defaults bind).
+* Otherwise the proxy removes SCRAM-SHA-256-PLUS from the mechanisms the
+  server offers, and ``channel_binding=require`` cannot work through it.
+  With libpq's default ``channel_binding=prefer`` over TLS to the proxy, a
   client offered only SCRAM-SHA-256 tells the server "I support channel
   binding but believe you do not" (GS2 flag ``y``). A server that itself
   talks TLS to the proxy (``upstream_tls`` not ``disable``) does support it,
-  takes the flag as a downgrade attack and refuses the login. So when both
-  legs use TLS, SCRAM users must connect with ``channel_binding=disable``.
-  The proxy cannot rewrite the flag: the client repeats it in its final
-  message and signs it with its proof.
-* When either leg is plain text, or for clients that never use channel
-  binding (asyncpg, pg8000, ...), SCRAM works as usual.
+  takes the flag as a downgrade attack and refuses the login. The proxy cannot
+  rewrite the flag: the client repeats it in its final message, the server
+  checks that both agree, and the client's proof and the server's signature
+  cover that final message. So when both legs use TLS with different
+  certificates, SCRAM users of libpq must connect with
+  ``channel_binding=disable`` (the proxy warns at start-up), or reach the
+  proxy without TLS (a sidecar on localhost).
+* When either leg is plain text, or for clients that never send ``y``
+  (asyncpg, pg8000, ...), SCRAM works as usual.
 * trust, password and md5 are not affected.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import time
 
 import asyncpg
+import pg8000.native
 import psycopg
 import pytest
 
@@ -314,7 +324,7 @@ def test_auth_passthrough(make_proxy, certs, client_tls, upstream_tls):
     sslmode = "require" if client_tls else "disable"
     for user in _USERS:
         if user == "scram_user" and client_tls and upstream_tls != "disable":
-            # See "Channel binding limits" above: the server takes the client's
+            # See "Channel binding" above: the server takes the client's
             # GS2 flag "y" for a downgrade attack.
             with pytest.raises(psycopg.OperationalError, match="SCRAM channel binding negotiation error"):
                 _connect(proxy, user, sslmode=sslmode)
@@ -379,3 +389,120 @@ async def test_wrong_password(make_proxy, user):
     # The proxy keeps serving.
     with _connect(proxy, user) as conn:
         assert conn.execute("select current_user").fetchone() == (user,)
+
+
+# --------------------------------------------------------------------------
+# Channel binding end to end: the proxy presents the upstream's own certificate
+
+
+def _upstream_certificate(certs) -> dict:
+    """Client TLS with the certificate and key the fixture server itself presents."""
+    return {"client_tls_cert": certs["server_cert"], "client_tls_key": certs["server_key"]}
+
+
+def _psql(pg, proxy, user: str, **env_extra: str) -> subprocess.CompletedProcess:
+    path = os.path.join(pg.bin_dir, "psql")
+    psql = path if os.access(path, os.X_OK) else shutil.which("psql")
+    if not psql:
+        pytest.skip("psql not installed")
+    # libpq's defaults: no PG* variable but the password (sslmode=prefer, channel_binding=prefer).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=_password(user) or "", PGCONNECT_TIMEOUT="10", **env_extra)
+    # First line: the user and whether the upstream leg is TLS; then \conninfo, which names TLS on the client leg.
+    return subprocess.run([psql, "-X", "-At", "-h", "localhost", "-p", str(proxy.port), "-U", user, "-d", "postgres",
+                           "-c", "select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())",
+                           "-c", "\\conninfo"],
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def _pg8000(proxy, user: str, **kw) -> list:
+    conn = pg8000.native.Connection(user, password=_password(user), host="localhost", port=proxy.port,
+                                    database="postgres", timeout=10, **kw)
+    try:
+        return conn.run("select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())")
+    finally:
+        conn.close()
+
+
+def test_scram_plus_passes_through_with_the_upstream_certificate(make_proxy, certs):
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_upstream_certificate(certs))
+    with RawConn("127.0.0.1", proxy.port, tls=ctx) as raw:
+        assert _sasl_mechanisms(raw) == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    # A plain client leg has nothing to bind to: the offer is filtered as before.
+    with RawConn("127.0.0.1", proxy.port) as raw:
+        assert _sasl_mechanisms(raw) == ["SCRAM-SHA-256"]
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
+def test_channel_binding_require_with_the_upstream_certificate(make_proxy, certs, sslmode):
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_upstream_certificate(certs))
+    with _connect(proxy, "scram_user", host="localhost", sslmode=sslmode, sslrootcert=certs["ca"],
+                  channel_binding="require") as conn:
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+        assert conn.pgconn.ssl_in_use and _upstream_ssl(conn)
+
+
+def test_default_clients_bind_with_the_upstream_certificate(make_proxy, pg, certs):
+    """psql, psycopg and pg8000 with their defaults, SCRAM, TLS on both legs."""
+    proxy = make_proxy(upstream_tls="require", **_upstream_certificate(certs))
+    with _connect(proxy, "scram_user", sslmode="prefer") as conn:  # libpq's default sslmode
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select current_user").fetchone() == ("scram_user",)
+        assert _upstream_ssl(conn)
+    res = _psql(pg, proxy, "scram_user")
+    assert res.returncode == 0, res.stderr
+    first, conninfo = res.stdout.split("\n", 1)
+    assert first == "scram_user|t" and "SSL connection" in conninfo
+    assert _pg8000(proxy, "scram_user") == [["scram_user", True]]  # pg8000 binds by default over TLS
+    tls = ssl.create_default_context(cafile=certs["ca"])
+    assert _pg8000(proxy, "scram_user", ssl_context=tls) == [["scram_user", True]]
+
+
+def test_default_clients_with_the_proxys_own_certificate(make_proxy, pg, certs):
+    """Different certificates: over TLS to the proxy the GS2 flag "y" is refused (see "Channel binding")."""
+    proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
+    with pytest.raises(psycopg.OperationalError, match="SCRAM channel binding negotiation error"):
+        _connect(proxy, "scram_user", sslmode="require")
+    # libpq's default sslmode=prefer retries the refused login without TLS: it gets in, in plain text.
+    with _connect(proxy, "scram_user", sslmode="prefer") as conn:
+        assert not conn.pgconn.ssl_in_use
+    res = _psql(pg, proxy, "scram_user")
+    assert res.returncode == 0, res.stderr
+    assert "SSL connection" not in res.stdout
+    with pytest.raises(pg8000.native.DatabaseError, match="SCRAM channel binding negotiation error"):
+        _pg8000(proxy, "scram_user")
+    # The ways out: channel_binding=disable, or no TLS on the client leg (a sidecar on localhost).
+    res = _psql(pg, proxy, "scram_user", PGSSLMODE="require", PGCHANNELBINDING="disable")
+    assert res.returncode == 0, res.stderr
+    first, conninfo = res.stdout.split("\n", 1)
+    assert first == "scram_user|t" and "SSL connection" in conninfo
+    assert _pg8000(proxy, "scram_user", ssl_context=False) == [["scram_user", True]]
+
+
+def _binding_warnings(caplog, make_proxy, **config) -> list[str]:
+    caplog.set_level(logging.WARNING, logger="pgotel_proxy.proxy")
+    proxy = make_proxy(**config)
+    deadline = time.monotonic() + 10
+    while proxy.server.binding_check == "pending":
+        assert time.monotonic() < deadline, "the start-up certificate comparison never finished"
+        time.sleep(0.02)
+    return [r.getMessage() for r in caplog.records if "channel_binding=disable" in r.getMessage()]
+
+
+def test_start_up_warning_when_the_certificates_differ(make_proxy, certs, caplog):
+    (line,) = _binding_warnings(caplog, make_proxy, upstream_tls="require", **_client_tls(certs))
+    assert "sidecar" in line and "SCRAM-SHA-256-PLUS" in line
+    with _connect(make_proxy(upstream_tls="require", **_client_tls(certs)), "scram_user", sslmode="require",
+                  channel_binding="disable") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("config", ["same-certificate", "client-plain", "upstream-plain"])
+def test_no_start_up_warning_when_binding_is_not_lost(make_proxy, certs, caplog, config):
+    legs = {
+        "same-certificate": {"upstream_tls": "require", **_upstream_certificate(certs)},
+        "client-plain": {"upstream_tls": "require"},
+        "upstream-plain": {"upstream_tls": "disable", **_client_tls(certs)},
+    }[config]
+    assert _binding_warnings(caplog, make_proxy, **legs) == []

@@ -112,6 +112,45 @@ def test_emission_off_when_the_role_may_not_emit(pg, make_proxy):
             admin.execute("DROP TABLE wal_noemit")
 
 
+# --------------------------------------------- the connection's first statement
+
+
+def _wal_messages(pg, slot: str, publication: str) -> list[bytes]:
+    """The logical messages decoded from ``slot`` so far (pgoutput, read without consuming)."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        # The fixture server commits asynchronously and decoding reads only flushed WAL.
+        admin.execute("CHECKPOINT")
+        rows = admin.execute(
+            "SELECT data FROM pg_catalog.pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+            " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+            (slot, publication),
+        ).fetchall()
+    return [bytes(data) for (data,) in rows if bytes(data)[:1] == b"M"]
+
+
+@pytest.mark.parametrize("user", ["postgres", "md5_user", "scram_user"])
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_first_statement_of_a_connection_gets_its_message(pg, make_proxy, cdc_table, user, protocol):
+    """A traced write sent as a new connection's very first statement is emitted for.
+
+    Whatever the authentication (trust, or a password exchanged through the
+    proxy), the emission check has answered before the client may send it.
+    """
+    table, pub, slot = cdc_table
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    proxy = make_proxy(wal_propagation=True)
+    tp, _sid = traceparent()
+    with psycopg.connect(pg.dsn(user=user, host="127.0.0.1", port=proxy.port, sslmode="disable"),
+                         autocommit=True) as conn:
+        if protocol == "simple":  # no parameter: psycopg sends a Query
+            conn.execute(f"INSERT INTO {table} VALUES (1, 'first') /*traceparent='{tp}'*/")
+        else:
+            conn.execute(f"INSERT INTO {table} VALUES (%s, 'first') /*traceparent='{tp}'*/", (1,))
+    messages = _wal_messages(pg, slot, pub)
+    assert len(messages) == 1 and b"otelwal" in messages[0] and tp.encode() in messages[0]
+
+
 # ------------------------------------------------------------- byte identity
 
 
@@ -293,6 +332,50 @@ def test_session_splices_and_removes_the_emit_and_keeps_its_lsn():
     inj.statements(done)
     assert [r.sql for r in done] == [sql] and done[0].extra == {"wal_lsn": "0/16B3F50"}
     assert done[0].results[0].tag == "INSERT 0 1"
+
+
+def test_authentication_messages_are_not_a_batch():
+    """The password exchange before the first ReadyForQuery leaves the emission rules untouched."""
+    from pgotel_proxy.protocol import Session
+    from pgotel_proxy.wal.emit import WalInjector
+
+    s = Session()
+    inj = WalInjector("otelwal")
+    s.injector = inj
+    s.hold_first_ready = True
+    assert s.server_filter(_msg(b"R", struct.pack("!I", 5) + b"salt"), 1) == _msg(b"R", struct.pack("!I", 5) + b"salt")
+    password = _msg(b"p", b"md5" + b"0" * 32 + b"\x00")
+    assert s.client_data(password, 2) is None
+    assert s.server_filter(_msg(b"R", struct.pack("!I", 0)) + _msg(b"Z", b"I"), 3) == _msg(b"R", struct.pack("!I", 0))
+    inj.start(s)
+    row = _msg(b"T", b"\x00\x01x\x00" + b"\x00" * 18) + _msg(b"D", struct.pack("!hi", 1, 1) + b"t")
+    assert s.server_filter(row + _msg(b"C", b"SELECT 1\x00") + _msg(b"Z", b"I"), 4) == _msg(b"Z", b"I")
+    tp = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    upstream = s.client_data(_q(f"INSERT INTO t VALUES (1) /*traceparent='{tp}'*/"), 5)
+    assert upstream is not None and b"pg_logical_emit_message" in upstream
+
+
+def test_a_statement_sent_before_the_check_answered_leaves_emission_on():
+    """A client that does not wait for ReadyForQuery: its early write goes untouched, later ones get messages."""
+    from pgotel_proxy.protocol import Session
+    from pgotel_proxy.wal.emit import WalInjector
+
+    s = Session()
+    inj = WalInjector("otelwal")
+    s.injector = inj
+    s.hold_first_ready = True
+    assert s.server_filter(_msg(b"Z", b"I"), 1) == b""
+    inj.start(s)
+    tp = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    early = _q(f"INSERT INTO t VALUES (1) /*traceparent='{tp}'*/")
+    assert s.client_data(early, 2) is None  # the check is still in flight: no decision on it
+    row = _msg(b"T", b"\x00\x01x\x00" + b"\x00" * 18) + _msg(b"D", struct.pack("!hi", 1, 1) + b"t")
+    check_answer = row + _msg(b"C", b"SELECT 1\x00") + _msg(b"Z", b"I")
+    assert s.server_filter(check_answer, 3) == _msg(b"Z", b"I")
+    assert s.server_filter(_msg(b"C", b"INSERT 0 1\x00") + _msg(b"Z", b"I"), 4) == _msg(b"C", b"INSERT 0 1\x00") + _msg(b"Z", b"I")
+    assert inj.state != "off"
+    upstream = s.client_data(_q(f"INSERT INTO t VALUES (2) /*traceparent='{tp}'*/"), 5)
+    assert upstream is not None and b"pg_logical_emit_message" in upstream
 
 
 def test_emitted_message_lsn_is_on_a_statement_span(pg, otlp, make_proxy, cdc_table):

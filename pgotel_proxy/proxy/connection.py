@@ -339,6 +339,9 @@ class ClientConnection:
         self.observe = True
         self.ready = False
         self.tls = False
+        # The certificate this client's TLS presents (the server's, read when the handshake was set up:
+        # a reload of the certificates must not change it).
+        self.client_cert_der: bytes | None = None
         self.trace = None  # the tracer's per-connection handle
         # Finished statements go to the tracer / WAL injector as they finish; not when
         # the trace handle collects them itself (``collects``) and nothing else wants them.
@@ -369,6 +372,7 @@ class ClientConnection:
         self.client = transport
         if direct_tls:
             self.tls = True
+            self.client_cert_der = srv.client_cert_der
             sslobj = transport.get_extra_info("ssl_object")
             if sslobj is None or sslobj.selected_alpn_protocol() != "postgresql":
                 # PostgreSQL demands ALPN "postgresql" for direct TLS; so do we.
@@ -430,6 +434,7 @@ class ClientConnection:
                 transport = await loop.start_tls(self.client, inbox, srv.client_tls, server_side=True)
                 inbox.transport = self.client = transport
                 self.tls = True
+                self.client_cert_der = srv.client_cert_der
                 continue
             # GSSENCRequest, or SSLRequest without client TLS configured: refuse, the client goes on.
             self.client.write(b"N")
@@ -479,9 +484,7 @@ class ClientConnection:
             max_message_size=cfg.max_message_size,
             capture_params=cfg.capture_parameters,
             flush_phases=cfg.phase_timing == "flush",
-            # Channel binding cannot survive TLS termination: the client would bind to the
-            # proxy's certificate and the server to its own. Never offer -PLUS to the client.
-            strip_scram_plus=True,
+            strip_scram_plus=not self._binding_passes(),
             protocol_version=packet.code,
             startup_params=params,
         )
@@ -505,6 +508,41 @@ class ClientConnection:
             self.client_lost(None)
         elif up.eof:
             self.upstream_lost(None)
+
+    def _binding_passes(self) -> bool:
+        """Whether SCRAM-SHA-256-PLUS may reach the client untouched.
+
+        Channel binding (``tls-server-end-point``) is a hash of the server
+        certificate the client saw. The client binds to what the proxy
+        presented, the server to its own certificate: the two agree only when
+        they are the very same certificate, and then binding verifies end to
+        end, through the proxy. Otherwise the mechanism is removed from the
+        offer: a client that chose it would fail the server's binding check.
+
+        What removing it costs, and why the proxy cannot make up for it: libpq
+        over TLS with ``channel_binding=prefer`` then answers with the GS2 flag
+        ``y`` ("I can bind, I believe you cannot"), and a server that sees TLS
+        on its own leg takes that for a downgrade and refuses the login
+        ("SCRAM channel binding negotiation error"). Rewriting the flag to
+        ``n`` is not possible: the client repeats it in its final message
+        (``c=eSws``), the server insists that both agree, and the client's
+        proof and the server's signature are computed over that final message,
+        so changing ``c=`` fails the password check on the server and the
+        signature check on the client. Only the client (``channel_binding=disable``),
+        a plain client leg, or the upstream's certificate on the client leg
+        avoids it; the server warns once at start-up (``warn_channel_binding``).
+        """
+        upstream_ssl = self.upstream.get_extra_info("ssl_object") if self.upstream is not None else None
+        if not self.tls or upstream_ssl is None:
+            return False
+        der = upstream_ssl.getpeercert(binary_form=True)
+        same = der is not None and der == self.client_cert_der
+        srv = self.server
+        if not same and srv.binding_check == "failed":
+            # The start-up comparison could not reach the upstream: this session made it instead.
+            srv.binding_check = "done"
+            srv.warn_channel_binding()
+        return same
 
     def _refuse(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Answer a connection we will not serve with a FATAL ErrorResponse and close it."""

@@ -26,7 +26,7 @@ from ..protocol.messages import error_response
 from ..protocol.session import observe_log
 from ..stats import STATS
 from .connection import PUMP_LOG_HANDBACK, ClientConnection
-from .tls import client_context, upstream_context
+from .tls import certificate_der, client_context, upstream_context
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -101,8 +101,13 @@ class ProxyServer:
             self.upstream_label = format_hostport(self.upstream_host, self.upstream_port)
         self.upstream_server_name = config.upstream_server_name
         self.client_tls = None
+        self.client_cert_der: bytes | None = None  # the certificate client TLS presents (channel binding)
         if config.client_tls_cert and config.client_tls_key:
             self.client_tls = client_context(str(config.client_tls_cert), str(config.client_tls_key), config.client_tls_min_version)
+            self.client_cert_der = certificate_der(str(config.client_tls_cert))
+        # The start-up comparison of the two legs' certificates (check_channel_binding): None when
+        # this process does not make it, else "pending", "done" or "failed" (a session makes it then).
+        self.binding_check: str | None = None
         self.upstream_tls = None
         if not self.upstream_path:
             self.upstream_tls = upstream_context(
@@ -132,12 +137,13 @@ class ProxyServer:
         load, nothing changes.
         """
         cfg = self.config
-        client_tls = upstream_tls = None
+        client_tls = upstream_tls = client_der = None
         if cfg.client_tls_cert and cfg.client_tls_key:
             client_tls = client_context(str(cfg.client_tls_cert), str(cfg.client_tls_key), cfg.client_tls_min_version)
+            client_der = certificate_der(str(cfg.client_tls_cert))
         if not self.upstream_path:
             upstream_tls = upstream_context(cfg.upstream_tls, _str(cfg.upstream_tls_ca), _str(cfg.upstream_tls_cert), _str(cfg.upstream_tls_key))
-        self.client_tls, self.upstream_tls = client_tls, upstream_tls
+        self.client_tls, self.upstream_tls, self.client_cert_der = client_tls, upstream_tls, client_der
 
     # ------------------------------------------------------------ listening
 
@@ -176,6 +182,59 @@ class ProxyServer:
         for ls in self._listeners:
             self._accept_tasks.append(loop.create_task(self._accept_loop(ls)))
         log.info("listening on %s, upstream %s", ", ".join(self.listen_addresses), self.upstream_label)
+
+    # ----------------------------------------------------- channel binding
+
+    def check_channel_binding(self) -> asyncio.Task | None:
+        """With TLS on both legs, compare the two certificates once, in the background.
+
+        SCRAM-SHA-256-PLUS passes through only when the proxy presents the
+        upstream's own certificate (see ``ClientConnection._open_upstream``);
+        otherwise libpq's defaults cannot log in with SCRAM, and the operator
+        is told so once (``warn_channel_binding``). Called once per proxy (by
+        worker 0 only): the other workers would repeat the same line.
+        """
+        if self.client_tls is None or self.upstream_tls is None:
+            return None
+        self.binding_check = "pending"
+        task = asyncio.get_running_loop().create_task(self._probe_upstream_certificate())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _probe_upstream_certificate(self) -> None:
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.upstream_host, self.upstream_port), self.config.connect_timeout)
+            writer.write(struct.pack("!II", 8, 80877103))  # SSLRequest
+            if await asyncio.wait_for(reader.readexactly(1), self.config.connect_timeout) != b"S":
+                self.binding_check = "done"  # the upstream leg is plain text: nothing to bind
+                return
+            await asyncio.wait_for(writer.start_tls(self.upstream_tls, server_hostname=self.upstream_server_name),
+                                   self.config.connect_timeout)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, EOFError) as exc:
+            log.debug("channel binding: could not read the upstream certificate at start-up: %r", exc)
+            self.binding_check = "failed"
+            return
+        finally:
+            if writer is not None:
+                writer.close()
+        self.binding_check = "done"
+        if der != self.client_cert_der:
+            self.warn_channel_binding()
+
+    def warn_channel_binding(self) -> None:
+        """The two legs present different certificates: say what that costs SCRAM clients, and the ways out."""
+        log.warning(
+            "client TLS and upstream TLS are both on, and the certificate the proxy presents to clients is not "
+            "the upstream's: SCRAM-SHA-256-PLUS (channel binding) is removed from the server's offer, and libpq "
+            "clients with their defaults (channel_binding=prefer) fail against SCRAM roles with 'SCRAM channel "
+            "binding negotiation error'. Fixes: channel_binding=disable in the clients' connection settings; or "
+            "run the proxy as a sidecar without client TLS (clients on localhost or a Unix socket); or present "
+            "the upstream's own certificate and key as client_tls_cert / client_tls_key, and channel binding "
+            "works end to end")
 
     @property
     def port(self) -> int:
@@ -549,6 +608,8 @@ async def serve(
     attach_enrichment(config, server, tracer)  # sets server.source_status, which the span process reports
     admin = None
     await server.start()
+    if worker is None or worker.index == 0:
+        server.check_channel_binding()
     if worker is not None:
         await worker.attach(server, tracer)  # before the admin: it reads totals through server.worker_link
     if config.admin_listen:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["client_context", "upstream_context", "ALPN"]
+__all__ = ["client_context", "upstream_context", "certificate_der", "ALPN"]
 
 ALPN = "postgresql"  # PostgreSQL 17 direct TLS requires this ALPN protocol
 
@@ -17,6 +17,20 @@ def client_context(cert: str, key: str, min_version: str = "TLSv1.2") -> ssl.SSL
     ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols([ALPN])
     return ctx
+
+
+def certificate_der(path: str) -> bytes:
+    """The first certificate of a PEM file (the leaf of a chain), in DER.
+
+    Channel binding (``tls-server-end-point``) hashes exactly this certificate.
+    """
+    with open(path, encoding="ascii", errors="replace") as fh:
+        text = fh.read()
+    begin = text.find("-----BEGIN CERTIFICATE-----")
+    end = text.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        raise ssl.SSLError(f"no PEM certificate in {path}")
+    return ssl.PEM_cert_to_DER_cert(text[begin : end + len("-----END CERTIFICATE-----")])
 
 
 def upstream_context(mode: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext | None:

@@ -26,10 +26,23 @@ while no carrier is set is never parsed: untraced traffic costs a substring test
 Every answer the injected messages cause is removed by the session, so the client
 receives the bytes it would have received without emission. An error they cause is
 passed to the client instead (its transaction is then lost, and it must know) and
-emission stops for the session. Before the session is handed to the client the
-injector asks the server once whether emission is possible (the function exists,
-may be executed, wal_level is logical, not a standby); if not, emission is off for
-that session with one log line and ``wal_emission_disabled`` counted.
+emission stops for the session.
+
+The emission check: the injector asks the server once per session whether
+emission is possible (the function exists, may be executed, wal_level is
+logical, not a standby); if not, emission is off for that session with one log
+line and ``wal_emission_disabled`` counted. The check is part of the connection
+set-up: it is sent on the session's own connection right after the server's
+first ReadyForQuery, and the client's first ReadyForQuery is held until it is
+answered, so a client's first request always finds the check settled. That
+costs one round trip to the server once per connection, and nothing per
+statement. A side connection would save no time (it must itself be opened and
+authenticated) and could not give the right answer: the privilege belongs to
+the session's role, and the proxy holds no password to log in as it. The
+messages of the start-up itself (password, SASL, GSS) are not requests and are
+not looked at. Decisions are taken only when nothing is in flight, so never
+while the check is: a client that sends requests before its first
+ReadyForQuery gets no message for those.
 
 Not covered (no message, the transaction is untouched): writes whose Query or
 batch is pipelined behind unanswered requests while in autocommit, an explicit
@@ -259,6 +272,9 @@ class WalInjector:
 
     def before(self, session, typ: int, buf, start: int, end: int):
         """Called by the session for every whole client message; see ``Session.inject_request``."""
+        if not session.ready:
+            # Password, SASL or GSS answers of the start-up: not requests, and no batch opens with them.
+            return None
         if typ == FRONTEND_COPY_DONE or typ == FRONTEND_COPY_FAIL:
             return None  # CopyDone / CopyFail belong to the Query that started the COPY
         if not self._batch_open:
