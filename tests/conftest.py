@@ -16,6 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+# gRPC's fork handlers run in every child this process forks (initdb, psql, the
+# proxy under test) once a gRPC channel has lived here (the gRPC exporter tests);
+# a child has been seen to crash in them before its exec. The tests fork, never to
+# keep using gRPC in the child.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 from hypothesis import settings as _hyp_settings
 
