@@ -12,6 +12,19 @@ A phase's end is exact only when the server flushed right after it (a Flush or
 Sync followed the request, or phase_timing = "flush" inserted one). Otherwise
 Postgres held the answer until the batch ended, the span ends when it arrived,
 and ``pgotel.timing.exact`` is false: its duration is an upper bound.
+
+A statement's parent, first found wins: its own sqlcommenter comment (a
+Parse's comment for the executions of its batch, and for the first execution
+in the batch right after it, which the codec marks not ``reused``); then the
+session's context channels (:data:`CHANNELS`, followed by :class:`ConnState`
+with Postgres' rules for settings): ``SET pgotel.traceparent``, then
+pg_tracing's ``SET pg_tracing.trace_context``, then ``application_name`` when
+it holds a traceparent (start-up value or ``SET``); then the transaction span
+(``transaction_spans``); else the statement is a new root under the sample
+rate. A setting made only to carry context outranks one that also names
+something. An ``application_name`` that is a traceparent is context, never
+``db.postgresql.application_name``, which is the value each statement ran
+under (``Statement.application_name``).
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from ..stats import STATS
 from . import otlp, sqlinfo
 from .sampling import _rand, may_set_carrier
 
-__all__ = ["SpanBuilder", "ConnState", "ATTR"]
+__all__ = ["SpanBuilder", "ConnState", "ATTR", "CHANNELS", "channel_context"]
 
 SCOPE = InstrumentationScope("pgotel_proxy", __version__)
 
@@ -64,10 +77,19 @@ ATTR = {
     "parameter": "db.query.parameter.",
 }
 
+# Context channels a session can carry, in the order they win when several are
+# set; a statement's own sqlcommenter comment wins over all of them. The
+# proxy's own setting is the most deliberate; pg_tracing's is set for tracing
+# alone; application_name is a name that some instrumentations (OpenTelemetry
+# JS's pg with enableTraceContextPropagation, dd-trace-java) overload.
+CHANNELS = ("pgotel.traceparent", "pg_tracing.trace_context", "application_name")
+_APP = 2  # CHANNELS.index("application_name")
+
 _SET_RE = re.compile(
-    r"^\s*(?:SET\s+(?P<scope>LOCAL\s+|SESSION\s+)?pgotel\.traceparent\s*(?:=|TO)\s*'(?P<value>[^']*)'"
-    r"|(?P<reset>RESET\s+pgotel\.traceparent|RESET\s+ALL|DISCARD\s+ALL)"
-    r"|SET\s+(?:LOCAL\s+|SESSION\s+)?pgotel\.traceparent\s*(?:=|TO)\s*DEFAULT)\s*;?\s*$",
+    r"^\s*(?:SET\s+(?P<scope>LOCAL\s+|SESSION\s+)?(?P<name>pgotel\.traceparent|pg_tracing\.trace_context"
+    r"|application_name)\s*(?:=|\bTO\b)\s*(?P<value>'(?:[^']|'')*'|[^\s;']+)"
+    r"|RESET\s+(?P<reset>pgotel\.traceparent|pg_tracing\.trace_context|application_name|ALL)"
+    r"|(?P<discard>DISCARD\s+ALL))\s*;?\s*$",
     re.IGNORECASE,
 )
 
@@ -79,17 +101,48 @@ def _new_id(bits: int) -> int:
             return v
 
 
-class ConnState:
-    """What the builder remembers per connection: the session carrier (``SET pgotel.traceparent``)."""
+def channel_context(channel: int, value: str | None) -> sqlcomment.TraceContext | None:
+    """The trace context a channel's value carries, None when it carries none.
 
-    __slots__ = ("info", "carrier", "carrier_local", "saved", "base_attrs", "tx_records", "tx_parent", "shapes",
-                 "presampled")
+    ``pgotel.traceparent`` and ``application_name`` hold a W3C traceparent
+    itself; ``pg_tracing.trace_context`` holds sqlcommenter-style tags
+    (``traceparent='00-…'``), as pg_tracing reads them.
+    """
+    if not value:
+        return None
+    if channel == 1:
+        return sqlcomment.context_of_tags(value)
+    return sqlcomment.parse_traceparent(value)
+
+
+class ConnState:
+    """What the builder remembers per connection: the session's context channels (``CHANNELS``).
+
+    ``SET [LOCAL] pgotel.traceparent``, ``SET [LOCAL] pg_tracing.trace_context``
+    and ``application_name`` (its start-up value, then ``SET``) are followed
+    by one set of rules, Postgres' own for settings: ``SET LOCAL`` lasts
+    until its transaction ends, a rolled-back transaction undoes its ``SET``,
+    ``RESET`` / ``RESET ALL`` / ``DISCARD ALL`` go back to the session's
+    default (for ``application_name``, the start-up value; for the others,
+    none). ``carrier`` is the context of the first channel that holds one.
+    """
+
+    __slots__ = ("info", "carrier", "carrier_local", "saved", "values", "session_values", "defaults",
+                 "base_attrs", "tx_records", "tx_parent", "shapes", "presampled")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
         self.info = info
+        session = getattr(info, "session", None)
+        startup = getattr(session, "startup_params", None) or {}
+        # Each channel's context: the default RESET returns to, the value now, and the
+        # value that outlives the open transaction when it commits (SET LOCAL does not).
+        self.defaults = (None, None, channel_context(_APP, startup.get("application_name")))
+        self.values = list(self.defaults)
+        self.session_values = list(self.defaults)
+        self.saved: list | None = None  # session_values before the first SET inside the open transaction
         self.carrier: sqlcomment.TraceContext | None = None
-        self.carrier_local = False
-        self.saved: tuple | None = None  # carrier before the first SET inside the open transaction
+        self.carrier_local = False  # a channel holds a SET LOCAL value
+        self._settle()
         self.base_attrs = base_attrs
         # transaction_spans: records of the open transaction, built when it ends
         self.tx_records: list | None = None
@@ -100,46 +153,65 @@ class ConnState:
         # the records being built were drawn by the relay's Presampler: their roots are kept
         self.presampled = False
 
+    def _settle(self) -> None:
+        values = self.values
+        self.carrier = values[0] or values[1] or values[2]
+        self.carrier_local = values != self.session_values
+
     def observe_set(self, sql: str, rec_ok: bool, tx_status: str) -> None:
-        """Apply a successful ``SET [LOCAL] pgotel.traceparent`` / ``RESET``; Postgres' transaction rules apply."""
+        """Apply a successful ``SET [LOCAL]`` / ``RESET`` / ``DISCARD ALL`` of a context channel."""
         if not rec_ok or not may_set_carrier(sql):
             return
         m = _SET_RE.match(sql)
         if m is None:
             return
-        if tx_status in ("T", "E") and self.saved is None:
-            self.saved = (self.carrier, self.carrier_local)
-        if m.group("value") is not None:
-            ctx = sqlcomment.parse_traceparent(m.group("value"))
-            local = bool(m.group("scope")) and m.group("scope").strip().upper() == "LOCAL"
-            if local and tx_status == "I":
-                return  # SET LOCAL outside a transaction block does nothing
-            self.carrier = ctx
-            self.carrier_local = local
+        in_tx = tx_status in ("T", "E")
+        local = m.group("scope") is not None and m.group("scope").strip().upper() == "LOCAL"
+        if local and not in_tx:
+            return  # SET LOCAL outside a transaction block does nothing
+        if in_tx and self.saved is None:
+            self.saved = list(self.session_values)
+        name = m.group("name")
+        if name is not None:
+            channel = CHANNELS.index(name.lower())
+            value = m.group("value")
+            if value.startswith("'"):
+                ctx = channel_context(channel, value[1:-1].replace("''", "'"))
+            elif value.upper() == "DEFAULT":
+                ctx = self.defaults[channel]
+            else:
+                ctx = channel_context(channel, value)
+            self.values[channel] = ctx
+            if not local:
+                self.session_values[channel] = ctx
         else:
-            self.carrier = None
-            self.carrier_local = False
+            reset = m.group("reset")
+            channels = range(len(CHANNELS)) if reset is None or reset.upper() == "ALL" else (
+                CHANNELS.index(reset.lower()),)
+            for channel in channels:
+                self.values[channel] = self.session_values[channel] = self.defaults[channel]
+        self._settle()
 
     def forget(self) -> None:
-        """Statements of this connection went unseen (tracing off, queue full): the carrier is unknown.
+        """Statements of this connection went unseen (tracing off, queue full): the channels are unknown.
 
-        Forgetting it may leave later statements without their context; keeping
-        it could put them in a trace that is no longer theirs.
+        Forgetting them may leave later statements without their context; keeping
+        them could put them in a trace that is no longer theirs.
         """
-        self.carrier = None
-        self.carrier_local = False
+        self.values = [None] * len(CHANNELS)
+        self.session_values = [None] * len(CHANNELS)
         self.saved = None
+        self._settle()
 
     def end_of_statement(self, tx_status: str, tag: str | None) -> None:
-        if tx_status != "I":
+        if tx_status != "I" or not (self.saved is not None or self.carrier_local):
             return
         if self.saved is not None:
             if tag is None or not tag.startswith("COMMIT"):
-                self.carrier, self.carrier_local = self.saved  # rolled back: SET is undone
+                self.session_values = self.saved  # rolled back: its SETs are undone
             self.saved = None
-        if self.carrier_local:
-            self.carrier = None
-            self.carrier_local = False
+        self.values = list(self.session_values)  # SET LOCAL ends with its transaction
+        self._settle()
 
 
 _SHAPES_MAX = 256  # statement shapes remembered per connection
@@ -252,7 +324,7 @@ class SpanBuilder:
             return i, None
         opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
-        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_TRIPLE,
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                          _rand.getrandbits, statement_key, opts)
         if parsed:
@@ -361,7 +433,7 @@ class SpanBuilder:
             q = (statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
                  else None)
             if q is not None:
-                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     sqlcomment.STATS.parsed += 1
@@ -371,7 +443,7 @@ class SpanBuilder:
                     return
                 keyed = (shape, q, (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
             else:
-                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     comment, parts = hit[0], hit[1]
@@ -400,7 +472,7 @@ class SpanBuilder:
             if rec.status == "prepared":
                 name = f"PREPARE {name}"
             end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-            attrs = self._attrs(conn, info, text, rec.tag, rec.rows, rec.error, comment)
+            attrs = self._attrs(conn, rec, info, text, rec.tag, rec.rows, rec.error, comment)
             attrs[ATTR["protocol"]] = "extended"
             if rec.statement_name:
                 attrs[ATTR["statement_name"]] = rec.statement_name
@@ -496,7 +568,7 @@ class SpanBuilder:
             q = statement_key(raw)
             if q is not None:
                 res = results[0]
-                key = (q[0], res.tag, res.rows, self._app(conn))
+                key = (q[0], res.tag, res.rows, self._app(conn, rec))
                 hit = conn.shapes.get(key)
                 if hit is not None:
                     sqlcomment.STATS.parsed += 1
@@ -518,7 +590,7 @@ class SpanBuilder:
             # differ, but its analysis (shared by shape), and so its name and
             # attributes, do not: encoded once.
             res, info = results[0], infos[0]
-            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn))
+            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn, rec))
             hit = conn.shapes.get(shape)
             if hit is not None and hit[0] is info:
                 self._kept_simple(out, conn, rec, res, hit[1], self._context(conn, comment))
@@ -538,7 +610,7 @@ class SpanBuilder:
                 trace_id, parent_id, flags, tracestate = ctx
                 sid = _rand.getrandbits(64) or _new_id(64)
                 name = _span_name(info, rec.protocol)
-                attrs = self._attrs(conn, info, stmt_text, res.tag, res.rows, res.error, comment)
+                attrs = self._attrs(conn, rec, info, stmt_text, res.tag, res.rows, res.error, comment)
                 attrs[ATTR["protocol"]] = rec.protocol
                 if rec.copy and last:
                     attrs[ATTR["copy"]] = rec.copy
@@ -581,7 +653,7 @@ class SpanBuilder:
 
     # ------------------------------------------------------------- helpers
 
-    def _attrs(self, conn: ConnState, info, text: str, tag, rows: int, error, comment) -> dict:
+    def _attrs(self, conn: ConnState, rec: Statement, info, text: str, tag, rows: int, error, comment) -> dict:
         attrs = dict(conn.base_attrs)
         if info is not None:
             if info.summary:
@@ -608,15 +680,23 @@ class SpanBuilder:
         session = conn.info.session
         if session.backend_pid is not None:
             attrs[ATTR["backend_pid"]] = session.backend_pid
-        app = self._app(conn)
-        if app:
+        app = self._app(conn, rec)
+        if app and not _holds_context(app):
             attrs[ATTR["application_name"]] = app
         return attrs
 
     @staticmethod
-    def _app(conn: ConnState) -> str | None:
-        session = conn.info.session
-        return session.server_params.get("application_name") or session.startup_params.get("application_name")
+    def _app(conn: ConnState, rec: Statement | None) -> str | None:
+        """The application_name a statement ran under: what its record says, else the connection's.
+
+        Also a key of kept shapes (the compiled loop, ``otlp.kept_run``, reads the
+        record's own value the same way, this one for records without it).
+        """
+        app = rec.application_name if rec is not None else None
+        if app is None:
+            session = conn.info.session
+            app = session.server_params.get("application_name") or session.startup_params.get("application_name")
+        return app
 
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
         if self.encode:
@@ -682,6 +762,11 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
             and comment.tags.get("traceparent") == raw[vs:vs + 55]
             and counts == (sqlcomment.STATS.oversized, sqlcomment.STATS.malformed))
+
+
+def _holds_context(app: str) -> bool:
+    """Whether an application_name is a traceparent: context (a channel), not a name."""
+    return len(app) >= 55 and app[2:3] == "-" and channel_context(_APP, app) is not None
 
 
 def _links(conn: ConnState, parent_id: int | None) -> tuple:

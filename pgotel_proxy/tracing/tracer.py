@@ -53,7 +53,7 @@ class _Handle:
         self.tracer = tracer
         self.state = state
         self.gap = False  # statements went unseen since the builder last heard of this connection
-        self.pre = Presampler()
+        self.pre = Presampler(state.info.session.startup_params.get("application_name"))
 
     def statements(self, records: list) -> None:
         t = self.tracer
