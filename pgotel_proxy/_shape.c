@@ -197,11 +197,15 @@ find(const unsigned char *p, Py_ssize_t from, Py_ssize_t n, const char *what, Py
 }
 
 /* Whether p[0:n] contains "all" in any case. */
+/* Whether p[0:n] holds word (lower case letters, digits, '_' and '.') in any case. */
 static int
-has_all(const unsigned char *p, Py_ssize_t n)
+has_word(const unsigned char *p, Py_ssize_t n, const char *word, Py_ssize_t len)
 {
-    for (Py_ssize_t i = 0; i + 2 < n; i++) {
-        if ((p[i] | 0x20) == 'a' && (p[i + 1] | 0x20) == 'l' && (p[i + 2] | 0x20) == 'l')
+    for (Py_ssize_t i = 0; i + len <= n; i++) {
+        Py_ssize_t k = 0;
+        while (k < len && (p[i + k] | (word[k] >= 'a' ? 0x20 : 0)) == (unsigned char)word[k])
+            k++;
+        if (k == len)
             return 1;
     }
     return 0;
@@ -224,7 +228,8 @@ statement_key(PyObject *self, PyObject *arg)
     if (p == NULL || n == 0 || n > MAX_CHARS)
         Py_RETURN_NONE;
     /* What could SET, RESET or DISCARD the session's carrier is never keyed (spans.may_set_carrier). */
-    if (find(p, 0, n, "pgotel", 6) != NULL || has_all(p, n))
+    if (has_word(p, n, "pgotel", 6) || has_word(p, n, "all", 3) || has_word(p, n, "application_name", 16) ||
+        has_word(p, n, "pg_tracing", 10))
         Py_RETURN_NONE;
     const unsigned char *c = find(p, 0, n, "/*", 2);
     if (c == NULL)

@@ -76,8 +76,8 @@ def statement_key_py(sql: str) -> tuple[str, int, int, int, int] | None:
     accepts, and a ``traceparent='…'`` after that "/*" (its first occurrence there,
     right after "/*", "," or whitespace) holding a valid W3C value of 55
     characters (not version ff, no zero id). Nothing that
-    ``spans.may_set_carrier`` could take for a carrier change ("pgotel", or
-    "all" in any case) is keyed.
+    ``spans.may_set_carrier`` could take for a carrier change ("pgotel", "all",
+    "application_name" or "pg_tracing", in any case) is keyed.
 
     The key is the code with its literals blanked, then the rest of the text
     with the 55 characters of the value cut out. Two texts with one key lex
@@ -88,7 +88,8 @@ def statement_key_py(sql: str) -> tuple[str, int, int, int, int] | None:
     """
     if type(sql) is not str or not sql.isascii() or not 0 < len(sql) <= MAX_CHARS:
         return None
-    if "pgotel" in sql or "all" in sql.lower():
+    lower = sql.lower()
+    if "pgotel" in lower or "all" in lower or "application_name" in lower or "pg_tracing" in lower:
         return None
     j = sql.find("/*")
     if j <= 0 or sql[:j].isspace():

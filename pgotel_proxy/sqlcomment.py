@@ -54,6 +54,7 @@ from .stats import STATS
 __all__ = [
     "Comment",
     "TraceContext",
+    "context_of_tags",
     "parse",
     "parse_traceparent",
     "valid_tracestate",
@@ -206,6 +207,26 @@ def parse_traceparent(value: str) -> TraceContext | None:
     if trace_id == 0 or span_id == 0:
         return None
     return TraceContext(trace_id, span_id, int(m.group(4), 16))
+
+
+def context_of_tags(body: str) -> TraceContext | None:
+    """The trace context in a bare list of sqlcommenter tags (``traceparent='00-…'``), None without one.
+
+    pg_tracing's ``pg_tracing.trace_context`` setting holds such a list, without
+    the comment marks. Nothing is counted: a setting is no statement comment.
+    """
+    if not isinstance(body, str) or len(body) > _MAX_VALUE_LEN or "traceparent" not in body:
+        return None
+    tags: dict[str, str] = {}
+    if not _read_pairs(body, 0, len(body), tags, _Budget()):
+        return None
+    context = parse_traceparent(tags.get("traceparent", ""))
+    if context is None:
+        return None
+    tracestate = tags.get("tracestate")
+    if tracestate is not None and valid_tracestate(tracestate):
+        context = context._replace(tracestate=tracestate)
+    return context
 
 
 def valid_tracestate(value: str) -> bool:

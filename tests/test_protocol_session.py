@@ -431,8 +431,73 @@ SCENARIOS = [
         ],
         [
             (2, {"status": "prepared", "statement_name": "s1", "parse_end_ns": 20}),
-            (4, {"status": "ok", "sql": "select $1", "statement_name": "s1", "reused": True, "parse_start_ns": 0, "start_ns": 30}),
+            # the first execution, in the batch right after its Parse's: that Parse's request
+            (4, {"status": "ok", "sql": "select $1", "statement_name": "s1", "reused": False, "parse_start_ns": 0, "start_ns": 30}),
             (6, {"status": "ok", "sql": "select $1", "statement_name": "s1", "reused": True, "start_ns": 50}),
+        ],
+    ),
+    (
+        "unnamed-statement-executed-in-the-next-batch",  # pgx, tokio-postgres
+        [
+            ("c", Parse("select $1") + Describe(b"S", "") + SYNC),
+            ("s", PARSE_COMPLETE + ParameterDescription(25) + RowDescription("x") + Ready()),
+            ("c", Bind(params=(b"a",)) + Describe() + Execute() + SYNC),
+            ("s", BIND_COMPLETE + RowDescription("x") + DataRow(b"a") + CommandComplete("SELECT 1") + Ready()),
+        ],
+        [
+            (2, {"status": "prepared", "statement_name": ""}),
+            (4, {"status": "ok", "sql": "select $1", "statement_name": "", "reused": False, "parse_start_ns": 0}),
+        ],
+    ),
+    (
+        "only-the-first-execution-in-the-next-batch-is-the-parses",
+        [
+            ("c", Parse("select $1", "s1") + SYNC), ("s", PARSE_COMPLETE + Ready()),
+            ("c", Bind("s1") + Execute() + Bind("s1") + Execute() + SYNC),
+            ("s", BIND_COMPLETE + CommandComplete("SELECT 1") + BIND_COMPLETE + CommandComplete("SELECT 1") + Ready()),
+        ],
+        [
+            (2, {"status": "prepared", "statement_name": "s1"}),
+            (4, {"status": "ok", "statement_name": "s1", "reused": False}),
+            (4, {"status": "ok", "statement_name": "s1", "reused": True}),
+        ],
+    ),
+    (
+        "a-request-between-parse-and-execute-makes-it-prepared-earlier",
+        [
+            ("c", Parse("select $1", "s1") + SYNC), ("s", PARSE_COMPLETE + Ready()),
+            ("c", Query("select 0")), ("s", RowDescription("x") + DataRow(b"0") + CommandComplete("SELECT 1") + Ready()),
+            ("c", Bind("s1") + Execute() + SYNC), ("s", BIND_COMPLETE + CommandComplete("SELECT 1") + Ready()),
+            ("c", Parse("select $1", "s2") + SYNC + SYNC), ("s", PARSE_COMPLETE + Ready() + Ready()),
+            ("c", Bind("s2") + Execute() + SYNC), ("s", BIND_COMPLETE + CommandComplete("SELECT 1") + Ready()),
+            ("c", Parse("select $1", "s3") + Bind("s3") + Execute() + SYNC), ("s", EXT_OK + Ready()),
+            ("c", Bind("s3") + Execute() + SYNC), ("s", BIND_COMPLETE + CommandComplete("SELECT 1") + Ready()),
+        ],
+        [
+            (2, {"status": "prepared", "statement_name": "s1"}),
+            (4, {"protocol": "simple"}),
+            (6, {"statement_name": "s1", "reused": True}),
+            (8, {"status": "prepared", "statement_name": "s2"}),
+            (10, {"statement_name": "s2", "reused": True}),
+            (12, {"statement_name": "s3", "reused": False}),
+            (14, {"statement_name": "s3", "reused": True}),  # bound in its Parse's own batch already
+        ],
+    ),
+    (
+        "each-record-carries-the-application-name-it-ran-under",
+        [
+            ("c", Query("set application_name = 'a'")),
+            ("s", CommandComplete("SET") + ParameterStatus("application_name", "a") + Ready()),
+            ("c", Query("select 1")), ("s", RowDescription("x") + DataRow(b"1") + CommandComplete("SELECT 1") + Ready()),
+            ("c", Query("set application_name = 'b'") + Query("select 2")),
+            ("s", CommandComplete("SET") + ParameterStatus("application_name", "b") + Ready()
+             + RowDescription("x") + DataRow(b"2") + CommandComplete("SELECT 1") + Ready()),
+        ],
+        [
+            (2, {"sql": "set application_name = 'a'", "application_name": "a"}),
+            (4, {"sql": "select 1", "application_name": "a"}),
+            (6, {"sql": "set application_name = 'b'", "application_name": "b"}),
+            (6, {"sql": "select 2", "application_name": "b"}),
         ],
     ),
     (

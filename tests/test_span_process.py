@@ -425,7 +425,7 @@ def test_statements_of_one_send_keep_their_order_in_one_operation():
 
     tracer = SimpleNamespace(enabled=True, accepting=True, _ops=[], _pending=0, _armed=True, _arm=lambda: None,
                              _sample_rate=1.0, _presample=True)
-    session = SimpleNamespace(server_params={"application_name": "app"})
+    session = SimpleNamespace(server_params={"application_name": "app"}, startup_params={})
     handle = process._Handle(tracer, 7, session, (process.OP_CONNECTION_OPENED,))
     records = [Statement("simple", f"SELECT {i}", start_ns=i, end_ns=i + 1, status="ok", tx_status="I",
                          results=[Completion(i + 1, "SELECT 1", 1)]) for i in range(5)]

@@ -46,13 +46,15 @@ enum {
     S_PENDING, S_BATCH, S_BATCH_PARSED, S_PREPARED, S_PORTALS, S_SKIPPING, S_ROWS, S_LAST_KIND,
     S_LAST_REC, S_MAX_PENDING, S_MAX_MESSAGE_SIZE, S_CAPTURE_PARAMS, S_MESSAGES_IN, S_MESSAGES_OUT,
     S_COPY_IN_EXT, S_OUT_OF_SYNC, S_READY, S_TX_STATUS, S_COMPLETED, S_SHIFTED, S_INJECTOR,
-    S_FLUSH_PHASES, S_CBUF, S_CSKIP, S_SBUF, S_SSKIP, S_INJECTED_PENDING, S_HELD_READY, S_COUNT
+    S_FLUSH_PHASES, S_CBUF, S_CSKIP, S_SBUF, S_SSKIP, S_INJECTED_PENDING, S_HELD_READY, S_PREV_PARSED,
+    S_APPLICATION_NAME, S_COUNT
 };
 static const char *session_slots[S_COUNT] = {
     "_pending", "_batch", "_batch_parsed", "_prepared", "_portals", "_skipping", "_rows", "_last_kind",
     "_last_rec", "max_pending", "max_message_size", "capture_params", "messages_in", "messages_out",
     "_copy_in_ext", "out_of_sync", "ready", "tx_status", "completed", "_shifted", "injector",
-    "flush_phases", "_cbuf", "_cskip", "_sbuf", "_sskip", "_injected_pending", "_held_ready",
+    "flush_phases", "_cbuf", "_cskip", "_sbuf", "_sskip", "_injected_pending", "_held_ready", "_prev_parsed",
+    "application_name",
 };
 
 /* Statement fields the codec writes, looked up by name in the layout configure() is given
@@ -60,12 +62,13 @@ static const char *session_slots[S_COUNT] = {
 enum {
     R_PROTOCOL, R_SQL, R_STATEMENT_NAME, R_PORTAL, R_START_NS, R_PARSE_START_NS, R_PARSE_END_NS,
     R_PARSE_EXACT, R_BIND_START_NS, R_BIND_END_NS, R_BIND_EXACT, R_EXEC_START_NS, R_END_NS,
-    R_EXEC_EXACT, R_STATUS, R_TAG, R_ROWS, R_PARAMS, R_RESULTS, R_REUSED, R_TX_STATUS, R_COUNT
+    R_EXEC_EXACT, R_STATUS, R_TAG, R_ROWS, R_PARAMS, R_RESULTS, R_REUSED, R_TX_STATUS, R_APPLICATION_NAME,
+    R_COUNT
 };
 static const char *record_slots[R_COUNT] = {
     "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
     "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns",
-    "exec_exact", "status", "tag", "rows", "params", "results", "reused", "tx_status",
+    "exec_exact", "status", "tag", "rows", "params", "results", "reused", "tx_status", "application_name",
 };
 
 enum { C_END_NS, C_TAG, C_ROWS, C_ERROR, C_COUNT };
@@ -612,6 +615,34 @@ client_bind(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t en
             rc = -1;
             goto done;
         }
+        int first = 0; /* the first execution of a statement the batch just before parsed (Session._extended_rec) */
+        if (parsed == NULL) {
+            PyObject *prev_map = get(s, s_off[S_PREV_PARSED]);
+            if (!PyDict_CheckExact(prev_map))
+                goto done;
+            if (PyDict_GET_SIZE(prev_map)) {
+                PyObject *before = PyDict_GetItemWithError(prev_map, stmt); /* borrowed */
+                if (before == NULL && PyErr_Occurred()) {
+                    rc = -1;
+                    goto done;
+                }
+                if (before != NULL) {
+                    if (!is_rec(before))
+                        goto done;
+                    int bound = int_true(get(before, r_off[R_BIND_START_NS]));
+                    if (bound < 0)
+                        goto done;
+                    PyObject *before_sql = get(before, r_off[R_SQL]);
+                    int same = sql == NULL ? before_sql == Py_None
+                                           : PyUnicode_CheckExact(before_sql) && PyUnicode_Compare(before_sql, sql) == 0;
+                    if (PyErr_Occurred())
+                        goto done_error;
+                    first = !bound && same;
+                    if (PyDict_DelItem(prev_map, stmt) < 0)
+                        goto done_error;
+                }
+            }
+        }
         rec = new_record(str_extended, sql ? sql : Py_None);
         if (rec == NULL) {
             rc = -1;
@@ -619,7 +650,7 @@ client_bind(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t en
         }
         set(rec, r_off[R_STATEMENT_NAME], stmt);
         set(rec, r_off[R_START_NS], now);
-        set(rec, r_off[R_REUSED], parsed == NULL ? Py_True : Py_False);
+        set(rec, r_off[R_REUSED], parsed == NULL && !first ? Py_True : Py_False);
         if (PyList_Append(get(s, s_off[S_BATCH]), rec) < 0) {
             rc = -1;
             goto done;
@@ -638,6 +669,9 @@ done:
     Py_DECREF(portal);
     Py_DECREF(stmt);
     return rc;
+done_error:
+    rc = -1;
+    goto done;
 }
 
 static int
@@ -705,9 +739,18 @@ client_sync(PyObject *s)
     PyObject *batch = get(s, s_off[S_BATCH]);
     Py_INCREF(batch);
     set_steal(s, s_off[S_BATCH], fresh);
-    PyObject *bp = get(s, s_off[S_BATCH_PARSED]);
-    if (PyDict_CheckExact(bp))
-        PyDict_Clear(bp);
+    /* What this batch parsed becomes _prev_parsed (Session._next_batch). */
+    PyObject *bp = get(s, s_off[S_BATCH_PARSED]), *prev = get(s, s_off[S_PREV_PARSED]);
+    if (PyDict_CheckExact(prev) && PyDict_GET_SIZE(prev))
+        PyDict_Clear(prev);
+    if (PyDict_CheckExact(bp) && PyDict_GET_SIZE(bp)) {
+        if (PyDict_CheckExact(prev)) {
+            SLOT(s, s_off[S_PREV_PARSED]) = bp;
+            SLOT(s, s_off[S_BATCH_PARSED]) = prev;
+        } else {
+            PyDict_Clear(bp);
+        }
+    }
     set(s, s_off[S_SKIPPING], Py_False);
     int r = queue(s, K_SYNC, batch);
     Py_DECREF(batch);
@@ -738,9 +781,11 @@ client_query(PyObject *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t e
     set(rec, r_off[R_EXEC_START_NS], now);
     set(rec, r_off[R_EXEC_EXACT], Py_True);
     set_steal(rec, r_off[R_RESULTS], results);
-    PyObject *bp = get(s, s_off[S_BATCH_PARSED]);
+    PyObject *bp = get(s, s_off[S_BATCH_PARSED]), *prev = get(s, s_off[S_PREV_PARSED]);
     if (PyDict_CheckExact(bp))
         PyDict_Clear(bp);
+    if (PyDict_CheckExact(prev) && PyDict_GET_SIZE(prev))
+        PyDict_Clear(prev);
     int r = queue(s, K_QUERY, rec);
     Py_DECREF(rec);
     return r < 0 ? -1 : 1;
@@ -941,8 +986,10 @@ server_ready(PyObject *s, int status, PyObject *now)
             goto fail;
         Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
         PyObject **items = PySequence_Fast_ITEMS(seq);
+        PyObject *app = get(s, s_off[S_APPLICATION_NAME]);
         for (Py_ssize_t i = 0; i < m; i++) {
             set(items[i], r_off[R_TX_STATUS], tx);
+            set(items[i], r_off[R_APPLICATION_NAME], app);
             if (is_str(get(items[i], r_off[R_STATUS]), str_pending)) {
                 set(items[i], r_off[R_STATUS], str_skipped);
                 set(items[i], r_off[R_END_NS], now);

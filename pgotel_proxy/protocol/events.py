@@ -76,9 +76,14 @@ class Statement:
     error: dict[str, str] | None = None
     params: list[str | None] | None = None
     results: list[Completion] | None = None
-    reused: bool = False  # executed from a statement prepared in an earlier batch
+    # executed from a statement prepared earlier, whose text (and comment) is not this request's:
+    # not parsed in its own batch, nor parsed and left unbound in the batch right before it
+    reused: bool = False
     copy: str | None = None  # "in" | "out" | "both" when the statement ran COPY
     tx_status: str = ""  # the ReadyForQuery status that closed its batch: I, T or E
+    # the application_name the server reported (ParameterStatus) when that ReadyForQuery came:
+    # what the statement ran under, even when the connection changes it between statements
+    application_name: str | None = None
     extra: dict | None = None  # room for later stages (WAL LSN, ...)
 
 

@@ -134,6 +134,7 @@ class Session:
         "protocol_version",
         "startup_params",
         "server_params",
+        "application_name",
         "backend_pid",
         "cancel_key",
         "tx_status",
@@ -145,6 +146,7 @@ class Session:
         "_pending",
         "_batch",
         "_batch_parsed",
+        "_prev_parsed",
         "_prepared",
         "_portals",
         "_skipping",
@@ -191,6 +193,9 @@ class Session:
         self.protocol_version = protocol_version
         self.startup_params = startup_params or {}
         self.server_params: dict[str, str] = {}
+        # server_params["application_name"] as the server last reported it; stamped on
+        # each record its batch finishes (Statement.application_name)
+        self.application_name: str | None = None
         self.backend_pid: int | None = None
         self.cancel_key: bytes | None = None
         self.tx_status = ""
@@ -202,6 +207,10 @@ class Session:
         self._pending: deque = deque()
         self._batch: list[Statement] = []
         self._batch_parsed: dict[str, Statement] = {}
+        # The statements the batch just before the current one parsed and did not bind: the
+        # first execution of one in the current batch is the request its Parse belonged to
+        # (drivers that prepare in one round trip and execute in the next).
+        self._prev_parsed: dict[str, Statement] = {}
         self._prepared: dict[str, str | None] = {}
         self._portals: dict[str, Statement] = {}
         self._skipping = False
@@ -252,6 +261,7 @@ class Session:
             self._portals.clear()
             self._prepared.clear()
             self._batch_parsed.clear()
+            self._prev_parsed.clear()
 
     # What other layers read. The queue, batch and buffers are slots the compiled
     # loop (_core.c) finds by name, so they keep their private names and are
@@ -479,6 +489,7 @@ class Session:
             # The server ends an open extended batch at a Query as at a Sync (it closes the
             # implicit transaction): a later Bind runs a statement prepared in an earlier batch.
             self._batch_parsed.clear()
+            self._prev_parsed.clear()
             self._queue(_QUERY, rec)
             return
         if typ == FRONTEND_SYNC or typ == FRONTEND_FLUSH:
@@ -486,7 +497,7 @@ class Session:
             if typ == FRONTEND_SYNC:
                 batch = self._batch
                 self._batch = []
-                self._batch_parsed.clear()
+                self._next_batch()
                 self._skipping = False
                 self._queue(_SYNC, batch)
                 self._last_rec = None
@@ -529,6 +540,14 @@ class Session:
             rec = Statement("function", None, start_ns=now, exec_start_ns=now, exec_exact=True)
             rec.results = []
             self._queue(_FUNC, rec)
+
+    def _next_batch(self) -> None:
+        """A Sync ended the batch: what it parsed is the next batch's ``_prev_parsed``."""
+        prev = self._prev_parsed
+        if prev:
+            prev.clear()
+        if self._batch_parsed:
+            self._prev_parsed, self._batch_parsed = self._batch_parsed, prev
 
     def _copy_in_ended(self) -> None:
         """The client ended a COPY FROM STDIN that an Execute started (CopyDone or CopyFail).
@@ -577,6 +596,12 @@ class Session:
             parsed = self._batch_parsed.get(stmt)
             rec = parsed
             if rec is None or rec.bind_start_ns:
+                if parsed is None and self._prev_parsed:
+                    # Its Parse came in the batch right before, unbound: this first execution
+                    # is that request's, and so is its comment. Later ones are not.
+                    before = self._prev_parsed.pop(stmt, None)
+                    if before is not None and not before.bind_start_ns and before.sql == self._prepared.get(stmt):
+                        parsed = before
                 # Bound again in the Parse's own batch (executemany) is not "prepared earlier".
                 rec = Statement(
                     "extended",
@@ -908,7 +933,10 @@ class Session:
             if buf is not None:
                 raw = bytes(buf[start:end]).split(b"\x00")
                 if len(raw) >= 2 and len(self.server_params) < 256:
-                    self.server_params[raw[0].decode("utf-8", "replace")] = raw[1].decode("utf-8", "replace")
+                    name, value = raw[0].decode("utf-8", "replace"), raw[1].decode("utf-8", "replace")
+                    self.server_params[name] = value
+                    if name == "application_name":
+                        self.application_name = value
             return None
         if typ == BACKEND_AUTHENTICATION:
             if buf is not None:
@@ -1015,8 +1043,10 @@ class Session:
                 rec.end_ns = now
         if done:
             tx = self.tx_status
+            app = self.application_name
             for rec in done:
                 rec.tx_status = tx
+                rec.application_name = app
                 if rec.status == "pending":
                     rec.status = "skipped"
                     rec.end_ns = now

@@ -38,6 +38,7 @@
  *     record after the other, up to the first one the Python steps must see; next is its index,
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
+ *     app: the connection's application_name, for records that carry none of their own.
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -357,7 +358,7 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * classes' descriptors (their public get slot), not by offset. */
 enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
        F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_PROTOCOL, F_SQL, F_STATEMENT_NAME, F_PORTAL, F_TAG, F_ROWS,
-       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_COUNT };
+       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_APPLICATION_NAME, F_COUNT };
 enum { KIND_INT, KIND_BOOL, KIND_STR, KIND_VALUE, KIND_COMPLETIONS }; /* events.py */
 static const struct {
     const char *name;
@@ -370,7 +371,7 @@ static const struct {
     {"sql", KIND_STR}, {"statement_name", KIND_STR}, {"portal", KIND_STR},
     {"tag", KIND_STR}, {"rows", KIND_INT}, {"params", KIND_VALUE},
     {"results", KIND_COMPLETIONS}, {"reused", KIND_BOOL}, {"copy", KIND_STR},
-    {"extra", KIND_VALUE},
+    {"extra", KIND_VALUE}, {"application_name", KIND_STR},
 };
 enum { C_END, C_TAG, C_ROWS, C_ERROR, C_COUNT };
 static const struct {
@@ -857,6 +858,15 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     }
     if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None)
         return 0;
+    /* The application_name the statement ran under is part of its shape (SpanBuilder._app):
+     * the record's own, else the connection's (app). */
+    PyObject *rec_app = field(rec, F_APPLICATION_NAME);
+    if (rec_app == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (rec_app != Py_None)
+        app = rec_app;
     if (is_str(protocol, s_extended)) {
         PyObject *v[6];
         for (int i = 0; i < 6; i++) {

@@ -214,7 +214,7 @@ class _Handle:
         self.session = session
         self.open_op = open_op
         self.gap = False
-        self.pre = Presampler()
+        self.pre = Presampler(session.startup_params.get("application_name"))
 
     def statements(self, records: list) -> None:
         t = self.tracer

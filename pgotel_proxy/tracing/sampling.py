@@ -19,8 +19,16 @@ os.register_at_fork(after_in_child=rand.seed)
 
 
 def may_set_carrier(sql: str) -> bool:
-    """Whether a statement could be ``SET``/``RESET pgotel.traceparent``, ``RESET ALL`` or ``DISCARD ALL``."""
-    return "pgotel" in sql or "ALL" in sql.upper()
+    """Whether a statement could change a context channel (``spans.CHANNELS``).
+
+    That is ``SET`` / ``RESET`` of ``pgotel.traceparent``, ``pg_tracing.trace_context``
+    or ``application_name``, ``RESET ALL`` or ``DISCARD ALL``: a cheap test that
+    may say yes to other statements, never no to one of those.
+    """
+    if "pgotel" in sql:
+        return True
+    upper = sql.upper()
+    return "ALL" in upper or "APPLICATION_NAME" in upper or "PG_TRACING" in upper or "PGOTEL" in upper
 
 
 class Presampler:
@@ -44,8 +52,10 @@ class Presampler:
 
     __slots__ = ("plain",)
 
-    def __init__(self) -> None:
-        self.plain = True  # no statement of this connection could have set a carrier
+    def __init__(self, startup_application_name: str | None = None) -> None:
+        # no statement of this connection could have set a carrier (and its start-up
+        # application_name, a context channel too, is no traceparent)
+        self.plain = not (startup_application_name and startup_application_name.count("-") >= 3)
 
     def split(self, records: list, rate: float) -> tuple[list, list, int]:
         """(drawn, undrawn, left_out): the new roots the draw kept; the records the builder is to

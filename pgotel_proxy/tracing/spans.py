@@ -17,6 +17,19 @@ A phase's end is exact only when the server flushed right after it (a Flush or
 Sync followed the request, or phase_timing = "flush" inserted one). Otherwise
 Postgres held the answer until the batch ended, the span ends when it arrived,
 and ``pgotel.timing.exact`` is false: its duration is an upper bound.
+
+A statement's parent, first found wins: its own sqlcommenter comment (a
+Parse's comment for the executions of its batch, and for the first execution
+in the batch right after it, which the codec marks not ``reused``); then the
+session's context channels (:data:`CHANNELS`, followed by :class:`ConnState`
+with Postgres' rules for settings): ``SET pgotel.traceparent``, then
+pg_tracing's ``SET pg_tracing.trace_context``, then ``application_name`` when
+it holds a traceparent (start-up value or ``SET``); then the transaction span
+(``transaction_spans``); else the statement is a new root under the sample
+rate. A setting made only to carry context outranks one that also names
+something. An ``application_name`` that is a traceparent is context, never
+``db.postgresql.application_name``, which is the value each statement ran
+under (``Statement.application_name``).
 """
 
 from __future__ import annotations
@@ -43,10 +56,10 @@ from ..shape import statement_key
 from ..protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
-from .carrier import SessionCarrier
+from .carrier import _APP, CHANNELS, SessionCarrier, channel_context
 from .sampling import may_set_carrier, rand as _rand
 
-__all__ = ["SpanBuilder", "ConnState", "ATTR"]
+__all__ = ["SpanBuilder", "ConnState", "ATTR", "CHANNELS", "channel_context"]
 
 SCOPE = InstrumentationScope("pgotel_proxy", __version__)
 
@@ -84,7 +97,8 @@ class ConnState(SessionCarrier):
     __slots__ = ("info", "base_attrs", "tx_records", "tx_parent", "shapes", "presampled")
 
     def __init__(self, info: Any, base_attrs: dict) -> None:
-        super().__init__()
+        startup = getattr(getattr(info, "session", None), "startup_params", None) or {}
+        super().__init__(startup.get("application_name"))
         self.info = info
         self.base_attrs = base_attrs
         # transaction_spans: records of the open transaction, built when it ends
@@ -207,7 +221,7 @@ class SpanBuilder:
             return i, None
         opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
-        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn), _PHASE_TRIPLE,
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_TRIPLE,
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                          _rand.getrandbits, statement_key, opts)
         if parsed:
@@ -316,7 +330,7 @@ class SpanBuilder:
             q = (statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
                  else None)
             if q is not None:
-                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     STATS.sqlcomment_parsed += 1
@@ -326,7 +340,7 @@ class SpanBuilder:
                     return
                 keyed = (shape, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
             else:
-                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn))
+                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     comment, parts = hit[0], hit[1]
@@ -355,7 +369,7 @@ class SpanBuilder:
             if rec.status == "prepared":
                 name = f"PREPARE {name}"
             end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-            attrs = self._attrs(conn, info, text, rec.tag, rec.rows, rec.error, comment)
+            attrs = self._attrs(conn, rec, info, text, rec.tag, rec.rows, rec.error, comment)
             attrs[ATTR["protocol"]] = "extended"
             if rec.statement_name:
                 attrs[ATTR["statement_name"]] = rec.statement_name
@@ -451,7 +465,7 @@ class SpanBuilder:
             q = statement_key(raw)
             if q is not None:
                 res = results[0]
-                key = (q[0], res.tag, res.rows, self._app(conn))
+                key = (q[0], res.tag, res.rows, self._app(conn, rec))
                 hit = conn.shapes.get(key)
                 if hit is not None:
                     STATS.sqlcomment_parsed += 1
@@ -473,7 +487,7 @@ class SpanBuilder:
             # differ, but its analysis (shared by shape), and so its name and
             # attributes, do not: encoded once.
             res, info = results[0], infos[0]
-            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn))
+            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn, rec))
             hit = conn.shapes.get(shape)
             if hit is not None and hit[0] is info:
                 self._kept_simple(out, conn, rec, res, hit[1], self._context(conn, comment))
@@ -493,7 +507,7 @@ class SpanBuilder:
                 trace_id, parent_id, flags, tracestate = ctx
                 sid = _rand.getrandbits(64) or _new_id(64)
                 name = _span_name(info, rec.protocol)
-                attrs = self._attrs(conn, info, stmt_text, res.tag, res.rows, res.error, comment)
+                attrs = self._attrs(conn, rec, info, stmt_text, res.tag, res.rows, res.error, comment)
                 attrs[ATTR["protocol"]] = rec.protocol
                 if rec.copy and last:
                     attrs[ATTR["copy"]] = rec.copy
@@ -536,7 +550,7 @@ class SpanBuilder:
 
     # ------------------------------------------------------------- helpers
 
-    def _attrs(self, conn: ConnState, info, text: str, tag, rows: int, error, comment) -> dict:
+    def _attrs(self, conn: ConnState, rec: Statement, info, text: str, tag, rows: int, error, comment) -> dict:
         attrs = dict(conn.base_attrs)
         if info is not None:
             if info.summary:
@@ -563,15 +577,23 @@ class SpanBuilder:
         session = conn.info.session
         if session.backend_pid is not None:
             attrs[ATTR["backend_pid"]] = session.backend_pid
-        app = self._app(conn)
-        if app:
+        app = self._app(conn, rec)
+        if app and not _holds_context(app):
             attrs[ATTR["application_name"]] = app
         return attrs
 
     @staticmethod
-    def _app(conn: ConnState) -> str | None:
-        session = conn.info.session
-        return session.server_params.get("application_name") or session.startup_params.get("application_name")
+    def _app(conn: ConnState, rec: Statement | None) -> str | None:
+        """The application_name a statement ran under: what its record says, else the connection's.
+
+        Also a key of kept shapes (the compiled loop, ``otlp.kept_run``, reads the
+        record's own value the same way, this one for records without it).
+        """
+        app = rec.application_name if rec is not None else None
+        if app is None:
+            session = conn.info.session
+            app = session.server_params.get("application_name") or session.startup_params.get("application_name")
+        return app
 
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact) -> None:
         if self.encode:
@@ -637,6 +659,11 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
             and comment.tags.get("traceparent") == raw[vs:vs + 55]
             and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
+
+
+def _holds_context(app: str) -> bool:
+    """Whether an application_name is a traceparent: context (a channel), not a name."""
+    return len(app) >= 55 and app[2:3] == "-" and channel_context(_APP, app) is not None
 
 
 def _links(conn: ConnState, parent_id: int | None) -> tuple:
