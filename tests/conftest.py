@@ -129,6 +129,16 @@ def make_proxy(pg: PgServer, otlp: OtlpReceiver):
 
 
 @pytest.fixture
+def app(otlp):
+    """The application's own tracer: its CLIENT spans reach ``otlp`` beside the proxy's."""
+    from tracetree import AppTracer
+
+    tracer = AppTracer(otlp)
+    yield tracer
+    tracer.shutdown()
+
+
+@pytest.fixture
 def proxy(make_proxy) -> RunningProxy:
     """A proxy with the default configuration in front of ``pg``."""
     return make_proxy()

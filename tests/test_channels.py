@@ -26,23 +26,11 @@ import psycopg
 import pytest
 
 from rawpg import RawConn, message
-from tracetree import AppTracer, comment, random_traceparent, server_spans
+from tracetree import collect, comment, random_traceparent, server_spans
 
 pytestmark = pytest.mark.timeout(60)
 
 APP_NAME = "db.postgresql.application_name"
-
-
-@pytest.fixture
-def app(otlp):
-    tracer = AppTracer(otlp)
-    yield tracer
-    tracer.shutdown()
-
-
-def collect(proxy, otlp, pred, timeout: float = 10.0):
-    proxy.flush()
-    return otlp.wait_for(pred, timeout)
 
 
 def in_trace(n: int, trace_id: str):

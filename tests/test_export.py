@@ -17,17 +17,10 @@ import pytest
 
 from pgotel_proxy.config import Config
 from pgotel_proxy.stats import STATS
-from tracetree import AppTracer, assert_statement, comment, server_spans
+from tracetree import assert_statement, comment, server_spans
 from waiting import best_rate, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def app(otlp):
-    tracer = AppTracer(otlp)
-    yield tracer
-    tracer.shutdown()
 
 
 def _traced_statement(proxy, app) -> tuple:

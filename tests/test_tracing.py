@@ -21,11 +21,11 @@ import psycopg
 import pytest
 
 from tracetree import (
-    AppTracer,
     assert_nested,
     assert_statement,
     attribute_values,
     children,
+    collect,
     comment,
     random_traceparent,
     server_spans,
@@ -42,19 +42,6 @@ PARAM = "p4ram-value-42"
 def table(pg):
     pg.psql(f"DROP TABLE IF EXISTS {TABLE}; CREATE TABLE {TABLE} (id int, note text)")
     return TABLE
-
-
-@pytest.fixture
-def app(otlp):
-    tracer = AppTracer(otlp)
-    yield tracer
-    tracer.shutdown()
-
-
-def collect(proxy, otlp, pred, timeout: float = 10.0):
-    """Flush the proxy, then wait until the received spans satisfy ``pred``."""
-    proxy.flush()
-    return otlp.wait_for(pred, timeout)
 
 
 def n_server(n: int, trace_id: str | None = None):

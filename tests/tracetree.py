@@ -84,6 +84,12 @@ def comment(sql: str, ctx: AppContext, **tags: str) -> str:
     return f"{sql} /*{body}*/"
 
 
+def collect(proxy, otlp, pred, timeout: float = 10.0):
+    """Flush the proxy, then wait until the received spans satisfy ``pred``."""
+    proxy.flush()
+    return otlp.wait_for(pred, timeout)
+
+
 def server_spans(spans: list[Span], trace_id: str | None = None) -> list[Span]:
     """SERVER spans (one per statement), optionally of one trace, by start time."""
     return sorted(
