@@ -139,6 +139,7 @@ slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offs, int count
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
+    (void)self;
     PyObject *st, *rt, *ct, *names, *defaults, *kinds;
     if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyType_Type, &st, &PyType_Type, &rt, &PyType_Type, &ct,
                           &PyTuple_Type, &names, &PyTuple_Type, &defaults, &PyTuple_Type, &kinds))
@@ -725,6 +726,7 @@ out:
 static PyObject *
 client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     Py_buffer view;
     Py_ssize_t pos, n;
     if (parse_args(args, nargs, &view, &pos, &n) < 0)
@@ -1026,6 +1028,7 @@ out:
 static PyObject *
 server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     Py_buffer view;
     Py_ssize_t pos, n;
     if (parse_args(args, nargs, &view, &pos, &n) < 0)
@@ -1228,6 +1231,7 @@ pack_one(wbuf *w, PyObject *rec)
 static PyObject *
 pack(PyObject *self, PyObject *records)
 {
+    (void)self;
     if (!configured || !PyList_CheckExact(records))
         Py_RETURN_NONE;
     wbuf w;
@@ -1398,6 +1402,7 @@ fail:
 static PyObject *
 unpack(PyObject *self, PyObject *arg)
 {
+    (void)self;
     if (!configured) {
         PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
         return NULL;
@@ -1658,6 +1663,7 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
 static PyObject *
 feed_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
+    (void)kw;
     int server_side;
     Py_ssize_t deliver_at;
     PyObject *conn, *session, *write, *full, *resume;
@@ -1809,6 +1815,7 @@ sender_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwna
 static PyObject *
 sender_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
+    (void)kw;
     int fd;
     PyObject *transport;
     if (!PyArg_ParseTuple(args, "iO", &fd, &transport))
@@ -1934,6 +1941,7 @@ log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t s
 static PyObject *
 observe_log(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "expected (log: bytes, pumped: dict, resume)");
         return NULL;
@@ -2020,6 +2028,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_core", "Compiled fast path of the protocol codec.", -1, methods,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC
