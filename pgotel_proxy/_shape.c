@@ -169,6 +169,7 @@ ascii_data(PyObject *arg, Py_ssize_t *n)
 static PyObject *
 blind(PyObject *self, PyObject *arg)
 {
+    (void)self;
     Py_ssize_t n;
     const unsigned char *p = ascii_data(arg, &n);
     if (p == NULL)
@@ -223,6 +224,7 @@ hex_int(const unsigned char *p, Py_ssize_t len)
 static PyObject *
 statement_key(PyObject *self, PyObject *arg)
 {
+    (void)self;
     Py_ssize_t n;
     const unsigned char *p = ascii_data(arg, &n);
     if (p == NULL || n == 0 || n > MAX_CHARS)
@@ -320,6 +322,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_shape", "Compiled helpers of the statement-shape caches.", -1, methods,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC

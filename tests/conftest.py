@@ -5,7 +5,9 @@ grouped by subject so each part of the suite can add its own section:
 
 * TLS material (``certs``) from :mod:`certs`;
 * PostgreSQL: ``pg_versions`` (every server build found) and ``pg`` (one
-  running throwaway server, see :mod:`pgserver`).
+  running throwaway server, see :mod:`pgserver`);
+* tiers: every test module's ``unit`` / ``component`` / ``clients`` marker,
+  from the one table :data:`TIERS` (see tests/README.md).
 
 The default major for ``pg`` is ``$PGOTEL_TEST_PG_MAJOR`` if set, else the
 highest Debian-packaged one, else the highest found.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 # gRPC's fork handlers run in every child this process forks (initdb, psql, the
 # proxy under test) once a gRPC channel has lived here (the gRPC exporter tests);
@@ -34,7 +37,101 @@ if os.environ.get("CI"):
 from certs import make_certs
 from pgserver import PgServer, find_versions
 
-__all__ = ["default_pg_major"]
+__all__ = ["TIERS", "default_pg_major"]
+
+
+# --------------------------------------------------------------------------
+# Tiers
+
+#: Every test module, by path under tests/, in exactly one tier:
+#: ``unit``: no PostgreSQL and no sockets (codec, sqlcommenter, shapes, OTLP
+#: encoding, config, CLI parsing ...); ``component``: the proxy, a real
+#: PostgreSQL or the OTLP receiver, over real sockets; ``clients``: real
+#: drivers and tools (psycopg, asyncpg, pg8000, psql, pgbench, an instrumented
+#: app) through the proxy. A test of a module missing here fails: place it.
+TIERS: dict[str, tuple[str, ...]] = {
+    "unit": (
+        "fuzz/test_fuzz.py",
+        "test_cli.py",
+        "test_config.py",
+        "test_docs.py",
+        "test_enrich_joiner.py",
+        "test_enrich_sources.py",
+        "test_hostport.py",
+        "test_kinds.py",
+        "test_otlp_compiled.py",
+        "test_protocol_fuzz.py",
+        "test_protocol_session.py",
+        "test_records.py",
+        "test_scan.py",
+        "test_session_compiled.py",
+        "test_shape.py",
+        "test_span_encoding.py",
+        "test_sqlcomment.py",
+        "test_stats.py",
+        "test_tiers.py",
+    ),
+    "component": (
+        "test_background.py",
+        "test_collector_interop.py",
+        "test_deploy.py",
+        "test_enrich_join.py",
+        "test_enrich_logs.py",
+        "test_export.py",
+        "test_faults.py",
+        "test_feed.py",
+        "test_hostile.py",
+        "test_layers.py",
+        "test_otlp_encoding.py",
+        "test_otlp_receiver.py",
+        "test_pgserver.py",
+        "test_pump.py",
+        "test_resilience.py",
+        "test_sampling.py",
+        "test_security.py",
+        "test_sender.py",
+        "test_span_process.py",
+        "test_sqlinfo.py",
+        "test_tracing.py",
+        "test_tracing_control.py",
+        "test_tracing_cost.py",
+        "test_tracing_tx.py",
+        "test_transparency.py",
+        "test_wal_consumer.py",
+        "test_wal_emit.py",
+        "test_workers.py",
+    ),
+    "clients": (
+        "test_bench_smoke.py",
+        "test_channels.py",
+        "test_clients.py",
+        "test_demo_app.py",
+        "test_tls_auth.py",
+        "test_versions.py",
+    ),
+}
+
+_TESTS_DIR = Path(__file__).resolve().parent
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+def _module_path(item: pytest.Item) -> str:
+    path = Path(item.fspath).resolve()
+    return path.relative_to(_TESTS_DIR).as_posix() if path.is_relative_to(_TESTS_DIR) else str(path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = _TIER_OF.get(_module_path(item))
+        # An unplaced module is selected by every tier's run, so that it fails in each.
+        for marker in (tier,) if tier else TIERS:
+            item.add_marker(marker)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    module = _module_path(item)
+    if module not in _TIER_OF:
+        pytest.fail(f"{module} is in no tier: add it to TIERS in tests/conftest.py", pytrace=False)
 
 
 # --------------------------------------------------------------------------

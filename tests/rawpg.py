@@ -3,8 +3,8 @@
 Drivers hide what some tests must see or send themselves: FunctionCall (F),
 a StartupMessage for protocol 3.2, the length of the BackendKeyData key, a
 CancelRequest carrying a long key, the SQLSTATE of a start-up failure. This
-module owns just enough framing for that, over a plain TCP socket, for roles
-that need no password (trust).
+module owns just enough of a client for that, over a plain TCP socket, for
+roles that need no password (trust); the messages come from :mod:`wire`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import socket
 import ssl
 import struct
 import threading
+
+from pgotel_proxy.protocol.messages import PROTOCOL_3_0, PROTOCOL_3_2
+from wire import SSL_REQUEST as _SSL_REQUEST, CancelRequest, FunctionCall, message
+from wire import StartupMessage as startup_packet
 
 __all__ = [
     "PROTOCOL_3_0",
@@ -25,23 +29,6 @@ __all__ = [
     "send_cancel",
     "startup_packet",
 ]
-
-PROTOCOL_3_0 = 196608
-PROTOCOL_3_2 = 196610
-_CANCEL_REQUEST_CODE = 80877102
-_SSL_REQUEST = struct.pack("!II", 8, 80877103)
-
-
-def message(typ: bytes, body: bytes = b"") -> bytes:
-    """A whole typed message: type byte, int32 length, body."""
-    return typ + struct.pack("!I", len(body) + 4) + body
-
-
-def startup_packet(user: str = "postgres", database: str = "postgres", code: int = PROTOCOL_3_0, **extra: str) -> bytes:
-    """A whole StartupMessage."""
-    params = {"user": user, "database": database, **extra}
-    body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
-    return struct.pack("!II", len(body) + 8, code) + body
 
 
 def error_fields(body: bytes) -> dict[str, str]:
@@ -137,17 +124,13 @@ class RawConn:
 
     def send_function_call(self, oid: int, args: list[bytes], result_format: int = 1) -> None:
         """FunctionCall (F): every argument in binary format."""
-        body = struct.pack("!IHH", oid, 1, 1) + struct.pack("!H", len(args))
-        for arg in args:
-            body += struct.pack("!i", len(arg)) + arg
-        body += struct.pack("!H", result_format)
-        self.send(b"F" + struct.pack("!I", len(body) + 4) + body)
+        self.send(FunctionCall(oid, *args, arg_formats=(1,), result_format=result_format))
 
 
 def send_cancel(host: str, port: int, pid: int, key: bytes, timeout: float = 10.0) -> bytes:
     """Send a CancelRequest on a new connection; return what came back (normally nothing)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(struct.pack("!III", 12 + len(key), _CANCEL_REQUEST_CODE, pid) + key)
+        sock.sendall(CancelRequest(pid, key))
         data = b""
         while True:
             chunk = sock.recv(4096)

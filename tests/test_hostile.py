@@ -32,6 +32,7 @@ from pgotel_proxy import sqlcomment
 from pgotel_proxy.stats import STATS
 from rawpg import RawConn, error_fields
 from tracetree import random_traceparent, server_spans
+from wire import Query as _query, message as _msg
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,14 +42,6 @@ MB = 1 << 20
 MAX_ATTRIBUTES = 128
 MAX_ATTRIBUTE_CHARS = 64 * 1024 + 16
 MAX_SPAN_CHARS = 96 * 1024
-
-
-def _msg(typ: bytes, body: bytes) -> bytes:
-    return typ + struct.pack("!I", len(body) + 4) + body
-
-
-def _query(sql: bytes) -> bytes:
-    return _msg(b"Q", sql + b"\x00")
 
 
 class Bystander:

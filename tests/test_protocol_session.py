@@ -5,9 +5,9 @@ server bytes) played into a :class:`Session` that has finished start-up. The
 clock is the step number times ten, so the same scenario fed in any chunking
 must give identical records, which is how the split tests check framing.
 
-The byte builders at the top follow the "Message Formats" chapter; frontend
-and backend share some type letters (D is Describe and DataRow), hence the
-long names.
+The byte builders (tests/wire.py) follow the "Message Formats" chapter;
+frontend and backend share some type letters (D is Describe and DataRow),
+hence the long names.
 """
 
 from __future__ import annotations
@@ -18,142 +18,16 @@ import struct
 import pytest
 
 from pgotel_proxy.protocol import ProtocolViolation, Session, Statement
+from wire import (
+    AUTH_OK, BIND_COMPLETE, CLOSE_COMPLETE, COPY_DONE, EMPTY_QUERY, FLUSH, NO_DATA, PARSE_COMPLETE,
+    PORTAL_SUSPENDED, SYNC, TERMINATE, AuthSASL, BackendKeyData, Bind, Close, CommandComplete, CopyData,
+    CopyFail, CopyInResponse, CopyOutResponse, DataRow, Describe, ErrorResponse, Execute, FunctionCall,
+    FunctionCallResponse, NoticeResponse, Notification, ParameterDescription, ParameterStatus, Parse, Query,
+    ReadyForQuery as Ready, RowDescription, message as msg,
+)
 
 # ---------------------------------------------------------------------------
-# message builders
-
-
-def msg(typ: bytes, body: bytes = b"") -> bytes:
-    return typ + struct.pack("!I", len(body) + 4) + body
-
-
-def cs(text: str) -> bytes:
-    return text.encode() + b"\x00"
-
-
-# Frontend (F)
-def Query(sql: str) -> bytes:
-    return msg(b"Q", cs(sql))
-
-
-def Parse(sql: str, name: str = "", types: tuple[int, ...] = ()) -> bytes:
-    return msg(b"P", cs(name) + cs(sql) + struct.pack("!H", len(types)) + b"".join(struct.pack("!I", t) for t in types))
-
-
-def Bind(stmt: str = "", portal: str = "", params: tuple[bytes | None, ...] = (), fmts: tuple[int, ...] = ()) -> bytes:
-    body = cs(portal) + cs(stmt) + struct.pack("!H", len(fmts)) + b"".join(struct.pack("!H", f) for f in fmts)
-    body += struct.pack("!H", len(params))
-    for p in params:
-        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
-    return msg(b"B", body + struct.pack("!H", 0))
-
-
-def Describe(kind: bytes = b"P", name: str = "") -> bytes:
-    return msg(b"D", kind + cs(name))
-
-
-def Execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return msg(b"E", cs(portal) + struct.pack("!i", max_rows))
-
-
-def Close(kind: bytes, name: str) -> bytes:
-    return msg(b"C", kind + cs(name))
-
-
-def FunctionCall(oid: int, *args: bytes) -> bytes:
-    body = struct.pack("!IH", oid, 0) + struct.pack("!H", len(args))
-    body += b"".join(struct.pack("!i", len(a)) + a for a in args)
-    return msg(b"F", body + struct.pack("!H", 0))
-
-
-def CopyData(data: bytes) -> bytes:
-    return msg(b"d", data)
-
-
-def CopyFail(why: str) -> bytes:
-    return msg(b"f", cs(why))
-
-
-SYNC = msg(b"S")
-FLUSH = msg(b"H")
-COPY_DONE = msg(b"c")
-TERMINATE = msg(b"X")
-
-# Backend (B)
-PARSE_COMPLETE = msg(b"1")
-BIND_COMPLETE = msg(b"2")
-CLOSE_COMPLETE = msg(b"3")
-NO_DATA = msg(b"n")
-PORTAL_SUSPENDED = msg(b"s")
-EMPTY_QUERY = msg(b"I")
-AUTH_OK = msg(b"R", struct.pack("!I", 0))
-
-
-def RowDescription(*names: str) -> bytes:
-    body = struct.pack("!H", len(names))
-    for n in names:
-        body += cs(n) + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0)
-    return msg(b"T", body)
-
-
-def DataRow(*values: bytes | None) -> bytes:
-    body = struct.pack("!H", len(values))
-    for v in values:
-        body += struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
-    return msg(b"D", body)
-
-
-def CommandComplete(tag: str) -> bytes:
-    return msg(b"C", cs(tag))
-
-
-def Ready(status: str = "I") -> bytes:
-    return msg(b"Z", status.encode())
-
-
-def _fields(severity: str, code: str, text: str) -> bytes:
-    return b"S" + cs(severity) + b"V" + cs(severity) + b"C" + cs(code) + b"M" + cs(text) + b"\x00"
-
-
-def ErrorResponse(code: str, text: str = "boom", severity: str = "ERROR") -> bytes:
-    return msg(b"E", _fields(severity, code, text))
-
-
-def NoticeResponse(text: str = "hello", code: str = "00000") -> bytes:
-    return msg(b"N", _fields("NOTICE", code, text))
-
-
-def Notification(pid: int, channel: str, payload: str) -> bytes:
-    return msg(b"A", struct.pack("!I", pid) + cs(channel) + cs(payload))
-
-
-def ParameterStatus(name: str, value: str) -> bytes:
-    return msg(b"S", cs(name) + cs(value))
-
-
-def ParameterDescription(*oids: int) -> bytes:
-    return msg(b"t", struct.pack("!H", len(oids)) + b"".join(struct.pack("!I", o) for o in oids))
-
-
-def CopyInResponse(ncols: int = 1) -> bytes:
-    return msg(b"G", b"\x00" + struct.pack("!H", ncols) + b"\x00\x00" * ncols)
-
-
-def CopyOutResponse(ncols: int = 1) -> bytes:
-    return msg(b"H", b"\x00" + struct.pack("!H", ncols) + b"\x00\x00" * ncols)
-
-
-def FunctionCallResponse(value: bytes) -> bytes:
-    return msg(b"V", struct.pack("!i", len(value)) + value)
-
-
-def BackendKeyData(pid: int, key: bytes) -> bytes:
-    return msg(b"K", struct.pack("!I", pid) + key)
-
-
-def AuthSASL(*mechs: str) -> bytes:
-    return msg(b"R", struct.pack("!I", 10) + b"".join(cs(m) for m in mechs) + b"\x00")
-
+# fixed messages
 
 KEY4 = bytes.fromhex("0badcafe")
 STARTUP_REPLY = (

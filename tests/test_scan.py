@@ -17,14 +17,11 @@ from hypothesis import strategies as st
 
 from pgotel_proxy.protocol import scan
 from pgotel_proxy.protocol import session as session_mod
+from wire import message as _msg
 
 IMPLS = [pytest.param(scan.run_end_py, id="python")]
 if scan.COMPILED:
     IMPLS.append(pytest.param(scan.run_end, id="compiled"))
-
-
-def _msg(typ: bytes, body: bytes) -> bytes:
-    return typ + struct.pack("!I", len(body) + 4) + body
 
 
 def test_compiled_helper_is_built_where_ci_expects_it():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +33,10 @@ from pgotel_proxy.proxy.connection import ClientConnection
 from pgotel_proxy.proxy.server import _LOG_HEAD, ProxyServer
 
 from test_protocol_fuzz import CORPUS, _split, cut_lists, mutate
+from wire import (
+    AUTH_OK, FLUSH, SYNC, BackendKeyData, Bind, Close, CommandComplete, DataRow, Describe, ErrorResponse, Execute,
+    ParameterDescription, ParameterStatus, Parse, Query, ReadyForQuery, RowDescription, fields, message as msg,
+)
 
 pytestmark = pytest.mark.skipif(not session_mod.COMPILED, reason="compiled codec not built (or PGOTEL_PURE_PYTHON)")
 
@@ -176,59 +179,29 @@ def run_both(steps, cuts, in_place: bool | None = None, **kw) -> tuple[Driver, D
 # ------------------------------------------------------------------ messages
 
 
-def msg(t: str, body: bytes = b"") -> bytes:
-    return t.encode() + struct.pack("!I", len(body) + 4) + body
-
-
-def cs(text: str) -> bytes:
-    return text.encode() + b"\x00"
-
-
 def parse(name: str, sql: str) -> bytes:
-    return msg("P", cs(name) + cs(sql) + struct.pack("!h", 0))
+    return Parse(sql, name)
 
 
 def bind(portal: str, stmt: str, value: str = "1") -> bytes:
-    v = value.encode()
-    return msg("B", cs(portal) + cs(stmt) + struct.pack("!hhi", 0, 1, len(v)) + v + struct.pack("!h", 0))
+    return Bind(stmt, portal, (value.encode(),))
 
 
-def execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return msg("E", cs(portal) + struct.pack("!i", max_rows))
-
-
-def describe(kind: str, name: str) -> bytes:
-    return msg("D", kind.encode() + cs(name))
-
-
-def close(kind: str, name: str) -> bytes:
-    return msg("C", kind.encode() + cs(name))
-
-
-SYNC, FLUSH = msg("S"), msg("H")
-ROWDESC = msg("T", struct.pack("!h", 1) + cs("a") + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+execute, describe, close, complete, ready = Execute, Describe, Close, CommandComplete, ReadyForQuery
+ROWDESC = RowDescription("a", type_oid=23, type_size=4)
 
 
 def row(v: str = "7") -> bytes:
-    return msg("D", struct.pack("!hi", 1, len(v)) + v.encode())
-
-
-def complete(tag: str) -> bytes:
-    return msg("C", cs(tag))
-
-
-def ready(status: str = "I") -> bytes:
-    return msg("Z", status.encode())
+    return DataRow(v.encode())
 
 
 def error(code: str = "42P01", severity: str = "ERROR") -> bytes:
-    return msg("E", b"S" + cs(severity) + b"V" + cs(severity) + b"C" + cs(code) + b"M" + cs('no "x" here') + b"\x00")
+    return ErrorResponse(code, 'no "x" here', severity)
 
 
-NOTICE = msg("N", b"S" + cs("NOTICE") + b"C" + cs("00000") + b"M" + cs("hello") + b"\x00")
-PARAM = msg("S", cs("application_name") + cs("app"))
-STARTUP_SERVER = (msg("R", struct.pack("!I", 0)) + PARAM + msg("K", struct.pack("!I", 4242) + b"keyk")
-                  + ready("I"))
+NOTICE = msg("N", fields(S="NOTICE", C="00000", M="hello"))
+PARAM = ParameterStatus("application_name", "app")
+STARTUP_SERVER = AUTH_OK + PARAM + BackendKeyData(4242, b"keyk") + ready("I")
 
 
 # One conversation step: (client bytes, server bytes), built from a few choices.
@@ -249,19 +222,19 @@ def exchange(draw) -> tuple[bytes, bytes]:
     tx = draw(st.sampled_from("ITE"))
     data = b"".join(row(str(i)) for i in range(rows))
     if kind == "simple":
-        return msg("Q", cs(sql.replace("$1", "1"))), ROWDESC + data + complete(f"SELECT {rows}") + ready(tx)
+        return Query(sql.replace("$1", "1")), ROWDESC + data + complete(f"SELECT {rows}") + ready(tx)
     if kind == "simple_multi":
-        return (msg("Q", cs("SELECT 1; SELECT 2")),
+        return (Query("SELECT 1; SELECT 2"),
                 ROWDESC + data + complete(f"SELECT {rows}") + ROWDESC + row() + complete("SELECT 1") + ready(tx))
     if kind == "simple_error":
-        return msg("Q", cs("SELECT x")), ROWDESC + data + error() + ready("E" if tx != "I" else "I")
+        return Query("SELECT x"), ROWDESC + data + error() + ready("E" if tx != "I" else "I")
     if kind == "empty":
-        return msg("Q", cs("")), msg("I") + ready(tx)
+        return Query(""), msg("I") + ready(tx)
     if kind == "unnamed":
         return (parse("", sql) + bind("", "") + describe("P", "") + execute() + SYNC,
                 msg("1") + msg("2") + ROWDESC + data + complete(f"SELECT {rows}") + ready(tx))
     if kind == "prepare":
-        return parse(name, sql) + describe("S", name) + SYNC, msg("1") + msg("t", struct.pack("!hI", 1, 23)) + ROWDESC + ready(tx)
+        return parse(name, sql) + describe("S", name) + SYNC, msg("1") + ParameterDescription(23) + ROWDESC + ready(tx)
     if kind == "run_prepared":
         return bind("", name) + execute() + SYNC, msg("2") + data + complete(f"SELECT {rows}") + ready(tx)
     if kind == "bind_error":
@@ -286,12 +259,12 @@ def exchange(draw) -> tuple[bytes, bytes]:
         return (bind("", name) + execute() + SYNC,
                 NOTICE + msg("2") + PARAM + data + NOTICE + complete(f"SELECT {rows}") + ready(tx))
     if kind == "describe_stmt":
-        return describe("S", name) + SYNC, msg("t", struct.pack("!h", 0)) + msg("n") + ready(tx)
+        return describe("S", name) + SYNC, ParameterDescription() + msg("n") + ready(tx)
     if kind == "twice":  # executemany: bound and run twice in the Parse's own batch
         return (parse("", sql) + bind("", "") + execute() + bind("", "") + execute() + SYNC,
                 msg("1") + msg("2") + complete("UPDATE 1") + msg("2") + complete("UPDATE 1") + ready(tx))
     # tx: BEGIN, statement, COMMIT in one pipeline
-    return (msg("Q", cs("BEGIN")) + bind("", name) + execute() + SYNC + msg("Q", cs("COMMIT")),
+    return (Query("BEGIN") + bind("", name) + execute() + SYNC + Query("COMMIT"),
             complete("BEGIN") + ready("T") + msg("2") + data + complete("SELECT 1") + ready("T")
             + complete("COMMIT") + ready("I"))
 
@@ -403,7 +376,7 @@ def test_fast_path_really_runs():
     try:
         d.client(parse("", "SELECT 1") + c, 2)
         d.server(msg("1") + s, 3)
-        d.client(msg("Q", cs("SELECT 1")), 4)
+        d.client(Query("SELECT 1"), 4)
         d.server(ROWDESC + row() + complete("SELECT 1") + ready("I"), 5)
     finally:
         sys.settrace(None)
@@ -434,7 +407,7 @@ def test_core_refuses_what_it_does_not_know():
     # A failed configure left the working layout in place.
     d = Driver(True)
     d.server(STARTUP_SERVER, 1)
-    d.client(msg("Q", cs("SELECT 1")), 2)
+    d.client(Query("SELECT 1"), 2)
     d.server(complete("SELECT 1") + ready("I"), 3)
     d.take()
     assert [r.status for r in d.records] == ["ok"]
@@ -598,12 +571,12 @@ def test_a_loop_that_raises_on_the_pump_log_is_answered_as_in_python(kind):
         ProxyServer._observe_log_py(SimpleNamespace(pumped=pumped), log)
         if kind == 0:
             s.max_message_size = "not a size"
-            chunk = msg("Q", cs("SELECT 1"))
+            chunk = Query("SELECT 1")
         else:
-            conn_log = _log([(1, 0, msg("Q", cs("SELECT 1")), 2)])
+            conn_log = _log([(1, 0, Query("SELECT 1"), 2)])
             ProxyServer._observe_log_py(SimpleNamespace(pumped=pumped), conn_log)
             s._rows = "not a count"
-            chunk = msg("T", struct.pack("!h", 0)) + row() + complete("SELECT 1") + ready()
+            chunk = RowDescription() + row() + complete("SELECT 1") + ready()
         before = STATS.decode_desyncs
         log = _log([(1, kind, chunk, 3)])
         if compiled:

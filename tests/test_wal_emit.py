@@ -19,6 +19,7 @@ import pytest
 from pgotel_proxy.protocol.startup import encode_startup
 from pgotel_proxy.stats import STATS
 from test_wal_consumer import TRACE_ID, RunningConsumer, cdc_table, consumer_spans, traceparent  # noqa: F401
+from wire import SYNC, Bind, Execute as _execute, Parse as _parse, Query as _q, message as _msg
 
 
 def _emitted() -> int:
@@ -154,29 +155,11 @@ def test_first_statement_of_a_connection_gets_its_message(pg, make_proxy, cdc_ta
 # ------------------------------------------------------------- byte identity
 
 
-def _msg(t: bytes, body: bytes) -> bytes:
-    return t + struct.pack("!I", len(body) + 4) + body
-
-
-def _q(sql: str) -> bytes:
-    return _msg(b"Q", sql.encode() + b"\x00")
-
-
-def _parse(sql: str, name: str = "") -> bytes:
-    return _msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!H", 0))
-
-
 def _bind(params: list[bytes], stmt: str = "", portal: str = "") -> bytes:
-    body = portal.encode() + b"\x00" + stmt.encode() + b"\x00" + struct.pack("!HH", 0, len(params))
-    body += b"".join(struct.pack("!I", len(p)) + p for p in params) + struct.pack("!H", 0)
-    return _msg(b"B", body)
+    return Bind(stmt, portal, tuple(params))
 
 
-def _execute(portal: str = "") -> bytes:
-    return _msg(b"E", portal.encode() + b"\x00" + struct.pack("!I", 0))
-
-
-_SYNC = _msg(b"S", b"")
+_SYNC = SYNC
 _DESCRIBE_PORTAL = _msg(b"D", b"P\x00")
 
 

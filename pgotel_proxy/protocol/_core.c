@@ -225,6 +225,7 @@ fail:
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
+    (void)self;
     PyObject *st, *rt, *ct, *rspec, *cspec, *kinds;
     if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyType_Type, &st, &PyType_Type, &rt, &PyType_Type, &ct,
                           &PyTuple_Type, &rspec, &PyTuple_Type, &cspec, &PyTuple_Type, &kinds))
@@ -854,6 +855,7 @@ out:
 static PyObject *
 client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     Py_buffer view;
     Py_ssize_t pos, n;
     if (parse_args(args, nargs, &view, &pos, &n) < 0)
@@ -1157,6 +1159,7 @@ out:
 static PyObject *
 server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     Py_buffer view;
     Py_ssize_t pos, n;
     if (parse_args(args, nargs, &view, &pos, &n) < 0)
@@ -1446,6 +1449,7 @@ pack_one(wbuf *w, PyObject *rec, PyTypeObject *type, const layout *l)
 static PyObject *
 pack(PyObject *self, PyObject *records)
 {
+    (void)self;
     if (!configured) {
         PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
         return NULL;
@@ -1769,6 +1773,7 @@ unpack_one(rbuf *r, PyTypeObject *type, const layout *l)
 static PyObject *
 unpack(PyObject *self, PyObject *arg)
 {
+    (void)self;
     if (!configured) {
         PyErr_SetString(PyExc_RuntimeError, "_core is not configured");
         return NULL;
@@ -2036,6 +2041,7 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
 static PyObject *
 feed_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
+    (void)kw;
     int server_side;
     Py_ssize_t deliver_at;
     PyObject *conn, *session, *write, *full, *resume;
@@ -2174,6 +2180,7 @@ log_feed(PyObject *resume, PyObject *conn, int kind, PyObject *log, Py_ssize_t s
 static PyObject *
 observe_log(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyDict_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "expected (log: bytes, pumped: dict, resume)");
         return NULL;
@@ -2260,6 +2267,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_core", "Compiled fast path of the protocol codec.", -1, methods,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC

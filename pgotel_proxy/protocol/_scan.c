@@ -28,6 +28,7 @@ msg_end(const unsigned char *p, Py_ssize_t pos)
 static PyObject *
 run_end(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "run_end(buf, pos, n, typ)");
         return NULL;
@@ -70,6 +71,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_scan", "Compiled helper of the protocol codec.", -1, methods,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC

@@ -856,6 +856,7 @@ PyDoc_STRVAR(take_log_doc,
 static PyObject *
 pump_take_log(Pump *p, PyObject *unused)
 {
+    (void)unused;
     pthread_mutex_lock(&p->mu);
     char *log = p->log;
     size_t n = p->loglen;
@@ -896,6 +897,7 @@ PyDoc_STRVAR(take_closed_doc, "take_closed() -> [(id, errno)]: pairs ended since
 static PyObject *
 pump_take_closed(Pump *p, PyObject *unused)
 {
+    (void)unused;
     size_t n;
     Closed *c = take_all(p, (void **)&p->closed, &p->nclosed, &p->capclosed, &n);
     PyObject *out = PyList_New((Py_ssize_t)n);
@@ -917,6 +919,7 @@ PyDoc_STRVAR(stop_doc, "stop(): close every pair and end the thread (waits for i
 static PyObject *
 pump_stop(Pump *p, PyObject *unused)
 {
+    (void)unused;
     pump_stop_thread(p);
     Py_RETURN_NONE;
 }
@@ -924,6 +927,7 @@ pump_stop(Pump *p, PyObject *unused)
 static PyObject *
 pump_live(Pump *p, void *closure)
 {
+    (void)closure;
     pthread_mutex_lock(&p->mu);
     size_t n = p->live;
     pthread_mutex_unlock(&p->mu);
@@ -959,6 +963,7 @@ static PyTypeObject PumpType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_pump", "The bare relay of unobserved connections, in C (see Pump).", -1, NULL,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC

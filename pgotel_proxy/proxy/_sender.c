@@ -110,6 +110,7 @@ sender_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwna
 static PyObject *
 sender_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
+    (void)kw;
     int fd;
     PyObject *transport;
     if (!PyArg_ParseTuple(args, "iO", &fd, &transport))
@@ -148,6 +149,7 @@ static PyTypeObject SenderType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_sender", "A relay's write to a plain socket transport, in C (see Sender).", -1, NULL,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC

@@ -169,6 +169,7 @@ build_field(const unsigned char *trace_id, const unsigned char *span_id, const u
 static PyObject *
 span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 12) {
         PyErr_SetString(PyExc_TypeError, "span_field takes 12 arguments");
         return NULL;
@@ -204,6 +205,7 @@ span_field(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 attribute_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "attribute_fields takes 5 arguments");
         return NULL;
@@ -323,6 +325,7 @@ head_ok(PyObject *head)
 static PyObject *
 local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs < 6 || (nargs - 6) % 4 != 0 || !PyList_Check(args[0]) || !head_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "local_children(out, head, trace_id, parent_id, trace_state, flags, (parts, span_id, start, end)...)");
@@ -434,6 +437,7 @@ field_descrs(PyObject *cls, PyObject *layout, int count, const char *const *name
 static PyObject *
 configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     PyObject *descrs[F_COUNT] = {NULL}, *cdescrs[C_COUNT] = {NULL};
     const char *names[F_COUNT], *cnames[C_COUNT];
     int kinds[F_COUNT], ckinds[C_COUNT];
@@ -640,6 +644,7 @@ static int extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, P
 static PyObject *
 statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 11 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3) {
         PyErr_SetString(PyExc_TypeError,
@@ -714,6 +719,7 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
 static PyObject *
 simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 12 || !PyList_Check(args[0]) || !head_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, "
@@ -948,6 +954,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)self;
     if (nargs != 13 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[4]) || !PyTuple_Check(args[6]) ||
         PyTuple_GET_SIZE(args[6]) != 3) {
@@ -1019,6 +1026,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_otlpenc", "Compiled half of the OTLP span encoder.", -1, methods,
+    NULL, NULL, NULL, NULL, /* m_slots, m_traverse, m_clear, m_free */
 };
 
 PyMODINIT_FUNC
