@@ -13,7 +13,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pgotel_proxy.tracing import otlp
@@ -120,6 +120,11 @@ class _ScriptedRandom:
     def __init__(self, draws, seed):
         import random
 
+        # Only ids random.Random.getrandbits(64) can return (the product's source): one
+        # it can never draw, such as -1, fails the compiled call and the Python steps at
+        # different points of a statement, and a difference found there is no bug.
+        # Checked here, as the helper under test would log a failure of getrandbits.
+        assert all(0 <= drawn < 1 << 64 for drawn in draws), draws
         self.draws = list(draws)
         self.rest = random.Random(seed)
 
@@ -269,8 +274,14 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 50)), min_size=1, max_size=24),
-       st.sampled_from([1.0, 0.5]), st.lists(st.sampled_from([0, 1, 2**64 - 1, -1]), max_size=8),
+       st.sampled_from([1.0, 0.5]), st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=8),
        st.integers(0, 100), st.booleans())
+# A kept statement whose new trace id is drawn at the edges of the range (this
+# case once drew -1, which no id source of the product returns).
+@example(kinds=[("ext-plain", 0), ("ext-plain", 0), ("simple", 0)], rate=1.0, draws=[1, 1, 1, 1, 1, 2**64 - 1],
+         seed=0, bare=False)
+@example(kinds=[("ext-plain", 0), ("ext-plain", 0), ("simple", 0)], rate=1.0, draws=[1, 1, 1, 1, 1, 0, 1],
+         seed=0, bare=False)
 def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed, bare):
     """Any mix of forms, repeated or not: the same spans, ids, errors and counts as without kept_run."""
     records = [_record(kind, i) for kind, i in kinds]
