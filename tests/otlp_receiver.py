@@ -220,8 +220,11 @@ class _HttpHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != _TRACES_PATH:
             self._reply(404, b"not found", "text/plain")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        try:
+            body = self._body()
+        except ValueError as exc:
+            self._reply(400, f"bad request: {exc}".encode(), "text/plain")
+            return
         mode = receiver._begin_request("http")
 
         if mode == "blackhole":
@@ -253,6 +256,23 @@ class _HttpHandler(BaseHTTPRequestHandler):
         receiver._store(decode_request(request))
         response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         self._reply(200, response, "application/x-protobuf")
+
+    def _body(self) -> bytes:
+        """The request body, by Content-Length or in chunks (OpenTelemetry JS's exporter streams it)."""
+        if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+        chunks = []
+        while True:
+            size = int(self.rfile.readline(100).split(b";", 1)[0].strip() or b"x", 16)
+            if size == 0:
+                break
+            chunks.append(self.rfile.read(size))
+            if self.rfile.readline(3) != b"\r\n":
+                raise ValueError("a chunk does not end with CRLF")
+        while self.rfile.readline(1000) not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+        return b"".join(chunks)
 
     def _reply(self, code: int, body: bytes, ctype: str) -> None:
         self.send_response(code)

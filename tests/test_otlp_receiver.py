@@ -391,6 +391,22 @@ def test_raw_http_gzip_and_error_answers(receiver):
     assert len(receiver.spans) == 1
 
 
+def test_raw_http_chunked_body(receiver):
+    """A body sent in chunks, without Content-Length, as OpenTelemetry JS's exporter sends it."""
+    import http.client
+
+    body = _request_bytes("in-chunks")
+    conn = http.client.HTTPConnection("127.0.0.1", receiver.http_port, timeout=5)
+    try:
+        conn.request("POST", "/v1/traces", body=iter([body[:7], body[7:]]),
+                     headers={"Content-Type": "application/x-protobuf"}, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+    finally:
+        conn.close()
+    assert receiver.one("in-chunks").span_id == "0102030405060708"
+
+
 # ---------------------------------------------------------------------------
 # lifecycle
 
