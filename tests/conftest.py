@@ -106,6 +106,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_channels.py",
         "test_clients.py",
         "test_demo_app.py",
+        "test_node_writers.py",
         "test_tls_auth.py",
         "test_versions.py",
     ),
