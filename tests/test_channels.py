@@ -11,7 +11,8 @@ traceparent (as OpenTelemetry JS's pg instrumentation sends it with
 each query), pg_tracing's ``pg_tracing.trace_context``, and which channel
 wins. Also: ``db.postgresql.application_name`` is the value each statement
 ran under, even when the connection changes it between statements sent in
-one write.
+one write. node-postgres with OpenTelemetry JS's pg instrumentation itself
+runs in tests/test_node_writers.py.
 
 The rules of the channels themselves (``SET LOCAL``, rollback, ``RESET``,
 ``DISCARD ALL``) are checked on the span builder's connection state without
