@@ -465,11 +465,13 @@ def test_sighup_settings_reach_restarted_workers(pg, tmp_path):
     p = ProxyProcess(pg, tmp_path, "--config", str(conf))
     try:
         p.wait_ready()
-        traffic(p)
+        first = sum(traffic(p))  # one statement a session
         conf.write_text("tracing = false\n")
         p.proc.send_signal(signal.SIGHUP)
         wait_tracing(p, False)
-        time.sleep(0.3)  # statements of the first round all built
+        # Each worker's span process reports its count four times a second, later when it is
+        # behind (idle scheduling class): the first round is counted before the baseline.
+        wait_for(lambda: sum(per_worker(p, "statements")) >= first, 10, "the first round's statements counted")
         before = per_worker(p, "statements")
         traffic(p)
         time.sleep(0.3)
