@@ -232,3 +232,38 @@ def test_without_database_url_it_says_what_to_set():
                           timeout=30)
     assert done.returncode == 2
     assert "DATABASE_URL" in done.stderr
+
+
+def test_pgotel_proxy_demo_workload_shows_observed_phases_and_claims_no_other(make_proxy, otlp, demo_db):
+    """``pgotel-proxy demo``'s workload, through a proxy timed as the demo times it (``flush``).
+
+    Its slow statement gets exact, non-zero parse, plan and execute spans; no statement
+    has a phase span followed by another unless the boundary between them was observed.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from pgotel_proxy.demo import _workload
+    from tracetree import assert_statement, children, collect, held_phases
+
+    proxy = make_proxy(phase_timing="flush")
+    names = _workload(proxy.dsn(dbname=demo_db), TracerProvider().get_tracer("demo-test"))
+    assert "GET /users/{id}/network" in names
+
+    def slow(spans):
+        return [s for s in spans if s.kind == "SERVER" and "JOIN users u9" in s.attributes.get("db.query.text", "")]
+
+    spans = collect(proxy, otlp, lambda got: slow(got) and len(children(got, slow(got)[0])) >= 1)
+    statements = [s for s in spans if s.kind == "SERVER" and s.scope == "pgotel_proxy"]
+    assert len(statements) >= 6
+    for stmt in statements:
+        kids = assert_statement(spans, stmt, name=stmt.name, phases=tuple(k.name for k in children(spans, stmt)),
+                                parent=stmt.parent_span_id)
+        # A span followed by another claims the boundary between them: only an observed one.
+        assert all(k.attributes["pgotel.timing.exact"] for k in kids[:-1]), [k.describe() for k in kids]
+        assert [p for k in kids for p in held_phases(k)] in (["execute"], ["parse", "plan", "execute"]), stmt.describe()
+    (network,) = slow(spans)
+    parse, plan, execute = assert_statement(spans, network, name=network.name, phases=("parse", "plan", "execute"),
+                                            parent=None)
+    for phase in (parse, plan, execute):
+        assert phase.attributes["pgotel.timing.exact"] is True and phase.end_ns > phase.start_ns, phase.describe()
+    assert execute.end_ns - execute.start_ns >= 15_000_000  # the 20 ms execution
