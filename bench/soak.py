@@ -84,6 +84,8 @@ def _span_problems(span, seen_server: OrderedDict) -> list[str]:
     if len(span.attributes) > 128:
         bad.append(f"{len(span.attributes)} attributes")
     for key, value in span.attributes.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):  # pgotel.phases
+            continue
         if not isinstance(value, (str, bool, int, float)):
             bad.append(f"attribute {key} of type {type(value).__name__}")
         elif isinstance(value, str) and len(value) > 70_000:
@@ -92,9 +94,12 @@ def _span_problems(span, seen_server: OrderedDict) -> list[str]:
         for key in ("db.system.name", "db.namespace"):
             if not isinstance(span.attributes.get(key), str):
                 bad.append(f"SERVER span without {key}")
-    if span.kind == "INTERNAL" and span.name in ("parse", "plan", "execute"):
+    held = span.name.split("+")
+    if span.kind == "INTERNAL" and all(p in ("parse", "plan", "execute") for p in held):
         if not isinstance(span.attributes.get("pgotel.timing.exact"), bool):
             bad.append("phase span without pgotel.timing.exact")
+        if len(held) > 1 and span.attributes.get("pgotel.phases") != held:
+            bad.append("phase span whose pgotel.phases is not its name's")
     if span.resource.get("service.name") in (None, ""):
         bad.append("no service.name")
     return bad

@@ -250,10 +250,10 @@ class Config(BaseModel):
         description="How the parse, plan and execute spans are timed. 'wire': each phase ends when "
                     "its answer passes the proxy; when a driver sends Parse, Bind and Execute "
                     "together before one Sync, the server answers them together, and those phases "
-                    "end late (pgotel.timing.exact = false: the duration is an upper bound). "
-                    "'flush': the proxy adds a Flush message after each Parse, Bind and Execute "
+                    "share one span (parse+plan+execute): no span claims a boundary the wire did not "
+                    "show. 'flush': the proxy adds a Flush message after each Parse, Bind and Execute "
                     "that no Flush or Sync follows, so the server sends each answer at once and "
-                    "every phase ends exactly. Finer, and dearer: one more server write (and network "
+                    "phases whose answers arrive apart get a span each. Finer, and dearer: one more server write (and network "
                     "packet) per phase, and every session, traced or not, stays on the event loop "
                     "with its client messages read by the Python loop instead of the compiled "
                     "ones. The client receives the same bytes either way.")

@@ -8,12 +8,17 @@ What it runs, all on this machine:
 3. a small "web app" workload: each request is an OpenTelemetry SERVER span,
    and psycopg is instrumented by opentelemetry-instrumentation-psycopg with
    sqlcommenter on, so every query carries its CLIENT span's traceparent —
-   simple and extended protocol, a transaction, and one failing statement.
+   simple and extended protocol, a transaction, one failing statement, and
+   one statement slow in every phase (planning a ten-way join with every join
+   order considered, then a 20 ms execution).
 
 Without ``--otlp-endpoint`` the app's spans (in memory) and the proxy's spans
 (sent by its span process over OTLP/HTTP to a small receiver in this process,
 :class:`_OtlpCollector`) are printed as one tree per request:
-app span → psycopg CLIENT span → proxy statement span → parse / plan / execute.
+app span → psycopg CLIENT span → proxy statement span → its phases: parse, plan
+and execute where the wire showed the boundaries between them (the slow
+statement), one ``parse+plan+execute`` span where it did not (fast statements,
+whose answers arrive together).
 With ``--otlp-endpoint URL`` both go to that collector over OTLP instead.
 """
 
@@ -63,6 +68,8 @@ class _OtlpCollector:
 
         def value(v):
             which = v.WhichOneof("value")
+            if which == "array_value":
+                return tuple(value(x) for x in v.array_value.values)
             return getattr(v, which) if which in ("string_value", "bool_value", "int_value", "double_value") else None
 
         request = ExportTraceServiceRequest.FromString(body)
@@ -115,6 +122,17 @@ def _workload(dsn: str, tracer) -> list[str]:
                 span.set_status(Status(StatusCode.ERROR, str(exc.sqlstate)))
             conn.rollback()
         names.append("GET /report")
+
+    # Planning searches every join order of this ten-way join (join_collapse_limit raised, no
+    # genetic search): milliseconds of plan, then a 20 ms execution. With phase timing "flush"
+    # each answer arrives on its own, so all three phases are observed.
+    joins = " ".join(f"JOIN users u{i} ON u{i}.id = u{i - 1}.id" for i in range(1, 10))
+    with psycopg.connect(dsn, autocommit=True, application_name="demo-app",
+                         options="-c join_collapse_limit=20 -c from_collapse_limit=20 -c geqo=off") as conn:
+        with tracer.start_as_current_span("GET /users/{id}/network", kind=SpanKind.SERVER,
+                                          attributes={"http.route": "/users/{id}/network"}):
+            conn.execute(f"SELECT u0.name, pg_sleep(0.02) FROM users u0 {joins} WHERE u0.id = %s", (42,)).fetchall()
+        names.append("GET /users/{id}/network")
     return names
 
 

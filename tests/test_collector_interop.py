@@ -124,7 +124,7 @@ def test_spans_pass_through_a_real_collector_unchanged(make_proxy, otlp, tmp_pat
     by_label = {label: span_id for span_id, label in labels.items()}
     select = [s for s in spans if s.kind == "SERVER" and s.parent_span_id == by_label["select"]]
     assert len(select) == 1
-    assert_statement(spans, select[0], name="SELECT", phases=("parse", "plan", "execute"), parent=by_label["select"])
+    assert_statement(spans, select[0], name="SELECT", phases=("parse+plan+execute",), parent=by_label["select"])
     app_spans = {s.span_id: s for s in spans if s.scope != "pgotel_proxy"}
     for s in select:
         assert s.trace_id == app_spans[s.parent_span_id].trace_id

@@ -134,7 +134,7 @@ def _stack(otlp, route: str, client_prefix: str, timeout: float = 15.0):
                 for stmt in _children(spans, client):
                     if _service(stmt) == "pgotel-proxy" and stmt.kind == "SERVER":
                         phases = _children(spans, stmt)
-                        if phases and phases[-1].name == "execute":
+                        if phases and phases[-1].name.split("+")[-1] == "execute":
                             return server, client, stmt, phases
         return None
 
@@ -174,7 +174,8 @@ def test_routes_trace_from_http_handler_down_to_statement_phases(make_proxy, otl
     assert stmt.trace_id == server.trace_id
     assert stmt.attributes["db.system.name"] == "postgresql"
     assert stmt.attributes["db.postgresql.application_name"] == "demo-app"
-    assert [p.name for p in phases] == ["parse", "plan", "execute"], otlp.tree(server.trace_id)
+    # Parse, Bind and Execute in one write, answered together: one span holds the three phases.
+    assert [p.name for p in phases] == ["parse+plan+execute"], otlp.tree(server.trace_id)
     # The nesting is also a timeline: each level lies inside its parent.
     assert server.start_ns <= client.start_ns <= stmt.start_ns
     assert stmt.end_ns <= client.end_ns + 5_000_000  # clocks agree; 5 ms slack for export rounding
@@ -182,7 +183,7 @@ def test_routes_trace_from_http_handler_down_to_statement_phases(make_proxy, otl
     # POST /orders: both writes of the transaction under the one request span.
     order_server, _, insert, insert_phases = _stack(otlp, "POST /orders", "INSERT")
     assert order_server.attributes["http.response.status_code"] == 201
-    assert [p.name for p in insert_phases] == ["parse", "plan", "execute"]
+    assert [p.name for p in insert_phases] == ["parse+plan+execute"]
     _, _, update, _ = _stack(otlp, "POST /orders", "UPDATE")
     assert update.trace_id == insert.trace_id == order_server.trace_id
 
@@ -194,7 +195,7 @@ def test_routes_trace_from_http_handler_down_to_statement_phases(make_proxy, otl
     assert rep_client.status_code == "ERROR"
     assert rep_stmt.status_code == "ERROR"
     assert rep_stmt.attributes["db.response.status_code"] == "22012"
-    assert rep_phases[-1].name == "execute"
+    assert rep_phases[-1].name.split("+")[-1] == "execute"
 
     # 404 is the caller's problem, not a server error.
     missing = [s for s in otlp.spans if s.name == "GET /users/{id}"
@@ -221,7 +222,7 @@ def test_incoming_traceparent_continues_through_app_and_proxy_over_grpc(make_pro
     assert server.trace_id == caller_trace
     assert server.parent_span_id == caller_span
     assert stmt.trace_id == caller_trace
-    assert [p.name for p in phases] == ["parse", "plan", "execute"]
+    assert [p.name for p in phases] == ["parse+plan+execute"]
     assert otlp.request_count(transport="grpc") >= 2  # one batch from the app, one from the proxy
 
 
@@ -231,3 +232,38 @@ def test_without_database_url_it_says_what_to_set():
                           timeout=30)
     assert done.returncode == 2
     assert "DATABASE_URL" in done.stderr
+
+
+def test_pgotel_proxy_demo_workload_shows_observed_phases_and_claims_no_other(make_proxy, otlp, demo_db):
+    """``pgotel-proxy demo``'s workload, through a proxy timed as the demo times it (``flush``).
+
+    Its slow statement gets exact, non-zero parse, plan and execute spans; no statement
+    has a phase span followed by another unless the boundary between them was observed.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from pgotel_proxy.demo import _workload
+    from tracetree import assert_statement, children, collect, held_phases
+
+    proxy = make_proxy(phase_timing="flush")
+    names = _workload(proxy.dsn(dbname=demo_db), TracerProvider().get_tracer("demo-test"))
+    assert "GET /users/{id}/network" in names
+
+    def slow(spans):
+        return [s for s in spans if s.kind == "SERVER" and "JOIN users u9" in s.attributes.get("db.query.text", "")]
+
+    spans = collect(proxy, otlp, lambda got: slow(got) and len(children(got, slow(got)[0])) >= 1)
+    statements = [s for s in spans if s.kind == "SERVER" and s.scope == "pgotel_proxy"]
+    assert len(statements) >= 6
+    for stmt in statements:
+        kids = assert_statement(spans, stmt, name=stmt.name, phases=tuple(k.name for k in children(spans, stmt)),
+                                parent=stmt.parent_span_id)
+        # A span followed by another claims the boundary between them: only an observed one.
+        assert all(k.attributes["pgotel.timing.exact"] for k in kids[:-1]), [k.describe() for k in kids]
+        assert [p for k in kids for p in held_phases(k)] in (["execute"], ["parse", "plan", "execute"]), stmt.describe()
+    (network,) = slow(spans)
+    parse, plan, execute = assert_statement(spans, network, name=network.name, phases=("parse", "plan", "execute"),
+                                            parent=None)
+    for phase in (parse, plan, execute):
+        assert phase.attributes["pgotel.timing.exact"] is True and phase.end_ns > phase.start_ns, phase.describe()
+    assert execute.end_ns - execute.start_ns >= 15_000_000  # the 20 ms execution

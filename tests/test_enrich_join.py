@@ -144,8 +144,9 @@ def test_prepared_statement_planning_and_execution_split_from_the_log(make_proxy
         "db.postgresql.execution_time_ms" in s.attributes for s in executions(ss)))
     stmt = executions(spans)[-1]
     assert stmt.attributes.get("pgotel.statement.prepared_earlier") is True
-    plan = child(spans, stmt, "plan")
+    plan = child(spans, stmt, "plan")  # split off the wire's plan+execute
     execute = child(spans, stmt, "execute")
+    assert "pgotel.phases" not in plan.attributes and "pgotel.phases" not in execute.attributes
     assert plan.attributes["pgotel.timing.exact"] is False
     assert plan.attributes["pgotel.timing.source"] == "auto_explain"
     assert execute.attributes["pgotel.timing.source"] == "auto_explain"
@@ -155,6 +156,27 @@ def test_prepared_statement_planning_and_execution_split_from_the_log(make_proxy
     assert exec_ms >= 55
     assert execute.duration_ms == pytest.approx(exec_ms, abs=0.01)
     assert plan.duration_ms < 30
+    assert any(s.parent_span_id == execute.span_id and s.name == "Aggregate" for s in spans)
+
+
+def test_one_write_statement_gets_its_execution_split_off_from_the_log(make_proxy, pg, otlp, tables):
+    proxy = enriched(make_proxy, pg)
+    ctx = random_traceparent()
+    sql = "SELECT pg_sleep(0.06), count(*) AS one_write_split FROM enrich_users WHERE id < %s"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(comment(sql, ctx), (100,))  # Parse, Bind, Describe, Execute, Sync in one write
+    spans = otlp.wait_for(lambda ss: any(s.trace_id == ctx.trace_id and s.kind == "SERVER"
+                                         and "db.postgresql.execution_time_ms" in s.attributes for s in ss))
+    stmt = server_span(spans, ctx.trace_id)
+    # The wire showed one parse+plan+execute span; the executor's time from the log split
+    # the execution off it, and parse and plan stay together.
+    early = child(spans, stmt, "parse+plan")
+    execute = child(spans, stmt, "execute")
+    assert early.attributes["pgotel.phases"] == ["parse", "plan"]
+    assert early.attributes["pgotel.timing.exact"] is False
+    assert early.attributes["pgotel.timing.source"] == execute.attributes["pgotel.timing.source"] == "auto_explain"
+    assert (early.start_ns, early.end_ns, execute.end_ns) == (stmt.start_ns, execute.start_ns, stmt.end_ns)
+    assert execute.duration_ms == pytest.approx(stmt.attributes["db.postgresql.execution_time_ms"], abs=0.01)
     assert any(s.parent_span_id == execute.span_id and s.name == "Aggregate" for s in spans)
 
 

@@ -95,3 +95,27 @@ def test_full_pending_evicts_the_oldest_waiting_statement_once():
     assert released[-2].attributes["db.postgresql.backend_pid"] == 1
     assert len(j) == 2
     assert len(j.release_all()) == 4
+
+
+def test_a_plan_splits_the_execution_off_a_child_holding_several_phases():
+    """The wire showed no boundary inside parse+plan+execute; the executor's time from the log does."""
+    src = Sources()
+    j = Joiner(src, join_timeout=5.0)
+    now = time.time_ns()
+    rec, (server, _) = statement(5, "SELECT 1 FROM t", now, now + 2_000_000)
+    ctx = server.context
+    merged = make_span("parse+plan+execute", child_context(ctx), ctx, SpanKind.INTERNAL, now, now + 2_000_000,
+                       {"pgotel.timing.exact": True, "pgotel.phases": ("parse", "plan", "execute")}, None)
+    src.plans.append(plan(5, "SELECT 1 FROM t", now + 1_000_000))  # the executor took 0.5 ms
+    out = j.statement(rec, [server, merged])
+    assert [s.name for s in out] == ["SELECT t", "parse+plan", "execute", "Seq Scan t"]
+    early, execute = out[1], out[2]
+    assert (early.start_time, early.end_time) == (now, now + 1_500_000)
+    assert (execute.start_time, execute.end_time) == (now + 1_500_000, now + 2_000_000)
+    assert early.context.span_id == merged.context.span_id and execute.context.span_id != merged.context.span_id
+    assert execute.parent.span_id == early.parent.span_id == ctx.span_id
+    assert early.attributes["pgotel.phases"] == ("parse", "plan")
+    assert early.attributes["pgotel.timing.exact"] is False  # its end is the server's figure, not the wire's
+    assert execute.attributes["pgotel.timing.exact"] is True and "pgotel.phases" not in execute.attributes
+    assert early.attributes["pgotel.timing.source"] == execute.attributes["pgotel.timing.source"] == "auto_explain"
+    assert out[3].parent.span_id == execute.context.span_id

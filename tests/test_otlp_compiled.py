@@ -308,12 +308,12 @@ def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
     out.clear()
     again = [_record("ext", 2), _record("simple", 4), _record("simple", 7), _record("ext-plain", 6)]
     assert builder.kept(conn, again, 0, out) == (3, None)  # up to the statement of a new shape
-    assert len(out) == 4 + 2 + 2
+    assert len(out) == 3 + 2 + 2  # an even "ext": its span, parse+plan (Parse not flushed alone), execute
     own = [_record("ext-own", i) for i in (0, 2, 4)]  # one shape, a new traceparent each time
     builder.one(conn, own[0], out)
     out.clear()
-    assert builder.kept(conn, own, 1, out) == (3, None) and len(out) == 8
-    for span, trace_id in zip(out[::4], (3, 5)):  # in their own traces
+    assert builder.kept(conn, own, 1, out) == (3, None) and len(out) == 6
+    for span, trace_id in zip(out[::3], (3, 5)):  # in their own traces
         assert b"\x0a\x10" + trace_id.to_bytes(16, "big") in span[2]
     import random
 
@@ -348,7 +348,7 @@ def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_ba
     head = ("r", "s")
     draws = [5, 6, 7, 8]
     got: list = []
-    otlp.statement_spans(got, head, parts, spans_mod._PHASE_TRIPLE, rec, 99, 3, b"", otlp.PARENT_FLAGS,
+    otlp.statement_spans(got, head, parts, spans_mod._PHASE_GROUPS, rec, 99, 3, b"", otlp.PARENT_FLAGS,
                          otlp.CHILD_FLAGS, _ScriptedRandom(draws, 0).getrandbits)
     want = [(*head, otlp.encode_span_parts(parts, 99, 5, 3, True, None, 10, 60))]
     builder = SpanBuilder(resource="r", sample_rate=1.0, capture_parameters=False, capture_literals=False, encode=True)
@@ -361,15 +361,15 @@ def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_ba
     finally:
         spans_mod._rand = saved
     want = [(*head, w[2]) for w in want]
-    assert got == want and len(got) == 3  # parse and plan, no execute
+    assert got == want and len(got) == 2  # parse+plan (answered together), no execute
     for bad in (
-        ([], head, parts, spans_mod._PHASE_TRIPLE, object(), 99, 3, b"", 1, 1, saved.getrandbits),  # not a record
-        ([], head, (b"", 1), spans_mod._PHASE_TRIPLE, rec, 99, 3, b"", 1, 1, saved.getrandbits),  # parts of two
+        ([], head, parts, spans_mod._PHASE_GROUPS, object(), 99, 3, b"", 1, 1, saved.getrandbits),  # not a record
+        ([], head, (b"", 1), spans_mod._PHASE_GROUPS, rec, 99, 3, b"", 1, 1, saved.getrandbits),  # parts of two
         ([], head, parts, (1, 2), rec, 99, 3, b"", 1, 1, saved.getrandbits),  # phase parts of two
     ):
         with pytest.raises(TypeError):
             otlp.statement_spans(*bad)
     with pytest.raises(OverflowError):
-        otlp.statement_spans([], head, parts, spans_mod._PHASE_TRIPLE, rec, 2**128, 3, b"", 1, 1, saved.getrandbits)
+        otlp.statement_spans([], head, parts, spans_mod._PHASE_GROUPS, rec, 2**128, 3, b"", 1, 1, saved.getrandbits)
     with pytest.raises(ZeroDivisionError):  # an error of the id source reaches the caller
-        otlp.statement_spans([], head, parts, spans_mod._PHASE_TRIPLE, rec, 1, 3, b"", 1, 1, lambda bits: 1 // 0)
+        otlp.statement_spans([], head, parts, spans_mod._PHASE_GROUPS, rec, 1, 3, b"", 1, 1, lambda bits: 1 // 0)

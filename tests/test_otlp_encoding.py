@@ -383,11 +383,11 @@ def test_proxy_exports_statements_over_both_protocols(make_proxy, otlp, protocol
     with psycopg.connect(proxy.dsn(application_name="enc"), autocommit=True) as conn:
         conn.execute("SELECT %s::int AS answer", (42,))
     proxy.flush()
-    spans = otlp.wait_for(lambda got: any(s.name == "SELECT" for s in got) and len(got) >= 4)
+    spans = otlp.wait_for(lambda got: any(s.name == "SELECT" for s in got) and len(got) >= 2)
     top = next(s for s in spans if s.name == "SELECT")
     assert top.attributes["db.system.name"] == "postgresql"
     assert top.attributes["db.postgresql.application_name"] == "enc"
-    assert {s.name for s in spans if s.parent_span_id == top.span_id} >= {"parse", "plan", "execute"}
+    assert {s.name for s in spans if s.parent_span_id == top.span_id} == {"parse+plan+execute"}
 
 
 def test_make_exporter_builds_the_fast_exporters():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -96,9 +97,47 @@ def test_a_statement_of_each_kind_encodes_the_same_both_ways():
     ]
     readable = _same_request(records)
     names = {s.name for s in readable}
-    assert {"SELECT users", "parse", "plan", "execute", "PREPARE INSERT t", "FUNCTION CALL"} <= names, names
+    assert {"SELECT users", "parse", "plan", "execute", "plan+execute", "PREPARE INSERT t", "FUNCTION CALL"} <= names, names
     assert any(s.parent is not None and s.parent.trace_id == int(TP[3:35], 16) and s.context.trace_state
                for s in readable)
+
+
+_ONE_READ = dict(parse_end_ns=1_050, bind_end_ns=1_050, end_ns=1_050)  # every answer arrived in one read
+
+
+@pytest.mark.parametrize("fields, want", [
+    # Parse, Bind, Execute, Sync in one write (psycopg, asyncpg, JDBC, pgx), answered together:
+    # one span over the statement, its end (Execute's answer, flushed at Sync) observed.
+    (dict(parse_exact=False, bind_exact=False, **_ONE_READ), [("parse+plan+execute", True, 1_000, 1_050)]),
+    # phase_timing "flush", each answer in a read of its own: three exact phases.
+    ({}, [("parse", True, 1_000, 1_010), ("plan", True, 1_020, 1_030), ("execute", True, 1_040, 1_050)]),
+    # Flushed, but ParseComplete and BindComplete read together: no boundary between them.
+    (dict(parse_end_ns=1_030), [("parse+plan", True, 1_000, 1_030), ("execute", True, 1_040, 1_050)]),
+    # A statement prepared earlier (Bind, Execute, Sync): plan and execute answered together.
+    (dict(reused=True, parse_start_ns=0, parse_end_ns=0, parse_exact=False, bind_exact=False, bind_end_ns=1_050),
+     [("plan+execute", True, 1_020, 1_050)]),
+    # Pipelined, not followed by a Flush or Sync: not even the end was observed.
+    (dict(parse_exact=False, bind_exact=False, exec_exact=False, **_ONE_READ),
+     [("parse+plan+execute", False, 1_000, 1_050)]),
+    # Prepared only (Parse, Describe, Sync): Describe's answer came before the end.
+    (dict(status="prepared", parse_exact=False, bind_start_ns=0, bind_end_ns=0, exec_start_ns=0, end_ns=0,
+          tag=None), [("parse", False, 1_000, 1_010)]),
+    # Skipped after an earlier error in its batch: parsed and bound, never executed.
+    (dict(status="skipped", parse_exact=False, bind_exact=False, tag=None, rows=0),
+     [("parse+plan", False, 1_000, 1_030)]),
+])
+def test_phase_spans_claim_no_boundary_the_wire_did_not_show(fields, want):
+    readable = _same_request([_extended(f"SELECT $1::int /*traceparent='{TP}'*/", **fields)])
+    statement, *phases = readable
+    got = [(p.name, p.attributes["pgotel.timing.exact"], p.start_time, p.end_time) for p in phases]
+    assert got == want
+    for p in phases:
+        assert p.parent.span_id == statement.context.span_id
+        held = p.name.split("+")
+        if len(held) > 1:
+            assert list(p.attributes["pgotel.phases"]) == held
+        else:
+            assert "pgotel.phases" not in p.attributes
 
 
 def test_transaction_spans_and_their_links_encode_the_same_both_ways():

@@ -30,6 +30,7 @@ __all__ = [
     "server_spans",
     "children",
     "assert_statement",
+    "held_phases",
     "assert_nested",
     "attribute_values",
 ]
@@ -98,10 +99,15 @@ def server_spans(spans: list[Span], trace_id: str | None = None) -> list[Span]:
     )
 
 
+def held_phases(span: Span) -> list[str]:
+    """The phases a phase span holds: ``parse+plan+execute`` holds three, ``plan`` one."""
+    return span.name.split("+")
+
+
 def children(spans: list[Span], parent: Span) -> list[Span]:
     return sorted(
         (s for s in spans if s.trace_id == parent.trace_id and s.parent_span_id == parent.span_id),
-        key=lambda s: (s.start_ns, PHASES.index(s.name) if s.name in PHASES else 9),
+        key=lambda s: (s.start_ns, PHASES.index(held_phases(s)[0]) if held_phases(s)[0] in PHASES else 9),
     )
 
 
@@ -113,17 +119,31 @@ def assert_nested(parent: Span, child: Span) -> None:
 
 
 def assert_statement(spans: list[Span], span: Span, *, name: str, phases: tuple[str, ...], parent: str | None) -> list[Span]:
-    """One statement's subtree: its name, kind, parent, and exactly ``phases`` as INTERNAL children."""
+    """One statement's subtree: its name, kind, parent, and exactly ``phases`` as INTERNAL children.
+
+    A child holding several phases (their boundary was not observed) is named by
+    them joined with "+" and lists them in ``pgotel.phases``; children follow
+    one another without overlapping, in wire order.
+    """
     assert span.name == name, span.describe()
     assert span.kind == "SERVER"
     assert span.parent_span_id == parent
     assert span.scope == "pgotel_proxy"
     kids = children(spans, span)
     assert [k.name for k in kids] == list(phases), [k.describe() for k in kids]
+    held = []
     for k in kids:
         assert k.kind == "INTERNAL"
         assert isinstance(k.attributes.get("pgotel.timing.exact"), bool)
         assert_nested(span, k)
+        if len(held_phases(k)) > 1:
+            assert k.attributes["pgotel.phases"] == held_phases(k), k.describe()
+        else:
+            assert "pgotel.phases" not in k.attributes, k.describe()
+        held += held_phases(k)
+    assert held == [p for p in PHASES if p in held], [k.describe() for k in kids]
+    for a, b in zip(kids, kids[1:]):
+        assert a.end_ns <= b.start_ns, [k.describe() for k in kids]
     return kids
 
 

@@ -35,11 +35,14 @@ def make_span(name, ctx, parent, kind, start, end, attrs, resource, status=None)
 
 
 def amend(span: ReadableSpan, *, attributes: dict | None = None, events: list[Event] | None = None,
-          start: int | None = None, end: int | None = None) -> ReadableSpan:
-    """A copy of ``span`` with attributes added, events appended or times moved."""
+          start: int | None = None, end: int | None = None, name: str | None = None,
+          drop: tuple[str, ...] = ()) -> ReadableSpan:
+    """A copy of ``span`` with attributes added or dropped, events appended, times moved or a new name."""
     attrs = dict(span.attributes or {})
     if attributes:
         attrs.update(attributes)
+    for key in drop:
+        attrs.pop(key, None)
     evs = list(span.events or ())
     if events:
         evs.extend(events)
@@ -47,7 +50,7 @@ def amend(span: ReadableSpan, *, attributes: dict | None = None, events: list[Ev
     s = span.start_time if start is None else start
     e = span.end_time if end is None else end
     return ReadableSpan(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        name=span.name if name is None else name, context=span.context, parent=span.parent, resource=span.resource,
         attributes=attrs, events=evs, links=span.links, kind=span.kind, status=span.status,
         start_time=s, end_time=max(s, e), instrumentation_scope=span.instrumentation_scope,
     )

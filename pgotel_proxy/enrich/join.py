@@ -37,7 +37,7 @@ from opentelemetry.trace.status import StatusCode
 
 from ..stats import STATS
 from ..tracing import sqlinfo
-from ._spanutil import amend
+from ._spanutil import amend, child_context, make_span
 from .plans import Plan, node_spans
 
 __all__ = ["Joiner", "CLOCK_SKEW_NS", "ATTR"]
@@ -51,6 +51,7 @@ ATTR = {
     "backend_pid": "db.postgresql.backend_pid",
     "command_tag": "db.postgresql.command_tag",
     "exact": "pgotel.timing.exact",
+    "phases": "pgotel.phases",
     "timing_source": "pgotel.timing.source",
     "query_id": "db.postgresql.query_id",
     "execution_time": "db.postgresql.execution_time_ms",
@@ -166,7 +167,7 @@ class Joiner:
         tag = (server.attributes or {}).get(ATTR["command_tag"]) or ""
         if tag.split(" ", 1)[0] not in _PLANNED_TAGS:
             return False
-        if not any(s.name == "execute" for s in group[1:]):
+        if _index(group, "execute") is None:
             return False
         min_ms = src.plan_min_duration_ms
         if min_ms and (server.end_time - server.start_time) < min_ms * 1_000_000:
@@ -250,21 +251,28 @@ class Joiner:
         if plan.query_id:
             s_attrs[ATTR["query_id"]] = plan.query_id
         group[0] = amend(server, attributes=s_attrs)
-        i_plan = _index(group, "plan")
         i_exec = _index(group, "execute")
         if i_exec is not None:
             execute = group[i_exec]
-            if i_plan is not None and (group[i_plan].attributes or {}).get(ATTR["exact"]) is False:
-                # BindComplete was held back with the results, so the wire put the execution
-                # inside "plan": split the interval where the executor's own time says.
-                phase = group[i_plan]
-                cut = max(phase.start_time, min(execute.end_time - exec_ns, execute.end_time))
+            held = execute.name.split("+")
+            if len(held) > 1:
+                # The wire showed no boundary before the execution (BindComplete came with the
+                # results): split the execution off where the executor's own time says.
                 src = {ATTR["timing_source"]: "auto_explain"}
-                if plan.planning_ms is not None:
-                    src[ATTR["planning_time"]] = plan.planning_ms
-                group[i_plan] = amend(phase, attributes=src, end=cut)
-                execute = amend(execute, attributes={ATTR["timing_source"]: "auto_explain"}, start=cut)
-                group[i_exec] = execute
+                cut = max(execute.start_time, execute.end_time - exec_ns)
+                before = held[:-1]
+                early_attrs = {**src, ATTR["exact"]: False}
+                if plan.planning_ms is not None and "plan" in before:
+                    early_attrs[ATTR["planning_time"]] = plan.planning_ms
+                if len(before) > 1:
+                    early_attrs[ATTR["phases"]] = tuple(before)
+                early = amend(execute, attributes=early_attrs, end=cut, name="+".join(before),
+                              drop=() if len(before) > 1 else (ATTR["phases"],))
+                exec_attrs = {k: v for k, v in (execute.attributes or {}).items() if k != ATTR["phases"]}
+                exec_attrs.update(src)
+                execute = make_span("execute", child_context(execute.parent), execute.parent, execute.kind, cut,
+                                    execute.end_time, exec_attrs, execute.resource)
+                group[i_exec:i_exec + 1] = [early, execute]
             if plan.root:
                 group.extend(node_spans(plan.root, execute, self.resource or server.resource))
         return self._finish_plain(group, p.pid, p.text, counted=True, query_id=plan.query_id)
@@ -313,9 +321,10 @@ def _groups(spans: list[ReadableSpan]) -> list[list[ReadableSpan]]:
     return groups
 
 
-def _index(group: list, name: str) -> int | None:
+def _index(group: list, phase: str) -> int | None:
+    """The index of the child span holding ``phase`` (alone, or with others: ``plan+execute``)."""
     for i, s in enumerate(group):
-        if i and s.name == name:
+        if i and phase in s.name.split("+"):
             return i
     return None
 

@@ -24,8 +24,10 @@
  *     An extended-protocol statement of a kept shape: its span (parts, a remote
  *     parent) and its parse / plan / execute children, appended to out as
  *     head + (field,), span ids drawn by getrandbits(64) in the order the
- *     Python builder draws them. phase_parts: ((parse inexact, exact), (plan
- *     ...), (execute ...)). The phase rules are SpanBuilder._phases'.
+ *     Python builder draws them. phase_parts: eight entries indexed by a mask
+ *     of the phases a span holds (parse 1, plan 2, execute 4), each an
+ *     (inexact, exact) pair of parts; entry 0 unused. The phase rules are
+ *     spans._phase_groups'.
  *
  * simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
  *              getrandbits, start, end)
@@ -626,13 +628,13 @@ append_child(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const
     return append_span(out, head, parts, c, sid, c->child_flags, start, end > start ? end : start, id_obj, id);
 }
 
-/* phase_parts[phase][exact] */
+/* phase_parts[mask][exact] */
 static PyObject *
-phase(PyObject *phase_parts, int which, int exact)
+phase(PyObject *phase_parts, int mask, int exact)
 {
-    PyObject *pair = PyTuple_GET_ITEM(phase_parts, which);
+    PyObject *pair = PyTuple_GET_ITEM(phase_parts, mask);
     if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-        PyErr_SetString(PyExc_TypeError, "statement_spans: phase_parts must be three (inexact, exact) pairs");
+        PyErr_SetString(PyExc_TypeError, "statement_spans: phase_parts must be (inexact, exact) pairs by mask");
         return NULL;
     }
     return PyTuple_GET_ITEM(pair, exact ? 1 : 0);
@@ -646,7 +648,7 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
     if (nargs != 11 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
-        !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3) {
+        !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 8) {
         PyErr_SetString(PyExc_TypeError,
                         "statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state, "
                         "parent_flags, child_flags, getrandbits)");
@@ -688,28 +690,47 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
     if (append_statement(out, head, stmt_parts, &c, start,
                          end ? end : bind_end ? bind_end : parse_end ? parse_end : start, sid) < 0)
         return -1;
-    /* its phases (spans._observed_boundaries, SpanBuilder._phases): their ids drawn first, as there */
+    /* its phases (spans._phase_groups): runs of phases whose boundary was not observed make one
+     * span; ids drawn first, as there */
     unsigned long long later = bind_end ? bind_end : end;
-    int parse_ok = parse_exact && (!later || parse_end < later);
-    int bind_ok = bind_exact && (!end || bind_end < end);
+    int seen[3] = {parse_exact && (!later || parse_end < later), bind_exact && (!end || bind_end < end),
+                   exec_exact};
     int has[3] = {parse_start && parse_end, bind_start && bind_end, exec_start && end && !skipped};
-    int exact[3] = {parse_ok, bind_ok && (parse_ok || !parse_end), exec_exact && (bind_ok || !bind_end)};
     unsigned long long from[3] = {parse_start, bind_start > parse_end ? bind_start : parse_end,
                                   exec_start > bind_end ? exec_start : bind_end};
     unsigned long long to[3] = {parse_end, bind_end, end};
+    int masks[3], exact[3], n = 0, mask = 0;
+    unsigned long long gfrom[3], gto[3];
+    for (int i = 0; i < 3; i++) {
+        if (!has[i])
+            continue;
+        if (!mask)
+            gfrom[n] = from[i];
+        mask |= 1 << i;
+        gto[n] = to[i];
+        if (seen[i]) {
+            masks[n] = mask;
+            exact[n++] = 1;
+            mask = 0;
+        }
+    }
+    if (mask) {
+        masks[n] = mask;
+        exact[n++] = 0;
+    }
     PyObject *ids[3] = {NULL, NULL, NULL};
     int rc = 0;
-    for (int i = 0; i < 3 && rc == 0; i++)
-        if (has[i] && (ids[i] = draw_obj(c.getrandbits, py_64)) == NULL)
+    for (int g = 0; g < n && rc == 0; g++)
+        if ((ids[g] = draw_obj(c.getrandbits, py_64)) == NULL)
             rc = -1;
-    for (int i = 0; i < 3 && rc == 0; i++) {
+    for (int g = 0; g < n && rc == 0; g++) {
         PyObject *parts;
-        if (has[i] && ((parts = phase(phase_parts, i, exact[i])) == NULL ||
-                       append_child(out, head, parts, &c, sid, from[i], to[i], ids[i]) < 0))
+        if ((parts = phase(phase_parts, masks[g], exact[g])) == NULL ||
+            append_child(out, head, parts, &c, sid, gfrom[g], gto[g], ids[g]) < 0)
             rc = -1;
     }
-    for (int i = 0; i < 3; i++)
-        Py_XDECREF(ids[i]);
+    for (int g = 0; g < 3; g++)
+        Py_XDECREF(ids[g]);
     return rc;
 }
 
@@ -957,7 +978,7 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     (void)self;
     if (nargs != 13 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[4]) || !PyTuple_Check(args[6]) ||
-        PyTuple_GET_SIZE(args[6]) != 3) {
+        PyTuple_GET_SIZE(args[6]) != 8) {
         PyErr_SetString(PyExc_TypeError,
                         "kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, "
                         "child_flags, getrandbits, statement_key, opts)");

@@ -13,10 +13,14 @@ CLIENT span) with INTERNAL children for the phases the wire shows:
 * ``execute`` Execute → CommandComplete / PortalSuspended / error;
   for the simple protocol, Query → each statement's completion.
 
-A phase's end is exact only when the server flushed right after it (a Flush or
-Sync followed the request, or phase_timing = "flush" inserted one). Otherwise
-Postgres held the answer until the batch ended, the span ends when it arrived,
-and ``pgotel.timing.exact`` is false: its duration is an upper bound.
+A boundary between two phases is observed only when the server flushed right
+after the earlier one (a Flush or Sync followed the request, or phase_timing =
+"flush" inserted one) and its answer arrived on its own. Phases whose boundary
+was not observed share one span over their joint interval, named by the phases
+it holds (``parse+plan+execute`` for a Parse, Bind, Execute, Sync batch
+answered together) and listing them in ``pgotel.phases``; no span claims a
+boundary the wire did not show. ``pgotel.timing.exact`` says whether a phase
+span's end was observed.
 
 A statement's parent, first found wins: its own sqlcommenter comment (a
 Parse's comment for the executions of its batch, and for the first execution
@@ -77,6 +81,7 @@ ATTR = {
     "tx_outcome": "db.postgresql.transaction.outcome",
     "tx_status": "db.postgresql.transaction_status",
     "exact": "pgotel.timing.exact",
+    "phases": "pgotel.phases",
     "status": "pgotel.statement.status",
     "reused": "pgotel.statement.prepared_earlier",
     "sqlcommenter": "pgotel.sqlcommenter.",
@@ -221,7 +226,7 @@ class SpanBuilder:
             return i, None
         opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
-        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_TRIPLE,
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_GROUPS,
                                          _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                          _rand.getrandbits, statement_key, opts)
         if parsed:
@@ -402,7 +407,7 @@ class SpanBuilder:
     def _kept_extended(self, out, rec: Statement, parts: tuple, trace_id, parent_id, flags, tracestate) -> None:
         """An extended statement of a kept shape: its span from the kept parts, and its phases."""
         if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
-            otlp.statement_spans(out, self._out_head, parts, _PHASE_TRIPLE, rec, trace_id, parent_id,
+            otlp.statement_spans(out, self._out_head, parts, _PHASE_GROUPS, rec, trace_id, parent_id,
                                  otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                  _rand.getrandbits)
             return
@@ -420,37 +425,22 @@ class SpanBuilder:
         shapes[key] = value
 
     def _phases(self, out, rec: Statement, trace_id, flags, tracestate, sid) -> None:
-        """The parse, plan and execute spans of an extended-protocol statement."""
-        parse_ok, bind_ok = _observed_boundaries(rec)
-        parse_start, parse_end, bind_end, end = rec.parse_start_ns, rec.parse_end_ns, rec.bind_end_ns, rec.end_ns
-        has_parse = parse_start and parse_end
-        has_plan = rec.bind_start_ns and bind_end
-        has_exec = rec.exec_start_ns and end and rec.status != "skipped"
-        plan_start = rec.bind_start_ns if rec.bind_start_ns > parse_end else parse_end
-        plan_exact = bind_ok and (parse_ok or not parse_end)
-        exec_start = rec.exec_start_ns if rec.exec_start_ns > bind_end else bind_end
-        exec_exact = rec.exec_exact and (bind_ok or not bind_end)
+        """The phase spans of an extended-protocol statement (:func:`_phase_groups`)."""
+        groups = _phase_groups(rec)
         if not self.encode:
-            if has_parse:
-                self._phase(out, "parse", trace_id, flags, tracestate, sid, parse_start, parse_end, parse_ok)
-            if has_plan:
-                self._phase(out, "plan", trace_id, flags, tracestate, sid, plan_start, bind_end, plan_exact)
-            if has_exec:
-                self._phase(out, "execute", trace_id, flags, tracestate, sid, exec_start, end, exec_exact)
+            for mask, exact, start, end in groups:
+                attrs = {_EXACT: exact}
+                if mask not in _SINGLE_PHASES:
+                    attrs[_PHASES] = _PHASE_NAMES[mask]
+                self._emit(out, "+".join(_PHASE_NAMES[mask]), trace_id, _new_id(64), sid, False, flags, tracestate,
+                           _INTERNAL, start, end, attrs, _OK)
             return
-        # The same spans encoded in one call; ids drawn in the same order as _phase draws them.
-        groups: list = []
-        if has_parse:
-            groups += (_PHASE_PARTS["parse"][1 if parse_ok else 0], _rand.getrandbits(64) or _new_id(64),
-                       parse_start, parse_end if parse_end > parse_start else parse_start)
-        if has_plan:
-            groups += (_PHASE_PARTS["plan"][1 if plan_exact else 0], _rand.getrandbits(64) or _new_id(64),
-                       plan_start, bind_end if bind_end > plan_start else plan_start)
-        if has_exec:
-            groups += (_PHASE_PARTS["execute"][1 if exec_exact else 0], _rand.getrandbits(64) or _new_id(64),
-                       exec_start, end if end > exec_start else exec_start)
-        if groups:
-            otlp.encode_children(out, self._out_head, trace_id, sid, tracestate, *groups)
+        # The same spans encoded in one call; ids drawn in the same order as above.
+        fields: list = []
+        for mask, exact, start, end in groups:
+            fields += (_PHASE_GROUPS[mask][exact], _rand.getrandbits(64) or _new_id(64), start, end)
+        if fields:
+            otlp.encode_children(out, self._out_head, trace_id, sid, tracestate, *fields)
 
     def _simple(self, conn: ConnState, rec: Statement, out: list) -> None:
         raw = rec.sql or ""
@@ -673,12 +663,27 @@ def _links(conn: ConnState, parent_id: int | None) -> tuple:
         return ()
     return (tx,)
 _EXACT = ATTR["exact"]
-# encoded parts of the phase spans: name -> (inexact, exact)
-_PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {
-    name: tuple(otlp.span_parts(name, _INTERNAL, {_EXACT: exact}, _OK) for exact in (False, True))
-    for name in ("parse", "plan", "execute")
-}
-_PHASE_TRIPLE = (_PHASE_PARTS["parse"], _PHASE_PARTS["plan"], _PHASE_PARTS["execute"])  # otlp.statement_spans' order
+_PHASES = ATTR["phases"]
+# A run of phases as a bit mask (parse 1, plan 2, execute 4) -> the names it holds, in wire order.
+_PHASE_NAMES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(name for bit, name in ((1, "parse"), (2, "plan"), (4, "execute")) if mask & bit) for mask in range(8))
+_SINGLE_PHASES = frozenset((1, 2, 4))
+
+
+def _group_parts(mask: int, exact: bool) -> tuple:
+    attrs: dict[str, Any] = {_EXACT: exact}
+    if mask not in _SINGLE_PHASES:
+        attrs[_PHASES] = _PHASE_NAMES[mask]
+    return otlp.span_parts("+".join(_PHASE_NAMES[mask]), _INTERNAL, attrs, _OK)
+
+
+# Encoded parts of the phase spans by mask: (inexact, exact); index 0 unused.
+# _phase_groups and otlp.statement_spans index it so.
+_PHASE_GROUPS: tuple = (None,) + tuple(
+    (_group_parts(mask, False), _group_parts(mask, True)) for mask in range(1, 8))
+# name -> (inexact, exact), for the lone execute of simple statements
+_PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {"parse": _PHASE_GROUPS[1], "plan": _PHASE_GROUPS[2],
+                                                "execute": _PHASE_GROUPS[4]}
 if otlp.statement_spans is not None:
     otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT)
 
@@ -737,18 +742,42 @@ def _raw_piece(text: str, i: int, count: int) -> str | None:
     return None
 
 
-def _observed_boundaries(rec: Statement) -> tuple[bool, bool]:
-    """Whether the ends of parse and of bind (plan) were really observed on the wire.
+def _phase_groups(rec: Statement) -> list[tuple[int, bool, int, int]]:
+    """The phase spans of an extended-protocol statement: (mask, exact, start, end) each.
 
-    The server must have flushed right after the answer (``*_exact``), and the
-    answer must have arrived in an earlier read than the next phase's: answers
-    that the proxy read together (it was busy, or the network coalesced them)
-    carry one arrival time, which is no phase boundary.
+    A boundary between two phases counts as observed only when the server
+    flushed right after the earlier phase's answer (``*_exact``) and that
+    answer arrived in an earlier read than the next phase's: answers that the
+    proxy read together (the server held them back, the proxy was busy, the
+    network coalesced them) carry one arrival time, which is no boundary.
+    Phases whose boundary was not observed make one span over their joint
+    interval (``parse+plan+execute``, mask 7); ``exact`` says whether its end
+    was observed (its start is the statement's start or an observed boundary).
+    Masks: parse 1, plan 2, execute 4 (:data:`_PHASE_NAMES`).
     """
-    later = rec.bind_end_ns or rec.end_ns
-    parse_ok = rec.parse_exact and (not later or rec.parse_end_ns < later)
-    bind_ok = rec.bind_exact and (not rec.end_ns or rec.bind_end_ns < rec.end_ns)
-    return parse_ok, bind_ok
+    parse_start, parse_end, bind_end, end = rec.parse_start_ns, rec.parse_end_ns, rec.bind_end_ns, rec.end_ns
+    later = bind_end or end
+    parse_seen = rec.parse_exact and (not later or parse_end < later)
+    bind_seen = rec.bind_exact and (not end or bind_end < end)
+    phases = []  # (bit, start, end, end observed)
+    if parse_start and parse_end:
+        phases.append((1, parse_start, parse_end, parse_seen))
+    if rec.bind_start_ns and bind_end:
+        phases.append((2, rec.bind_start_ns if rec.bind_start_ns > parse_end else parse_end, bind_end, bind_seen))
+    if rec.exec_start_ns and end and rec.status != "skipped":
+        phases.append((4, rec.exec_start_ns if rec.exec_start_ns > bind_end else bind_end, end, rec.exec_exact))
+    groups = []
+    mask = first = 0
+    for bit, start, stop, seen in phases:
+        if not mask:
+            first = start
+        mask |= bit
+        if seen:
+            groups.append((mask, True, first, stop if stop > first else first))
+            mask = 0
+    if mask:
+        groups.append((mask, False, first, stop if stop > first else first))
+    return groups
 
 
 def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | None, remote: bool = False) -> SpanContext:
