@@ -25,7 +25,6 @@ keep flowing untouched. Only client-side framing errors raise
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import deque
 
@@ -285,20 +284,6 @@ class Session:
     def prepared_text(self, name: str) -> str | None:
         """The text of the client's prepared statement ``name`` ("" is the unnamed one), or None."""
         return self._prepared.get(name)
-
-    def oldest_unanswered_start_ns(self) -> int:
-        """When the oldest statement still waiting for an answer started (ns), 0 when none has.
-
-        May be called from another thread: the queue is copied in one C call
-        under the GIL. RuntimeError when the relay changed it during the copy.
-        """
-        for _kind, rec, _inj in list(self._pending):
-            if isinstance(rec, list):  # a Sync: the batch it closes
-                rec = rec[0] if rec else None
-            start = getattr(rec, "start_ns", 0)
-            if start:
-                return start
-        return 0
 
     def take_held_client_bytes(self) -> bytes:
         """The start of a partial client message held back (not yet forwarded); the session holds none after.

@@ -151,7 +151,6 @@ class ProxyServer:
         cfg = self.config
         host, port = cfg.listen_address
         sock = bind_tcp("listen", host, port, reuse_port=cfg.workers > 1 and hasattr(socket, "SO_REUSEPORT"))
-        family = sock.family
         sock.listen(1024)
         sock.setblocking(False)
         self._listeners.append(sock)
