@@ -4,8 +4,8 @@ This module owns the whole benchmark: a throwaway PostgreSQL (the test
 fixture's :class:`PgServer`), a PgBouncer in session mode, the proxy started
 through its real CLI in several configurations (:data:`PROXY_FLAGS`: tracing
 off; tracing on at 100 % sampling exporting OTLP/HTTP to a decoding receiver
-in another process, with the span process, with two worker processes, with
-spans built on threads, with ``--phase-timing flush``), and the measurements:
+in another process, with two worker processes, with ``--phase-timing flush``),
+and the measurements:
 
 * pgbench, a ``-S`` equivalent whose SQL carries a sampled sqlcommenter
   traceparent, in simple / extended / prepared modes at 1, 8 and 32 clients,

@@ -111,7 +111,8 @@ def test_whole_bench_runs_tiny(bench, pg, tmp_path):
     # The traced proxy saw every statement and the separate receiver decoded every span it exported.
     on = cells["proxy-on"]
     assert on["statements"] >= on["transactions"]
-    assert on["spans_exported"] >= 3 * on["transactions"]
+    # a statement span and at least one phase child (parse+plan+execute where the wire showed no split)
+    assert on["spans_exported"] >= 2 * on["transactions"]
     assert on["spans_dropped"] == 0
     assert on["spans_received"] == on["spans_exported"]
 
