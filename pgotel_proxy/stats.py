@@ -54,6 +54,9 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("span_process_backlog_bytes", "gauge",
               "Bytes of finished statements the span process has not read yet (past 16 MiB, statements are dropped)"),
     Statistic("sqlcomment_invalid_traceparent", "counter", "sqlcommenter traceparent values rejected"),
+    Statistic("latency_series_overflow", "counter",
+              "Statements recorded in the latency histograms' `other` series: their own series would pass "
+              "latency_histogram_series"),
     Statistic("wal_messages_emitted", "counter", "otelwal logical messages emitted"),
     Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
     Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),
