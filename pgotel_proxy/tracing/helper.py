@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -71,7 +72,10 @@ class SpanHelper:
         if self.latency is not None and exporter is _NO_EXPORTER:
             metric_exporter = make_metric_exporter(config)
             if metric_exporter is not None:
-                self.metrics = MetricsExport(self.latency, metric_exporter, resource,
+                # Each span process exports its own cumulative series (one a worker, a new one after
+                # a restart, starting from zero): its own instance id keeps their streams apart.
+                instance = Resource({"service.instance.id": uuid.uuid4().hex})
+                self.metrics = MetricsExport(self.latency, metric_exporter, resource.merge(instance),
                                              config.latency_histogram_interval)
         self._enricher = None
         self.enricher = None  # sets the builder's output form
