@@ -163,3 +163,26 @@ def test_turned_off_nothing_is_kept_and_the_relay_draws_again(make_proxy, otlp):
     proxy.flush()
     assert PROM_NAME not in _scrape(proxy, False)
     assert not otlp.histogram_points
+
+
+def test_grpc_export_and_transaction_spans_keep_counts_and_exemplars(make_proxy, otlp):
+    """The other span form (ReadableSpans, for transaction spans) and the other OTLP transport."""
+    proxy = make_proxy(otlp_protocol="grpc", otlp_endpoint=f"http://{otlp.grpc_endpoint}", transaction_spans=True,
+                       latency_histogram_interval=0.2)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None) as conn:
+        for i in range(5):
+            conn.execute("SELECT %s::int FROM pg_type LIMIT 1", (i,))
+        conn.commit()
+    proxy.flush()
+
+    def done(latest) -> bool:
+        return any(p.attributes.get("db.query.summary") == "SELECT pg_type" and p.count == 5 and p.exemplars
+                   for p in latest.values())
+
+    latest = otlp.wait_for_histograms(METRIC_NAME, done)
+    point = next(p for p in latest.values() if p.attributes.get("db.query.summary") == "SELECT pg_type")
+    by_id = {(s.trace_id, s.span_id): s for s in otlp.spans}
+    for trace_id, span_id, _ in point.exemplars:
+        span = by_id[(trace_id, span_id)]
+        assert span.kind == "SERVER" and span.attributes["db.query.summary"] == "SELECT pg_type"
+        assert span.parent_span_id is not None  # under its transaction's span
