@@ -106,6 +106,10 @@ def test_counts_equal_statements_sent_at_one_percent_with_exemplars(make_proxy, 
         samples = _histogram_samples(_scrape(proxy, openmetrics), openmetrics)
         counts = _counts(samples)
         assert {k: counts.get(k) for k in expected} == expected, counts
+        buckets = [(float(s.labels["le"]), s.value) for s in samples if s.name == PROM_NAME + "_bucket"
+                   and s.labels["db_query_summary"] == summary and s.labels["error_type"] == ""]
+        assert [le for le, _ in buckets] == list(BOUNDS) + [float("inf")]
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == plain + commented
         if openmetrics:
             exemplars = [s.exemplar for s in samples if s.exemplar is not None
                          and s.labels["db_query_summary"] == summary]

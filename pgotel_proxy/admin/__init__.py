@@ -34,9 +34,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
-from ..stats import METRICS, PROMETHEUS_PREFIX, STATS
+from ..stats import LATENCY_BOUNDS, METRICS, PROMETHEUS_PREFIX, STATS
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -76,9 +77,7 @@ class _StatsCollector:
 LATENCY_METRIC = "db_client_operation_duration_seconds"
 _LATENCY_LABELS = ("db_query_summary", "db_operation_name", "db_namespace", "error_type",
                    "db_response_status_code")
-# The bucket bounds as the exposition writes them (tracing/histograms.py BOUNDS; not imported
-# from there: the relay process does not load the span process's modules).
-_LE = ("0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1.0", "5.0", "10.0", "+Inf")
+_LE = tuple(floatToGoString(bound) for bound in LATENCY_BOUNDS) + ("+Inf",)
 
 
 class _LatencyCollector:

@@ -58,7 +58,7 @@ from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATIO
 
 from .. import sqlcomment
 from ..shape import statement_key
-from ..stats import STATS
+from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
 
 __all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "span_ids"]
@@ -68,7 +68,7 @@ log = logging.getLogger("pgotel_proxy.tracing")
 #: The metric's name, as OpenTelemetry's database conventions name it.
 METRIC_NAME = DB_CLIENT_OPERATION_DURATION
 #: Bucket upper bounds in seconds: the convention's explicit boundaries.
-BOUNDS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+BOUNDS = LATENCY_BOUNDS
 #: db.query.summary of the series statements beyond the series limit go to.
 OTHER = "other"
 _OTHER_KEY = (OTHER, None, None, None)
