@@ -34,8 +34,8 @@ from opentelemetry.semconv.attributes.db_attributes import DB_NAMESPACE
 
 from ..config import Config
 from ..stats import STATS
-from .export import ExportPipeline, make_exporter
-from .histograms import LatencyHistograms, MetricsExport, make_metric_exporter
+from .export import ExportPipeline, make_exporter, make_metric_exporter
+from .histograms import LatencyHistograms, MetricsExport
 from .spans import ConnState, SpanBuilder
 
 __all__ = ["SpanHelper"]

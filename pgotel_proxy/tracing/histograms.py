@@ -61,7 +61,7 @@ from ..shape import statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
 
-__all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "span_ids"]
+__all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "attributes_of", "span_ids"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
 
@@ -358,24 +358,3 @@ class MetricsExport:
         self._wake.set()
         self._thread.join(max(0.0, timeout))
 
-
-def make_metric_exporter(config):
-    """The OTLP metric exporter for the spans' endpoint and protocol; None when spans do not go to OTLP."""
-    if config.exporter != "otlp":
-        return None
-    endpoint = config.otlp_endpoint
-    timeout = config.export_timeout
-    if config.resolved_otlp_protocol() == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-
-        kw: dict = {"timeout": timeout}
-        if endpoint:
-            kw["endpoint"] = endpoint.split("://", 1)[-1] if endpoint.startswith("http://") else endpoint
-            kw["insecure"] = not endpoint.startswith("https://")
-        return GrpcExporter(**kw)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-
-    kw = {"timeout": timeout}
-    if endpoint:
-        kw["endpoint"] = endpoint.rstrip("/") + "/v1/metrics"
-    return HttpExporter(**kw)
