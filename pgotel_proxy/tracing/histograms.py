@@ -56,7 +56,6 @@ from opentelemetry.semconv.attributes.db_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATION
 
-from .. import sqlcomment
 from ..shape import statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
@@ -120,13 +119,9 @@ class LatencyHistograms:
                 key = q[0]
         hit = self._shapes.get(key)
         if hit is None:
-            text = sql
-            if "/*" in sql:
-                comment = sqlcomment.parse(sql)
-                if comment is not None:
-                    text = comment.stripped_sql
-            info = sqlinfo.analyze(text) if text else None
-            hit = (info.summary or None, info.operation or None) if info is not None else (None, None)
+            # (the analysis reads past comments: no sqlcomment parse, which the span builder counts)
+            info = sqlinfo.analyze(sql)
+            hit = (info.summary or None, info.operation or None)
             if len(self._shapes) >= _SHAPES_MAX:
                 self._shapes.clear()  # bounded; refilled by the texts in use
             self._shapes[key] = hit
