@@ -268,6 +268,21 @@ class Config(BaseModel):
         False, group="Tracing",
         description="Keep literals in the recorded query text. Off by default: literals are "
                     "replaced by placeholders, as they may hold personal data.")
+    latency_histograms: bool = _opt(
+        True, group="Tracing",
+        description="Keep a latency histogram per statement shape (db.client.operation.duration, by "
+                    "db.query.summary, db.operation.name, db.namespace and error.type) over every statement, "
+                    "sampled or not, with exemplars of sampled ones; exported as OTLP metrics to the spans' "
+                    "endpoint and on the admin /metrics. On, the relay hands every statement to the span "
+                    "process, also those a sample rate below 1 does not trace.")
+    latency_histogram_series: int = _opt(
+        200, group="Tracing", metavar="N", ge=1, le=100_000,
+        description="Most latency histogram series (shape, operation, database, error type), in the order they "
+                    "first occur; statements of any other go to one series whose db.query.summary is 'other' "
+                    "(counted in pgotel_latency_series_overflow_total).")
+    latency_histogram_interval: float = _opt(
+        10.0, group="Tracing", metavar="SECONDS", gt=0.0, le=3600.0, allow_inf_nan=False,
+        description="Seconds between OTLP exports of the latency histograms.")
     # -- Export --------------------------------------------------------------
     exporter: Literal["otlp", "console", "none"] = _opt(
         "otlp", group="Export",

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from typing import NamedTuple
 
-__all__ = ["STATS", "Stats", "Statistic", "STATISTICS", "METRICS", "PROMETHEUS_PREFIX", "metrics_markdown"]
+__all__ = ["STATS", "Stats", "Statistic", "STATISTICS", "METRICS", "PROMETHEUS_PREFIX", "LATENCY_BOUNDS",
+           "metrics_markdown"]
 
 #: Prefix of every exported metric's name.
 PROMETHEUS_PREFIX = "pgotel_"
@@ -54,6 +55,9 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("span_process_backlog_bytes", "gauge",
               "Bytes of finished statements the span process has not read yet (past 16 MiB, statements are dropped)"),
     Statistic("sqlcomment_invalid_traceparent", "counter", "sqlcommenter traceparent values rejected"),
+    Statistic("latency_series_overflow", "counter",
+              "Statements recorded in the latency histograms' `other` series: their own series would pass "
+              "latency_histogram_series"),
     Statistic("wal_messages_emitted", "counter", "otelwal logical messages emitted"),
     Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
     Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),
@@ -73,6 +77,11 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("wal_carrier_malformed", "counter", "otelwal contents ignored as malformed", exported=False),
     Statistic("wal_carrier_oversized", "counter", "otelwal contents ignored as too long", exported=False),
 )
+
+#: Bucket upper bounds, in seconds, of the latency histograms the span process keeps
+#: (tracing/histograms.py) and /metrics shows: OpenTelemetry's explicit boundaries for
+#: db.client.operation.duration.
+LATENCY_BOUNDS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 #: The exported statistics: name -> (kind, help), in exposition order.
 METRICS: dict[str, tuple[str, str]] = {s.name: (s.kind, s.help) for s in STATISTICS if s.exported}

@@ -81,6 +81,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_faults.py",
         "test_feed.py",
         "test_hostile.py",
+        "test_latency_histograms.py",
         "test_layers.py",
         "test_otlp_encoding.py",
         "test_otlp_receiver.py",

@@ -1,10 +1,13 @@
-"""In-process OTLP trace receiver for tests and benchmarks.
+"""In-process OTLP trace and metrics receiver for tests and benchmarks.
 
 This module owns a small stand-in for an OpenTelemetry collector: it accepts
 OTLP/HTTP (protobuf, optionally gzip/deflate compressed) on ``/v1/traces`` and
-OTLP/gRPC ``TraceService/Export``, decodes the real protobuf with
-``opentelemetry-proto`` into immutable :class:`Span` records, and offers query
-helpers to assert whole trace trees.
+``/v1/metrics``, and OTLP/gRPC ``TraceService/Export`` and
+``MetricsService/Export``; it decodes the real protobuf with
+``opentelemetry-proto`` into immutable :class:`Span` records (and histogram
+points, :class:`HistogramPoint`), and offers query helpers to assert whole
+trace trees. Metrics are always accepted and not counted in the request
+counts: ``mode`` plays a sick trace collector.
 
 Both servers run on their own background threads, so the receiver works the
 same whatever event loop (or none) the caller uses. A ``mode`` switch lets a
@@ -33,12 +36,17 @@ from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
     trace_service_pb2_grpc,
 )
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 __all__ = [
     "MODES",
     "Event",
+    "HistogramPoint",
     "Link",
     "OtlpReceiver",
     "Span",
@@ -64,8 +72,25 @@ _STATUS_NAMES = {
 }
 
 _TRACES_PATH = "/v1/traces"
+_METRICS_PATH = "/v1/metrics"
 # Attributes worth showing in a tree line; anything else would drown the shape.
 _TREE_ATTRS = 4
+
+
+class HistogramPoint(NamedTuple):
+    """One histogram data point of an ExportMetricsServiceRequest."""
+
+    name: str
+    unit: str
+    attributes: dict[str, Any]
+    count: int
+    sum: float
+    bucket_counts: tuple[int, ...]
+    explicit_bounds: tuple[float, ...]
+    exemplars: tuple[tuple[str, str, float], ...]  # (trace id hex, span id hex, value)
+    time_unix_nano: int
+    temporality: int
+    service: str | None
 
 
 class Event(NamedTuple):
@@ -194,6 +219,24 @@ def decode_request(request: trace_service_pb2.ExportTraceServiceRequest) -> list
 # transports
 
 
+def decode_metrics(request: metrics_service_pb2.ExportMetricsServiceRequest) -> list[HistogramPoint]:
+    """The histogram data points of a request (other metric kinds are left out)."""
+    points = []
+    for rm in request.resource_metrics:
+        service = _key_values(rm.resource.attributes).get("service.name")
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.WhichOneof("data") != "histogram":
+                    continue
+                for dp in metric.histogram.data_points:
+                    exemplars = tuple((e.trace_id.hex(), e.span_id.hex(), e.as_double) for e in dp.exemplars)
+                    points.append(HistogramPoint(
+                        metric.name, metric.unit, _key_values(dp.attributes), dp.count, dp.sum,
+                        tuple(dp.bucket_counts), tuple(dp.explicit_bounds), exemplars, dp.time_unix_nano,
+                        metric.histogram.aggregation_temporality, service))
+    return points
+
+
 class _HttpServer(ThreadingHTTPServer):
     # Non-daemon, joined handler threads: stop() must not leave any behind.
     daemon_threads = False
@@ -217,7 +260,11 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         receiver = self.server.receiver
-        if self.path.split("?", 1)[0] != _TRACES_PATH:
+        path = self.path.split("?", 1)[0]
+        if path == _METRICS_PATH:
+            self._metrics(receiver)
+            return
+        if path != _TRACES_PATH:
             self._reply(404, b"not found", "text/plain")
             return
         try:
@@ -255,6 +302,18 @@ class _HttpHandler(BaseHTTPRequestHandler):
             return
         receiver._store(decode_request(request))
         response = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self._reply(200, response, "application/x-protobuf")
+
+    def _metrics(self, receiver: "OtlpReceiver") -> None:
+        try:
+            payload = _decompress(self._body(), self.headers.get("Content-Encoding"))
+            request = metrics_service_pb2.ExportMetricsServiceRequest()
+            request.ParseFromString(payload)
+        except (OSError, zlib.error, DecodeError, ValueError) as exc:
+            self._reply(400, f"bad request: {exc}".encode(), "text/plain")
+            return
+        receiver._store_metrics(decode_metrics(request))
+        response = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
         self._reply(200, response, "application/x-protobuf")
 
     def _body(self) -> bytes:
@@ -315,6 +374,15 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: "OtlpReceiver") -> None:
+        self._receiver = receiver
+
+    def Export(self, request, context):  # noqa: N802 - name fixed by the service
+        self._receiver._store_metrics(decode_metrics(request))
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 # --------------------------------------------------------------------------
 # the receiver
 
@@ -342,6 +410,7 @@ class OtlpReceiver:
         self._grpc_workers = grpc_workers
         self._cond = threading.Condition()
         self._spans: list[Span] = []
+        self._histograms: list[HistogramPoint] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self._stopping = threading.Event()
         self._http_server: _HttpServer | None = None
@@ -403,6 +472,7 @@ class OtlpReceiver:
         # SO_REUSEPORT would let two receivers share a port and split traffic.
         server = grpc.server(self._grpc_executor, options=[("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self), server)
         port = server.add_insecure_port("127.0.0.1:0")
         if not port:
             raise RuntimeError("could not bind a gRPC port")
@@ -475,7 +545,43 @@ class OtlpReceiver:
             self._spans.extend(spans)
             self._cond.notify_all()
 
+    def _store_metrics(self, points: list[HistogramPoint]) -> None:
+        with self._cond:
+            self._histograms.extend(points)
+            self._cond.notify_all()
+
     # -- queries ---------------------------------------------------------
+
+    @property
+    def histogram_points(self) -> list[HistogramPoint]:
+        """Every histogram data point received, in arrival order."""
+        with self._cond:
+            return list(self._histograms)
+
+    def latest_histograms(self, name: str) -> dict[tuple, HistogramPoint]:
+        """The last point received of each series (its attributes, sorted) of histogram ``name``."""
+        latest: dict[tuple, HistogramPoint] = {}
+        for point in self.histogram_points:
+            if point.name == name:
+                key = tuple(sorted(point.attributes.items()))
+                held = latest.get(key)
+                if held is None or point.time_unix_nano >= held.time_unix_nano:
+                    latest[key] = point
+        return latest
+
+    def wait_for_histograms(self, name: str, predicate: Callable[[dict], Any],
+                            timeout: float = 10.0) -> dict[tuple, HistogramPoint]:
+        """Block until ``predicate(latest_histograms(name))`` is truthy; return that mapping."""
+        deadline = time.monotonic() + timeout
+        while True:
+            latest = self.latest_histograms(name)
+            if predicate(latest):
+                return latest
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"histograms {name} not as expected within {timeout}s: {latest}")
+            with self._cond:
+                self._cond.wait(min(remaining, 0.1))
 
     @property
     def spans(self) -> list[Span]:
@@ -483,9 +589,10 @@ class OtlpReceiver:
             return list(self._spans)
 
     def clear(self) -> None:
-        """Forget received spans (request counters are kept; see reset_counts)."""
+        """Forget received spans and histogram points (request counters are kept; see reset_counts)."""
         with self._cond:
             self._spans.clear()
+            self._histograms.clear()
 
     def reset_counts(self) -> None:
         with self._cond:

@@ -240,6 +240,7 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
     from pgotel_proxy.stats import STATS
     from pgotel_proxy.tracing import spans as spans_mod
     from pgotel_proxy.tracing import helper as helper_mod
+    from pgotel_proxy.tracing.histograms import LatencyHistograms
     from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
 
     monkeypatch = pytest.MonkeyPatch()
@@ -261,6 +262,9 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
                                      capture_literals=False, encode=True)
         tracer.builder.bare = bare
         tracer._enricher = None
+        # The compiled side with latency histograms on: the records whose buckets want an
+        # exemplar are built alone, and the spans must be what the Python steps make.
+        tracer.latency = LatencyHistograms() if compiled else None
         conn = ConnState(_Info(), {"db.system.name": "postgresql"})
         parsed = STATS.sqlcomment_parsed
         out: list = []

@@ -4,7 +4,10 @@ Endpoints (aiohttp; binds 127.0.0.1 by default):
 
 * ``GET /healthz``  — 200 while the process serves.
 * ``GET /readyz``   — 200 when the upstream accepts a TCP connection, else 503.
-* ``GET /metrics``  — Prometheus text format, from the counters in ``pgotel_proxy.stats``.
+* ``GET /metrics``  — Prometheus text format, from the counters in ``pgotel_proxy.stats``, and the
+  span process's latency histograms (``tracing/histograms.py``) as
+  ``db_client_operation_duration_seconds``; OpenMetrics (with the buckets' exemplars) when
+  the scrape accepts ``application/openmetrics-text``.
 * ``GET /status``   — JSON: version, tracing on/off, sample ratio, queue size, dropped spans.
 
 With ``workers > 1`` (``proxy/workers.py``) worker 0 serves this endpoint:
@@ -26,12 +29,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
-from ..stats import METRICS, PROMETHEUS_PREFIX, STATS
+from ..stats import LATENCY_BOUNDS, METRICS, PROMETHEUS_PREFIX, STATS
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -66,6 +72,39 @@ class _StatsCollector:
             yield m
 
 
+#: The latency histograms' name as OpenTelemetry's Prometheus conversion names
+#: db.client.operation.duration (dots to underscores, the unit as a suffix).
+LATENCY_METRIC = "db_client_operation_duration_seconds"
+_LATENCY_LABELS = ("db_query_summary", "db_operation_name", "db_namespace", "error_type",
+                   "db_response_status_code")
+_LE = tuple(floatToGoString(bound) for bound in LATENCY_BOUNDS) + ("+Inf",)
+
+
+class _LatencyCollector:
+    """The span process's latency histograms, as its last report held them (``ProcessTracer.latency``)."""
+
+    def __init__(self, tracer) -> None:
+        self.tracer = tracer
+
+    def collect(self):
+        snapshot = getattr(self.tracer, "latency", None)
+        if not snapshot:
+            return
+        family = HistogramMetricFamily(LATENCY_METRIC, "Duration of database client operations.",
+                                       labels=_LATENCY_LABELS, unit="seconds")
+        for summary, operation, namespace, code, counts, total, _, exemplars in snapshot:
+            by_bucket = {e[0]: Exemplar({"trace_id": e[1], "span_id": e[2]}, e[3], e[4] / 1e9) for e in exemplars}
+            buckets = []
+            running = 0
+            for i, le in enumerate(_LE):
+                running += counts[i]
+                held = by_bucket.get(i)
+                buckets.append((le, running, held) if held is not None else (le, running))
+            family.add_metric([summary or "", operation or "", namespace or "", code or "", code or ""],
+                              buckets, total)
+        yield family
+
+
 class AdminServer:
     def __init__(self, config: Config, proxy, tracer) -> None:
         self.config = config
@@ -73,6 +112,8 @@ class AdminServer:
         self.tracer = tracer
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_StatsCollector(tracer, proxy))
+        if tracer is not None:
+            self.registry.register(_LatencyCollector(tracer))
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self._token = config.admin_token.get_secret_value() if config.admin_token is not None else None
@@ -120,6 +161,9 @@ class AdminServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         self._observe_now()
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            body = openmetrics.generate_latest(self.registry)
+            return web.Response(body=body, headers={"Content-Type": openmetrics.CONTENT_TYPE_LATEST})
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

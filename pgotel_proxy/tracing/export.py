@@ -8,7 +8,9 @@ The OTLP exporters are opentelemetry-exporter-otlp's own, subclassed only to
 encode faster (``otlp.py``); they read the standard ``OTEL_EXPORTER_OTLP_*``
 variables themselves. ``otlp_endpoint`` in
 the config is a base URL with the standard meaning (``/v1/traces`` is
-appended for HTTP).
+appended for HTTP). The latency histograms' metric exporter
+(``make_metric_exporter``, stock, for ``histograms.MetricsExport``) goes to
+the same endpoint and protocol (``/v1/metrics`` for HTTP).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..stats import STATS
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["make_exporter", "ConsoleTreeExporter", "ExportPipeline", "format_tree"]
+__all__ = ["make_exporter", "make_metric_exporter", "ConsoleTreeExporter", "ExportPipeline", "format_tree"]
 
 log = logging.getLogger("pgotel_proxy.export")
 
@@ -40,22 +42,42 @@ def make_exporter(config: Config) -> SpanExporter | None:
         return None
     if config.exporter == "console":
         return ConsoleTreeExporter()
-    timeout = config.export_timeout
-    endpoint = config.otlp_endpoint
-    if config.resolved_otlp_protocol() == "grpc":
+    grpc, kw = _otlp_settings(config, "/v1/traces")
+    if grpc:
         from .otlp import GrpcSpanExporter as GrpcExporter
 
-        kw: dict[str, Any] = {"timeout": timeout}
-        if endpoint:
-            kw["endpoint"] = endpoint.split("://", 1)[-1] if endpoint.startswith("http://") else endpoint
-            kw["insecure"] = not endpoint.startswith("https://")
         return GrpcExporter(**kw)
     from .otlp import HttpSpanExporter as HttpExporter
 
-    kw = {"timeout": timeout}
-    if endpoint:
-        kw["endpoint"] = endpoint.rstrip("/") + "/v1/traces"
     return HttpExporter(**kw)
+
+
+def make_metric_exporter(config: Config):
+    """OpenTelemetry's OTLP metric exporter for the spans' endpoint and protocol; None unless spans go to OTLP."""
+    if config.exporter != "otlp":
+        return None
+    grpc, kw = _otlp_settings(config, "/v1/metrics")
+    if grpc:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        return GrpcExporter(**kw)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+    return HttpExporter(**kw)
+
+
+def _otlp_settings(config: Config, http_path: str) -> tuple[bool, dict[str, Any]]:
+    """(gRPC or not, the exporter's keyword arguments) for one signal; ``http_path`` is its OTLP/HTTP path."""
+    endpoint = config.otlp_endpoint
+    kw: dict[str, Any] = {"timeout": config.export_timeout}
+    if config.resolved_otlp_protocol() == "grpc":
+        if endpoint:
+            kw["endpoint"] = endpoint.split("://", 1)[-1] if endpoint.startswith("http://") else endpoint
+            kw["insecure"] = not endpoint.startswith("https://")
+        return True, kw
+    if endpoint:
+        kw["endpoint"] = endpoint.rstrip("/") + http_path
+    return False, kw
 
 
 def format_tree(spans: Sequence[ReadableSpan]) -> str:

@@ -13,6 +13,10 @@ than half full the build waits (up to a second at a time), so that a
 collector slower than the traffic for a moment costs records waiting in the
 socket and the relay's bounded buffer rather than dropped spans.
 
+Every record also goes to the latency histograms (:mod:`.histograms`) when
+they are on: before its spans are built, so that a record whose bucket wants
+an exemplar is built alone and the ids of its statement span are taken.
+
 Nothing here bounds, samples ahead or drops records: that is the relay side's
 (:class:`~.process.ProcessTracer`), in one place.
 """
@@ -22,13 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.semconv.attributes.db_attributes import DB_NAMESPACE
 
 from ..config import Config
 from ..stats import STATS
-from .export import ExportPipeline, make_exporter
+from .export import ExportPipeline, make_exporter, make_metric_exporter
+from .histograms import LatencyHistograms, MetricsExport
 from .spans import ConnState, SpanBuilder
 
 __all__ = ["SpanHelper"]
@@ -44,8 +51,9 @@ class SpanHelper:
     def __init__(self, config: Config, exporter: Any = _NO_EXPORTER) -> None:
         """``exporter``: the exporter the config names unless given (tests of this class alone)."""
         service = config.service_name or os.environ.get("OTEL_SERVICE_NAME") or "pgotel-proxy"
+        resource = Resource.create({"service.name": service})
         self.builder = SpanBuilder(
-            resource=Resource.create({"service.name": service}),
+            resource=resource,
             sample_rate=config.sample_rate,
             capture_parameters=config.capture_parameters,
             capture_literals=config.capture_query_literals,
@@ -58,6 +66,17 @@ class SpanHelper:
             batch_size=config.export_batch_size,
             interval=config.export_interval,
         )
+        #: latency histograms over every statement (histograms.py), None when turned off
+        self.latency = LatencyHistograms(config.latency_histogram_series) if config.latency_histograms else None
+        self.metrics: MetricsExport | None = None
+        if self.latency is not None and exporter is _NO_EXPORTER:
+            metric_exporter = make_metric_exporter(config)
+            if metric_exporter is not None:
+                # Each span process exports its own cumulative series (one a worker, a new one after
+                # a restart, starting from zero): its own instance id keeps their streams apart.
+                instance = Resource({"service.instance.id": uuid.uuid4().hex})
+                self.metrics = MetricsExport(self.latency, metric_exporter, resource.merge(instance),
+                                             config.latency_histogram_interval)
         self._enricher = None
         self.enricher = None  # sets the builder's output form
 
@@ -98,29 +117,47 @@ class SpanHelper:
         builder = self.builder
         state.presampled = drawn
         enriching = self._enricher is not None
+        latency = self.latency
+        wanted: list = []  # (index, ...) of records whose histogram bucket wants an exemplar, in order
+        if latency is not None:
+            try:
+                wanted = latency.observe(records, state.base_attrs.get(DB_NAMESPACE))
+            except Exception:  # the histograms must never cost a span
+                log.exception("could not record statement latencies")
         if not enriching and not builder.transaction_spans:
             # Nothing joins per-record span runs and no transaction holds records:
             # straight to the per-statement builder (what build() would call).
             STATS.statements += len(records)
             one, kept = builder.one, builder.kept
             i, n = 0, len(records)
+            pending = iter(wanted)
+            want = next(pending, None)
             while i < n:
-                i, error = kept(state, records, i, spans)  # statements of kept shapes, in one call
-                if error is not None:
-                    log.error("could not build a span", exc_info=error)
-                    i += 1
-                    continue
-                if i >= n:
-                    break
+                stop = want[0] if want is not None else n
+                if i < stop:
+                    # statements of kept shapes, in one call (up to the next record wanted alone)
+                    i, error = kept(state, records if stop == n else records[:stop], i, spans)
+                    if error is not None:
+                        log.error("could not build a span", exc_info=error)
+                        i += 1
+                        continue
+                    if i >= stop:
+                        continue
                 mark = len(spans)
                 try:
                     one(state, records[i], spans)
                 except Exception:  # one odd statement must not stop the span process
                     log.exception("could not build a span")
                     del spans[mark:]
+                else:
+                    if i == stop and len(spans) > mark:
+                        latency.exemplar(want, spans[mark])  # a statement's first span is its own
+                if i == stop:
+                    want = next(pending, None)
                 i += 1
             return
         build = builder.build
+        by_record = {id(records[w[0]]): w for w in wanted}
         for rec in records:
             mark = len(spans)
             try:
@@ -129,6 +166,11 @@ class SpanHelper:
                 log.exception("could not build a span")
                 del spans[mark:]
                 continue
+            if by_record:
+                for built, start, end in groups:
+                    want = by_record.get(id(built))
+                    if want is not None and end > start:
+                        latency.exemplar(want, spans[start])
             if enriching:
                 self._enrich_groups(groups, spans)
 
@@ -183,6 +225,8 @@ class SpanHelper:
             time.sleep(0.01)  # statements waiting for server-side records (at most join_timeout)
             self.tick()
         self.pipeline.flush(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.export_soon()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Release what the enricher holds and flush it all, within ``timeout`` (``shutdown_timeout``)."""
@@ -191,3 +235,5 @@ class SpanHelper:
             self._enricher.stop(max(0.0, deadline - time.monotonic()))
             self.tick(final=True)
         self.pipeline.shutdown(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.shutdown(deadline - time.monotonic())

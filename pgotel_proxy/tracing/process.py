@@ -39,15 +39,18 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   ``protocol.session.pack_records``), which carries every field of every
   record; ``drawn``: the relay's draw kept these new roots (below a sample
   rate of 1 the relay draws for the roots it can tell, ``sampling.Presampler``,
-  and what its draw leaves out is never handed over);
+  and what its draw leaves out is never handed over; not while latency
+  histograms, which count every statement, are on);
   ``(OP_STATEMENTS_UNSEEN, conn)`` statements of that connection went unseen;
   ``(OP_CONNECTION_CLOSED, conn)`` it closed; ``(OP_SAMPLE_RATE, rate)`` new
   sample rate; ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP, deadline)``
   build and export what is left by that wall-clock time, then exit.
 * helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
   "flushed": seq}``, with ``"sources": {...}, "sources_ready": bool`` when
-  enrichment is configured. The helper's counters (spans built, exported,
-  dropped, export failures, enrichment joins and timeouts) are the ones
+  enrichment is configured, and ``"latency": [...]`` (the latency histograms'
+  snapshot, ``histograms.LatencyHistograms.snapshot``) when they changed since
+  the last report. The helper's counters (spans built, exported, dropped,
+  export failures, enrichment joins and timeouts) and the histograms are what
   ``/metrics`` shows; the sources' status is the admin ``/status``'s.
 
 Server-side enrichment in the helper: it knows each connection's backend pid
@@ -105,7 +108,7 @@ OP_STOP = "s"
 #: Counters the helper owns; the relay process shows the helper's values.
 CHILD_COUNTERS = (
     "statements", "spans_started", "spans_exported", "spans_dropped", "export_failures",
-    "sqlcomment_invalid_traceparent", "enrich_joined", "enrich_timeouts",
+    "sqlcomment_invalid_traceparent", "enrich_joined", "enrich_timeouts", "latency_series_overflow",
 )
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
 _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (fewer, larger hand-overs cost less CPU; no query waits for them)
@@ -287,8 +290,11 @@ class ProcessTracer:
         self.config = config
         self.enabled = config.tracing
         self._sample_rate = config.sample_rate
-        # the relay draws for new roots (sampling.Presampler) unless transaction spans need every statement
-        self._presample = not config.transaction_spans
+        # the relay draws for new roots (sampling.Presampler) unless transaction spans need every
+        # statement, or the latency histograms count every statement (tracing/histograms.py)
+        self._presample = not config.transaction_spans and not config.latency_histograms
+        #: the span process's latest latency histograms (histograms.LatencyHistograms.snapshot), for /metrics
+        self.latency: list = []
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
         self.shutdown_timeout = config.shutdown_timeout
         self.sources = SourceStatus()  # server-side enrichment's sources, as the helper reports them
@@ -415,6 +421,9 @@ class ProcessTracer:
             setattr(STATS, name, self._base[name] + value)
         STATS.statements += self._left_out  # observed here, never handed over
         self._child_queue = msg.get("queue", 0)
+        latency = msg.get("latency")
+        if latency is not None:
+            self.latency = latency
         sources = msg.get("sources")
         if sources is not None:
             self.sources.update(sources, bool(msg.get("sources_ready")))
@@ -820,10 +829,15 @@ def child_main(fd: int) -> int:
     send_lock = threading.Lock()
     done = threading.Event()
     flushed: list = []
+    reported = [-1]  # the histograms' change count last reported: an unchanged state is not sent again
 
     def report(extra: dict | None = None) -> None:
         msg = {"stats": {n: getattr(STATS, n) for n in CHILD_COUNTERS}, "queue": helper.queue_size_now(),
                "dropped": STATS.statements_dropped}
+        latency = helper.latency
+        if latency is not None and latency.changes != reported[0]:
+            reported[0] = latency.changes
+            msg["latency"] = latency.snapshot()
         if enricher is not None:
             msg["sources"] = dict(enricher.status)
             msg["sources_ready"] = enricher.ready()
