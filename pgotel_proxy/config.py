@@ -367,13 +367,28 @@ class Config(BaseModel):
         2.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
         description="Seconds a statement's spans may wait for its auto_explain plan before "
                     "they are exported without it (counted).")
-    enrich_sources: list[Literal["auto_explain", "pg_stat_statements", "wait_events"]] = _opt(
-        ["auto_explain", "pg_stat_statements", "wait_events"], group="Server-side enrichment",
+    enrich_sources: list[Literal["auto_explain", "pg_stat_statements", "wait_events", "explain"]] = _opt(
+        ["auto_explain", "pg_stat_statements", "wait_events", "explain"], group="Server-side enrichment",
         metavar="SOURCE",
         description="Server-side sources used when their settings allow: auto_explain (needs "
                     "server_log or server_log_via_sql), pg_stat_statements and wait_events (need "
-                    "stats_dsn). Leave one out to switch it off (repeatable; comma-separated in "
-                    "the environment).")
+                    "stats_dsn), explain (needs stats_dsn; used only where the auto_explain source is "
+                    "not: left out, no server log configured, or the log unreadable). Leave one out "
+                    "to switch it off (repeatable; comma-separated in the environment).")
+    explain_min_duration: float = _opt(
+        1.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
+        description="explain source: statements running at least this long get their shape's "
+                    "estimated plan, from EXPLAIN (FORMAT JSON) on the stats_dsn connection (never "
+                    "ANALYZE; GENERIC_PLAN for $n parameters on PostgreSQL 16+, before 16 only with "
+                    "capture_parameters).")
+    explain_rate: float = _opt(
+        2.0, group="Server-side enrichment", metavar="PER_SECOND", gt=0, allow_inf_nan=False,
+        description="explain source: most EXPLAINs started per second; statements of shapes "
+                    "refused leave without a plan (counted).")
+    explain_cache_ttl: float = _opt(
+        300.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
+        description="explain source: seconds a shape's plan is reused before it is explained "
+                    "again (a new plan that differs yields a 'plan changed' span event).")
 
     # -- WAL propagation -----------------------------------------------------
     wal_propagation: bool = _opt(

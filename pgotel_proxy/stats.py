@@ -62,6 +62,16 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
     Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),
     Statistic("enrich_timeouts", "counter", "Statement spans that left without their server-side records"),
+    Statistic("explains_run", "counter", "EXPLAINs run on the side connection for slow statement shapes (explain source)"),
+    Statistic("explains_skipped", "counter",
+              "Slow statements not explained: not a single SELECT/INSERT/UPDATE/DELETE/MERGE, another database, "
+              "or $n parameters with neither GENERIC_PLAN (PostgreSQL 16+) nor captured parameters"),
+    Statistic("explains_failed", "counter", "EXPLAINs that failed (error, statement_timeout); the shape is not retried "
+              "before explain_cache_ttl"),
+    Statistic("explains_rate_limited", "counter", "EXPLAIN requests refused by explain_rate; their statements left "
+              "without a plan"),
+    Statistic("plan_changes", "counter", "Statements whose shape's plan differed from its previous plan (a plan "
+              "changed span event)"),
     # sqlcommenter parsing (sqlcomment.parse), once per parse: the span builder caches
     # a parse per statement shape, and compares oversized/malformed before and after a
     # parse to tell whether its result may be cached.

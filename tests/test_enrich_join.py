@@ -87,7 +87,8 @@ def child(spans, parent, name):
 
 def test_join_query_becomes_plan_node_spans_matching_explain(make_proxy, pg, otlp, tables):
     proxy = enriched(make_proxy, pg)
-    assert status(proxy)["sources"] == {"auto_explain": "ok", "pg_stat_statements": "ok", "wait_events": "ok"}
+    assert status(proxy)["sources"] == {"auto_explain": "ok", "pg_stat_statements": "ok", "wait_events": "ok",
+                                        "explain": "off"}
     joined_before = STATS.enrich_joined
     ctx = random_traceparent()
     sql = JOIN_SQL.format(n=500)

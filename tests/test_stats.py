@@ -21,7 +21,8 @@ EXPORTED = [
     "spans_started", "spans_exported", "spans_dropped", "statements_dropped", "export_failures",
     "span_process_lifted", "span_queue_size", "span_process_backlog_bytes",
     "sqlcomment_invalid_traceparent", "latency_series_overflow", "wal_messages_emitted", "wal_emission_disabled",
-    "enrich_joined", "enrich_timeouts",
+    "enrich_joined", "enrich_timeouts", "explains_run", "explains_skipped", "explains_failed",
+    "explains_rate_limited", "plan_changes",
 ]
 
 

@@ -17,7 +17,12 @@ Sources and when each is on:
 
 * ``auto_explain``: ``server_log`` is set (a file or the log directory), or
   ``server_log_via_sql`` with ``stats_dsn``;
-* ``pg_stat_statements`` and ``wait_events``: ``stats_dsn`` is set.
+* ``pg_stat_statements`` and ``wait_events``: ``stats_dsn`` is set;
+* ``explain`` (:mod:`.explain`): ``stats_dsn`` is set and the
+  ``auto_explain`` source is not on: left out of ``enrich_sources``, no
+  server log configured, or its probe found the log or auto_explain
+  unusable (then ``explain`` takes over). Both never run at once: a plan
+  read from the log is the executed one, EXPLAIN's only an estimate.
 
 A source that is configured but cannot work (module not loaded, extension
 missing, privilege missing, log unreadable) is reported as
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .join import Joiner
 from .logformat import make_parser
+from .explain import ExplainSource
 from .logsource import FileLogFollower, SqlLogFollower
 from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples
 from .plans import parse_plan_message
@@ -72,6 +78,17 @@ class Enricher:
         self.status["auto_explain"] = "starting" if want_log and "auto_explain" in sources else "off"
         self.status["pg_stat_statements"] = "starting" if dsn and "pg_stat_statements" in sources else "off"
         self.status["wait_events"] = "starting" if dsn and "wait_events" in sources else "off"
+        want_explain = bool(dsn) and "explain" in sources
+        self.status["explain"] = "starting" if want_explain and self.status["auto_explain"] == "off" else "off"
+        # Explain takes over when the auto_explain source turns out unavailable.
+        self._explain_fallback = want_explain and self.status["auto_explain"] == "starting"
+        self.explain: ExplainSource | None = None
+        if want_explain:
+            self.explain = ExplainSource(
+                min_duration=config.explain_min_duration, rate=config.explain_rate,
+                cache_ttl=config.explain_cache_ttl, capture_parameters=config.capture_parameters,
+                capture_literals=config.capture_query_literals,
+            )
         self.plans: deque = deque()
         self.plans_dropped = 0
         self.plan_min_duration_ms: float | None = None
@@ -90,6 +107,9 @@ class Enricher:
 
     def pgss_enabled(self) -> bool:
         return self.status.get("pg_stat_statements", "").startswith("ok")
+
+    def explain_enabled(self) -> bool:
+        return self.status.get("explain", "").startswith("ok")
 
     def wait_samples(self, pid: int, start: int, end: int) -> list[tuple]:
         """Samples of backend ``pid`` while a statement of [start, end] ran past the threshold."""
@@ -219,6 +239,17 @@ class Enricher:
             st["auto_explain"], task = await self._probe_log(conn)
             if task is not None:
                 tasks.append(task)
+            elif self._explain_fallback and conn is not None:
+                st["explain"] = "starting"
+        if st["explain"] == "starting" and conn is not None:
+            explain_conn = await self._connect()
+            cur = await explain_conn.execute("SELECT current_database()")
+            self.explain.database = (await cur.fetchone())[0]
+            self.explain.major = major
+            st["explain"] = "ok" if major >= 16 else (
+                "ok (limited: before PostgreSQL 16 there is no GENERIC_PLAN, so statements with $n parameters "
+                "are explained only with capture_parameters)")
+            tasks.append(self.explain.run(explain_conn))
         return tasks
 
     async def _probe_pgss(self, conn, privileged: bool) -> str:

@@ -20,6 +20,17 @@ Join rule for a plan and a statement, all of:
   :data:`CLOCK_SKEW_NS` (log timestamps have millisecond precision and come
   from the server's clock); the closest to the statement's end wins.
 
+Where no auto_explain log is read, the ``explain`` source (:mod:`.explain`)
+gives estimated plans instead: a statement that qualifies (see there) takes
+its shape's cached plan at once, or waits at most ``join_timeout`` for an
+EXPLAIN on the side connection; refused or failed, it leaves without one.
+Its plan nodes become spans like auto_explain's, marked
+``pgotel.plan.estimated``, each as long as the ``execute`` span.
+
+Plan changes: the statement span of a joined plan (either source) carries
+the plan's hash (node kinds, relations, indexes; not costs), and a
+``plan changed`` event when its shape's previous plan hashed otherwise.
+
 pg_stat_statements figures and wait events never make a span wait: they are
 attached from what the side connections collected so far.
 """
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -38,9 +49,10 @@ from opentelemetry.trace.status import StatusCode
 from ..stats import STATS
 from ..tracing import sqlinfo
 from ._spanutil import amend, child_context, make_span
+from .explain import explainable, plan_hash
 from .plans import Plan, node_spans
 
-__all__ = ["Joiner", "CLOCK_SKEW_NS", "ATTR"]
+__all__ = ["Joiner", "CLOCK_SKEW_NS", "ATTR", "PLAN_CHANGED"]
 
 log = logging.getLogger("pgotel_proxy.enrich")
 
@@ -61,7 +73,15 @@ ATTR = {
     "wait_event": "db.postgresql.wait_event",
     "wait_samples": "pgotel.wait.samples",
     "pgss": "db.postgresql.pgss.",
+    "plan_hash": "db.postgresql.plan.hash",
+    "previous_plan_hash": "db.postgresql.plan.previous_hash",
+    "namespace": "db.namespace",
 }
+
+#: Name of the span event a statement gets when its shape's plan differs from the previous one.
+PLAN_CHANGED = "plan changed"
+#: Shapes whose last plan hash is remembered at most.
+MAX_PLAN_HASHES = 10000
 
 _PLANNED_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE"))
 
@@ -94,10 +114,13 @@ class Joiner:
         self._plans: deque[tuple[int, Plan]] = deque()  # (arrival monotonic ns, plan)
         self._plans_by_pid: dict[int, list[Plan]] = {}
         self._plan_ttl_ns = self.join_timeout_ns + 2 * CLOCK_SKEW_NS + 1_000_000_000
+        # Statements waiting for their shape's EXPLAIN: (deadline, shape, group, pid, text).
+        self._explain_wait: deque[tuple[int, str, list, Any, str]] = deque()
+        self._plan_hashes: OrderedDict[str, str] = OrderedDict()
 
     def __len__(self) -> int:
         """Statements still waiting (finished ones may linger in the deque until they reach its front)."""
-        return sum(len(v) for v in self._by_pid.values())
+        return sum(len(v) for v in self._by_pid.values()) + len(self._explain_wait)
 
     # ------------------------------------------------------------ tracer facing
 
@@ -107,7 +130,8 @@ class Joiner:
         now = time.monotonic_ns()
         self._take_plans(now, out)
         text = (getattr(rec, "sql", None) or "").strip()
-        for group in _groups(spans):
+        groups = _groups(spans)
+        for group in groups:
             server = group[0]
             pid = (server.attributes or {}).get(ATTR["backend_pid"])
             if self._expects_plan(rec, group, pid):
@@ -123,6 +147,8 @@ class Joiner:
                     out.extend(self._expire(self._pending.popleft()))
                 self._pending.append(p)
                 self._by_pid.setdefault(pid, []).append(p)
+            elif len(groups) == 1 and self._wants_explain(rec, group, text, now, out):
+                continue
             else:
                 out.extend(self._finish_plain(group, pid, text))
         return out
@@ -137,6 +163,7 @@ class Joiner:
             p = q.popleft()
             if not p.done:
                 out.extend(self._expire(p))
+        self._take_explains(now, out, release=False)
         plans = self._plans
         while plans and plans[0][0] + self._plan_ttl_ns <= now:
             _, plan = plans.popleft()
@@ -151,6 +178,7 @@ class Joiner:
             p = self._pending.popleft()
             if not p.done:
                 out.extend(self._expire(p))
+        self._take_explains(time.monotonic_ns(), out, release=True)
         return out
 
     # ------------------------------------------------------------ matching
@@ -230,6 +258,83 @@ class Joiner:
             if not lst:
                 del self._by_pid[p.pid]
 
+    # ------------------------------------------------------------ estimated plans (explain source)
+
+    def _wants_explain(self, rec, group, text: str, now: int, out: list) -> bool:
+        """Whether the statement goes the explain way (then it is in ``out`` or waiting); False: the plain way."""
+        explain = getattr(self.sources, "explain", None)
+        if explain is None or not text or not getattr(self.sources, "explain_enabled", lambda: False)():
+            return False
+        server = group[0]
+        attrs = server.attributes or {}
+        if server.status.status_code == StatusCode.ERROR or (server.end_time - server.start_time) < explain.min_duration_ns:
+            return False
+        if (attrs.get(ATTR["command_tag"]) or "").split(" ", 1)[0] not in _PLANNED_TAGS or _index(group, "execute") is None:
+            return False
+        if not explainable(text) or (explain.database and attrs.get(ATTR["namespace"]) not in (None, explain.database)):
+            STATS.explains_skipped += 1
+            return False
+        shape = sqlinfo.fingerprint(text) or text
+        cached = explain.lookup(shape)
+        if cached is not None:
+            out.extend(self._finish_explained(group, attrs.get(ATTR["backend_pid"]), text, shape, cached))
+            return True
+        params = explain.how(text, getattr(rec, "params", None))
+        if params is False:
+            STATS.explains_skipped += 1  # $n parameters, no GENERIC_PLAN and no captured values
+            return False
+        if not explain.request(shape, text, params):
+            return False
+        if len(self._explain_wait) >= self.max_pending:
+            _, _, old, old_pid, old_text = self._explain_wait.popleft()
+            out.extend(self._finish_plain(old, old_pid, old_text))
+        self._explain_wait.append((now + self.join_timeout_ns, shape, group, attrs.get(ATTR["backend_pid"]), text))
+        return True
+
+    def _take_explains(self, now: int, out: list, release: bool) -> None:
+        """Release the statements whose shape's EXPLAIN is done, or whose wait is over."""
+        if not self._explain_wait:
+            return
+        explain = self.sources.explain
+        keep: deque = deque()
+        for item in self._explain_wait:
+            deadline, shape, group, pid, text = item
+            cached = explain.lookup(shape)
+            if cached is not None:
+                out.extend(self._finish_explained(group, pid, text, shape, cached))
+            elif release or deadline <= now:
+                STATS.enrich_timeouts += 1
+                out.extend(self._finish_plain(group, pid, text))
+            else:
+                keep.append(item)
+        self._explain_wait = keep
+
+    def _finish_explained(self, group: list, pid, text: str, shape: str, cached) -> list[ReadableSpan]:
+        if cached.root is None:
+            return self._finish_plain(group, pid, text)
+        group = list(group)
+        group[0] = self._with_plan_hash(group[0], shape, cached.hash)
+        execute = group[_index(group, "execute")]
+        group.extend(node_spans(cached.root, execute, self.resource or group[0].resource, estimated=True))
+        return self._finish_plain(group, pid, text, counted=True)
+
+    def _with_plan_hash(self, server: ReadableSpan, shape: str | None, digest: str | None) -> ReadableSpan:
+        """The statement span with its plan's hash, and a ``plan changed`` event when its shape's last plan differs."""
+        if not digest:
+            return server
+        events = []
+        if shape:
+            hashes = self._plan_hashes
+            previous = hashes.pop(shape, None)
+            hashes[shape] = digest
+            if len(hashes) > MAX_PLAN_HASHES:
+                hashes.popitem(last=False)
+            if previous is not None and previous != digest:
+                STATS.plan_changes += 1
+                events.append(Event(PLAN_CHANGED, attributes={ATTR["plan_hash"]: digest, ATTR["previous_plan_hash"]: previous},
+                                    timestamp=server.start_time))
+        return amend(server, attributes={ATTR["plan_hash"]: digest}, events=events)
+
     # ------------------------------------------------------------ releasing
 
     def _expire(self, p: _Pending) -> list[ReadableSpan]:
@@ -250,7 +355,8 @@ class Joiner:
             s_attrs[ATTR["planning_time"]] = plan.planning_ms
         if plan.query_id:
             s_attrs[ATTR["query_id"]] = plan.query_id
-        group[0] = amend(server, attributes=s_attrs)
+        group[0] = self._with_plan_hash(amend(server, attributes=s_attrs), sqlinfo.fingerprint(p.text) if p.text else None,
+                                        plan_hash(plan.root))
         i_exec = _index(group, "execute")
         if i_exec is not None:
             execute = group[i_exec]

@@ -1,5 +1,7 @@
 """auto_explain plans: recognising them in log messages, parsing JSON and text formats, turning them into spans.
 
+EXPLAIN plans (the ``explain`` source) become spans the same way, marked estimated.
+
 A plan becomes one INTERNAL span per plan node, nested as the plan tree is,
 under the statement's ``execute`` phase span.
 
@@ -23,12 +25,14 @@ from opentelemetry.trace import SpanKind
 
 from ._spanutil import child_context, make_span
 
-__all__ = ["Plan", "parse_plan_message", "parse_text_plan", "node_spans", "plan_shape", "PLAN_ATTR", "MAX_NODES"]
+__all__ = ["Plan", "parse_plan_message", "parse_text_plan", "node_spans", "plan_shape", "PLAN_ATTR", "ESTIMATED_ATTR", "MAX_NODES"]
 
 #: Plan node spans made per statement at most; bigger plans are cut (breadth first) and say so.
 MAX_NODES = 200
 
 PLAN_ATTR = "db.postgresql.plan."
+#: Marks a plan node span made from EXPLAIN (estimates), not from an executed plan.
+ESTIMATED_ATTR = "pgotel.plan.estimated"
 
 _HEAD_RE = re.compile(r"^duration: (?P<ms>\d+(?:\.\d+)?) ms\s+plan:\n", re.S)
 
@@ -235,8 +239,13 @@ def _inclusive_ns(node: dict) -> int:
     return int(total * loops * 1_000_000)
 
 
-def node_spans(root: dict, parent: ReadableSpan, resource, max_nodes: int = MAX_NODES) -> list[ReadableSpan]:
-    """Spans for the nodes of ``root``, children of ``parent`` (the execute span), ending at its end."""
+def node_spans(root: dict, parent: ReadableSpan, resource, max_nodes: int = MAX_NODES,
+               estimated: bool = False) -> list[ReadableSpan]:
+    """Spans for the nodes of ``root``, children of ``parent`` (the execute span), ending at its end.
+
+    ``estimated``: an EXPLAIN plan without actual times; each node span then lasts as long as
+    ``parent`` and says ``pgotel.plan.estimated``.
+    """
     out: list[ReadableSpan] = []
     end = parent.end_time
     budget = max(parent.end_time - parent.start_time, 0)
@@ -249,8 +258,8 @@ def node_spans(root: dict, parent: ReadableSpan, resource, max_nodes: int = MAX_
         if made >= max_nodes:
             cut += 1
             continue
-        dur = min(_inclusive_ns(node), limit)
-        attrs = {}
+        dur = limit if estimated else min(_inclusive_ns(node), limit)
+        attrs = {ESTIMATED_ATTR: True} if estimated else {}
         for key, short in _NODE_ATTRS:
             v = node.get(key)
             if v is not None and not isinstance(v, (dict, list)):
