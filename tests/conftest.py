@@ -75,6 +75,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_background.py",
         "test_collector_interop.py",
         "test_deploy.py",
+        "test_enrich_explain.py",
         "test_enrich_join.py",
         "test_enrich_logs.py",
         "test_export.py",
