@@ -119,3 +119,36 @@ def test_a_plan_splits_the_execution_off_a_child_holding_several_phases():
     assert execute.attributes["pgotel.timing.exact"] is True and "pgotel.phases" not in execute.attributes
     assert early.attributes["pgotel.timing.source"] == execute.attributes["pgotel.timing.source"] == "auto_explain"
     assert out[3].parent.span_id == execute.context.span_id
+
+
+def test_auto_explain_plan_of_another_shape_than_last_time_yields_plan_changed():
+    src = Sources()
+    j = Joiner(src, join_timeout=5.0)
+    names = []
+    for i, root in enumerate(({"Node Type": "Seq Scan", "Relation Name": "t"},
+                              {"Node Type": "Seq Scan", "Relation Name": "t", "Total Cost": 9.0},  # same plan, dearer
+                              {"Node Type": "Index Scan", "Relation Name": "t", "Index Name": "t_a"})):
+        now = time.time_ns()
+        rec, spans = statement(5, f"SELECT a FROM t WHERE a = {i}", now, now + 1_000_000)
+        src.plans.append(Plan(now + 500_000, 5, 0.5, rec.sql, root))
+        out = j.statement(rec, spans)
+        names.append([e.name for e in out[0].events])
+        hashes = out[0].attributes["db.postgresql.plan.hash"], [dict(e.attributes) for e in out[0].events]
+    assert names == [[], [], ["plan changed"]]
+    digest, events = hashes
+    assert events[0]["db.postgresql.plan.hash"] == digest != events[0]["db.postgresql.plan.previous_hash"]
+
+
+def test_explain_requests_past_the_rate_are_refused_and_counted():
+    from pgotel_proxy.enrich.explain import ExplainSource
+
+    src = ExplainSource(min_duration=0.0, rate=1.0, cache_ttl=60.0, capture_parameters=False, capture_literals=False)
+    before = STATS.explains_rate_limited
+    assert src.request("a", "SELECT 1", ())
+    assert src.request("a", "SELECT 1", ())  # already asked: no second EXPLAIN
+    assert not src.request("b", "SELECT 2", ())
+    assert STATS.explains_rate_limited == before + 1
+    assert list(src._requests) == [("a", "SELECT 1", None)]
+    assert src.how("SELECT $1", ("1",)) is False  # before 16, parameters not captured
+    src.major = 16
+    assert src.how("SELECT $1", None) == ()

@@ -182,7 +182,7 @@ class ExplainSource:
         self._tokens = min(max(self.rate, 1.0), self._tokens + (now - self._refilled) * self.rate)
         self._refilled = now
         if self._tokens < 1.0 or len(self._requests) >= MAX_REQUESTS:
-            STATS.explain_rate_limited += 1
+            STATS.explains_rate_limited += 1
             return False
         self._tokens -= 1.0
         self._asked.add(shape)
