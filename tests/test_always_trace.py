@@ -147,3 +147,18 @@ def test_a_slow_statement_of_a_kept_shape_is_kept(make_proxy, otlp):
     kept = sleeps[-1]
     assert kept.attributes[KEPT] == "slow" and kept.parent_span_id is None
     assert [(link.trace_id, link.span_id) for link in kept.links] == [(unsampled.trace_id, unsampled.span_id)]
+
+
+def test_the_relay_draw_hands_failed_and_slow_statements_over():
+    from pgotel_proxy.protocol.events import Completion, Statement
+    from pgotel_proxy.tracing.sampling import Presampler
+
+    fast = Statement("extended", "SELECT 1", start_ns=1, end_ns=50, status="ok", tx_status="I")
+    failed = Statement("extended", "SELECT 1/0", start_ns=1, end_ns=50, status="error", tx_status="I")
+    slow = Statement("extended", "SELECT pg_sleep(1)", start_ns=1, end_ns=500, status="ok", tx_status="I")
+    simple = Statement("simple", "SELECT 1; SELECT 1/0", start_ns=1, end_ns=50, status="ok", tx_status="I",
+                       results=[Completion(20, "SELECT 1", 1, None), Completion(50, None, 0, {"C": "22012"})])
+    records = [fast, failed, slow, simple]
+    assert Presampler().split(records, 0.0, 100, True) == ([], [failed, slow, simple], 1)
+    assert Presampler().split(records, 0.0, 0, True) == ([], [failed, simple], 2)
+    assert Presampler().split(records, 0.0, 0, False) == ([], [], 4)
