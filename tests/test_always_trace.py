@@ -156,7 +156,7 @@ def test_the_relay_draw_hands_failed_and_slow_statements_over():
     fast = Statement("extended", "SELECT 1", start_ns=1, end_ns=50, status="ok", tx_status="I")
     failed = Statement("extended", "SELECT 1/0", start_ns=1, end_ns=50, status="error", tx_status="I")
     slow = Statement("extended", "SELECT pg_sleep(1)", start_ns=1, end_ns=500, status="ok", tx_status="I")
-    simple = Statement("simple", "SELECT 1; SELECT 1/0", start_ns=1, end_ns=50, status="ok", tx_status="I",
+    simple = Statement("simple", "SELECT 1; SELECT 1/0", start_ns=1, end_ns=50, status="error", tx_status="I",
                        results=[Completion(20, "SELECT 1", 1, None), Completion(50, None, 0, {"C": "22012"})])
     records = [fast, failed, slow, simple]
     assert Presampler().split(records, 0.0, 100, True) == ([], [failed, slow, simple], 1)

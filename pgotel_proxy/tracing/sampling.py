@@ -35,23 +35,17 @@ def may_set_carrier(sql: str) -> bool:
 def keep_reason(rec, slow_ns: int, errors: bool) -> str | None:
     """Why a statement is traced although a draw or an unsampled parent left it out, or None.
 
-    ``"error"`` when ``errors`` and it failed (an extended statement's status, or any
-    statement of a simple Query), ``"slow"`` when ``slow_ns`` and it ran at least that
-    many nanoseconds, first message to last answer (``always_trace_*`` options). Cheap:
-    the relay asks it of every record its draw leaves out.
+    ``"error"`` when ``errors`` and it failed (its status: a simple Query's is "error"
+    when any of its statements failed), ``"slow"`` when ``slow_ns`` and it ran at least
+    that many nanoseconds, first message to last answer (``always_trace_*`` options).
+    Cheap: the relay asks it of every record its draw leaves out, the span process of
+    every record.
     """
-    if errors and (rec.status == "error" or (rec.results and _any_failed(rec.results))):
+    if errors and rec.status == "error":
         return "error"
     if slow_ns and rec.start_ns and rec.end_ns - rec.start_ns >= slow_ns:
         return "slow"
     return None
-
-
-def _any_failed(results: list) -> bool:
-    for res in results:
-        if res.error is not None:
-            return True
-    return False
 
 
 class Presampler:

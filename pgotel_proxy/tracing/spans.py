@@ -30,13 +30,15 @@ with Postgres' rules for settings): ``SET pgotel.traceparent``, then
 pg_tracing's ``SET pg_tracing.trace_context``, then ``application_name`` when
 it holds a traceparent (start-up value or ``SET``); then the transaction span
 (``transaction_spans``); else the statement is a new root under the sample
-rate. A statement that failed or was slow (``sampling.keep_reason``) and
-that its parent's sampled flag or the sample rate leaves out is kept all the
-same, as a new root with a link to the parent's context (when there is one)
-and ``pgotel.kept_because``, at most ``keep_rate`` a second. A setting made only to carry context outranks one that also names
+rate. A setting made only to carry context outranks one that also names
 something. An ``application_name`` that is a traceparent is context, never
 ``db.postgresql.application_name``, which is the value each statement ran
 under (``Statement.application_name``).
+
+A statement that failed or was slow (``sampling.keep_reason``) and that its
+parent's sampled flag or the sample rate leaves out is kept all the same: as
+a new root with a link to the parent's context (when there is one) and
+``pgotel.kept_because``, at most ``keep_rate`` a second.
 """
 
 from __future__ import annotations
@@ -182,12 +184,13 @@ class SpanBuilder:
         self._out_head: tuple | None = self._head
         # Failed (keep_errors) and slow (keep_slower_than_ns) statements that the sample
         # rate or an unsampled parent leaves out are kept as new roots, up to keep_rate a
-        # second: a token bucket holding one second's worth.
+        # second: a token bucket holding one second's worth (one token at least).
         self.keep_errors = keep_errors
         self.keep_slow_ns = keep_slower_than_ns
         self.keep_rate = keep_rate
         self._keeping = keep_rate > 0 and (keep_errors or keep_slower_than_ns > 0)
-        self._keep_tokens = keep_rate
+        self._keep_burst = max(1.0, keep_rate)
+        self._keep_tokens = self._keep_burst
         self._keep_at = time.monotonic()
         # the record being built is one the rule may keep: its spans are built in full (no kept shape)
         self._keep_record = False
@@ -365,7 +368,7 @@ class SpanBuilder:
         span inside it would be an orphan there. The span links to it (:meth:`_take_kept`).
         """
         now = time.monotonic()
-        tokens = min(self.keep_rate, self._keep_tokens + (now - self._keep_at) * self.keep_rate)
+        tokens = min(self._keep_burst, self._keep_tokens + (now - self._keep_at) * self.keep_rate)
         self._keep_at = now
         if tokens < 1.0:
             self._keep_tokens = tokens
