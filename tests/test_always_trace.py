@@ -162,3 +162,30 @@ def test_the_relay_draw_hands_failed_and_slow_statements_over():
     assert Presampler().split(records, 0.0, 100, True) == ([], [failed, slow, simple], 1)
     assert Presampler().split(records, 0.0, 0, True) == ([], [failed, simple], 2)
     assert Presampler().split(records, 0.0, 0, False) == ([], [], 4)
+
+
+def test_a_bound_below_one_a_second_keeps_one_then_waits():
+    from pgotel_proxy.tracing.spans import SpanBuilder
+
+    builder = SpanBuilder(resource=None, sample_rate=0.0, capture_parameters=False, capture_literals=False,
+                          keep_errors=True, keep_rate=0.5)
+    over = STATS.statements_kept_over_rate
+    assert builder._keep_root("error", None) is not None
+    assert builder._keep_root("error", None) is None
+    assert STATS.statements_kept_over_rate - over == 1
+
+
+def test_a_failed_statement_of_an_unsampled_transaction_is_kept(make_proxy, otlp):
+    proxy = make_proxy(sample_rate=0.0, transaction_spans=True)
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None) as conn:
+        conn.execute("SELECT 'in the block' AS tx_fine")
+        _failing(conn, "SELECT 1 / 0 AS tx_failing")
+        conn.rollback()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(comment("SELECT 'last' AS tx_last", random_traceparent()))
+    proxy.flush()
+    got = otlp.wait_for(lambda got: _with_text(got, "tx_last") and _with_text(got, "tx_failing"))
+    [span] = _with_text(got, "tx_failing")
+    assert span.attributes[KEPT] == "error" and span.parent_span_id is None and not span.links
+    assert _with_text(otlp.spans, "tx_fine") == []
+    assert not [s for s in otlp.spans if s.name == "transaction"]
