@@ -268,6 +268,23 @@ class Config(BaseModel):
         False, group="Tracing",
         description="Keep literals in the recorded query text. Off by default: literals are "
                     "replaced by placeholders, as they may hold personal data.")
+    always_trace_errors: bool = _opt(
+        True, group="Tracing",
+        description="Trace a statement that fails even when the sample rate or an unsampled parent (a "
+                    "traceparent whose sampled flag is off) leaves it out: as a new root span, linked to the "
+                    "parent's context when there is one (never a child in a trace the application did not "
+                    "sample), with pgotel.kept_because = 'error'. At most always_trace_rate a second.")
+    always_trace_slower_than: float = _opt(
+        0.0, group="Tracing", metavar="SECONDS", ge=0.0, allow_inf_nan=False,
+        description="Trace a statement that runs at least this long (from its first message to its answer, as "
+                    "the proxy sees them) even when the sample rate or an unsampled parent leaves it out, as "
+                    "always_trace_errors does failed ones (pgotel.kept_because = 'slow'). 0: off, since what "
+                    "is slow depends on the workload.")
+    always_trace_rate: float = _opt(
+        100.0, group="Tracing", metavar="PER_SECOND", ge=0.0, allow_inf_nan=False,
+        description="Most statements a second (a token bucket, per span process) that always_trace_errors and "
+                    "always_trace_slower_than trace; those beyond are counted in "
+                    "pgotel_statements_kept_over_rate_total. 0: none.")
     latency_histograms: bool = _opt(
         True, group="Tracing",
         description="Keep a latency histogram per statement shape (db.client.operation.duration, by "

@@ -58,6 +58,11 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("latency_series_overflow", "counter",
               "Statements recorded in the latency histograms' `other` series: their own series would pass "
               "latency_histogram_series"),
+    Statistic("statements_kept", "counter",
+              "Failed or slow statements traced although the sample rate or an unsampled parent left them out "
+              "(always_trace_errors, always_trace_slower_than)"),
+    Statistic("statements_kept_over_rate", "counter",
+              "Failed or slow statements left untraced because more than always_trace_rate a second were kept"),
     Statistic("wal_messages_emitted", "counter", "otelwal logical messages emitted"),
     Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
     Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),

@@ -72,6 +72,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_tiers.py",
     ),
     "component": (
+        "test_always_trace.py",
         "test_background.py",
         "test_collector_interop.py",
         "test_deploy.py",

@@ -221,6 +221,8 @@ def _record(kind: str, i: int):
     sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
            "ext-tracestate": _SQL[2], "ext-reused": _SQL[0],
            "ext-own": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
+           # the shape of "ext-own" under an unsampled parent
+           "ext-own-off": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
            "ext-own-unsampled": f"SELECT * FROM t WHERE id = $1 /*traceparent='{own}'*/",
            "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/"}[kind]
     return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
@@ -230,11 +232,15 @@ def _record(kind: str, i: int):
 
 
 _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "ext-unsampled", "ext-plain",
-          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate")
+          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate", "ext-own-off")
 
 
-def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False):
-    """What the span process's helper makes of ``records`` (spans, errors logged, comments counted)."""
+def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False, slow_ns: int | None = None):
+    """What the span process's helper makes of ``records`` (spans, errors logged, comments counted).
+
+    ``slow_ns``: failed statements, and those that ran at least ``slow_ns``, are kept
+    whatever the sampling (``always_trace_*``, no rate bound); None: the rule is off.
+    """
     import logging
 
     from pgotel_proxy.stats import STATS
@@ -258,8 +264,9 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
                 monkeypatch.setattr(otlp, name, None)
         monkeypatch.setattr(spans_mod, "_rand", _ScriptedRandom(draws, seed))
         tracer = helper_mod.SpanHelper.__new__(helper_mod.SpanHelper)
+        keep = {} if slow_ns is None else {"keep_errors": True, "keep_slower_than_ns": slow_ns, "keep_rate": 1e12}
         tracer.builder = SpanBuilder(resource=RESOURCE, sample_rate=rate, capture_parameters=False,
-                                     capture_literals=False, encode=True)
+                                     capture_literals=False, encode=True, **keep)
         tracer.builder.bare = bare
         tracer._enricher = None
         # The compiled side with latency histograms on: the records whose buckets want an
@@ -296,6 +303,18 @@ def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed, bar
     assert all(type(s) is (bytes if bare else tuple) for s in spans)
     if spans and not bare:  # the same request either way
         assert otlp.encode_request([s[2] for s in spans], spans[0][:2]) == otlp.encode_request(spans)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 50)), min_size=1, max_size=24),
+       st.sampled_from([1.0, 0.5, 0.0]), st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=8),
+       st.integers(0, 100), st.sampled_from([0, 25, 40]))
+def test_kept_runs_leave_failed_and_slow_statements_to_the_python_steps(kinds, rate, draws, seed, slow_ns):
+    """With failed and slow statements kept whatever the sampling, still the same spans as without kept_run."""
+    records = [_record(kind, i) for kind, i in kinds]
+    got = _tracer_build(records, True, rate, draws, seed, slow_ns=slow_ns)
+    want = _tracer_build([_record(kind, i) for kind, i in kinds], False, rate, draws, seed, slow_ns=slow_ns)
+    assert got == want
 
 
 def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
@@ -339,6 +358,29 @@ def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
     assert (i, type(error)) == (0, OverflowError) and out == []  # none of its spans; the caller goes on at 1
     conn.tx_parent = (1, 2, 1, None)  # inside a transaction span: the Python steps decide
     assert builder.kept(conn, again, 1, out) == (1, None)
+
+
+@pytest.mark.parametrize("slow_ns", [0, 100])
+def test_kept_run_stops_before_a_statement_the_keep_rule_keeps(slow_ns):
+    """A kept shape under an unsampled parent makes no spans in the compiled loop: unless the rule may keep it."""
+    from pgotel_proxy.tracing.spans import ConnState, SpanBuilder
+
+    builder = SpanBuilder(resource=RESOURCE, sample_rate=1.0, capture_parameters=False, capture_literals=False,
+                          encode=True, keep_errors=True, keep_slower_than_ns=slow_ns, keep_rate=1e12)
+    conn = ConnState(_Info(), {"db.system.name": "postgresql"})
+    out: list = []
+    for i in (0, 2):
+        builder.one(conn, _record("ext-own", i), out)
+    out.clear()
+    records = [_record("ext-own", 4), _record("ext-own-off", 6), _record("ext-own", 8)]  # each runs 30 ns ...
+    records[1].end_ns += 170  # ... but this one, 200
+    if not slow_ns:
+        assert builder.kept(conn, records, 0, out) == (3, None) and len(out) == 6  # the unsampled one: none
+        return
+    assert builder.kept(conn, records, 0, out) == (1, None) and len(out) == 3
+    builder.one(conn, records[1], out)
+    assert len(out) == 6 and b"pgotel.kept_because" in out[3][2] and b"slow" in out[3][2]
+    assert builder.kept(conn, records, 2, out) == (3, None) and len(out) == 9
 
 
 def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_bad_input():

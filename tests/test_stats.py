@@ -20,7 +20,8 @@ EXPORTED = [
     "upstream_errors", "cancel_forwarded", "cancel_dropped", "decode_desyncs", "statements",
     "spans_started", "spans_exported", "spans_dropped", "statements_dropped", "export_failures",
     "span_process_lifted", "span_queue_size", "span_process_backlog_bytes",
-    "sqlcomment_invalid_traceparent", "latency_series_overflow", "wal_messages_emitted", "wal_emission_disabled",
+    "sqlcomment_invalid_traceparent", "latency_series_overflow", "statements_kept",
+    "statements_kept_over_rate", "wal_messages_emitted", "wal_emission_disabled",
     "enrich_joined", "enrich_timeouts", "explains_run", "explains_skipped", "explains_failed",
     "explains_rate_limited", "plan_changes",
 ]

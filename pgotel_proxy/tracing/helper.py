@@ -58,6 +58,9 @@ class SpanHelper:
             capture_parameters=config.capture_parameters,
             capture_literals=config.capture_query_literals,
             transaction_spans=config.transaction_spans,
+            keep_errors=config.always_trace_errors,
+            keep_slower_than_ns=int(config.always_trace_slower_than * 1e9),
+            keep_rate=config.always_trace_rate,
         )
         self.shutdown_timeout = config.shutdown_timeout
         self.pipeline = ExportPipeline(

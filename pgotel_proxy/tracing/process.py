@@ -109,6 +109,7 @@ OP_STOP = "s"
 CHILD_COUNTERS = (
     "statements", "spans_started", "spans_exported", "spans_dropped", "export_failures",
     "sqlcomment_invalid_traceparent", "enrich_joined", "enrich_timeouts", "latency_series_overflow",
+    "statements_kept", "statements_kept_over_rate",
 )
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
 _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (fewer, larger hand-overs cost less CPU; no query waits for them)
@@ -233,7 +234,7 @@ class _Handle:
         rate = t._sample_rate
         if rate < 1.0 and t._presample:
             # New roots the sample rate leaves out stop here (sampling.Presampler).
-            drawn, records, left_out = self.pre.split(records, rate)
+            drawn, records, left_out = self.pre.split(records, rate, t._keep_slow_ns, t._keep_errors)
             if left_out:
                 t._left_out += left_out
                 STATS.statements += left_out
@@ -293,6 +294,11 @@ class ProcessTracer:
         # the relay draws for new roots (sampling.Presampler) unless transaction spans need every
         # statement, or the latency histograms count every statement (tracing/histograms.py)
         self._presample = not config.transaction_spans and not config.latency_histograms
+        # failed and slow statements the draw leaves out go to the span process all the same
+        # (sampling.keep_reason), unless the rule can keep none
+        keeping = config.always_trace_rate > 0
+        self._keep_errors = keeping and config.always_trace_errors
+        self._keep_slow_ns = int(config.always_trace_slower_than * 1e9) if keeping else 0
         #: the span process's latest latency histograms (histograms.LatencyHistograms.snapshot), for /metrics
         self.latency: list = []
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)

@@ -34,11 +34,17 @@ rate. A setting made only to carry context outranks one that also names
 something. An ``application_name`` that is a traceparent is context, never
 ``db.postgresql.application_name``, which is the value each statement ran
 under (``Statement.application_name``).
+
+A statement that failed or was slow (``sampling.keep_reason``) and that its
+parent's sampled flag or the sample rate leaves out is kept all the same: as
+a new root with a link to the parent's context (when there is one) and
+``pgotel.kept_because``, at most ``keep_rate`` a second.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -61,7 +67,7 @@ from ..protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, S
 from ..stats import STATS
 from . import otlp, sqlinfo
 from .carrier import _APP, CHANNELS, SessionCarrier, channel_context
-from .sampling import may_set_carrier, rand as _rand
+from .sampling import keep_reason, may_set_carrier, rand as _rand
 
 __all__ = ["SpanBuilder", "ConnState", "ATTR", "CHANNELS", "channel_context"]
 
@@ -84,6 +90,7 @@ ATTR = {
     "phases": "pgotel.phases",
     "status": "pgotel.statement.status",
     "reused": "pgotel.statement.prepared_earlier",
+    "kept_because": "pgotel.kept_because",
     "sqlcommenter": "pgotel.sqlcommenter.",
     "parameter": "db.query.parameter.",
 }
@@ -156,6 +163,9 @@ class SpanBuilder:
         transaction_spans: bool = False,
         max_transaction_statements: int = 1000,
         encode: bool = False,
+        keep_errors: bool = False,
+        keep_slower_than_ns: int = 0,
+        keep_rate: float = 0.0,
     ) -> None:
         self.resource = resource
         self.sample_rate = sample_rate
@@ -172,6 +182,20 @@ class SpanBuilder:
         # With encode: True appends each span's field alone, for an exporter told the head
         # (otlp exporters' encoded_head); no (resource, scope, field) tuple a span.
         self._out_head: tuple | None = self._head
+        # Failed (keep_errors) and slow (keep_slower_than_ns) statements that the sample
+        # rate or an unsampled parent leaves out are kept as new roots, up to keep_rate a
+        # second: a token bucket holding one second's worth (one token at least).
+        self.keep_errors = keep_errors
+        self.keep_slow_ns = keep_slower_than_ns
+        self.keep_rate = keep_rate
+        self._keeping = keep_rate > 0 and (keep_errors or keep_slower_than_ns > 0)
+        self._keep_burst = max(1.0, keep_rate)
+        self._keep_tokens = self._keep_burst
+        self._keep_at = time.monotonic()
+        # the record being built is one the rule may keep: its spans are built in full (no kept shape)
+        self._keep_record = False
+        # (reason, carried context or None) of the root _context just kept by the rule
+        self._kept: tuple | None = None
 
     @property
     def bare(self) -> bool:
@@ -224,6 +248,15 @@ class SpanBuilder:
         if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
             return i, None
+        if self._keeping:
+            # The compiled loop knows no keep rule: it stops before a statement the rule may keep.
+            slow_ns, errors = self.keep_slow_ns, self.keep_errors
+            for stop in range(i, len(records)):
+                if keep_reason(records[stop], slow_ns, errors) is not None:
+                    if stop == i:
+                        return i, None
+                    records = records[:stop]
+                    break
         opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_GROUPS,
@@ -235,6 +268,8 @@ class SpanBuilder:
 
     def one(self, conn: ConnState, rec: Statement, out: list) -> None:
         """Append the spans of ``rec`` alone: :meth:`build` without transaction spans, groups or counting."""
+        self._keep_record = self._keeping and keep_reason(rec, self.keep_slow_ns, self.keep_errors) is not None
+        self._kept = None
         if rec.protocol == "extended":
             self._extended(conn, rec, out)
         else:
@@ -305,8 +340,13 @@ class SpanBuilder:
 
     # ------------------------------------------------------------- context
 
-    def _context(self, conn: ConnState, comment) -> tuple[int, int | None, int, str | None] | None:
-        """(trace_id, parent_span_id, flags, tracestate) for a sampled statement, None when not sampled."""
+    def _context(self, conn: ConnState, comment, keep: str | None = None
+                 ) -> tuple[int, int | None, int, str | None] | None:
+        """(trace_id, parent_span_id, flags, tracestate) for a sampled statement, None when not sampled.
+
+        ``keep``: why the statement is kept when left out (``sampling.keep_reason``); then
+        it is a new root (:meth:`_keep_root`), within the rate bound.
+        """
         ctx = comment.context if comment is not None else None
         if ctx is None:
             ctx = conn.carrier
@@ -314,19 +354,59 @@ class SpanBuilder:
             return conn.tx_parent
         if ctx is not None:
             if not ctx.sampled:
-                return None
+                return self._keep_root(keep, ctx) if keep is not None else None
             return ctx.trace_id, ctx.span_id, ctx.flags, ctx.tracestate
         rate = 1.0 if conn.presampled else self.sample_rate
         if rate <= 0.0 or (rate < 1.0 and _rand.random() >= rate):
-            return None
+            return self._keep_root(keep, None) if keep is not None else None
         return _new_id(128), None, 1, None
+
+    def _keep_root(self, reason: str, carried) -> tuple | None:
+        """A new root for a statement the rule keeps, or None past ``keep_rate`` a second (counted).
+
+        Never a child of ``carried``: the application did not sample that trace, and a
+        span inside it would be an orphan there. The span links to it (:meth:`_take_kept`).
+        """
+        now = time.monotonic()
+        tokens = min(self._keep_burst, self._keep_tokens + (now - self._keep_at) * self.keep_rate)
+        self._keep_at = now
+        if tokens < 1.0:
+            self._keep_tokens = tokens
+            STATS.statements_kept_over_rate += 1
+            return None
+        self._keep_tokens = tokens - 1.0
+        STATS.statements_kept += 1
+        link = (carried.trace_id, carried.span_id, carried.flags, carried.tracestate) if carried is not None else None
+        self._kept = (reason, link)
+        return _new_id(128), None, 1, None
+
+    def _take_kept(self, conn: ConnState, parent_id, attrs: dict) -> tuple:
+        """The links of a statement span; marks a root the rule kept (``pgotel.kept_because``)."""
+        links = _links(conn, parent_id)
+        kept = self._kept
+        if kept is not None:
+            self._kept = None
+            attrs[ATTR["kept_because"]] = kept[0]
+            if kept[1] is not None:
+                links = links + (kept[1],)
+        return links
+
+    def _reason(self, failed: bool, start: int, end: int) -> str | None:
+        """Why the rule keeps one statement of the record being built, or None."""
+        if not self._keep_record:
+            return None
+        if failed and self.keep_errors:
+            return "error"
+        if self.keep_slow_ns and start and end - start >= self.keep_slow_ns:
+            return "slow"
+        return None
 
     # ------------------------------------------------------------ builders
 
     def _extended(self, conn: ConnState, rec: Statement, out: list) -> None:
         shape = keyed = None
         if (self.encode and rec.status == "ok" and conn.tx_parent is None and not rec.extra and not rec.copy
-                and not (self.capture_parameters and rec.params)):
+                and not (self.capture_parameters and rec.params) and not self._keep_record):
             # A statement shape seen before on this connection (same text, tag, row count,
             # names): its comment, name and attributes are what they were, encoded once.
             # A text with its own traceparent is keyed without it (shape.statement_key, as
@@ -364,7 +444,7 @@ class SpanBuilder:
         text = comment.stripped_sql if comment is not None else raw
         ok = rec.status == "ok"
         conn.observe_set(text, ok, rec.tx_status)
-        ctx = self._context(conn, comment)
+        ctx = self._context(conn, comment, self._reason(rec.status == "error", rec.start_ns, rec.end_ns))
         if ctx is not None:
             # Analysed only when sampled: an unsampled statement costs its comment parse alone.
             info = sqlinfo.analyze(text) if text else None
@@ -391,9 +471,10 @@ class SpanBuilder:
             if self.capture_parameters and rec.params:
                 for i, p in enumerate(rec.params):
                     attrs[f"{ATTR['parameter']}{i + 1}"] = "NULL" if p is None else p
+            links = self._take_kept(conn, parent_id, attrs)
             status = _status(rec.status, rec.error, attrs)
             self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, rec.start_ns, end,
-                       attrs, status, _links(conn, parent_id))
+                       attrs, status, links)
             if shape is not None and not may_set_carrier(text):
                 parts = otlp.span_parts(name, _SERVER, attrs, status)
                 if keyed is None:
@@ -448,7 +529,7 @@ class SpanBuilder:
         keyed = None  # (key, statement_key's answer, sqlcomment counts before the parse)
         if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
                 and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
-                and conn.tx_parent is None):
+                and conn.tx_parent is None and not self._keep_record):
             # One statement with values inline and a traceparent: a text of a shape seen
             # before on this connection is spanned from its key alone (shape.statement_key),
             # without parsing its comment or its SQL again.
@@ -472,7 +553,8 @@ class SpanBuilder:
         shape = None
         if (self.encode and not self.capture_literals and len(infos) == 1 and len(results) == 1
                 and rec.status == "ok" and rec.protocol == "simple" and results[0].error is None and not rec.copy
-                and not rec.extra and conn.tx_parent is None and not may_set_carrier(text)):
+                and not rec.extra and conn.tx_parent is None and not may_set_carrier(text)
+                and not self._keep_record):
             # One statement of a shape seen before on this connection: values inline
             # differ, but its analysis (shared by shape), and so its name and
             # attributes, do not: encoded once.
@@ -492,7 +574,7 @@ class SpanBuilder:
             last = i == len(results) - 1
             tx = rec.tx_status if last else "T"
             conn.observe_set(stmt_text if info is None else _raw_piece(text, i, len(infos)) or stmt_text, ok, tx)
-            ctx = self._context(conn, comment)
+            ctx = self._context(conn, comment, self._reason(res.error is not None, start, res.end_ns or rec.end_ns))
             if ctx is not None:
                 trace_id, parent_id, flags, tracestate = ctx
                 sid = _rand.getrandbits(64) or _new_id(64)
@@ -507,9 +589,10 @@ class SpanBuilder:
                 if status == "incomplete":
                     attrs[ATTR["status"]] = status
                 end = res.end_ns or rec.end_ns
+                links = self._take_kept(conn, parent_id, attrs)
                 span_status = _status(status, res.error, attrs)
                 self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, start, end,
-                           attrs, span_status, _links(conn, parent_id))
+                           attrs, span_status, links)
                 if shape is not None:
                     parts = otlp.span_parts(name, _SERVER, attrs, span_status)
                     self._keep_shape(conn, shape, (info, parts))
