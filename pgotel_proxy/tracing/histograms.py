@@ -136,8 +136,14 @@ class LatencyHistograms:
         wanted: list = []
         now = time.time_ns()
         series_of = self.series
+        # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
+        # its shape is looked up once.
+        last_sql, last_shape = None, (None, None)
         for index, rec in enumerate(records):
-            summary, operation = self._shape(rec.sql) if rec.sql else (None, None)
+            sql = rec.sql
+            if sql is not last_sql:
+                last_sql, last_shape = sql, (self._shape(sql) if sql else (None, None))
+            summary, operation = last_shape
             error = rec.error
             if error is None and rec.results:
                 for res in rec.results:
