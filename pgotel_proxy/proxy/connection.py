@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
 from ..protocol.kinds import FRONTEND_TYPES
 from ..protocol.messages import error_response
+from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..protocol.session import COMPILED as CODEC_COMPILED
 from ..stats import STATS
 
@@ -73,10 +74,6 @@ _SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocke
 _DELIVER_AT = 32
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
 _FRONTEND_TYPES = bytes(sorted(FRONTEND_TYPES))
-# Kinds of the pump's log entries (_pumplog.h, which the C side includes).
-PUMP_LOG_CLIENT = 0  # bytes the client sent, already forwarded
-PUMP_LOG_SERVER = 1  # bytes the server sent, already forwarded
-PUMP_LOG_HANDBACK = 2  # the pair is handed back to the event loop
 # A pair the pump hands back (_pump.c): reason, errno, client fd, server fd, then the lengths of the
 # chunk it did not forward and of what it kept for the server and for the client.
 _BACK = struct.Struct("=iiiiIIII")

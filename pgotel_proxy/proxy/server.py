@@ -23,9 +23,10 @@ from ..hostport import format_hostport
 from ..listen import bind_tcp, check_addresses
 from ..protocol._impl import PURE_PYTHON
 from ..protocol.messages import error_response
-from ..protocol.session import observe_log
+from ..protocol.pumplog import observe_log
 from ..stats import STATS
-from .connection import PUMP_LOG_HANDBACK, ClientConnection
+from ..protocol.pumplog import PUMP_LOG_HANDBACK
+from .connection import ClientConnection
 from .tls import certificate_der, client_context, upstream_context
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ if not PURE_PYTHON:
         from ._pump import Pump
     except ImportError:
         pass
-
-# The head of an entry in the pump's observation log (_pumplog.h).
-_LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
-
 
 def _resume(conn: ClientConnection, kind: int, log: bytes, at: int | BaseException, stop: int, ts: int) -> None:
     """One record of the pump's log, ``log[at:stop]``, for Python (observe_log leaves it here)."""
@@ -408,34 +405,9 @@ class ProxyServer:
         data = pump.take_log()
         if not data:
             return
-        if observe_log is not None:
-            # The compiled loop over the log: the common chunk reaches the codec
-            # without a Python frame; the rest comes back through _resume.
-            touched = observe_log(data, self.pumped, _resume)
-        else:
-            touched = self._observe_log_py(data)
+        touched = observe_log(data, self.pumped, _resume)
         for conn in touched.values():
             conn.pump_observed()
-
-    def _observe_log_py(self, data: bytes) -> dict[int, ClientConnection]:
-        """observe_log in Python: the connections fed, by pair."""
-        pumped = self.pumped
-        head = _LOG_HEAD.unpack_from
-        touched: dict[int, ClientConnection] = {}
-        pos, end = 0, len(data)
-        while pos < end:
-            pair, kind, length, ts = head(data, pos)
-            pos += _LOG_HEAD.size
-            stop = pos + length
-            conn = pumped.get(pair)
-            if conn is not None:
-                if kind == PUMP_LOG_HANDBACK:
-                    touched.pop(pair, None)
-                else:
-                    touched[pair] = conn
-                _resume(conn, kind, data, pos, stop, ts)
-            pos = stop
-        return touched
 
     def _end_pairs(self, pump) -> None:
         """End the connections of the pairs ``pump`` reported ended (after what they relayed was observed)."""
