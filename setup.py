@@ -31,7 +31,7 @@ _COMMON = ["pgotel_proxy/_cutil.h"]
 _PUMPLOG = ["pgotel_proxy/_pumplog.h"]
 #: The codec's modules compiled by Cython (protocol/_impl.py CODEC_MODULES, which the
 #: PGOTEL_PURE_PYTHON switch loads from source).
-CODEC_MODULES = ("events", "messages", "scan", "session", "records", "pumplog")
+CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
 
 
 def _codec() -> list:

@@ -23,7 +23,7 @@ TWIN = protocol.__name__ + "._interpreted"
 
 
 def interpreted() -> types.SimpleNamespace:
-    """The interpreted twin's modules: session, events, messages, scan, records, pumplog, errors."""
+    """The interpreted twin's modules: session, events, messages, scan, framing, records, pumplog, errors."""
     if TWIN not in sys.modules:
         directory = os.path.dirname(protocol.__file__)
         sys.meta_path.insert(0, SourceFinder(TWIN, directory))
@@ -31,6 +31,6 @@ def interpreted() -> types.SimpleNamespace:
         package.__path__ = []  # its modules come from SourceFinder only
         sys.modules[TWIN] = package
     mods = {name: importlib.import_module(f"{TWIN}.{name}")
-            for name in ("session", "events", "messages", "scan", "records", "pumplog", "errors")}
+            for name in ("session", "events", "messages", "scan", "framing", "records", "pumplog", "errors")}
     assert not mods["session"].COMPILED and mods["session"].__file__.endswith(".py")
     return types.SimpleNamespace(**mods)

@@ -55,6 +55,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_cli.py",
         "test_config.py",
         "test_docs.py",
+        "test_framing.py",
         "test_enrich_joiner.py",
         "test_enrich_sources.py",
         "test_hostport.py",

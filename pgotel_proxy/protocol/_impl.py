@@ -34,7 +34,7 @@ PURE_PYTHON_ENV = "PGOTEL_PURE_PYTHON"
 PURE_PYTHON: bool = bool(os.environ.get(PURE_PYTHON_ENV))
 
 #: The modules of this package that setup.py compiles with Cython (each a ``.py`` and a ``.pxd``).
-CODEC_MODULES = ("events", "messages", "scan", "session", "records", "pumplog")
+CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

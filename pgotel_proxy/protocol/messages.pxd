@@ -7,6 +7,10 @@ cdef list _text_raw, _text_str
 cdef dict _texts
 cdef unsigned long long _HASH_SEED, _HASH_PRIME
 
+cdef unsigned char _frontend[256]
+
+cpdef int header_refused(int typ, long long length, long long limit) noexcept nogil
+
 @cython.locals(p=cython.p_uchar)
 cpdef unsigned int be32(bytes buf, Py_ssize_t pos) noexcept
 

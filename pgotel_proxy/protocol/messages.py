@@ -21,6 +21,7 @@ from .kinds import (
     FRONTEND_FLUSH,
     FRONTEND_QUERY,
     FRONTEND_SYNC,
+    FRONTEND_TYPES,
 )
 
 __all__ = [
@@ -29,6 +30,11 @@ __all__ = [
     "CANCEL_REQUEST_CODE",
     "PROTOCOL_3_0",
     "PROTOCOL_3_2",
+    "FRONTEND_TABLE",
+    "HEAD_OK",
+    "BAD_TYPE",
+    "BAD_LENGTH",
+    "header_refused",
     "be32",
     "cstring",
     "text",
@@ -56,6 +62,34 @@ PROTOCOL_3_2 = 196610
 
 FLUSH = bytes((FRONTEND_FLUSH, 0, 0, 0, 4))
 SYNC = bytes((FRONTEND_SYNC, 0, 0, 0, 4))
+
+
+#: FRONTEND_TYPES by type byte: 1 for a frontend message type, else 0.
+FRONTEND_TABLE = bytes(1 if i in FRONTEND_TYPES else 0 for i in range(256))
+if cython.compiled:  # the same table as C bytes, for the pump's thread (no Python object there)
+    for _i in range(256):
+        _frontend[_i] = FRONTEND_TABLE[_i]
+
+# What header_refused answers: a client message's type byte must be one of FRONTEND_TYPES and its
+# length (which counts itself) between 4 and the configured maximum, else the client gets 08P01.
+HEAD_OK = 0
+BAD_TYPE = 1  # not a frontend message type
+BAD_LENGTH = 2  # a length below 4 or above the maximum
+
+
+def header_refused(typ: int, length: int, limit: int) -> int:
+    """HEAD_OK, or why a client message of type byte ``typ`` and ``length`` is refused (``limit``: the maximum).
+
+    (The answers are written as numbers: compiled, this runs without the GIL.)
+    """
+    if cython.compiled:
+        if typ < 0 or typ > 255 or not _frontend[typ]:
+            return 1  # BAD_TYPE
+    elif not FRONTEND_TABLE[typ]:
+        return 1  # BAD_TYPE
+    if length < 4 or length > limit:
+        return 2  # BAD_LENGTH
+    return 0  # HEAD_OK
 
 
 def be32(buf: bytes, pos: int) -> int:
@@ -130,7 +164,9 @@ def cstring(buf, start: int) -> tuple[str, int]:
                 raise ValueError("no NUL after a string")
             end = nul - base
         else:
-            end = data.index(0, start)
+            end = data.find(0, start)
+            if end < 0:
+                raise ValueError("no NUL after a string")
         if end == start:  # the unnamed statement or portal, the most common name
             return "", end + 1
         return text(data, start, end), end + 1

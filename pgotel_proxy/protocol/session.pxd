@@ -3,7 +3,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING
 from .events cimport Completion, Statement, new_statement
-from .messages cimport be32, cstring, decode_bind, decode_error_fields, decode_parse, text
+from .messages cimport be32, cstring, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
 cdef class Session:
@@ -56,7 +56,8 @@ cdef class Session:
     cpdef client_data_from(self, bytes data, object now, Py_ssize_t start)
 
     @cython.locals(held=bytes, n=Py_ssize_t, pos=Py_ssize_t, seg=Py_ssize_t, typ=int, length=cython.longlong,
-                   mend=Py_ssize_t, end=Py_ssize_t, observing=bint, limit=Py_ssize_t, nxt=int)
+                   mend=Py_ssize_t, end=Py_ssize_t, observing=bint, limit=Py_ssize_t, nxt=int,
+                   refused=int)
     cdef _client_data(self, bytes data, object now, Py_ssize_t start, Py_ssize_t stop)
 
     @cython.locals(rec=Statement, k=int)
@@ -86,7 +87,6 @@ cdef class Session:
     cdef _ready_for_query(self, int status, object now)
 
 cdef int _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC, _PREFIX
-cdef bytes _FRONTEND_TABLE
 cdef int BACKEND_AUTHENTICATION, BACKEND_BACKEND_KEY_DATA, BACKEND_BIND_COMPLETE, BACKEND_CLOSE_COMPLETE
 cdef int BACKEND_COMMAND_COMPLETE, BACKEND_COPY_BOTH_RESPONSE, BACKEND_COPY_DATA, BACKEND_COPY_IN_RESPONSE
 cdef int BACKEND_COPY_OUT_RESPONSE, BACKEND_DATA_ROW, BACKEND_EMPTY_QUERY_RESPONSE, BACKEND_ERROR_RESPONSE

@@ -70,11 +70,11 @@ from .kinds import (
     FRONTEND_QUERY,
     FRONTEND_SYNC,
     FRONTEND_TERMINATE,
-    FRONTEND_TYPES,
     TARGET_STATEMENT,
 )
 from .scan import run_end
 from .messages import (
+    BAD_TYPE,
     FLUSH,
     be32,
     cstring,
@@ -83,6 +83,7 @@ from .messages import (
     decode_parse,
     decode_sasl_mechanisms,
     encode_sasl_mechanisms,
+    header_refused,
     text,
 )
 
@@ -102,9 +103,6 @@ _PREFIX = 8
 # Third element of a pending entry: False for the client's requests, else who sent it.
 INJECTED = 1  # the proxy: every answer is removed
 INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
-
-# FRONTEND_TYPES as a table by type byte (1: a frontend message type).
-_FRONTEND_TABLE = bytes(1 if i in FRONTEND_TYPES else 0 for i in range(256))
 
 # Server messages that may arrive at any time and answer no request.
 _ASYNC_SERVER = frozenset((BACKEND_NOTICE_RESPONSE, BACKEND_NOTIFICATION_RESPONSE, BACKEND_PARAMETER_STATUS))
@@ -378,9 +376,10 @@ class Session:
             else:
                 typ = data[pos]
                 length = _unpack_i(data, pos + 1)[0]
-            if not _FRONTEND_TABLE[typ]:
-                raise ProtocolViolation(f"invalid frontend message type {typ}")
-            if length < 4 or length > limit:
+            refused = header_refused(typ, length, limit)
+            if refused:  # not HEAD_OK
+                if refused == BAD_TYPE:
+                    raise ProtocolViolation(f"invalid frontend message type {typ}")
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
             mend = pos + 1 + length
             self.messages_in += 1

@@ -38,7 +38,6 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
-from ..protocol.kinds import FRONTEND_TYPES
 from ..protocol.messages import error_response
 from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..protocol.session import COMPILED as CODEC_COMPILED
@@ -73,7 +72,6 @@ _SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocke
 # at light load the tracer's 50 ms collection comes first anyway.
 _DELIVER_AT = 32
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
-_FRONTEND_TYPES = bytes(sorted(FRONTEND_TYPES))
 # A pair the pump hands back (_pump.c): reason, errno, client fd, server fd, then the lengths of the
 # chunk it did not forward and of what it kept for the server and for the client.
 _BACK = struct.Struct("=iiiiIIII")
@@ -636,8 +634,7 @@ class ClientConnection:
                 fds.append(os.dup(sk.fileno()))
             # The pump may read from now on; the event loop cannot before this callback returns.
             if observe:
-                self.pump_id = pump.add(fds[0], fds[1], observe=True,
-                                        max_message=self.session.max_message_size, types=_FRONTEND_TYPES)
+                self.pump_id = pump.add(fds[0], fds[1], observe=True, max_message=self.session.max_message_size)
             else:
                 self.pump_id = pump.add(fds[0], fds[1])
         except (OSError, RuntimeError):
@@ -669,11 +666,8 @@ class ClientConnection:
             self.stop_observing("client" if kind == PUMP_LOG_CLIENT else "server", exc)
 
     def pump_failed(self, kind: int, exc: BaseException) -> None:
-        """The compiled loop raised on a chunk the pump relayed: as pump_observe handles it."""
-        if kind == PUMP_LOG_CLIENT:
-            self.stop_observing("client", exc)
-        else:
-            self.session.desync(f"server stream: {exc!r}")  # as server_observe does
+        """Observing a chunk the pump relayed raised (protocol/pumplog.py): as pump_observe handles it."""
+        self.stop_observing("client" if kind == PUMP_LOG_CLIENT else "server", exc)
 
     def stop_observing(self, stream: str, exc: BaseException) -> bytes:
         """Observation failed on ``stream``: the session stops observing, the relay goes on.
