@@ -4,13 +4,14 @@ The relay path only fills integers and references into a :class:`Statement`
 while the request is in flight; the tracer turns finished records into spans
 later, in batches, off the relay path.
 
-The two classes below are the one definition of the record layout. Everything
-that handles records field by field derives from :data:`STATEMENT_LAYOUT` and
-:data:`COMPLETION_LAYOUT` (name, kind, default of each field, in order): the
-compact form records cross to the span process in (``protocol/records.py`` and
-its compiled twin in ``_core.c``), and the compiled codec and OTLP encoder,
-which are handed the layout when they are configured. A new field is one line
-in its class; its annotation gives its kind (``_KINDS``).
+:data:`STATEMENT_LAYOUT` and :data:`COMPLETION_LAYOUT` (name, kind, default
+of each field, in order) are the record layout. Everything that handles
+records field by field derives from them: the compact form records cross to
+the span process in (``protocol/records.py``) and the compiled OTLP encoder,
+which is handed the layout when it is configured. The classes spell the same
+fields out (``__init__``, ``__slots__``; compiled, the cdef classes of
+``events.pxd``): a new field is a line in each of those and in the layout,
+and tests/test_records.py holds them equal.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
                 if conn.observe:
                     session = conn.session
                     try:
-                        if cython.compiled and type(session) is Session:  # the methods called directly
+                        if cython.compiled and isinstance(session, Session):  # the methods called directly
                             if kind == PUMP_LOG_CLIENT:
                                 cython.cast(Session, session).client_observe(log, pos, stop, ts)
                             else:

@@ -2,8 +2,8 @@
 
 ``pack(records) -> bytes`` and ``unpack(data) -> list`` for the records of
 ``events.STATEMENT_LAYOUT``; every field of every record comes back equal.
-``_core.c`` implements the same form (``_core.pack``, ``_core.unpack``) and
-``protocol.session`` chooses one of the two; tests hold them byte-equal.
+One source: compiled by Cython with the rest of the codec where it is
+installed, interpreted otherwise; tests hold the two builds byte-equal.
 
 The form, little-endian throughout. A batch: u8 ``FORMAT_VERSION``, u32
 record count, the records. A record: its fields in layout order, each by its

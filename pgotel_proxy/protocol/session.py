@@ -641,7 +641,7 @@ class Session:
                 self.desync(f"server stream: {exc!r}")
 
     def server_observe_from(self, data: bytes, now: int, start: int) -> None:
-        """``server_observe`` from ``start``: where a compiled Feed stopped (or 0), in the Python loop."""
+        """``server_observe`` from ``start`` to the end (the bytes before it already accounted)."""
         try:
             self._server(data, now, None, start, len(data))
         except Exception as exc:  # as server_observe: never let observation break the relay
