@@ -36,7 +36,7 @@ Pump = None
 if not PURE_PYTHON:
     try:  # the compiled relay of unobserved connections (_pump.c)
         from ._pump import Pump
-    except ImportError:
+    except (ImportError, AttributeError):  # not built, or the codec's framing it imports is not compiled
         pass
 
 def _resume(conn: ClientConnection, kind: int, log: bytes, at: int | BaseException, stop: int, ts: int) -> None:
