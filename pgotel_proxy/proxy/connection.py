@@ -488,7 +488,7 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
-        self.wal = srv.wal_injector(self.peer)
+        self.wal = srv.wal_injector(self.peer, params.get("application_name"))
         if self.wal is not None:
             self.session.injector = self.wal
             self.session.hold_first_ready = True
