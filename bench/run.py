@@ -510,7 +510,10 @@ def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, durati
     tx = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     m = re.search(r"number of failed transactions: (\d+)", out)
     failed = int(m.group(1)) if m else 0
-    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    if m is None:  # pgbench prints no rates when no transaction finished in time
+        raise RuntimeError(f"pgbench against {target.name}: no tps in its output:\n{out[-2000:]}{res.stderr[-2000:]}")
+    tps = float(m.group(1))
     row: dict[str, Any] = {
         "target": target.name, "mode": mode, "clients": clients,
         "tps": tps, "transactions": tx, "failed": failed, "wall_s": wall,
