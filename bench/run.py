@@ -67,6 +67,9 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MODES = ("simple", "extended", "prepared")
 CLIENTS = (1, 8, 32)
 TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-w2", "proxy-flush")
+#: Targets not in the default set, named with --targets: head sampling at 1 % of root
+#: statements, and the server-side join (wait events, pg_stat_statements, EXPLAIN).
+EXTRA_TARGETS = ("proxy-1pct", "proxy-enrich")
 #: Target-name suffixes for TLS (none: plain text). "-tls": middle -> PostgreSQL only
 #: (sslmode=require, the certificate not checked, as PgBouncer's
 #: server_tls_sslmode=require); "-tls2": pgbench -> middle as well. ``direct-tls``
@@ -83,7 +86,17 @@ PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
     # two worker processes (SO_REUSEPORT), each with its span process
     "proxy-w2": ["--tracing", "--sample-rate", "1", "--workers", "2"],
+    # Statements without a traceparent (ROOT_SAMPLED): 1 % of them become traces; every one is
+    # counted in the latency histograms, and failed or slow ones are kept (the defaults).
+    "proxy-1pct": ["--tracing", "--sample-rate", "0.01", "--always-trace-slower-than", "0.1"],
+    # The side connection (STATS_DSN is replaced by the server's DSN): wait-event sampling,
+    # pg_stat_statements, and an EXPLAIN for every shape (the benchmark's statements are fast).
+    "proxy-enrich": ["--tracing", "--sample-rate", "1", "--stats-dsn", "STATS_DSN", "--explain-min-duration", "0"],
 }
+#: Configurations whose pgbench statements carry no traceparent: the proxy's head sampler decides.
+ROOT_SAMPLED = frozenset({"proxy-1pct"})
+#: The placeholder for the benchmark server's DSN in PROXY_FLAGS.
+STATS_DSN = "STATS_DSN"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -348,7 +361,8 @@ class ProxyProcess:
             "--upstream-tls", upstream_tls,
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--log-level", "warning",
-            *extra,
+            *(f"host={pg.host} port={pg.port} user=postgres dbname={DBNAME}" if arg == STATS_DSN else arg
+              for arg in extra),
         ]
         if otlp_endpoint and "--tracing" in extra:
             self.args += ["--otlp-endpoint", otlp_endpoint]
@@ -438,11 +452,12 @@ def pgbench_env(sslmode: str = "disable") -> dict[str, str]:
     return env
 
 
-def write_select_script(path: Path, accounts: int) -> Path:
-    """The ``-S`` transaction with a sqlcommenter traceparent, so every statement is sampled."""
+def write_select_script(path: Path, accounts: int, traced: bool = True) -> Path:
+    """The ``-S`` transaction; *traced*: with a sampled sqlcommenter traceparent, so every statement is sampled."""
+    comment = f" /*traceparent='{TRACEPARENT}'*/" if traced else ""
     path.write_text(
         f"\\set aid random(1, {accounts})\n"
-        f"SELECT abalance FROM pgbench_accounts WHERE aid = :aid /*traceparent='{TRACEPARENT}'*/;\n"
+        f"SELECT abalance FROM pgbench_accounts WHERE aid = :aid{comment};\n"
     )
     return path
 
@@ -558,8 +573,8 @@ def prepare_data(pg: PgServer, *, scale: int, bulk_mb: int, select_rows: int) ->
     psql(pg, "VACUUM ANALYZE bench_rows")
     # Bytes the server sends for the SELECT: one DataRow per row (type, length,
     # column count, then a length and the text of each column), text format.
-    select_bytes = int(psql(pg, "SELECT sum(7 + 12 + length(id::text) + length(n::text) + length(t)) "
-                                "FROM bench_rows"))
+    select_bytes = int(psql(pg, "SELECT coalesce(sum(7 + 12 + length(id::text) + length(n::text) + length(t)), 0) "
+                                "FROM bench_rows").strip())
     log.info("data ready in %.1fs: scale %s, %s bulk rows, %s select rows",
              time.monotonic() - t0, scale, bulk_rows, select_rows)
     return {"scale": scale, "accounts": scale * 100_000, "bulk_rows": bulk_rows,
@@ -820,10 +835,15 @@ def format_tables(results: dict[str, Any]) -> str:
     if results.get("proxies"):
         lines += ["", "traced proxies over the whole run (warm-up, every round, the sustained cell); "
                       f"spans the receiver decoded: {results.get('spans_received_total', '-')}",
-                  f"{'target':<15}{'alive':>6}{'statements':>12}{'st.drop':>9}{'spans exp':>11}{'drop':>8}"]
+                  "(kept: failed or slow statements traced whatever the sampling; explains: EXPLAINs the "
+                  "side connection ran, failed ones after the slash)",
+                  f"{'target':<15}{'alive':>6}{'statements':>12}{'st.drop':>9}{'spans exp':>11}{'drop':>8}"
+                  f"{'kept':>7}{'explains':>10}"]
         for r in results["proxies"]:
+            explains = f"{r.get('explains_run', 0)}/{r.get('explains_failed', 0)}"
             lines.append(f"{r['target']:<15}{'yes' if r['alive'] else 'NO':>6}{r['statements']:>12d}"
-                         f"{r['statements_dropped']:>9d}{r['spans_exported']:>11d}{r['spans_dropped']:>8d}")
+                         f"{r['statements_dropped']:>9d}{r['spans_exported']:>11d}{r['spans_dropped']:>8d}"
+                         f"{r.get('statements_kept', 0):>7d}{explains:>10}")
     if results.get("bulk"):
         lines += ["", f"{'bulk':<7} {'target':<15}{'MB':>8}{'MB/s':>9}{'×dir':>6}{'×pgb':>6}{'cpu s/GB':>10}"]
         for r in results["bulk"]:
@@ -898,7 +918,8 @@ def proxy_totals(proxies: list[ProxyProcess]) -> list[dict[str, Any]]:
         m = wait_export_idle(t) if alive else {}
         out.append({"target": t.name, "pid": t.pid, "alive": alive,
                     **{key: int(m.get(key, 0)) for key in ("statements", "statements_dropped", "spans_started",
-                                                           "spans_exported", "spans_dropped")}})
+                                                           "spans_exported", "spans_dropped", "statements_kept",
+                                                           "explains_run", "explains_failed")}})
     return out
 
 
@@ -910,7 +931,12 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = os.getloadavg()
     data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows)
-    script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    traced_script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    root_script = write_select_script(workdir / "select_root.sql", data["accounts"], traced=False)
+
+    def script_of(target: Target) -> Path:
+        return root_script if split_target(target.name)[0] in ROOT_SAMPLED else traced_script
+
     sink: OtlpSink | None = None
     bouncers: list[PgBouncer] = []
     proxies: list[ProxyProcess] = []
@@ -947,7 +973,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
             check_server_tls(t)
         # Warm every path once (connection set-up, imports, caches) outside the measurements.
         for t in targets if opts.warmup > 0 else ():
-            run_pgbench(t, script=script, mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
+            run_pgbench(t, script=script_of(t), mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
         rounds = []
         for rnd in range(opts.rounds):
             # Each round starts the order of targets one further along, so that no
@@ -958,7 +984,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                 for clients in opts.clients:
                     for t in order:
                         spans0 = sink.count() if sink and t.traced else None
-                        row = run_pgbench(t, script=script, mode=mode, clients=clients,
+                        row = run_pgbench(t, script=script_of(t), mode=mode, clients=clients,
                                           duration=opts.duration, logdir=workdir)
                         if spans0 is not None and row.get("spans_exported") is not None:
                             row["spans_received"] = sink.count() - spans0
@@ -974,7 +1000,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
             # One long cell per target on the processes that served every round:
             # a span process that falls behind shows as drops here.
             spans0 = sink.count() if sink and t.traced else None
-            row = run_pgbench(t, script=script, mode="prepared", clients=opts.sustained_clients,
+            row = run_pgbench(t, script=script_of(t), mode="prepared", clients=opts.sustained_clients,
                               duration=opts.sustained, logdir=workdir)
             if spans0 is not None and row.get("spans_exported") is not None:
                 row["spans_received"] = sink.count() - spans0
