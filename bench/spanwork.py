@@ -8,7 +8,8 @@ or off, nothing exported. The records are pgbench ``-S`` statements whose
 sqlcommenter ``traceparent`` is new in every statement (``--traceparent
 new``, what instrumented applications send), the same in all of them
 (``fixed``, what ``run.py`` sends), or absent (``none``: each statement a
-new root at the sample rate of 1).
+new root at the sample rate of 1). Equal texts are one object, as the
+relay's codec hands them over.
 
 Usage::
 
@@ -47,6 +48,7 @@ BASE_ATTRS = {"db.system.name": "postgresql", "db.namespace": "bench", "server.a
 def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) -> list[bytes]:
     """``batches`` packed hand-overs of ``per_batch`` records each."""
     out = []
+    texts: dict[str, str] = {}  # equal texts are one object, as the relay's codec decodes them
     span = 0x1000
     t = time.time_ns()  # wall-clock, as records carry it (exemplars age by it)
     for _ in range(batches):
@@ -65,6 +67,7 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
                 sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}{comment}"
                 rec = Statement("simple", sql, start_ns=t, end_ns=t + 60_000, status="ok", tx_status="I",
                                 results=[Completion(t + 59_000, "SELECT 1", 1)])
+            rec.sql = texts.setdefault(sql, sql)
             records.append(rec)
             t += 100_000
         out.append(pack_records(records))
