@@ -89,7 +89,6 @@ class Sources:
     def __init__(self, samples) -> None:
         self.samples = samples
         self.sessions = SessionStatements()
-        self.open = {77}
 
     def plans_enabled(self):
         return False
@@ -99,9 +98,6 @@ class Sources:
 
     def wait_samples(self, pid, start, end):
         return self.samples if pid == 5 else []
-
-    def is_session(self, pid):
-        return pid in self.open
 
 
 def span(pid: int, name: str, start: int, end: int):
@@ -113,7 +109,7 @@ def span(pid: int, name: str, start: int, end: int):
 
 def test_waiter_waits_for_its_proxy_blockers_span_then_links_to_it():
     now = time.time_ns()
-    holder = Blocker(77, "holder", "active", "SELECT", now - 1000 * MS, now - 500 * MS)
+    holder = Blocker(77, "holder", "active", "SELECT", now - 1000 * MS, now - 500 * MS, own=True)
     src = Sources([(now - 100 * MS, "Lock", "transactionid", None, (holder,))])
     j = Joiner(src, join_timeout=5.0)
     waiter = span(5, "UPDATE t", now - 400 * MS, now)
@@ -133,7 +129,7 @@ def test_waiter_waits_for_its_proxy_blockers_span_then_links_to_it():
 
 def test_waiter_leaves_without_a_link_when_its_blockers_span_never_comes():
     now = time.time_ns()
-    holder = Blocker(77, "holder", "active", "SELECT", now - 1000 * MS, now - 500 * MS)
+    holder = Blocker(77, "holder", "active", "SELECT", now - 1000 * MS, now - 500 * MS, own=True)
     outsider = Blocker(12, "batch", "idle in transaction", "DELETE t", now - 2000 * MS, now - 2000 * MS)
     src = Sources([(now - 100 * MS, "Lock", "transactionid", None, (holder, outsider))])
     j = Joiner(src, join_timeout=0.05)
@@ -161,5 +157,19 @@ def test_blocker_rows_become_instants_and_hide_a_carried_traceparent():
     carried = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     rows = [(7, carried, "active", "SELECT 1", 2.0, 0.5), (8, "", None, None, None, None)]
     got = blockers_from_rows(rows, now_ns=10_000 * MS)
-    assert got[7] == Blocker(7, None, "active", "SELECT", 8_000 * MS, 9_500 * MS)
-    assert got[8] == Blocker(8, None, None, None, None, None)
+    got = blockers_from_rows(rows, now_ns=10_000 * MS, own={8})
+    assert got[7] == Blocker(7, None, "active", "SELECT", 8_000 * MS, 9_500 * MS, own=False)
+    assert got[8] == Blocker(8, None, None, None, None, None, own=True)
+
+
+def test_a_siblings_old_span_under_a_reused_pid_is_not_the_blocker(tmp_path):
+    path = str(tmp_path / "sessions")
+    SharedSessions.create(path, 2)
+    mine, sibling = open_shared(f"{path}:0:2"), open_shared(f"{path}:1:2")
+    mine.publish(31, entry(100, 110, summary="SELECT old"))  # a session of worker 0, since closed
+    sessions = SessionStatements(sibling)
+    reused = Blocker(31, "batch", "idle in transaction", "DELETE t", 5_000 * MS, 5_000 * MS)
+    assert sessions.entries(reused) == (False, [])
+    mine.publish(31, entry(5_000, 5_010, summary="DELETE t"))  # ... or a session of worker 0 after all
+    in_proxy, found = sessions.entries(reused)
+    assert in_proxy and [e.summary for e in found] == ["DELETE t"]

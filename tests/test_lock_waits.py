@@ -147,6 +147,8 @@ def test_blocker_of_a_sibling_worker_is_linked(pg, tmp_path, otlp, lock_rows):
     conns: list[psycopg.Connection] = []
     try:
         p.wait_ready()
+        # Each worker's span process samples once its side connection is up, and says so.
+        wait_for(lambda: p.log().count("wait_events ok") == 2, 15, "both workers sampling wait events")
         time.sleep(0.3)  # a publish interval: the ready probe's connection is counted
 
         def worker_of_new_connection() -> tuple[psycopg.Connection, int]:
@@ -175,7 +177,7 @@ def test_blocker_of_a_sibling_worker_is_linked(pg, tmp_path, otlp, lock_rows):
                               and any(s.trace_id == held.trace_id for s in ss), 10)
         stmt = server_span(spans, waiting.trace_id)
         blocker = server_span(spans, held.trace_id)
-        assert stmt.attributes[LOCK + "blocker.backend_pid"] == holder.info.backend_pid
+        assert stmt.attributes.get(LOCK + "blocker.backend_pid") == holder.info.backend_pid, stmt
         assert stmt.attributes[LOCK + "blocker.in_proxy"] is True
         assert stmt.attributes[LOCK + "blocker.query.summary"] == "SELECT lock_rows"
         assert [(link.trace_id, link.span_id) for link in stmt.links] == [(blocker.trace_id, blocker.span_id)]

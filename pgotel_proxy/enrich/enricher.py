@@ -126,10 +126,6 @@ class Enricher:
         """Samples of backend ``pid`` while a statement of [start, end] ran past the threshold."""
         return self._waits.between(pid, start + self._wait_threshold_ns, end)
 
-    def is_session(self, pid: int) -> bool:
-        """Whether backend ``pid`` is an open connection of this span process's worker."""
-        return pid in self.backends()
-
     def query_id_for(self, fingerprint: str | None) -> int | None:
         return self._pgss.by_fingerprint.get(fingerprint) if fingerprint else None
 
@@ -399,7 +395,7 @@ class Enricher:
                     wanted = {b for row in rows if row[4] for b in row[4] if b}
                     if wanted:
                         cur = await conn.execute(BLOCKERS_SQL, (sorted(wanted),))
-                        blockers = blockers_from_rows(await cur.fetchall(), time.time_ns())
+                        blockers = blockers_from_rows(await cur.fetchall(), time.time_ns(), set(due))
                     for pid, wtype, wevent, query_id, blocked_by in rows:
                         if wevent is not None:
                             held = tuple(blockers[b] for b in blocked_by or () if b in blockers)

@@ -452,15 +452,12 @@ class Joiner:
                     seen[blocker.pid] = (blocker, sample[0])
         if not seen:
             return {}, [], True
-        src = self.sources
-        sessions = getattr(src, "sessions", None)
-        is_session = getattr(src, "is_session", None)
+        sessions = getattr(self.sources, "sessions", None)
         attrs: dict[str, Any] = {LOCK_ATTR["blockers"]: len(seen)}
         links: list[Link] = []
         complete = True
         for i, (blocker, at) in enumerate(seen.values()):
-            in_proxy, entries = sessions.entries(blocker.pid) if sessions is not None else (False, [])
-            in_proxy = in_proxy or bool(is_session is not None and is_session(blocker.pid))
+            in_proxy, entries = sessions.entries(blocker) if sessions is not None else (blocker.own, [])
             entry, target = current_statement(entries, blocker, at) if entries else (None, "")
             if in_proxy and target != "statement":
                 complete = False

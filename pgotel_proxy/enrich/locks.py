@@ -27,8 +27,9 @@ blocker may be a session of a sibling. The parent makes one shared file
 worker where it is and which part is its own through the environment: each
 span process publishes there the latest statement spans of its open sessions
 by backend pid, and reads its siblings' parts when a blocker is not one of
-its own sessions. A backend pid is "a session of this proxy" when one of the
-span processes has it.
+its own sessions. A blocker is a session of this proxy when it was an open
+connection of this worker at the sample, or when a sibling published a span
+of its open transaction.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Blocker(NamedTuple):
     summary: str | None  #: db.query.summary of its current or last query (no literals)
     xact_start_ns: int | None  #: its transaction's start, on the proxy's clock
     query_start_ns: int | None  #: its current or last query's start, on the proxy's clock
+    own: bool = False  #: an open connection of this span process's worker at the sample
 
 
 def blocker_summary(query: str | None) -> str | None:
@@ -90,8 +92,8 @@ def blocker_summary(query: str | None) -> str | None:
     return sqlinfo.analyze(query).summary or None
 
 
-def blockers_from_rows(rows: list[tuple], now_ns: int) -> dict[int, Blocker]:
-    """BLOCKERS_SQL rows, their ages turned into instants of the proxy's clock."""
+def blockers_from_rows(rows: list[tuple], now_ns: int, own: frozenset | set = frozenset()) -> dict[int, Blocker]:
+    """BLOCKERS_SQL rows, their ages turned into instants of the proxy's clock; ``own``: this worker's open backends."""
     out = {}
     for pid, app, state, query, xact_age, query_age in rows:
         if app and len(app) >= 55 and channel_context(_APP, app) is not None:
@@ -100,6 +102,7 @@ def blockers_from_rows(rows: list[tuple], now_ns: int) -> dict[int, Blocker]:
             pid, app or None, state, blocker_summary(query),
             now_ns - int(xact_age * 1e9) if xact_age is not None else None,
             now_ns - int(query_age * 1e9) if query_age is not None else None,
+            pid in own,
         )
     return out
 
@@ -136,16 +139,23 @@ class SessionStatements:
         if self.shared is not None:
             self.shared.publish(pid, entry)
 
-    def entries(self, pid: int) -> tuple[bool, list[Entry]]:
-        """(whether ``pid`` is a session of this proxy as far as the statements show, its entries)."""
-        dq = self._by_pid.get(pid)
-        if dq:
-            return True, list(dq)
-        if self.shared is not None:
-            found = self.shared.lookup(pid)
-            if found is not None:
-                return True, found
-        return False, []
+    def entries(self, blocker: Blocker) -> tuple[bool, list[Entry]]:
+        """(whether ``blocker`` is a session of this proxy, its statement spans known here).
+
+        A session of this worker: it was one of its open connections at the
+        sample. A sibling's: the sibling published a span of the blocker's
+        open transaction (an older span under its pid may be of a closed
+        session whose pid the server gave to another).
+        """
+        if blocker.own:
+            return True, list(self._by_pid.get(blocker.pid, ()))
+        if self.shared is None:
+            return False, []
+        found = self.shared.lookup(blocker.pid) or []
+        xs = blocker.xact_start_ns
+        if xs is not None:
+            found = [e for e in found if e.start_ns >= xs - MATCH_SLACK_NS]
+        return bool(found), found
 
 
 def current_statement(entries: list[Entry], blocker: Blocker, at_ns: int) -> tuple[Entry | None, str]:
