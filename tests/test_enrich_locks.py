@@ -47,37 +47,51 @@ def test_active_blocker_is_at_the_statement_running_at_the_sample():
     assert current_statement(entries[:1], blocker("active", 300, 200), at_ns=500 * MS) == (None, "")
 
 
-def test_shared_file_shows_a_siblings_latest_statements(tmp_path):
+def test_a_sibling_answers_what_it_was_asked_about(tmp_path):
     path = str(tmp_path / "sessions")
     SharedSessions.create(path, 2)
-    mine = open_shared(f"{path}:0:2")
-    sibling = open_shared(f"{path}:1:2")
+    owner = SessionStatements(open_shared(f"{path}:0:2"))
+    asker = SessionStatements(open_shared(f"{path}:1:2"))
     for i in range(6):
-        mine.publish(4242, entry(i * 10, i * 10 + 5, summary=f"S{i} " + "x" * 200))
-    found = sibling.lookup(4242)
-    assert sorted(e.start_ns // MS for e in found) == [20, 30, 40, 50]  # the last HISTORY of them
+        owner.note(4242, span(4242, f"S{i} " + "x" * 200, i * 10 * MS, (i * 10 + 5) * MS))
+    owner.answer()
+    idle = Blocker(4242, "app", "idle in transaction", "S5", 0, 50 * MS)
+    assert asker.shared.lookup(4242) is None  # nothing published unasked
+    assert asker.entries(idle) == (None, [])  # ... so the asker asks
+    owner.answer()
+    in_proxy, found = asker.entries(idle)
+    assert in_proxy is True
+    assert [e.start_ns // MS for e in found] == [20, 30, 40, 50]  # the last HISTORY of them
     assert all(len(e.summary.encode()) <= SharedSessions.SUMMARY_BYTES for e in found)
-    assert found[0].trace_id == 0xAB
-    assert sibling.lookup(7) is None
-    assert mine.lookup(4242) is None  # its own sessions are not looked up there
+    assert current_statement(found, idle, at_ns=100 * MS)[0].start_ns == 50 * MS
+    # A new statement is published at the next tick; an unknown pid stays unanswered.
+    owner.note(4242, span(4242, "COMMIT", 60 * MS, 61 * MS))
+    owner.answer()
+    assert [e.summary for e in asker.shared.lookup(4242)][-1] == "COMMIT"
+    stranger = Blocker(7, None, "active", None, None, None)
+    assert asker.entries(stranger) == (None, [])  # asked; the owner has not answered yet
+    owner.answer()
+    assert asker.entries(stranger) == (False, [])  # answered, and nobody had it
     # A restarted span process of worker 0 starts from an empty region.
-    assert open_shared(f"{path}:0:2") is not None and sibling.lookup(4242) is None
+    assert open_shared(f"{path}:0:2") is not None and asker.shared.lookup(4242) is None
 
 
-def test_shared_file_reuses_the_slots_of_closed_sessions(tmp_path, monkeypatch):
+def test_answers_are_bounded_the_oldest_slot_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(SharedSessions, "SLOTS", 2)
     path = str(tmp_path / "sessions")
     SharedSessions.create(path, 2)
     mine, sibling = open_shared(f"{path}:0:2"), open_shared(f"{path}:1:2")
-    live = [1, 2]
-    mine.live = lambda: live
-    mine.publish(1, entry(0, 1))
-    mine.publish(2, entry(0, 1))
-    mine.publish(3, entry(0, 1))  # full, every session open: not published
-    assert sibling.lookup(3) is None
-    live[:] = [2, 3]
-    mine.publish(3, entry(0, 1))
-    assert sibling.lookup(3) and sibling.lookup(1) is None and sibling.lookup(2)
+    for pid in (1, 2, 3):
+        mine.publish(pid, [entry(0, 1)])
+    assert sibling.lookup(1) is None and sibling.lookup(2) and sibling.lookup(3)
+    for pid in range(100, 100 + SharedSessions.ASKS + 1):
+        ticket = sibling.ask(pid)
+    assert ticket == SharedSessions.ASKS + 1
+    # a ring: the first ask was overwritten
+    assert mine.asks() == [(1, ticket, set(range(101, 101 + SharedSessions.ASKS)))]
+    assert not sibling.answered(ticket)
+    mine.mark_seen(1, ticket)
+    assert sibling.answered(ticket)
 
 
 class Sources:
@@ -166,10 +180,30 @@ def test_a_siblings_old_span_under_a_reused_pid_is_not_the_blocker(tmp_path):
     path = str(tmp_path / "sessions")
     SharedSessions.create(path, 2)
     mine, sibling = open_shared(f"{path}:0:2"), open_shared(f"{path}:1:2")
-    mine.publish(31, entry(100, 110, summary="SELECT old"))  # a session of worker 0, since closed
+    mine.publish(31, [entry(100, 110, summary="SELECT old")])  # a session of worker 0, since closed
     sessions = SessionStatements(sibling)
     reused = Blocker(31, "batch", "idle in transaction", "DELETE t", 5_000 * MS, 5_000 * MS)
+    assert sessions.entries(reused) == (None, [])
+    mine.mark_seen(1, 1)
     assert sessions.entries(reused) == (False, [])
-    mine.publish(31, entry(5_000, 5_010, summary="DELETE t"))  # ... or a session of worker 0 after all
+    mine.publish(31, [entry(100, 110), entry(5_000, 5_010, summary="DELETE t")])  # ... or of worker 0 after all
     in_proxy, found = sessions.entries(reused)
     assert in_proxy and [e.summary for e in found] == ["DELETE t"]
+
+
+def test_with_siblings_an_unknown_blocker_waits_for_their_answer_only(tmp_path):
+    path = str(tmp_path / "sessions")
+    SharedSessions.create(path, 2)
+    now = time.time_ns()
+    outsider = Blocker(12, "batch", "idle in transaction", "DELETE t", now - 2000 * MS, now - 2000 * MS)
+    src = Sources([(now - 100 * MS, "Lock", "transactionid", None, (outsider,))])
+    src.sessions = SessionStatements(open_shared(f"{path}:0:2"))
+    sibling = open_shared(f"{path}:1:2")
+    j = Joiner(src, join_timeout=5.0)
+    assert j.statement(None, [span(5, "UPDATE t", now - 400 * MS, now)]) == []
+    assert j.tick() == []
+    (asked,) = sibling.asks()
+    assert asked[2] == {12}
+    SessionStatements(sibling).answer()  # the sibling's tick: not one of its sessions
+    (out,) = j.tick()
+    assert out.attributes["pgotel.lock.blocker.in_proxy"] is False and not out.links

@@ -36,6 +36,8 @@ def sampling_proxy(make_proxy, pg, **overrides):
     overrides.setdefault("enrich_sources", ["wait_events"])
     overrides.setdefault("wait_event_threshold", 0.2)
     overrides.setdefault("join_timeout", 2.0)
+    # The sampler runs in the span process: on a busy test machine the idle class would starve it.
+    overrides.setdefault("span_process_priority", "normal")
     proxy = make_proxy(**overrides)
     assert proxy.enricher.wait_ready(15)
     return proxy
@@ -94,7 +96,7 @@ def test_blocker_running_a_statement_is_linked_to_that_statement(make_proxy, pg,
     with psycopg.connect(proxy.dsn()) as holder:
         holder.execute(comment("UPDATE lock_rows SET note = 'h' WHERE id = 2", first))
         # The lock is held while the holder runs its next statement, then released at once.
-        sleeper = threading.Thread(target=lambda: (holder.execute(comment("SELECT pg_sleep(1.0)", sleeping)),
+        sleeper = threading.Thread(target=lambda: (holder.execute(comment("SELECT pg_sleep(1.5)", sleeping)),
                                                    holder.commit()))
         sleeper.start()
         time.sleep(0.1)
@@ -143,7 +145,8 @@ def test_blocker_of_a_sibling_worker_is_linked(pg, tmp_path, otlp, lock_rows):
     from test_workers import ProxyProcess, per_worker
 
     p = ProxyProcess(pg, tmp_path, "--stats-dsn", pg.dsn(), "--enrich-sources", "wait_events",
-                     "--wait-event-threshold", "0.2", "--join-timeout", "2", otlp=otlp)
+                     "--wait-event-threshold", "0.2", "--join-timeout", "2",
+                     "--span-process-priority", "normal", otlp=otlp)
     conns: list[psycopg.Connection] = []
     try:
         p.wait_ready()

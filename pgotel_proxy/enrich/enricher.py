@@ -101,10 +101,7 @@ class Enricher:
         # The statement spans of the proxy's sessions by backend pid, where lock waits find their blockers'.
         self.sessions: SessionStatements | None = None
         if self.status["wait_events"] == "starting":
-            shared = open_shared(os.environ.get(SHARED_ENV))
-            if shared is not None:
-                shared.live = backends
-            self.sessions = SessionStatements(shared)
+            self.sessions = SessionStatements(open_shared(os.environ.get(SHARED_ENV)))
         self.joiner = Joiner(self, join_timeout=config.join_timeout, resource=resource)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

@@ -175,6 +175,9 @@ class Joiner:
                 out.extend(self._expire(p))
         self._take_explains(now, out, release=False)
         self._take_lock_waits(now, out, release=False)
+        sessions = getattr(self.sources, "sessions", None)
+        if sessions is not None:
+            sessions.answer()  # what the sibling workers asked about their lock waits
         plans = self._plans
         while plans and plans[0][0] + self._plan_ttl_ns <= now:
             _, plan = plans.popleft()
@@ -411,11 +414,11 @@ class Joiner:
         if pid is not None:
             samples = src.wait_samples(pid, server.start_time, server.end_time)
             if samples:
-                lock_attrs, links, complete = self._lock_cause(samples)
+                lock_attrs, links, wait_ns = self._lock_cause(samples)
                 now = time.monotonic_ns()
                 if lock_deadline is None:
-                    lock_deadline = now + self.join_timeout_ns
-                if not complete and now < lock_deadline and len(self._lock_wait) < self.max_pending:
+                    lock_deadline = now + wait_ns
+                if wait_ns and now < lock_deadline and len(self._lock_wait) < self.max_pending:
                     self._lock_wait.append((lock_deadline, group, pid, text, counted, query_id))
                     return []
                 attrs.update(lock_attrs)
@@ -443,32 +446,32 @@ class Joiner:
 
     # ------------------------------------------------------------ lock waits (locks.py)
 
-    def _lock_cause(self, samples: list[tuple]) -> tuple[dict, list[Link], bool]:
-        """(attributes, links, whether every proxy blocker's statement span was found) of a statement's samples."""
+    def _lock_cause(self, samples: list[tuple]) -> tuple[dict, list[Link], int]:
+        """(attributes, links, how long to wait for a blocker's span: 0 when nothing is missing) of a statement's samples."""
         seen: dict[int, tuple] = {}
         for sample in samples:
             for blocker in sample[4] if len(sample) > 4 else ():
                 if blocker.pid not in seen and len(seen) < MAX_BLOCKERS:
                     seen[blocker.pid] = (blocker, sample[0])
         if not seen:
-            return {}, [], True
+            return {}, [], 0
         sessions = getattr(self.sources, "sessions", None)
         attrs: dict[str, Any] = {LOCK_ATTR["blockers"]: len(seen)}
         links: list[Link] = []
-        complete = True
+        wait_ns = 0
         for i, (blocker, at) in enumerate(seen.values()):
             in_proxy, entries = sessions.entries(blocker) if sessions is not None else (blocker.own, [])
             entry, target = current_statement(entries, blocker, at) if entries else (None, "")
-            if in_proxy and target != "statement":
-                complete = False
-            named = blocker_attributes(blocker, in_proxy, entry, at)
+            if in_proxy is None or (in_proxy and target != "statement"):
+                wait_ns = self.join_timeout_ns  # the siblings' answer, or a span not built yet
+            named = blocker_attributes(blocker, bool(in_proxy), entry, at)
             if i == 0:
                 attrs.update(named)
             if entry is not None:
                 named[LOCK_ATTR["link_target"]] = target
                 ctx = SpanContext(entry.trace_id, entry.span_id, False, TraceFlags(entry.flags))
                 links.append(Link(ctx, named))
-        return attrs, links, complete
+        return attrs, links, wait_ns
 
     def _take_lock_waits(self, now: int, out: list, release: bool) -> None:
         """Release the statements waiting for their blockers' spans: found, or their wait is over."""

@@ -24,17 +24,17 @@ most ``join_timeout`` (its records may come a moment after the waiter's).
 Several workers (``--workers N``): each worker has its own span process, so a
 blocker may be a session of a sibling. The parent makes one shared file
 (:mod:`.sessionfile`, in the workers' private directory) and tells each
-worker where it is and which part is its own through the environment: each
-span process publishes there the latest statement spans of its open sessions
-by backend pid, and reads its siblings' parts when a blocker is not one of
-its own sessions. A blocker is a session of this proxy when it was an open
+worker where it is and which part is its own through the environment. A blocker is a session of this proxy when it was an open
 connection of this worker at the sample, or when a sibling published a span
-of its open transaction.
+of its open transaction. Siblings publish only what they are asked about: a
+span process that meets a blocker it does not know asks, and the waiting
+statement waits for every sibling's answer (their next tick), at most
+``join_timeout``.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, NamedTuple
 
 from opentelemetry.semconv.attributes.db_attributes import DB_QUERY_SUMMARY
@@ -112,35 +112,48 @@ def blockers_from_rows(rows: list[tuple], now_ns: int, own: frozenset | set = fr
 class SessionStatements:
     """The latest statement spans of the span process's sessions, by backend pid; bounded.
 
-    ``shared``: the sibling workers' sessions (:class:`SharedSessions`), or None.
+    ``shared``: the file shared with the sibling workers (:class:`SharedSessions`), or None.
     """
 
     PER_PID = 16
     MAX_PIDS = 4096
 
     def __init__(self, shared: SharedSessions | None = None) -> None:
-        self._by_pid: OrderedDict[int, deque] = OrderedDict()
+        self._by_pid: dict[int, deque] = {}
+        self._answered: dict[int, Entry] = {}  # pid → latest entry published for a sibling
+        self._tickets: dict[tuple, int] = {}  # (pid, transaction start) asked about → its ticket
         self.shared = shared
 
     def note(self, pid: int, span: Any) -> None:
-        """Remember the statement span ``span`` (a ReadableSpan) of backend ``pid``."""
+        """Remember the statement span ``span`` (a ReadableSpan) of backend ``pid`` (every statement: kept cheap)."""
         ctx = span.context
-        summary = (span.attributes or {}).get(DB_QUERY_SUMMARY) or span.name
-        entry = Entry(ctx.trace_id, ctx.span_id, int(ctx.trace_flags), span.start_time, span.end_time, summary)
+        summary = span.attributes.get(DB_QUERY_SUMMARY) or span.name
         by_pid = self._by_pid
         dq = by_pid.get(pid)
         if dq is None:
+            if len(by_pid) >= self.MAX_PIDS:
+                del by_pid[next(iter(by_pid))]  # the longest known goes; it comes back at its next statement
             dq = by_pid[pid] = deque(maxlen=self.PER_PID)
-            if len(by_pid) > self.MAX_PIDS:
-                by_pid.popitem(last=False)
-        else:
-            by_pid.move_to_end(pid)
-        dq.append(entry)
-        if self.shared is not None:
-            self.shared.publish(pid, entry)
+        dq.append(Entry(ctx.trace_id, ctx.span_id, ctx.trace_flags, span.start_time, span.end_time, summary))
 
-    def entries(self, blocker: Blocker) -> tuple[bool, list[Entry]]:
-        """(whether ``blocker`` is a session of this proxy, its statement spans known here).
+    def answer(self) -> None:
+        """Publish the latest statement spans of the sessions the siblings asked about (the helper's ticks)."""
+        shared = self.shared
+        if shared is None:
+            return
+        answered = self._answered
+        for worker, count, pids in shared.asks():
+            for pid in pids:
+                dq = self._by_pid.get(pid)
+                if dq and answered.get(pid) is not dq[-1]:
+                    shared.publish(pid, list(dq))
+                    if len(answered) >= self.MAX_PIDS:
+                        answered.clear()
+                    answered[pid] = dq[-1]
+            shared.mark_seen(worker, count)
+
+    def entries(self, blocker: Blocker) -> tuple[bool | None, list[Entry]]:
+        """(whether ``blocker`` is a session of this proxy, None until the siblings answered; its statement spans).
 
         A session of this worker: it was one of its open connections at the
         sample. A sibling's: the sibling published a span of the blocker's
@@ -149,13 +162,23 @@ class SessionStatements:
         """
         if blocker.own:
             return True, list(self._by_pid.get(blocker.pid, ()))
-        if self.shared is None:
+        shared = self.shared
+        if shared is None:
             return False, []
-        found = self.shared.lookup(blocker.pid) or []
+        found = shared.lookup(blocker.pid)
         xs = blocker.xact_start_ns
-        if xs is not None:
+        if found and xs is not None:
             found = [e for e in found if e.start_ns >= xs - MATCH_SLACK_NS]
-        return bool(found), found
+        if found:
+            return True, found
+        key = (blocker.pid, xs)
+        ticket = self._tickets.get(key)
+        if ticket is None:
+            if len(self._tickets) >= self.MAX_PIDS:
+                self._tickets.clear()
+            self._tickets[key] = shared.ask(blocker.pid)
+            return None, []
+        return (False if shared.answered(ticket) else None), []
 
 
 def current_statement(entries: list[Entry], blocker: Blocker, at_ns: int) -> tuple[Entry | None, str]:

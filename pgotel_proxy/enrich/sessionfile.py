@@ -1,8 +1,8 @@
-"""The file the workers' span processes share: each one's sessions by backend pid and their latest statement spans.
+"""The file the workers' span processes share: which backend pids they ask about, and their siblings' answers.
 
 Only for ``--workers N`` (:mod:`pgotel_proxy.proxy.workers` makes the file
 before forking and names it to each worker in :data:`SHARED_ENV`); lock waits
-(:mod:`.locks`) read it to tell whether a blocking backend is a session of a
+(:mod:`.locks`) use it to tell whether a blocking backend is a session of a
 sibling worker, and which statement span it ran. Standard library only: the
 supervisor and the relay processes import it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 __all__ = ["Entry", "SharedSessions", "SHARED_ENV", "open_shared"]
 
@@ -32,21 +32,34 @@ class Entry(NamedTuple):
 
 
 class SharedSessions:
-    """A file shared by the workers' span processes: per worker, the latest statement spans of each backend.
+    """A file shared by the workers' span processes: backend pids asked about, and the answers.
 
-    Layout: one region per worker of :data:`SLOTS` slots; a slot is a sequence
-    number (odd while it is written), the backend pid (0: free), the number
-    of entries written, then a ring of its :data:`HISTORY` latest
+    A span process that meets a blocker it does not know asks its siblings
+    about the pid (:meth:`ask`, which returns a ticket). On its next tick
+    each sibling publishes its latest statement spans when the session is
+    its own (:meth:`publish`) and then records that it has seen the asks so
+    far (:meth:`mark_seen`): once every sibling has seen the ticket
+    (:meth:`answered`), a pid that nobody published (:meth:`lookup`) is no
+    session of the proxy. Statements are published only when asked for: a
+    span process pays nothing per statement for its siblings.
+
+    Layout: one region per worker, written only by that worker's span process:
+    the asks (a counter and a ring of :data:`ASKS` pids), the asks it has
+    seen of each worker (one counter each), then :data:`SLOTS` answer slots.
+    A slot is a sequence number (odd while it is written), the backend pid
+    (0: free), the number of entries, then up to :data:`HISTORY`
     :class:`Entry` (ids, flags, start, end, summary cut to
     :data:`SUMMARY_BYTES`). A few, not one: by the time a lock wait is over,
     the blocker has usually run its COMMIT after the statement that held the
-    lock. Each span process writes only its own region and reads the others;
-    a reader retries a slot whose sequence number moved.
+    lock. A reader retries a slot whose sequence number moved.
     """
 
-    SLOTS = 1024
+    ASKS = 64
+    SLOTS = 256
     HISTORY = 4
     SUMMARY_BYTES = 96
+    _ASKS = struct.Struct(f"=I{ASKS}i")
+    _COUNT = struct.Struct("=I")
     _HEAD = struct.Struct("=IiI")
     _ENTRY = struct.Struct(f"=QQQBqqH{SUMMARY_BYTES}s")
     SLOT_SIZE = _HEAD.size + HISTORY * _ENTRY.size
@@ -55,13 +68,16 @@ class SharedSessions:
         self.mm = mm
         self.index = index
         self.workers = workers
-        self._region = self.SLOTS * self.SLOT_SIZE
-        self._slots: dict[int, int] = {}  # own backend pid → slot number
-        self.live: Callable[[], list[int]] = list  # own open backends: slots of others are reused
+        self.region = self.region_size(workers)
+        self._slots: dict[int, int] = {}  # own answered backend pid → slot number, oldest first
+
+    @classmethod
+    def region_size(cls, workers: int) -> int:
+        return cls._ASKS.size + workers * cls._COUNT.size + cls.SLOTS * cls.SLOT_SIZE
 
     @classmethod
     def size(cls, workers: int) -> int:
-        return workers * cls.SLOTS * cls.SLOT_SIZE
+        return workers * cls.region_size(workers)
 
     @classmethod
     def create(cls, path: str, workers: int) -> None:
@@ -72,58 +88,78 @@ class SharedSessions:
         finally:
             os.close(fd)
 
-    def _slot_for(self, pid: int) -> int | None:
-        slot = self._slots.get(pid)
-        if slot is not None:
-            return slot
-        if len(self._slots) >= self.SLOTS:
-            live = set(self.live())
-            for old in [p for p in self._slots if p not in live]:
-                self._write_free(self._slots.pop(old))
-            if len(self._slots) >= self.SLOTS:
-                return None
-        used = set(self._slots.values())
-        slot = next(i for i in range(self.SLOTS) if i not in used)
-        self._slots[pid] = slot
-        return slot
-
     def clear_own(self) -> None:
-        """Free this worker's region: what an earlier span process of the worker published is gone."""
-        start = self.index * self._region
-        self.mm[start:start + self._region] = bytes(self._region)
+        """Empty this worker's answers and asks (an earlier span process of the worker wrote them)."""
+        start = self.index * self.region
+        count = self._COUNT.unpack_from(self.mm, start)[0]  # kept: the siblings' seen counters refer to it
+        self.mm[start:start + self.region] = bytes(self.region)
+        self._COUNT.pack_into(self.mm, start, count)
 
-    def _offset(self, index: int, slot: int) -> int:
-        return index * self._region + slot * self.SLOT_SIZE
+    def _seen_at(self, index: int, of: int) -> int:
+        return index * self.region + self._ASKS.size + of * self._COUNT.size
 
-    def _write_free(self, slot: int) -> None:
-        at = self._offset(self.index, slot)
-        seq, _, _ = self._HEAD.unpack_from(self.mm, at)
-        self._HEAD.pack_into(self.mm, at, seq + 2, 0, 0)
-        self.mm[at + self._HEAD.size:at + self.SLOT_SIZE] = bytes(self.SLOT_SIZE - self._HEAD.size)
+    def _slot_at(self, index: int, slot: int) -> int:
+        return index * self.region + self._ASKS.size + self.workers * self._COUNT.size + slot * self.SLOT_SIZE
 
-    def publish(self, pid: int, e: Entry) -> None:
-        slot = self._slot_for(pid)
+    # -- asking
+
+    def ask(self, pid: int) -> int:
+        """Ask the siblings about backend ``pid``; the ticket :meth:`answered` takes."""
+        at = self.index * self.region
+        count = self._COUNT.unpack_from(self.mm, at)[0]
+        struct.pack_into("=i", self.mm, at + 4 + (count % self.ASKS) * 4, pid)
+        self._COUNT.pack_into(self.mm, at, count + 1)
+        return count + 1
+
+    def answered(self, ticket: int) -> bool:
+        """Whether every sibling has seen the asks up to ``ticket`` (and published what it had)."""
+        return all(self._COUNT.unpack_from(self.mm, self._seen_at(k, self.index))[0] >= ticket
+                   for k in range(self.workers) if k != self.index)
+
+    def asks(self) -> list[tuple[int, int, set[int]]]:
+        """(worker, its ask count, the pids in its ring) of each sibling."""
+        out = []
+        for k in range(self.workers):
+            if k != self.index:
+                count, *pids = self._ASKS.unpack_from(self.mm, k * self.region)
+                out.append((k, count, {p for p in pids if p}))
+        return out
+
+    def mark_seen(self, worker: int, count: int) -> None:
+        """The asks of ``worker`` up to ``count`` are answered."""
+        self._COUNT.pack_into(self.mm, self._seen_at(self.index, worker), count)
+
+    # -- answering
+
+    def publish(self, pid: int, entries: list[Entry]) -> None:
+        """Answer for backend ``pid``: its latest statement spans (at most :data:`HISTORY`)."""
+        slot = self._slots.get(pid)
         if slot is None:
-            return
-        at = self._offset(self.index, slot)
+            if len(self._slots) >= self.SLOTS:
+                slot = self._slots.pop(next(iter(self._slots)))  # the oldest answer goes
+            else:
+                slot = len(self._slots)
+            self._slots[pid] = slot
+        at = self._slot_at(self.index, slot)
         mm, head = self.mm, self._HEAD
-        seq, _, count = head.unpack_from(mm, at)
-        seq |= 1
-        head.pack_into(mm, at, seq, pid, count)  # odd: being written
-        summary = e.summary.encode("utf-8", "replace")[: self.SUMMARY_BYTES]
-        self._ENTRY.pack_into(mm, at + head.size + (count % self.HISTORY) * self._ENTRY.size,
-                              e.trace_id >> 64, e.trace_id & (2**64 - 1), e.span_id, e.flags & 0xFF,
-                              e.start_ns, e.end_ns, len(summary), summary)
-        head.pack_into(mm, at, seq + 1, pid, count + 1)
+        entries = entries[-self.HISTORY:]
+        seq = head.unpack_from(mm, at)[0] | 1
+        head.pack_into(mm, at, seq, pid, 0)  # odd: being written
+        for i, e in enumerate(entries):
+            summary = e.summary.encode("utf-8", "replace")[: self.SUMMARY_BYTES]
+            self._ENTRY.pack_into(mm, at + head.size + i * self._ENTRY.size, e.trace_id >> 64,
+                                  e.trace_id & (2**64 - 1), e.span_id, e.flags & 0xFF, e.start_ns, e.end_ns,
+                                  len(summary), summary)
+        head.pack_into(mm, at, seq + 1, pid, len(entries))
 
     def lookup(self, pid: int) -> list[Entry] | None:
-        """The latest statement spans a sibling worker published for backend ``pid``; None when none has it."""
+        """The statement spans a sibling published for backend ``pid``; None when none did."""
         mm, head, entry = self.mm, self._HEAD, self._ENTRY
         for index in range(self.workers):
             if index == self.index:
                 continue
             for slot in range(self.SLOTS):
-                at = self._offset(index, slot)
+                at = self._slot_at(index, slot)
                 if head.unpack_from(mm, at)[1] != pid:
                     continue
                 for _ in range(5):
@@ -136,7 +172,7 @@ class SharedSessions:
                     again, still, _ = head.unpack_from(mm, at)
                     if again == seq and not seq & 1:
                         return found if still == pid else None
-                return []
+                return None
         return None
 
     def close(self) -> None:

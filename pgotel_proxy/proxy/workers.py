@@ -36,10 +36,10 @@ How it works (Linux):
   address and the number of workers need a restart to change.
 * Lock waits: a statement may wait on a lock a sibling worker's session holds,
   and each worker's span process knows only its own sessions. The parent makes
-  a file in the private directory (``enrich/sessionfile.py``) where each span
-  process publishes its sessions' latest statement spans by backend pid; each
-  worker finds it, and its own part of it, in the environment it passes on to
-  its span process.
+  a file in the private directory (``enrich/sessionfile.py``) where span
+  processes ask each other about backend pids and answer with their sessions'
+  latest statement spans; each worker finds it, and its own part of it, in
+  the environment it passes on to its span process.
 
 ``workers = 1`` does not come here: ``run()`` keeps the single-process path.
 """
