@@ -207,3 +207,19 @@ def test_with_siblings_an_unknown_blocker_waits_for_their_answer_only(tmp_path):
     SessionStatements(sibling).answer()  # the sibling's tick: not one of its sessions
     (out,) = j.tick()
     assert out.attributes["pgotel.lock.blocker.in_proxy"] is False and not out.links
+
+
+def test_blocker_statement_without_a_span_links_to_its_transaction_with_its_own_summary():
+    now = time.time_ns()
+    # Its UPDATE (the statement at the sample) was not sampled: only the transaction's first statement has a span.
+    holder = Blocker(77, "holder", "idle in transaction", "UPDATE t", now - 1000 * MS, now - 600 * MS, own=True)
+    src = Sources([(now - 100 * MS, "Lock", "transactionid", None, (holder,))])
+    j = Joiner(src, join_timeout=0.05)
+    first = span(77, "SELECT t", now - 1000 * MS, now - 990 * MS)
+    j.statement(None, [first])
+    assert j.statement(None, [span(5, "UPDATE t", now - 400 * MS, now)]) == []
+    time.sleep(0.06)
+    (out,) = j.tick()
+    assert out.attributes["pgotel.lock.blocker.query.summary"] == "UPDATE t"
+    assert [link.context.span_id for link in out.links] == [first.context.span_id]
+    assert out.links[0].attributes["pgotel.lock.link_target"] == "transaction"

@@ -464,7 +464,8 @@ class Joiner:
             entry, target = current_statement(entries, blocker, at) if entries else (None, "")
             if in_proxy is None or (in_proxy and target != "statement"):
                 wait_ns = self.join_timeout_ns  # the siblings' answer, or a span not built yet
-            named = blocker_attributes(blocker, bool(in_proxy), entry, at)
+            # its statement's summary: from the span that ran it, else as pg_stat_activity showed it
+            named = blocker_attributes(blocker, bool(in_proxy), entry if target == "statement" else None, at)
             if i == 0:
                 attrs.update(named)
             if entry is not None:

@@ -210,7 +210,7 @@ def current_statement(entries: list[Entry], blocker: Blocker, at_ns: int) -> tup
 # ------------------------------------------------------------------ attributes and links
 
 def blocker_attributes(blocker: Blocker, in_proxy: bool, entry: Entry | None, at_ns: int) -> dict:
-    """The attributes naming ``blocker`` as seen in the sample at ``at_ns``."""
+    """The attributes naming ``blocker`` as seen in the sample at ``at_ns``; ``entry``: its statement's span, if known."""
     attrs: dict[str, Any] = {ATTR["pid"]: blocker.pid, ATTR["in_proxy"]: in_proxy}
     if blocker.application_name:
         attrs[ATTR["application_name"]] = blocker.application_name
