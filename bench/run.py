@@ -89,9 +89,9 @@ PROXY_FLAGS: dict[str, list[str]] = {
     # Statements without a traceparent (ROOT_SAMPLED): 1 % of them become traces; every one is
     # counted in the latency histograms, and failed or slow ones are kept (the defaults).
     "proxy-1pct": ["--tracing", "--sample-rate", "0.01", "--always-trace-slower-than", "0.1"],
-    # The side connection (STATS_DSN is replaced by the server's DSN): wait-event sampling,
-    # pg_stat_statements, and an EXPLAIN for every shape (the benchmark's statements are fast).
-    "proxy-enrich": ["--tracing", "--sample-rate", "1", "--stats-dsn", "STATS_DSN", "--explain-min-duration", "0"],
+    # The side connection with its defaults (STATS_DSN is replaced by the server's DSN): wait-event
+    # sampling, pg_stat_statements where installed, EXPLAIN for shapes slower than explain_min_duration.
+    "proxy-enrich": ["--tracing", "--sample-rate", "1", "--stats-dsn", "STATS_DSN"],
 }
 #: Configurations whose pgbench statements carry no traceparent: the proxy's head sampler decides.
 ROOT_SAMPLED = frozenset({"proxy-1pct"})
@@ -836,14 +836,14 @@ def format_tables(results: dict[str, Any]) -> str:
         lines += ["", "traced proxies over the whole run (warm-up, every round, the sustained cell); "
                       f"spans the receiver decoded: {results.get('spans_received_total', '-')}",
                   "(kept: failed or slow statements traced whatever the sampling; explains: EXPLAINs the "
-                  "side connection ran, failed ones after the slash)",
+                  "side connection ran / failed / skipped, e.g. for $n parameters before PostgreSQL 16)",
                   f"{'target':<15}{'alive':>6}{'statements':>12}{'st.drop':>9}{'spans exp':>11}{'drop':>8}"
-                  f"{'kept':>7}{'explains':>10}"]
+                  f"{'kept':>7}{'explains':>14}"]
         for r in results["proxies"]:
-            explains = f"{r.get('explains_run', 0)}/{r.get('explains_failed', 0)}"
+            explains = f"{r.get('explains_run', 0)}/{r.get('explains_failed', 0)}/{r.get('explains_skipped', 0)}"
             lines.append(f"{r['target']:<15}{'yes' if r['alive'] else 'NO':>6}{r['statements']:>12d}"
                          f"{r['statements_dropped']:>9d}{r['spans_exported']:>11d}{r['spans_dropped']:>8d}"
-                         f"{r.get('statements_kept', 0):>7d}{explains:>10}")
+                         f"{r.get('statements_kept', 0):>7d}{explains:>14}")
     if results.get("bulk"):
         lines += ["", f"{'bulk':<7} {'target':<15}{'MB':>8}{'MB/s':>9}{'×dir':>6}{'×pgb':>6}{'cpu s/GB':>10}"]
         for r in results["bulk"]:
@@ -919,7 +919,7 @@ def proxy_totals(proxies: list[ProxyProcess]) -> list[dict[str, Any]]:
         out.append({"target": t.name, "pid": t.pid, "alive": alive,
                     **{key: int(m.get(key, 0)) for key in ("statements", "statements_dropped", "spans_started",
                                                            "spans_exported", "spans_dropped", "statements_kept",
-                                                           "explains_run", "explains_failed")}})
+                                                           "explains_run", "explains_failed", "explains_skipped")}})
     return out
 
 
