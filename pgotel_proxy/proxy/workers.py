@@ -62,7 +62,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import ConfigError
-from ..enrich.sessionfile import SHARED_ENV, SharedSessions
+from ..enrich import SHARED_ENV, SharedSessions
 from ..hostport import format_hostport
 from ..protocol import ProtocolViolation, parse_startup_packet
 from ..stats import METRICS, STATS
