@@ -342,8 +342,9 @@ class Config(BaseModel):
         description="Statements running longer than this get their wait events sampled.")
     join_timeout: float = _opt(
         2.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
-        description="Seconds a statement's spans may wait for its auto_explain plan before "
-                    "they are exported without it (counted).")
+        description="Seconds a statement's spans may wait for its plan (auto_explain or EXPLAIN) "
+                    "before they are exported without it (counted), and a lock-waiting statement "
+                    "for its blocker's statement span.")
     enrich_sources: list[Literal["auto_explain", "pg_stat_statements", "wait_events", "explain"]] = _opt(
         ["auto_explain", "pg_stat_statements", "wait_events", "explain"], group="Server-side enrichment",
         metavar="SOURCE",
