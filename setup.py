@@ -4,14 +4,12 @@
 * pgotel_proxy/protocol/_core.c: the codec's per-message loop for the common messages;
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder;
 * pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
-* pgotel_proxy/proxy/_pump.c: the relay of connections with nothing to observe, on a thread;
-* pgotel_proxy/proxy/_sender.c: the asyncio relay's write to a plain socket (one send()).
+* pgotel_proxy/proxy/_pump.c: the compiled relay (traced sessions or not), on a thread.
 
 ``optional=True``: without a C compiler the package installs anyway and the
 Python versions of the same functions serve (pgotel_proxy.protocol.scan,
 pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the
-asyncio relay of pgotel_proxy.proxy.connection for the pump, the transport's
-write for the Sender).
+asyncio relay of pgotel_proxy.proxy.connection for the pump).
 
 Shared helpers of the extensions are in the header pgotel_proxy/_cutil.h; the
 message type bytes in pgotel_proxy/protocol/_kinds.h; the pump's log layout, which
@@ -34,6 +32,5 @@ setup(
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
         Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=_PUMPLOG, optional=True),
-        Extension("pgotel_proxy.proxy._sender", ["pgotel_proxy/proxy/_sender.c"], optional=True),
     ],
 )

@@ -350,7 +350,7 @@ class ProxyServer:
     # ---------------------------------------------------------------- pump
 
     def pump(self):
-        """The compiled relay for connections with nothing to observe (started on first use); None without it."""
+        """The compiled relay (the pump), started on first use; None where it was not built or cannot start."""
         if self._pump is None and not self._pump_failed and not self.draining:
             fd = None
             try:
