@@ -1,22 +1,21 @@
 """Build of the compiled parts; everything else is in pyproject.toml.
 
-The protocol codec (pgotel_proxy/protocol: events, messages, scan, session,
-records, pumplog) is one source: each module a ``.py`` that runs as it is, and
+The protocol codec (pgotel_proxy/protocol: events, messages, scan, framing,
+session, records, pumplog) is one source: each module a ``.py`` that runs as it is, and
 that Cython compiles (pure-Python mode; the types in the ``.pxd`` beside it)
 when Cython is importable at build time. The hand-written C:
 
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder;
 * pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
-* pgotel_proxy/proxy/_pump.c: the relay of connections on a thread (framing of
-  client bytes, the observation log);
-* pgotel_proxy/proxy/_sender.c: the asyncio relay's write to a plain socket (one send()).
+* pgotel_proxy/proxy/_pump.c: the compiled relay (traced sessions or not), on a
+  thread; it frames client bytes with the codec's framing (imported from the
+  compiled pgotel_proxy/protocol/framing.py through its C capsule).
 
 ``optional=True`` everywhere: without Cython or a C compiler the package
 installs anyway and the Python versions serve (the codec's ``.py`` files,
 pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the asyncio relay of
-pgotel_proxy.proxy.connection for the pump, the transport's write for the
-Sender). ``PGOTEL_PURE_PYTHON=1`` makes them serve where the compiled ones
-exist (pgotel_proxy/protocol/_impl.py).
+pgotel_proxy.proxy.connection for the pump). ``PGOTEL_PURE_PYTHON=1`` makes
+them serve where the compiled ones exist (pgotel_proxy/protocol/_impl.py).
 
 Shared helpers of the C extensions are in the header pgotel_proxy/_cutil.h; the
 pump's log layout, which _pump.c writes (pgotel_proxy/protocol/pumplog.py reads
@@ -59,6 +58,5 @@ setup(
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
         Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=_PUMPLOG, optional=True),
-        Extension("pgotel_proxy.proxy._sender", ["pgotel_proxy/proxy/_sender.c"], optional=True),
     ],
 )

@@ -501,7 +501,7 @@ def test_an_observed_pair_waits_for_its_log_to_be_taken():
 
 @needs_pump
 def test_traced_sessions_go_to_the_pump_and_are_observed(make_proxy, otlp):
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute(f"SELECT %s::int /*traceparent='{tp}'*/", (5,)).fetchone() == (5,)
@@ -520,7 +520,7 @@ def test_traced_sessions_go_to_the_pump_and_are_observed(make_proxy, otlp):
 @needs_pump
 def test_a_traced_copy_larger_than_the_log_bound_is_observed_whole(make_proxy, otlp, monkeypatch):
     monkeypatch.setattr(server_mod, "PUMP_LOG_LIMIT", 64 << 10)
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")
@@ -541,7 +541,7 @@ def test_a_traced_copy_larger_than_the_log_bound_is_observed_whole(make_proxy, o
 @needs_pump
 def test_garbage_from_a_traced_client_gets_the_proxys_08p01_and_never_reaches_postgres(make_proxy, pg):
     from pgotel_proxy.stats import STATS
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     before = STATS.protocol_violations
     raw = RawConn("127.0.0.1", proxy.port, timeout=10)
     raw.startup(application_name="pump-garbage")
@@ -578,7 +578,7 @@ def test_a_failure_in_observing_a_pumped_session_stops_observation_not_the_relay
             return super().server_observe(data, now, start, stop)
 
     monkeypatch.setattr(connection_mod, "Session", FailingSession)
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     before = STATS.decode_desyncs
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")

@@ -1,28 +1,35 @@
 """One proxied client connection: start-up negotiation, then the byte relay between two transports.
 
-Start-up (TLS negotiation on both legs, cancel requests, connecting upstream)
-runs as a coroutine over a small buffering protocol. Once the StartupMessage
-is forwarded, both transports switch to relay protocols whose
-``data_received`` does all the work synchronously, with no ``await``:
+Start-up (TLS negotiation on both legs, cancel requests, connecting upstream,
+authentication up to the first ReadyForQuery) runs on the event loop, as a
+coroutine over a small buffering protocol, then as the asyncio relay below.
+At the first ReadyForQuery (``became_ready``) the session takes one of two
+relay paths for the rest of its life:
 
-* server → client: write first, then feed the session (relay first, observe second);
-  only during authentication and while answers to injected messages are due
-  are server bytes framed before they are forwarded (``Session.server_hold``);
-* client → server: framed before forwarding, because garbage must be refused
-  with 08P01 rather than handed to Postgres, and because the proxy splices
-  messages of its own in at message boundaries (Flush phase timing, otelwal).
+* the pump (``_pump.c``, a thread moving bytes with epoll; ``_to_pump``):
+  every session with plain sockets on both legs and nothing for the proxy to
+  write into its streams, traced or not. For a traced session the pump frames
+  the client's messages before it forwards them and logs what it relays; the
+  event loop reads the log and feeds the session (``pump_observe``). A refused
+  client chunk or the server's end hands the sockets back here for the
+  proxy's last words (``pump_back``).
+* the asyncio relay (``_FromClient`` / ``_FromServer``), Python protocols
+  calling the same ``Session`` (compiled or not): TLS on a leg, WAL propagation and Flush phase timing (both
+  splice messages of the proxy's own in at client message boundaries), a build
+  without the compiled pump, a process short of descriptors. Its
+  ``data_received`` does all the work synchronously, with no ``await``:
 
-Backpressure: when one side's write buffer passes its high-water mark, reading
-from the other side pauses until it drains.
+  * server → client: write first, then feed the session (relay first, observe
+    second); only during authentication and while answers to injected
+    messages are due are server bytes framed before they are forwarded
+    (``Session.server_hold``);
+  * client → server: framed before forwarding, because garbage must be refused
+    with 08P01 rather than handed to Postgres, and because the proxy splices
+    its own messages in at message boundaries;
+  * backpressure: when one side's write buffer passes its high-water mark,
+    reading from the other side pauses until it drains.
 
-A session with nothing to observe leaves these protocols once its start-up is
-over: its two sockets go to the server's compiled pump (``_pump.c``, a thread
-moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
-With ``experimental.traced_pump``, a traced session with nothing to splice in goes to the pump as well, which
-logs what it relays for the event loop to observe (``_to_pump``,
-``pump_observe``) and hands the sockets back for the proxy's own last words
-(``pump_back``); elsewhere (TLS, WAL propagation, Flush timing, no compiled
-pump) traced sessions relay through the compiled Feeds below.
+  An untraced session on this path stops observing and only forwards bytes.
 """
 
 from __future__ import annotations
@@ -34,13 +41,11 @@ import os
 import socket
 import struct
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
 from ..protocol.messages import error_response
 from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
-from ..protocol.session import COMPILED as CODEC_COMPILED
 from ..stats import STATS
 
 if TYPE_CHECKING:
@@ -51,20 +56,6 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
-try:  # the compiled relay steps, when the codec's compiled half is in use
-    from ..protocol._core import Feed  # the codec's loop as a data_received
-except ImportError:
-    Feed = None
-try:
-    from ._sender import Sender  # the socket write (_sender.c)
-except ImportError:
-    Sender = None
-if not CODEC_COMPILED:
-    Feed = Sender = None
-# Transports whose write() sends at once when nothing is buffered, and whose
-# is_closing() / get_write_buffer_size() say whether that is so: a Sender may
-# write to their socket itself (uvloop's TCP and Unix transports, asyncio's).
-_SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocketTransport"})
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 # Small, so that a busy connection's records are packed while still in the CPU's
@@ -167,18 +158,15 @@ class _FromClient(_Relay):
     def data_received(self, data: bytes) -> None:
         c = self.c
         if c.observe:
-            self.resume(data, _time_ns(), 0)
+            self.forward(data, _time_ns())
         else:
             c.upstream.write(data)
 
-    def resume(self, data: bytes, now: int, at) -> None:
-        """Observe ``data`` from ``at`` and forward it (``at``: where the compiled feed stopped, or what it raised)."""
+    def forward(self, data: bytes, now: int) -> None:
+        """Frame ``data`` (received at ``now``), then forward it with what the session splices in."""
         c = self.c
-        session = c.session
         try:
-            if isinstance(at, BaseException):
-                raise at
-            out = session.client_data(data, now) if at == 0 else session.client_data_from(data, now, at)
+            out = c.session.client_data(data, now)
         except ProtocolViolation as exc:
             c.violation(exc)
             return
@@ -216,16 +204,6 @@ class _FromServer(_Relay):
         if session.completed and (c.eager or len(session.completed) >= _DELIVER_AT):
             c.deliver()
 
-    def resume(self, data: bytes, now: int, at) -> None:
-        """Observe already forwarded ``data`` from ``at`` (where the compiled feed stopped, or what it raised)."""
-        session = self.c.session
-        if isinstance(at, BaseException):
-            session.desync(f"server stream: {at!r}")
-        elif at == 0:
-            session.server_observe(data, now)
-        else:
-            session.server_observe_from(data, now, at)
-
     def pause_writing(self) -> None:
         self.c.client.pause_reading()
 
@@ -234,71 +212,6 @@ class _FromServer(_Relay):
 
     def connection_lost(self, exc) -> None:
         self.c.upstream_lost(exc)
-
-
-class _FedClient(_FromClient):
-    """_FromClient whose data_received is a compiled Feed (protocol._core), set per connection."""
-
-    __slots__ = ("data_received",)
-
-
-class _FedServer(_FromServer):
-    """_FromServer whose data_received is a compiled Feed."""
-
-    __slots__ = ("data_received",)
-
-
-def _writer(transport: asyncio.Transport):
-    """What a relay writes to ``transport`` with: a compiled ``Sender`` on a plain socket, else its ``write``.
-
-    The Sender sends a chunk on the socket itself when the transport holds
-    nothing unsent and is not closing (one ``send()``, no transport
-    bookkeeping), and hands everything else to ``transport.write`` (see
-    ``_sender.c``). TLS transports always go through ``write``.
-    """
-    if Sender is not None and type(transport).__name__ in _SENDER_TRANSPORTS \
-            and transport.get_extra_info("ssl_object") is None:
-        sock = transport.get_extra_info("socket")
-        try:
-            if sock is not None and sock.type == socket.SOCK_STREAM:
-                return Sender(sock.fileno(), transport)
-        except (OSError, ValueError):
-            pass
-    return transport.write
-
-
-class _Plain(asyncio.Protocol):
-    """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else.
-
-    Its ``data_received`` is what writes to the peer transport (an instance
-    attribute; a compiled ``Sender`` or the transport's ``write``, see
-    ``_writer``): the event loop keeps the callable it finds when the protocol
-    is set, so a chunk goes from one transport to the other without a Python
-    frame.
-    """
-
-    __slots__ = ("peer", "c", "client_side", "data_received")
-
-    def __init__(self, conn: "ClientConnection", peer: asyncio.Transport, client_side: bool) -> None:
-        self.c = conn
-        self.peer = peer
-        self.client_side = client_side
-        self.data_received = _writer(peer)
-
-    def eof_received(self):
-        return False
-
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
-
-    def connection_lost(self, exc) -> None:
-        if self.client_side:
-            self.c.client_lost(exc)
-        else:
-            self.c.upstream_lost(exc)
 
 
 class ConnectionInfo:
@@ -483,7 +396,7 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
-        self.wal = srv.wal_injector(self.peer)
+        self.wal = srv.wal_injector(self.peer, params.get("application_name"))
         if self.wal is not None:
             self.session.injector = self.wal
             self.session.hold_first_ready = True
@@ -582,17 +495,23 @@ class ClientConnection:
         if tracer is not None and tracer.wants_connection(s):
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
-            # Nothing to splice in (and asked for): the pump relays, the event loop observes what it relayed.
-            if not (self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
-                    and srv.config.experimental.traced_pump and self._to_pump(observe=True)):
-                self._feed()
+            if self._splices_nothing():
+                # The pump relays, the event loop observes what it relayed; else the asyncio relay stays.
+                self._to_pump(observe=True)
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
-            if s.at_client_boundary and not self._to_pump():
-                # At a client message boundary nothing is held, so the cheapest relay can take over.
-                self.client.set_protocol(_Plain(self, self.upstream, True))
-                self.upstream.set_protocol(_Plain(self, self.client, False))
+            if s.at_client_boundary:
+                self._to_pump()
+
+    def _splices_nothing(self) -> bool:
+        """Whether the proxy has nothing of its own to write into this session's streams from now on.
+
+        Only then may the pump relay it: WAL propagation and Flush phase
+        timing write messages in between the client's, which the pump does not.
+        """
+        s = self.session
+        return self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
 
     def _to_pump(self, observe: bool = False) -> bool:
         """Hand both sockets to the server's compiled pump (``_pump.c``); False when it cannot take them.
@@ -683,7 +602,7 @@ class ClientConnection:
         return held
 
     def pump_observed(self) -> None:
-        """After a read of the log: hand over finished statements as the Feed does."""
+        """After a read of the log: hand over finished statements as ``_FromServer`` does."""
         s = self.session
         if s is not None and s.completed and (self.eager or len(s.completed) >= _DELIVER_AT):
             self.deliver()
@@ -754,7 +673,7 @@ class ClientConnection:
             upstream.write(to_server)
         if to_client:
             client.write(to_client)
-        fc.resume(chunk, ts, 0)  # the codec refuses it (08P01, the connection ends) or forwards it
+        fc.forward(chunk, ts)  # the codec refuses it (08P01, the connection ends) or forwards it
         for t in (client, upstream):
             if not t.is_closing():
                 t.resume_reading()
@@ -765,24 +684,6 @@ class ClientConnection:
         if err and err != errno.ECONNABORTED:
             log.debug("client %s: relay ended: %s", self.peer, os.strerror(err))
         self._finish()
-
-    def _feed(self) -> None:
-        """Relay through compiled Feeds from now on (when built): the same steps, no Python frame per chunk.
-
-        The event loop keeps the protocol's ``data_received`` it found when the
-        protocol was set, so new protocol objects are set, whose
-        ``data_received`` is the Feed; what the Feed does not take, it hands
-        to the Python methods it stands in for.
-        """
-        if Feed is None:
-            return
-        fc, fs = _FedClient(self), _FedServer(self)
-        fc.data_received = Feed(False, self, self.session, _writer(self.upstream),
-                                partial(_FromClient.data_received, fc), fc.resume, _DELIVER_AT)
-        fs.data_received = Feed(True, self, self.session, _writer(self.client),
-                                partial(_FromServer.data_received, fs), fs.resume, _DELIVER_AT)
-        self.client.set_protocol(fc)
-        self.upstream.set_protocol(fs)
 
     def deliver(self) -> None:
         done = self.session.take_completed()

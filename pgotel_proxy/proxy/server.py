@@ -114,8 +114,11 @@ class ProxyServer:
                 _str(config.upstream_tls_key),
             )
 
-    def wal_injector(self, peer: str):
+    def wal_injector(self, peer: str, startup_application_name: str | None = None):
         """The otelwal injector for a new session (``wal_propagation``), else None.
+
+        ``startup_application_name`` is the StartupMessage's, a context channel's
+        session default.
 
         Made here, where the proxy is put together, so that the connection code
         knows only the session's injector interface (``Session.injector``).
@@ -125,7 +128,8 @@ class ProxyServer:
             return None
         from ..wal import WalInjector
 
-        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer)
+        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer,
+                           startup_application_name=startup_application_name)
 
     def reload_tls(self) -> None:
         """Re-read certificates (SIGHUP); open sessions keep the context they started with.
@@ -343,7 +347,7 @@ class ProxyServer:
     # ---------------------------------------------------------------- pump
 
     def pump(self):
-        """The compiled relay for connections with nothing to observe (started on first use); None without it."""
+        """The compiled relay (the pump), started on first use; None where it was not built or cannot start."""
         if self._pump is None and not self._pump_failed and not self.draining:
             fd = None
             try:
