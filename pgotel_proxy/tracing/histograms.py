@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 
 from opentelemetry.semconv.attributes.db_attributes import (
     DB_NAMESPACE,
@@ -92,10 +93,8 @@ class _Series:
 
 
 def _bucket(seconds: float) -> int:
-    for i, bound in enumerate(BOUNDS):
-        if seconds <= bound:
-            return i
-    return len(BOUNDS)
+    """The index of the first bound at or above ``seconds`` (len(BOUNDS): above them all)."""
+    return bisect_left(BOUNDS, seconds)
 
 
 class LatencyHistograms:
@@ -142,32 +141,42 @@ class LatencyHistograms:
         series_of = self.series
         # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
         # its shape is looked up once.
-        last_sql, last_shape = None, (None, None)
+        # ... and the series of its statements that succeed, once.
+        last_sql, last_shape, last_ok_series, last_ok_overflow = None, (None, None), None, False
         for index, rec in enumerate(records):
             sql = rec.sql
             if sql is not last_sql:
                 last_sql, last_shape = sql, (self._shape(sql, keys) if sql else (None, None))
-            summary, operation = last_shape
+                last_ok_series = None
             error = rec.error
             if error is None and rec.results:
                 for res in rec.results:
                     if res.error is not None:
                         error = res.error
                         break
-            code = error.get("C") if error else None
-            key = (summary, operation, namespace, code)
-            series = series_of.get(key)
-            if series is None:
-                if len(series_of) - (_OTHER_KEY in series_of) >= self.max_series:
+            if error is None and last_ok_series is not None:
+                series = last_ok_series
+                if last_ok_overflow:
                     STATS.latency_series_overflow += 1
-                    series = series_of.get(_OTHER_KEY)
-                    if series is None:
-                        series = series_of[_OTHER_KEY] = _Series()
-                else:
-                    series = series_of[key] = _Series()
+            else:
+                summary, operation = last_shape
+                key = (summary, operation, namespace, error.get("C") if error else None)
+                series = series_of.get(key)
+                overflow = False
+                if series is None:
+                    if len(series_of) - (_OTHER_KEY in series_of) >= self.max_series:
+                        overflow = True
+                        STATS.latency_series_overflow += 1
+                        series = series_of.get(_OTHER_KEY)
+                        if series is None:
+                            series = series_of[_OTHER_KEY] = _Series()
+                    else:
+                        series = series_of[key] = _Series()
+                if error is None:
+                    last_ok_series, last_ok_overflow = series, overflow
             end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
             seconds = max(0, end - rec.start_ns) / 1e9
-            bucket = _bucket(seconds)
+            bucket = bisect_left(BOUNDS, seconds)
             series.counts[bucket] += 1
             series.total += seconds
             if seconds < series.low:
