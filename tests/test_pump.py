@@ -31,6 +31,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.proxy import server as server_mod
+from pgotel_proxy.proxy.tls import COMPILED as COMPILED_TLS
 from rawpg import RawConn, message
 from waiting import wait_for
 
@@ -348,13 +349,32 @@ def test_shutdown_closes_pumped_sessions(make_proxy):
 
 
 @needs_pump
-def test_tls_sessions_stay_on_the_asyncio_relay(make_proxy, certs):
-    proxy = make_proxy(tracing=False, client_tls_cert=certs["proxy_cert"], client_tls_key=certs["proxy_key"])
-    with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+@pytest.mark.parametrize("legs", ["client", "upstream", "both"])
+def test_tls_sessions_relay_on_the_pump(make_proxy, certs, legs):
+    """A TLS session goes to the pump with its TLS connections, which decrypt and encrypt there."""
+    if not COMPILED_TLS:
+        pytest.skip("compiled TLS not built")
+    config = {"tracing": False}
+    if legs in ("client", "both"):
+        config.update(client_tls_cert=certs["proxy_cert"], client_tls_key=certs["proxy_key"])
+    if legs in ("upstream", "both"):
+        config.update(upstream_tls="require")
+    proxy = make_proxy(**config)
+    sslmode = "require" if legs != "upstream" else "disable"
+    with psycopg.connect(proxy.dsn(sslmode=sslmode), autocommit=True) as conn:
         assert conn.execute("SELECT 2").fetchone() == (2,)
         (c,) = list(proxy.server.connections)
-        assert c.pump_id is None and not proxy.server.pumped
-        assert conn.execute("SELECT repeat('y', 300000)").fetchone()[0] == "y" * 300000
+        _pumped(proxy)
+        tls_client, tls_server = c.tls_legs
+        assert (tls_client is not None) == (legs != "upstream") and (tls_server is not None) == (legs != "client")
+        assert all(leg.lent for leg in c.tls_legs if leg is not None)
+        ssl_in_use = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        assert ssl_in_use == (legs != "client")
+        # Large results both ways: records split across reads, the pump's buffers kept and drained.
+        assert conn.execute("SELECT repeat('y', 3000000)").fetchone()[0] == "y" * 3000000
+        big = "z" * 2_000_000
+        assert conn.execute("SELECT length(%s::text)", (big,)).fetchone() == (2_000_000,)
+    wait_for(lambda: not proxy.server.pumped, timeout=10, what="the pair to end")
 
 
 # ---------------------------------------------------------------- observed pairs (traced sessions)

@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include "../_pumplog.h" /* LOG_HEAD, LOG_CLIENT, LOG_SERVER, LOG_HANDBACK */
+#include "_tlsapi.h"      /* TLS legs: the record layer of _tls.c */
 
 #define CHUNK 65536
 #define MAX_EVENTS 64
@@ -65,6 +66,7 @@ typedef struct {
     int kind;
     long long id;
     int fd[2];
+    TlsConn *tls[2]; /* lent by _tls (NULL: a plain leg) */
     int observe;
     uint32_t max_message;
     unsigned char types[32]; /* bitmap of the frontend message types (observed pairs) */
@@ -87,7 +89,8 @@ typedef struct {
 typedef struct {
     long long id;
     int fd[2];
-    char *buf[2]; /* buf[i]: read from fd[i], not yet sent to fd[1 - i] */
+    TlsConn *tls[2]; /* fd[i]'s TLS connection, NULL for a plain leg */
+    char *buf[2]; /* buf[i]: read from fd[i], not yet sent to fd[1 - i] (as sent: encrypted for a TLS leg) */
     size_t off[2], len[2];
     uint32_t ev[2]; /* what fd[i] is registered for */
     int hup[2];     /* fd[i] hung up: nothing can be sent to it; read to its end, out of epoll */
@@ -132,6 +135,9 @@ typedef struct {
     size_t *free_slots;
     size_t nfree;
 } Pump;
+
+/* What the pump does with TLS legs (_tls's capsule, loaded by the first add() with one). */
+static const TlsApi *tls_api;
 
 /* ------------------------------------------------------------ thread side */
 
@@ -216,12 +222,29 @@ report_closed(Pump *p, long long id, int err)
     wake(p->notifyfd);
 }
 
+/* A TLS leg that ends: its close_notify, as a TLS transport's close() sends it (best effort, once). */
+static void
+tls_goodbye(TlsConn *t, int fd)
+{
+    char alert[512];
+    tls_api->close_notify(t);
+    size_t n = tls_api->take_out(t, alert, sizeof alert);
+    if (n > 0 && send(fd, alert, n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        /* the peer is gone or its socket full: it sees the end of the connection anyway */
+    }
+}
+
 static void
 pair_free(Pump *p, size_t slot, int err)
 {
     Pair *q = p->slots[slot];
     for (int i = 0; i < 2; i++) {
         epoll_ctl(p->epfd, EPOLL_CTL_DEL, q->fd[i], NULL);
+        if (q->tls[i] != NULL) {
+            if (!q->hup[i])
+                tls_goodbye(q->tls[i], q->fd[i]);
+            tls_api->release(q->tls[i]);
+        }
         close(q->fd[i]);
         free(q->buf[i]);
     }
@@ -250,6 +273,104 @@ flush_side(Pair *q, int side)
     }
     drop(q, side);
     return 0;
+}
+
+/* Keep n more bytes for fd[1 - side] behind what buf[side] holds. 0, or -1 (ENOMEM). */
+static int
+keep(Pair *q, int side, const char *d, size_t n)
+{
+    size_t have = q->len[side] - q->off[side];
+    if (q->off[side] && have)
+        memmove(q->buf[side], q->buf[side] + q->off[side], have);
+    char *b = realloc(q->buf[side], have + n);
+    if (b == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    memcpy(b + have, d, n);
+    q->buf[side] = b;
+    q->off[side] = 0;
+    q->len[side] = have + n;
+    return 0;
+}
+
+/* Send bytes (as they go on the wire) from side's direction to fd[1 - side], behind what waits
+ * already; what the socket does not take is kept in buf[side]. 0, or -1 (errno). */
+static int
+send_keep(Pair *q, int side, const char *d, size_t n)
+{
+    if (q->len[side] == q->off[side]) {
+        while (n > 0) {
+            ssize_t s = send(q->fd[1 - side], d, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (s < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                return -1;
+            }
+            d += s;
+            n -= (size_t)s;
+        }
+        if (n == 0)
+            return 0;
+    }
+    return keep(q, side, d, n);
+}
+
+/* What fd[1 - side]'s TLS connection has to send (records, alerts), onto the wire or kept in
+ * buf[side] (cbuf: CHUNK bytes of room). 0, or -1 (errno). */
+static int
+drain_tls(Pair *q, int side, char *cbuf)
+{
+    size_t m;
+    while ((m = tls_api->take_out(q->tls[1 - side], cbuf, CHUNK)) > 0)
+        if (send_keep(q, side, cbuf, m) < 0)
+            return -1;
+    return 0;
+}
+
+/* Relay n bytes read from side to fd[1 - side], encrypted first when that leg is TLS. 0, or -1 (errno). */
+static int
+relay_out(Pair *q, int side, const char *d, size_t n, char *cbuf)
+{
+    if (q->tls[1 - side] == NULL)
+        return send_keep(q, side, d, n);
+    if (tls_api->write(q->tls[1 - side], d, n) < 0) {
+        errno = EPROTO;
+        return -1;
+    }
+    return drain_tls(q, side, cbuf);
+}
+
+/* Read from fd[side] into chunk (CHUNK bytes), decrypted when that leg is TLS (its ciphertext
+ * passes through cbuf): as recv() returns (0: the end of input, close_notify included). */
+static ssize_t
+leg_read(Pair *q, int side, char *chunk, char *cbuf)
+{
+    TlsConn *t = q->tls[side];
+    if (t == NULL)
+        return recv(q->fd[side], chunk, CHUNK, MSG_DONTWAIT);
+    for (;;) {
+        long n = tls_api->read(t, chunk, CHUNK);
+        if (n > 0)
+            return n;
+        if (n == TLS_CLOSED)
+            return 0;
+        if (n == TLS_FAILED) {
+            errno = EPROTO;
+            return -1;
+        }
+        ssize_t r = recv(q->fd[side], cbuf, CHUNK, MSG_DONTWAIT);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r; /* an end without close_notify is an end of input too, as on the asyncio relay */
+        if (tls_api->feed(t, cbuf, (size_t)r) < 0) {
+            errno = ENOMEM;
+            return -1;
+        }
+    }
 }
 
 /* Start ending the pair: no more reads; done (1) when nothing waits any more. */
@@ -380,6 +501,13 @@ hand_back(Pump *p, size_t slot, int reason, int err, const char *chunk, size_t n
     for (int i = 0; i < 2; i++)
         if (!q->hup[i])
             epoll_ctl(p->epfd, EPOLL_CTL_DEL, q->fd[i], NULL);
+    /* The TLS connections are the event loop's again (it takes the pair over with them): the
+     * bytes kept are already encrypted for them, and what they still hold is read from there. */
+    for (int i = 0; i < 2; i++)
+        if (q->tls[i] != NULL) {
+            tls_api->release(q->tls[i]);
+            q->tls[i] = NULL;
+        }
     size_t k0 = q->len[0] - q->off[0], k1 = q->len[1] - q->off[1];
     Back b = {reason, err, q->fd[0], q->fd[1], (uint32_t)n, (uint32_t)k0, (uint32_t)k1, 0};
     /* one entry: Back, the chunk not forwarded, then what each direction kept */
@@ -413,17 +541,19 @@ hand_back(Pump *p, size_t slot, int reason, int err, const char *chunk, size_t n
     return 1;
 }
 
-/* Read from side and send on; 1 when the pair is to be freed now, 2 when it was handed back. */
+/* Read from side and send on; 1 when the pair is to be freed now, 2 when it was handed back.
+ * chunk: 2 * CHUNK bytes, the plaintext read and room for ciphertext. */
 static int
 pump_in(Pump *p, size_t slot, int side, char *chunk)
 {
     Pair *q = p->slots[slot];
+    char *cbuf = chunk + CHUNK;
     for (;;) {
         if (q->observe && log_full(p)) {
             q->starved[side] = 1; /* the event loop is behind: this side reads again once it caught up */
             return 0;
         }
-        ssize_t n = recv(q->fd[side], chunk, CHUNK, MSG_DONTWAIT);
+        ssize_t n = leg_read(q, side, chunk, cbuf);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -451,35 +581,24 @@ pump_in(Pump *p, size_t slot, int side, char *chunk)
          * client that got its answer and asks the proxy to flush finds the statement finished). */
         if (q->observe && !log_entry(p, q->id, side == 0 ? LOG_CLIENT : LOG_SERVER, ts, chunk, (size_t)n, NULL, 0, NULL, 0))
             return broken(q, ENOMEM); /* observation cannot go on without this chunk */
-        size_t sent = 0;
-        while (sent < (size_t)n) {
-            ssize_t s = send(q->fd[1 - side], chunk + sent, (size_t)n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (s < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                if (q->observe && side == 0) { /* the server is gone (the chunk was logged): back */
-                    hand_back(p, slot, BACK_SERVER_END, errno, NULL, 0);
-                    return 2;
-                }
-                return broken(q, errno);
-            }
-            sent += (size_t)s;
-        }
-        if (sent < (size_t)n) {
-            size_t rest = (size_t)n - sent;
-            q->buf[side] = malloc(rest);
-            if (q->buf[side] == NULL) {
+        /* What reading a TLS leg made it send (a key update's answer) goes first. */
+        int r = q->tls[side] != NULL ? drain_tls(q, 1 - side, cbuf) : 0;
+        if (r == 0)
+            r = relay_out(q, side, chunk, (size_t)n, cbuf);
+        if (r < 0) {
+            if (errno == ENOMEM) {
                 begin_end(q, ENOMEM);
                 return 1;
             }
-            memcpy(q->buf[side], chunk + sent, rest);
-            q->off[side] = 0;
-            q->len[side] = rest;
-            return 0; /* reading this side waits until the rest has left */
+            if (q->observe && side == 0) { /* the server is gone (the chunk was logged): back */
+                hand_back(p, slot, BACK_SERVER_END, errno, NULL, 0);
+                return 2;
+            }
+            return broken(q, errno);
         }
-        if (n < CHUNK && !q->hup[side])
+        if (q->len[side] > q->off[side])
+            return 0; /* reading this side waits until what is kept has left */
+        if (n < CHUNK && !q->hup[side] && q->tls[side] == NULL)
             return 0; /* a short read: the socket is empty (epoll says when there is more) */
     }
 }
@@ -541,6 +660,13 @@ handle(Pump *p, uint64_t tag, uint32_t events, char *chunk)
             done = pump_in(p, slot, i, chunk);
     if (done == 2)
         return;
+    /* A TLS leg may hold input its socket no longer has (read but not yet relayed when the
+     * other side's socket was full, or when the pair came to the pump): epoll cannot say. */
+    for (int i = 0; i < 2 && !done; i++)
+        if (q->tls[i] != NULL && !q->ending && q->len[i] == 0 && !q->starved[i] && tls_api->has_input(q->tls[i]))
+            done = pump_in(p, slot, i, chunk);
+    if (done == 2)
+        return;
     for (int i = 0; i < 2; i++)
         if (q->hup[1 - i] && q->len[i]) /* kept for a socket that is gone */
             drop(q, i);
@@ -560,7 +686,17 @@ handle(Pump *p, uint64_t tag, uint32_t events, char *chunk)
 }
 
 static void
-add_pair(Pump *p, Cmd *c)
+release_cmd(Cmd *c)
+{
+    for (int i = 0; i < 2; i++)
+        if (c->tls[i] != NULL) {
+            tls_api->release(c->tls[i]);
+            c->tls[i] = NULL;
+        }
+}
+
+static void
+add_pair(Pump *p, Cmd *c, char *chunk)
 {
     Pair *q = calloc(1, sizeof *q);
     size_t slot;
@@ -588,6 +724,9 @@ add_pair(Pump *p, Cmd *c)
     q->id = c->id;
     q->fd[0] = c->fd[0];
     q->fd[1] = c->fd[1];
+    q->tls[0] = c->tls[0];
+    q->tls[1] = c->tls[1];
+    c->tls[0] = c->tls[1] = NULL; /* the pair's now */
     q->observe = c->observe;
     q->max_message = c->max_message;
     memcpy(q->types, c->types, sizeof q->types);
@@ -606,9 +745,14 @@ add_pair(Pump *p, Cmd *c)
         }
         q->ev[i] = EPOLLIN;
     }
+    /* Input the TLS legs hold already (records that came with the start-up's last bytes). */
+    for (int i = 0; i < 2; i++)
+        if (p->slots[slot] == q && q->tls[i] != NULL && tls_api->has_input(q->tls[i]))
+            handle(p, ((uint64_t)slot << 1) | (uint64_t)i, EPOLLIN, chunk);
     return;
 fail:
     free(q);
+    release_cmd(c);
     close(c->fd[0]);
     close(c->fd[1]);
     report_closed(p, c->id, ENOMEM); /* so that the connection ends */
@@ -644,7 +788,7 @@ run_commands(Pump *p, char *chunk)
     for (size_t i = 0; i < n; i++) {
         Cmd *c = &cmds[i];
         if (c->kind == CMD_ADD) {
-            add_pair(p, c);
+            add_pair(p, c, chunk);
         } else {
             for (size_t s = 0; s < p->nslots; s++)
                 if (p->slots[s] != NULL && (c->id < 0 || p->slots[s]->id == c->id))
@@ -666,7 +810,7 @@ thread_main(void *arg)
 {
     Pump *p = (Pump *)arg;
     struct epoll_event events[MAX_EVENTS];
-    char *chunk = malloc(CHUNK);
+    char *chunk = malloc(2 * CHUNK); /* what is read, and room for ciphertext (pump_in) */
     if (chunk == NULL)
         return NULL;
     for (;;) {
@@ -693,6 +837,7 @@ thread_main(void *arg)
     Cmd *cmds = take_all(p, (void **)&p->cmds, &p->ncmds, &p->capcmds, &n);
     for (size_t i = 0; i < n; i++)
         if (cmds[i].kind == CMD_ADD) {
+            release_cmd(&cmds[i]);
             close(cmds[i].fd[0]);
             close(cmds[i].fd[1]);
             report_closed(p, cmds[i].id, ECONNABORTED);
@@ -813,10 +958,33 @@ pump_dealloc(Pump *p)
 }
 
 PyDoc_STRVAR(add_doc,
-"add(fd_a, fd_b, observe=False, max_message=0, types=b'') -> id: relay between two sockets from now on; the\n"
-"pump owns both fds. observe: fd_a is a client and fd_b its server; every chunk relayed is logged (take_log),\n"
-"the client's messages are framed before they are forwarded (types: the frontend message type bytes,\n"
-"max_message: the longest message), and on a refused chunk or the server's end the pair is handed back.");
+"add(fd_a, fd_b, observe=False, max_message=0, types=b'', tls_a=None, tls_b=None) -> id: relay between two\n"
+"sockets from now on; the pump owns both fds. observe: fd_a is a client and fd_b its server; every chunk relayed\n"
+"is logged (take_log), the client's messages are framed before they are forwarded (types: the frontend message\n"
+"type bytes, max_message: the longest message), and on a refused chunk or the server's end the pair is handed\n"
+"back. tls_a, tls_b: a leg's established TLS connection (a _tls.Conn), lent to the pump until the pair ends or is\n"
+"handed back; what is logged is plaintext, what is kept in a hand-back is as it goes on the wire.");
+
+/* The TLS connection of a leg for the pump (NULL for None; -1 with an exception). */
+static int
+lend_tls(PyObject *obj, TlsConn **out)
+{
+    *out = NULL;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    if (tls_api == NULL) {
+        const TlsApi *api = PyCapsule_Import(TLS_API_CAPSULE, 0);
+        if (api == NULL)
+            return -1;
+        if (api->version != TLS_API_VERSION) {
+            PyErr_SetString(PyExc_RuntimeError, "the pump and _tls were built apart (TLS API versions differ)");
+            return -1;
+        }
+        tls_api = api;
+    }
+    *out = tls_api->lend(obj);
+    return *out == NULL ? -1 : 0;
+}
 
 static PyObject *
 pump_add(Pump *p, PyObject *args, PyObject *kw)
@@ -824,11 +992,20 @@ pump_add(Pump *p, PyObject *args, PyObject *kw)
     int a, b, observe = 0;
     unsigned long max_message = 0;
     Py_buffer types = {0};
-    static char *kwlist[] = {"fd_a", "fd_b", "observe", "max_message", "types", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|pky*:add", kwlist, &a, &b, &observe, &max_message, &types))
+    PyObject *tls_a = NULL, *tls_b = NULL;
+    static char *kwlist[] = {"fd_a", "fd_b", "observe", "max_message", "types", "tls_a", "tls_b", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|pky*OO:add", kwlist, &a, &b, &observe, &max_message, &types,
+                                     &tls_a, &tls_b))
         return NULL;
     Cmd c;
     memset(&c, 0, sizeof c);
+    if (lend_tls(tls_a, &c.tls[0]) < 0 || lend_tls(tls_b, &c.tls[1]) < 0) {
+        if (c.tls[0] != NULL)
+            tls_api->release(c.tls[0]);
+        if (types.obj != NULL)
+            PyBuffer_Release(&types);
+        return NULL;
+    }
     c.kind = CMD_ADD;
     c.fd[0] = a;
     c.fd[1] = b;
@@ -843,8 +1020,10 @@ pump_add(Pump *p, PyObject *args, PyObject *kw)
     pthread_mutex_lock(&p->mu);
     c.id = ++p->next_id;
     pthread_mutex_unlock(&p->mu);
-    if (push(p, c) < 0)
+    if (push(p, c) < 0) {
+        release_cmd(&c);
         return NULL;
+    }
     return PyLong_FromLongLong(c.id);
 }
 
