@@ -33,6 +33,13 @@
  * now), the chunk not forwarded and the bytes kept for each side, and the
  * proxy answers as its asyncio relay does (08P01, 08006). The log is bounded
  * (log_limit): past it, observed pairs stop reading until it is taken.
+ *
+ * TLS legs (add(..., tls_a=, tls_b=): a _tls.Conn lent with the socket): the socket's ciphertext
+ * goes into the connection's read BIO and what is relayed, logged and framed is the plaintext
+ * it decrypts; bytes for a TLS leg are encrypted into its write BIO and drained to its socket,
+ * and what the socket does not take is kept as ciphertext. A TLS leg may hold input its socket
+ * no longer shows (has_input), which is read without waiting for epoll. The record layer is
+ * _tls's, through the function pointers of _tlsapi.h: this file links no TLS library.
  */
 
 #define PY_SSIZE_T_CLEAN

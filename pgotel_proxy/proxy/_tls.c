@@ -506,10 +506,12 @@ conn_version(Conn *c, PyObject *unused)
     return t == NULL ? NULL : PyUnicode_FromString(SSL_get_version(t->ssl));
 }
 
+/* Plaintext decrypted and not yet read, or ciphertext not yet decrypted. A partial record that
+ * SSL holds (SSL_has_pending) is not input: it needs more from the socket, which epoll reports. */
 static int
 has_input(TlsConn *t)
 {
-    return SSL_has_pending(t->ssl) || BIO_ctrl_pending(SSL_get_rbio(t->ssl)) > 0;
+    return SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(SSL_get_rbio(t->ssl)) > 0;
 }
 
 static PyObject *

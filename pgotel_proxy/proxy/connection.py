@@ -21,8 +21,10 @@ moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
 With ``experimental.traced_pump``, a traced session with nothing to splice in goes to the pump as well, which
 logs what it relays for the event loop to observe (``_to_pump``,
 ``pump_observe``) and hands the sockets back for the proxy's own last words
-(``pump_back``); elsewhere (TLS, WAL propagation, Flush timing, no compiled
-pump) traced sessions relay through the compiled Feeds below.
+(``pump_back``); elsewhere (TLS on Python's ssl module, WAL propagation, Flush
+timing, no compiled pump) traced sessions relay through the compiled Feeds
+below. A TLS leg on the compiled TLS (``tls.py``) goes to the pump with its
+socket: the pump decrypts and encrypts there.
 """
 
 from __future__ import annotations
