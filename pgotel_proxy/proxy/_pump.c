@@ -351,9 +351,11 @@ relay_out(Pair *q, int side, const char *d, size_t n, char *cbuf)
 }
 
 /* Read from fd[side] into chunk (CHUNK bytes), decrypted when that leg is TLS (its ciphertext
- * passes through cbuf): as recv() returns (0: the end of input, close_notify included). */
+ * passes through cbuf): as recv() returns (0: the end of input, close_notify included).
+ * *emptied: a short recv() of this pump_in found the socket empty; once the records it brought
+ * are read, the next read waits for epoll rather than trying recv() again (as for plain legs). */
 static ssize_t
-leg_read(Pair *q, int side, char *chunk, char *cbuf)
+leg_read(Pair *q, int side, char *chunk, char *cbuf, int *emptied)
 {
     TlsConn *t = q->tls[side];
     if (t == NULL)
@@ -368,11 +370,17 @@ leg_read(Pair *q, int side, char *chunk, char *cbuf)
             errno = EPROTO;
             return -1;
         }
+        if (*emptied) {
+            errno = EAGAIN;
+            return -1;
+        }
         ssize_t r = recv(q->fd[side], cbuf, CHUNK, MSG_DONTWAIT);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
             return r; /* an end without close_notify is an end of input too, as on the asyncio relay */
+        if (r < CHUNK && !q->hup[side])
+            *emptied = 1;
         if (tls_api->feed(t, cbuf, (size_t)r) < 0) {
             errno = ENOMEM;
             return -1;
@@ -555,12 +563,13 @@ pump_in(Pump *p, size_t slot, int side, char *chunk)
 {
     Pair *q = p->slots[slot];
     char *cbuf = chunk + CHUNK;
+    int emptied = 0;
     for (;;) {
         if (q->observe && log_full(p)) {
             q->starved[side] = 1; /* the event loop is behind: this side reads again once it caught up */
             return 0;
         }
-        ssize_t n = leg_read(q, side, chunk, cbuf);
+        ssize_t n = leg_read(q, side, chunk, cbuf, &emptied);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
