@@ -214,7 +214,7 @@ class _TlsLeg(asyncio.Protocol):
                 self.raw.abort()  # connection_lost follows
                 return
             if data is None:  # close_notify: the peer's end of input
-                if not self.app.eof_received():
+                if not self.app.eof_received() and self.transport is not None:
                     self.transport.close()
                 return
             if not data:
@@ -234,8 +234,9 @@ class _TlsLeg(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if not self.handshake.done():
             self.handshake.set_exception(exc or ConnectionResetError("connection lost during the TLS handshake"))
-            return
-        self.app.connection_lost(exc or self.error)
+        else:
+            self.app.connection_lost(exc or self.error)
+        self.transport = None  # the leg and its transport refer to each other: no cycle left for the collector
 
     def pause_writing(self) -> None:
         self.app.pause_writing()
