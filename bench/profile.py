@@ -36,7 +36,7 @@ import run as bench  # noqa: E402  (bench/run.py, this directory)
 
 log = logging.getLogger("bench.profile")
 
-_CONFIGS = {"off": "proxy-off", "on": "proxy-on", "flush": "proxy-flush"}
+_CONFIGS = {"off": "proxy-off", "on": "proxy-on", "flush": "proxy-flush", "1pct": "proxy-1pct", "enrich": "proxy-enrich"}
 # "func (file:line)" in py-spy's raw (collapsed) output.
 _FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     with bench.PgServer(settings=settings) as pg:
         try:
             data = bench.prepare_data(pg, scale=10, bulk_mb=1, select_rows=1000)
-            script = bench.write_select_script(workdir / "select_traced.sql", data["accounts"])
+            script = bench.write_select_script(workdir / "select_traced.sql", data["accounts"],
+                                               traced=name not in bench.ROOT_SAMPLED)
             flags = bench.PROXY_FLAGS[name]
             if "--tracing" in flags:
                 sink = bench.OtlpSink()

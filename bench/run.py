@@ -14,7 +14,15 @@ and the measurements:
   process per transaction (utime + stime from ``/proc``), spans exported and
   dropped (from the proxy's admin ``/metrics``) and spans the receiver decoded;
 * bulk relay: ``COPY ... TO STDOUT`` of a large table and a many-row SELECT;
-* RSS per idle client connection with N connections open.
+* RSS per idle client connection with N connections open;
+* optionally one sustained cell (prepared statements, one long pgbench run per
+  target) and, for every traced proxy, what it counted over the whole run:
+  each middle process is started once and kept through every round.
+
+Every target can also run with TLS (:data:`TLS_SHAPES`): ``-tls`` on the
+server leg only (the middle connects to PostgreSQL with ``sslmode=require``),
+``-tls2`` on both legs (pgbench connects to the middle with TLS too). A
+target's ratios are taken against the PgBouncer of its own shape.
 
 Usage: ``python bench/run.py [--quick] [--out bench/results/<date>.json]``.
 Results print as tables and are written as JSON. Run as root, PostgreSQL and
@@ -59,6 +67,18 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MODES = ("simple", "extended", "prepared")
 CLIENTS = (1, 8, 32)
 TARGETS = ("direct", "pgbouncer", "proxy-off", "proxy-on", "proxy-w2", "proxy-flush")
+#: Targets not in the default set, named with --targets: head sampling at 1 % of root
+#: statements, and the server-side join (wait events, pg_stat_statements, EXPLAIN).
+EXTRA_TARGETS = ("proxy-1pct", "proxy-enrich")
+#: Target-name suffixes for TLS (none: plain text). "-tls": middle -> PostgreSQL only
+#: (sslmode=require, the certificate not checked, as PgBouncer's
+#: server_tls_sslmode=require); "-tls2": pgbench -> middle as well. ``direct-tls``
+#: (pgbench -> PostgreSQL with TLS) is the direct reference of both shapes.
+TLS_SHAPES = ("-tls", "-tls2")
+TLS_TARGETS = ("direct-tls", "pgbouncer-tls", "proxy-off-tls", "proxy-on-tls")
+TLS2_TARGETS = ("pgbouncer-tls2", "proxy-off-tls2", "proxy-on-tls2")
+#: Names ``--targets`` accepts for a whole set.
+TARGET_SETS = {"plain": TARGETS, "tls": TLS_TARGETS, "tls2": TLS2_TARGETS}
 #: Proxy configurations: target name -> extra CLI flags.
 PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-off": ["--no-tracing"],
@@ -66,8 +86,39 @@ PROXY_FLAGS: dict[str, list[str]] = {
     "proxy-flush": ["--tracing", "--sample-rate", "1", "--phase-timing", "flush"],
     # two worker processes (SO_REUSEPORT), each with its span process
     "proxy-w2": ["--tracing", "--sample-rate", "1", "--workers", "2"],
+    # Statements without a traceparent (ROOT_SAMPLED): 1 % of them become traces; every one is
+    # counted in the latency histograms, and failed or slow ones are kept (the defaults).
+    "proxy-1pct": ["--tracing", "--sample-rate", "0.01", "--always-trace-slower-than", "0.1"],
+    # The side connection with its defaults (STATS_DSN is replaced by the server's DSN): wait-event
+    # sampling, pg_stat_statements where installed, EXPLAIN for shapes slower than explain_min_duration.
+    "proxy-enrich": ["--tracing", "--sample-rate", "1", "--stats-dsn", "STATS_DSN"],
 }
+#: Configurations whose pgbench statements carry no traceparent: the proxy's head sampler decides.
+ROOT_SAMPLED = frozenset({"proxy-1pct"})
+#: The placeholder for the benchmark server's DSN in PROXY_FLAGS.
+STATS_DSN = "STATS_DSN"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def split_target(name: str) -> tuple[str, str]:
+    """``"proxy-on-tls2"`` -> ``("proxy-on", "-tls2")``: the configuration and its TLS shape."""
+    for shape in TLS_SHAPES:
+        if name.endswith(shape):
+            return name[: -len(shape)], shape
+    return name, ""
+
+
+def references(name: str) -> tuple[str, str]:
+    """Names of the direct and PgBouncer targets *name*'s ratios are taken against."""
+    shape = split_target(name)[1]
+    return ("direct-tls" if shape else "direct"), "pgbouncer" + shape
+
+
+def check_target(name: str) -> None:
+    base, shape = split_target(name)
+    if base not in ("direct", "pgbouncer", *PROXY_FLAGS) or name == "direct-tls2":
+        raise ValueError(f"unknown target {name!r}" + (" (direct-tls serves both TLS shapes)"
+                                                        if name == "direct-tls2" else ""))
 
 
 # --------------------------------------------------------------------------
@@ -174,6 +225,8 @@ class Target:
     pid: int | None = None
     admin_port: int | None = None
     traced: bool = False
+    #: libpq sslmode of the clients' leg (pgbench, psql)
+    sslmode: str = "disable"
 
     def metrics(self) -> dict[str, float]:
         """The proxy's counters from its admin endpoint (empty for other targets)."""
@@ -206,9 +259,14 @@ def ensure_pgbouncer() -> str | None:
 class PgBouncer:
     """PgBouncer in session mode in front of one database, run unprivileged when we are root."""
 
-    def __init__(self, binary: str, pg: PgServer, max_clients: int) -> None:
+    def __init__(self, binary: str, pg: PgServer, max_clients: int, *, name: str = "pgbouncer",
+                 server_tls: bool = False, client_tls: tuple[str, str] | None = None) -> None:
+        """*server_tls*: ``server_tls_sslmode = require``; *client_tls*: (cert, key) it presents to clients."""
         self.binary = binary
         self.pg = pg
+        self.name = name
+        self.server_tls = server_tls
+        self.client_tls = client_tls
         # Its own directory under the system temp dir: the unprivileged user
         # must reach it, which a caller's (per-user, 0700) temp dir may not allow.
         self.dir = Path(tempfile.mkdtemp(prefix="pgotel-bench-pgbouncer-", dir=tempfile.gettempdir()))
@@ -219,6 +277,15 @@ class PgBouncer:
     def start(self) -> "PgBouncer":
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "userlist.txt").write_text('"postgres" ""\n')
+        tls = f"server_tls_sslmode = {'require' if self.server_tls else 'disable'}\n"
+        if self.client_tls:
+            # Copies in its own directory: it runs as another user and reads the key.
+            shutil.copyfile(self.client_tls[0], self.dir / "client.crt")
+            shutil.copyfile(self.client_tls[1], self.dir / "client.key")
+            os.chmod(self.dir / "client.key", 0o600)
+            tls += ("client_tls_sslmode = require\n"
+                    f"client_tls_cert_file = {self.dir / 'client.crt'}\n"
+                    f"client_tls_key_file = {self.dir / 'client.key'}\n")
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"{DBNAME} = host={self.pg.host} port={self.pg.port} dbname={DBNAME}\n"
@@ -237,7 +304,7 @@ class PgBouncer:
             f"logfile = {self.dir / 'pgbouncer.log'}\n"
             "log_connections = 0\n"
             "log_disconnections = 0\n"
-            "server_tls_sslmode = disable\n"
+            + tls
         )
         kw: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -270,15 +337,19 @@ class PgBouncer:
 
     @property
     def target(self) -> Target:
-        return Target("pgbouncer", self.port, self.proc.pid)
+        return Target(self.name, self.port, self.proc.pid,
+                      sslmode="require" if self.client_tls else "disable")
 
 
 class ProxyProcess:
     """pgotel-proxy through its real CLI (``python -m pgotel_proxy run``)."""
 
     def __init__(self, name: str, pg: PgServer, workdir: Path, otlp_endpoint: str | None,
-                 extra: list[str]) -> None:
+                 extra: list[str], *, upstream_tls: str = "disable",
+                 client_tls: tuple[str, str] | None = None) -> None:
+        """*upstream_tls*: its ``--upstream-tls``; *client_tls*: (cert, key) to terminate client TLS."""
         self.name = name
+        self.client_tls = client_tls
         self.port = free_port()
         self.admin_port = free_port()
         self.log_path = workdir / f"{name}.log"
@@ -286,14 +357,17 @@ class ProxyProcess:
             sys.executable, "-m", "pgotel_proxy", "run",
             "--listen", f"127.0.0.1:{self.port}",
             "--upstream", f"{pg.host}:{pg.port}",
-            # Same as PgBouncer's server side: plain TCP on loopback.
-            "--upstream-tls", "disable",
+            # Same as PgBouncer's server side (server_tls_sslmode): disable or require.
+            "--upstream-tls", upstream_tls,
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--log-level", "warning",
-            *extra,
+            *(f"host={pg.host} port={pg.port} user=postgres dbname={DBNAME}" if arg == STATS_DSN else arg
+              for arg in extra),
         ]
         if otlp_endpoint and "--tracing" in extra:
             self.args += ["--otlp-endpoint", otlp_endpoint]
+        if client_tls:
+            self.args += ["--client-tls-cert", client_tls[0], "--client-tls-key", client_tls[1]]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ProxyProcess":
@@ -313,7 +387,7 @@ class ProxyProcess:
     @property
     def target(self) -> Target:
         return Target(self.name, self.port, self.proc.pid, self.admin_port,
-                      traced="--tracing" in self.args)
+                      traced="--tracing" in self.args, sslmode="require" if self.client_tls else "disable")
 
 
 class OtlpSink:
@@ -372,17 +446,18 @@ def wait_export_idle(target: Target, timeout: float = 60.0) -> dict[str, float]:
 # pgbench
 
 
-def pgbench_env() -> dict[str, str]:
-    env = dict(os.environ, PGSSLMODE="disable", PGUSER="postgres")
+def pgbench_env(sslmode: str = "disable") -> dict[str, str]:
+    env = dict(os.environ, PGSSLMODE=sslmode, PGUSER="postgres")
     env.pop("PGPASSWORD", None)
     return env
 
 
-def write_select_script(path: Path, accounts: int) -> Path:
-    """The ``-S`` transaction with a sqlcommenter traceparent, so every statement is sampled."""
+def write_select_script(path: Path, accounts: int, traced: bool = True) -> Path:
+    """The ``-S`` transaction; *traced*: with a sampled sqlcommenter traceparent, so every statement is sampled."""
+    comment = f" /*traceparent='{TRACEPARENT}'*/" if traced else ""
     path.write_text(
         f"\\set aid random(1, {accounts})\n"
-        f"SELECT abalance FROM pgbench_accounts WHERE aid = :aid /*traceparent='{TRACEPARENT}'*/;\n"
+        f"SELECT abalance FROM pgbench_accounts WHERE aid = :aid{comment};\n"
     )
     return path
 
@@ -410,6 +485,22 @@ def latency_stats(prefix: Path) -> dict[str, float]:
     }
 
 
+def check_server_tls(target: Target) -> None:
+    """Fail unless the server connection behind *target* uses TLS exactly when its shape says so.
+
+    The client leg needs no check (sslmode=require fails without TLS); the
+    server leg could fall back to plain text unnoticed, and the cells would
+    then compare something else than they say.
+    """
+    cmd = ["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(target.port), "-d", DBNAME,
+           "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"]
+    res = subprocess.run(cmd, env=pgbench_env(target.sslmode), capture_output=True, text=True)
+    want = "t" if split_target(target.name)[1] else "f"
+    if res.returncode != 0 or res.stdout.strip() != want:
+        raise RuntimeError(f"{target.name}: server connection TLS is {res.stdout.strip() or '?'}, "
+                           f"expected {want}: {res.stderr.strip()}")
+
+
 def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, duration: float,
                 logdir: Path) -> dict[str, Any]:
     """One pgbench cell against one target, with the middle process's CPU over it."""
@@ -423,7 +514,7 @@ def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, durati
     before_m = target.metrics()
     cpu0 = cpu_seconds(target.pid) if target.pid else None
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=pgbench_env(), capture_output=True, text=True, cwd=str(logdir))
+    res = subprocess.run(cmd, env=pgbench_env(target.sslmode), capture_output=True, text=True, cwd=str(logdir))
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"pgbench against {target.name} failed ({res.returncode}):\n{res.stderr[-2000:]}")
@@ -434,7 +525,10 @@ def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, durati
     tx = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     m = re.search(r"number of failed transactions: (\d+)", out)
     failed = int(m.group(1)) if m else 0
-    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    if m is None:  # pgbench prints no rates when no transaction finished in time
+        raise RuntimeError(f"pgbench against {target.name}: no tps in its output:\n{out[-2000:]}{res.stderr[-2000:]}")
+    tps = float(m.group(1))
     row: dict[str, Any] = {
         "target": target.name, "mode": mode, "clients": clients,
         "tps": tps, "transactions": tx, "failed": failed, "wall_s": wall,
@@ -461,7 +555,7 @@ def psql(pg: PgServer, sql: str, db: str = DBNAME) -> str:
 
 def prepare_data(pg: PgServer, *, scale: int, bulk_mb: int, select_rows: int) -> dict[str, Any]:
     """pgbench tables, the COPY table (~bulk_mb of COPY text) and the many-row SELECT table."""
-    if psql(pg, f"SELECT 1 FROM pg_database WHERE datname = '{DBNAME}'", db="postgres") != "1":
+    if psql(pg, f"SELECT 1 FROM pg_database WHERE datname = '{DBNAME}'", db="postgres").strip() != "1":
         psql(pg, f"CREATE DATABASE {DBNAME}", db="postgres")
     t0 = time.monotonic()
     subprocess.run(
@@ -479,8 +573,8 @@ def prepare_data(pg: PgServer, *, scale: int, bulk_mb: int, select_rows: int) ->
     psql(pg, "VACUUM ANALYZE bench_rows")
     # Bytes the server sends for the SELECT: one DataRow per row (type, length,
     # column count, then a length and the text of each column), text format.
-    select_bytes = int(psql(pg, "SELECT sum(7 + 12 + length(id::text) + length(n::text) + length(t)) "
-                                "FROM bench_rows"))
+    select_bytes = int(psql(pg, "SELECT coalesce(sum(7 + 12 + length(id::text) + length(n::text) + length(t)), 0) "
+                                "FROM bench_rows").strip())
     log.info("data ready in %.1fs: scale %s, %s bulk rows, %s select rows",
              time.monotonic() - t0, scale, bulk_rows, select_rows)
     return {"scale": scale, "accounts": scale * 100_000, "bulk_rows": bulk_rows,
@@ -499,13 +593,13 @@ def copy_out(target: Target, count_bytes: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     nbytes = None
     if count_bytes:
-        with subprocess.Popen(cmd, env=pgbench_env(), stdout=subprocess.PIPE) as proc:
+        with subprocess.Popen(cmd, env=pgbench_env(target.sslmode), stdout=subprocess.PIPE) as proc:
             nbytes = 0
             while chunk := proc.stdout.read(1 << 20):
                 nbytes += len(chunk)
         rc = proc.returncode
     else:
-        rc = subprocess.run(cmd, env=pgbench_env(), stdout=subprocess.DEVNULL).returncode
+        rc = subprocess.run(cmd, env=pgbench_env(target.sslmode), stdout=subprocess.DEVNULL).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"COPY through {target.name} failed ({rc})")
@@ -519,7 +613,7 @@ def select_all(target: Target, script: Path, logdir: Path) -> dict[str, Any]:
            "-f", str(script), DBNAME]
     cpu0 = cpu_seconds(target.pid) if target.pid else None
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=pgbench_env(), capture_output=True, text=True, cwd=str(logdir))
+    res = subprocess.run(cmd, env=pgbench_env(target.sslmode), capture_output=True, text=True, cwd=str(logdir))
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"SELECT through {target.name} failed:\n{res.stderr[-2000:]}")
@@ -550,9 +644,12 @@ def run_bulk(targets: list[Target], data: dict[str, Any], repeat: int, logdir: P
             "cpu_s_per_gb": None if best["cpu_s"] is None else best["cpu_s"] / (nbytes / 1e9),
             "runs_wall_s": [r["wall_s"] for r in runs],
         })
-    direct = {r["test"]: r["mb_per_s"] for r in rows if r["target"] == "direct"}
+    speed = {(r["test"], r["target"]): r["mb_per_s"] for r in rows}
     for r in rows:
-        r["x_direct"] = r["mb_per_s"] / direct[r["test"]] if r["test"] in direct else None
+        direct, bouncer = references(r["target"])
+        r["x_direct"] = r["mb_per_s"] / speed[(r["test"], direct)] if (r["test"], direct) in speed else None
+        r["x_pgbouncer"] = (r["mb_per_s"] / speed[(r["test"], bouncer)]
+                            if (r["test"], bouncer) in speed else None)
     return rows
 
 
@@ -619,14 +716,17 @@ def idle_rss(starters: dict[str, Any], n: int, settle: float = 1.0) -> list[dict
 
 
 def add_ratios(cells: list[dict[str, Any]]) -> None:
-    """Each cell's ratios to direct and to PgBouncer in the same mode, clients and round."""
+    """Each cell's ratios to direct and to PgBouncer in the same mode, clients and round.
+
+    The references are those of the cell's TLS shape (:func:`references`):
+    ``proxy-on-tls`` is held to ``pgbouncer-tls`` and ``direct-tls``.
+    """
     by_key: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
     for c in cells:
         by_key.setdefault((c["mode"], c["clients"], c.get("round", 0)), {})[c["target"]] = c
     for group in by_key.values():
-        direct = group.get("direct")
-        bouncer = group.get("pgbouncer")
         for c in group.values():
+            direct, bouncer = (group.get(ref) for ref in references(c["target"]))
             c["tps_x_direct"] = c["tps"] / direct["tps"] if direct and direct["tps"] else None
             c["tps_x_pgbouncer"] = c["tps"] / bouncer["tps"] if bouncer and bouncer["tps"] else None
             c["cpu_x_pgbouncer"] = (
@@ -691,21 +791,18 @@ def _range(pair: list[float] | None) -> str:
     return "-" if not pair else f"{pair[0]:.2f}–{pair[1]:.2f}"
 
 
-def format_tables(results: dict[str, Any]) -> str:
-    lines = []
-    ranged = any(c.get("tps_x_pgbouncer_range") for c in results["pgbench"])
-    head = (f"{'mode':<9}{'cl':>3} {'target':<12}{'tps':>9}{'×dir':>6}{'×pgb':>6}"
+def _cell_table(cells: list[dict[str, Any]], ranged: bool) -> list[str]:
+    """The pgbench cells as rows of text: figures, ratios, spans and drops."""
+    head = (f"{'mode':<9}{'cl':>3} {'target':<15}{'tps':>9}{'×dir':>6}{'×pgb':>6}"
             f"{'mean ms':>9}{'p99 ms':>8}{'cpu µs/tx':>10}{'×pgb':>6}{'spans/tx':>9}{'exp':>9}{'drop':>7}{'st.drop':>8}")
     if ranged:
-        rounds = max(c.get("rounds", 1) for c in results["pgbench"])
-        lines.append(f"medians of {rounds} interleaved rounds; ranges: tps ×pgb and cpu ×pgb over the rounds")
         head += f"{'tps ×pgb range':>16}{'cpu ×pgb range':>16}"
-    lines += [head, "-" * len(head)]
-    for c in results["pgbench"]:
+    lines = [head, "-" * len(head)]
+    for c in cells:
         spans_tx = (c["spans_exported"] / c["transactions"]
                     if c.get("spans_exported") is not None and c["transactions"] else None)
         lines.append(
-            f"{c['mode']:<9}{c['clients']:>3} {c['target']:<12}{c['tps']:>9.0f}"
+            f"{c['mode']:<9}{c['clients']:>3} {c['target']:<15}{c['tps']:>9.0f}"
             f"{_f(c.get('tps_x_direct'), '.2f'):>6}{_f(c.get('tps_x_pgbouncer'), '.2f'):>6}"
             f"{_f(c.get('mean_ms'), '.3f'):>9}{_f(c.get('p99_ms'), '.3f'):>8}"
             f"{_f(c.get('cpu_us_per_tx'), '.1f'):>10}{_f(c.get('cpu_x_pgbouncer'), '.2f'):>6}"
@@ -713,24 +810,53 @@ def format_tables(results: dict[str, Any]) -> str:
             f"{_f(c.get('statements_dropped'), 'd'):>8}"
             + (f"{_range(c.get('tps_x_pgbouncer_range')):>16}{_range(c.get('cpu_x_pgbouncer_range')):>16}"
                if ranged else ""))
-    added = [c for c in results["pgbench"] if c.get("added_p50_us") is not None and c["target"] != "direct"]
+    return lines
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    lines = []
+    ranged = any(c.get("tps_x_pgbouncer_range") for c in results["pgbench"])
+    if ranged:
+        rounds = max(c.get("rounds", 1) for c in results["pgbench"])
+        lines.append(f"medians of {rounds} interleaved rounds; ranges: tps ×pgb and cpu ×pgb over the rounds")
+    lines += _cell_table(results["pgbench"], ranged)
+    added = [c for c in results["pgbench"]
+             if c.get("added_p50_us") is not None and not c["target"].startswith("direct")]
     if added:
-        lines += ["", "latency added over direct at 1 client (µs)",
-                  f"{'mode':<9} {'target':<12}{'p50':>8}{'p99':>8}"]
+        lines += ["", "latency added over direct (of the same TLS shape) at 1 client (µs)",
+                  f"{'mode':<9} {'target':<15}{'p50':>8}{'p99':>8}"]
         for c in added:
-            lines.append(f"{c['mode']:<9} {c['target']:<12}{c['added_p50_us']:>8.0f}{c['added_p99_us']:>8.0f}")
+            lines.append(f"{c['mode']:<9} {c['target']:<15}{c['added_p50_us']:>8.0f}{c['added_p99_us']:>8.0f}")
+    if results.get("sustained"):
+        first = results["sustained"][0]
+        lines += ["", f"sustained cell: {first['mode']}, {first['clients']} clients, "
+                      f"{results['options']['sustained']:g} s per target"]
+        lines += _cell_table(results["sustained"], False)
+    if results.get("proxies"):
+        lines += ["", "traced proxies over the whole run (warm-up, every round, the sustained cell); "
+                      f"spans the receiver decoded: {results.get('spans_received_total', '-')}",
+                  "(kept: failed or slow statements traced whatever the sampling; explains: EXPLAINs the "
+                  "side connection ran / failed / skipped, e.g. for $n parameters before PostgreSQL 16)",
+                  f"{'target':<15}{'alive':>6}{'statements':>12}{'st.drop':>9}{'spans exp':>11}{'drop':>8}"
+                  f"{'kept':>7}{'explains':>14}"]
+        for r in results["proxies"]:
+            explains = f"{r.get('explains_run', 0)}/{r.get('explains_failed', 0)}/{r.get('explains_skipped', 0)}"
+            lines.append(f"{r['target']:<15}{'yes' if r['alive'] else 'NO':>6}{r['statements']:>12d}"
+                         f"{r['statements_dropped']:>9d}{r['spans_exported']:>11d}{r['spans_dropped']:>8d}"
+                         f"{r.get('statements_kept', 0):>7d}{explains:>14}")
     if results.get("bulk"):
-        lines += ["", f"{'bulk':<7} {'target':<12}{'MB':>8}{'MB/s':>9}{'×dir':>6}{'cpu s/GB':>10}"]
+        lines += ["", f"{'bulk':<7} {'target':<15}{'MB':>8}{'MB/s':>9}{'×dir':>6}{'×pgb':>6}{'cpu s/GB':>10}"]
         for r in results["bulk"]:
-            lines.append(f"{r['test']:<7} {r['target']:<12}{r['bytes'] / 1e6:>8.0f}{r['mb_per_s']:>9.0f}"
-                         f"{_f(r['x_direct'], '.2f'):>6}{_f(r['cpu_s_per_gb'], '.2f'):>10}")
+            lines.append(f"{r['test']:<7} {r['target']:<15}{r['bytes'] / 1e6:>8.0f}{r['mb_per_s']:>9.0f}"
+                         f"{_f(r['x_direct'], '.2f'):>6}{_f(r.get('x_pgbouncer'), '.2f'):>6}"
+                         f"{_f(r['cpu_s_per_gb'], '.2f'):>10}")
     if results.get("idle"):
-        lines += ["", f"{'idle':<7} {'target':<12}{'conns':>6}{'base MiB':>10}{'held MiB':>10}{'KiB/conn':>10}"]
+        lines += ["", f"{'idle':<7} {'target':<15}{'conns':>6}{'base MiB':>10}{'held MiB':>10}{'KiB/conn':>10}"]
         for r in results["idle"]:
             if "error" in r:
-                lines.append(f"{'':<7} {r['target']:<12} failed: {r['error']}")
+                lines.append(f"{'':<7} {r['target']:<15} failed: {r['error']}")
                 continue
-            lines.append(f"{'':<7} {r['target']:<12}{r['connections']:>6}{r['rss_base_kib'] / 1024:>10.1f}"
+            lines.append(f"{'':<7} {r['target']:<15}{r['connections']:>6}{r['rss_base_kib'] / 1024:>10.1f}"
                          f"{r['rss_held_kib'] / 1024:>10.1f}{r['kib_per_connection']:>10.1f}")
     return "\n".join(lines)
 
@@ -774,8 +900,27 @@ class Options:
     idle_settle: float = 1.0
     warmup: float = 2.0
     rounds: int = 1
+    #: seconds of the sustained prepared-statement cell after the rounds (0: none)
+    sustained: float = 0.0
+    sustained_clients: int = 8
     workdir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def proxy_totals(proxies: list[ProxyProcess]) -> list[dict[str, Any]]:
+    """What each traced proxy counted since it started, and whether it is still the same process."""
+    out = []
+    for p in proxies:
+        t = p.target
+        if not t.traced:
+            continue
+        alive = p.proc.poll() is None
+        m = wait_export_idle(t) if alive else {}
+        out.append({"target": t.name, "pid": t.pid, "alive": alive,
+                    **{key: int(m.get(key, 0)) for key in ("statements", "statements_dropped", "spans_started",
+                                                           "spans_exported", "spans_dropped", "statements_kept",
+                                                           "explains_run", "explains_failed", "explains_skipped")}})
+    return out
 
 
 def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
@@ -786,33 +931,49 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = os.getloadavg()
     data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows)
-    script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    traced_script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    root_script = write_select_script(workdir / "select_root.sql", data["accounts"], traced=False)
+
+    def script_of(target: Target) -> Path:
+        return root_script if split_target(target.name)[0] in ROOT_SAMPLED else traced_script
+
     sink: OtlpSink | None = None
-    bouncer: PgBouncer | None = None
+    bouncers: list[PgBouncer] = []
     proxies: list[ProxyProcess] = []
     targets: list[Target] = []
+    for name in opts.targets:
+        check_target(name)
+    if any(split_target(name)[1] for name in opts.targets) and not pg.ssl:
+        raise RuntimeError("TLS targets need PostgreSQL with TLS (trustme installed, a server built with OpenSSL)")
+    # What the middles present to clients on the "-tls2" shape: the test CA's proxy certificate.
+    client_tls = (pg.certs["proxy_cert"], pg.certs["proxy_key"]) if pg.ssl else None
     try:
         for name in opts.targets:
-            if name == "direct":
-                targets.append(Target("direct", pg.port))
-            elif name == "pgbouncer":
+            base, shape = split_target(name)
+            if base == "direct":
+                targets.append(Target(name, pg.port, sslmode="require" if shape else "disable"))
+            elif base == "pgbouncer":
                 binary = ensure_pgbouncer()
                 if binary is None:
-                    log.warning("pgbouncer not available: skipping it")
+                    log.warning("pgbouncer not available: skipping %s", name)
                     continue
-                bouncer = PgBouncer(binary, pg, max(64, opts.idle_conns)).start()
+                bouncer = PgBouncer(binary, pg, max(64, opts.idle_conns), name=name, server_tls=bool(shape),
+                                    client_tls=client_tls if shape == "-tls2" else None).start()
+                bouncers.append(bouncer)
                 targets.append(bouncer.target)
-            elif name in PROXY_FLAGS:
-                if sink is None and "--tracing" in PROXY_FLAGS[name]:
+            else:
+                if sink is None and "--tracing" in PROXY_FLAGS[base]:
                     sink = OtlpSink()
-                p = ProxyProcess(name, pg, workdir, sink.endpoint if sink else None, PROXY_FLAGS[name]).start()
+                p = ProxyProcess(name, pg, workdir, sink.endpoint if sink else None, PROXY_FLAGS[base],
+                                 upstream_tls="require" if shape else "disable",
+                                 client_tls=client_tls if shape == "-tls2" else None).start()
                 proxies.append(p)
                 targets.append(p.target)
-            else:
-                raise ValueError(f"unknown target {name!r}")
+        for t in targets:
+            check_server_tls(t)
         # Warm every path once (connection set-up, imports, caches) outside the measurements.
         for t in targets if opts.warmup > 0 else ():
-            run_pgbench(t, script=script, mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
+            run_pgbench(t, script=script_of(t), mode="prepared", clients=2, duration=opts.warmup, logdir=workdir)
         rounds = []
         for rnd in range(opts.rounds):
             # Each round starts the order of targets one further along, so that no
@@ -823,7 +984,7 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                 for clients in opts.clients:
                     for t in order:
                         spans0 = sink.count() if sink and t.traced else None
-                        row = run_pgbench(t, script=script, mode=mode, clients=clients,
+                        row = run_pgbench(t, script=script_of(t), mode=mode, clients=clients,
                                           duration=opts.duration, logdir=workdir)
                         if spans0 is not None and row.get("spans_exported") is not None:
                             row["spans_received"] = sink.count() - spans0
@@ -834,10 +995,26 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                                  f"  (round {rnd + 1}/{opts.rounds})" if opts.rounds > 1 else "")
         add_ratios(rounds)
         cells = combine_rounds(rounds) if opts.rounds > 1 else rounds
+        sustained = []
+        for t in targets if opts.sustained > 0 else ():
+            # One long cell per target on the processes that served every round:
+            # a span process that falls behind shows as drops here.
+            spans0 = sink.count() if sink and t.traced else None
+            row = run_pgbench(t, script=script_of(t), mode="prepared", clients=opts.sustained_clients,
+                              duration=opts.sustained, logdir=workdir)
+            if spans0 is not None and row.get("spans_exported") is not None:
+                row["spans_received"] = sink.count() - spans0
+            sustained.append(row)
+            log.info("sustained %-15s %8.0f tps  cpu/tx %s µs  dropped %s statements, %s spans", t.name,
+                     row["tps"], _f(row.get("cpu_us_per_tx"), ".1f"), row.get("statements_dropped", "-"),
+                     row.get("spans_dropped", "-"))
+        add_ratios(sustained)
+        whole_run = proxy_totals(proxies)
+        spans_received_total = sink.count() if sink else None
         bulk = run_bulk(targets, data, opts.bulk_repeat, workdir) if opts.bulk_mb else []
         for p in proxies:
             p.stop()
-        if bouncer is not None:
+        for bouncer in bouncers:
             bouncer.stop()
         starters: dict[str, Any] = {}
         for name in ("proxy-off", "proxy-on"):
@@ -845,13 +1022,13 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                 starters[name] = functools.partial(
                     lambda name: ProxyProcess(name, pg, workdir, sink.endpoint if sink else None,
                                               PROXY_FLAGS[name]).start(), name)
-        if bouncer is not None:
-            starters["pgbouncer"] = lambda: PgBouncer(bouncer.binary, pg, opts.idle_conns).start()
+        if "pgbouncer" in [b.name for b in bouncers]:
+            starters["pgbouncer"] = lambda: PgBouncer(bouncers[0].binary, pg, opts.idle_conns).start()
         idle = idle_rss(starters, opts.idle_conns, opts.idle_settle) if opts.idle_conns else []
     finally:
         for p in proxies:
             p.stop()
-        if bouncer is not None:
+        for bouncer in bouncers:
             bouncer.stop()
         if sink is not None:
             sink.stop()
@@ -867,6 +1044,10 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
         "pgbench": cells,
         # every cell of every round as measured (``pgbench`` holds their medians when rounds > 1)
         **({"pgbench_rounds": rounds} if opts.rounds > 1 else {}),
+        "sustained": sustained,
+        # each traced proxy's own counters over everything it served, and the receiver's total
+        "proxies": whole_run,
+        "spans_received_total": spans_received_total,
         "bulk": bulk,
         "idle": idle,
     }
@@ -879,7 +1060,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     ap.add_argument("--duration", type=float, help="seconds per pgbench cell (default 10, quick 2)")
     ap.add_argument("--modes", help="comma-separated: simple,extended,prepared")
     ap.add_argument("--clients", help="comma-separated client counts (default 1,8,32)")
-    ap.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)}")
+    sets = ", ".join(f"{k} ({','.join(v)})" for k, v in TARGET_SETS.items())
+    ap.add_argument("--targets", help=f"comma-separated targets: {','.join(TARGETS)}, any of them but direct "
+                                      "with -tls (TLS to PostgreSQL) or -tls2 (TLS on both legs), direct-tls; "
+                                      f"or a set: {sets} (default: plain)")
     ap.add_argument("--scale", type=int, help="pgbench scale (default 10)")
     ap.add_argument("--bulk-mb", type=int, help="size of the COPY table in MB of COPY text "
                                                  "(default 1000, quick 300; 0 skips bulk)")
@@ -887,6 +1071,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     ap.add_argument("--idle-conns", type=int, help="idle connections for the RSS test (default 1000, 0 skips)")
     ap.add_argument("--rounds", type=int, help="run every cell this many times, interleaved, and report medians "
                                                 "of the per-round ratios with their range (default 1)")
+    ap.add_argument("--sustained", type=float, help="after the rounds, one cell of this many seconds per target, "
+                                                    "prepared statements (default 0: none)")
+    ap.add_argument("--sustained-clients", type=int, help="clients of the sustained cell (default 8)")
     ap.add_argument("--keep", type=Path, help="keep logs and pgbench files in this directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -904,8 +1091,16 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     if args.clients:
         opts.clients = tuple(int(c) for c in args.clients.split(","))
     if args.targets:
-        opts.targets = tuple(t.strip() for t in args.targets.split(","))
-    for name in ("scale", "bulk_mb", "select_rows", "idle_conns", "rounds"):
+        names: list[str] = []
+        for t in (t.strip() for t in args.targets.split(",")):
+            names += [n for n in TARGET_SETS.get(t, (t,)) if n not in names]
+        opts.targets = tuple(names)
+        for name in opts.targets:
+            try:
+                check_target(name)
+            except ValueError as exc:
+                ap.error(str(exc))
+    for name in ("scale", "bulk_mb", "select_rows", "idle_conns", "rounds", "sustained", "sustained_clients"):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
     if opts.rounds < 1:
@@ -930,7 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
         "auto_explain.log_analyze": False,
         "shared_buffers": "512MB",
     }
-    with PgServer(settings=settings) as pg:
+    # TLS targets need the server's TLS; plain runs keep the default (on where the build has it).
+    with PgServer(settings=settings, ssl=True if any(split_target(t)[1] for t in opts.targets) else None) as pg:
         results = run_bench(pg, opts)
     print(format_tables(results))
     out = args.out or _ROOT / "bench" / "results" / f"{results['started'][:10]}.json"

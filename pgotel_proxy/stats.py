@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from typing import NamedTuple
 
-__all__ = ["STATS", "Stats", "Statistic", "STATISTICS", "METRICS", "PROMETHEUS_PREFIX", "LATENCY_BOUNDS",
+__all__ = ["STATS", "Stats", "Statistic", "STATISTICS", "SPAN_PROCESS_COUNTERS", "METRICS",
+           "PROMETHEUS_PREFIX", "LATENCY_BOUNDS",
            "metrics_markdown"]
 
 #: Prefix of every exported metric's name.
@@ -29,6 +30,9 @@ class Statistic(NamedTuple):
     kind: str  # "counter" (only grows) or "gauge" (goes up and down)
     help: str
     exported: bool = True  # shown on /metrics
+    #: Counted in the span process (spans, enrichment, histograms): the relay process shows the
+    #: values the span process reports (tracing/process.py), not its own.
+    in_span_process: bool = False
 
 
 #: Every statistic. Order is the exposition order.
@@ -42,41 +46,57 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("cancel_forwarded", "counter", "CancelRequests forwarded upstream"),
     Statistic("cancel_dropped", "counter", "CancelRequests for unknown keys, dropped"),
     Statistic("decode_desyncs", "counter", "Connections whose observation stopped on an unexpected message"),
-    Statistic("statements", "counter", "Statements observed"),
-    Statistic("spans_started", "counter", "Spans built"),
-    Statistic("spans_exported", "counter", "Spans exported successfully"),
-    Statistic("spans_dropped", "counter", "Spans dropped because the export queue was full or export failed"),
+    Statistic("statements", "counter", "Statements observed",
+              in_span_process=True),
+    Statistic("spans_started", "counter", "Spans built",
+              in_span_process=True),
+    Statistic("spans_exported", "counter", "Spans exported successfully",
+              in_span_process=True),
+    Statistic("spans_dropped", "counter", "Spans dropped because the export queue was full or export failed",
+              in_span_process=True),
     Statistic("statements_dropped", "counter",
               "Statements never turned into spans because the record queue was full"),
-    Statistic("export_failures", "counter", "Export batches that failed"),
+    Statistic("export_failures", "counter", "Export batches that failed",
+              in_span_process=True),
     Statistic("span_process_lifted", "counter",
               "Times the span process, behind, was lifted out of the idle scheduling class"),
     Statistic("span_queue_size", "gauge", "Statements waiting to become spans, plus spans waiting for export"),
     Statistic("span_process_backlog_bytes", "gauge",
               "Bytes of finished statements the span process has not read yet (past 16 MiB, statements are dropped)"),
-    Statistic("sqlcomment_invalid_traceparent", "counter", "sqlcommenter traceparent values rejected"),
+    Statistic("sqlcomment_invalid_traceparent", "counter", "sqlcommenter traceparent values rejected",
+              in_span_process=True),
     Statistic("latency_series_overflow", "counter",
               "Statements recorded in the latency histograms' `other` series: their own series would pass "
-              "latency_histogram_series"),
+              "latency_histogram_series",
+              in_span_process=True),
     Statistic("statements_kept", "counter",
               "Failed or slow statements traced although the sample rate or an unsampled parent left them out "
-              "(always_trace_errors, always_trace_slower_than)"),
+              "(always_trace_errors, always_trace_slower_than)",
+              in_span_process=True),
     Statistic("statements_kept_over_rate", "counter",
-              "Failed or slow statements left untraced because more than always_trace_rate a second were kept"),
+              "Failed or slow statements left untraced because more than always_trace_rate a second were kept",
+              in_span_process=True),
     Statistic("wal_messages_emitted", "counter", "otelwal logical messages emitted"),
     Statistic("wal_emission_disabled", "counter", "Sessions where otelwal emission was turned off"),
-    Statistic("enrich_joined", "counter", "Statement spans joined with server-side records"),
-    Statistic("enrich_timeouts", "counter", "Statement spans that left without their server-side records"),
-    Statistic("explains_run", "counter", "EXPLAINs run on the side connection for slow statement shapes (explain source)"),
+    Statistic("enrich_joined", "counter", "Statement spans joined with server-side records",
+              in_span_process=True),
+    Statistic("enrich_timeouts", "counter", "Statement spans that left without their server-side records",
+              in_span_process=True),
+    Statistic("explains_run", "counter", "EXPLAINs run on the side connection for slow statement shapes (explain source)",
+              in_span_process=True),
     Statistic("explains_skipped", "counter",
               "Slow statements not explained: not a single SELECT/INSERT/UPDATE/DELETE/MERGE, another database, "
-              "or $n parameters with neither GENERIC_PLAN (PostgreSQL 16+) nor captured parameters"),
+              "or $n parameters with neither GENERIC_PLAN (PostgreSQL 16+) nor captured parameters",
+              in_span_process=True),
     Statistic("explains_failed", "counter", "EXPLAINs that failed (error, statement_timeout); the shape is not retried "
-              "before explain_cache_ttl"),
+              "before explain_cache_ttl",
+              in_span_process=True),
     Statistic("explains_rate_limited", "counter", "EXPLAIN requests refused by explain_rate; their statements left "
-              "without a plan"),
+              "without a plan",
+              in_span_process=True),
     Statistic("plan_changes", "counter", "Statements whose shape's plan differed from its previous plan (a plan "
-              "changed span event)"),
+              "changed span event)",
+              in_span_process=True),
     # sqlcommenter parsing (sqlcomment.parse), once per parse: the span builder caches
     # a parse per statement shape, and compares oversized/malformed before and after a
     # parse to tell whether its result may be cached.
@@ -97,6 +117,9 @@ STATISTICS: tuple[Statistic, ...] = (
 #: (tracing/histograms.py) and /metrics shows: OpenTelemetry's explicit boundaries for
 #: db.client.operation.duration.
 LATENCY_BOUNDS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+#: Statistics the span process counts and reports to the relay process.
+SPAN_PROCESS_COUNTERS: tuple[str, ...] = tuple(s.name for s in STATISTICS if s.in_span_process)
 
 #: The exported statistics: name -> (kind, help), in exposition order.
 METRICS: dict[str, tuple[str, str]] = {s.name: (s.kind, s.help) for s in STATISTICS if s.exported}

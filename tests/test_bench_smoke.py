@@ -69,6 +69,37 @@ def test_rounds_combine_into_medians_of_paired_ratios(bench):
     assert "medians of 3 interleaved rounds" in table and "0.80–0.96" in table
 
 
+def test_tls_targets_are_held_to_the_pgbouncer_of_their_shape(bench):
+    assert bench.split_target("proxy-on-tls2") == ("proxy-on", "-tls2")
+    assert bench.split_target("pgbouncer-tls") == ("pgbouncer", "-tls")
+    assert bench.split_target("proxy-w2") == ("proxy-w2", "")
+    assert bench.references("proxy-off-tls2") == ("direct-tls", "pgbouncer-tls2")
+    for bad in ("direct-tls2", "proxy-nope-tls", "tls"):
+        with pytest.raises(ValueError):
+            bench.check_target(bad)
+    rows = [{"mode": "prepared", "clients": 8, "target": name, "round": 0, "tps": tps, "cpu_us_per_tx": cpu}
+            for name, tps, cpu in [("direct", 400, None), ("pgbouncer", 200, 10.0), ("proxy-on", 180, 12.0),
+                                   ("direct-tls", 300, None), ("pgbouncer-tls", 150, 20.0),
+                                   ("proxy-on-tls", 150, 24.0), ("pgbouncer-tls2", 100, 30.0),
+                                   ("proxy-on-tls2", 120, 27.0)]]
+    bench.add_ratios(rows)
+    cells = {r["target"]: r for r in rows}
+    assert cells["proxy-on"]["tps_x_pgbouncer"] == pytest.approx(0.9)
+    assert cells["proxy-on-tls"]["tps_x_pgbouncer"] == pytest.approx(1.0)
+    assert cells["proxy-on-tls"]["cpu_x_pgbouncer"] == pytest.approx(1.2)
+    assert cells["proxy-on-tls2"]["tps_x_pgbouncer"] == pytest.approx(1.2)
+    assert cells["proxy-on-tls2"]["cpu_x_pgbouncer"] == pytest.approx(0.9)
+    assert cells["proxy-on-tls2"]["tps_x_direct"] == pytest.approx(0.4)  # direct-tls serves both TLS shapes
+
+
+def test_target_sets_expand_in_order_without_repeats(bench):
+    opts, _ = bench.parse_args(["--targets", "direct,pgbouncer,tls,proxy-on-tls,tls2", "--sustained", "60"])
+    assert opts.targets == ("direct", "pgbouncer", *bench.TLS_TARGETS, *bench.TLS2_TARGETS)
+    assert opts.sustained == 60 and opts.sustained_clients == 8
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--targets", "direct-tls2"])
+
+
 def test_cpu_and_rss_of_this_process(bench):
     before = bench.cpu_seconds(os.getpid())
     sum(i * i for i in range(300_000))
@@ -130,3 +161,48 @@ def test_whole_bench_runs_tiny(bench, pg, tmp_path):
     table = bench.format_tables(results)
     for name in cells:
         assert name in table
+
+
+@pytest.mark.skipif(not shutil.which("pgbench"), reason="pgbench not installed")
+@pytest.mark.skipif(not (shutil.which("pgbouncer") or os.access("/usr/sbin/pgbouncer", os.X_OK)),
+                    reason="pgbouncer not installed")
+def test_tls_targets_and_the_sustained_cell_run_tiny(bench, pg, tmp_path):
+    if not pg.ssl:
+        pytest.skip("the session's PostgreSQL runs without TLS")
+    names = ("direct-tls", "pgbouncer-tls", "proxy-on-tls", "pgbouncer-tls2", "proxy-off-tls2")
+    opts = bench.Options(
+        duration=1, modes=("extended",), clients=(2,), targets=names,
+        scale=1, bulk_mb=1, select_rows=1000, bulk_repeat=1, idle_conns=0, warmup=0,
+        sustained=1, sustained_clients=2, workdir=tmp_path,
+    )
+    results = bench.run_bench(pg, opts)  # checks each target's server leg with pg_stat_ssl
+    json.dumps(results)
+
+    cells = {c["target"]: c for c in results["pgbench"]}
+    assert set(cells) == set(names)
+    assert all(c["transactions"] > 0 and c["failed"] == 0 for c in cells.values())
+    assert cells["pgbouncer-tls"]["cpu_x_pgbouncer"] == pytest.approx(1.0)
+    assert cells["proxy-on-tls"]["cpu_x_pgbouncer"] == pytest.approx(
+        cells["proxy-on-tls"]["cpu_us_per_tx"] / cells["pgbouncer-tls"]["cpu_us_per_tx"])
+    assert cells["proxy-off-tls2"]["tps_x_pgbouncer"] == pytest.approx(
+        cells["proxy-off-tls2"]["tps"] / cells["pgbouncer-tls2"]["tps"])
+
+    sustained = {r["target"]: r for r in results["sustained"]}
+    assert set(sustained) == set(names)
+    assert all(r["mode"] == "prepared" and r["clients"] == 2 and r["transactions"] > 0 for r in sustained.values())
+    assert sustained["proxy-on-tls"]["statements_dropped"] == 0
+    assert sustained["proxy-on-tls"]["spans_received"] == sustained["proxy-on-tls"]["spans_exported"] > 0
+
+    # One traced proxy served the rounds and the sustained cell: its own counters cover both.
+    [whole] = results["proxies"]
+    assert whole["target"] == "proxy-on-tls" and whole["alive"]
+    assert whole["statements"] >= cells["proxy-on-tls"]["statements"] + sustained["proxy-on-tls"]["statements"]
+    assert whole["spans_exported"] == results["spans_received_total"]
+
+    bulk = {(r["test"], r["target"]): r for r in results["bulk"]}
+    assert len(bulk) == 2 * len(names)
+    assert bulk[("copy", "pgbouncer-tls")]["x_pgbouncer"] == pytest.approx(1.0)
+    assert bulk[("select", "proxy-off-tls2")]["x_pgbouncer"] > 0
+
+    table = bench.format_tables(results)
+    assert "sustained cell: prepared, 2 clients" in table and "traced proxies over the whole run" in table

@@ -132,3 +132,49 @@ def test_spans_pass_through_a_real_collector_unchanged(make_proxy, otlp, tmp_pat
     instances = {s.resource.get("service.instance.id") for s in _proxy_spans(spans)}
     assert len(instances) == 1 and None not in instances
     assert instances != {s.resource.get("service.instance.id") for s in _proxy_spans(reference)}
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"], ids=["http", "grpc"])
+def test_latency_histograms_pass_through_a_real_collector(make_proxy, otlp, tmp_path, protocol):
+    """The proxy's OTLP metrics (db.client.operation.duration) decoded, batched and re-encoded by a
+    collector arrive with their counts, bounds, attributes and exemplars."""
+    from pgotel_proxy.tracing.histograms import BOUNDS, METRIC_NAME
+
+    sent, failing = 40, 3
+    with Collector(tmp_path, export_to=f"http://{otlp.grpc_endpoint}") as collector:
+        endpoint = collector.http_endpoint if protocol == "http/protobuf" else collector.grpc_endpoint
+        proxy = make_proxy(otlp_protocol=protocol, otlp_endpoint=endpoint, sample_rate=0.25,
+                           latency_histogram_interval=0.2)
+        with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
+            for i in range(sent):
+                conn.execute("SELECT %s::int FROM pg_namespace LIMIT 1", (i,))
+            for _ in range(failing):
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    conn.execute("SELECT 1/0 FROM pg_namespace")
+        proxy.flush()
+
+        def arrived(latest) -> bool:
+            counts = {(p.attributes.get("db.query.summary"), p.attributes.get("error.type")): p.count
+                      for p in latest.values()}
+            return counts.get(("SELECT pg_namespace", None)) == sent and counts.get(
+                ("SELECT pg_namespace", "22012")) == failing
+
+        try:
+            latest = otlp.wait_for_histograms(METRIC_NAME, arrived, timeout=20)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\ncollector output:\n{collector.output()}") from None
+        # The proxy was given the collector's address only: what arrived came through it.
+
+    ok = next(p for p in latest.values()
+              if p.attributes.get("db.query.summary") == "SELECT pg_namespace" and "error.type" not in p.attributes)
+    failed = next(p for p in latest.values() if p.attributes.get("error.type") == "22012")
+    assert ok.unit == "s" and ok.explicit_bounds == BOUNDS and sum(ok.bucket_counts) == sent
+    assert failed.attributes["db.response.status_code"] == "22012"
+    assert failed.attributes["db.operation.name"] == "SELECT"
+    # Exemplars survive the collector and still name exported statement spans.
+    assert ok.exemplars
+    exported = {(s.trace_id, s.span_id): s for s in otlp.spans}
+    for trace_id, span_id, _ in ok.exemplars:
+        span = exported.get((trace_id, span_id))
+        assert span is not None and span.kind == "SERVER"
+        assert span.attributes["db.query.summary"] == "SELECT pg_namespace"

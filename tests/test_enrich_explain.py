@@ -7,7 +7,9 @@ can be read, so every plan seen here came from EXPLAIN.
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 
 import psycopg
 import pytest
@@ -84,6 +86,13 @@ def test_slow_shape_gets_an_estimated_plan_fast_shape_none(make_proxy, pg, otlp,
     time.sleep(0.3)  # anything still on its way
     assert plan_nodes(otlp.spans, fast) == []
     assert "db.postgresql.plan.hash" not in statement(otlp.spans, fast).attributes
+
+    # The span process counts the EXPLAINs; the relay's /metrics shows its count.
+    proxy.flush()
+    with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    runs = re.search(r"^pgotel_explains_run_total (\S+)$", metrics, re.M)
+    assert runs is not None and float(runs.group(1)) >= 1, metrics
 
 
 def plan_hash_of(pg, sql):

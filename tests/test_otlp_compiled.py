@@ -325,17 +325,17 @@ def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
     conn = ConnState(_Info(), {"db.system.name": "postgresql"})
     first = [_record("ext", 0), _record("simple", 1)]
     out: list = []
-    assert builder.kept(conn, first, 0, out) == (0, None)  # nothing kept yet
+    assert builder.kept(conn, first, 0, len(first), out) == (0, None)  # nothing kept yet
     for rec in first:
         builder.one(conn, rec, out)
     out.clear()
     again = [_record("ext", 2), _record("simple", 4), _record("simple", 7), _record("ext-plain", 6)]
-    assert builder.kept(conn, again, 0, out) == (3, None)  # up to the statement of a new shape
+    assert builder.kept(conn, again, 0, len(again), out) == (3, None)  # up to the statement of a new shape
     assert len(out) == 3 + 2 + 2  # an even "ext": its span, parse+plan (Parse not flushed alone), execute
     own = [_record("ext-own", i) for i in (0, 2, 4)]  # one shape, a new traceparent each time
     builder.one(conn, own[0], out)
     out.clear()
-    assert builder.kept(conn, own, 1, out) == (3, None) and len(out) == 6
+    assert builder.kept(conn, own, 1, len(own), out) == (3, None) and len(out) == 6
     for span, trace_id in zip(out[::3], (3, 5)):  # in their own traces
         assert b"\x0a\x10" + trace_id.to_bytes(16, "big") in span[2]
     import random
@@ -352,12 +352,12 @@ def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():
     spans_mod._rand = _Failing()
     try:
         out.clear()
-        i, error = builder.kept(conn, again, 0, out)
+        i, error = builder.kept(conn, again, 0, len(again), out)
     finally:
         spans_mod._rand = saved
     assert (i, type(error)) == (0, OverflowError) and out == []  # none of its spans; the caller goes on at 1
     conn.tx_parent = (1, 2, 1, None)  # inside a transaction span: the Python steps decide
-    assert builder.kept(conn, again, 1, out) == (1, None)
+    assert builder.kept(conn, again, 1, len(again), out) == (1, None)
 
 
 @pytest.mark.parametrize("slow_ns", [0, 100])
@@ -375,12 +375,12 @@ def test_kept_run_stops_before_a_statement_the_keep_rule_keeps(slow_ns):
     records = [_record("ext-own", 4), _record("ext-own-off", 6), _record("ext-own", 8)]  # each runs 30 ns ...
     records[1].end_ns += 170  # ... but this one, 200
     if not slow_ns:
-        assert builder.kept(conn, records, 0, out) == (3, None) and len(out) == 6  # the unsampled one: none
+        assert builder.kept(conn, records, 0, len(records), out) == (3, None) and len(out) == 6  # the unsampled one: none
         return
-    assert builder.kept(conn, records, 0, out) == (1, None) and len(out) == 3
+    assert builder.kept(conn, records, 0, len(records), out) == (1, None) and len(out) == 3
     builder.one(conn, records[1], out)
     assert len(out) == 6 and b"pgotel.kept_because" in out[3][2] and b"slow" in out[3][2]
-    assert builder.kept(conn, records, 2, out) == (3, None) and len(out) == 9
+    assert builder.kept(conn, records, 2, len(records), out) == (3, None) and len(out) == 9
 
 
 def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_bad_input():

@@ -34,10 +34,12 @@
  *     The same for a kept simple-protocol statement: its span from start to
  *     end and its exact execute child (SpanBuilder._kept_simple).
  *
- * kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, statement_key, opts) -> (next, parsed, error)
- *     SpanBuilder.kept: the spans of records[i:] whose shapes the connection keeps (shapes), one
+ * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
+ *          getrandbits, random, rate, statement_key, opts) -> (next, parsed, error)
+ *     SpanBuilder.kept: the spans of records[i:stop] whose shapes the connection keeps (shapes), one
  *     record after the other, up to the first one the Python steps must see; next is its index,
+ *     new roots drawn with random() < rate when the rate is below 1 (random None: such a record is
+ *     Python's),
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
@@ -565,6 +567,10 @@ typedef struct {
     Py_ssize_t ts_len;
     unsigned long parent_flags, child_flags;
     PyObject *getrandbits;
+    /* kept_run only: the sample rate's draw for new roots below a rate of 1 (random() < rate
+     * samples, as SpanBuilder._context draws); NULL where no draw is made here. */
+    PyObject *random;
+    double rate;
 } Ctx;
 
 static int
@@ -773,9 +779,25 @@ is_str(PyObject *v, PyObject *s)
 static int
 kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
 {
-    if (fast == Py_False) { /* no context: a new root, sampled only when the rate is 1 */
-        if (!root_ok)
-            return -2;
+    if (fast == Py_False) { /* no context: a new root, sampled at the rate's draw */
+        if (!root_ok) {
+            /* The draw SpanBuilder._context makes, from the same generator, in the same order:
+             * none at a rate of 0, else random() < rate samples. (A statement the keep rule may
+             * keep never gets here: SpanBuilder.kept stops before it.) */
+            if (c->random == NULL)
+                return -2;
+            if (c->rate <= 0.0)
+                return 0;
+            PyObject *u = PyObject_CallNoArgs(c->random);
+            if (u == NULL)
+                return -1;
+            double draw = PyFloat_AsDouble(u);
+            Py_DECREF(u);
+            if (draw == -1.0 && PyErr_Occurred())
+                return -1;
+            if (draw >= c->rate)
+                return 0;
+        }
         if (draw_bytes(getrandbits, c->trace_id, 16) < 0)
             return -1;
         c->has_parent = 0;
@@ -970,18 +992,18 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     return r;
 }
 
-/* kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, statement_key, opts) -> (next, parsed, error) */
+/* kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
+ *          getrandbits, random, rate, statement_key, opts) -> (next, parsed, error) */
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 13 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
-        !PyList_Check(args[2]) || !PyDict_CheckExact(args[4]) || !PyTuple_Check(args[6]) ||
-        PyTuple_GET_SIZE(args[6]) != 8) {
+    if (nargs != 16 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
+        !PyList_Check(args[2]) || !PyDict_CheckExact(args[5]) || !PyTuple_Check(args[7]) ||
+        PyTuple_GET_SIZE(args[7]) != 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "kept_run(out, head, records, i, shapes, app, phase_parts, exec_parts, parent_flags, "
-                        "child_flags, getrandbits, statement_key, opts)");
+                        "kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, "
+                        "child_flags, getrandbits, random, rate, statement_key, opts)");
         return NULL;
     }
     if (record_type == NULL || completion_type == NULL) {
@@ -989,24 +1011,28 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *out = args[0], *records = args[2];
-    Py_ssize_t i = PyLong_AsSsize_t(args[3]);
-    long opts = PyLong_AsLong(args[12]);
-    if ((i == -1 || opts == -1) && PyErr_Occurred())
+    Py_ssize_t i = PyLong_AsSsize_t(args[3]), stop = PyLong_AsSsize_t(args[4]);
+    long opts = PyLong_AsLong(args[15]);
+    if ((i == -1 || stop == -1 || opts == -1) && PyErr_Occurred())
         return NULL;
     Ctx c;
     memset(&c, 0, sizeof c);
-    c.parent_flags = PyLong_AsUnsignedLong(args[8]);
-    c.child_flags = PyLong_AsUnsignedLong(args[9]);
+    c.parent_flags = PyLong_AsUnsignedLong(args[9]);
+    c.child_flags = PyLong_AsUnsignedLong(args[10]);
     if (PyErr_Occurred())
         return NULL;
-    c.getrandbits = args[10];
+    c.getrandbits = args[11];
+    c.random = args[12] == Py_None ? NULL : args[12];
+    c.rate = PyFloat_AsDouble(args[13]);
+    if (c.rate == -1.0 && PyErr_Occurred())
+        return NULL;
     Py_ssize_t parsed = 0;
     PyObject *error = NULL;
-    for (; i >= 0 && i < PyList_GET_SIZE(records); i++) {
+    for (; i >= 0 && i < stop && i < PyList_GET_SIZE(records); i++) {
         Py_ssize_t mark = PyList_GET_SIZE(out);
         PyObject *rec = PyList_GET_ITEM(records, i);
         Py_INCREF(rec);
-        int r = kept_one(out, args[1], rec, args[4], args[5], args[6], args[7], &c, args[11], opts, &parsed);
+        int r = kept_one(out, args[1], rec, args[5], args[6], args[7], args[8], &c, args[14], opts, &parsed);
         Py_DECREF(rec);
         if (r == 0)
             break;

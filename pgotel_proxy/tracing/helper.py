@@ -139,7 +139,7 @@ class SpanHelper:
                 stop = want[0] if want is not None else n
                 if i < stop:
                     # statements of kept shapes, in one call (up to the next record wanted alone)
-                    i, error = kept(state, records if stop == n else records[:stop], i, spans)
+                    i, error = kept(state, records, i, stop, spans)
                     if error is not None:
                         log.error("could not build a span", exc_info=error)
                         i += 1

@@ -88,7 +88,7 @@ from typing import Any
 from ..config import Config, is_secret_field
 from ..protocol.session import pack_records, unpack_records
 from .attributes import connection_attributes
-from ..stats import STATS
+from ..stats import SPAN_PROCESS_COUNTERS, STATS
 from .sampling import Presampler
 
 __all__ = ["ProcessTracer", "SourceStatus", "CHILD_COUNTERS"]
@@ -105,12 +105,8 @@ OP_SAMPLE_RATE = "r"
 OP_FLUSH = "f"
 OP_STOP = "s"
 
-#: Counters the helper owns; the relay process shows the helper's values.
-CHILD_COUNTERS = (
-    "statements", "spans_started", "spans_exported", "spans_dropped", "export_failures",
-    "sqlcomment_invalid_traceparent", "enrich_joined", "enrich_timeouts", "latency_series_overflow",
-    "statements_kept", "statements_kept_over_rate",
-)
+#: Counters the helper owns (stats.py marks them); the relay process shows the helper's values.
+CHILD_COUNTERS = SPAN_PROCESS_COUNTERS
 _MAX_OUT = 16 << 20  # bytes of frames the helper has not read yet
 _SEND_INTERVAL = 0.05  # seconds records wait on the relay side, at most (fewer, larger hand-overs cost less CPU; no query waits for them)
 _IDLE_INTERVAL = 0.5  # ... when the last look found nothing: an idle proxy wakes twice a second

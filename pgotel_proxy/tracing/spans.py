@@ -189,6 +189,7 @@ class SpanBuilder:
         self.keep_slow_ns = keep_slower_than_ns
         self.keep_rate = keep_rate
         self._keeping = keep_rate > 0 and (keep_errors or keep_slower_than_ns > 0)
+        self._keep_scan: tuple[list, int] | None = None  # (records, index of the first the keep rule may keep)
         self._keep_burst = max(1.0, keep_rate)
         self._keep_tokens = self._keep_burst
         self._keep_at = time.monotonic()
@@ -235,33 +236,41 @@ class SpanBuilder:
             return self._transaction(conn, out)
         return []
 
-    def kept(self, conn: ConnState, records: list, i: int, out: list) -> tuple[int, BaseException | None]:
-        """Spans of ``records[i:]`` in one compiled call while their shapes are kept (``otlp.kept_run``).
+    def kept(self, conn: ConnState, records: list, i: int, stop: int, out: list) -> tuple[int, BaseException | None]:
+        """Spans of ``records[i:stop]`` in one compiled call while their shapes are kept (``otlp.kept_run``).
 
         Returns the index of the first record left for :meth:`one` (a shape not kept
-        yet, a context the compiled loop does not take, the end) and, when building that
+        yet, a context the compiled loop does not take, ``stop``) and, when building that
         record failed, its error (its spans are not in ``out``). The spans and the ids
-        drawn are what :meth:`one` would make. It runs only where a kept statement's
-        context cannot depend on the connection: no session carrier, no transaction
-        span, no ``SET`` waiting for its transaction's end.
+        drawn are what :meth:`one` would make, the sample rate's draw for new roots
+        included. It runs only where a kept statement's context cannot depend on the
+        connection: no session carrier, no transaction span, no ``SET`` waiting for its
+        transaction's end.
         """
         if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
             return i, None
         if self._keeping:
             # The compiled loop knows no keep rule: it stops before a statement the rule may keep.
-            slow_ns, errors = self.keep_slow_ns, self.keep_errors
-            for stop in range(i, len(records)):
-                if keep_reason(records[stop], slow_ns, errors) is not None:
-                    if stop == i:
-                        return i, None
-                    records = records[:stop]
-                    break
-        opts = ((1 if self.sample_rate >= 1.0 or conn.presampled else 0) | (0 if self.capture_literals else 2)
+            # The caller goes through a hand-over in several calls: the scan is kept between them,
+            # so that each record is looked at once.
+            scanned = self._keep_scan
+            if scanned is not None and scanned[0] is records and i <= scanned[1]:
+                keep_at = scanned[1]
+            else:
+                slow_ns, errors = self.keep_slow_ns, self.keep_errors
+                keep_at = next((j for j in range(i, len(records))
+                                if keep_reason(records[j], slow_ns, errors) is not None), len(records))
+                self._keep_scan = (records, keep_at)
+            if keep_at <= i:
+                return i, None
+            stop = min(stop, keep_at)
+        rate = 1.0 if conn.presampled else self.sample_rate
+        opts = ((1 if rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
-        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, conn.shapes, self._app(conn, None), _PHASE_GROUPS,
-                                         _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
-                                         _rand.getrandbits, statement_key, opts)
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
+                                         _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
+                                         otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate, statement_key, opts)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
