@@ -40,6 +40,8 @@ def _handshake(client: "Conn", server: "Conn") -> None:
 
 
 def _server(certs, **kw) -> "Conn":
+    # The Context is let go at once: a connection must not need its Python object (a reload
+    # replaces it while sessions go on; .ci/sanitize catches what the handshake would touch).
     return Conn(tls.client_context(certs["proxy_cert"], certs["proxy_key"], **kw))
 
 

@@ -66,13 +66,27 @@ raise_openssl(const char *what)
 
 /* ------------------------------------------------------------ Context */
 
+/* A server's ALPN protocols, owned by its SSL_CTX (ex_data, freed with it): a connection may
+ * outlive the Python Context it was made from (a reload; a session on the pump). */
+typedef struct {
+    unsigned int len;
+    unsigned char wire[256]; /* length-prefixed names */
+} Alpn;
+
+static int alpn_index = -1;
+
+static void
+alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    free(ptr);
+}
+
 typedef struct {
     PyObject_HEAD
     SSL_CTX *ctx;
     int server_side;
     int check_hostname;
-    unsigned char alpn[256]; /* wire format: length-prefixed names */
-    unsigned int alpn_len;
 } Context;
 
 /* The server picks the first of its protocols the client offers; none in common: no ALPN (the
@@ -82,9 +96,9 @@ select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen, const un
             void *arg)
 {
     (void)ssl;
-    Context *c = (Context *)arg;
+    const Alpn *a = (const Alpn *)arg;
     unsigned char *o;
-    if (SSL_select_next_proto(&o, outlen, c->alpn, c->alpn_len, in, inlen) != OPENSSL_NPN_NEGOTIATED)
+    if (SSL_select_next_proto(&o, outlen, a->wire, a->len, in, inlen) != OPENSSL_NPN_NEGOTIATED)
         return SSL_TLSEXT_ERR_NOACK;
     *out = o;
     return SSL_TLSEXT_ERR_OK;
@@ -108,7 +122,7 @@ context_new(PyTypeObject *type, PyObject *args, PyObject *kw)
                                      &verify, &ca, &check_hostname, &alpn))
         return NULL;
     Context *c = NULL;
-    if (alpn.obj != NULL && (size_t)alpn.len > sizeof c->alpn) {
+    if (alpn.obj != NULL && (size_t)alpn.len > sizeof ((Alpn *)NULL)->wire) {
         PyBuffer_Release(&alpn);
         PyErr_SetString(PyExc_ValueError, "alpn: too long");
         return NULL;
@@ -118,10 +132,6 @@ context_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         goto out;
     c->server_side = server_side;
     c->check_hostname = check_hostname;
-    if (alpn.obj != NULL) {
-        memcpy(c->alpn, alpn.buf, (size_t)alpn.len);
-        c->alpn_len = (unsigned int)alpn.len;
-    }
     ERR_clear_error();
     c->ctx = SSL_CTX_new(server_side ? TLS_server_method() : TLS_client_method());
     if (c->ctx == NULL) {
@@ -162,10 +172,18 @@ context_new(PyTypeObject *type, PyObject *args, PyObject *kw)
             goto fail;
         }
     }
-    if (c->alpn_len) {
-        if (server_side)
-            SSL_CTX_set_alpn_select_cb(c->ctx, select_alpn, c);
-        else if (SSL_CTX_set_alpn_protos(c->ctx, c->alpn, c->alpn_len) != 0) {
+    if (alpn.obj != NULL && alpn.len > 0) {
+        if (server_side) {
+            Alpn *a = malloc(sizeof *a);
+            if (a == NULL || !SSL_CTX_set_ex_data(c->ctx, alpn_index, a)) {
+                free(a);
+                PyErr_NoMemory();
+                goto fail;
+            }
+            memcpy(a->wire, alpn.buf, (size_t)alpn.len);
+            a->len = (unsigned int)alpn.len;
+            SSL_CTX_set_alpn_select_cb(c->ctx, select_alpn, a);
+        } else if (SSL_CTX_set_alpn_protos(c->ctx, alpn.buf, (unsigned int)alpn.len) != 0) {
             raise_openssl("cannot set ALPN");
             goto fail;
         }
@@ -644,6 +662,12 @@ PyInit__tls(void)
 {
     if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&ConnType) < 0)
         return NULL;
+    if (alpn_index < 0)
+        alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
+    if (alpn_index < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot register the ALPN data of a TLS context");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
