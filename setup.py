@@ -1,25 +1,28 @@
-"""Build of the optional C helpers; everything else is in pyproject.toml.
+"""Build of the compiled parts; everything else is in pyproject.toml.
 
-* pgotel_proxy/protocol/_scan.c: stepping over runs of DataRow/CopyData;
-* pgotel_proxy/protocol/_core.c: the codec's per-message loop for the common messages;
+The protocol codec (pgotel_proxy/protocol: events, messages, scan, framing,
+session, records, pumplog) is one source: each module a ``.py`` that runs as it is, and
+that Cython compiles (pure-Python mode; the types in the ``.pxd`` beside it)
+when Cython is importable at build time. The hand-written C:
+
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder;
 * pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
-* pgotel_proxy/proxy/_pump.c: the relay of connections with nothing to observe, on a thread;
-* pgotel_proxy/proxy/_sender.c: the asyncio relay's write to a plain socket (one send());
+* pgotel_proxy/proxy/_pump.c: the compiled relay (traced sessions or not), on a
+  thread; it frames client bytes with the codec's framing (imported from the
+  compiled pgotel_proxy/protocol/framing.py through its C capsule);
 * pgotel_proxy/proxy/_tls.c: TLS on OpenSSL (both legs, start-up and pump; needs libssl's headers).
 
-``optional=True``: without a C compiler the package installs anyway and the
-Python versions of the same functions serve (pgotel_proxy.protocol.scan,
-pgotel_proxy.protocol.session, pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the
-asyncio relay of pgotel_proxy.proxy.connection for the pump, the transport's
-write for the Sender; Python's ssl module for _tls, and then TLS sessions stay on
-the asyncio relay).
+``optional=True`` everywhere: without Cython or a C compiler the package
+installs anyway and the Python versions serve (the codec's ``.py`` files,
+pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the asyncio relay of
+pgotel_proxy.proxy.connection for the pump; Python's ssl module for _tls, and
+then TLS sessions stay on the asyncio relay). ``PGOTEL_PURE_PYTHON=1`` makes
+them serve where the compiled ones exist (pgotel_proxy/protocol/_impl.py).
 
-Shared helpers of the extensions are in the header pgotel_proxy/_cutil.h; the
-message type bytes in pgotel_proxy/protocol/_kinds.h; the pump's log layout, which
-_pump.c writes and _core.c reads, in pgotel_proxy/_pumplog.h; what the pump may do
-with a TLS connection of _tls (a capsule: _pump links no TLS library) in
-pgotel_proxy/proxy/_tlsapi.h.
+Shared helpers of the C extensions are in the header pgotel_proxy/_cutil.h; the
+pump's log layout, which _pump.c writes (pgotel_proxy/protocol/pumplog.py reads
+it), in pgotel_proxy/_pumplog.h; what the pump may do with a TLS connection of
+_tls (a capsule: _pump links no TLS library) in pgotel_proxy/proxy/_tlsapi.h.
 """
 
 from setuptools import Extension, setup
@@ -30,12 +33,32 @@ _COMMON = ["pgotel_proxy/_cutil.h"]
 _PUMPLOG = ["pgotel_proxy/_pumplog.h"]
 #: What the pump may do with a TLS connection of _tls, shared by both.
 _TLSAPI = ["pgotel_proxy/proxy/_tlsapi.h"]
+#: The codec's modules compiled by Cython (protocol/_impl.py CODEC_MODULES, which the
+#: PGOTEL_PURE_PYTHON switch loads from source).
+CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
+
+
+def _codec() -> list:
+    """The codec's extensions, or none when Cython is not installed (its .py files serve)."""
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        return []
+    modules = [
+        Extension(f"pgotel_proxy.protocol.{name}", [f"pgotel_proxy/protocol/{name}.py"], optional=True)
+        for name in CODEC_MODULES
+    ]
+    return cythonize(
+        modules,
+        compiler_directives={"language_level": 3, "annotation_typing": False, "boundscheck": True,
+                           "warn.unreachable": False},
+        quiet=True,
+    )
+
 
 setup(
     ext_modules=[
-        Extension("pgotel_proxy.protocol._scan", ["pgotel_proxy/protocol/_scan.c"], optional=True),
-        Extension("pgotel_proxy.protocol._core", ["pgotel_proxy/protocol/_core.c"],
-                  depends=[*_COMMON, "pgotel_proxy/protocol/_kinds.h", *_PUMPLOG], optional=True),
+        *_codec(),
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], depends=_COMMON,
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
@@ -43,6 +66,5 @@ setup(
                   optional=True),
         Extension("pgotel_proxy.proxy._tls", ["pgotel_proxy/proxy/_tls.c"], depends=_TLSAPI, libraries=["ssl", "crypto"],
                   optional=True),
-        Extension("pgotel_proxy.proxy._sender", ["pgotel_proxy/proxy/_sender.c"], optional=True),
     ],
 )

@@ -1,6 +1,6 @@
 /*
  * The pump's observation log: entries proxy/_pump.c writes for observed pairs
- * and protocol/_core.c (observe_log) reads, as proxy/server.py does without it.
+ * and protocol/pumplog.py (observe_log) reads; LOG_HEAD there is this layout.
  *
  * An entry: a head of LOG_HEAD bytes (pair id int64, kind int32, length int32,
  * receive time in ns int64, native byte order), then length bytes. The kinds

@@ -98,28 +98,22 @@ class SectionedCommand(click.Command):
                     formatter.write_dl(sections[group])
 
 
-def _param_name(name: str) -> str:
-    """The click parameter of an option (``experimental.x`` -> ``experimental_x``)."""
-    return name.replace(".", "_")
-
-
 def _field_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     # Defaults stay in the model: click's default is None so that only flags
     # really given on the command line become overrides.
     help_text = f"{field_description(name)} [env: {env_name(name)}; default: {default_text(name)}]"
     common: dict[str, Any] = {"cls": _FieldOption, "group": field_group(name),
                               "help": help_text, "default": None}
-    param = _param_name(name)
     if is_bool_field(name):
-        decls = [f"{flag_name(name)}/--no-{flag_name(name)[2:]}", param]
+        decls = [f"{flag_name(name)}/--no-{flag_name(name)[2:]}", name]
         return click.option(*decls, **common)
     if is_list_field(name):
         common["default"] = ()
-        return click.option(flag_name(name), param, multiple=True, type=str,
+        return click.option(flag_name(name), name, multiple=True, type=str,
                             metavar=field_metavar(name), **common)
     # Plain strings: pydantic does the checking so that a bad flag gets the
     # same one-line error as a bad environment variable or file entry.
-    return click.option(flag_name(name), param, type=str, metavar=field_metavar(name), **common)
+    return click.option(flag_name(name), name, type=str, metavar=field_metavar(name), **common)
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -136,9 +130,8 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _overrides(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in OPTIONS:
-        param = _param_name(name)
-        if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
-            value = params[param]
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            value = params[name]
             out[name] = list(value) if is_list_field(name) else value
     return out
 

@@ -17,10 +17,6 @@ Conventions every derived surface follows:
 * TOML keys are the field names, at the top level of the file;
 * an empty string for an optional setting means "unset".
 
-The switches kept only to compare implementations in benchmarks live in
-:class:`Experimental`, the ``[experimental]`` table of the file; their option
-names are ``experimental.<field>``, and the variables and flags follow from
-those (``PGOTEL_EXPERIMENTAL_TRACED_PUMP``, ``--no-experimental-traced-pump``).
 :data:`OPTIONS` lists every option name.
 
 Run ``python -m pgotel_proxy.config`` to print the Markdown reference.
@@ -57,10 +53,8 @@ __all__ = [
     "ENV_PREFIX",
     "CONFIG_ENV",
     "GROUPS",
-    "EXPERIMENTAL",
     "OPTIONS",
     "Config",
-    "Experimental",
     "ConfigError",
     "load_config",
     "load_config_with_sources",
@@ -84,13 +78,6 @@ ENV_PREFIX = "PGOTEL_"
 #: Environment variable naming the TOML config file (same as ``--config``).
 CONFIG_ENV = "PGOTEL_CONFIG"
 
-#: The table (and name prefix) of the options in :class:`Experimental`, and their group.
-EXPERIMENTAL = "experimental"
-EXPERIMENTAL_GROUP = "Experimental"
-EXPERIMENTAL_NOTE = ("switches kept to compare implementations in benchmarks, not a supported"
-                     " interface: they may change or go away in any release, and their defaults"
-                     " are what the proxy is tested with")
-
 GROUPS: tuple[str, ...] = (
     "Network",
     "TLS",
@@ -101,7 +88,6 @@ GROUPS: tuple[str, ...] = (
     "Server-side enrichment",
     "WAL propagation",
     "Logging",
-    EXPERIMENTAL_GROUP,  # last: in a TOML file its table follows every top-level key
 )
 
 # sun_path in struct sockaddr_un is 108 bytes on Linux, one of them the NUL.
@@ -135,33 +121,6 @@ TLSMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 # default; a batch whose request would pass 4 MB goes in parts
 # (otlp.MAX_REQUEST_BYTES), under the 4 MiB gRPC receivers accept.
 DEFAULT_EXPORT_BATCH = 8192
-
-
-class Experimental(BaseModel):
-    """Switches kept to compare implementations (``bench/run.py``); not a supported interface.
-
-    They sit in the config file's ``[experimental]`` table, and their
-    environment variables and flags carry the table's name
-    (``PGOTEL_EXPERIMENTAL_TRACED_PUMP``, ``--no-experimental-traced-pump``).
-    They may change or go away in any release; the defaults are what the proxy
-    is tested and supported with.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    traced_pump: bool = _opt(
-        True, group=EXPERIMENTAL_GROUP,
-        description="Relay traced sessions through the compiled relay (the pump) too, the event loop "
-                    "observing afterwards what it relayed, where nothing has to be written into the "
-                    "stream (no WAL propagation, phase_timing 'wire'; TLS where the compiled TLS is "
-                    "built). It gives more "
-                    "throughput under load with extended and prepared statements and a p99 some "
-                    "tens of µs higher at light load. Off: the event loop relays traced sessions.")
-    @field_validator("*", mode="before")
-    @classmethod
-    def _normalise_raw(cls, value: Any, info: ValidationInfo) -> Any:
-        assert info.field_name is not None
-        return _normalise(f"{EXPERIMENTAL}.{info.field_name}", value)
 
 
 class Config(BaseModel):
@@ -383,8 +342,9 @@ class Config(BaseModel):
         description="Statements running longer than this get their wait events sampled.")
     join_timeout: float = _opt(
         2.0, group="Server-side enrichment", metavar="SECONDS", ge=0, allow_inf_nan=False,
-        description="Seconds a statement's spans may wait for its auto_explain plan before "
-                    "they are exported without it (counted).")
+        description="Seconds a statement's spans may wait for its plan (auto_explain or EXPLAIN) "
+                    "before they are exported without it (counted), and a lock-waiting statement "
+                    "for its blocker's statement span.")
     enrich_sources: list[Literal["auto_explain", "pg_stat_statements", "wait_events", "explain"]] = _opt(
         ["auto_explain", "pg_stat_statements", "wait_events", "explain"], group="Server-side enrichment",
         metavar="SOURCE",
@@ -429,11 +389,6 @@ class Config(BaseModel):
     log_format: Literal["text", "json"] = _opt(
         "text", group="Logging",
         description="Log lines on stderr as text or as JSON objects, one per line.")
-
-    # -- Experimental --------------------------------------------------------
-    experimental: Experimental = Field(
-        default_factory=Experimental, json_schema_extra={"group": EXPERIMENTAL_GROUP},
-        description="Switches kept to compare implementations in benchmarks ([experimental] table).")
 
     # -- validation ----------------------------------------------------------
 
@@ -608,11 +563,9 @@ class Config(BaseModel):
         return "http/protobuf"
 
 
-#: Every option by name: the fields of :class:`Config`, then those of its
-#: ``[experimental]`` table as ``experimental.<field>``. The flags, variables,
+#: Every option by name: the fields of :class:`Config`. The flags, variables,
 #: file keys and the reference are generated from this list.
-OPTIONS: tuple[str, ...] = tuple(name for name in Config.model_fields if name != EXPERIMENTAL) + tuple(
-    f"{EXPERIMENTAL}.{name}" for name in Experimental.model_fields)
+OPTIONS: tuple[str, ...] = tuple(Config.model_fields)
 
 
 def _normalise(name: str, value: Any) -> Any:
@@ -641,21 +594,13 @@ def _normalise(name: str, value: Any) -> Any:
 # -- option metadata helpers ---------------------------------------------------
 
 def _field(name: str) -> FieldInfo:
-    """The pydantic field of an option (``experimental.x`` is field x of Experimental)."""
-    table, _, key = name.rpartition(".")
-    if table == EXPERIMENTAL:
-        return Experimental.model_fields[key]
-    if table:
-        raise KeyError(name)
-    return Config.model_fields[key]
+    """The pydantic field of an option."""
+    return Config.model_fields[name]
 
 
 def option_value(config: Config, name: str) -> Any:
-    """The value of an option in ``config`` (``experimental.x`` reads ``config.experimental.x``)."""
-    value: Any = config
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
+    """The value of an option in ``config``."""
+    return getattr(config, name)
 
 
 def _annotation(name: str) -> Any:
@@ -678,13 +623,13 @@ def _extra(name: str) -> dict[str, Any]:
 
 
 def env_name(name: str) -> str:
-    """Environment variable of an option: ``PGOTEL_`` + the name upper-cased, ``.`` -> ``_``."""
-    return ENV_PREFIX + name.replace(".", "_").upper()
+    """Environment variable of an option: ``PGOTEL_`` + the name upper-cased."""
+    return ENV_PREFIX + name.upper()
 
 
 def flag_name(name: str) -> str:
     """Command-line flag of an option (the positive form for booleans)."""
-    return "--" + name.replace("_", "-").replace(".", "-")
+    return "--" + name.replace("_", "-")
 
 
 def field_description(name: str) -> str:
@@ -765,39 +710,18 @@ def _read_file(file: Path) -> dict[str, Any]:
 
 
 def _options(data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """Option name -> value from file keys or overrides; the experimental table's keys as ``experimental.x``."""
+    """Option name -> value from file keys or overrides, every name checked."""
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == EXPERIMENTAL:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{EXPERIMENTAL}: must be a table of options{where}, e.g. [experimental]")
-            items = [(f"{EXPERIMENTAL}.{sub}", subvalue) for sub, subvalue in value.items()]
-        else:
-            items = [(key, value)]
-        for name, item in items:
-            if name not in OPTIONS:
-                raise ConfigError(f"{name}: unknown option{where}{_suggest(name)}")
-            out[name] = item
+    for name, value in data.items():
+        if name not in OPTIONS:
+            raise ConfigError(f"{name}: unknown option{where}{_suggest(name)}")
+        out[name] = value
     return out
 
 
 def _suggest(key: str) -> str:
-    if key in Experimental.model_fields:
-        return f" (experimental now: {EXPERIMENTAL}.{key}, in the [{EXPERIMENTAL}] table)"
     guess = difflib.get_close_matches(key.replace("-", "_").lower(), list(OPTIONS), n=1, cutoff=0.6)
     return f" (did you mean {guess[0]!r}?)" if guess else ""
-
-
-def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Option name -> value as the models take it: ``experimental.x`` into an ``experimental`` dict."""
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        table, _, key = name.rpartition(".")
-        if table:
-            out.setdefault(table, {})[key] = value
-        else:
-            out[name] = value
-    return out
 
 
 def _describe(exc: ValidationError, sources: Mapping[str, str], values: Mapping[str, Any]) -> str:
@@ -806,7 +730,7 @@ def _describe(exc: ValidationError, sources: Mapping[str, str], values: Mapping[
     msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     loc = first["loc"]
     if loc:
-        field = f"{loc[0]}.{loc[1]}" if loc[0] == EXPERIMENTAL and len(loc) > 1 else str(loc[0])
+        field = str(loc[0])
         text = f"{field}: {_lower_first(msg)}"
     else:
         text = msg
@@ -850,11 +774,6 @@ def load_config_with_sources(
     if file is not None:
         for name, value in _read_file(Path(file)).items():
             values[name], sources[name] = value, str(file)
-    for key in Experimental.model_fields:
-        # Its variable used to be PGOTEL_<KEY>: refused rather than silently ignored.
-        if env_name(key) in env:
-            name = f"{EXPERIMENTAL}.{key}"
-            raise ConfigError(f"{env_name(key)}: {key} is experimental now: set {env_name(name)} instead")
     for name in OPTIONS:
         var = env_name(name)
         if var in env:
@@ -862,7 +781,7 @@ def load_config_with_sources(
     for name, value in _options(overrides).items():
         values[name], sources[name] = value, override_label(name)
     try:
-        config = Config.model_validate(_nest(values))
+        config = Config.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, sources, values)) from None
     return config, sources
@@ -875,12 +794,10 @@ def load_config(
 ) -> Config:
     """Build the effective :class:`Config`: overrides > env > file > defaults.
 
-    ``file`` is a TOML file with field names as top-level keys and the
-    experimental options in an ``[experimental]`` table; when None,
+    ``file`` is a TOML file with field names as top-level keys; when None,
     ``PGOTEL_CONFIG`` in ``env`` may name one.  ``env`` is searched for
     ``PGOTEL_<OPTION>`` variables; other variables are ignored.  ``overrides``
-    maps option names to values, ``experimental.x`` or ``experimental={"x": ...}``
-    for the experimental ones (the CLI passes the flags given).  Raises
+    maps option names to values (the CLI passes the flags given).  Raises
     :class:`ConfigError` with a one-line message on any problem.
     """
     return load_config_with_sources(file, env, overrides)[0]
@@ -923,15 +840,10 @@ def dump_toml(config: Config, sources: Mapping[str, str] | None = None) -> str:
     """
     lines: list[str] = []
     for group in GROUPS:
-        if group == EXPERIMENTAL_GROUP:
-            # A table: after every top-level key (the group is the last one).
-            lines += [f"# {group}: kept for benchmarks, not a supported interface", f"[{EXPERIMENTAL}]"]
-        else:
-            lines.append(f"# {group}")
+        lines.append(f"# {group}")
         for name in OPTIONS:
             if field_group(name) != group:
                 continue
-            key = name.rpartition(".")[2]
             value = option_value(config, name)
             notes = []
             if value is not None and is_secret_field(name):
@@ -940,12 +852,12 @@ def dump_toml(config: Config, sources: Mapping[str, str] | None = None) -> str:
                 notes.append(f"from {sources[name]}")
             if value is None and _field(name).default is not None:
                 # Commenting it out would bring the default back; "" means unset.
-                lines.append(f'{key} = ""  # unset' + (f"; {'; '.join(notes)}" if notes else ""))
+                lines.append(f'{name} = ""  # unset' + (f"; {'; '.join(notes)}" if notes else ""))
             elif value is None:
-                lines.append(f"# {key} is unset" + (f" ({'; '.join(notes)})" if notes else ""))
+                lines.append(f"# {name} is unset" + (f" ({'; '.join(notes)})" if notes else ""))
             else:
                 note = f"  # {'; '.join(notes)}" if notes else ""
-                lines.append(f"{key} = {_toml_value(value)}{note}")
+                lines.append(f"{name} = {_toml_value(value)}{note}")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -972,12 +884,6 @@ def reference_markdown() -> str:
     ]
     for group in GROUPS:
         out += [f"## {group}", ""]
-        if group == EXPERIMENTAL_GROUP:
-            key = next(iter(Experimental.model_fields))
-            out += [f"{EXPERIMENTAL_NOTE[:1].upper()}{EXPERIMENTAL_NOTE[1:]}. In the config file"
-                    f" they go in an `[{EXPERIMENTAL}]` table (key `{key}` there, or"
-                    f" `{EXPERIMENTAL}.{key}` at the top level); their variables and flags"
-                    f" carry the table's name.", ""]
         out += ["| Option | Flag | Environment | Default | Description |",
                 "|---|---|---|---|---|"]
         for name in OPTIONS:

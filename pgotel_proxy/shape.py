@@ -13,6 +13,9 @@ attributes) is the same for all texts of one shape, so the caches of
 * :func:`statement_key` is the key of the span builder's cache for simple
   statements: the whole text with the code's literals blanked and the
   traceparent value cut out, and the parsed traceparent.
+* :class:`StatementKeys` holds its answers for the texts of one hand-over of
+  records, so that the latency histograms and the span builder, which both
+  key every record, compute each text's key once.
 
 Both have a compiled version (``_shape.c``, built with the package when a C
 compiler is there) and the Python version here, which gives the same answer
@@ -26,7 +29,8 @@ import re
 
 from .protocol._impl import PURE_PYTHON
 
-__all__ = ["SHAPE_LITERAL", "blank_code", "blind", "blind_py", "statement_key", "statement_key_py", "COMPILED", "MAX_CHARS"]
+__all__ = ["SHAPE_LITERAL", "blank_code", "blind", "blind_py", "statement_key", "statement_key_py", "StatementKeys",
+           "COMPILED", "MAX_CHARS"]
 
 #: Plain string and number literals: what a literal-blind key blanks.
 SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
@@ -130,3 +134,22 @@ if not PURE_PYTHON:
         COMPILED = True
     except ImportError:  # not built (no compiler at install time): the Python versions serve
         pass
+
+
+class StatementKeys(dict):
+    """:func:`statement_key`'s answer for each text, as ``keys[sql]``; a text not held yet is keyed then.
+
+    The span process keys each record twice, once for the latency histograms
+    and once for the span builder, and instrumented applications send a new
+    traceparent, so a new text, with every statement: no cache by text hits,
+    and keying (blanking the code, reading the ids) is most of a kept
+    statement's cost. The histograms, which see a hand-over's records first,
+    fill one of these; the builder reads it. The span helper clears it for
+    every hand-over, which bounds it.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, sql: str):
+        q = self[sql] = statement_key(sql)
+        return q

@@ -206,3 +206,13 @@ def test_tls_targets_and_the_sustained_cell_run_tiny(bench, pg, tmp_path):
 
     table = bench.format_tables(results)
     assert "sustained cell: prepared, 2 clients" in table and "traced proxies over the whole run" in table
+
+
+def test_spanwork_builds_every_record(capsys):
+    spec = importlib.util.spec_from_file_location("pgotel_bench_spanwork", _BENCH.parent / "spanwork.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for protocol in ("extended", "simple"):
+        assert module.main(["--protocol", protocol, "--batches", "3", "--records", "4", "--repeat", "1"]) == 0
+        # two spans a statement (its own and one phase child), every record built
+        assert "12 records, 24 spans" in capsys.readouterr().out

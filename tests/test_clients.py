@@ -29,6 +29,7 @@ import pytest
 from psycopg import errors
 
 from pgotel_proxy.protocol import Session
+from pgotel_proxy.proxy import connection as connection_mod
 from pgserver import USERS
 from rawpg import RawConn, error_fields
 from waiting import cancel_sleep
@@ -42,14 +43,15 @@ def no_lost_observation(monkeypatch):
     would pass; this records every desync so they fail instead.
     """
     reasons: list[str] = []
-    original = Session.desync
 
-    def recording(self, reason):
-        if self.out_of_sync is None:
-            reasons.append(reason)
-        original(self, reason)
+    class RecordingSession(Session):
+        # (a subclass: the compiled Session's own methods cannot be replaced)
+        def desync(self, reason):
+            if self.out_of_sync is None:
+                reasons.append(reason)
+            super().desync(reason)
 
-    monkeypatch.setattr(Session, "desync", recording)
+    monkeypatch.setattr(connection_mod, "Session", RecordingSession)
     yield
     assert reasons == []
 

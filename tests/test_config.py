@@ -15,7 +15,6 @@ from pgotel_proxy.config import (
     OPTIONS,
     Config,
     ConfigError,
-    Experimental,
     dump_toml,
     env_name,
     field_description,
@@ -95,60 +94,15 @@ def test_names_are_derived_mechanically() -> None:
     assert env_name("upstream_tls") == "PGOTEL_UPSTREAM_TLS"
     assert env_name("sample_rate") == "PGOTEL_SAMPLE_RATE"
     assert flag_name("client_tls_cert") == "--client-tls-cert"
-    assert env_name("experimental.traced_pump") == "PGOTEL_EXPERIMENTAL_TRACED_PUMP"
-    assert flag_name("experimental.traced_pump") == "--experimental-traced-pump"
 
 
-# -- the experimental table ------------------------------------------------------
+# -- benchmark switches ----------------------------------------------------------
 
-def test_benchmark_switches_are_experimental_options_only() -> None:
-    assert set(Experimental.model_fields) == {"traced_pump"}
-    assert "traced_pump" not in Config.model_fields
-    # Spans are always built in the span process: no switch for it remains.
-    assert "span_process" not in Config.model_fields
-    assert {n for n in OPTIONS if field_group(n) == "Experimental"} == {"experimental.traced_pump"}
-    assert Config().experimental == Experimental(traced_pump=True)
-
-
-def test_experimental_options_from_file_env_and_overrides(tmp_path: Path) -> None:
-    file = write(tmp_path, "sample_rate = 0.5\n[experimental]\ntraced_pump = false\n")
-    config, sources = load_config_with_sources(file=file, env={})
-    assert config.experimental.traced_pump is False
-    assert sources == {"sample_rate": str(file), "experimental.traced_pump": str(file)}
-    dotted = write(tmp_path, "experimental.traced_pump = false\n", "dotted.toml")
-    assert load_config(file=dotted, env={}).experimental.traced_pump is False
-    # Environment over file, overrides over both.
-    config, sources = load_config_with_sources(
-        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on"})
-    assert config.experimental == Experimental(traced_pump=True)
-    assert sources["experimental.traced_pump"] == "PGOTEL_EXPERIMENTAL_TRACED_PUMP"
-    config, sources = load_config_with_sources(
-        file=file, env={"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "on"}, overrides={"experimental": {"traced_pump": False}})
-    assert config.experimental == Experimental(traced_pump=False)
-    assert sources["experimental.traced_pump"] == "override experimental.traced_pump"
-    assert load_config(env={}, overrides={"experimental.traced_pump": False}).experimental.traced_pump is False
-
-
-@pytest.mark.parametrize("kwargs,start", [
-    ({"overrides": {"traced_pump": False}}, "traced_pump: unknown option (experimental now: experimental.traced_pump"),
-    ({"env": {"PGOTEL_TRACED_PUMP": "off"}},
-     "PGOTEL_TRACED_PUMP: traced_pump is experimental now: set PGOTEL_EXPERIMENTAL_TRACED_PUMP"),
-    ({"overrides": {"experimental": {"traced_pum": False}}},
-     "experimental.traced_pum: unknown option (did you mean 'experimental.traced_pump'?)"),
-    ({"env": {"PGOTEL_EXPERIMENTAL_TRACED_PUMP": "maybe"}}, "experimental.traced_pump: input should be a valid boolean"),
-])
-def test_experimental_mistakes_are_named(kwargs: dict, start: str) -> None:
-    kwargs.setdefault("env", {})
-    message = error_of(**kwargs)
-    assert message.startswith(start), message
-
-
-def test_former_top_level_keys_in_a_file_say_where_they_went(tmp_path: Path) -> None:
-    message = error_of(file=write(tmp_path, "traced_pump = false\n"), env={})
-    assert message.startswith("traced_pump: unknown option in ")
-    assert "experimental.traced_pump, in the [experimental] table" in message
-    assert error_of(file=write(tmp_path, "experimental = 1\n", "n.toml"), env={}).startswith(
-        "experimental: must be a table")
+def test_no_benchmark_switch_is_an_option() -> None:
+    # The pump relays traced sessions and spans are built in the span process: no switch for either.
+    assert not {"traced_pump", "span_process", "experimental"} & set(Config.model_fields)
+    message = error_of(overrides={"experimental": {"traced_pump": False}}, env={})
+    assert message.startswith("experimental: unknown option"), message
 
 
 # -- environment -----------------------------------------------------------------
@@ -361,17 +315,12 @@ def test_dump_toml_round_trips(tmp_path: Path) -> None:
     assert 'admin_listen = ""  # unset' in text
     assert "# unix_socket is unset" in text
     assert load_config(file=write(tmp_path, text), env={}) == config
-    changed = config.model_copy(update={"experimental": Experimental(traced_pump=False)})
-    text = dump_toml(changed)
-    assert "\n[experimental]\ntraced_pump = false\n" in text
-    assert load_config(file=write(tmp_path, text, "changed.toml"), env={}) == changed
 
 
 def test_reference_mentions_every_field_flag_and_env_var() -> None:
     text = reference_markdown()
     for group in GROUPS:
         assert f"## {group}\n" in text
-    assert "\n## Experimental\n\nSwitches kept to compare implementations in benchmarks, not a supported" in text
     for name in FIELDS:
         assert f"| `{name}` |" in text, name
         assert f"`{env_name(name)}`" in text, name
@@ -386,16 +335,12 @@ def test_reference_mentions_every_field_flag_and_env_var() -> None:
 # -- the example file ------------------------------------------------------------
 
 def _example_entries() -> dict[str, list[str]]:
-    """Option name -> the values shown for it (a table's keys as ``table.key``)."""
+    """Option name -> the values shown for it."""
     entries: dict[str, list[str]] = {}
-    table = ""
     for line in EXAMPLE.read_text().splitlines():
-        header = re.match(r"^#?\[([a-z_]+)\]$", line)
-        if header:
-            table = header.group(1) + "."
         match = re.match(r"^#?([a-z_]+) = (.+)$", line)
         if match:
-            entries.setdefault(table + match.group(1), []).append(match.group(2))
+            entries.setdefault(match.group(1), []).append(match.group(2))
     return entries
 
 

@@ -262,9 +262,11 @@ def test_upstream_refuses(make_proxy):
     assert STATS.upstream_errors >= before + 2
 
 
-@pytest.mark.parametrize("traced_pump", [False, True], ids=["asyncio", "pump"])
-def test_backend_terminated_mid_query(pg, make_proxy, traced_pump):
-    proxy = make_proxy(experimental={"traced_pump": traced_pump})
+@pytest.mark.parametrize("pumped", [False, True], ids=["asyncio", "pump"])
+def test_backend_terminated_mid_query(pg, make_proxy, pumped):
+    proxy = make_proxy()
+    if not pumped:
+        proxy.server._pump_failed = True  # the asyncio relay (as on TLS, or without the compiled pump)
     app = f"term-{uuid.uuid4().hex[:8]}"
     r = Raw(proxy.port).login(application_name=app)
     r.sock.sendall(_msg(b"Q", b"select pg_sleep(30)\x00"))
@@ -306,12 +308,14 @@ def test_backend_terminated_psycopg(pg, proxy):
     side.close()
 
 
-@pytest.mark.parametrize("traced_pump", [False, True], ids=["asyncio", "pump"])
-def test_upstream_reset_mid_query(pg, make_proxy, traced_pump):
+@pytest.mark.parametrize("pumped", [False, True], ids=["asyncio", "pump"])
+def test_upstream_reset_mid_query(pg, make_proxy, pumped):
     fault = FaultProxy((pg.host, pg.port))
     app = f"rst-{uuid.uuid4().hex[:8]}"
     try:
-        proxy = make_proxy(upstream=f"127.0.0.1:{fault.port}", experimental={"traced_pump": traced_pump})
+        proxy = make_proxy(upstream=f"127.0.0.1:{fault.port}")
+        if not pumped:
+            proxy.server._pump_failed = True
         conn = psycopg.connect(proxy.dsn(application_name=app), autocommit=True)
         assert conn.execute("select 1").fetchone() == (1,)
         threading.Timer(0.3, fault.cut).start()

@@ -80,6 +80,61 @@ def test_buckets_sum_and_the_other_series():
     assert STATS.latency_series_overflow - before == 1
 
 
+def _keyed_record(protocol: str, n: int, now: int) -> Statement:
+    """A pgbench -S statement whose sqlcommenter traceparent is its own (parent span n + 1)."""
+    tp = f"00-{TRACE}-{n + 1:016x}-01"
+    if protocol == "extended":
+        return Statement("extended", f"SELECT abalance FROM accounts WHERE aid = $1 /*traceparent='{tp}'*/",
+                         start_ns=now, parse_start_ns=now, parse_end_ns=now + 10_000, bind_start_ns=now + 11_000,
+                         bind_end_ns=now + 20_000, exec_start_ns=now + 21_000, end_ns=now + 50_000, status="ok",
+                         tag="SELECT 1", rows=1, tx_status="I")
+    return Statement("simple", f"SELECT abalance FROM accounts WHERE aid = {n} /*traceparent='{tp}'*/",
+                     start_ns=now, end_ns=now + 50_000, status="ok", tx_status="I",
+                     results=[Completion(now + 50_000, "SELECT 1", 1, None)])
+
+
+@pytest.mark.parametrize("protocol", ["extended", "simple"])
+def test_each_text_is_keyed_once_for_histograms_and_spans(monkeypatch, protocol):
+    """The span builder takes the shape keys the histograms computed for the same records.
+
+    Every text is new (a new traceparent each): with the histograms on,
+    shape.statement_key runs once a record, and the spans built are those
+    built with them off.
+    """
+    import time
+
+    from pgotel_proxy import shape
+    from pgotel_proxy.config import Config
+    from pgotel_proxy.tracing import histograms, spans as spans_module
+    from pgotel_proxy.tracing.helper import SpanHelper
+    from pgotel_proxy.tracing.process import _ChildInfo
+
+    keyed: list = []
+    real = shape.statement_key
+
+    def counting(sql):
+        keyed.append(sql)
+        return real(sql)
+
+    for module in (shape, histograms, spans_module):
+        monkeypatch.setattr(module, "statement_key", counting)
+    now = time.time_ns()
+    outcome = {}
+    for on in (True, False):
+        helper = SpanHelper(Config(exporter="none", sample_rate=1.0, latency_histograms=on), exporter=None)
+        try:
+            state = spans_module.ConnState(_ChildInfo(1, "app"), {"db.system.name": "postgresql"})
+            keyed.clear()
+            built: list = []
+            for batch in range(3):  # the first builds the shape, the next two are spanned from it
+                helper.build(state, [_keyed_record(protocol, batch * 10 + i, now) for i in range(10)], built)
+            outcome[on] = (len(keyed), len(built), {span_ids(s)[0] for s in built})
+        finally:
+            helper.shutdown()
+    assert outcome[True] == (30, 60, {int(TRACE, 16)})
+    assert outcome[False][1:] == outcome[True][1:]
+
+
 # ---------------------------------------------------------- component
 
 

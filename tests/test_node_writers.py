@@ -7,7 +7,10 @@ exporter, beside the proxy's. Each of its queries' statement spans must have
 that CLIENT span as its parent, with either channel the instrumentation
 offers: ``addSqlCommenterCommentToQueries`` (a sqlcommenter comment in the
 SQL) and ``enableTraceContextPropagation`` (``SET application_name =
-'00-<trace>-<span>-01'`` before each query, a session channel).
+'00-<trace>-<span>-01'`` before each query, a session channel). With
+``--wal-propagation``, its writes' otelwal messages carry the same context,
+whichever channel brought it: the CDC consumer's span is a child of the
+writer's pg.query span.
 
 The npm packages are pinned in tests/node/package-lock.json and installed by
 .ci/run, or here when tests/node/node_modules is missing. The tests are skipped
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from test_wal_consumer import RunningConsumer, cdc_table, consumer_spans  # noqa: F401
 from tracetree import collect, server_spans
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -46,10 +50,15 @@ def writer() -> Path:
     return NODE_DIR / "writer.js"
 
 
-def _run_writer(writer: Path, proxy, otlp, channel: str) -> list[dict]:
-    """Run the node application; one dict per query it ran (text, rows, its CLIENT span's ids)."""
+def _run_writer(writer: Path, proxy, otlp, channel: str, table: str | None = None) -> list[dict]:
+    """Run the node application; one dict per query it ran (text, rows, its CLIENT span's ids).
+
+    With ``table`` its queries insert into that table instead of reading.
+    """
     env = dict(os.environ, PGOTEL_NODE_PG_PORT=str(proxy.port), PGOTEL_NODE_OTLP_URL=otlp.http_traces_url,
                PGOTEL_NODE_CHANNEL=channel)
+    if table is not None:
+        env["PGOTEL_NODE_TABLE"] = table
     done = subprocess.run([NODE, str(writer)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -86,3 +95,22 @@ def test_node_postgres_statements_are_children_of_its_query_spans(make_proxy, ot
             assert APP_NAME not in statement.attributes, statement.attributes
     assert len(clients) == len(queries)
     assert all(s.parent_span_id is not None for s in server_spans(spans)), "a statement span is a root"
+
+
+@pytest.mark.parametrize("channel", ["sqlcommenter", "application_name"])
+def test_node_postgres_writes_carry_their_context_into_the_wal(pg, make_proxy, otlp, writer, cdc_table, channel):
+    table, pub, slot = cdc_table
+    proxy = make_proxy(wal_propagation=True)
+    running = RunningConsumer(pg, otlp, slot, pub).start()
+    try:
+        queries = _run_writer(writer, proxy, otlp, channel, table)
+        # autocommit writes, simple and extended (with application_name also a named
+        # statement executed again without its Parse): one transaction, one message each
+        assert len(queries) == (2 if channel == "sqlcommenter" else 4)
+        running.wait_transactions(len(queries))
+        otlp.wait_for(lambda spans: len(consumer_spans(otlp)) >= len(queries))
+        spans = consumer_spans(otlp)
+        assert [(s.trace_id, s.parent_span_id) for s in spans] == [(q["trace_id"], q["span_id"]) for q in queries]
+        assert all(s.attributes["db.postgresql.wal.inserts"] == 1 for s in spans)
+    finally:
+        running.stop()

@@ -243,6 +243,7 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
     """
     import logging
 
+    from pgotel_proxy.shape import StatementKeys
     from pgotel_proxy.stats import STATS
     from pgotel_proxy.tracing import spans as spans_mod
     from pgotel_proxy.tracing import helper as helper_mod
@@ -270,8 +271,12 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
         tracer.builder.bare = bare
         tracer._enricher = None
         # The compiled side with latency histograms on: the records whose buckets want an
-        # exemplar are built alone, and the spans must be what the Python steps make.
+        # exemplar are built alone, the builder keys texts from the histograms' shape keys
+        # (as SpanHelper.__init__ wires them), and the spans must be what the Python steps make.
         tracer.latency = LatencyHistograms() if compiled else None
+        tracer._keys = StatementKeys()
+        if compiled:
+            tracer.builder.statement_key = tracer._keys.__getitem__
         conn = ConnState(_Info(), {"db.system.name": "postgresql"})
         parsed = STATS.sqlcomment_parsed
         out: list = []

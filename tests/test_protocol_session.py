@@ -12,12 +12,12 @@ hence the long names.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 import pytest
 
 from pgotel_proxy.protocol import ProtocolViolation, Session, Statement
+from pgotel_proxy.protocol.events import as_dict
 from wire import (
     AUTH_OK, BIND_COMPLETE, CLOSE_COMPLETE, COPY_DONE, EMPTY_QUERY, FLUSH, NO_DATA, PARSE_COMPLETE,
     PORTAL_SUSPENDED, SYNC, TERMINATE, AuthSASL, BackendKeyData, Bind, Close, CommandComplete, CopyData,
@@ -42,8 +42,8 @@ STARTUP_REPLY = (
 # driver
 
 
-def ready_session(**kw) -> Session:
-    s = Session(**kw)
+def ready_session(session_class=Session, **kw) -> Session:
+    s = session_class(**kw)
     out = s.server_filter(STARTUP_REPLY, 1)
     assert out == STARTUP_REPLY
     assert s.ready and not s.server_hold and s.out_of_sync is None
@@ -100,7 +100,7 @@ def check(done, expected):
 
 
 def snapshot(done):
-    return [(step, dataclasses.asdict(rec)) for step, rec in done]
+    return [(step, as_dict(rec)) for step, rec in done]
 
 
 # ---------------------------------------------------------------------------

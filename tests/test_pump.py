@@ -380,7 +380,6 @@ def test_tls_sessions_relay_on_the_pump(make_proxy, certs, legs):
 
 # ---------------------------------------------------------------- observed pairs (traced sessions)
 
-_FRONTEND = bytes(sorted(b"BCdcfDEHFPpQSX"))
 _HEAD = struct.Struct("=qiiq")
 _BACK = struct.Struct("=iiiiIIII")
 
@@ -390,7 +389,7 @@ def _observed_pair(harness, max_message: int = 1 << 20):
     mid_b, server = socket.socketpair()
     for s in (mid_a, mid_b):
         s.setblocking(False)
-    pid = harness.pump.add(mid_a.detach(), mid_b.detach(), observe=True, max_message=max_message, types=_FRONTEND)
+    pid = harness.pump.add(mid_a.detach(), mid_b.detach(), observe=True, max_message=max_message)
     return client, server, pid
 
 
@@ -523,7 +522,7 @@ def test_an_observed_pair_waits_for_its_log_to_be_taken():
 
 @needs_pump
 def test_traced_sessions_go_to_the_pump_and_are_observed(make_proxy, otlp):
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         assert conn.execute(f"SELECT %s::int /*traceparent='{tp}'*/", (5,)).fetchone() == (5,)
@@ -542,7 +541,7 @@ def test_traced_sessions_go_to_the_pump_and_are_observed(make_proxy, otlp):
 @needs_pump
 def test_a_traced_copy_larger_than_the_log_bound_is_observed_whole(make_proxy, otlp, monkeypatch):
     monkeypatch.setattr(server_mod, "PUMP_LOG_LIMIT", 64 << 10)
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")
@@ -563,7 +562,7 @@ def test_a_traced_copy_larger_than_the_log_bound_is_observed_whole(make_proxy, o
 @needs_pump
 def test_garbage_from_a_traced_client_gets_the_proxys_08p01_and_never_reaches_postgres(make_proxy, pg):
     from pgotel_proxy.stats import STATS
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    proxy = make_proxy(sample_rate=1.0)
     before = STATS.protocol_violations
     raw = RawConn("127.0.0.1", proxy.port, timeout=10)
     raw.startup(application_name="pump-garbage")
@@ -588,20 +587,19 @@ def test_garbage_from_a_traced_client_gets_the_proxys_08p01_and_never_reaches_po
 @needs_pump
 def test_a_failure_in_observing_a_pumped_session_stops_observation_not_the_relay(make_proxy, monkeypatch):
     from pgotel_proxy.protocol.session import Session
+    from pgotel_proxy.proxy import connection as connection_mod
     from pgotel_proxy.stats import STATS
 
-    real = Session.server_observe
+    class FailingSession(Session):
+        """A session with a bug planted in its own method (the compiled Session's methods are fixed)."""
 
-    def failing(self, data, now, start=0, stop=None):
-        if b"observer-bug" in data[start:stop]:
-            raise RuntimeError("observer bug")
-        return real(self, data, now, start, stop)
+        def server_observe(self, data, now, start=0, stop=-1):
+            if b"observer-bug" in data[start:stop]:
+                raise RuntimeError("observer bug")
+            return super().server_observe(data, now, start, stop)
 
-    monkeypatch.setattr(Session, "server_observe", failing)
-    # The log read in Python, where a bug can be planted in the session's own method (the
-    # compiled read hands a failing chunk to the same place: test_session_compiled).
-    monkeypatch.setattr(server_mod, "observe_log", None)
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True})
+    monkeypatch.setattr(connection_mod, "Session", FailingSession)
+    proxy = make_proxy(sample_rate=1.0)
     before = STATS.decode_desyncs
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute("SELECT 1")
@@ -634,7 +632,7 @@ def test_garbage_over_tls_to_a_traced_pumped_session_gets_08p01_over_tls(make_pr
     """The pump hands a TLS pair back with its TLS connections: the proxy's 08P01 reaches the client encrypted."""
     if not COMPILED_TLS:
         pytest.skip("compiled TLS not built")
-    proxy = make_proxy(sample_rate=1.0, experimental={"traced_pump": True}, **_both_tls(certs))
+    proxy = make_proxy(sample_rate=1.0, **_both_tls(certs))
     raw = RawConn("127.0.0.1", proxy.port, timeout=10, tls=_client_tls_context())
     raw.startup(application_name="pump-tls-garbage")
     assert [t for t, _ in raw.query("SELECT 1")] == ["T", "D", "C", "Z"]
@@ -662,7 +660,7 @@ def test_garbage_over_tls_to_a_traced_pumped_session_gets_08p01_over_tls(make_pr
 def test_a_terminated_backend_reaches_a_tls_client(make_proxy, pg, certs, traced):
     if not COMPILED_TLS:
         pytest.skip("compiled TLS not built")
-    config = {"sample_rate": 1.0, "experimental": {"traced_pump": True}} if traced else {"tracing": False}
+    config = {"sample_rate": 1.0} if traced else {"tracing": False}
     proxy = make_proxy(**config, **_both_tls(certs))
     with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
         conn.execute("SELECT 1")

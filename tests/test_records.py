@@ -1,15 +1,18 @@
-"""The records' compact form (protocol/records.py) and its compiled twin (_core.pack / unpack).
+"""The records' compact form (protocol/records.py), compiled and interpreted.
 
-Both implementations are run on the same records: random ones, the records of
-the recorded corpus, and ones with every kind of value a field may hold. The
-compiled pack must write the bytes the Python one writes, and each unpack must
-give back every field of every record. The layout is defined once, in
+``records.py`` is one source, compiled by Cython where the package was built
+with it; tests/codec_twin.py loads the same source interpreted. Both builds
+are run on the same records: random ones, the records of the recorded
+corpus, and ones with every kind of value a field may hold. The compiled pack
+must write the bytes the interpreted one writes, and each unpack must give
+back every field of every record. The layout is defined once, in
 ``events.py``: a record class with one more field passes through both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import struct
 
 import pytest
@@ -23,19 +26,32 @@ from pgotel_proxy.protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Co
 
 from test_protocol_fuzz import CORPUS
 
-PY = (records.pack, records.unpack)
-FORMS = [pytest.param(PY, id="python")]
-if session_mod.COMPILED:
-    from pgotel_proxy.protocol import _core
+from codec_twin import interpreted
 
-    FORMS.append(pytest.param((_core.pack, _core.unpack), id="compiled"))
+_twin = interpreted()
+#: The interpreted source's form, for the package's record classes.
+_PY_FORM = _twin.records.RecordForm(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT)
+FORMS = [pytest.param((_PY_FORM.pack, _PY_FORM.unpack), id="python")]
+if session_mod.COMPILED:
+    FORMS.append(pytest.param((records.pack, records.unpack), id="compiled"))
 
 
 def _fields(rec) -> dict:
-    out = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+    if dataclasses.is_dataclass(rec):  # a wider class of these tests
+        names = [f.name for f in dataclasses.fields(rec)]
+    else:
+        names = [name for name, _, _ in (STATEMENT_LAYOUT if hasattr(rec, "protocol") else COMPLETION_LAYOUT)]
+    out = {name: getattr(rec, name) for name in names}
     if out.get("results") is not None:
         out["results"] = [_fields(c) for c in out["results"]]
     return out
+
+
+def _replace(rec: Statement, **changes) -> Statement:
+    """A copy of ``rec`` with ``changes``."""
+    values = {name: getattr(rec, name) for name, _, _ in STATEMENT_LAYOUT}
+    values.update(changes)
+    return Statement(**values)
 
 
 def _types(value):
@@ -92,21 +108,21 @@ _statement = st.builds(
 @given(st.lists(_statement, max_size=5), st.integers(0, 4))
 def test_random_records_same_bytes_and_come_back(recs, repeat):
     recs = recs + recs[:repeat]  # the same objects again: references to texts already written
-    packed = records.pack(recs)
-    _same(records.unpack(packed), recs)
+    packed = _PY_FORM.pack(recs)
+    _same(_PY_FORM.unpack(packed), recs)
     if session_mod.COMPILED:
-        assert _core.pack(recs) == packed
-        _same(_core.unpack(packed), recs)
+        assert records.pack(recs) == packed
+        _same(records.unpack(packed), recs)
 
 
 def test_corpus_records_same_bytes_and_come_back():
     recs = _corpus_records()
     assert any(r.error for r in recs) and any(r.params for r in recs) and any(r.results for r in recs)
-    packed = records.pack(recs)
-    _same(records.unpack(packed), recs)
+    packed = _PY_FORM.pack(recs)
+    _same(_PY_FORM.unpack(packed), recs)
     if session_mod.COMPILED:
-        assert _core.pack(recs) == packed
-        _same(_core.unpack(packed), recs)
+        assert records.pack(recs) == packed
+        _same(records.unpack(packed), recs)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -132,7 +148,7 @@ def test_values_a_kind_does_not_carry_are_refused(form, change, error):
     good = Statement("extended", "SELECT 1", status="ok", tag="SELECT 1", rows=1, tx_status="I")
     assert type(pack([good])) is bytes
     with pytest.raises(error):
-        pack([good, dataclasses.replace(good, **change)])
+        pack([good, _replace(good, **change)])
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -181,70 +197,66 @@ def test_a_text_repeated_in_a_batch_is_sent_once_and_comes_back_shared(form):
 
 
 def test_a_batch_starts_with_its_format_version():
-    packed = records.pack([])
+    packed = _PY_FORM.pack([])
     assert packed == struct.pack("<BI", records.FORMAT_VERSION, 0)
-    if session_mod.COMPILED:
-        assert _core.pack([]) == packed
+    assert records.pack([]) == packed
 
 
 # ------------------------------------------------------------------ one layout, defined once
 
 
 def test_the_layout_is_the_classes_fields():
-    assert [name for name, _, _ in STATEMENT_LAYOUT] == [f.name for f in dataclasses.fields(Statement)]
-    assert [name for name, _, _ in COMPLETION_LAYOUT] == [f.name for f in dataclasses.fields(Completion)]
+    """STATEMENT_LAYOUT / COMPLETION_LAYOUT are what the classes' __init__ take, in order, with their defaults."""
+    for cls, layout, required in ((_twin.events.Statement, STATEMENT_LAYOUT, 2),
+                                  (_twin.events.Completion, COMPLETION_LAYOUT, 3)):
+        params = list(inspect.signature(cls).parameters.values())
+        assert [p.name for p in params] == [name for name, _, _ in layout]
+        assert [p.default for p in params[required:]] == [d for _, _, d in layout[required:]]
+        assert all(p.default is inspect.Parameter.empty for p in params[:required])
+        assert list(cls.__slots__) == [name for name, _, _ in layout]
+    for cls, layout, required in ((Statement, STATEMENT_LAYOUT, 2), (Completion, COMPLETION_LAYOUT, 3)):
+        # (the compiled classes too: the .pxd declares the same fields)
+        made = cls(*(f"given {name}" for name, _, _ in layout[:required]))
+        assert [getattr(made, name) for name, _, _ in layout] == [
+            f"given {name}" if i < required else d for i, (name, _, d) in enumerate(layout)]
+        made = cls(*(f"given {name}" for name, _, _ in layout))
+        assert [getattr(made, name) for name, _, _ in layout] == [f"given {name}" for name, _, _ in layout]
     kinds = dict((name, kind) for name, kind, _ in STATEMENT_LAYOUT)
     assert kinds["start_ns"] == events.INT and kinds["reused"] == events.BOOL and kinds["sql"] == events.STR
     assert kinds["extra"] == events.VALUE and kinds["results"] == events.COMPLETIONS
     assert dict((n, d) for n, _, d in STATEMENT_LAYOUT)["status"] == "pending"
 
 
-def test_a_field_without_a_kind_is_refused():
-    @dataclasses.dataclass(slots=True)
-    class Odd:
-        when: "set[int]"
-
-    with pytest.raises(TypeError):
-        events._layout(Odd)
+def test_the_codec_makes_records_at_their_defaults():
+    """new_statement (what the codec calls, no keyword parsing when compiled) equals the constructor."""
+    for build in (events, _twin.events):
+        made = build.new_statement("extended", "SELECT 1", 7)
+        assert _fields(made) == _fields(build.Statement("extended", "SELECT 1", start_ns=7))
 
 
 def _wider_classes():
-    """Statement and Completion with one more field each, their layouts made the one way there is."""
-    fields = [(f.name, f.type, dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING else
-               dataclasses.field()) for f in dataclasses.fields(Statement)]
-    statement = dataclasses.make_dataclass("Statement", fields + [("wal_lsn", "str | None", None)],
+    """Statement and Completion with one more field each, and their layouts."""
+    def fields(layout, required):
+        return [(name, object, dataclasses.field(default=d)) if i >= required else (name, object)
+                for i, (name, _, d) in enumerate(layout)]
+
+    statement = dataclasses.make_dataclass("Statement", fields(STATEMENT_LAYOUT, 2) + [("wal_lsn", object, None)],
                                            slots=True, eq=False)
-    cfields = [(f.name, f.type, dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING else
-                dataclasses.field()) for f in dataclasses.fields(Completion)]
-    completion = dataclasses.make_dataclass("Completion", cfields + [("seq", "int", 0)], slots=True, eq=False)
-    return statement, completion, events._layout(statement), events._layout(completion)
+    completion = dataclasses.make_dataclass("Completion", fields(COMPLETION_LAYOUT, 3) + [("seq", object, 0)],
+                                            slots=True, eq=False)
+    return (statement, completion, STATEMENT_LAYOUT + (("wal_lsn", events.STR, None),),
+            COMPLETION_LAYOUT + (("seq", events.INT, 0),))
 
 
-def test_a_new_field_needs_no_other_file():
+@pytest.mark.parametrize("form_class", [pytest.param(_twin.records.RecordForm, id="python")] + (
+    [pytest.param(records.RecordForm, id="compiled")] if session_mod.COMPILED else []))
+def test_a_new_field_needs_no_other_file(form_class):
     statement, completion, layout, clayout = _wider_classes()
-    assert layout[-1] == ("wal_lsn", events.STR, None) and clayout[-1] == ("seq", events.INT, 0)
     recs = [statement("simple", "SELECT 1", status="ok", wal_lsn="0/16B3748",
                       results=[completion(5, "SELECT 1", 1, None, seq=3)])]
-    form = records.RecordForm(statement, completion, layout, clayout)
+    form = form_class(statement, completion, layout, clayout)
     packed = form.pack(recs)
     _same(form.unpack(packed), recs)
-    if not session_mod.COMPILED:
-        return
-    try:
-        _core.configure(Session, statement, completion, layout, clayout, tuple(range(9)))
-        assert _core.pack(recs) == packed
-        _same(_core.unpack(packed), recs)
-        # the codec makes records of the configured class, every field at its default
-        from test_protocol_session import ready_session
-
-        s = ready_session()
-        s.client_data(b"Q" + struct.pack("!I", 13) + b"SELECT 1\x00", 1)
-        s.server_observe(b"C" + struct.pack("!I", 13) + b"SELECT 1\x00" + b"Z" + struct.pack("!I", 5) + b"I", 2)
-        (rec,) = s.take_completed()
-        assert type(rec) is statement and rec.wal_lsn is None and rec.results[0].seq == 0
-    finally:
-        _core.configure(Session, Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT, tuple(range(9)))
-    assert _core.unpack(_core.pack([Statement("simple", "x")]))[0].__class__ is Statement
 
 
 def test_the_compiled_encoder_takes_the_layout_it_is_given():

@@ -1,9 +1,10 @@
-"""The run-stepping helper of the codec: the compiled one and its Python fallback agree.
+"""The run-stepping helper of the codec: compiled and interpreted, the same answers.
 
-``pgotel_proxy.protocol.scan.run_end`` is the compiled ``_scan.run_end`` when
-the package was built with a C compiler, else ``run_end_py``. Both are
-checked here against each other and against the definition, and a Session
-observing a large result through either counts the same rows.
+``pgotel_proxy.protocol.scan`` is compiled by Cython when the package was
+built with it; its source also runs interpreted (tests/codec_twin.py loads
+that copy). Both are checked here against each other and against the
+definition, and a Session of either build observing a large result counts
+the same rows.
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ from pgotel_proxy.protocol import scan
 from pgotel_proxy.protocol import session as session_mod
 from wire import message as _msg
 
-IMPLS = [pytest.param(scan.run_end_py, id="python")]
+from codec_twin import interpreted
+
+_twin = interpreted()
+#: run_end of the interpreted source, and of the compiled module when there is one.
+IMPLS = [pytest.param(_twin.scan.run_end, id="python")]
+SESSIONS = [pytest.param(_twin.session.Session, id="python")]
 if scan.COMPILED:
     IMPLS.append(pytest.param(scan.run_end, id="compiled"))
+    SESSIONS.append(pytest.param(session_mod.Session, id="compiled"))
 
 
 def test_compiled_helper_is_built_where_ci_expects_it():
     # .ci/run sets this: a machine with a C compiler must not silently lose the helper.
     if os.environ.get("PGOTEL_EXPECT_COMPILED"):
-        assert scan.COMPILED, "pgotel_proxy.protocol._scan was not built"
+        assert scan.COMPILED, "pgotel_proxy.protocol.scan was not compiled"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -73,23 +80,21 @@ def test_compiled_and_python_agree_on_any_stream(parts, cut, typ):
     for pos in range(0, max(0, n - 4)):
         if data[pos] != typ:
             continue
-        expected = scan.run_end_py(data, pos, n, typ)
+        expected = _twin.scan.run_end(data, pos, n, typ)
         assert expected[0] > pos and expected[1] >= 1
         if scan.COMPILED:
             assert scan.run_end(data, pos, n, typ) == expected
-            assert scan.run_end(memoryview(data), pos, n, typ) == expected
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_session_counts_a_large_result_in_small_and_large_chunks(monkeypatch, impl):
+@pytest.mark.parametrize("session_class", SESSIONS)
+def test_session_counts_a_large_result_in_small_and_large_chunks(session_class):
     from test_protocol_session import ready_session
 
-    monkeypatch.setattr(session_mod, "_run_end", impl)
     rows = 20000
     row = _msg(b"D", struct.pack("!h", 1) + struct.pack("!i", 3) + b"abc")
     stream = (_msg(b"T", struct.pack("!h", 0)) + row * rows + _msg(b"C", b"SELECT 20000\0") + _msg(b"Z", b"I"))
     for size in (7, 1000, 65536, len(stream)):
-        s = ready_session()
+        s = ready_session(session_class)
         s.client_data(_msg(b"Q", b"SELECT x FROM t\0"), 1)
         for i in range(0, len(stream), size):
             s.server_observe(stream[i:i + size], 2)

@@ -162,3 +162,11 @@ def test_blank_code_blanks_only_what_lexes_as_one_token():
     assert shape.blank_code("SELECT '--', '$', '\"', '/*'") == "SELECT \x01, \x01, \x01, \x01"
     for unsafe in ("SELECT n'a'", "SELECT 'a' -- c", "SELECT 'a", "SELECT $x$a$x$", "SELECT 'a\\'", "SELECT u&'a'"):
         assert shape.blank_code(unsafe) is None, unsafe
+
+
+def test_statement_keys_hold_statement_key_answers():
+    keys = shape.StatementKeys()
+    keyed = f"SELECT * FROM t WHERE id = 7 /*traceparent='{TP}'*/"
+    assert keys[keyed] == shape.statement_key(keyed) is not None
+    assert keys["SELECT 1"] is None and keys[""] is None  # no key, remembered as such
+    assert set(keys) == {keyed, "SELECT 1", ""}

@@ -3,7 +3,7 @@
 Clients with a traceparent write through a proxy with ``wal_propagation`` on; the
 in-process CDC consumer must then emit a CONSUMER span in the same trace with the
 client's span as parent, for every write transaction shape (explicit block, autocommit
-simple Query, autocommit extended batch, session carrier), and nothing for rollbacks,
+simple Query, autocommit extended batch, each session context channel), and nothing for rollbacks,
 untraced writes and reads. The client must receive exactly the bytes it would have
 received with emission off (raw-socket scripts, compared byte for byte).
 """
@@ -376,3 +376,69 @@ def test_emitted_message_lsn_is_on_a_statement_span(pg, otlp, make_proxy, cdc_ta
         hi, lo = lsn.split("/")
         int(hi, 16), int(lo, 16)  # a pg_lsn
     assert len(set(lsns)) == len(lsns)
+
+
+# ------------------------------------------------------- session context channels
+
+
+def test_session_channels_reach_the_wal(pg, otlp, make_proxy, cdc_table):
+    """Writes whose context comes from ``application_name`` or ``pg_tracing.trace_context`` get their message.
+
+    The channels follow the span builder's rules (tracing.carrier): the start-up
+    value, ``SET`` / ``SET LOCAL`` / ``RESET``, a statement's own comment first,
+    then ``pg_tracing.trace_context``, then ``application_name``.
+    """
+    table, pub, slot = cdc_table
+    proxy = make_proxy(wal_propagation=True)
+    running = RunningConsumer(pg, otlp, slot, pub).start()
+    try:
+        expected = []
+        before = _emitted()
+        # application_name from the start-up message, the connection's first statement a write
+        tp, sid = traceparent()
+        with psycopg.connect(proxy.dsn(application_name=tp), autocommit=True) as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (1, 'startup')")
+            expected.append(sid)
+        with psycopg.connect(proxy.dsn(application_name="app"), autocommit=True) as conn:
+            # SET application_name before each write (OpenTelemetry JS's pg instrumentation does that)
+            tp, sid = traceparent()
+            conn.execute(f"SET application_name = '{tp}'")
+            conn.execute(f"INSERT INTO {table} VALUES (2, 'simple')")
+            expected.append(sid)
+            tp, sid = traceparent()
+            conn.execute(f"SET application_name = '{tp}'")
+            conn.execute(f"UPDATE {table} SET v = %s WHERE id = 2", ("extended",))
+            expected.append(sid)
+            # pg_tracing's setting wins over application_name
+            tp, sid = traceparent()
+            conn.execute(f"SET pg_tracing.trace_context = 'traceparent=''{tp}'''")
+            conn.execute(f"INSERT INTO {table} VALUES (%s, 'pg_tracing')", (3,))
+            expected.append(sid)
+            # a statement's own comment wins over both
+            tp, sid = traceparent()
+            conn.execute(f"INSERT INTO {table} VALUES (4, 'comment') /*traceparent='{tp}'*/")
+            expected.append(sid)
+            conn.execute("RESET pg_tracing.trace_context")
+            conn.execute("RESET application_name")  # back to "app", which is no context
+            conn.execute(f"INSERT INTO {table} VALUES (5, 'untraced')")
+            # SET LOCAL lasts for its transaction
+            tp, sid = traceparent()
+            with conn.transaction():
+                conn.execute(f"SET LOCAL application_name = '{tp}'")
+                conn.execute(f"DELETE FROM {table} WHERE id = %s", (1,))
+            expected.append(sid)
+            conn.execute(f"INSERT INTO {table} VALUES (6, 'after SET LOCAL')")
+            # a rolled-back SET is undone
+            tp, _ = traceparent()
+            with conn.transaction(force_rollback=True):
+                conn.execute(f"SET pg_tracing.trace_context = 'traceparent=''{tp}'''")
+            conn.execute(f"INSERT INTO {table} VALUES (7, 'after rollback')")
+        assert _emitted() - before == len(expected)
+        running.wait_transactions(len(expected) + 3)
+        otlp.wait_for(lambda spans: len(consumer_spans(otlp)) >= len(expected))
+        spans = consumer_spans(otlp)
+        assert [s.parent_span_id for s in spans] == expected
+        assert {s.trace_id for s in spans} == {TRACE_ID}
+        assert running.consumer.stats["transactions"] == len(expected) + 3
+    finally:
+        running.stop()

@@ -325,7 +325,9 @@ def test_sigterm_drains_then_exits_zero(pg, tmp_path):
         p.wait_ready()
         sock_dirs = list(tmp_path.glob("pgotel-proxy-*"))
         assert len(sock_dirs) == 1 and stat.S_IMODE(sock_dirs[0].stat().st_mode) == 0o700
-        assert sorted(x.name for x in sock_dirs[0].iterdir()) == ["worker-0.sock", "worker-1.sock"]
+        # the cancel sockets, and the span processes' shared session file (lock waits)
+        assert sorted(x.name for x in sock_dirs[0].iterdir()) == ["sessions", "worker-0.sock", "worker-1.sock"]
+        assert stat.S_IMODE((sock_dirs[0] / "sessions").stat().st_mode) == 0o600
         pids = p.worker_pids()
         conn = psycopg.connect(p.dsn())  # sits in a transaction during the drain
         assert conn.execute("select 1").fetchone() == (1,)

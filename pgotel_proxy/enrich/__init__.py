@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
+# The workers' shared session file (lock waits across workers): the parent of the
+# workers (proxy/workers.py) creates it; standard library only.
+from .sessionfile import SHARED_ENV, SharedSessions
+
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["attach", "enabled", "log_status", "start_enricher"]
+__all__ = ["SHARED_ENV", "SharedSessions", "attach", "enabled", "log_status", "start_enricher"]
 
 log = logging.getLogger("pgotel_proxy.enrich")
 

@@ -36,8 +36,8 @@ def make_span(name, ctx, parent, kind, start, end, attrs, resource, status=None)
 
 def amend(span: ReadableSpan, *, attributes: dict | None = None, events: list[Event] | None = None,
           start: int | None = None, end: int | None = None, name: str | None = None,
-          drop: tuple[str, ...] = ()) -> ReadableSpan:
-    """A copy of ``span`` with attributes added or dropped, events appended, times moved or a new name."""
+          drop: tuple[str, ...] = (), links: list | None = None) -> ReadableSpan:
+    """A copy of ``span`` with attributes added or dropped, events or links appended, times moved or a new name."""
     attrs = dict(span.attributes or {})
     if attributes:
         attrs.update(attributes)
@@ -51,6 +51,6 @@ def amend(span: ReadableSpan, *, attributes: dict | None = None, events: list[Ev
     e = span.end_time if end is None else end
     return ReadableSpan(
         name=span.name if name is None else name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=attrs, events=evs, links=span.links, kind=span.kind, status=span.status,
+        attributes=attrs, events=evs, links=tuple(span.links or ()) + tuple(links or ()), kind=span.kind, status=span.status,
         start_time=s, end_time=max(s, e), instrumentation_scope=span.instrumentation_scope,
     )

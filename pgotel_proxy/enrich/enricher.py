@@ -11,7 +11,8 @@ open connections (their pids came with the connections' records) that
 pg_stat_activity shows ``active`` are sampled. A statement's span gets the
 samples of its backend taken between ``wait_event_threshold`` after its
 start and its end (its wire interval): statements shorter than the
-threshold get none.
+threshold get none. A backend waiting on a ``Lock`` has its blockers read in
+the same sample (:mod:`.locks`).
 
 Sources and when each is on:
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .join import Joiner
 from .logformat import make_parser
 from .explain import ExplainSource
+from .locks import BLOCKERS_SQL, MAX_BLOCKERS, SessionStatements, blockers_from_rows
+from .sessionfile import SHARED_ENV, open_shared
 from .logsource import FileLogFollower, SqlLogFollower
 from .pgstats import PGSS_QUERY, PgssWindows, WaitSamples
 from .plans import parse_plan_message
@@ -94,6 +98,10 @@ class Enricher:
         self.plan_min_duration_ms: float | None = None
         self._pgss = PgssWindows()
         self._waits = WaitSamples()
+        # The statement spans of the proxy's sessions by backend pid, where lock waits find their blockers'.
+        self.sessions: SessionStatements | None = None
+        if self.status["wait_events"] == "starting":
+            self.sessions = SessionStatements(open_shared(os.environ.get(SHARED_ENV)))
         self.joiner = Joiner(self, join_timeout=config.join_timeout, resource=resource)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -365,7 +373,10 @@ class Enricher:
 
     async def _wait_loop(self, conn, major: int) -> None:
         qid = "query_id" if major >= 14 else "NULL::bigint"
-        sql = f"SELECT pid, wait_event_type, wait_event, {qid} FROM pg_stat_activity WHERE pid = ANY(%s) AND state = 'active'"
+        # pg_blocking_pids takes the lock manager's locks: asked only about backends waiting on a Lock.
+        sql = (f"SELECT pid, wait_event_type, wait_event, {qid},"
+               f" CASE WHEN wait_event_type = 'Lock' THEN (pg_blocking_pids(pid))[1:{MAX_BLOCKERS}] END"
+               " FROM pg_stat_activity WHERE pid = ANY(%s) AND state = 'active'")
         waits = self._waits
         failing = False
         last_prune = 0
@@ -377,9 +388,15 @@ class Enricher:
                     cur = await conn.execute(sql, (due,))
                     rows = await cur.fetchall()
                     ts = time.time_ns()
-                    for pid, wtype, wevent, query_id in rows:
+                    blockers = {}
+                    wanted = {b for row in rows if row[4] for b in row[4] if b}
+                    if wanted:
+                        cur = await conn.execute(BLOCKERS_SQL, (sorted(wanted),))
+                        blockers = blockers_from_rows(await cur.fetchall(), time.time_ns(), set(due))
+                    for pid, wtype, wevent, query_id, blocked_by in rows:
                         if wevent is not None:
-                            waits.add(pid, ts, wtype, wevent, query_id)
+                            held = tuple(blockers[b] for b in blocked_by or () if b in blockers)
+                            waits.add(pid, ts, wtype, wevent, query_id, held)
                     failing = False
                 except Exception as exc:
                     if not failing:

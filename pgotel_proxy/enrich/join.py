@@ -32,7 +32,10 @@ the plan's hash (node kinds, relations, indexes; not costs), and a
 ``plan changed`` event when its shape's previous plan hashed otherwise.
 
 pg_stat_statements figures and wait events never make a span wait: they are
-attached from what the side connections collected so far.
+attached from what the side connections collected so far. Lock waits
+(:mod:`.locks`): a statement whose samples show a blocker that is a session of
+this proxy gets a link to the blocker's statement span; when that span is not
+known yet, the statement waits for it at most ``join_timeout``.
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import StatusCode
 
 from ..stats import STATS
 from ..tracing import sqlinfo
 from ._spanutil import amend, child_context, make_span
 from .explain import explainable, plan_hash
+from .locks import ATTR as LOCK_ATTR, MAX_BLOCKERS, blocker_attributes, current_statement
 from .plans import Plan, node_spans
 
 __all__ = ["Joiner", "CLOCK_SKEW_NS", "ATTR", "PLAN_CHANGED"]
@@ -117,10 +121,13 @@ class Joiner:
         # Statements waiting for their shape's EXPLAIN: (deadline, shape, group, pid, text).
         self._explain_wait: deque[tuple[int, str, list, Any, str]] = deque()
         self._plan_hashes: OrderedDict[str, str] = OrderedDict()
+        # Statements blocked by a proxy session whose statement span is not known yet:
+        # (deadline, group, pid, text, counted, query_id).
+        self._lock_wait: deque[tuple] = deque()
 
     def __len__(self) -> int:
         """Statements still waiting (finished ones may linger in the deque until they reach its front)."""
-        return sum(len(v) for v in self._by_pid.values()) + len(self._explain_wait)
+        return sum(len(v) for v in self._by_pid.values()) + len(self._explain_wait) + len(self._lock_wait)
 
     # ------------------------------------------------------------ tracer facing
 
@@ -131,9 +138,12 @@ class Joiner:
         self._take_plans(now, out)
         text = (getattr(rec, "sql", None) or "").strip()
         groups = _groups(spans)
+        sessions = getattr(self.sources, "sessions", None)
         for group in groups:
             server = group[0]
             pid = (server.attributes or {}).get(ATTR["backend_pid"])
+            if sessions is not None and pid is not None:
+                sessions.note(pid, server)
             if self._expects_plan(rec, group, pid):
                 p = _Pending(group, server, pid, text, now + self.join_timeout_ns)
                 plan = self._find_plan(p)
@@ -164,6 +174,10 @@ class Joiner:
             if not p.done:
                 out.extend(self._expire(p))
         self._take_explains(now, out, release=False)
+        self._take_lock_waits(now, out, release=False)
+        sessions = getattr(self.sources, "sessions", None)
+        if sessions is not None:
+            sessions.answer()  # what the sibling workers asked about their lock waits
         plans = self._plans
         while plans and plans[0][0] + self._plan_ttl_ns <= now:
             _, plan = plans.popleft()
@@ -179,6 +193,7 @@ class Joiner:
             if not p.done:
                 out.extend(self._expire(p))
         self._take_explains(time.monotonic_ns(), out, release=True)
+        self._take_lock_waits(time.monotonic_ns(), out, release=True)
         return out
 
     # ------------------------------------------------------------ matching
@@ -383,16 +398,30 @@ class Joiner:
                 group.extend(node_spans(plan.root, execute, self.resource or server.resource))
         return self._finish_plain(group, p.pid, p.text, counted=True, query_id=plan.query_id)
 
-    def _finish_plain(self, group: list, pid, text: str, counted: bool = False, query_id: int | None = None) -> list[ReadableSpan]:
-        """Attach wait events and pg_stat_statements figures (no waiting), count, return."""
+    def _finish_plain(self, group: list, pid, text: str, counted: bool = False, query_id: int | None = None,
+                      lock_deadline: int | None = None) -> list[ReadableSpan]:
+        """Attach wait events, lock blockers and pg_stat_statements figures, count, return.
+
+        Only a statement blocked by a proxy session whose statement span is not
+        known yet waits (``_lock_wait``, until ``lock_deadline``): then nothing is returned.
+        """
         server = group[0]
         src = self.sources
         attrs: dict[str, Any] = {}
         events: list[Event] = []
+        links: list[Link] = []
         joined = counted
         if pid is not None:
             samples = src.wait_samples(pid, server.start_time, server.end_time)
             if samples:
+                lock_attrs, links, wait_ns = self._lock_cause(samples)
+                now = time.monotonic_ns()
+                if lock_deadline is None:
+                    lock_deadline = now + wait_ns
+                if wait_ns and now < lock_deadline and len(self._lock_wait) < self.max_pending:
+                    self._lock_wait.append((lock_deadline, group, pid, text, counted, query_id))
+                    return []
+                attrs.update(lock_attrs)
                 events = _wait_events(samples)
                 joined = True
                 if query_id is None:
@@ -409,11 +438,47 @@ class Joiner:
             joined = True
             for k, v in figures.items():
                 attrs[ATTR["pgss"] + k] = v
-        if attrs or events:
-            group[0] = amend(server, attributes=attrs, events=events)
+        if attrs or events or links:
+            group[0] = amend(server, attributes=attrs, events=events, links=links)
         if joined:
             STATS.enrich_joined += 1
         return group
+
+    # ------------------------------------------------------------ lock waits (locks.py)
+
+    def _lock_cause(self, samples: list[tuple]) -> tuple[dict, list[Link], int]:
+        """(attributes, links, how long to wait for a blocker's span: 0 when nothing is missing) of a statement's samples."""
+        seen: dict[int, tuple] = {}
+        for sample in samples:
+            for blocker in sample[4] if len(sample) > 4 else ():
+                if blocker.pid not in seen and len(seen) < MAX_BLOCKERS:
+                    seen[blocker.pid] = (blocker, sample[0])
+        if not seen:
+            return {}, [], 0
+        sessions = getattr(self.sources, "sessions", None)
+        attrs: dict[str, Any] = {LOCK_ATTR["blockers"]: len(seen)}
+        links: list[Link] = []
+        wait_ns = 0
+        for i, (blocker, at) in enumerate(seen.values()):
+            in_proxy, entries = sessions.entries(blocker) if sessions is not None else (blocker.own, [])
+            entry, target = current_statement(entries, blocker, at) if entries else (None, "")
+            if in_proxy is None or (in_proxy and target != "statement"):
+                wait_ns = self.join_timeout_ns  # the siblings' answer, or a span not built yet
+            # its statement's summary: from the span that ran it, else as pg_stat_activity showed it
+            named = blocker_attributes(blocker, bool(in_proxy), entry if target == "statement" else None, at)
+            if i == 0:
+                attrs.update(named)
+            if entry is not None:
+                named[LOCK_ATTR["link_target"]] = target
+                ctx = SpanContext(entry.trace_id, entry.span_id, False, TraceFlags(entry.flags))
+                links.append(Link(ctx, named))
+        return attrs, links, wait_ns
+
+    def _take_lock_waits(self, now: int, out: list, release: bool) -> None:
+        """Release the statements waiting for their blockers' spans: found, or their wait is over."""
+        waiting, self._lock_wait = self._lock_wait, deque()
+        for deadline, group, pid, text, counted, query_id in waiting:
+            out.extend(self._finish_plain(group, pid, text, counted, query_id, lock_deadline=0 if release else deadline))
 
 
 def _groups(spans: list[ReadableSpan]) -> list[list[ReadableSpan]]:
@@ -441,7 +506,7 @@ def _wait_events(samples: list[tuple]) -> list[Event]:
     prev = None
     count = 0
     first_ts = 0
-    for ts, wtype, wevent, _qid in samples:
+    for ts, wtype, wevent, *_ in samples:
         key = (wtype, wevent)
         if key != prev:
             if prev is not None:

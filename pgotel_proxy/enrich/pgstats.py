@@ -129,11 +129,13 @@ class WaitSamples:
     def __init__(self) -> None:
         self._by_pid: dict[int, deque] = {}
 
-    def add(self, pid: int, ts: int, wtype: str | None, wevent: str | None, query_id: int | None) -> None:
+    def add(self, pid: int, ts: int, wtype: str | None, wevent: str | None, query_id: int | None,
+            blockers: tuple = ()) -> None:
+        """One sample; ``blockers``: the sessions blocking a Lock wait (``locks.Blocker``)."""
         dq = self._by_pid.get(pid)
         if dq is None:
             dq = self._by_pid[pid] = deque(maxlen=self.PER_PID)
-        dq.append((ts, wtype, wevent, query_id))
+        dq.append((ts, wtype, wevent, query_id, blockers))
 
     def between(self, pid: int, start: int, end: int) -> list[tuple]:
         dq = self._by_pid.get(pid)

@@ -4,6 +4,7 @@ Nothing here does I/O or imports asyncio; the proxy feeds bytes in and reads
 state and finished statement records out.
 """
 
+from . import _impl  # noqa: F401  (first: PGOTEL_PURE_PYTHON decides how the codec's modules load)
 from .errors import ProtocolViolation
 from .events import Completion, Statement
 from .session import Session

@@ -4,22 +4,26 @@ The relay path only fills integers and references into a :class:`Statement`
 while the request is in flight; the tracer turns finished records into spans
 later, in batches, off the relay path.
 
-The two classes below are the one definition of the record layout. Everything
-that handles records field by field derives from :data:`STATEMENT_LAYOUT` and
-:data:`COMPLETION_LAYOUT` (name, kind, default of each field, in order): the
-compact form records cross to the span process in (``protocol/records.py`` and
-its compiled twin in ``_core.c``), and the compiled codec and OTLP encoder,
-which are handed the layout when they are configured. A new field is one line
-in its class; its annotation gives its kind (``_KINDS``).
+:data:`STATEMENT_LAYOUT` and :data:`COMPLETION_LAYOUT` (name, kind, default
+of each field, in order) are the record layout. Everything that handles
+records field by field derives from them: the compact form records cross to
+the span process in (``protocol/records.py``) and the compiled OTLP encoder,
+which is handed the layout when it is configured. The classes spell the same
+fields out (``__init__``, ``__slots__``; compiled, the cdef classes of
+``events.pxd``): a new field is a line in each of those and in the layout,
+and tests/test_records.py holds them equal.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ._nocython import cython
 
 __all__ = ["Statement", "Completion", "STATEMENT_LAYOUT", "COMPLETION_LAYOUT",
-           "INT", "BOOL", "STR", "VALUE", "COMPLETIONS", "REQUIRED"]
+           "INT", "BOOL", "STR", "VALUE", "COMPLETIONS", "REQUIRED",
+           "new_statement", "as_dict"]
 
 # Field kinds: how a field is carried in the compact form (protocol/records.py).
 INT = 0  # an int in the signed 64-bit range
@@ -29,17 +33,21 @@ VALUE = 3  # None or a plain value: bool, int, float, str, bytes, list, tuple, d
 COMPLETIONS = 4  # None or a list of Completion
 
 
-@dataclass(slots=True, eq=False)
 class Completion:
     """One statement's outcome inside a simple Query (which may hold several statements)."""
 
-    end_ns: int
-    tag: str | None
-    rows: int
-    error: dict[str, str] | None = None
+    __slots__ = ("end_ns", "tag", "rows", "error")
+
+    def __init__(self, end_ns: int, tag: str | None, rows: int, error: dict[str, str] | None = None) -> None:
+        self.end_ns = end_ns
+        self.tag = tag
+        self.rows = rows
+        self.error = error
+
+    def __repr__(self) -> str:
+        return _repr(self, COMPLETION_LAYOUT)
 
 
-@dataclass(slots=True, eq=False)
 class Statement:
     """One execution of one request on the wire.
 
@@ -51,70 +59,169 @@ class Statement:
     response, so that its arrival time is the phase's true end. Without a Flush
     or Sync after a request, Postgres holds the response back until the batch
     ends and the arrival time is only an upper bound.
+
+    The fields, their kinds and defaults are :data:`STATEMENT_LAYOUT` (below);
+    ``__init__`` takes them in that order (tests hold the two equal).
     """
 
-    protocol: str  # "simple" | "extended" | "function"
-    sql: str | None
-    statement_name: str | None = None
-    portal: str | None = None
-    start_ns: int = 0
-    parse_start_ns: int = 0
-    parse_end_ns: int = 0
-    parse_exact: bool = False
-    bind_start_ns: int = 0
-    bind_end_ns: int = 0
-    bind_exact: bool = False
-    exec_start_ns: int = 0
-    end_ns: int = 0
-    exec_exact: bool = False
-    # "pending" while in flight, then "ok" | "error" | "skipped" (after an earlier
-    # error in the same Sync batch) | "suspended" (PortalSuspended) | "incomplete"
-    # (the connection ended first) | "prepared" (Parse without Execute)
-    status: str = "pending"
-    tag: str | None = None
-    rows: int = 0
-    error: dict[str, str] | None = None
-    params: list[str | None] | None = None
-    results: list[Completion] | None = None
-    # executed from a statement prepared earlier, whose text (and comment) is not this request's:
-    # not parsed in its own batch, nor parsed and left unbound in the batch right before it
-    reused: bool = False
-    copy: str | None = None  # "in" | "out" | "both" when the statement ran COPY
-    tx_status: str = ""  # the ReadyForQuery status that closed its batch: I, T or E
-    # the application_name the server reported (ParameterStatus) when that ReadyForQuery came:
-    # what the statement ran under, even when the connection changes it between statements
-    application_name: str | None = None
-    extra: dict | None = None  # room for later stages (WAL LSN, ...)
+    __slots__ = (
+        "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
+        "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns", "exec_exact",
+        "status", "tag", "rows", "error", "params", "results", "reused", "copy", "tx_status",
+        "application_name", "extra",
+    )
+
+    def __init__(
+        self,
+        protocol: str,
+        sql: str | None,
+        statement_name: str | None = None,
+        portal: str | None = None,
+        start_ns: int = 0,
+        parse_start_ns: int = 0,
+        parse_end_ns: int = 0,
+        parse_exact: bool = False,
+        bind_start_ns: int = 0,
+        bind_end_ns: int = 0,
+        bind_exact: bool = False,
+        exec_start_ns: int = 0,
+        end_ns: int = 0,
+        exec_exact: bool = False,
+        status: str = "pending",
+        tag: str | None = None,
+        rows: int = 0,
+        error: dict[str, str] | None = None,
+        params: list[str | None] | None = None,
+        results: list[Completion] | None = None,
+        reused: bool = False,
+        copy: str | None = None,
+        tx_status: str = "",
+        application_name: str | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        self.protocol = protocol  # "simple" | "extended" | "function"
+        self.sql = sql
+        self.statement_name = statement_name
+        self.portal = portal
+        self.start_ns = start_ns
+        self.parse_start_ns = parse_start_ns
+        self.parse_end_ns = parse_end_ns
+        self.parse_exact = parse_exact
+        self.bind_start_ns = bind_start_ns
+        self.bind_end_ns = bind_end_ns
+        self.bind_exact = bind_exact
+        self.exec_start_ns = exec_start_ns
+        self.end_ns = end_ns
+        self.exec_exact = exec_exact
+        # "pending" while in flight, then "ok" | "error" | "skipped" (after an earlier
+        # error in the same Sync batch) | "suspended" (PortalSuspended) | "incomplete"
+        # (the connection ended first) | "prepared" (Parse without Execute)
+        self.status = status
+        self.tag = tag
+        self.rows = rows
+        self.error = error
+        self.params = params
+        self.results = results
+        # executed from a statement prepared earlier, whose text (and comment) is not this request's:
+        # not parsed in its own batch, nor parsed and left unbound in the batch right before it
+        self.reused = reused
+        self.copy = copy  # "in" | "out" | "both" when the statement ran COPY
+        self.tx_status = tx_status  # the ReadyForQuery status that closed its batch: I, T or E
+        # the application_name the server reported (ParameterStatus) when that ReadyForQuery came:
+        # what the statement ran under, even when the connection changes it between statements
+        self.application_name = application_name
+        self.extra = extra  # room for later stages (WAL LSN, ...)
+
+    def __repr__(self) -> str:
+        return _repr(self, STATEMENT_LAYOUT)
 
 
-# Each field's annotation, as written above, names its kind; an annotation not
-# listed here fails at import, so a new field cannot go without one.
-_KINDS = {
-    "int": INT,
-    "bool": BOOL,
-    "str": STR,
-    "str | None": STR,
-    "dict[str, str] | None": VALUE,
-    "list[str | None] | None": VALUE,
-    "dict | None": VALUE,
-    "list[Completion] | None": COMPLETIONS,
-}
+def new_statement(protocol: str, sql: str | None, start_ns: int) -> Statement:
+    """``Statement(protocol, sql, start_ns=start_ns)``, as the codec makes one per request.
+
+    Compiled, the fields are stored directly (no keyword parsing per record);
+    the defaults are those of ``__init__``.
+    """
+    if cython.compiled:
+        rec = Statement.__new__(Statement)
+        rec.protocol = protocol
+        rec.sql = sql
+        rec.statement_name = None
+        rec.portal = None
+        rec.start_ns = start_ns
+        rec.parse_start_ns = 0
+        rec.parse_end_ns = 0
+        rec.parse_exact = False
+        rec.bind_start_ns = 0
+        rec.bind_end_ns = 0
+        rec.bind_exact = False
+        rec.exec_start_ns = 0
+        rec.end_ns = 0
+        rec.exec_exact = False
+        rec.status = "pending"
+        rec.tag = None
+        rec.rows = 0
+        rec.error = None
+        rec.params = None
+        rec.results = None
+        rec.reused = False
+        rec.copy = None
+        rec.tx_status = ""
+        rec.application_name = None
+        rec.extra = None
+        return rec
+    return Statement(protocol, sql, None, None, start_ns)
+
+
+def as_dict(rec) -> dict:
+    """A Statement's or Completion's fields by name (a Statement's results as dicts too), for tests and logs."""
+    if isinstance(rec, Completion):
+        return {name: getattr(rec, name) for name, _, _ in COMPLETION_LAYOUT}
+    out = {name: getattr(rec, name) for name, _, _ in STATEMENT_LAYOUT}
+    if out["results"] is not None:
+        out["results"] = [as_dict(c) for c in out["results"]]
+    return out
+
+
+def _repr(rec, layout) -> str:
+    return f"{type(rec).__name__}({', '.join(f'{name}={getattr(rec, name)!r}' for name, _, _ in layout)})"
+
 
 #: The default of a field that has none (the constructor requires it).
 REQUIRED = None
 
-
-def _layout(cls) -> tuple[tuple[str, int, object], ...]:
-    layout = []
-    for f in dataclasses.fields(cls):
-        kind = _KINDS.get(f.type)
-        if kind is None:
-            raise TypeError(f"{cls.__name__}.{f.name}: no record kind for the annotation {f.type!r}")
-        layout.append((f.name, kind, REQUIRED if f.default is dataclasses.MISSING else f.default))
-    return tuple(layout)
-
-
-#: (name, kind, default) of every Statement field, in order.
-STATEMENT_LAYOUT = _layout(Statement)
+#: (name, kind, default) of every Statement field, in order: the record layout.
+STATEMENT_LAYOUT: tuple[tuple[str, int, object], ...] = (
+    ("protocol", STR, REQUIRED),
+    ("sql", STR, REQUIRED),
+    ("statement_name", STR, None),
+    ("portal", STR, None),
+    ("start_ns", INT, 0),
+    ("parse_start_ns", INT, 0),
+    ("parse_end_ns", INT, 0),
+    ("parse_exact", BOOL, False),
+    ("bind_start_ns", INT, 0),
+    ("bind_end_ns", INT, 0),
+    ("bind_exact", BOOL, False),
+    ("exec_start_ns", INT, 0),
+    ("end_ns", INT, 0),
+    ("exec_exact", BOOL, False),
+    ("status", STR, "pending"),
+    ("tag", STR, None),
+    ("rows", INT, 0),
+    ("error", VALUE, None),
+    ("params", VALUE, None),
+    ("results", COMPLETIONS, None),
+    ("reused", BOOL, False),
+    ("copy", STR, None),
+    ("tx_status", STR, ""),
+    ("application_name", STR, None),
+    ("extra", VALUE, None),
+)
 #: (name, kind, default) of every Completion field, in order.
-COMPLETION_LAYOUT = _layout(Completion)
+COMPLETION_LAYOUT: tuple[tuple[str, int, object], ...] = (
+    ("end_ns", INT, REQUIRED),
+    ("tag", STR, REQUIRED),
+    ("rows", INT, REQUIRED),
+    ("error", VALUE, None),
+)

@@ -8,8 +8,8 @@ for (B) ones. A byte a table does not hold is :data:`OTHER`: from a client it
 is garbage, from a server it is relayed without being accounted.
 
 The names are plain ``int`` module constants (indexing bytes yields ints, and
-comparing two ints is the cheapest test on the hot path). The C sources use the
-same names from ``_kinds.h`` (``FE_*`` / ``BE_*``); a test holds the two equal.
+comparing two ints is the cheapest test on the hot path; compiled, the codec
+declares them C ints in its ``.pxd`` files).
 """
 
 from __future__ import annotations

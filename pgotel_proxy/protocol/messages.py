@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import struct
 
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ._nocython import cython
+
 from .kinds import (
     BACKEND_AUTHENTICATION,
     BACKEND_ERROR_RESPONSE,
     FRONTEND_FLUSH,
     FRONTEND_QUERY,
     FRONTEND_SYNC,
+    FRONTEND_TYPES,
 )
 
 __all__ = [
@@ -24,7 +30,14 @@ __all__ = [
     "CANCEL_REQUEST_CODE",
     "PROTOCOL_3_0",
     "PROTOCOL_3_2",
+    "FRONTEND_TABLE",
+    "HEAD_OK",
+    "BAD_TYPE",
+    "BAD_LENGTH",
+    "header_refused",
+    "be32",
     "cstring",
+    "text",
     "decode_error_fields",
     "decode_parse",
     "decode_bind",
@@ -51,10 +64,114 @@ FLUSH = bytes((FRONTEND_FLUSH, 0, 0, 0, 4))
 SYNC = bytes((FRONTEND_SYNC, 0, 0, 0, 4))
 
 
+#: FRONTEND_TYPES by type byte: 1 for a frontend message type, else 0.
+FRONTEND_TABLE = bytes(1 if i in FRONTEND_TYPES else 0 for i in range(256))
+if cython.compiled:  # the same table as C bytes, for the pump's thread (no Python object there)
+    for _i in range(256):
+        _frontend[_i] = FRONTEND_TABLE[_i]
+
+# What header_refused answers: a client message's type byte must be one of FRONTEND_TYPES and its
+# length (which counts itself) between 4 and the configured maximum, else the client gets 08P01.
+HEAD_OK = 0
+BAD_TYPE = 1  # not a frontend message type
+BAD_LENGTH = 2  # a length below 4 or above the maximum
+
+
+def header_refused(typ: int, length: int, limit: int) -> int:
+    """HEAD_OK, or why a client message of type byte ``typ`` and ``length`` is refused (``limit``: the maximum).
+
+    (The answers are written as numbers: compiled, this runs without the GIL.)
+    """
+    if cython.compiled:
+        if typ < 0 or typ > 255 or not _frontend[typ]:
+            return 1  # BAD_TYPE
+    elif not FRONTEND_TABLE[typ]:
+        return 1  # BAD_TYPE
+    if length < 4 or length > limit:
+        return 2  # BAD_LENGTH
+    return 0  # HEAD_OK
+
+
+def be32(buf: bytes, pos: int) -> int:
+    """The unsigned big-endian 32-bit integer at ``buf[pos:pos + 4]`` (the caller made sure it is there)."""
+    if cython.compiled:
+        p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(buf)) + pos
+        return ((cython.cast(cython.uint, p[0]) << 24) | (cython.cast(cython.uint, p[1]) << 16)
+                | (cython.cast(cython.uint, p[2]) << 8) | p[3])
+    return _UINT32.unpack_from(buf, pos)[0]
+
+
+# Texts that repeat on the wire (statement texts of Parse and Query, statement and
+# portal names, command tags) decoded once: a repeat comes back as the same str, so
+# its hash is computed once wherever it is a key, and records.pack sends it once a
+# batch. Only ASCII texts are kept (they decode alike as UTF-8 and as ASCII), of at
+# most _TEXT_MAX bytes. Compiled: a direct-mapped table matched on the raw bytes
+# (no allocation for a hit); interpreted: a dict by the bytes, emptied when full.
+_TEXT_SLOTS = 512
+_TEXT_MAX = 4096
+_text_raw: list = [None] * _TEXT_SLOTS  # compiled: the bytes of the text in each slot
+_text_str: list = [None] * _TEXT_SLOTS  # compiled: the text in each slot
+_texts: dict = {}  # interpreted: bytes -> text
+_HASH_SEED = 0x9E3779B97F4A7C15  # compiled: the slot's hash (64-bit, wrapping)
+_HASH_PRIME = 0x100000001B3
+
+
+def text(buf: bytes, start: int, end: int) -> str:
+    """``buf[start:end]`` decoded as UTF-8 (each bad byte replaced), the same str for a repeated ASCII text."""
+    size = end - start
+    if size <= 0:
+        return ""
+    if size > _TEXT_MAX:
+        return buf[start:end].decode("utf-8", "replace")
+    if cython.compiled:
+        p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(buf)) + start
+        h = cython.cast(cython.ulonglong, size) * _HASH_SEED
+        head = size if size < 24 else 24
+        for i in range(head):
+            h = (h ^ p[i]) * _HASH_PRIME
+        for i in range(size - 40 if size - 40 > head else head, size):
+            h = (h ^ p[i]) * _HASH_PRIME
+        slot = cython.cast(cython.Py_ssize_t, (h >> 32) % _TEXT_SLOTS)
+        raw = _text_raw[slot]
+        if raw is not None and len(raw) == size and memcmp(PyBytes_AS_STRING(raw), p, size) == 0:
+            return _text_str[slot]
+        value = buf[start:end].decode("utf-8", "replace")
+        if len(value) == size and value.isascii():
+            _text_raw[slot] = buf[start:end]
+            _text_str[slot] = value
+        return value
+    raw = buf[start:end]
+    value = _texts.get(raw)
+    if value is None:
+        value = raw.decode("utf-8", "replace")
+        if len(value) == size and value.isascii():
+            if len(_texts) >= _TEXT_SLOTS:
+                _texts.clear()
+            _texts[raw] = value
+    return value
+
+
 def cstring(buf, start: int) -> tuple[str, int]:
     """Decode a NUL-terminated string at ``start``; return it and the offset after the NUL."""
-    end = buf.index(0, start) if isinstance(buf, (bytes, bytearray)) else bytes(buf).index(0, start)
-    if end == start:  # the unnamed statement or portal, the most common name
+    if type(buf) is bytes:
+        data = buf
+        if cython.compiled:
+            if start < 0 or start >= len(data):
+                raise ValueError("no NUL after a string")
+            base = PyBytes_AS_STRING(data)
+            nul = cython.cast(cython.p_char, memchr(base + start, 0, len(data) - start))
+            if nul == cython.NULL:
+                raise ValueError("no NUL after a string")
+            end = nul - base
+        else:
+            end = data.find(0, start)
+            if end < 0:
+                raise ValueError("no NUL after a string")
+        if end == start:  # the unnamed statement or portal, the most common name
+            return "", end + 1
+        return text(data, start, end), end + 1
+    end = buf.index(0, start) if isinstance(buf, bytearray) else bytes(buf).index(0, start)
+    if end == start:
         return "", end + 1
     return bytes(buf[start:end]).decode("utf-8", "replace"), end + 1
 

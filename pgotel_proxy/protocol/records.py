@@ -2,8 +2,8 @@
 
 ``pack(records) -> bytes`` and ``unpack(data) -> list`` for the records of
 ``events.STATEMENT_LAYOUT``; every field of every record comes back equal.
-``_core.c`` implements the same form (``_core.pack``, ``_core.unpack``) and
-``protocol.session`` chooses one of the two; tests hold them byte-equal.
+One source: compiled by Cython with the rest of the codec where it is
+installed, interpreted otherwise; tests hold the two builds byte-equal.
 
 The form, little-endian throughout. A batch: u8 ``FORMAT_VERSION``, u32
 record count, the records. A record: its fields in layout order, each by its
@@ -29,6 +29,11 @@ out of range: OverflowError); data that is not a batch raises ValueError.
 from __future__ import annotations
 
 import struct
+
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ._nocython import cython
 
 from .events import (BOOL, COMPLETION_LAYOUT, COMPLETIONS, INT, STATEMENT_LAYOUT, STR, VALUE, Completion,
                      Statement)
@@ -72,7 +77,7 @@ class RecordForm:
             self._pack_record(out, rec, self.statement, self.statement_layout, refs, written)
         return bytes(out)
 
-    def _pack_record(self, out, rec, cls, layout, refs, written) -> None:
+    def _pack_record(self, out: bytearray, rec, cls, layout, refs: list, written: list) -> None:
         if not isinstance(rec, cls):
             raise TypeError(f"pack: {type(rec).__name__} is not a {cls.__name__}")
         for name, kind, _ in layout:
@@ -91,11 +96,11 @@ class RecordForm:
                 _pack_value(out, v, refs, written, 0)
             elif kind == COMPLETIONS:
                 if v is None:
-                    out += _U32.pack(NONE)
+                    _put_u32(out, NONE)
                     continue
                 if type(v) is not list:
                     raise TypeError(f"pack: {name} is not a list")
-                out += _U32.pack(len(v))
+                _put_u32(out, len(v))
                 for c in v:
                     self._pack_record(out, c, self.completion, self.completion_layout, refs, written)
             else:
@@ -104,7 +109,7 @@ class RecordForm:
     # ---------------------------------------------------------- unpack
 
     def unpack(self, data) -> list:
-        r = _Reader(memoryview(data).cast("B"))
+        r = _Reader(data if type(data) is bytes else bytes(data))
         version = r.u8()
         if version != FORMAT_VERSION:
             raise ValueError(f"unpack: format version {version}, not {FORMAT_VERSION}")
@@ -127,7 +132,7 @@ class RecordForm:
                     raise ValueError("unpack: bad bool")
                 values.append(b == 1)
             elif kind == STR:
-                values.append(r.str())
+                values.append(r.string())
             elif kind == VALUE:
                 values.append(r.value(0))
             else:
@@ -141,12 +146,41 @@ class RecordForm:
         return cls(*values)
 
 
+def _put_u32(out: bytearray, v: int) -> None:
+    """``v`` as u32, little-endian, at the end of ``out``."""
+    if cython.compiled:  # the bytes stored directly (no struct call, no temporary bytes)
+        n = len(out)
+        PyByteArray_Resize(out, n + 4)
+        p = cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out)) + n
+        u = cython.cast(cython.uint, v)
+        p[0] = u & 0xFF
+        p[1] = (u >> 8) & 0xFF
+        p[2] = (u >> 16) & 0xFF
+        p[3] = u >> 24
+        return
+    out += _U32.pack(v)
+
+
+def _put_i64(out: bytearray, v: int) -> None:
+    """``v`` as i64, little-endian, at the end of ``out`` (OverflowError out of the 64-bit range)."""
+    if cython.compiled:
+        x = cython.cast(cython.longlong, v)  # (the conversion raises OverflowError)
+        u = cython.cast(cython.ulonglong, x)
+        n = len(out)
+        PyByteArray_Resize(out, n + 8)
+        p = cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out)) + n
+        for i in range(8):
+            p[i] = (u >> (8 * i)) & 0xFF
+        return
+    if not _I64_MIN <= v <= _I64_MAX:
+        raise OverflowError("pack: an int out of the 64-bit range")
+    out += _I64.pack(v)
+
+
 def _pack_int(out: bytearray, v, name) -> None:
     if type(v) is not int:
         raise TypeError(f"pack: {name} is not an int")
-    if not _I64_MIN <= v <= _I64_MAX:
-        raise OverflowError(f"pack: {name} is out of the 64-bit range")
-    out += _I64.pack(v)
+    _put_i64(out, v)
 
 
 def _utf8(v: str) -> bytes:
@@ -158,7 +192,7 @@ def _utf8(v: str) -> bytes:
 
 def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
     if v is None:
-        out += _U32.pack(NONE)
+        _put_u32(out, NONE)
         return
     b = _utf8(v)
     if len(b) >= REF:
@@ -167,12 +201,12 @@ def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
         slot = (id(v) >> 4) % REF_SLOTS
         seen = refs[slot]
         if seen is not None and seen[0] is v:
-            out += _U32.pack(REF)
-            out += _U32.pack(seen[1])
+            _put_u32(out, REF)
+            _put_u32(out, seen[1])
             return
         refs[slot] = (v, written[0])
         written[0] += 1
-    out += _U32.pack(len(b))
+    _put_u32(out, len(b))
     out += b
 
 
@@ -189,7 +223,7 @@ def _pack_value(out: bytearray, v, refs: list, written: list, depth: int) -> Non
     elif t is int:
         if _I64_MIN <= v <= _I64_MAX:
             out.append(V_INT)
-            out += _I64.pack(v)
+            _put_i64(out, v)
         else:  # its digits, a temporary object: never remembered for a reference
             out.append(V_BIGINT)
             b = str(v).encode()
@@ -223,7 +257,7 @@ def _pack_value(out: bytearray, v, refs: list, written: list, depth: int) -> Non
 class _Reader:
     __slots__ = ("data", "pos", "written")
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
         self.written: list[str] = []
@@ -231,23 +265,43 @@ class _Reader:
     def left(self) -> int:
         return len(self.data) - self.pos
 
-    def take(self, k: int) -> memoryview:
-        if len(self.data) - self.pos < k:
+    def need(self, k: int) -> int:
+        """The position of the next ``k`` bytes, which are then taken."""
+        at = self.pos
+        if k < 0 or len(self.data) - at < k:
             raise ValueError("unpack: truncated record data")
-        v = self.data[self.pos:self.pos + k]
-        self.pos += k
-        return v
+        self.pos = at + k
+        return at
+
+    def take(self, k: int) -> bytes:
+        at = self.need(k)
+        return self.data[at:at + k]
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        at = self.need(1)
+        if cython.compiled:
+            return cython.cast(cython.p_uchar, PyBytes_AS_STRING(self.data))[at]
+        return self.data[at]
 
     def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
+        at = self.need(4)
+        if cython.compiled:
+            p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(self.data)) + at
+            return (cython.cast(cython.uint, p[0]) | (cython.cast(cython.uint, p[1]) << 8)
+                    | (cython.cast(cython.uint, p[2]) << 16) | (cython.cast(cython.uint, p[3]) << 24))
+        return _U32.unpack_from(self.data, at)[0]
 
     def i64(self) -> int:
-        return _I64.unpack(self.take(8))[0]
+        at = self.need(8)
+        if cython.compiled:
+            p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(self.data)) + at
+            u = cython.cast(cython.ulonglong, 0)
+            for i in range(8):
+                u |= cython.cast(cython.ulonglong, p[i]) << (8 * i)
+            return cython.cast(cython.longlong, u)
+        return _I64.unpack_from(self.data, at)[0]
 
-    def str(self) -> str | None:
+    def string(self) -> str | None:
         n = self.u32()
         if n == NONE:
             return None
@@ -256,8 +310,9 @@ class _Reader:
             if k >= len(self.written):
                 raise ValueError("unpack: reference to a string not read yet")
             return self.written[k]
+        at = self.need(n)
         try:
-            v = str(self.take(n), "utf-8", "surrogatepass")
+            v = self.data[at:at + n].decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise ValueError("unpack: a string that is not UTF-8") from None
         if n >= REF_MIN:
@@ -277,14 +332,14 @@ class _Reader:
         if tag == V_INT:
             return self.i64()
         if tag == V_STR:
-            v = self.str()
+            v = self.string()
             if v is None:
                 raise ValueError("unpack: a str value that is None")
             return v
         if tag == V_FLOAT:
-            return _F64.unpack(self.take(8))[0]
+            return _F64.unpack_from(self.data, self.need(8))[0]
         if tag == V_BYTES:
-            return bytes(self.take(self.u32()))
+            return self.take(self.u32())
         if tag == V_LIST or tag == V_TUPLE:
             n = self.u32()
             if n > self.left():
@@ -304,7 +359,7 @@ class _Reader:
                     raise ValueError("unpack: a dict key that is not hashable") from None
             return d
         if tag == V_BIGINT:
-            digits = bytes(self.take(self.u32()))
+            digits = self.take(self.u32())
             try:
                 return int(digits)
             except ValueError:

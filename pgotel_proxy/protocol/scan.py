@@ -2,24 +2,27 @@
 
 A large result is millions of DataRows that the proxy only counts; a Python
 step per message would make observing a large result slower than relaying
-it. ``run_end`` steps over a whole run in one call: compiled
-(``_scan.c``, built with the package when a C compiler is there) or, as a
-fallback with the same answers, in Python. ``PGOTEL_PURE_PYTHON=1`` forces the
-fallback (tests run both).
+it. ``run_end`` steps over a whole run in one call; compiled by Cython with
+the rest of the codec (``scan.pxd`` types it), interpreted otherwise.
 """
 
 from __future__ import annotations
 
 import struct
 
-from ._impl import PURE_PYTHON
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ._nocython import cython
 
-__all__ = ["run_end", "run_end_py", "COMPILED"]
+from .messages import be32
+
+__all__ = ["run_end", "COMPILED"]
 
 _unpack_I = struct.Struct("!I").unpack_from
 
 
-def run_end_py(buf, pos: int, n: int, typ: int) -> tuple[int, int]:
+def run_end(buf: bytes, pos: int, n: int, typ: int) -> tuple[int, int]:
     """(end, count): ``buf[pos]`` starts a message of type ``typ`` with a complete header.
 
     Steps to the end of each following message of the same type whose header
@@ -28,6 +31,18 @@ def run_end_py(buf, pos: int, n: int, typ: int) -> tuple[int, int]:
     """
     if pos < 0 or n > len(buf) or pos + 5 > n:
         raise ValueError("run_end: no complete header at pos")
+    if cython.compiled:
+        p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(buf))
+        end = pos + 1 + be32(buf, pos + 1)
+        count = 1
+        last = n - 5
+        while end <= last and p[end] == typ:
+            length = be32(buf, end + 1)
+            if length < 4:
+                break
+            end += 1 + length
+            count += 1
+        return end, count
     end = pos + 1 + _unpack_I(buf, pos + 1)[0]
     count = 1
     last = n - 5
@@ -40,12 +55,5 @@ def run_end_py(buf, pos: int, n: int, typ: int) -> tuple[int, int]:
     return end, count
 
 
-COMPILED = False
-run_end = run_end_py
-if not PURE_PYTHON:
-    try:
-        from ._scan import run_end  # type: ignore[no-redef]  # noqa: F811
-
-        COMPILED = True
-    except ImportError:  # not built (no compiler at install time): the Python version serves
-        pass
+#: True when this module was compiled by Cython.
+COMPILED: bool = cython.compiled

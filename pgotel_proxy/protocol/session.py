@@ -28,10 +28,13 @@ from __future__ import annotations
 import struct
 from collections import deque
 
-from ._impl import PURE_PYTHON
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ._nocython import cython
+
 from .errors import ProtocolViolation
-from . import records
-from .events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
+from .events import Completion, Statement, new_statement
 from .kinds import (
     BACKEND_AUTHENTICATION,
     BACKEND_BACKEND_KEY_DATA,
@@ -67,17 +70,21 @@ from .kinds import (
     FRONTEND_QUERY,
     FRONTEND_SYNC,
     FRONTEND_TERMINATE,
-    FRONTEND_TYPES,
     TARGET_STATEMENT,
 )
-from .scan import run_end as _run_end
+from .scan import run_end
 from .messages import (
+    BAD_TYPE,
     FLUSH,
+    be32,
+    cstring,
     decode_bind,
     decode_error_fields,
     decode_parse,
     decode_sasl_mechanisms,
     encode_sasl_mechanisms,
+    header_refused,
+    text,
 )
 
 __all__ = ["Session"]
@@ -262,9 +269,8 @@ class Session:
             self._batch_parsed.clear()
             self._prev_parsed.clear()
 
-    # What other layers read. The queue, batch and buffers are slots the compiled
-    # loop (_core.c) finds by name, so they keep their private names and are
-    # read through these, none of which is on the per-message path.
+    # What other layers read (the queue, batch and buffers stay private), none of
+    # which is on the per-message path.
 
     @property
     def answers_due(self) -> bool:
@@ -322,64 +328,58 @@ class Session:
 
         Raises ProtocolViolation for garbage; the caller answers 08P01 and closes.
         """
-        if _fast_client is not None and not self._cbuf and not self._cskip:
-            # The common case first: nothing held, and the compiled loop takes every
-            # message of the chunk (it checks the rest of its conditions itself).
-            n = len(data)
-            pos = _fast_client(self, data, 0, n, now)
-            if pos == n:
-                return None
-            return self.client_data_from(data, now, pos)
-        return self.client_data_from(data, now, 0)
+        return self._client_data(data, now, 0, len(data))
 
     def client_observe(self, data: bytes, start: int, stop: int, now: int) -> None:
         """Frame client bytes another relay already forwarded (the pump): ``data[start:stop]``, in place.
 
         Raises as client_data does.
         """
-        if _fast_client is not None and not self._cbuf and not self._cskip:
-            start = _fast_client(self, data, start, stop, now)
-            if start >= stop:
-                return
-        self.client_data_from(data[start:stop], now, 0)
+        self._client_data(data, now, start, stop)
 
     def client_data_from(self, data: bytes, now: int, start: int) -> bytes | None:
-        """``client_data`` from ``start``: where the compiled loop (or a compiled Feed) stopped.
+        """``client_data`` from ``start``, the bytes before it already accounted.
 
-        ``start`` is > 0 only when nothing was held or is to be skipped; the
-        bytes before it were already accounted. Returns and raises as client_data.
+        ``start`` is > 0 only when nothing was held or is to be skipped.
+        Returns and raises as client_data.
         """
+        return self._client_data(data, now, start, len(data))
+
+    def _client_data(self, data: bytes, now: int, start: int, stop: int) -> bytes | None:
+        """Frame ``data[start:stop]``; what it returns (for client_data) covers ``data[:stop]``."""
+        if start < 0 or stop > len(data) or start > stop:
+            raise ValueError("client bytes: a range outside the buffer")
         held = self._cbuf
         if held:
-            data = held + data
+            data = held + data[start:stop]
+            start, stop = 0, len(data)
             self._cbuf = b""
-        n = len(data)
+        n = stop
         pos = start
         if self._cskip:
-            if self._cskip >= n:
-                self._cskip -= n
+            if self._cskip >= n - pos:
+                self._cskip -= n - pos
                 return data if held else None
-            pos = self._cskip
+            pos += self._cskip
             self._cskip = 0
         out: list | None = None
         seg = 0  # start of the not-yet-emitted segment (only used when out is not None)
         observing = self.out_of_sync is None
         limit = self.max_message_size
-        fast = _fast_client if observing and self.injector is None and not self.flush_phases else None
         while pos < n:
-            if fast is not None:
-                # The compiled loop takes the common messages; it stops before any other.
-                pos = fast(self, data, pos, n, now)
-                if pos >= n:
-                    break
             if n - pos < 5:
-                self._cbuf = data[pos:]
+                self._cbuf = data[pos:n]
                 break
-            typ = data[pos]
-            length = _unpack_i(data, pos + 1)[0]
-            if typ not in FRONTEND_TYPES:
-                raise ProtocolViolation(f"invalid frontend message type {typ}")
-            if length < 4 or length > limit:
+            if cython.compiled:  # int32, big-endian, signed (a negative length is reported as such)
+                typ = cython.cast(cython.p_uchar, PyBytes_AS_STRING(data))[pos]
+                length = cython.cast(cython.int, be32(data, pos + 1))
+            else:
+                typ = data[pos]
+                length = _unpack_i(data, pos + 1)[0]
+            refused = header_refused(typ, length, limit)
+            if refused:  # not HEAD_OK
+                if refused == BAD_TYPE:
+                    raise ProtocolViolation(f"invalid frontend message type {typ}")
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(typ)!r}")
             mend = pos + 1 + length
             self.messages_in += 1
@@ -393,7 +393,7 @@ class Session:
                     self._cskip = mend - n
                     pos = n
                 else:
-                    self._cbuf = data[pos:]
+                    self._cbuf = data[pos:n]
                 break
             if observing and typ != FRONTEND_COPY_DATA:
                 inj = self.injector
@@ -468,8 +468,10 @@ class Session:
     def _client_message(self, typ: int, buf, start: int, end: int, now: int) -> None:
         """Account one whole client message (``buf`` is None when it was too large to decode)."""
         if typ == FRONTEND_QUERY:
-            sql = None if buf is None else bytes(buf[start : end - 1]).decode("utf-8", "replace")
-            rec = Statement("simple", sql, start_ns=now, exec_start_ns=now, exec_exact=True)
+            sql = None if buf is None else text(buf, start, end - 1)
+            rec = new_statement("simple", sql, now)
+            rec.exec_start_ns = now
+            rec.exec_exact = True
             rec.results = []
             # The server ends an open extended batch at a Query as at a Sync (it closes the
             # implicit transaction): a later Bind runs a statement prepared in an earlier batch.
@@ -500,7 +502,7 @@ class Session:
             if typ == FRONTEND_CLOSE and buf is not None:
                 # Close (F): 'S' statement or 'P' portal.
                 which = buf[start]
-                name = bytes(buf[start + 1 : end - 1]).decode("utf-8", "replace")
+                name = text(buf, start + 1, end - 1)
                 if which == TARGET_STATEMENT:
                     self._prepared.pop(name, None)
                 else:
@@ -522,7 +524,9 @@ class Session:
         elif typ == FRONTEND_DESCRIBE:
             self._queue(_DESCRIBE, None)
         elif typ == FRONTEND_FUNCTION_CALL:
-            rec = Statement("function", None, start_ns=now, exec_start_ns=now, exec_exact=True)
+            rec = new_statement("function", None, now)
+            rec.exec_start_ns = now
+            rec.exec_exact = True
             rec.results = []
             self._queue(_FUNC, rec)
 
@@ -564,7 +568,9 @@ class Session:
                 name, sql = "", None
             else:
                 name, sql = decode_parse(buf, start, end)
-            rec = Statement("extended", sql, statement_name=name, start_ns=now, parse_start_ns=now)
+            rec = new_statement("extended", sql, now)
+            rec.statement_name = name
+            rec.parse_start_ns = now
             rec.status = "prepared"
             prepared = self._prepared
             if name and len(prepared) >= 10_000 and name not in prepared:
@@ -588,13 +594,9 @@ class Session:
                     if before is not None and not before.bind_start_ns and before.sql == self._prepared.get(stmt):
                         parsed = before
                 # Bound again in the Parse's own batch (executemany) is not "prepared earlier".
-                rec = Statement(
-                    "extended",
-                    self._prepared.get(stmt),
-                    statement_name=stmt,
-                    start_ns=now,
-                    reused=parsed is None,
-                )
+                rec = new_statement("extended", self._prepared.get(stmt), now)
+                rec.statement_name = stmt
+                rec.reused = parsed is None
                 batch.append(rec)
             rec.status = "pending"
             rec.portal = portal
@@ -609,11 +611,12 @@ class Session:
         if buf is None or buf[start] == 0:
             portal = ""
         else:
-            portal = bytes(buf[start : buf.index(0, start)]).decode("utf-8", "replace")
+            portal = cstring(buf, start)[0]
         rec = self._portals.get(portal)
         if rec is None or rec.exec_start_ns:
             old = rec
-            rec = Statement("extended", old.sql if old else None, start_ns=now, reused=True)
+            rec = new_statement("extended", old.sql if old is not None else None, now)
+            rec.reused = True
             if old is not None:
                 rec.statement_name = old.statement_name
             rec.portal = portal
@@ -625,32 +628,22 @@ class Session:
 
     # ------------------------------------------------------------ server side
 
-    def server_observe(self, data: bytes, now: int, start: int = 0, stop: int | None = None) -> None:
-        """Feed server bytes that were already forwarded to the client: ``data[start:stop]``.
+    def server_observe(self, data: bytes, now: int, start: int = 0, stop: int = -1) -> None:
+        """Feed server bytes that were already forwarded to the client: ``data[start:stop]`` (-1: to the end).
 
         The range lets the pump's log be read in place: the common chunk is
         observed without a copy of its own.
         """
         if self.out_of_sync is None:
-            n = len(data)
-            end = n if stop is None else stop
             try:
-                pos = start
-                if _fast_server is not None and not self._sbuf and not self._sskip:
-                    # The common case first, as in client_data.
-                    pos = _fast_server(self, data, start, end, now)
-                    if pos >= end:
-                        return
-                if end != n or (pos and (self._sbuf or self._sskip)):
-                    data, pos = data[pos:end], 0  # the rest on its own: _server reads to the end
-                self._server(data, now, None, pos)
+                self._server(data, now, None, start, len(data) if stop < 0 else stop)
             except Exception as exc:  # never let observation break the relay
                 self.desync(f"server stream: {exc!r}")
 
     def server_observe_from(self, data: bytes, now: int, start: int) -> None:
-        """``server_observe`` from ``start``: where a compiled Feed stopped (or 0), in the Python loop."""
+        """``server_observe`` from ``start`` to the end (the bytes before it already accounted)."""
         try:
-            self._server(data, now, None, start)
+            self._server(data, now, None, start, len(data))
         except Exception as exc:  # as server_observe: never let observation break the relay
             self.desync(f"server stream: {exc!r}")
 
@@ -658,7 +651,7 @@ class Session:
         """Feed server bytes that are NOT yet forwarded; return what to forward (see ``server_hold``)."""
         out: list = []
         try:
-            self._server(data, now, out)
+            self._server(data, now, out, 0, len(data))
         except Exception as exc:
             self.desync(f"server stream: {exc!r}")
             if self._held_ready is not None:
@@ -671,43 +664,46 @@ class Session:
             out.append(rest)
         return b"".join(out)
 
-    def _server(self, data: bytes, now: int, out: list | None, start: int = 0) -> None:
-        """Frame server bytes from ``start`` (> 0 only when nothing was held or to skip)."""
+    def _server(self, data: bytes, now: int, out: list | None, start: int, stop: int) -> None:
+        """Frame server bytes ``data[start:stop]`` (a range only with ``out`` None: a filter forwards from 0)."""
+        if start < 0 or stop > len(data) or start > stop:
+            raise ValueError("server bytes: a range outside the buffer")
         sbuf = self._sbuf
         fwd = 0
         if sbuf:
             fwd = self._sfwd
-            data = sbuf + data
+            data = sbuf + data[start:stop]
+            start, stop = 0, len(data)
             self._sbuf = b""
             self._sfwd = 0
-        n = len(data)
+        n = stop
         pos = start
         skip = self._sskip
         if skip:
-            if skip >= n:
-                self._sskip = skip - n
+            if skip >= n - pos:
+                self._sskip = skip - (n - pos)
                 if out is not None:
                     out.append(data[fwd:] if fwd else data)
                 return
-            pos = skip
+            pos += skip
             self._sskip = 0
             if out is not None:
                 out.append(data[fwd:pos])
         while pos < n:
-            if out is None and _fast_server is not None:
-                pos = _fast_server(self, data, pos, n, now)
-                if pos >= n:
-                    break
             if n - pos < 5:
                 break
-            typ = data[pos]
-            mend = pos + 1 + _unpack_I(data, pos + 1)[0]
+            if cython.compiled:
+                typ = cython.cast(cython.p_uchar, PyBytes_AS_STRING(data))[pos]
+                mend = pos + 1 + be32(data, pos + 1)
+            else:
+                typ = data[pos]
+                mend = pos + 1 + _unpack_I(data, pos + 1)[0]
             if out is None and (typ == BACKEND_DATA_ROW or typ == BACKEND_COPY_DATA):
                 # Already forwarded: a run of DataRows (a large result is millions of
                 # them; each is only counted) or of CopyData (COPY TO STDOUT,
                 # replication streams: relayed, never held or decoded, so a large row
                 # costs no re-joining of chunks), stepped over in one call.
-                mend, count = _run_end(data, pos, n, typ)
+                mend, count = run_end(data, pos, n, typ)
                 if typ == BACKEND_DATA_ROW:
                     self._rows += count
                 if mend > n:
@@ -793,7 +789,7 @@ class Session:
                     continue
             pos = mend
         if pos < n:
-            self._sbuf = data[pos:]
+            self._sbuf = data[pos:n]
             if out is None:
                 self._sfwd = n - pos  # forwarded already (relay first)
             else:
@@ -832,7 +828,11 @@ class Session:
     def _server_message(self, typ: int, buf, start: int, end: int, now: int) -> bytes | None:
         """Account one whole server message; may return a replacement for it (hold mode only)."""
         if typ == BACKEND_COMMAND_COMPLETE:
-            tag = None if buf is None else bytes(buf[start : end - 1]).decode("ascii", "replace")
+            tag = None
+            if buf is not None:
+                tag = text(buf, start, end - 1)
+                if not tag.isascii():  # a command tag is ASCII: anything else is decoded as such
+                    tag = bytes(buf[start : end - 1]).decode("ascii", "replace")
             front = self._pending[0] if self._pending else None
             if front is not None and front[0] == _QUERY:
                 rec = front[1]
@@ -1067,7 +1067,7 @@ class Session:
         """
         k = {"query": _QUERY, "prefix": _PREFIX, "parse": _PARSE, "bind": _BIND, "execute": _EXECUTE, "close": _CLOSE}[kind]
         if k == _QUERY and rec is None:
-            rec = Statement("simple", None)
+            rec = new_statement("simple", None, 0)
             rec.results = []
         self._pending.append((k, rec, INJECTED_ERRORS_PASS if errors_pass else INJECTED))
         self._injected_pending += 1
@@ -1081,27 +1081,5 @@ class Session:
         return held
 
 
-# The compiled per-message loop (_core.c), when built: it handles the common
-# messages on the Session's own slots and stops before any other, which the
-# Python loop above then handles. PGOTEL_PURE_PYTHON=1 leaves it out; tests
-# feed the same streams to both and compare.
-_fast_client = _fast_server = None
-# Finished records in the compact form the span process takes them in
-# (protocol/records.py; tracing/process.py hands them over this way), compiled
-# when _core is built.
-pack_records, unpack_records = records.pack, records.unpack
-# The compiled pump's log fed to its traced sessions without a Python call per chunk
-# (proxy/server.py; without it a Python loop does the same).
-observe_log = None
-if not PURE_PYTHON:
-    try:
-        from . import _core  # type: ignore[attr-defined]
-
-        _core.configure(Session, Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT,
-                        tuple(range(_PREFIX + 1)))
-        _fast_client, _fast_server = _core.client, _core.server
-        pack_records, unpack_records = _core.pack, _core.unpack
-        observe_log = _core.observe_log
-    except ImportError:  # not built (no compiler at install time): Python serves
-        pass
-COMPILED = _fast_client is not None
+#: True when this module was compiled by Cython (see protocol/_impl.py).
+COMPILED: bool = cython.compiled

@@ -1,30 +1,40 @@
 """One proxied client connection: start-up negotiation, then the byte relay between two transports.
 
-Start-up (TLS negotiation on both legs, cancel requests, connecting upstream)
-runs as a coroutine over a small buffering protocol. Once the StartupMessage
-is forwarded, both transports switch to relay protocols whose
-``data_received`` does all the work synchronously, with no ``await``:
+Start-up (TLS negotiation on both legs, cancel requests, connecting upstream,
+authentication up to the first ReadyForQuery) runs on the event loop, as a
+coroutine over a small buffering protocol, then as the asyncio relay below.
+At the first ReadyForQuery (``became_ready``) the session takes one of two
+relay paths for the rest of its life:
 
-* server → client: write first, then feed the session (relay first, observe second);
-  only during authentication and while answers to injected messages are due
-  are server bytes framed before they are forwarded (``Session.server_hold``);
-* client → server: framed before forwarding, because garbage must be refused
-  with 08P01 rather than handed to Postgres, and because the proxy splices
-  messages of its own in at message boundaries (Flush phase timing, otelwal).
+* the pump (``_pump.c``, a thread moving bytes with epoll; ``_to_pump``):
+  every session with sockets on both legs (TLS ones: see below) and nothing for the proxy to
+  write into its streams, traced or not. For a traced session the pump frames
+  the client's messages before it forwards them and logs what it relays; the
+  event loop reads the log and feeds the session (``pump_observe``). A refused
+  client chunk or the server's end hands the sockets back here for the
+  proxy's last words (``pump_back``).
+* the asyncio relay (``_FromClient`` / ``_FromServer``), Python protocols
+  calling the same ``Session`` (compiled or not): TLS on Python's ssl module, WAL propagation and Flush phase timing (both
+  splice messages of the proxy's own in at client message boundaries), a build
+  without the compiled pump, a process short of descriptors. Its
+  ``data_received`` does all the work synchronously, with no ``await``:
 
-Backpressure: when one side's write buffer passes its high-water mark, reading
-from the other side pauses until it drains.
+  * server → client: write first, then feed the session (relay first, observe
+    second); only during authentication and while answers to injected
+    messages are due are server bytes framed before they are forwarded
+    (``Session.server_hold``);
+  * client → server: framed before forwarding, because garbage must be refused
+    with 08P01 rather than handed to Postgres, and because the proxy splices
+    its own messages in at message boundaries;
+  * backpressure: when one side's write buffer passes its high-water mark,
+    reading from the other side pauses until it drains.
 
-A session with nothing to observe leaves these protocols once its start-up is
-over: its two sockets go to the server's compiled pump (``_pump.c``, a thread
-moving bytes with epoll), or, where the pump cannot take them, to ``_Plain``.
-With ``experimental.traced_pump``, a traced session with nothing to splice in goes to the pump as well, which
-logs what it relays for the event loop to observe (``_to_pump``,
-``pump_observe``) and hands the sockets back for the proxy's own last words
-(``pump_back``); elsewhere (TLS on Python's ssl module, WAL propagation, Flush
-timing, no compiled pump) traced sessions relay through the compiled Feeds
-below. A TLS leg on the compiled TLS (``tls.py``) goes to the pump with its
-socket: the pump decrypts and encrypts there.
+  An untraced session on this path stops observing and only forwards bytes.
+
+A TLS leg goes to the pump too where TLS is the compiled one (``tls.py``,
+``_tls.c``): its TLS connection is lent to the pump with its socket, and the
+pump decrypts and encrypts there. With Python's ssl module (no compiled TLS)
+TLS sessions take the asyncio relay.
 """
 
 from __future__ import annotations
@@ -36,13 +46,11 @@ import os
 import socket
 import struct
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
-from ..protocol.kinds import FRONTEND_TYPES
 from ..protocol.messages import error_response
-from ..protocol.session import COMPILED as CODEC_COMPILED
+from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..stats import STATS
 from . import tls
 
@@ -54,20 +62,6 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
-try:  # the compiled relay steps, when the codec's compiled half is in use
-    from ..protocol._core import Feed  # the codec's loop as a data_received
-except ImportError:
-    Feed = None
-try:
-    from ._sender import Sender  # the socket write (_sender.c)
-except ImportError:
-    Sender = None
-if not CODEC_COMPILED:
-    Feed = Sender = None
-# Transports whose write() sends at once when nothing is buffered, and whose
-# is_closing() / get_write_buffer_size() say whether that is so: a Sender may
-# write to their socket itself (uvloop's TCP and Unix transports, asyncio's).
-_SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocketTransport"})
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 # Small, so that a busy connection's records are packed while still in the CPU's
@@ -75,11 +69,6 @@ _SENDER_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocke
 # at light load the tracer's 50 ms collection comes first anyway.
 _DELIVER_AT = 32
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
-_FRONTEND_TYPES = bytes(sorted(FRONTEND_TYPES))
-# Kinds of the pump's log entries (_pumplog.h, which the C side includes).
-PUMP_LOG_CLIENT = 0  # bytes the client sent, already forwarded
-PUMP_LOG_SERVER = 1  # bytes the server sent, already forwarded
-PUMP_LOG_HANDBACK = 2  # the pair is handed back to the event loop
 # A pair the pump hands back (_pump.c): reason, errno, client fd, server fd, then the lengths of the
 # chunk it did not forward and of what it kept for the server and for the client.
 _BACK = struct.Struct("=iiiiIIII")
@@ -175,18 +164,15 @@ class _FromClient(_Relay):
     def data_received(self, data: bytes) -> None:
         c = self.c
         if c.observe:
-            self.resume(data, _time_ns(), 0)
+            self.forward(data, _time_ns())
         else:
             c.upstream.write(data)
 
-    def resume(self, data: bytes, now: int, at) -> None:
-        """Observe ``data`` from ``at`` and forward it (``at``: where the compiled feed stopped, or what it raised)."""
+    def forward(self, data: bytes, now: int) -> None:
+        """Frame ``data`` (received at ``now``), then forward it with what the session splices in."""
         c = self.c
-        session = c.session
         try:
-            if isinstance(at, BaseException):
-                raise at
-            out = session.client_data(data, now) if at == 0 else session.client_data_from(data, now, at)
+            out = c.session.client_data(data, now)
         except ProtocolViolation as exc:
             c.violation(exc)
             return
@@ -224,16 +210,6 @@ class _FromServer(_Relay):
         if session.completed and (c.eager or len(session.completed) >= _DELIVER_AT):
             c.deliver()
 
-    def resume(self, data: bytes, now: int, at) -> None:
-        """Observe already forwarded ``data`` from ``at`` (where the compiled feed stopped, or what it raised)."""
-        session = self.c.session
-        if isinstance(at, BaseException):
-            session.desync(f"server stream: {at!r}")
-        elif at == 0:
-            session.server_observe(data, now)
-        else:
-            session.server_observe_from(data, now, at)
-
     def pause_writing(self) -> None:
         self.c.client.pause_reading()
 
@@ -242,71 +218,6 @@ class _FromServer(_Relay):
 
     def connection_lost(self, exc) -> None:
         self.c.upstream_lost(exc)
-
-
-class _FedClient(_FromClient):
-    """_FromClient whose data_received is a compiled Feed (protocol._core), set per connection."""
-
-    __slots__ = ("data_received",)
-
-
-class _FedServer(_FromServer):
-    """_FromServer whose data_received is a compiled Feed."""
-
-    __slots__ = ("data_received",)
-
-
-def _writer(transport: asyncio.Transport):
-    """What a relay writes to ``transport`` with: a compiled ``Sender`` on a plain socket, else its ``write``.
-
-    The Sender sends a chunk on the socket itself when the transport holds
-    nothing unsent and is not closing (one ``send()``, no transport
-    bookkeeping), and hands everything else to ``transport.write`` (see
-    ``_sender.c``). TLS transports always go through ``write``.
-    """
-    if Sender is not None and type(transport).__name__ in _SENDER_TRANSPORTS \
-            and transport.get_extra_info("ssl_object") is None:
-        sock = transport.get_extra_info("socket")
-        try:
-            if sock is not None and sock.type == socket.SOCK_STREAM:
-                return Sender(sock.fileno(), transport)
-        except (OSError, ValueError):
-            pass
-    return transport.write
-
-
-class _Plain(asyncio.Protocol):
-    """Bare relay for a connection with nothing to observe: write the bytes to the peer, nothing else.
-
-    Its ``data_received`` is what writes to the peer transport (an instance
-    attribute; a compiled ``Sender`` or the transport's ``write``, see
-    ``_writer``): the event loop keeps the callable it finds when the protocol
-    is set, so a chunk goes from one transport to the other without a Python
-    frame.
-    """
-
-    __slots__ = ("peer", "c", "client_side", "data_received")
-
-    def __init__(self, conn: "ClientConnection", peer: asyncio.Transport, client_side: bool) -> None:
-        self.c = conn
-        self.peer = peer
-        self.client_side = client_side
-        self.data_received = _writer(peer)
-
-    def eof_received(self):
-        return False
-
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
-
-    def connection_lost(self, exc) -> None:
-        if self.client_side:
-            self.c.client_lost(exc)
-        else:
-            self.c.upstream_lost(exc)
 
 
 class ConnectionInfo:
@@ -492,7 +403,7 @@ class ClientConnection:
             protocol_version=packet.code,
             startup_params=params,
         )
-        self.wal = srv.wal_injector(self.peer)
+        self.wal = srv.wal_injector(self.peer, params.get("application_name"))
         if self.wal is not None:
             self.session.injector = self.wal
             self.session.hold_first_ready = True
@@ -591,17 +502,23 @@ class ClientConnection:
         if tracer is not None and tracer.wants_connection(s):
             self.trace = tracer.open(ConnectionInfo(self.peer, srv.upstream_label, s, self.tls))
             self.eager = self.wal is not None or not getattr(self.trace, "collects", False)
-            # Nothing to splice in (and asked for): the pump relays, the event loop observes what it relayed.
-            if not (self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
-                    and srv.config.experimental.traced_pump and self._to_pump(observe=True)):
-                self._feed()
+            if self._splices_nothing():
+                # The pump relays, the event loop observes what it relayed; else the asyncio relay stays.
+                self._to_pump(observe=True)
         elif not s.flush_phases and self.wal is None:
             # Nothing to observe: from now on this connection is a plain byte relay.
             self.observe = False
-            if s.at_client_boundary and not self._to_pump():
-                # At a client message boundary nothing is held, so the cheapest relay can take over.
-                self.client.set_protocol(_Plain(self, self.upstream, True))
-                self.upstream.set_protocol(_Plain(self, self.client, False))
+            if s.at_client_boundary:
+                self._to_pump()
+
+    def _splices_nothing(self) -> bool:
+        """Whether the proxy has nothing of its own to write into this session's streams from now on.
+
+        Only then may the pump relay it: WAL propagation and Flush phase
+        timing write messages in between the client's, which the pump does not.
+        """
+        s = self.session
+        return self.wal is None and not s.flush_phases and s.at_client_boundary and not s.server_hold
 
     def _to_pump(self, observe: bool = False) -> bool:
         """Hand both sockets to the server's compiled pump (``_pump.c``); False when it cannot take them.
@@ -651,7 +568,7 @@ class ClientConnection:
             # The pump may read from now on; the event loop cannot before this callback returns.
             if observe:
                 self.pump_id = pump.add(fds[0], fds[1], observe=True, max_message=self.session.max_message_size,
-                                        types=_FRONTEND_TYPES, tls_a=legs[0], tls_b=legs[1])
+                                        tls_a=legs[0], tls_b=legs[1])
             else:
                 self.pump_id = pump.add(fds[0], fds[1], tls_a=legs[0], tls_b=legs[1])
         except (OSError, RuntimeError, TypeError):
@@ -687,11 +604,8 @@ class ClientConnection:
             self.stop_observing("client" if kind == PUMP_LOG_CLIENT else "server", exc)
 
     def pump_failed(self, kind: int, exc: BaseException) -> None:
-        """The compiled loop raised on a chunk the pump relayed: as pump_observe handles it."""
-        if kind == PUMP_LOG_CLIENT:
-            self.stop_observing("client", exc)
-        else:
-            self.session.desync(f"server stream: {exc!r}")  # as server_observe does
+        """Observing a chunk the pump relayed raised (protocol/pumplog.py): as pump_observe handles it."""
+        self.stop_observing("client" if kind == PUMP_LOG_CLIENT else "server", exc)
 
     def stop_observing(self, stream: str, exc: BaseException) -> bytes:
         """Observation failed on ``stream``: the session stops observing, the relay goes on.
@@ -707,7 +621,7 @@ class ClientConnection:
         return held
 
     def pump_observed(self) -> None:
-        """After a read of the log: hand over finished statements as the Feed does."""
+        """After a read of the log: hand over finished statements as ``_FromServer`` does."""
         s = self.session
         if s is not None and s.completed and (self.eager or len(s.completed) >= _DELIVER_AT):
             self.deliver()
@@ -784,7 +698,7 @@ class ClientConnection:
         fc, fs = _FromClient(self), _FromServer(self)
         client.set_protocol(fc)
         upstream.set_protocol(fs)
-        fc.resume(chunk, ts, 0)  # the codec refuses it (08P01, the connection ends) or forwards it
+        fc.forward(chunk, ts)  # the codec refuses it (08P01, the connection ends) or forwards it
         for t in (client, upstream):
             if not t.is_closing():
                 t.resume_reading()
@@ -795,24 +709,6 @@ class ClientConnection:
         if err and err != errno.ECONNABORTED:
             log.debug("client %s: relay ended: %s", self.peer, os.strerror(err))
         self._finish()
-
-    def _feed(self) -> None:
-        """Relay through compiled Feeds from now on (when built): the same steps, no Python frame per chunk.
-
-        The event loop keeps the protocol's ``data_received`` it found when the
-        protocol was set, so new protocol objects are set, whose
-        ``data_received`` is the Feed; what the Feed does not take, it hands
-        to the Python methods it stands in for.
-        """
-        if Feed is None:
-            return
-        fc, fs = _FedClient(self), _FedServer(self)
-        fc.data_received = Feed(False, self, self.session, _writer(self.upstream),
-                                partial(_FromClient.data_received, fc), fc.resume, _DELIVER_AT)
-        fs.data_received = Feed(True, self, self.session, _writer(self.client),
-                                partial(_FromServer.data_received, fs), fs.resume, _DELIVER_AT)
-        self.client.set_protocol(fc)
-        self.upstream.set_protocol(fs)
 
     def deliver(self) -> None:
         done = self.session.take_completed()

@@ -23,9 +23,10 @@ from ..hostport import format_hostport
 from ..listen import bind_tcp, check_addresses
 from ..protocol._impl import PURE_PYTHON
 from ..protocol.messages import error_response
-from ..protocol.session import observe_log
+from ..protocol.pumplog import observe_log
 from ..stats import STATS
-from .connection import PUMP_LOG_HANDBACK, ClientConnection
+from ..protocol.pumplog import PUMP_LOG_HANDBACK
+from .connection import ClientConnection
 from .tls import certificate_der, client_context, start_tls, upstream_context
 
 if TYPE_CHECKING:
@@ -35,12 +36,8 @@ Pump = None
 if not PURE_PYTHON:
     try:  # the compiled relay of unobserved connections (_pump.c)
         from ._pump import Pump
-    except ImportError:
+    except (ImportError, AttributeError):  # not built, or the codec's framing it imports is not compiled
         pass
-
-# The head of an entry in the pump's observation log (_pumplog.h).
-_LOG_HEAD = struct.Struct("=qiiq")  # pair id, kind, length, receive time (ns)
-
 
 def _resume(conn: ClientConnection, kind: int, log: bytes, at: int | BaseException, stop: int, ts: int) -> None:
     """One record of the pump's log, ``log[at:stop]``, for Python (observe_log leaves it here)."""
@@ -117,8 +114,11 @@ class ProxyServer:
                 _str(config.upstream_tls_key),
             )
 
-    def wal_injector(self, peer: str):
+    def wal_injector(self, peer: str, startup_application_name: str | None = None):
         """The otelwal injector for a new session (``wal_propagation``), else None.
+
+        ``startup_application_name`` is the StartupMessage's, a context channel's
+        session default.
 
         Made here, where the proxy is put together, so that the connection code
         knows only the session's injector interface (``Session.injector``).
@@ -128,7 +128,8 @@ class ProxyServer:
             return None
         from ..wal import WalInjector
 
-        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer)
+        return WalInjector(cfg.wal_message_prefix, cfg.wal_writing_functions, peer=peer,
+                           startup_application_name=startup_application_name)
 
     def reload_tls(self) -> None:
         """Re-read certificates (SIGHUP); open sessions keep the context they started with.
@@ -349,7 +350,7 @@ class ProxyServer:
     # ---------------------------------------------------------------- pump
 
     def pump(self):
-        """The compiled relay for connections with nothing to observe (started on first use); None without it."""
+        """The compiled relay (the pump), started on first use; None where it was not built or cannot start."""
         if self._pump is None and not self._pump_failed and not self.draining:
             fd = None
             try:
@@ -411,34 +412,9 @@ class ProxyServer:
         data = pump.take_log()
         if not data:
             return
-        if observe_log is not None:
-            # The compiled loop over the log: the common chunk reaches the codec
-            # without a Python frame; the rest comes back through _resume.
-            touched = observe_log(data, self.pumped, _resume)
-        else:
-            touched = self._observe_log_py(data)
+        touched = observe_log(data, self.pumped, _resume)
         for conn in touched.values():
             conn.pump_observed()
-
-    def _observe_log_py(self, data: bytes) -> dict[int, ClientConnection]:
-        """observe_log in Python: the connections fed, by pair."""
-        pumped = self.pumped
-        head = _LOG_HEAD.unpack_from
-        touched: dict[int, ClientConnection] = {}
-        pos, end = 0, len(data)
-        while pos < end:
-            pair, kind, length, ts = head(data, pos)
-            pos += _LOG_HEAD.size
-            stop = pos + length
-            conn = pumped.get(pair)
-            if conn is not None:
-                if kind == PUMP_LOG_HANDBACK:
-                    touched.pop(pair, None)
-                else:
-                    touched[pair] = conn
-                _resume(conn, kind, data, pos, stop, ts)
-            pos = stop
-        return touched
 
     def _end_pairs(self, pump) -> None:
         """End the connections of the pairs ``pump`` reported ended (after what they relayed was observed)."""

@@ -34,6 +34,12 @@ How it works (Linux):
   parent writes the reloaded tracing settings into the control block too, so
   later restarts agree with the running workers. Listen addresses, the admin
   address and the number of workers need a restart to change.
+* Lock waits: a statement may wait on a lock a sibling worker's session holds,
+  and each worker's span process knows only its own sessions. The parent makes
+  a file in the private directory (``enrich/sessionfile.py``) where span
+  processes ask each other about backend pids and answer with their sessions'
+  latest statement spans; each worker finds it, and its own part of it, in
+  the environment it passes on to its span process.
 
 ``workers = 1`` does not come here: ``run()`` keeps the single-process path.
 """
@@ -56,6 +62,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import ConfigError
+from ..enrich import SHARED_ENV, SharedSessions
 from ..hostport import format_hostport
 from ..protocol import ProtocolViolation, parse_startup_packet
 from ..stats import METRICS, STATS
@@ -407,6 +414,11 @@ class WorkerLink:
 
 
 
+def _sessions_path(sock_dir: str) -> str:
+    """The workers' shared session file (enrich/sessionfile.py)."""
+    return os.path.join(sock_dir, "sessions")
+
+
 def _for_worker(config: Config, index: int) -> Config:
     """Worker ``index``'s view of the config: the admin listener and Unix socket belong to worker 0."""
     if index == 0:
@@ -541,6 +553,8 @@ class _Supervisor:
                 s.close()
             for handler in logging.getLogger().handlers:
                 handler.addFilter(_WorkerTag(index))
+            # The span process (a child of this worker) publishes its sessions there.
+            os.environ[SHARED_ENV] = f"{_sessions_path(self.sock_dir)}:{index}:{len(self.slots)}"
             from .server import run
 
             reload = self.reload
@@ -651,6 +665,7 @@ def run_workers(config: Config, reload: Callable[[], Config] | None = None) -> i
     config, keep = _fix_port(config)
     area = SharedArea(config.workers)
     sock_dir = tempfile.mkdtemp(prefix="pgotel-proxy-")  # mode 0700
+    SharedSessions.create(_sessions_path(sock_dir), config.workers)
     parent = os.getpid()
     try:
         return _Supervisor(config, reload, area, sock_dir, keep).run()

@@ -15,7 +15,9 @@ socket and the relay's bounded buffer rather than dropped spans.
 
 Every record also goes to the latency histograms (:mod:`.histograms`) when
 they are on: before its spans are built, so that a record whose bucket wants
-an exemplar is built alone and the ids of its statement span are taken.
+an exemplar is built alone and the ids of its statement span are taken. The
+shape keys the histograms compute (``shape.StatementKeys``) are the builder's
+too: each record's text is keyed once.
 
 Nothing here bounds, samples ahead or drops records: that is the relay side's
 (:class:`~.process.ProcessTracer`), in one place.
@@ -33,6 +35,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.semconv.attributes.db_attributes import DB_NAMESPACE
 
 from ..config import Config
+from ..shape import StatementKeys
 from ..stats import STATS
 from .export import ExportPipeline, make_exporter, make_metric_exporter
 from .histograms import LatencyHistograms, MetricsExport
@@ -71,6 +74,10 @@ class SpanHelper:
         )
         #: latency histograms over every statement (histograms.py), None when turned off
         self.latency = LatencyHistograms(config.latency_histogram_series) if config.latency_histograms else None
+        # the shape keys of the hand-over being built: filled by the histograms, read by the builder
+        self._keys = StatementKeys()
+        if self.latency is not None:
+            self.builder.statement_key = self._keys.__getitem__
         self.metrics: MetricsExport | None = None
         if self.latency is not None and exporter is _NO_EXPORTER:
             metric_exporter = make_metric_exporter(config)
@@ -123,8 +130,10 @@ class SpanHelper:
         latency = self.latency
         wanted: list = []  # (index, ...) of records whose histogram bucket wants an exemplar, in order
         if latency is not None:
+            keys = self._keys
+            keys.clear()
             try:
-                wanted = latency.observe(records, state.base_attrs.get(DB_NAMESPACE))
+                wanted = latency.observe(records, state.base_attrs.get(DB_NAMESPACE), keys)
             except Exception:  # the histograms must never cost a span
                 log.exception("could not record statement latencies")
         if not enriching and not builder.transaction_spans:

@@ -56,7 +56,7 @@ from opentelemetry.semconv.attributes.db_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATION
 
-from ..shape import statement_key
+from ..shape import StatementKeys, statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
 
@@ -110,13 +110,14 @@ class LatencyHistograms:
 
     # ------------------------------------------------------------ recording
 
-    def _shape(self, sql: str) -> tuple:
-        """(summary, operation) of a statement text, remembered per text (a traceparent's value aside)."""
-        key = sql
-        if "/*" in sql:
-            q = statement_key(sql)
-            if q is not None:
-                key = q[0]
+    def _shape(self, sql: str, keys: StatementKeys) -> tuple:
+        """(summary, operation) of a statement text, remembered per text (a traceparent's value aside).
+
+        The text's shape key goes into ``keys`` for the span builder, which keys the same records next.
+        """
+        # (statement_key finds no key in a text without "/*": the test spares the call)
+        q = keys[sql] = statement_key(sql) if "/*" in sql else None
+        key = sql if q is None else q[0]
         hit = self._shapes.get(key)
         if hit is None:
             # (the analysis reads past comments: no sqlcomment parse, which the span builder counts)
@@ -127,12 +128,15 @@ class LatencyHistograms:
             self._shapes[key] = hit
         return hit
 
-    def observe(self, records: list, namespace: str | None) -> list:
+    def observe(self, records: list, namespace: str | None, keys: StatementKeys | None = None) -> list:
         """Record each of one connection's finished ``records``; the ones whose bucket wants an exemplar.
 
         Returns (index in ``records``, series, bucket, seconds, end ns) for at
-        most ``_WANTED_PER_BATCH`` records, in order.
+        most ``_WANTED_PER_BATCH`` records, in order. ``keys`` receives each
+        text's shape key (``shape.statement_key``), for the span builder.
         """
+        if keys is None:
+            keys = StatementKeys()
         wanted: list = []
         now = time.time_ns()
         series_of = self.series
@@ -142,7 +146,7 @@ class LatencyHistograms:
         for index, rec in enumerate(records):
             sql = rec.sql
             if sql is not last_sql:
-                last_sql, last_shape = sql, (self._shape(sql) if sql else (None, None))
+                last_sql, last_shape = sql, (self._shape(sql, keys) if sql else (None, None))
             summary, operation = last_shape
             error = rec.error
             if error is None and rec.results:

@@ -36,7 +36,7 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   startup_application_name)`` a connection opened;
   ``(OP_STATEMENTS_PACKED, conn, count, application_name, packed, drawn)``
   finished statements in the records' compact form (``protocol/records.py``,
-  ``protocol.session.pack_records``), which carries every field of every
+  ``protocol.records.pack``), which carries every field of every
   record; ``drawn``: the relay's draw kept these new roots (below a sample
   rate of 1 the relay draws for the roots it can tell, ``sampling.Presampler``,
   and what its draw leaves out is never handed over; not while latency
@@ -86,7 +86,7 @@ from itertools import islice
 from typing import Any
 
 from ..config import Config, is_secret_field
-from ..protocol.session import pack_records, unpack_records
+from ..protocol.records import pack as pack_records, unpack as unpack_records
 from .attributes import connection_attributes
 from ..stats import SPAN_PROCESS_COUNTERS, STATS
 from .sampling import Presampler

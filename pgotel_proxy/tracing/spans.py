@@ -197,6 +197,9 @@ class SpanBuilder:
         self._keep_record = False
         # (reason, carried context or None) of the root _context just kept by the rule
         self._kept: tuple | None = None
+        # A text's shape key (shape.statement_key): the span helper gives the ones the
+        # latency histograms computed for the same records (shape.StatementKeys).
+        self.statement_key = statement_key
 
     @property
     def bare(self) -> bool:
@@ -270,7 +273,8 @@ class SpanBuilder:
                 | (4 if self.capture_parameters else 0))
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
                                          _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
-                                         otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate, statement_key, opts)
+                                         otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate,
+                                         self.statement_key, opts)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
@@ -421,7 +425,7 @@ class SpanBuilder:
             # A text with its own traceparent is keyed without it (shape.statement_key, as
             # simple statements are): applications send a new traceparent, so a new text,
             # with every execution.
-            q = (statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
+            q = (self.statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
                  else None)
             if q is not None:
                 shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
@@ -542,7 +546,7 @@ class SpanBuilder:
             # One statement with values inline and a traceparent: a text of a shape seen
             # before on this connection is spanned from its key alone (shape.statement_key),
             # without parsing its comment or its SQL again.
-            q = statement_key(raw)
+            q = self.statement_key(raw)
             if q is not None:
                 res = results[0]
                 key = (q[0], res.tag, res.rows, self._app(conn, rec))

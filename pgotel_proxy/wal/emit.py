@@ -18,10 +18,13 @@ its commit:
 
 Only transactions that write (INSERT, UPDATE, DELETE, MERGE, COPY FROM, SELECT
 INTO or a data-modifying WITH, and calls of the configured functions) with a
-SAMPLED context, from a sqlcommenter ``traceparent`` on the writing statement or
-the session carrier (``SET pgotel.traceparent``), get a message. The first such
-statement's context is the one written. Statement text without ``traceparent``
-while no carrier is set is never parsed: untraced traffic costs a substring test.
+SAMPLED context get a message: a sqlcommenter ``traceparent`` on the writing
+statement, else the session's context channels (``pgotel.traceparent``,
+``pg_tracing.trace_context``, ``application_name`` from the start-up message or
+a ``SET``), followed by :class:`~pgotel_proxy.tracing.carrier.SessionCarrier`,
+the same rules and order the span builder uses. The first such statement's
+context is the one written. Statement text without ``traceparent`` while no
+channel holds a context is never parsed: untraced traffic costs a substring test.
 
 Every answer the injected messages cause is removed by the session, so the client
 receives the bytes it would have received without emission. An error they cause is
@@ -74,6 +77,7 @@ from ..protocol.kinds import (
 from ..protocol.messages import query_message, typed_message
 from ..stats import STATS
 from ..tracing.carrier import SessionCarrier
+from ..tracing.sampling import may_set_carrier
 from ..tracing.sqlscan import guess_many
 
 __all__ = ["WalInjector", "CHECK_SQL", "emit_sql", "carrier_json"]
@@ -101,7 +105,6 @@ _TX_COMMIT = frozenset(("COMMIT", "END"))
 _TX_OTHER = frozenset(("SAVEPOINT", "RELEASE", "RELEASE SAVEPOINT", "ROLLBACK TO", "SET TRANSACTION"))
 _WRITE_OPS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT", "WITH", "VALUES", "TABLE"))
 _LEAD = re.compile(r"\s*(?:/\*.*?\*/\s*)*([A-Za-z]+)", re.S)
-_CARRIER_HINT = re.compile(r"pgotel|^\s*(?:reset|discard)\b", re.I)
 
 
 def _quote(text: str) -> str:
@@ -143,7 +146,8 @@ def _statements(sql: str) -> tuple[tuple[str, bool], ...]:
 class WalInjector:
     """Per-session otelwal emission decisions; see the module docstring."""
 
-    def __init__(self, prefix: str = "otelwal", writing_functions=(), *, peer: str = "") -> None:
+    def __init__(self, prefix: str = "otelwal", writing_functions=(), *, peer: str = "",
+                 startup_application_name: str | None = None) -> None:
         self.prefix = prefix
         self.peer = peer
         names = [re.escape(f.strip()) for f in writing_functions if f and f.strip()]
@@ -151,7 +155,7 @@ class WalInjector:
         # "checking" until the server answered CHECK_SQL, then "on" or "off".
         self.state = "checking"
         self._check = {}
-        self._carrier = SessionCarrier()
+        self._carrier = SessionCarrier(startup_application_name)
         self._tx_ctx: tuple[str, str | None] | None = None  # context of the open transaction's first traced write
         self._batch_open = False
         self._batch_first = False  # the message being looked at is the first of its batch
@@ -191,7 +195,7 @@ class WalInjector:
     # --------------------------------------------------- carrier (SET ...)
 
     def statements(self, records) -> None:
-        """Finished records of this session, in order: follow ``SET pgotel.traceparent``."""
+        """Finished records of this session, in order: follow the context channels they set."""
         carrier = self._carrier
         for rec in records:
             extra = rec.extra
@@ -203,7 +207,7 @@ class WalInjector:
             if rec.protocol == "simple":
                 results = rec.results or []
                 tag = results[-1].tag if results else None
-                if sql and _CARRIER_HINT.search(sql):
+                if sql and may_set_carrier(sql):
                     c = sqlcomment.parse(sql)
                     text = c.stripped_sql if c is not None else sql
                     pieces = [p for p in text.split(";") if p.strip()] or [text]
@@ -213,7 +217,7 @@ class WalInjector:
                         carrier.observe_set(piece, res.error is None and rec.status == "ok", tx)
                 carrier.end_of_statement(rec.tx_status, tag)
             else:
-                if sql and not rec.reused and _CARRIER_HINT.search(sql):
+                if sql and not rec.reused and may_set_carrier(sql):
                     c = sqlcomment.parse(sql)
                     carrier.observe_set(c.stripped_sql if c is not None else sql, rec.status == "ok", rec.tx_status)
                 carrier.end_of_statement(rec.tx_status, rec.tag)

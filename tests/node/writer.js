@@ -6,6 +6,8 @@
 //   PGOTEL_NODE_OTLP_URL   the OTLP/HTTP traces URL its spans are exported to
 //   PGOTEL_NODE_CHANNEL    "sqlcommenter" (addSqlCommenterCommentToQueries) or
 //                          "application_name" (enableTraceContextPropagation)
+//   PGOTEL_NODE_TABLE      optional: a table (id int, v text) the queries insert
+//                          into instead of reading, one autocommit write each
 //
 // It runs a few simple and extended-protocol queries, each in a pg.query CLIENT
 // span of the instrumentation, exports those spans, and prints one JSON line per
@@ -50,7 +52,11 @@ registerInstrumentations({
 const { Client } = require('pg');
 
 // The queries: simple protocol (no parameters) and extended (parameters).
-const QUERIES = [
+const table = process.env.PGOTEL_NODE_TABLE;
+const QUERIES = table ? [
+  { text: `INSERT INTO ${table} VALUES (1, 'simple')` },
+  { text: `INSERT INTO ${table} VALUES ($1, 'extended')`, values: [2] },
+] : [
   { text: 'SELECT 42 AS answer' },
   { text: 'SELECT $1::int AS n', values: [1] },
   { text: 'SELECT $1::int AS n', values: [2] },
@@ -59,8 +65,8 @@ if (channel === 'application_name') {
   // A named statement, prepared once and executed again without its Parse: its
   // context comes from the session. (The instrumentation adds no sqlcommenter
   // comment to a named statement, whose text would freeze a stale context.)
-  QUERIES.push({ name: 'by-n', text: 'SELECT $1::int + 100 AS n', values: [3] },
-               { name: 'by-n', text: 'SELECT $1::int + 100 AS n', values: [4] });
+  const text = table ? `INSERT INTO ${table} VALUES ($1, 'named')` : 'SELECT $1::int + 100 AS n';
+  QUERIES.push({ name: 'by-n', text, values: [3] }, { name: 'by-n', text, values: [4] });
 }
 
 async function main() {

@@ -1,0 +1,51 @@
+# Types for the Cython build of records.py (pure-Python mode).
+cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
+from cpython.bytes cimport PyBytes_AS_STRING
+
+cdef class RecordForm:
+    cdef public object statement, completion, statement_layout, completion_layout
+
+    @cython.locals(out=bytearray, refs=list, written=list)
+    cpdef bytes pack(self, object records)
+    @cython.locals(r=_Reader, n=cython.longlong)
+    cpdef list unpack(self, object data)
+    @cython.locals(kind=int)
+    cdef _pack_record(self, bytearray out, object rec, object cls, object layout, list refs, list written)
+    @cython.locals(values=list, kind=int, n=cython.longlong, b=int)
+    cdef _unpack_record(self, _Reader r, object cls, object layout)
+
+cdef class _Reader:
+    cdef bytes data
+    cdef Py_ssize_t pos
+    cdef list written
+
+    cdef Py_ssize_t left(self)
+    @cython.locals(at=Py_ssize_t)
+    cdef Py_ssize_t need(self, Py_ssize_t k) except -1
+    @cython.locals(at=Py_ssize_t)
+    cdef bytes take(self, Py_ssize_t k)
+    @cython.locals(at=Py_ssize_t)
+    cdef int u8(self) except -1
+    @cython.locals(at=Py_ssize_t, p=cython.p_uchar)
+    cdef long long u32(self) except? -1
+    @cython.locals(at=Py_ssize_t, p=cython.p_uchar, u=cython.ulonglong, i=int)
+    cdef long long i64(self) except? -1
+    @cython.locals(n=cython.longlong, k=cython.longlong, at=Py_ssize_t)
+    cdef object string(self)
+    @cython.locals(tag=int, n=cython.longlong)
+    cdef object value(self, int depth)
+
+@cython.locals(n=Py_ssize_t, p=cython.p_uchar, u=cython.uint)
+cdef void _put_u32(bytearray out, object v) except *
+@cython.locals(n=Py_ssize_t, p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
+cdef void _put_i64(bytearray out, object v) except *
+cdef void _pack_int(bytearray out, object v, object name) except *
+@cython.locals(slot=Py_ssize_t)
+cdef void _pack_str(bytearray out, object v, list refs, list written) except *
+cdef void _pack_value(bytearray out, object v, list refs, list written, int depth) except *
+cdef bytes _utf8(str v)
+
+cdef int INT, BOOL, STR, VALUE, COMPLETIONS
+cdef long long NONE, REF, REF_MIN, REF_SLOTS, MAX_DEPTH
+cdef int V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT
