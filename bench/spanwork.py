@@ -2,8 +2,8 @@
 
 This module owns a micro-benchmark of :meth:`pgotel_proxy.tracing.helper.SpanHelper.build`:
 hand-overs of one connection's finished records, packed and unpacked as the
-relay and the span process do (``protocol.session.pack_records`` /
-``unpack_records``), built into encoded spans with the latency histograms on
+relay and the span process do (``protocol.records.pack`` /
+``unpack``), built into encoded spans with the latency histograms on
 or off, nothing exported. The records are pgbench ``-S`` statements whose
 sqlcommenter ``traceparent`` is new in every statement (``--traceparent
 new``, what instrumented applications send), the same in all of them
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgotel_proxy.config import Config  # noqa: E402
 from pgotel_proxy.protocol.events import Completion, Statement  # noqa: E402
-from pgotel_proxy.protocol.session import pack_records, unpack_records  # noqa: E402
+from pgotel_proxy.protocol.records import pack as pack_records, unpack as unpack_records  # noqa: E402
 from pgotel_proxy.tracing.helper import SpanHelper  # noqa: E402
 from pgotel_proxy.tracing.process import _ChildInfo  # noqa: E402
 from pgotel_proxy.tracing.spans import ConnState  # noqa: E402

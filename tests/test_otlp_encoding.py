@@ -191,7 +191,7 @@ def test_an_unencodable_attribute_is_skipped_like_the_sdk_skips_it():
 def _as_sdk_spans(ops: list) -> list:
     """The ReadableSpans the span helper builds, for an SDK exporter, from the operations the relay handed over."""
     from pgotel_proxy.config import Config
-    from pgotel_proxy.protocol.session import unpack_records
+    from pgotel_proxy.protocol.records import unpack as unpack_records
     from pgotel_proxy.tracing.helper import SpanHelper
     from pgotel_proxy.tracing.process import OP_CONNECTION_OPENED, OP_STATEMENTS_PACKED, _ChildInfo
     from pgotel_proxy.tracing.spans import ConnState
