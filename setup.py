@@ -9,17 +9,20 @@ when Cython is importable at build time. The hand-written C:
 * pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
 * pgotel_proxy/proxy/_pump.c: the compiled relay (traced sessions or not), on a
   thread; it frames client bytes with the codec's framing (imported from the
-  compiled pgotel_proxy/protocol/framing.py through its C capsule).
+  compiled pgotel_proxy/protocol/framing.py through its C capsule);
+* pgotel_proxy/proxy/_tls.c: TLS on OpenSSL (both legs, start-up and pump; needs libssl's headers).
 
 ``optional=True`` everywhere: without Cython or a C compiler the package
 installs anyway and the Python versions serve (the codec's ``.py`` files,
 pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the asyncio relay of
-pgotel_proxy.proxy.connection for the pump). ``PGOTEL_PURE_PYTHON=1`` makes
+pgotel_proxy.proxy.connection for the pump; Python's ssl module for _tls, and
+then TLS sessions stay on the asyncio relay). ``PGOTEL_PURE_PYTHON=1`` makes
 them serve where the compiled ones exist (pgotel_proxy/protocol/_impl.py).
 
 Shared helpers of the C extensions are in the header pgotel_proxy/_cutil.h; the
 pump's log layout, which _pump.c writes (pgotel_proxy/protocol/pumplog.py reads
-it), in pgotel_proxy/_pumplog.h.
+it), in pgotel_proxy/_pumplog.h; what the pump may do with a TLS connection of
+_tls (a capsule: _pump links no TLS library) in pgotel_proxy/proxy/_tlsapi.h.
 """
 
 from setuptools import Extension, setup
@@ -28,6 +31,8 @@ from setuptools import Extension, setup
 _COMMON = ["pgotel_proxy/_cutil.h"]
 #: The pump's log layout, shared by its writer and its reader.
 _PUMPLOG = ["pgotel_proxy/_pumplog.h"]
+#: What the pump may do with a TLS connection of _tls, shared by both.
+_TLSAPI = ["pgotel_proxy/proxy/_tlsapi.h"]
 #: The codec's modules compiled by Cython (protocol/_impl.py CODEC_MODULES, which the
 #: PGOTEL_PURE_PYTHON switch loads from source).
 CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
@@ -57,6 +62,9 @@ setup(
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], depends=_COMMON,
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
-        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=_PUMPLOG, optional=True),
+        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=[*_PUMPLOG, *_TLSAPI],
+                  optional=True),
+        Extension("pgotel_proxy.proxy._tls", ["pgotel_proxy/proxy/_tls.c"], depends=_TLSAPI, libraries=["ssl", "crypto"],
+                  optional=True),
     ],
 )

@@ -72,6 +72,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_sqlcomment.py",
         "test_stats.py",
         "test_tiers.py",
+        "test_tls_compiled.py",
     ),
     "component": (
         "test_always_trace.py",

@@ -31,6 +31,7 @@ import psycopg
 import pytest
 
 from pgotel_proxy.proxy import server as server_mod
+from pgotel_proxy.proxy.tls import COMPILED as COMPILED_TLS
 from rawpg import RawConn, message
 from waiting import wait_for
 
@@ -43,6 +44,7 @@ def test_compiled_pump_is_built_where_ci_expects_it():
     # .ci/run sets this: a machine with a C compiler must not silently lose the pump.
     if os.environ.get("PGOTEL_EXPECT_COMPILED") and not os.environ.get("PGOTEL_PURE_PYTHON"):
         assert Pump is not None, "pgotel_proxy.proxy._pump was not built"
+        assert COMPILED_TLS, "pgotel_proxy.proxy._tls was not built (TLS sessions would stay off the pump)"
 
 
 class _Harness:
@@ -348,13 +350,32 @@ def test_shutdown_closes_pumped_sessions(make_proxy):
 
 
 @needs_pump
-def test_tls_sessions_stay_on_the_asyncio_relay(make_proxy, certs):
-    proxy = make_proxy(tracing=False, client_tls_cert=certs["proxy_cert"], client_tls_key=certs["proxy_key"])
-    with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+@pytest.mark.parametrize("legs", ["client", "upstream", "both"])
+def test_tls_sessions_relay_on_the_pump(make_proxy, certs, legs):
+    """A TLS session goes to the pump with its TLS connections, which decrypt and encrypt there."""
+    if not COMPILED_TLS:
+        pytest.skip("compiled TLS not built")
+    config = {"tracing": False}
+    if legs in ("client", "both"):
+        config.update(client_tls_cert=certs["proxy_cert"], client_tls_key=certs["proxy_key"])
+    if legs in ("upstream", "both"):
+        config.update(upstream_tls="require")
+    proxy = make_proxy(**config)
+    sslmode = "require" if legs != "upstream" else "disable"
+    with psycopg.connect(proxy.dsn(sslmode=sslmode), autocommit=True) as conn:
         assert conn.execute("SELECT 2").fetchone() == (2,)
         (c,) = list(proxy.server.connections)
-        assert c.pump_id is None and not proxy.server.pumped
-        assert conn.execute("SELECT repeat('y', 300000)").fetchone()[0] == "y" * 300000
+        _pumped(proxy)
+        tls_client, tls_server = c.tls_legs
+        assert (tls_client is not None) == (legs != "upstream") and (tls_server is not None) == (legs != "client")
+        assert all(leg.lent for leg in c.tls_legs if leg is not None)
+        ssl_in_use = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        assert ssl_in_use == (legs != "client")
+        # Large results both ways: records split across reads, the pump's buffers kept and drained.
+        assert conn.execute("SELECT repeat('y', 3000000)").fetchone()[0] == "y" * 3000000
+        big = "z" * 2_000_000
+        assert conn.execute("SELECT length(%s::text)", (big,)).fetchone() == (2_000_000,)
+    wait_for(lambda: not proxy.server.pumped, timeout=10, what="the pair to end")
 
 
 # ---------------------------------------------------------------- observed pairs (traced sessions)
@@ -591,3 +612,62 @@ def test_a_failure_in_observing_a_pumped_session_stops_observation_not_the_relay
         for i in range(20):  # the session goes on, relayed, no longer observed
             assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
         assert proxy.server.pumped.get(c.pump_id) is c
+
+
+def _both_tls(certs) -> dict:
+    return {"client_tls_cert": certs["proxy_cert"], "client_tls_key": certs["proxy_key"], "upstream_tls": "require"}
+
+
+def _client_tls_context():
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@needs_pump
+def test_garbage_over_tls_to_a_traced_pumped_session_gets_08p01_over_tls(make_proxy, pg, certs):
+    """The pump hands a TLS pair back with its TLS connections: the proxy's 08P01 reaches the client encrypted."""
+    if not COMPILED_TLS:
+        pytest.skip("compiled TLS not built")
+    proxy = make_proxy(sample_rate=1.0, **_both_tls(certs))
+    raw = RawConn("127.0.0.1", proxy.port, timeout=10, tls=_client_tls_context())
+    raw.startup(application_name="pump-tls-garbage")
+    assert [t for t, _ in raw.query("SELECT 1")] == ["T", "D", "C", "Z"]
+    (c,) = _pumped(proxy)
+    assert c.pump_observes and all(leg is not None and leg.lent for leg in c.tls_legs)
+    # A large good message first, so that records and reads do not line up, then garbage.
+    raw.send(message(b"Q", b"SELECT length('" + b"q" * 200000 + b"')\x00"))
+    assert [t for t, _ in raw.query("SELECT 2")][-1] == "Z"
+    raw.send(message(b"Q", b"SELECT 3\x00") + b"\x07garbage")
+    msgs = []
+    with pytest.raises((ConnectionError, OSError)):
+        while True:
+            msgs.append(raw.read_message())
+    assert [t for t, _ in msgs if t == "E"] == ["E"], msgs
+    fields = dict((b[:1].decode(), b[1:].decode()) for b in [m for m in msgs if m[0] == "E"][0][1].split(b"\x00") if b)
+    assert fields["C"] == "08P01" and "invalid frontend message type 7" in fields["M"]
+    wait_for(lambda: not proxy.server.connections and proxy.server.observed == 0, timeout=10, what="the session to end")
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pump-tls-garbage'")
+                 .fetchone(), timeout=10, what="the backend to end")
+
+
+@needs_pump
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_terminated_backend_reaches_a_tls_client(make_proxy, pg, certs, traced):
+    if not COMPILED_TLS:
+        pytest.skip("compiled TLS not built")
+    config = {"sample_rate": 1.0} if traced else {"tracing": False}
+    proxy = make_proxy(**config, **_both_tls(certs))
+    with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        (c,) = _pumped(proxy)
+        assert c.pump_observes == traced
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError, match="terminat"):  # Postgres' own FATAL, relayed
+            conn.execute("SELECT 1")
+    wait_for(lambda: not proxy.server.pumped and not proxy.server.connections, timeout=10, what="the pair to end")

@@ -2,8 +2,9 @@
 
 After start-up a session is relayed either by the compiled pump (``proxy/_pump.c``), traced or
 not, or by the asyncio protocols of ``proxy/connection.py`` (``_FromClient`` / ``_FromServer``):
-with Flush phase timing, WAL propagation or TLS on a leg (the proxy writes into the stream, or
-the pump cannot read it), and wherever the pump was not built (``PGOTEL_PURE_PYTHON``). These
+with Flush phase timing, WAL propagation or TLS on a leg without the compiled TLS (the proxy
+writes into the stream, or the pump cannot read it), and wherever the pump was not built
+(``PGOTEL_PURE_PYTHON``); TLS sessions on the pump are tested in tests/test_pump.py. These
 tests pin that choice and drive both paths with messages split across reads, an error in the
 middle of an extended batch, and a large result; tests/test_pump.py tests the pump itself.
 """

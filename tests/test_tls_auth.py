@@ -57,6 +57,12 @@ from pgserver import USERS, PgServer
 from rawpg import RawConn, error_fields
 from waiting import cancel_sleep
 
+from pgotel_proxy.proxy import server as server_mod
+from pgotel_proxy.proxy import tls as tls_mod
+
+#: Whether TLS sessions relay on the pump in this build (the compiled pump and the compiled TLS).
+PUMPED = server_mod.Pump is not None and tls_mod.COMPILED
+
 LIBPQ = psycopg.pq.version()
 
 
@@ -272,8 +278,14 @@ def test_upstream_tls_against_plain_server(make_proxy, plain_pg):
     assert upstream in fields["M"] and "does not accept TLS" in fields["M"]
 
 
-def test_large_data_over_both_tls_legs(make_proxy, pg, certs):
-    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_client_tls(certs))
+# Where a TLS session's bytes move after start-up: the pump (the default), or the event loop's
+# TLS transports (Flush phase timing keeps a session there).
+_RELAYS = {"pump": {}, "event-loop": {"phase_timing": "flush"}}
+
+
+@pytest.mark.parametrize("relay", list(_RELAYS))
+def test_large_data_over_both_tls_legs(make_proxy, pg, certs, relay):
+    proxy = make_proxy(upstream_tls="verify-full", upstream_tls_ca=certs["ca"], **_client_tls(certs), **_RELAYS[relay])
     query = "select g, md5(g::text) from generate_series(1, 100000) g"
     with psycopg.connect(pg.dsn(), autocommit=True) as direct:
         expected = direct.execute(query).fetchall()
@@ -290,8 +302,9 @@ def test_large_data_over_both_tls_legs(make_proxy, pg, certs):
         assert bytes(out) == payload
 
 
-def test_slow_reader_backpressure_over_tls(make_proxy, certs):
-    proxy = make_proxy(upstream_tls="require", **_client_tls(certs))
+@pytest.mark.parametrize("relay", list(_RELAYS))
+def test_slow_reader_backpressure_over_tls(make_proxy, certs, relay):
+    proxy = make_proxy(upstream_tls="require", **_client_tls(certs), **_RELAYS[relay])
     rows = 30_000
     ctx = ssl.create_default_context(cafile=certs["ca"])
     with RawConn("127.0.0.1", proxy.port, timeout=30, tls=ctx) as raw:
@@ -302,6 +315,10 @@ def test_slow_reader_backpressure_over_tls(make_proxy, certs):
 
         async def buffered() -> int:
             (conn,) = [c for c in proxy.server.connections if c.ready]
+            if relay == "pump":  # what it keeps is one read's worth; its transports are closed
+                assert conn.pump_id is not None or not PUMPED
+                return 0
+            assert conn.pump_id is None
             return conn.client.get_write_buffer_size() + conn.upstream.get_write_buffer_size()
 
         held = proxy.call(buffered())

@@ -7,14 +7,14 @@ At the first ReadyForQuery (``became_ready``) the session takes one of two
 relay paths for the rest of its life:
 
 * the pump (``_pump.c``, a thread moving bytes with epoll; ``_to_pump``):
-  every session with plain sockets on both legs and nothing for the proxy to
+  every session with sockets on both legs (TLS ones: see below) and nothing for the proxy to
   write into its streams, traced or not. For a traced session the pump frames
   the client's messages before it forwards them and logs what it relays; the
   event loop reads the log and feeds the session (``pump_observe``). A refused
   client chunk or the server's end hands the sockets back here for the
   proxy's last words (``pump_back``).
 * the asyncio relay (``_FromClient`` / ``_FromServer``), Python protocols
-  calling the same ``Session`` (compiled or not): TLS on a leg, WAL propagation and Flush phase timing (both
+  calling the same ``Session`` (compiled or not): TLS on Python's ssl module, WAL propagation and Flush phase timing (both
   splice messages of the proxy's own in at client message boundaries), a build
   without the compiled pump, a process short of descriptors. Its
   ``data_received`` does all the work synchronously, with no ``await``:
@@ -30,6 +30,11 @@ relay paths for the rest of its life:
     reading from the other side pauses until it drains.
 
   An untraced session on this path stops observing and only forwards bytes.
+
+A TLS leg goes to the pump too where TLS is the compiled one (``tls.py``,
+``_tls.c``): its TLS connection is lent to the pump with its socket, and the
+pump decrypts and encrypts there. With Python's ssl module (no compiled TLS)
+TLS sessions take the asyncio relay.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup
 from ..protocol.messages import error_response
 from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..stats import STATS
+from . import tls
 
 if TYPE_CHECKING:
     from .server import ProxyServer
@@ -259,6 +265,7 @@ class ClientConnection:
         self._cancel_key: tuple[int, bytes] | None = None
         self._closing = False
         self.pump_id: int | None = None  # relayed by the server's pump (_to_pump)
+        self.tls_legs: tuple = (None, None)  # the client's and the server's TLS connections the pump was lent
         self.pump_observes = False  # ... which logs what it relays for this connection's session
 
     # ------------------------------------------------------------ start-up
@@ -268,11 +275,11 @@ class ClientConnection:
         srv = self.server
         cfg = srv.config
         inbox = _Inbox()
-        ctx = srv.client_tls if direct_tls else None
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(lambda: inbox, sock, ssl=ctx), cfg.connect_timeout
-            )
+            if direct_tls:
+                transport = await asyncio.wait_for(tls.accept_tls(sock, inbox, srv.client_tls), cfg.connect_timeout)
+            else:
+                transport, _ = await loop.connect_accepted_socket(lambda: inbox, sock)
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("client %s: TLS handshake failed: %s", self.peer, exc)
             sock.close()
@@ -322,7 +329,6 @@ class ClientConnection:
     async def _negotiate(self, inbox: _Inbox):
         """Read start-up packets until a StartupMessage; answer SSL/GSS requests and cancels."""
         srv = self.server
-        loop = asyncio.get_running_loop()
         for _ in range(4):
             head = await inbox.read_exactly(4)
             n = startup_packet_length(head, srv.config.max_startup_packet)
@@ -339,7 +345,7 @@ class ClientConnection:
                     # Bytes after SSLRequest before the handshake would be injectable plaintext.
                     raise ProtocolViolation("received unencrypted data after SSL request")
                 self.client.write(b"S")
-                transport = await loop.start_tls(self.client, inbox, srv.client_tls, server_side=True)
+                transport = await tls.start_tls(self.client, inbox, srv.client_tls, server_side=True)
                 inbox.transport = self.client = transport
                 self.tls = True
                 self.client_cert_der = srv.client_cert_der
@@ -368,7 +374,8 @@ class ClientConnection:
                 answer = await asyncio.wait_for(up.read_exactly(1), cfg.connect_timeout)
                 if answer == b"S":
                     transport = await asyncio.wait_for(
-                        loop.start_tls(transport, up, srv.upstream_tls, server_hostname=srv.upstream_server_name),
+                        tls.start_tls(transport, up, srv.upstream_tls, server_side=False,
+                                      server_hostname=srv.upstream_server_name),
                         cfg.connect_timeout,
                     )
                     up.transport = self.upstream = transport
@@ -516,8 +523,11 @@ class ClientConnection:
     def _to_pump(self, observe: bool = False) -> bool:
         """Hand both sockets to the server's compiled pump (``_pump.c``); False when it cannot take them.
 
-        It can when it was built, neither leg is TLS, both transports are plain
-        sockets and hold nothing unsent. The transports give their duplicated
+        It can when it was built, both transports are sockets (a TLS leg's
+        transport the compiled TLS's, see ``tls.py``) and hold nothing unsent.
+        A TLS leg's connection is lent to the pump with its socket, which
+        decrypts and encrypts on its own thread from then on; what the
+        connection still holds is read there first. The transports give their duplicated
         descriptors up and are closed; the pump relays on its own thread from
         the next byte on, and this connection ends when the pump says the pair
         ended (``pump_ended``) or when it is closed (``pump.close``).
@@ -533,7 +543,8 @@ class ClientConnection:
         """
         srv = self.server
         client, upstream = self.client, self.upstream
-        if client.get_extra_info("ssl_object") is not None or upstream.get_extra_info("ssl_object") is not None:
+        legs = (tls.relayable(client), tls.relayable(upstream))
+        if False in legs:  # TLS the pump cannot take (Python's ssl module)
             return False
         if client.get_write_buffer_size() or upstream.get_write_buffer_size():
             return False
@@ -548,18 +559,26 @@ class ClientConnection:
         if pump is None:
             return False
         fds: list[int] = []
+        for t, leg in zip((client, upstream), legs):
+            if leg is not None:
+                t.hand_over()  # the TLS connection is the pump's from the add on: not read here any more
         try:
             for sk in socks:
                 fds.append(os.dup(sk.fileno()))
             # The pump may read from now on; the event loop cannot before this callback returns.
             if observe:
-                self.pump_id = pump.add(fds[0], fds[1], observe=True, max_message=self.session.max_message_size)
+                self.pump_id = pump.add(fds[0], fds[1], observe=True, max_message=self.session.max_message_size,
+                                        tls_a=legs[0], tls_b=legs[1])
             else:
-                self.pump_id = pump.add(fds[0], fds[1])
-        except (OSError, RuntimeError):
+                self.pump_id = pump.add(fds[0], fds[1], tls_a=legs[0], tls_b=legs[1])
+        except (OSError, RuntimeError, TypeError):
             for fd in fds:
                 os.close(fd)
+            for t, leg in zip((client, upstream), legs):
+                if leg is not None:
+                    t.hand_over(False)
             return False
+        self.tls_legs = legs
         srv.pumped[self.pump_id] = self
         if observe:
             self.pump_observes = True
@@ -656,23 +675,29 @@ class ClientConnection:
                     sk.close()
             self._finish()
             return
+        # What the pump kept is as it goes on the wire (encrypted already for a TLS leg); the TLS
+        # connections it was lent are the event loop's again, with what they still hold.
+        tls_client, tls_server = self.tls_legs
+        self.tls_legs = (None, None)
+        if to_client:
+            client.write(to_client)
+        if tls_client is not None:
+            client = tls.resume_tls(client, tls_client)
         self.client = client
         if reason != _BACK_VIOLATION:
             # The server ended (err: how): it gets nothing more; the client may get 08006.
             socks[1].close()
             client.set_protocol(_FromClient(self))
-            if to_client:
-                client.write(to_client)
             self.upstream_lost(OSError(err, os.strerror(err)) if err else None)
             return
+        if to_server:
+            upstream.write(to_server)
+        if tls_server is not None:
+            upstream = tls.resume_tls(upstream, tls_server)
         self.upstream = upstream
         fc, fs = _FromClient(self), _FromServer(self)
         client.set_protocol(fc)
         upstream.set_protocol(fs)
-        if to_server:
-            upstream.write(to_server)
-        if to_client:
-            client.write(to_client)
         fc.forward(chunk, ts)  # the codec refuses it (08P01, the connection ends) or forwards it
         for t in (client, upstream):
             if not t.is_closing():

@@ -27,7 +27,7 @@ from ..protocol.pumplog import observe_log
 from ..stats import STATS
 from ..protocol.pumplog import PUMP_LOG_HANDBACK
 from .connection import ClientConnection
-from .tls import certificate_der, client_context, upstream_context
+from .tls import certificate_der, client_context, start_tls, upstream_context
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -211,9 +211,12 @@ class ProxyServer:
             if await asyncio.wait_for(reader.readexactly(1), self.config.connect_timeout) != b"S":
                 self.binding_check = "done"  # the upstream leg is plain text: nothing to bind
                 return
-            await asyncio.wait_for(writer.start_tls(self.upstream_tls, server_hostname=self.upstream_server_name),
-                                   self.config.connect_timeout)
-            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            transport = await asyncio.wait_for(
+                start_tls(writer.transport, writer.transport.get_protocol(), self.upstream_tls, server_side=False,
+                          server_hostname=self.upstream_server_name),
+                self.config.connect_timeout)
+            der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            transport.abort()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, EOFError) as exc:
             log.debug("channel binding: could not read the upstream certificate at start-up: %r", exc)
             self.binding_check = "failed"
