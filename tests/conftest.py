@@ -77,6 +77,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "component": (
         "test_always_trace.py",
         "test_background.py",
+        "test_client_wire.py",
         "test_collector_interop.py",
         "test_deploy.py",
         "test_enrich_explain.py",

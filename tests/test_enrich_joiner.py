@@ -105,7 +105,8 @@ def test_a_plan_splits_the_execution_off_a_child_holding_several_phases():
     rec, (server, _) = statement(5, "SELECT 1 FROM t", now, now + 2_000_000)
     ctx = server.context
     merged = make_span("parse+plan+execute", child_context(ctx), ctx, SpanKind.INTERNAL, now, now + 2_000_000,
-                       {"pgotel.timing.exact": True, "pgotel.phases": ("parse", "plan", "execute")}, None)
+                       {"pgotel.timing.exact": True, "pgotel.phases": ("parse", "plan", "execute"),
+                        "pgotel.execute.first_row_offset_ms": 1.8}, None)
     src.plans.append(plan(5, "SELECT 1 FROM t", now + 1_000_000))  # the executor took 0.5 ms
     out = j.statement(rec, [server, merged])
     assert [s.name for s in out] == ["SELECT t", "parse+plan", "execute", "Seq Scan t"]
@@ -119,6 +120,9 @@ def test_a_plan_splits_the_execution_off_a_child_holding_several_phases():
     assert execute.attributes["pgotel.timing.exact"] is True and "pgotel.phases" not in execute.attributes
     assert early.attributes["pgotel.timing.source"] == execute.attributes["pgotel.timing.source"] == "auto_explain"
     assert out[3].parent.span_id == execute.context.span_id
+    # The first row's offset moves with the start of the span holding execute.
+    assert "pgotel.execute.first_row_offset_ms" not in early.attributes
+    assert abs(execute.attributes["pgotel.execute.first_row_offset_ms"] - 0.3) < 1e-9
 
 
 def test_auto_explain_plan_of_another_shape_than_last_time_yields_plan_changed():

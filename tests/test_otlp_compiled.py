@@ -170,31 +170,35 @@ _SQL = (f"SELECT 1 /*traceparent='{_TP}'*/", "SELECT 1",
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(_ns, _ns, _ns, st.booleans(), _ns, _ns, st.booleans(), _ns, _ns, st.booleans()),
+@given(st.lists(st.tuples(_ns, _ns, _ns, st.booleans(), _ns, _ns, st.booleans(), _ns, _ns, st.booleans(), _ns),
                 min_size=1, max_size=5),
        st.sampled_from(_SQL), st.booleans(), st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=6),
        st.integers(0, 100))
 def test_kept_extended_statements_compiled_same_spans(rows, sql, reused, draws, seed):
-    """Whatever the phase times and flags: the same spans and ids as the builder's Python steps."""
+    """Whatever the phase times and flags: the same spans and ids as the builder's Python steps.
+
+    (A record with a first row's time is built by the Python steps both ways: the same draws
+    in the same order for the records around it.)"""
     from pgotel_proxy.protocol.events import Statement
 
     records = [Statement("extended", sql, start_ns=a, parse_start_ns=b, parse_end_ns=c, parse_exact=d,
                          bind_start_ns=e, bind_end_ns=f, bind_exact=g, exec_start_ns=h, end_ns=i, exec_exact=j,
-                         status="ok", tag="SELECT 1", rows=1, tx_status="I", reused=reused)
-               for a, b, c, d, e, f, g, h, i, j in [rows[0]] + rows]  # the first keeps the shape
+                         first_row_ns=k, status="ok", tag="SELECT 1", rows=1, tx_status="I", reused=reused)
+               for a, b, c, d, e, f, g, h, i, j, k in [rows[0]] + rows]  # the first keeps the shape
     got, want = _both_ways(records, draws, seed)
     assert got == want
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2**9), _ns, _ns), min_size=1, max_size=5),
+@given(st.lists(st.tuples(st.integers(0, 2**9), _ns, _ns, _ns), min_size=1, max_size=5),
        st.lists(st.sampled_from([0, 1, 2**64 - 1]), max_size=4), st.integers(0, 100))
 def test_kept_simple_statements_compiled_same_spans(rows, draws, seed):
     from pgotel_proxy.protocol.events import Completion, Statement
 
     records = [Statement("simple", f"SELECT * FROM t WHERE id = {v} /*traceparent='{_TP}'*/", start_ns=s,
-                         end_ns=e, status="ok", tx_status="I", results=[Completion(e if v % 2 else 0, "SELECT 1", 1)])
-               for v, s, e in [rows[0]] + rows]
+                         end_ns=e, first_row_ns=f, status="ok", tx_status="I",
+                         results=[Completion(e if v % 2 else 0, "SELECT 1", 1)])
+               for v, s, e, f in [rows[0]] + rows]
     got, want = _both_ways(records, draws, seed)
     assert got == want and len(got) == 2 * len(records)
 

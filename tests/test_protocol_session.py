@@ -688,3 +688,45 @@ def test_terminate_is_noted():
     s.client_data(TERMINATE[:3], 2)
     s.client_data(TERMINATE[3:], 3)
     assert s.client_terminated
+
+
+# ---------------------------------------------------------------------------
+# the first row's arrival
+
+_FIRST_ROW_CASES = [
+    # (client request, server answer in steps, expected first_row_ns per record)
+    ("extended", Parse("select g") + Bind() + Execute() + SYNC,
+     [PARSE_COMPLETE + BIND_COMPLETE, RowDescription("g") + DataRow(b"1")[:7], DataRow(b"1")[7:] + DataRow(b"2"),
+      CommandComplete("SELECT 2") + Ready()], [30]),
+    ("extended-no-rows", Parse("select 1 where false") + Bind() + Execute() + SYNC,
+     [PARSE_COMPLETE + BIND_COMPLETE + RowDescription("x"), CommandComplete("SELECT 0") + Ready()], [0]),
+    ("extended-error-after-rows", Parse("select 1/(2-g)") + Bind() + Execute() + SYNC,
+     [PARSE_COMPLETE + BIND_COMPLETE + RowDescription("x"), DataRow(b"1"), ErrorResponse("22012") + Ready()], [30]),
+    ("extended-two-executions", Parse("select g") + Bind() + Execute() + Bind() + Execute() + SYNC,
+     [PARSE_COMPLETE + BIND_COMPLETE + DataRow(b"1"), CommandComplete("SELECT 1") + BIND_COMPLETE,
+      CommandComplete("SELECT 0") + Ready()], [20, 0]),
+    ("simple-second-statement", Query("select 1 where false; select 2"),
+     [RowDescription("x") + CommandComplete("SELECT 0"), RowDescription("x") + DataRow(b"2"),
+      CommandComplete("SELECT 1") + Ready()], [30]),
+    ("copy-out", Query("copy t to stdout"),
+     [CopyOutResponse(), CopyData(b"1\n"), CopyData(b"2\n") + COPY_DONE + CommandComplete("COPY 2") + Ready()], [30]),
+    ("copy-out-extended", Parse("copy t to stdout") + Bind() + Execute() + SYNC,
+     [PARSE_COMPLETE + BIND_COMPLETE + CopyOutResponse(), CopyData(b"1\n") + COPY_DONE,
+      CommandComplete("COPY 1") + Ready()], [30]),
+]
+
+
+@pytest.mark.parametrize("feed", ["observe", "filter"])
+@pytest.mark.parametrize("request_,answers,expected", [pytest.param(*c[1:], id=c[0]) for c in _FIRST_ROW_CASES])
+def test_first_row_is_the_arrival_of_the_read_holding_its_header(request_, answers, expected, feed):
+    """The receive time of the chunk that completes the header (type, length) of a statement's first DataRow
+    (or CopyData of COPY TO): where the codec counts it."""
+    s = ready_session()
+    assert s.client_data(request_, 10) is None
+    for i, data in enumerate(answers, start=2):
+        if feed == "observe":
+            s.server_observe(data, i * 10)
+        else:
+            assert s.server_filter(data, i * 10) == data
+    assert [rec.first_row_ns for rec in s.take_completed()] == expected
+    assert s._first_row_ns == 0

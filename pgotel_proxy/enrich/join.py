@@ -51,6 +51,7 @@ from opentelemetry.trace.status import StatusCode
 
 from ..stats import STATS
 from ..tracing import sqlinfo
+from ..tracing.spans import ATTR as SPAN_ATTR
 from ._spanutil import amend, child_context, make_span
 from .explain import explainable, plan_hash
 from .locks import ATTR as LOCK_ATTR, MAX_BLOCKERS, blocker_attributes, current_statement
@@ -387,10 +388,14 @@ class Joiner:
                     early_attrs[ATTR["planning_time"]] = plan.planning_ms
                 if len(before) > 1:
                     early_attrs[ATTR["phases"]] = tuple(before)
+                first_row = SPAN_ATTR["first_row"]
                 early = amend(execute, attributes=early_attrs, end=cut, name="+".join(before),
-                              drop=() if len(before) > 1 else (ATTR["phases"],))
+                              drop=(first_row,) if len(before) > 1 else (ATTR["phases"], first_row))
                 exec_attrs = {k: v for k, v in (execute.attributes or {}).items() if k != ATTR["phases"]}
                 exec_attrs.update(src)
+                if first_row in exec_attrs:
+                    # an offset from the start of the span holding execute: from the cut now
+                    exec_attrs[first_row] = max(0.0, exec_attrs[first_row] - (cut - execute.start_time) / 1e6)
                 execute = make_span("execute", child_context(execute.parent), execute.parent, execute.kind, cut,
                                     execute.end_time, exec_attrs, execute.resource)
                 group[i_exec:i_exec + 1] = [early, execute]

@@ -23,6 +23,7 @@ cdef class Statement:
     cdef public object exec_start_ns
     cdef public object end_ns
     cdef public object exec_exact
+    cdef public object first_row_ns
     cdef public object status
     cdef public object tag
     cdef public object rows

@@ -67,7 +67,7 @@ class Statement:
     __slots__ = (
         "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
         "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns", "exec_exact",
-        "status", "tag", "rows", "error", "params", "results", "reused", "copy", "tx_status",
+        "first_row_ns", "status", "tag", "rows", "error", "params", "results", "reused", "copy", "tx_status",
         "application_name", "extra",
     )
 
@@ -87,6 +87,7 @@ class Statement:
         exec_start_ns: int = 0,
         end_ns: int = 0,
         exec_exact: bool = False,
+        first_row_ns: int = 0,
         status: str = "pending",
         tag: str | None = None,
         rows: int = 0,
@@ -113,6 +114,10 @@ class Statement:
         self.exec_start_ns = exec_start_ns
         self.end_ns = end_ns
         self.exec_exact = exec_exact
+        # when the first DataRow (or CopyData of COPY TO) of its execution arrived: the receive
+        # time of the read that completed its header; 0 when none came. A simple Query's is its
+        # first statement's that returned rows.
+        self.first_row_ns = first_row_ns
         # "pending" while in flight, then "ok" | "error" | "skipped" (after an earlier
         # error in the same Sync batch) | "suspended" (PortalSuspended) | "incomplete"
         # (the connection ended first) | "prepared" (Parse without Execute)
@@ -158,6 +163,7 @@ def new_statement(protocol: str, sql: str | None, start_ns: int) -> Statement:
         rec.exec_start_ns = 0
         rec.end_ns = 0
         rec.exec_exact = False
+        rec.first_row_ns = 0
         rec.status = "pending"
         rec.tag = None
         rec.rows = 0
@@ -206,6 +212,7 @@ STATEMENT_LAYOUT: tuple[tuple[str, int, object], ...] = (
     ("exec_start_ns", INT, 0),
     ("end_ns", INT, 0),
     ("exec_exact", BOOL, False),
+    ("first_row_ns", INT, 0),
     ("status", STR, "pending"),
     ("tag", STR, None),
     ("rows", INT, 0),

@@ -33,6 +33,7 @@ cdef class Session:
     cdef public dict _portals
     cdef public bint _skipping
     cdef public object _rows
+    cdef public object _first_row_ns
     cdef public bytes _cbuf
     cdef public Py_ssize_t _cskip
     cdef public bytes _sbuf

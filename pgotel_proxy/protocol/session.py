@@ -157,6 +157,7 @@ class Session:
         "_portals",
         "_skipping",
         "_rows",
+        "_first_row_ns",
         "_cbuf",
         "_cskip",
         "_sbuf",
@@ -221,6 +222,8 @@ class Session:
         self._portals: dict[str, Statement] = {}
         self._skipping = False
         self._rows = 0
+        # when the first row (DataRow, or CopyData of COPY TO) of the result in flight arrived; 0 none yet
+        self._first_row_ns = 0
         self._cbuf = b""  # held (not yet forwarded) start of a partial client message
         self._cskip = 0  # bytes of a passed-through client message still to come
         self._sbuf = b""  # partial server message
@@ -706,6 +709,8 @@ class Session:
                 mend, count = run_end(data, pos, n, typ)
                 if typ == BACKEND_DATA_ROW:
                     self._rows += count
+                if not self._first_row_ns:
+                    self._first_row_ns = now
                 if mend > n:
                     self._sskip = mend - n
                     pos = n
@@ -723,6 +728,8 @@ class Session:
                     continue
                 # DataRow: counted, never decoded.
                 self._rows += 1
+                if not self._first_row_ns:
+                    self._first_row_ns = now
                 if mend > n:
                     if out is not None and not self._suppressing():
                         out.append(data[max(pos, fwd) :])
@@ -840,19 +847,25 @@ class Session:
                 self._rows = 0
                 if rec.results is not None:
                     rec.results.append(Completion(now, tag, rows))
+                if not rec.first_row_ns:
+                    rec.first_row_ns = self._first_row_ns
+                self._first_row_ns = 0
                 return None
             if front is not None and front[0] == _PREFIX:
                 self._pending.popleft()
                 self._injected_pending -= 1
                 self._rows = 0
+                self._first_row_ns = 0
                 return None
             rec = self._pop(_EXECUTE)
             if rec is not None:
                 rec.tag = tag
                 rec.rows = self._rows
+                rec.first_row_ns = self._first_row_ns
                 rec.end_ns = now
                 rec.status = "ok"
             self._rows = 0
+            self._first_row_ns = 0
             return None
         if typ == BACKEND_READY_FOR_QUERY:
             self._ready_for_query(buf[start] if buf is not None else 0, now)
@@ -891,8 +904,10 @@ class Session:
             if rec is not None:
                 rec.end_ns = now
                 rec.rows = self._rows
+                rec.first_row_ns = self._first_row_ns
                 rec.status = "suspended" if typ == BACKEND_PORTAL_SUSPENDED else "ok"
             self._rows = 0
+            self._first_row_ns = 0
             return None
         if typ == BACKEND_CLOSE_COMPLETE:
             self._pop(_CLOSE)
@@ -934,7 +949,12 @@ class Session:
                     if kept != mechs and kept:
                         return encode_sasl_mechanisms(kept)
             return None
-        # NoticeResponse, NotificationResponse, CopyData/CopyDone, ParameterDescription,
+        if typ == BACKEND_COPY_DATA:
+            # (Observed without a filter, CopyData never gets here: _server steps over it.)
+            if not self._first_row_ns:
+                self._first_row_ns = now
+            return None
+        # NoticeResponse, NotificationResponse, CopyDone, ParameterDescription,
         # FunctionCallResponse, NegotiateProtocolVersion, and anything newer: relayed,
         # nothing to account.
         return None
@@ -957,6 +977,7 @@ class Session:
             pending.popleft()
             self._injected_pending -= 1
             self._rows = 0
+            self._first_row_ns = 0
             if not pending:
                 return
             kind, rec, _inj = pending[0]
@@ -964,6 +985,9 @@ class Session:
             rows = self._rows
             self._rows = 0
             rec.results.append(Completion(now, None, rows, fields))
+            if not rec.first_row_ns:
+                rec.first_row_ns = self._first_row_ns
+            self._first_row_ns = 0
             return
         if kind == _SYNC:
             # The Sync itself failed: committing the implicit transaction (a deferred
@@ -987,7 +1011,9 @@ class Session:
             rec.error = fields
             rec.end_ns = now
             rec.rows = self._rows
+            rec.first_row_ns = self._first_row_ns
         self._rows = 0
+        self._first_row_ns = 0
         while pending and pending[0][0] != _SYNC:
             k, r, inj = pending.popleft()
             if inj:

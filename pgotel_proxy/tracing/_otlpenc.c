@@ -43,6 +43,9 @@
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
+ *     A record with a first row's time (first_row_ns) is Python's: its execute span carries
+ *     it as an attribute, which the pre-encoded phase parts do not hold; statement_spans and
+ *     simple_spans are not given such records either.
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -365,7 +368,7 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * classes' descriptors (their public get slot), not by offset. */
 enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
        F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_PROTOCOL, F_SQL, F_STATEMENT_NAME, F_PORTAL, F_TAG, F_ROWS,
-       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_APPLICATION_NAME, F_COUNT };
+       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_APPLICATION_NAME, F_FIRST_ROW, F_COUNT };
 enum { KIND_INT, KIND_BOOL, KIND_STR, KIND_VALUE, KIND_COMPLETIONS }; /* events.py */
 static const struct {
     const char *name;
@@ -378,7 +381,7 @@ static const struct {
     {"sql", KIND_STR}, {"statement_name", KIND_STR}, {"portal", KIND_STR},
     {"tag", KIND_STR}, {"rows", KIND_INT}, {"params", KIND_VALUE},
     {"results", KIND_COMPLETIONS}, {"reused", KIND_BOOL}, {"copy", KIND_STR},
-    {"extra", KIND_VALUE}, {"application_name", KIND_STR},
+    {"extra", KIND_VALUE}, {"application_name", KIND_STR}, {"first_row_ns", KIND_INT},
 };
 enum { C_END, C_TAG, C_ROWS, C_ERROR, C_COUNT };
 static const struct {
@@ -898,15 +901,19 @@ static int
 kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
          PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
 {
-    PyObject *protocol, *status, *copy, *extra;
+    PyObject *protocol, *status, *copy, *extra, *first_row;
     if (Py_TYPE(rec) != record_type || (protocol = field(rec, F_PROTOCOL)) == NULL ||
         (status = field(rec, F_STATUS)) == NULL || (copy = field(rec, F_COPY)) == NULL ||
-        (extra = field(rec, F_EXTRA)) == NULL) {
+        (extra = field(rec, F_EXTRA)) == NULL || (first_row = field(rec, F_FIRST_ROW)) == NULL) {
         PyErr_Clear();
         return 0;
     }
-    if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None)
+    /* A first row's time is an attribute of the execute span, which the pre-encoded phase parts
+     * do not hold: such a record is Python's (SpanBuilder._phases). */
+    if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None || PyObject_IsTrue(first_row) != 0) {
+        PyErr_Clear();
         return 0;
+    }
     /* The application_name the statement ran under is part of its shape (SpanBuilder._app):
      * the record's own, else the connection's (app). */
     PyObject *rec_app = field(rec, F_APPLICATION_NAME);
