@@ -262,17 +262,22 @@ def test_a_new_field_needs_no_other_file(form_class):
 def test_the_compiled_encoder_takes_the_layout_it_is_given():
     """_otlpenc finds the fields it reads in the layout from events.py: a wider record is fine, a missing field not."""
     from pgotel_proxy.tracing import otlp
+    from pgotel_proxy.tracing.spans import _FIRST_ROW_FIELD
 
     if otlp.configure_records is None:
         pytest.skip("compiled encoder not built")
     statement, completion, layout, clayout = _wider_classes()
     try:
-        otlp.configure_records(statement, completion, layout, clayout)
+        otlp.configure_records(statement, completion, layout, clayout, _FIRST_ROW_FIELD)
         with pytest.raises(ValueError):
             otlp.configure_records(Statement, Completion, tuple(f for f in STATEMENT_LAYOUT if f[0] != "sql"),
-                                   COMPLETION_LAYOUT)
+                                   COMPLETION_LAYOUT, _FIRST_ROW_FIELD)
         with pytest.raises(ValueError):  # a field of another kind than the encoder reads
             otlp.configure_records(Statement, Completion, tuple((n, events.VALUE if n == "rows" else k, d)
-                                                                for n, k, d in STATEMENT_LAYOUT), COMPLETION_LAYOUT)
+                                                                for n, k, d in STATEMENT_LAYOUT), COMPLETION_LAYOUT,
+                                   _FIRST_ROW_FIELD)
+        with pytest.raises(ValueError):  # the first row's field must end in the double 0.0 it writes over
+            otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT,
+                                   _FIRST_ROW_FIELD[:-1] + b"\x01")
     finally:
-        otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT)
+        otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT, _FIRST_ROW_FIELD)

@@ -15,9 +15,12 @@
  *     span_field for each group of four, as local children of parent_id,
  *     appended to the list out as head + (field,).
  *
- * configure(Statement, Completion, statement_layout, completion_layout)
+ * configure(Statement, Completion, statement_layout, completion_layout, first_row_field)
  *     The record classes and their layouts (events.py); statement_spans and kept_run read the
- *     fields they need through the classes' descriptors.
+ *     fields they need through the classes' descriptors. first_row_field: the encoded
+ *     Span.attributes field of the first row's offset (spans.py) with the value 0.0, a double
+ *     in its last 8 bytes: the span holding execute of a record with a first row's time gets
+ *     it after its pre-encoded attributes, with the offset in ms from the span's start.
  *
  * statement_spans(out, head, parts, phase_parts, rec, trace_id, parent_id, trace_state,
  *                 parent_flags, child_flags, getrandbits)
@@ -30,9 +33,10 @@
  *     spans._phase_groups'.
  *
  * simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
- *              getrandbits, start, end)
+ *              getrandbits, start, end, first_row)
  *     The same for a kept simple-protocol statement: its span from start to
- *     end and its exact execute child (SpanBuilder._kept_simple).
+ *     end and its exact execute child (SpanBuilder._kept_simple), with the
+ *     first row's offset when first_row (ns) is not 0.
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
  *          getrandbits, random, rate, statement_key, opts) -> (next, parsed, error)
@@ -43,9 +47,6 @@
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
- *     A record with a first row's time (first_row_ns) is Python's: its execute span carries
- *     it as an attribute, which the pre-encoded phase parts do not hold; statement_spans and
- *     simple_spans are not given such records either.
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -393,6 +394,7 @@ static const struct {
 static PyTypeObject *record_type = NULL, *completion_type = NULL;
 static PyObject *record_descrs[F_COUNT], *completion_descrs[C_COUNT];
 static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
+static PyObject *first_row_field = NULL; /* configure's: the first row's attribute, value 0.0 */
 
 /* The descriptors of the named fields of cls, checked against its layout ((name, kind, default), ...). */
 static int
@@ -439,8 +441,8 @@ field_descrs(PyObject *cls, PyObject *layout, int count, const char *const *name
     return 0;
 }
 
-/* configure(Statement, Completion, statement_layout, completion_layout): the fields statement_spans
- * and kept_run read. */
+/* configure(Statement, Completion, statement_layout, completion_layout, first_row_field): the fields
+ * statement_spans and kept_run read, and the first row's attribute. */
 static PyObject *
 configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -452,8 +454,15 @@ configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         names[i] = read_fields[i].name, kinds[i] = read_fields[i].kind;
     for (int i = 0; i < C_COUNT; i++)
         cnames[i] = read_completion_fields[i].name, ckinds[i] = read_completion_fields[i].kind;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "configure(Statement, Completion, statement_layout, completion_layout)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure(Statement, Completion, statement_layout, completion_layout, first_row_field)");
+        return NULL;
+    }
+    static const char double_zero[9] = {0x21, 0, 0, 0, 0, 0, 0, 0, 0}; /* AnyValue.double_value 0.0 */
+    if (!PyBytes_Check(args[4]) || PyBytes_GET_SIZE(args[4]) < 12 ||
+        memcmp(PyBytes_AS_STRING(args[4]) + PyBytes_GET_SIZE(args[4]) - 9, double_zero, 9) != 0) {
+        PyErr_SetString(PyExc_ValueError, "configure: first_row_field must be an attribute field of the double 0.0");
         return NULL;
     }
     if (field_descrs(args[0], args[2], F_COUNT, names, kinds, descrs) < 0 ||
@@ -472,6 +481,8 @@ configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(record_type, (PyTypeObject *)args[0]);
     Py_INCREF(args[1]);
     Py_XSETREF(completion_type, (PyTypeObject *)args[1]);
+    Py_INCREF(args[4]);
+    Py_XSETREF(first_row_field, args[4]);
     Py_RETURN_NONE;
 }
 
@@ -637,6 +648,53 @@ append_child(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const
     return append_span(out, head, parts, c, sid, c->child_flags, start, end > start ? end : start, id_obj, id);
 }
 
+/* parts (name_field, kind, attrs, status) with the first row's attribute after attrs: its offset in
+ * ms from start, as spans._phase_attrs computes it (a new reference; NULL with an exception). */
+static PyObject *
+with_first_row(PyObject *parts, unsigned long long start, unsigned long long first_row)
+{
+    if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(parts, 2))) {
+        PyErr_SetString(PyExc_TypeError, "parts must be (name_field, kind, attrs, status)");
+        return NULL;
+    }
+    if (first_row_field == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() was not called");
+        return NULL;
+    }
+    PyObject *old = PyTuple_GET_ITEM(parts, 2);
+    Py_ssize_t alen = PyBytes_GET_SIZE(old), flen = PyBytes_GET_SIZE(first_row_field);
+    PyObject *attrs = PyBytes_FromStringAndSize(NULL, alen + flen);
+    if (attrs == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(attrs);
+    memcpy(p, PyBytes_AS_STRING(old), (size_t)alen);
+    memcpy(p + alen, PyBytes_AS_STRING(first_row_field), (size_t)flen);
+    double ms = (double)(first_row > start ? first_row - start : 0) / 1e6;
+    unsigned long long bits;
+    memcpy(&bits, &ms, sizeof bits);
+    for (int i = 0; i < 8; i++) /* fixed64: little-endian */
+        p[alen + flen - 8 + i] = (char)(bits >> (8 * i));
+    PyObject *out = PyTuple_Pack(4, PyTuple_GET_ITEM(parts, 0), PyTuple_GET_ITEM(parts, 1), attrs,
+                                 PyTuple_GET_ITEM(parts, 3));
+    Py_DECREF(attrs);
+    return out;
+}
+
+/* A local child of sid from parts, with the first row's attribute when first_row is not 0. */
+static int
+append_execute(PyObject *out, PyObject *head, PyObject *parts, const Ctx *c, const unsigned char *sid,
+               unsigned long long start, unsigned long long end, PyObject *id_obj, unsigned long long first_row)
+{
+    if (!first_row)
+        return append_child(out, head, parts, c, sid, start, end, id_obj);
+    PyObject *own = with_first_row(parts, start, first_row);
+    if (own == NULL)
+        return -1;
+    int r = append_child(out, head, own, c, sid, start, end, id_obj);
+    Py_DECREF(own);
+    return r;
+}
+
 /* phase_parts[mask][exact] */
 static PyObject *
 phase(PyObject *phase_parts, int mask, int exact)
@@ -680,11 +738,11 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
                const Ctx *cp)
 {
     const Ctx c = *cp;
-    unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end;
+    unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end, first_row;
     if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_PARSE_START, &parse_start) < 0 ||
         read_ns(rec, F_PARSE_END, &parse_end) < 0 || read_ns(rec, F_BIND_START, &bind_start) < 0 ||
         read_ns(rec, F_BIND_END, &bind_end) < 0 || read_ns(rec, F_EXEC_START, &exec_start) < 0 ||
-        read_ns(rec, F_END, &end) < 0)
+        read_ns(rec, F_END, &end) < 0 || read_ns(rec, F_FIRST_ROW, &first_row) < 0)
         return -1;
     int parse_exact = read_flag(rec, F_PARSE_EXACT), bind_exact = read_flag(rec, F_BIND_EXACT);
     int exec_exact = read_flag(rec, F_EXEC_EXACT);
@@ -735,7 +793,7 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
     for (int g = 0; g < n && rc == 0; g++) {
         PyObject *parts;
         if ((parts = phase(phase_parts, masks[g], exact[g])) == NULL ||
-            append_child(out, head, parts, &c, sid, gfrom[g], gto[g], ids[g]) < 0)
+            append_execute(out, head, parts, &c, sid, gfrom[g], gto[g], ids[g], masks[g] & 4 ? first_row : 0) < 0)
             rc = -1;
     }
     for (int g = 0; g < 3; g++)
@@ -744,27 +802,27 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
 }
 
 /* simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
- *              getrandbits, start, end): a kept simple-protocol statement's span and its exact execute
- * child (SpanBuilder._kept_simple). */
+ *              getrandbits, start, end, first_row): a kept simple-protocol statement's span and its exact
+ * execute child (SpanBuilder._kept_simple). */
 static PyObject *
 simple_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 12 || !PyList_Check(args[0]) || !head_ok(args[1])) {
+    if (nargs != 13 || !PyList_Check(args[0]) || !head_ok(args[1])) {
         PyErr_SetString(PyExc_TypeError,
                         "simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, "
-                        "parent_flags, child_flags, getrandbits, start, end)");
+                        "parent_flags, child_flags, getrandbits, start, end, first_row)");
         return NULL;
     }
     Ctx c;
     if (read_ctx(args + 4, &c) < 0)
         return NULL;
-    unsigned long long start, end;
-    if (ns_of(args[10], &start) < 0 || ns_of(args[11], &end) < 0)
+    unsigned long long start, end, first_row;
+    if (ns_of(args[10], &start) < 0 || ns_of(args[11], &end) < 0 || ns_of(args[12], &first_row) < 0)
         return NULL;
     unsigned char sid[8];
     if (append_statement(args[0], args[1], args[2], &c, start, end, sid) < 0 ||
-        append_child(args[0], args[1], args[3], &c, sid, start, end, NULL) < 0)
+        append_execute(args[0], args[1], args[3], &c, sid, start, end, NULL, first_row) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -901,19 +959,15 @@ static int
 kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
          PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
 {
-    PyObject *protocol, *status, *copy, *extra, *first_row;
+    PyObject *protocol, *status, *copy, *extra;
     if (Py_TYPE(rec) != record_type || (protocol = field(rec, F_PROTOCOL)) == NULL ||
         (status = field(rec, F_STATUS)) == NULL || (copy = field(rec, F_COPY)) == NULL ||
-        (extra = field(rec, F_EXTRA)) == NULL || (first_row = field(rec, F_FIRST_ROW)) == NULL) {
+        (extra = field(rec, F_EXTRA)) == NULL) {
         PyErr_Clear();
         return 0;
     }
-    /* A first row's time is an attribute of the execute span, which the pre-encoded phase parts
-     * do not hold: such a record is Python's (SpanBuilder._phases). */
-    if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None || PyObject_IsTrue(first_row) != 0) {
-        PyErr_Clear();
+    if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None)
         return 0;
-    }
     /* The application_name the statement ran under is part of its shape (SpanBuilder._app):
      * the record's own, else the connection's (app). */
     PyObject *rec_app = field(rec, F_APPLICATION_NAME);
@@ -983,15 +1037,18 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     if (r == 1) {
         (*parsed)++;
         long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
-        unsigned long long start, end;
+        unsigned long long start, end, first_row;
+        int has_rows = 1;
         unsigned char sid[8];
         if (flags == -1 && PyErr_Occurred())
             r = -1;
         else if ((flags & 1) &&
                  (keyed_ctx(q, hit, c) < 0 || read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
-                  (!end && read_ns(rec, F_END, &end) < 0) ||
+                  (!end && read_ns(rec, F_END, &end) < 0) || read_ns(rec, F_FIRST_ROW, &first_row) < 0 ||
+                  /* a first row counts for a statement that returned rows (spans._first_row_result) */
+                  (first_row && (has_rows = PyObject_IsTrue(rows)) < 0) ||
                   append_statement(out, head, PyTuple_GET_ITEM(hit, 0), c, start, end, sid) < 0 ||
-                  append_child(out, head, exec_parts, c, sid, start, end, NULL) < 0))
+                  append_execute(out, head, exec_parts, c, sid, start, end, NULL, has_rows ? first_row : 0) < 0))
             r = -1;
     }
     Py_XDECREF(hit);

@@ -503,9 +503,7 @@ class SpanBuilder:
 
     def _kept_extended(self, out, rec: Statement, parts: tuple, trace_id, parent_id, flags, tracestate) -> None:
         """An extended statement of a kept shape: its span from the kept parts, and its phases."""
-        if otlp.statement_spans is not None and not rec.first_row_ns:
-            # compiled: the same spans, ids drawn in the same order (the pre-encoded phase parts
-            # hold no first row's time: such a record takes the steps below)
+        if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
             otlp.statement_spans(out, self._out_head, parts, _PHASE_GROUPS, rec, trace_id, parent_id,
                                  otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                  _rand.getrandbits)
@@ -630,17 +628,17 @@ class SpanBuilder:
         if ctx is not None:
             trace_id, parent_id, flags, tracestate = ctx
             start, end = rec.start_ns, res.end_ns or rec.end_ns
-            if otlp.simple_spans is not None and not rec.first_row_ns:
-                # compiled: the same two spans, ids drawn in the same order (no first row's time)
+            first_row = rec.first_row_ns if _first_row_result(rec, [res]) == 0 else 0
+            if otlp.simple_spans is not None:  # compiled: the same two spans, ids drawn in the same order
                 otlp.simple_spans(out, self._out_head, parts, _PHASE_PARTS["execute"][1], trace_id, parent_id,
                                   otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
-                                  _rand.getrandbits, start, end)
+                                  _rand.getrandbits, start, end, first_row)
                 conn.end_of_statement(rec.tx_status, res.tag)
                 return
             sid = _rand.getrandbits(64) or _new_id(64)
             out.append(self._item(otlp.encode_span_parts(
                 parts, trace_id, sid, parent_id, True, tracestate, start, end)))
-            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True, rec.first_row_ns)
+            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True, first_row)
         conn.end_of_statement(rec.tx_status, res.tag)
 
     # ------------------------------------------------------------- helpers
@@ -797,12 +795,12 @@ def _group_parts(mask: int, exact: bool, start: int = 0, first_row: int = 0) -> 
 
 
 def _first_row_result(rec: Statement, results: list) -> int:
-    """Which of a simple Query's results its first row belongs to: the first that ended after it
-    and returned rows (or copied out); -1 for none."""
-    first_row = rec.first_row_ns
-    if first_row:
+    """Which of a simple Query's results its first row belongs to: the first that returned rows
+    (or copied out); -1 for none. (The compiled loop, ``otlp.kept_run``, asks the same of a
+    lone result: rows.)"""
+    if rec.first_row_ns:
         for i, res in enumerate(results):
-            if (res.end_ns or rec.end_ns) >= first_row and (res.rows or (res.tag or "").startswith("COPY")):
+            if res.rows or rec.copy in ("out", "both") and (res.tag or "").startswith("COPY"):
                 return i
     return -1
 
@@ -814,8 +812,10 @@ _PHASE_GROUPS: tuple = (None,) + tuple(
 # name -> (inexact, exact), for the lone execute of simple statements
 _PHASE_PARTS: dict[str, tuple[tuple, tuple]] = {"parse": _PHASE_GROUPS[1], "plan": _PHASE_GROUPS[2],
                                                 "execute": _PHASE_GROUPS[4]}
+# The first row's attribute of the value 0.0: the compiled encoder writes each offset over it.
+_FIRST_ROW_FIELD = otlp.span_parts("execute", _INTERNAL, {_FIRST_ROW: 0.0}, None)[2]
 if otlp.statement_spans is not None:
-    otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT)
+    otlp.configure_records(Statement, Completion, STATEMENT_LAYOUT, COMPLETION_LAYOUT, _FIRST_ROW_FIELD)
 
 
 def _status(status: str, error, attrs: dict) -> Status:
