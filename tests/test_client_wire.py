@@ -1,18 +1,25 @@
-"""What the wire shows about the client on the execute span, against the real test server with psycopg.
+"""What the wire shows about the client on the execute span, against the real test server.
 
 ``pgotel.execute.first_row_offset_ms``: how long after the start of the span
 holding execute the first row (DataRow, or CopyData of COPY TO) arrived; absent
-when none came.
+when none came (psycopg). ``pgotel.client_wait_ms``: how long the asyncio relay
+stopped reading the server because the client did not read (a raw client that
+sleeps before reading a large result); the pump does not measure it.
 """
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
+from pgotel_proxy.proxy import server as proxy_server
+from rawpg import RawConn, message
 from tracetree import children, comment, random_traceparent
 
 FIRST_ROW = "pgotel.execute.first_row_offset_ms"
+CLIENT_WAIT = "pgotel.client_wait_ms"
 
 
 def execute_spans(spans, trace_id: str) -> list:
@@ -87,3 +94,44 @@ def test_a_simple_query_puts_it_on_the_statement_that_returned_rows(make_proxy, 
     # The second statement's span starts when the first one's completion arrived: its rows
     # may have come in the same read.
     assert_first_row(spans[1], at_start=True)
+
+
+# About 32 MB of rows: more than the socket buffers of both legs hold.
+_BIG = "SELECT repeat('x', 1000) FROM generate_series(1, 32000)"
+SLEEP = 1.5
+
+
+def _slow_reader(proxy, sql: str) -> list:
+    with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
+        raw.startup()
+        raw.send(message(b"Q", sql.encode() + b"\x00"))
+        time.sleep(SLEEP)  # the result fills every buffer on its way, then waits
+        msgs = raw.read_until_ready()
+        raw.query("SELECT 1")
+    return msgs
+
+
+@pytest.mark.parametrize("pumped", [False, True], ids=["asyncio", "pump"])
+def test_a_client_that_does_not_read_makes_the_server_wait(make_proxy, otlp, pumped):
+    proxy = make_proxy()
+    if not pumped:
+        proxy.server._pump_failed = True  # as without the compiled pump, or phase_timing = "flush"
+    elif proxy_server.Pump is None:
+        pytest.skip("compiled pump not built")
+    ctx, fast = random_traceparent(), random_traceparent()
+    msgs = _slow_reader(proxy, comment(_BIG, ctx))
+    assert sum(1 for t, _ in msgs if t == "D") == 32000
+    with RawConn("127.0.0.1", proxy.port, timeout=30) as raw:
+        raw.startup()
+        assert [t for t, _ in raw.query(comment("SELECT 1", fast))] == ["T", "D", "C", "Z"]
+    (span,) = wait_statements(otlp, ctx.trace_id, 1)
+    assert_first_row(span)
+    (quick,) = wait_statements(otlp, fast.trace_id, 1)
+    assert CLIENT_WAIT not in quick.attributes
+    if pumped:  # the pump does not measure it (docs/traces.md)
+        assert CLIENT_WAIT not in span.attributes
+        return
+    waited = span.attributes.get(CLIENT_WAIT)
+    assert waited is not None, span
+    # Most of the sleep, the proxy's read of the server was paused; never longer than the execution.
+    assert SLEEP * 1000 * 0.5 <= waited <= (span.end_ns - span.start_ns) / 1e6, span

@@ -221,7 +221,8 @@ def _record(kind: str, i: int):
         error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
         # a first row's time, also where the result counts no rows (it is not on the span then)
         return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="error" if error else "ok",
-                         first_row_ns=t + 5 + i % 7 if i % 2 else 0, tx_status="I",
+                         first_row_ns=t + 5 + i % 7 if i % 2 else 0, client_wait_ns=i if i % 7 == 5 else 0,
+                         tx_status="I",
                          results=[Completion(t + 40 if i % 2 else 0, "SELECT 1", i % 3, error)])
     own = f"00-{i + 1:032x}-{i + 7:016x}-0{1 if kind == 'ext-own' else 0}"  # a traceparent of its own
     sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
@@ -233,7 +234,8 @@ def _record(kind: str, i: int):
            "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/"}[kind]
     return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
                      bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
-                     exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0, status="ok", tag="SELECT 1", rows=1, tx_status="I",
+                     exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0,
+                     client_wait_ns=3 * i if i % 7 == 5 else 0, status="ok", tag="SELECT 1", rows=1, tx_status="I",
                      reused=kind == "ext-reused", statement_name="s1" if kind == "ext-reused" else None)
 
 
@@ -328,7 +330,7 @@ def test_kept_runs_leave_failed_and_slow_statements_to_the_python_steps(kinds, r
     assert got == want
 
 
-def test_kept_run_puts_the_first_row_on_the_execute_span_of_a_statement_that_returned_rows():
+def test_kept_run_puts_the_first_row_on_the_execute_span_and_leaves_a_client_wait_to_python():
     from opentelemetry.trace import SpanKind
 
     from pgotel_proxy.tracing.spans import ATTR, ConnState, SpanBuilder
@@ -342,13 +344,18 @@ def test_kept_run_puts_the_first_row_on_the_execute_span_of_a_statement_that_ret
     for i in (3, 1, 4):  # the shapes: no rows, one row (both with a first row's time), one row without
         builder.one(conn, _record("simple", i), out)
     out.clear()
-    again = [_record("simple", 9), _record("simple", 7), _record("simple", 10)]
-    assert [(r.results[0].rows, bool(r.first_row_ns)) for r in again] == [(0, True), (1, True), (1, False)]
+    again = [_record("simple", 9), _record("simple", 7), _record("simple", 10), _record("simple", 19)]
+    assert [(r.results[0].rows, bool(r.first_row_ns), r.client_wait_ns) for r in again] == [
+        (0, True, 0), (1, True, 0), (1, False, 0), (1, True, 19)]
+    # up to the client's wait: the Python steps put it on the execute span
     assert builder.kept(conn, again, 0, len(again), out) == (3, None) and len(out) == 6
     key = ATTR["first_row"].encode()
     assert [key in span[2] for span in out] == [False, False, False, True, False, False]
     offset = (again[1].first_row_ns - again[1].start_ns) / 1e6
     assert otlp.span_parts("execute", SpanKind.INTERNAL, {ATTR["first_row"]: offset}, None)[2] in out[3][2]
+    out.clear()
+    builder.one(conn, again[3], out)
+    assert ATTR["client_wait"].encode() in out[1][2]
 
 
 def test_kept_run_takes_the_repeated_statements_and_leaves_a_failing_one_out():

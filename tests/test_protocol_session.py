@@ -730,3 +730,18 @@ def test_first_row_is_the_arrival_of_the_read_holding_its_header(request_, answe
             assert s.server_filter(data, i * 10) == data
     assert [rec.first_row_ns for rec in s.take_completed()] == expected
     assert s._first_row_ns == 0
+
+
+def test_client_wait_goes_to_the_statement_whose_answer_is_due():
+    s = ready_session()
+    s.client_data(Parse("select 1") + Bind() + Execute() + Parse("select 2") + Bind() + Execute() + SYNC, 10)
+    s.client_waited(5)  # nothing answered yet: the first execution's
+    s.server_observe(PARSE_COMPLETE + BIND_COMPLETE + DataRow(b"1") + CommandComplete("SELECT 1"), 20)
+    s.client_waited(7)
+    s.client_waited(1)
+    s.server_observe(PARSE_COMPLETE + BIND_COMPLETE + CommandComplete("SELECT 0") + Ready(), 30)
+    s.client_waited(100)  # nothing due: nobody's
+    s.client_data(Query("select 3"), 40)
+    s.client_waited(9)
+    s.server_observe(RowDescription("x") + DataRow(b"3") + CommandComplete("SELECT 1") + Ready(), 50)
+    assert [r.client_wait_ns for r in s.take_completed()] == [5, 8, 9]

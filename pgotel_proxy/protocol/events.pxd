@@ -24,6 +24,7 @@ cdef class Statement:
     cdef public object end_ns
     cdef public object exec_exact
     cdef public object first_row_ns
+    cdef public object client_wait_ns
     cdef public object status
     cdef public object tag
     cdef public object rows

@@ -67,7 +67,7 @@ class Statement:
     __slots__ = (
         "protocol", "sql", "statement_name", "portal", "start_ns", "parse_start_ns", "parse_end_ns",
         "parse_exact", "bind_start_ns", "bind_end_ns", "bind_exact", "exec_start_ns", "end_ns", "exec_exact",
-        "first_row_ns", "status", "tag", "rows", "error", "params", "results", "reused", "copy", "tx_status",
+        "first_row_ns", "client_wait_ns", "status", "tag", "rows", "error", "params", "results", "reused", "copy", "tx_status",
         "application_name", "extra",
     )
 
@@ -88,6 +88,7 @@ class Statement:
         end_ns: int = 0,
         exec_exact: bool = False,
         first_row_ns: int = 0,
+        client_wait_ns: int = 0,
         status: str = "pending",
         tag: str | None = None,
         rows: int = 0,
@@ -118,6 +119,9 @@ class Statement:
         # time of the read that completed its header; 0 when none came. A simple Query's is its
         # first statement's that returned rows.
         self.first_row_ns = first_row_ns
+        # how long the relay stopped reading the server while the client's write buffer was full,
+        # its result in flight (Session.client_waited; the asyncio relay only)
+        self.client_wait_ns = client_wait_ns
         # "pending" while in flight, then "ok" | "error" | "skipped" (after an earlier
         # error in the same Sync batch) | "suspended" (PortalSuspended) | "incomplete"
         # (the connection ended first) | "prepared" (Parse without Execute)
@@ -164,6 +168,7 @@ def new_statement(protocol: str, sql: str | None, start_ns: int) -> Statement:
         rec.end_ns = 0
         rec.exec_exact = False
         rec.first_row_ns = 0
+        rec.client_wait_ns = 0
         rec.status = "pending"
         rec.tag = None
         rec.rows = 0
@@ -213,6 +218,7 @@ STATEMENT_LAYOUT: tuple[tuple[str, int, object], ...] = (
     ("end_ns", INT, 0),
     ("exec_exact", BOOL, False),
     ("first_row_ns", INT, 0),
+    ("client_wait_ns", INT, 0),
     ("status", STR, "pending"),
     ("tag", STR, None),
     ("rows", INT, 0),

@@ -302,6 +302,14 @@ class Session:
         held, self._cbuf = self._cbuf, b""
         return held
 
+    def client_waited(self, ns: int) -> None:
+        """The relay stopped reading the server for ``ns`` while the client's write buffer was full:
+        the wait of the statement whose answer is due (none due: nobody's)."""
+        for kind, rec, injected in self._pending:
+            if rec is not None and not injected and (kind == _EXECUTE or kind == _QUERY or kind == _FUNC):
+                rec.client_wait_ns += ns
+                return
+
     def take_completed(self) -> list[Statement]:
         done = self.completed
         self.completed = []

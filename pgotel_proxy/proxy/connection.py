@@ -182,10 +182,17 @@ class _FromClient(_Relay):
         c.upstream.write(data if out is None else out)
 
     def pause_writing(self) -> None:
-        self.c.upstream.pause_reading()
+        # The client reads slower than the server answers: the server waits on it from here.
+        c = self.c
+        c.upstream.pause_reading()
+        c.client_full_since = _time_ns()
 
     def resume_writing(self) -> None:
-        self.c.upstream.resume_reading()
+        c = self.c
+        c.upstream.resume_reading()
+        since, c.client_full_since = c.client_full_since, 0
+        if since and c.observe:
+            c.session.client_waited(_time_ns() - since)
 
     def connection_lost(self, exc) -> None:
         self.c.client_lost(exc)
@@ -267,6 +274,7 @@ class ClientConnection:
         self.pump_id: int | None = None  # relayed by the server's pump (_to_pump)
         self.tls_legs: tuple = (None, None)  # the client's and the server's TLS connections the pump was lent
         self.pump_observes = False  # ... which logs what it relays for this connection's session
+        self.client_full_since = 0  # when the write buffer to the client filled (reading the server paused)
 
     # ------------------------------------------------------------ start-up
 

@@ -47,6 +47,7 @@
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
+ *     A record with a client's wait (client_wait_ns, rare) is Python's.
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -369,7 +370,7 @@ local_children(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * classes' descriptors (their public get slot), not by offset. */
 enum { F_START, F_PARSE_START, F_PARSE_END, F_PARSE_EXACT, F_BIND_START, F_BIND_END, F_BIND_EXACT,
        F_EXEC_START, F_END, F_EXEC_EXACT, F_STATUS, F_PROTOCOL, F_SQL, F_STATEMENT_NAME, F_PORTAL, F_TAG, F_ROWS,
-       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_APPLICATION_NAME, F_FIRST_ROW, F_COUNT };
+       F_PARAMS, F_RESULTS, F_REUSED, F_COPY, F_EXTRA, F_APPLICATION_NAME, F_FIRST_ROW, F_CLIENT_WAIT, F_COUNT };
 enum { KIND_INT, KIND_BOOL, KIND_STR, KIND_VALUE, KIND_COMPLETIONS }; /* events.py */
 static const struct {
     const char *name;
@@ -383,6 +384,7 @@ static const struct {
     {"tag", KIND_STR}, {"rows", KIND_INT}, {"params", KIND_VALUE},
     {"results", KIND_COMPLETIONS}, {"reused", KIND_BOOL}, {"copy", KIND_STR},
     {"extra", KIND_VALUE}, {"application_name", KIND_STR}, {"first_row_ns", KIND_INT},
+    {"client_wait_ns", KIND_INT},
 };
 enum { C_END, C_TAG, C_ROWS, C_ERROR, C_COUNT };
 static const struct {
@@ -959,15 +961,20 @@ static int
 kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
          PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
 {
-    PyObject *protocol, *status, *copy, *extra;
+    PyObject *protocol, *status, *copy, *extra, *client_wait;
     if (Py_TYPE(rec) != record_type || (protocol = field(rec, F_PROTOCOL)) == NULL ||
         (status = field(rec, F_STATUS)) == NULL || (copy = field(rec, F_COPY)) == NULL ||
-        (extra = field(rec, F_EXTRA)) == NULL) {
+        (extra = field(rec, F_EXTRA)) == NULL || (client_wait = field(rec, F_CLIENT_WAIT)) == NULL) {
         PyErr_Clear();
         return 0;
     }
     if (!is_str(status, s_ok) || copy != Py_None || extra != Py_None)
         return 0;
+    int waited = PyObject_IsTrue(client_wait);
+    if (waited != 0) { /* the Python steps put it on the execute span (SpanBuilder._phases) */
+        PyErr_Clear();
+        return 0;
+    }
     /* The application_name the statement ran under is part of its shape (SpanBuilder._app):
      * the record's own, else the connection's (app). */
     PyObject *rec_app = field(rec, F_APPLICATION_NAME);

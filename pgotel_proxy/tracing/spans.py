@@ -22,7 +22,9 @@ answered together) and listing them in ``pgotel.phases``; no span claims a
 boundary the wire did not show. ``pgotel.timing.exact`` says whether a phase
 span's end was observed. The span holding execute carries
 ``pgotel.execute.first_row_offset_ms`` when rows came: how long after its
-start the first DataRow (or CopyData of COPY TO) arrived.
+start the first DataRow (or CopyData of COPY TO) arrived, and
+``pgotel.client_wait_ms`` when the relay stopped reading the server because the
+client did not read its answer fast enough.
 
 A statement's parent, first found wins: its own sqlcommenter comment (a
 Parse's comment for the executions of its batch, and for the first execution
@@ -91,6 +93,7 @@ ATTR = {
     "exact": "pgotel.timing.exact",
     "phases": "pgotel.phases",
     "first_row": "pgotel.execute.first_row_offset_ms",
+    "client_wait": "pgotel.client_wait_ms",
     "status": "pgotel.statement.status",
     "reused": "pgotel.statement.prepared_earlier",
     "kept_because": "pgotel.kept_because",
@@ -503,7 +506,9 @@ class SpanBuilder:
 
     def _kept_extended(self, out, rec: Statement, parts: tuple, trace_id, parent_id, flags, tracestate) -> None:
         """An extended statement of a kept shape: its span from the kept parts, and its phases."""
-        if otlp.statement_spans is not None:  # compiled: the same spans, ids drawn in the same order
+        if otlp.statement_spans is not None and not rec.client_wait_ns:
+            # compiled: the same spans, ids drawn in the same order (a client's wait, rare, is
+            # the Python steps' alone)
             otlp.statement_spans(out, self._out_head, parts, _PHASE_GROUPS, rec, trace_id, parent_id,
                                  otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                  _rand.getrandbits)
@@ -524,18 +529,18 @@ class SpanBuilder:
     def _phases(self, out, rec: Statement, trace_id, flags, tracestate, sid) -> None:
         """The phase spans of an extended-protocol statement (:func:`_phase_groups`)."""
         groups = _phase_groups(rec)
-        first_row = rec.first_row_ns
+        first_row, client_wait = rec.first_row_ns, rec.client_wait_ns
         if not self.encode:
             for mask, exact, start, end in groups:
-                attrs = _phase_attrs(mask, exact, start, first_row)
+                attrs = _phase_attrs(mask, exact, start, first_row, client_wait)
                 self._emit(out, "+".join(_PHASE_NAMES[mask]), trace_id, _new_id(64), sid, False, flags, tracestate,
                            _INTERNAL, start, end, attrs, _OK)
             return
         # The same spans encoded in one call; ids drawn in the same order as above.
         fields: list = []
         for mask, exact, start, end in groups:
-            parts = (_PHASE_GROUPS[mask][exact] if not (first_row and mask & 4)
-                     else _group_parts(mask, exact, start, first_row))
+            parts = (_PHASE_GROUPS[mask][exact] if not ((first_row or client_wait) and mask & 4)
+                     else _group_parts(mask, exact, start, first_row, client_wait))
             fields += (parts, _rand.getrandbits(64) or _new_id(64), start, end)
         if fields:
             otlp.encode_children(out, self._out_head, trace_id, sid, tracestate, *fields)
@@ -584,6 +589,8 @@ class SpanBuilder:
         if not results and rec.status == "incomplete":
             results = [Completion(rec.end_ns, None, 0, None)]
         row_result = _first_row_result(rec, results)
+        # the client's wait: on the statement whose rows were flowing, else the last
+        wait_result = row_result if row_result >= 0 else len(results) - 1
         start = rec.start_ns
         for i, res in enumerate(results):
             info = infos[i] if i < len(infos) else (infos[-1] if infos else None)
@@ -618,7 +625,7 @@ class SpanBuilder:
                         tracestate = comment.context.tracestate
                         self._keep_shape(conn, keyed[0], (parts, tracestate, otlp.trace_state_field(tracestate)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True,
-                            rec.first_row_ns if i == row_result else 0)
+                            rec.first_row_ns if i == row_result else 0, rec.client_wait_ns if i == wait_result else 0)
             start = res.end_ns or start
             if last:
                 conn.end_of_statement(rec.tx_status, res.tag)
@@ -629,7 +636,8 @@ class SpanBuilder:
             trace_id, parent_id, flags, tracestate = ctx
             start, end = rec.start_ns, res.end_ns or rec.end_ns
             first_row = rec.first_row_ns if _first_row_result(rec, [res]) == 0 else 0
-            if otlp.simple_spans is not None:  # compiled: the same two spans, ids drawn in the same order
+            if otlp.simple_spans is not None and not rec.client_wait_ns:
+                # compiled: the same two spans, ids drawn in the same order (no client's wait)
                 otlp.simple_spans(out, self._out_head, parts, _PHASE_PARTS["execute"][1], trace_id, parent_id,
                                   otlp.trace_state_field(tracestate), otlp.PARENT_FLAGS, otlp.CHILD_FLAGS,
                                   _rand.getrandbits, start, end, first_row)
@@ -638,7 +646,8 @@ class SpanBuilder:
             sid = _rand.getrandbits(64) or _new_id(64)
             out.append(self._item(otlp.encode_span_parts(
                 parts, trace_id, sid, parent_id, True, tracestate, start, end)))
-            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True, first_row)
+            self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True, first_row,
+                        rec.client_wait_ns)
         conn.end_of_statement(rec.tx_status, res.tag)
 
     # ------------------------------------------------------------- helpers
@@ -688,17 +697,20 @@ class SpanBuilder:
             app = session.server_params.get("application_name") or session.startup_params.get("application_name")
         return app
 
-    def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact, first_row=0) -> None:
-        """One phase span; ``first_row``: the first row's arrival (execute only), 0 for none."""
+    def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact, first_row=0,
+               client_wait=0) -> None:
+        """One phase span; ``first_row``: the first row's arrival, ``client_wait``: the client's wait
+        (execute only), 0 for none."""
         if self.encode:
-            parts = (_PHASE_PARTS[name][1 if exact else 0] if not first_row
-                     else _group_parts(_PHASE_MASKS[name], bool(exact), start, first_row))
+            parts = (_PHASE_PARTS[name][1 if exact else 0] if not (first_row or client_wait)
+                     else _group_parts(_PHASE_MASKS[name], bool(exact), start, first_row, client_wait))
             out.append(self._item(otlp.encode_span_parts(
                 parts, trace_id, _rand.getrandbits(64) or _new_id(64),
                 parent_id, False, tracestate, start, max(start, end))))
             return
         self._emit(out, name, trace_id, _new_id(64), parent_id, False, flags, tracestate, _INTERNAL,
-                   start, max(start, end), _phase_attrs(_PHASE_MASKS[name], bool(exact), start, first_row), _OK)
+                   start, max(start, end), _phase_attrs(_PHASE_MASKS[name], bool(exact), start, first_row, client_wait),
+                   _OK)
 
     def _emit(self, out, name, trace_id, span_id, parent_id, parent_remote, flags, tracestate, kind,
               start, end, attrs, status, links=()) -> None:
@@ -778,20 +790,27 @@ _SINGLE_PHASES = frozenset((1, 2, 4))
 
 _PHASE_MASKS = {"parse": 1, "plan": 2, "execute": 4}
 _FIRST_ROW = ATTR["first_row"]
+_CLIENT_WAIT = ATTR["client_wait"]
 
 
-def _phase_attrs(mask: int, exact: bool, start: int = 0, first_row: int = 0) -> dict[str, Any]:
-    """A phase span's attributes; a span holding execute gets the first row's offset from its start."""
+def _phase_attrs(mask: int, exact: bool, start: int = 0, first_row: int = 0, client_wait: int = 0) -> dict[str, Any]:
+    """A phase span's attributes; a span holding execute gets the first row's offset from its start
+    and the client's wait. (The compiled encoder appends the first row's offset after the others:
+    it comes before the client's wait, which it never encodes.)"""
     attrs: dict[str, Any] = {_EXACT: exact}
     if mask not in _SINGLE_PHASES:
         attrs[_PHASES] = _PHASE_NAMES[mask]
-    if first_row and mask & 4:
-        attrs[_FIRST_ROW] = max(0, first_row - start) / 1e6
+    if mask & 4:
+        if first_row:
+            attrs[_FIRST_ROW] = max(0, first_row - start) / 1e6
+        if client_wait:
+            attrs[_CLIENT_WAIT] = client_wait / 1e6
     return attrs
 
 
-def _group_parts(mask: int, exact: bool, start: int = 0, first_row: int = 0) -> tuple:
-    return otlp.span_parts("+".join(_PHASE_NAMES[mask]), _INTERNAL, _phase_attrs(mask, exact, start, first_row), _OK)
+def _group_parts(mask: int, exact: bool, start: int = 0, first_row: int = 0, client_wait: int = 0) -> tuple:
+    return otlp.span_parts("+".join(_PHASE_NAMES[mask]), _INTERNAL,
+                           _phase_attrs(mask, exact, start, first_row, client_wait), _OK)
 
 
 def _first_row_result(rec: Statement, results: list) -> int:
