@@ -27,7 +27,9 @@ relay paths for the rest of its life:
     with 08P01 rather than handed to Postgres, and because the proxy splices
     its own messages in at message boundaries;
   * backpressure: when one side's write buffer passes its high-water mark,
-    reading from the other side pauses until it drains.
+    reading from the other side pauses until it drains; the time the server's
+    side is paused is the client's wait of the statement whose answer is due
+    (``Session.client_waited``).
 
   An untraced session on this path stops observing and only forwards bytes.
 

@@ -795,8 +795,8 @@ _CLIENT_WAIT = ATTR["client_wait"]
 
 def _phase_attrs(mask: int, exact: bool, start: int = 0, first_row: int = 0, client_wait: int = 0) -> dict[str, Any]:
     """A phase span's attributes; a span holding execute gets the first row's offset from its start
-    and the client's wait. (The compiled encoder appends the first row's offset after the others:
-    it comes before the client's wait, which it never encodes.)"""
+    and the client's wait. (The compiled encoder appends the first row's offset to the pre-encoded
+    others, so it comes after them here too; a record with a client's wait is never its.)"""
     attrs: dict[str, Any] = {_EXACT: exact}
     if mask not in _SINGLE_PHASES:
         attrs[_PHASES] = _PHASE_NAMES[mask]
