@@ -31,8 +31,10 @@ pytestmark = [
 # Values that differ between two runs of the same workload by their nature: each
 # proxy is its own service instance, each connection has its own client port
 # and server process, and whether a phase's end is exact depends
-# on how the server's answers fell into reads (both checked on their own below).
-_VOLATILE = {"service.instance.id", "network.peer.port", "db.postgresql.backend_pid", "pgotel.timing.exact"}
+# on how the server's answers fell into reads (both checked on their own below),
+# as do the first row's offset and the client's wait (tests/test_client_wire.py).
+_VOLATILE = {"service.instance.id", "network.peer.port", "db.postgresql.backend_pid", "pgotel.timing.exact",
+             "pgotel.execute.first_row_offset_ms", "pgotel.client_wait_ms"}
 
 
 def _workload(proxy, app) -> dict[str, str]:
