@@ -62,7 +62,8 @@ setup(
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], depends=_COMMON,
                   optional=True),
         Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
-        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"], depends=[*_PUMPLOG, *_TLSAPI],
+        Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"],
+                  depends=[*_PUMPLOG, *_TLSAPI, "pgotel_proxy/protocol/framing.pxd"],  # its structs: framing_api.h
                   optional=True),
         Extension("pgotel_proxy.proxy._tls", ["pgotel_proxy/proxy/_tls.c"], depends=_TLSAPI, libraries=["ssl", "crypto"],
                   optional=True),

@@ -217,6 +217,15 @@ class Config(BaseModel):
                     "packet) per phase, and every session, traced or not, stays on the event loop "
                     "with its client messages read by the Python loop instead of the compiled "
                     "ones. The client receives the same bytes either way.")
+    phase_split_threshold: float = _opt(
+        0.005, group="Tracing", metavar="SECONDS", ge=0.0, allow_inf_nan=False,
+        description="Adaptive phase splitting, for sessions the compiled relay observes with "
+                    "phase_timing 'wire': a statement that took at least this long marks its query "
+                    "text's shape (comments left out) slow for a minute, and the relay then adds a "
+                    "Flush after each Parse, Bind and Execute of the batches that parse that shape "
+                    "(or bind a statement prepared in such a batch), so their parse, plan and "
+                    "execute spans show observed boundaries. Fast statements are left alone. The "
+                    "client receives the same bytes either way. 0 turns it off.")
     transaction_spans: bool = _opt(
         False, group="Tracing",
         description="Group the statements of an explicit transaction under one span.")

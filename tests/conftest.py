@@ -92,6 +92,7 @@ TIERS: dict[str, tuple[str, ...]] = {
         "test_otlp_encoding.py",
         "test_otlp_receiver.py",
         "test_pgserver.py",
+        "test_phase_split.py",
         "test_pump.py",
         "test_relay_paths.py",
         "test_resilience.py",

@@ -36,6 +36,12 @@
  * proxy answers as its asyncio relay does (08P01, 08006). The log is bounded
  * (log_limit): past it, observed pairs stop reading until it is taken.
  *
+ * Adaptive phase splitting: the framing also decides, per client message, whether a Flush
+ * goes after it (a Parse, Bind or Execute of a batch that runs a slow shape, framing.py); the
+ * chunk then goes on, and is logged, with those Flushes spliced in. The slow shapes are a
+ * fixed table in the Pump (slow), written by the event loop (mark_slow) and read here
+ * without a lock.
+ *
  * TLS legs (add(..., tls_a=, tls_b=): a _tls.Conn lent with the socket): the socket's ciphertext
  * goes into the connection's read BIO and what is relayed, logged and framed is the plaintext
  * it decrypts; bytes for a TLS leg are encrypted into its write BIO and drained to its socket,
@@ -139,6 +145,9 @@ typedef struct {
     size_t nslots;
     size_t *free_slots;
     size_t nfree;
+    /* Shapes of recently slow statements (framing.py: adaptive phase splitting): written by the
+     * event loop (mark_slow, atomic stores), read by this thread's framing without a lock. */
+    struct SlowShapes slow;
 } Pump;
 
 /* What the pump does with TLS legs (_tls's capsule, loaded by the first add() with one). */
@@ -521,12 +530,14 @@ hand_back(Pump *p, size_t slot, int reason, int err, const char *chunk, size_t n
 }
 
 /* Read from side and send on; 1 when the pair is to be freed now, 2 when it was handed back.
- * chunk: 2 * CHUNK bytes, the plaintext read and room for ciphertext. */
+ * chunk: 4 * CHUNK bytes, the plaintext read, room for ciphertext, and room for the client's
+ * chunk with Flushes spliced in (framing.py: a Parse, Bind or Execute of a split batch). */
 static int
 pump_in(Pump *p, size_t slot, int side, char *chunk)
 {
     Pair *q = p->slots[slot];
     char *cbuf = chunk + CHUNK;
+    char *spliced = chunk + 2 * CHUNK;
     int emptied = 0;
     for (;;) {
         if (q->observe && log_full(p)) {
@@ -553,18 +564,29 @@ pump_in(Pump *p, size_t slot, int side, char *chunk)
             return begin_end(q, 0);
         }
         long long ts = q->observe ? now_ns() : 0;
-        if (q->observe && side == 0 && frame_client(&q->framing, (const unsigned char *)chunk, (size_t)n)) {
-            hand_back(p, slot, BACK_VIOLATION, 0, chunk, (size_t)n); /* the proxy answers 08P01 */
-            return 2;
+        const char *out = chunk; /* what goes on: the chunk, or it with Flushes spliced in */
+        size_t nout = (size_t)n;
+        if (q->observe && side == 0) {
+            q->framing.now = ts;
+            Py_ssize_t m = frame_client(&q->framing, (const unsigned char *)chunk, (size_t)n, (unsigned char *)spliced);
+            if (m < 0) {
+                hand_back(p, slot, BACK_VIOLATION, 0, chunk, (size_t)n); /* the proxy answers 08P01 */
+                return 2;
+            }
+            if (m > 0) {
+                out = spliced;
+                nout = (size_t)m;
+            }
         }
-        /* Logged before it is sent: once a peer has these bytes, the event loop can see them (a
+        /* Logged before it is sent, as sent (the session sees the Flushes spliced in, and times
+         * those phases exactly): once a peer has these bytes, the event loop can see them (a
          * client that got its answer and asks the proxy to flush finds the statement finished). */
-        if (q->observe && !log_entry(p, q->id, side == 0 ? LOG_CLIENT : LOG_SERVER, ts, chunk, (size_t)n, NULL, 0, NULL, 0))
+        if (q->observe && !log_entry(p, q->id, side == 0 ? LOG_CLIENT : LOG_SERVER, ts, out, nout, NULL, 0, NULL, 0))
             return broken(q, ENOMEM); /* observation cannot go on without this chunk */
         /* What reading a TLS leg made it send (a key update's answer) goes first. */
         int r = q->tls[side] != NULL ? drain_tls(q, 1 - side, cbuf) : 0;
         if (r == 0)
-            r = relay_out(q, side, chunk, (size_t)n, cbuf);
+            r = relay_out(q, side, out, nout, cbuf);
         if (r < 0) {
             if (errno == ENOMEM) {
                 begin_end(q, ENOMEM);
@@ -709,6 +731,7 @@ add_pair(Pump *p, Cmd *c, char *chunk)
     c->tls[0] = c->tls[1] = NULL; /* the pair's now */
     q->observe = c->observe;
     q->framing.max_message = c->max_message;
+    q->framing.slow = &p->slow;
     p->slots[slot] = q;
     for (int i = 0; i < 2; i++) {
         struct epoll_event e;
@@ -789,7 +812,7 @@ thread_main(void *arg)
 {
     Pump *p = (Pump *)arg;
     struct epoll_event events[MAX_EVENTS];
-    char *chunk = malloc(2 * CHUNK); /* what is read, and room for ciphertext (pump_in) */
+    char *chunk = malloc(4 * CHUNK); /* what is read, room for ciphertext and for a spliced chunk (pump_in) */
     if (chunk == NULL)
         return NULL;
     for (;;) {
@@ -1022,6 +1045,35 @@ pump_take_log(Pump *p, PyObject *unused)
     return out;
 }
 
+PyDoc_STRVAR(mark_slow_doc,
+"mark_slow(shape, expires_ns): statements whose query text has this shape hash (framing.shape_hash)\n"
+"get their phases split (a Flush after Parse, Bind and Execute) until expires_ns (time.time_ns()).");
+
+static PyObject *
+pump_mark_slow(Pump *p, PyObject *args)
+{
+    unsigned long long h;
+    long long expires;
+    if (!PyArg_ParseTuple(args, "KL", &h, &expires))
+        return NULL;
+    /* The event loop is the only writer; the pump thread reads without a lock (a torn entry costs
+     * one statement a split it did not need, or lacks one). Probed as framing.shape_slow does. */
+    size_t size = sizeof p->slow.hash / sizeof p->slow.hash[0], home = (size_t)(h & (size - 1)), j = home;
+    long long now = now_ns();
+    for (size_t k = 0; k < 8; k++) {
+        size_t i = (home + k) & (size - 1);
+        if (__atomic_load_n(&p->slow.hash[i], __ATOMIC_RELAXED) == h ||
+            __atomic_load_n(&p->slow.expires[i], __ATOMIC_RELAXED) <= now) {
+            j = i;
+            break;
+        }
+    }
+    __atomic_store_n(&p->slow.expires[j], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->slow.hash[j], h, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->slow.expires[j], expires, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(close_doc, "close(id): end that pair now (both sockets closed); close(-1): every pair.");
 
 static PyObject *
@@ -1086,6 +1138,7 @@ static PyMethodDef pump_methods[] = {
     {"add", (PyCFunction)(void (*)(void))pump_add, METH_VARARGS | METH_KEYWORDS, add_doc},
     {"take_log", (PyCFunction)pump_take_log, METH_NOARGS, take_log_doc},
     {"close", (PyCFunction)pump_close, METH_O, close_doc},
+    {"mark_slow", (PyCFunction)pump_mark_slow, METH_VARARGS, mark_slow_doc},
     {"take_closed", (PyCFunction)pump_take_closed, METH_NOARGS, take_closed_doc},
     {"stop", (PyCFunction)pump_stop, METH_NOARGS, stop_doc},
     {NULL, NULL, 0, NULL},

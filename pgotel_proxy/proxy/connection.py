@@ -51,6 +51,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
+from ..protocol.framing import shape_hash
 from ..protocol.messages import error_response
 from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..stats import STATS
@@ -64,6 +65,8 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
+# How long a statement's shape stays slow (the pump splits its phases) after one ran slow.
+SLOW_SHAPE_FOR_NS = 60_000_000_000
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 # Small, so that a busy connection's records are packed while still in the CPU's
@@ -276,6 +279,8 @@ class ClientConnection:
         self.pump_id: int | None = None  # relayed by the server's pump (_to_pump)
         self.tls_legs: tuple = (None, None)  # the client's and the server's TLS connections the pump was lent
         self.pump_observes = False  # ... which logs what it relays for this connection's session
+        self.split_list = None  # the session's list of completed records last looked at for slow shapes,
+        self.split_scanned = 0  # ... and how many of them
         self.client_full_since = 0  # when the write buffer to the client filled (reading the server paused)
 
     # ------------------------------------------------------------ start-up
@@ -633,7 +638,17 @@ class ClientConnection:
     def pump_observed(self) -> None:
         """After a read of the log: hand over finished statements as ``_FromServer`` does."""
         s = self.session
-        if s is not None and s.completed and (self.eager or len(s.completed) >= _DELIVER_AT):
+        if s is None or not s.completed:
+            return
+        # Records finish as the log is fed to the session, just before this: each is looked at here
+        # once, before delivery (which may wait for more, or be the span process's own take).
+        done = s.completed
+        start = self.split_scanned if self.split_list is done else 0
+        if start < len(done):
+            self._mark_slow_shapes(done, start)
+        self.split_list = done
+        self.split_scanned = len(done)
+        if self.eager or len(s.completed) >= _DELIVER_AT:
             self.deliver()
 
     def pump_back(self, payload: bytes, ts: int) -> None:
@@ -726,6 +741,24 @@ class ClientConnection:
             self.wal.statements(done)
         if self.trace is not None:
             self.trace.statements(done)
+
+    def _mark_slow_shapes(self, done: list, start: int) -> None:
+        """Adaptive phase splitting: the shapes of extended statements (``done[start:]``) slower than
+        phase_split_threshold are the pump's slow shapes for a while (it splits their phases,
+        protocol/framing.py)."""
+        srv = self.server
+        threshold = srv.config.phase_split_threshold
+        pump = srv.pump()
+        if threshold <= 0 or pump is None or self.pump_id is None:
+            return
+        slow_ns = int(threshold * 1e9)
+        expires = 0
+        for i in range(start, len(done)):
+            rec = done[i]
+            if rec.protocol == "extended" and rec.sql and rec.end_ns - rec.start_ns >= slow_ns:
+                if not expires:
+                    expires = _time_ns() + SLOW_SHAPE_FOR_NS
+                pump.mark_slow(shape_hash(rec.sql), expires)
 
     def violation(self, exc: ProtocolViolation) -> None:
         STATS.protocol_violations += 1
