@@ -2,18 +2,31 @@
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.object cimport Py_TYPE
+from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
+from libc.string cimport memcpy
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+
+cdef class _Fields:
+    cdef public object cls
+    cdef public tuple names, kinds
+    cdef public object descrs
 
 cdef class RecordForm:
     cdef public object statement, completion, statement_layout, completion_layout
+    cdef _Fields _statement_fields, _completion_fields
 
     @cython.locals(out=bytearray, refs=list, written=list)
     cpdef bytes pack(self, object records)
-    @cython.locals(r=_Reader, n=cython.longlong)
+    @cython.locals(r=_Reader, n=cython.longlong, fields=_Fields)
     cpdef list unpack(self, object data)
-    @cython.locals(kind=int)
-    cdef _pack_record(self, bytearray out, object rec, object cls, object layout, list refs, list written)
-    @cython.locals(values=list, kind=int, n=cython.longlong, b=int)
-    cdef _unpack_record(self, _Reader r, object cls, object layout)
+    @cython.locals(kind=int, i=Py_ssize_t, names=tuple, kinds=tuple, descrs=tuple)
+    cdef _pack_record(self, bytearray out, object rec, _Fields fields, list refs, list written)
+    @cython.locals(values=list, kind=int, i=Py_ssize_t, n=cython.longlong, b=int, kinds=tuple, fields=_Fields,
+                   cfields=_Fields)
+    cdef _unpack_record(self, _Reader r, _Fields fields)
 
 cdef class _Reader:
     cdef bytes data
@@ -37,11 +50,13 @@ cdef class _Reader:
     cdef object value(self, int depth)
 
 @cython.locals(n=Py_ssize_t, p=cython.p_uchar, u=cython.uint)
-cdef void _put_u32(bytearray out, object v) except *
+cdef void _put_u32(bytearray out, cython.uint v) except *
+@cython.locals(at=Py_ssize_t)
+cdef void _put_raw(bytearray out, const char *data, Py_ssize_t n) except *
 @cython.locals(n=Py_ssize_t, p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
 cdef void _put_i64(bytearray out, object v) except *
 cdef void _pack_int(bytearray out, object v, object name) except *
-@cython.locals(slot=Py_ssize_t)
+@cython.locals(slot=Py_ssize_t, n=Py_ssize_t, data="const char *", b=bytes)
 cdef void _pack_str(bytearray out, object v, list refs, list written) except *
 cdef void _pack_value(bytearray out, object v, list refs, list written, int depth) except *
 cdef bytes _utf8(str v)

@@ -65,6 +65,8 @@ class RecordForm:
         self.completion = completion
         self.statement_layout = statement_layout
         self.completion_layout = completion_layout
+        self._statement_fields = _Fields(statement, statement_layout)
+        self._completion_fields = _Fields(completion, completion_layout)
 
     # ------------------------------------------------------------ pack
 
@@ -74,23 +76,32 @@ class RecordForm:
         refs: list = [None] * REF_SLOTS  # (object, k) by slot
         written = [0]
         for rec in records:
-            self._pack_record(out, rec, self.statement, self.statement_layout, refs, written)
+            self._pack_record(out, rec, self._statement_fields, refs, written)
         return bytes(out)
 
-    def _pack_record(self, out: bytearray, rec, cls, layout, refs: list, written: list) -> None:
+    def _pack_record(self, out: bytearray, rec, fields: _Fields, refs: list, written: list) -> None:
+        cls = fields.cls
         if not isinstance(rec, cls):
             raise TypeError(f"pack: {type(rec).__name__} is not a {cls.__name__}")
-        for name, kind, _ in layout:
-            v = getattr(rec, name)
+        names = fields.names
+        kinds = fields.kinds
+        descrs = fields.descrs if type(rec) is cls else None
+        for i in range(len(names)):
+            kind = kinds[i]
+            if cython.compiled and descrs is not None:  # the field's own get slot, no lookup by name
+                descr = descrs[i]
+                v = Py_TYPE(descr).tp_descr_get(descr, rec, cls)
+            else:
+                v = getattr(rec, names[i])
             if kind == INT:
-                _pack_int(out, v, name)
+                _pack_int(out, v, names[i])
             elif kind == BOOL:
                 if v is not True and v is not False:
-                    raise TypeError(f"pack: {name} is not a bool")
+                    raise TypeError(f"pack: {names[i]} is not a bool")
                 out.append(1 if v else 0)
             elif kind == STR:
                 if v is not None and type(v) is not str:
-                    raise TypeError(f"pack: {name} is not a str")
+                    raise TypeError(f"pack: {names[i]} is not a str")
                 _pack_str(out, v, refs, written)
             elif kind == VALUE:
                 _pack_value(out, v, refs, written, 0)
@@ -99,12 +110,12 @@ class RecordForm:
                     _put_u32(out, NONE)
                     continue
                 if type(v) is not list:
-                    raise TypeError(f"pack: {name} is not a list")
+                    raise TypeError(f"pack: {names[i]} is not a list")
                 _put_u32(out, len(v))
                 for c in v:
-                    self._pack_record(out, c, self.completion, self.completion_layout, refs, written)
+                    self._pack_record(out, c, self._completion_fields, refs, written)
             else:
-                raise TypeError(f"pack: {name} has an unknown kind {kind!r}")
+                raise TypeError(f"pack: {names[i]} has an unknown kind {kind!r}")
 
     # ---------------------------------------------------------- unpack
 
@@ -116,14 +127,17 @@ class RecordForm:
         n = r.u32()
         if n > r.left():
             raise ValueError("unpack: truncated record data")
-        records = [self._unpack_record(r, self.statement, self.statement_layout) for _ in range(n)]
+        fields = self._statement_fields
+        records = [self._unpack_record(r, fields) for _ in range(n)]
         if r.left():
             raise ValueError("unpack: data after the last record")
         return records
 
-    def _unpack_record(self, r: _Reader, cls, layout):
+    def _unpack_record(self, r: _Reader, fields: _Fields):
+        kinds = fields.kinds
         values = []
-        for _name, kind, _ in layout:
+        for i in range(len(kinds)):
+            kind = kinds[i]
             if kind == INT:
                 values.append(r.i64())
             elif kind == BOOL:
@@ -142,8 +156,46 @@ class RecordForm:
                     continue
                 if n > r.left():
                     raise ValueError("unpack: truncated record data")
-                values.append([self._unpack_record(r, self.completion, self.completion_layout) for _ in range(n)])
-        return cls(*values)
+                cfields = self._completion_fields
+                values.append([self._unpack_record(r, cfields) for _ in range(n)])
+        return fields.cls(*values)
+
+
+class _Fields:
+    """One record class's fields as pack and unpack walk them, by position in its layout.
+
+    ``names`` and ``kinds`` are the layout's; ``descrs`` the class's data
+    descriptor of each field (what ``getattr`` would find on it), or None when
+    a field has none or the class looks attributes up its own way. Compiled,
+    pack calls a descriptor's get slot directly for a record of exactly
+    ``cls``: the field's value as ``getattr`` gives it, without the lookup by
+    name per field.
+    """
+
+    def __init__(self, cls, layout) -> None:
+        self.cls = cls
+        self.names = tuple(name for name, _, _ in layout)
+        self.kinds = tuple(kind for _, kind, _ in layout)
+        self.descrs = _data_descriptors(cls, self.names)
+
+
+def _data_descriptors(cls, names: tuple):
+    """The data descriptor of each of ``names`` on ``cls``, or None when one is missing."""
+    if not isinstance(cls, type) or cls.__getattribute__ is not object.__getattribute__:
+        return None
+    out = []
+    for name in names:
+        for klass in cls.__mro__:
+            if name in klass.__dict__:
+                descr = klass.__dict__[name]
+                break
+        else:
+            return None
+        kind = type(descr)
+        if not hasattr(kind, "__get__") or not hasattr(kind, "__set__"):
+            return None
+        out.append(descr)
+    return tuple(out)
 
 
 def _put_u32(out: bytearray, v: int) -> None:
@@ -194,11 +246,21 @@ def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
     if v is None:
         _put_u32(out, NONE)
         return
-    b = _utf8(v)
-    if len(b) >= REF:
+    if cython.compiled:
+        data = cython.NULL  # (set below when v is ASCII)
+    if cython.compiled and PyUnicode_IS_ASCII(v):  # its characters are its UTF-8 bytes: no bytes object
+        n = PyUnicode_GET_LENGTH(v)
+        data = cython.cast(cython.p_char, PyUnicode_1BYTE_DATA(v))
+    else:
+        b = _utf8(v)
+        n = len(b)
+    if n >= REF:
         raise OverflowError("pack: a string of 4 GiB or more")
-    if len(b) >= REF_MIN:
-        slot = (id(v) >> 4) % REF_SLOTS
+    if n >= REF_MIN:
+        if cython.compiled:  # id(v), as an unsigned address
+            slot = (cython.cast(cython.size_t, cython.cast(cython.p_void, v)) >> 4) % REF_SLOTS
+        else:
+            slot = (id(v) >> 4) % REF_SLOTS
         seen = refs[slot]
         if seen is not None and seen[0] is v:
             _put_u32(out, REF)
@@ -206,8 +268,20 @@ def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
             return
         refs[slot] = (v, written[0])
         written[0] += 1
-    _put_u32(out, len(b))
+    _put_u32(out, n)
+    if cython.compiled:
+        if data == cython.NULL:
+            data = PyBytes_AS_STRING(b)
+        _put_raw(out, data, n)
+        return
     out += b
+
+
+def _put_raw(out: bytearray, data, n: int) -> None:
+    """``n`` bytes at ``data`` at the end of ``out`` (compiled only: ``data`` is a C pointer)."""
+    at = len(out)
+    PyByteArray_Resize(out, at + n)
+    memcpy(PyByteArray_AS_STRING(out) + at, data, n)
 
 
 def _pack_value(out: bytearray, v, refs: list, written: list, depth: int) -> None:
@@ -312,7 +386,10 @@ class _Reader:
             return self.written[k]
         at = self.need(n)
         try:
-            v = self.data[at:at + n].decode("utf-8", "surrogatepass")
+            if cython.compiled:  # decoded in place, no bytes slice first
+                v = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(self.data) + at, n, "surrogatepass")
+            else:
+                v = self.data[at:at + n].decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise ValueError("unpack: a string that is not UTF-8") from None
         if n >= REF_MIN:
