@@ -220,8 +220,9 @@ class Config(BaseModel):
     phase_split_threshold: float = _opt(
         0.005, group="Tracing", metavar="SECONDS", ge=0.0, allow_inf_nan=False,
         description="Adaptive phase splitting, for sessions the compiled relay observes with "
-                    "phase_timing 'wire': a statement that took at least this long marks its query "
-                    "text's shape (comments left out) slow for a minute, and the relay then adds a "
+                    "phase_timing 'wire': when the moving average of a query text's shape "
+                    "(comments left out; each execution weighs an eighth) reaches this long, the "
+                    "shape is slow until an execution brings it below (or for a minute), and the relay adds a "
                     "Flush after each Parse, Bind and Execute of the batches that parse that shape "
                     "(or bind a statement prepared in such a batch), so their parse, plan and "
                     "execute spans show observed boundaries. Fast statements are left alone. The "

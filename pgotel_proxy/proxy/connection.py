@@ -65,8 +65,14 @@ __all__ = ["ClientConnection", "ConnectionInfo"]
 log = logging.getLogger("pgotel_proxy.proxy")
 
 _time_ns = time.time_ns
-# How long a statement's shape stays slow (the pump splits its phases) after one ran slow.
+# How long a statement's shape stays slow (the pump splits its phases) after an execution left
+# its moving average at or above the threshold, unless an execution brings the average below
+# it first (then at once): a rarely run slow statement stays split from one run to the next.
 SLOW_SHAPE_FOR_NS = 60_000_000_000
+# Adaptive splitting's moving average of a shape's duration: each execution's weight, and the
+# most shapes (and texts) remembered before the tables start over.
+_SHAPE_WEIGHT = 0.125
+_SHAPES_KEPT = 4096
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 # Small, so that a busy connection's records are packed while still in the CPU's
@@ -743,22 +749,47 @@ class ClientConnection:
             self.trace.statements(done)
 
     def _mark_slow_shapes(self, done: list, start: int) -> None:
-        """Adaptive phase splitting: the shapes of extended statements (``done[start:]``) slower than
-        phase_split_threshold are the pump's slow shapes for a while (it splits their phases,
-        protocol/framing.py)."""
+        """Adaptive phase splitting: shapes of extended statements (``done[start:]``) whose typical
+        duration is at least phase_split_threshold are the pump's slow shapes for a while (it
+        splits their phases, protocol/framing.py).
+
+        Typical: a moving average per shape (``ProxyServer.shape_durations``), so that one
+        execution slowed by a busy machine does not split later executions of a fast shape
+        (the next fast one ends the marking).
+        """
         srv = self.server
         threshold = srv.config.phase_split_threshold
         pump = srv.pump()
         if threshold <= 0 or pump is None or self.pump_id is None:
             return
-        slow_ns = int(threshold * 1e9)
-        expires = 0
+        slow_ns = threshold * 1e9
+        durations, shape_of = srv.shape_durations, srv.shape_of_text
+        now = 0
         for i in range(start, len(done)):
             rec = done[i]
-            if rec.protocol == "extended" and rec.sql and rec.end_ns - rec.start_ns >= slow_ns:
-                if not expires:
-                    expires = _time_ns() + SLOW_SHAPE_FOR_NS
-                pump.mark_slow(shape_hash(rec.sql), expires)
+            sql = rec.sql
+            if rec.protocol != "extended" or not sql or not rec.end_ns:
+                continue  # not an execution (a Parse alone, say): nothing to split
+            shape = shape_of.get(sql)
+            if shape is None:
+                if len(shape_of) >= _SHAPES_KEPT:
+                    shape_of.clear()  # texts that each carry their own traceparent: start over
+                shape = shape_of[sql] = shape_hash(sql)
+            took = rec.end_ns - rec.start_ns
+            # From 0: one execution slowed by a busy machine moves the mean by an eighth of its
+            # duration, a shape slow every time reaches the threshold at once if it took eight
+            # times it, after a few executions if less.
+            before = durations.get(shape, 0.0)
+            mean = before + (took - before) * _SHAPE_WEIGHT
+            if len(durations) >= _SHAPES_KEPT and shape not in durations:
+                durations.clear()
+            durations[shape] = mean
+            if mean >= slow_ns:
+                if not now:
+                    now = _time_ns()
+                pump.mark_slow(shape, now + SLOW_SHAPE_FOR_NS)
+            elif before >= slow_ns:
+                pump.mark_slow(shape, 0)  # fast again: no longer split
 
     def violation(self, exc: ProtocolViolation) -> None:
         STATS.protocol_violations += 1

@@ -81,6 +81,10 @@ class ProxyServer:
         self._reserve_fd: int | None = None
         self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
         self.pumped: dict[int, ClientConnection] = {}  # connections the pump relays, by pair id
+        # Adaptive phase splitting (ClientConnection._mark_slow_shapes): the moving average of
+        # each statement shape's duration in ns, and the shape of each text seen.
+        self.shape_durations: dict[int, float] = {}
+        self.shape_of_text: dict[str, int] = {}
         self.observed = 0  # of them, those whose chunks the pump logs for observation
         self.pump_stopped = False  # the pump was stopped for good (the end of a drain)
         self._observe_timer: asyncio.TimerHandle | None = None
