@@ -164,7 +164,10 @@ def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
         if otlp_endpoint:
             overrides["otlp_endpoint"] = otlp_endpoint
         else:
-            overrides.update(otlp_endpoint=proxy_spans.endpoint, otlp_protocol="http/protobuf")
+            # Printed here: traces only. The latency histograms' exporter would go on sending to
+            # the receiver after it closed, and warn on the way out.
+            overrides.update(otlp_endpoint=proxy_spans.endpoint, otlp_protocol="http/protobuf",
+                             latency_histograms=False)
         with BackgroundProxy(**overrides) as proxy:
             click.echo(f"pgotel-proxy listening on 127.0.0.1:{proxy.port} in front of PostgreSQL {pg.major} on port {pg.port}", err=True)
             provider = TracerProvider(resource=Resource.create({"service.name": "demo-app"}))
