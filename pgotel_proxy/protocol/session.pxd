@@ -54,7 +54,6 @@ cdef class Session:
 
     cpdef client_data(self, bytes data, object now)
     cpdef client_observe(self, bytes data, Py_ssize_t start, Py_ssize_t stop, object now)
-    cpdef client_data_from(self, bytes data, object now, Py_ssize_t start)
 
     @cython.locals(held=bytes, n=Py_ssize_t, pos=Py_ssize_t, seg=Py_ssize_t, typ=int, length=cython.longlong,
                    mend=Py_ssize_t, end=Py_ssize_t, observing=bint, limit=Py_ssize_t, nxt=int,
@@ -72,7 +71,6 @@ cdef class Session:
     cdef _extended_rec(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
 
     cpdef server_observe(self, bytes data, object now, Py_ssize_t start=*, Py_ssize_t stop=*)
-    cpdef server_observe_from(self, bytes data, object now, Py_ssize_t start)
     cpdef bytes server_filter(self, bytes data, object now)
 
     @cython.locals(sbuf=bytes, fwd=Py_ssize_t, n=Py_ssize_t, pos=Py_ssize_t, skip=Py_ssize_t, typ=int,

@@ -348,14 +348,6 @@ class Session:
         """
         self._client_data(data, now, start, stop)
 
-    def client_data_from(self, data: bytes, now: int, start: int) -> bytes | None:
-        """``client_data`` from ``start``, the bytes before it already accounted.
-
-        ``start`` is > 0 only when nothing was held or is to be skipped.
-        Returns and raises as client_data.
-        """
-        return self._client_data(data, now, start, len(data))
-
     def _client_data(self, data: bytes, now: int, start: int, stop: int) -> bytes | None:
         """Frame ``data[start:stop]``; what it returns (for client_data) covers ``data[:stop]``."""
         if start < 0 or stop > len(data) or start > stop:
@@ -650,13 +642,6 @@ class Session:
                 self._server(data, now, None, start, len(data) if stop < 0 else stop)
             except Exception as exc:  # never let observation break the relay
                 self.desync(f"server stream: {exc!r}")
-
-    def server_observe_from(self, data: bytes, now: int, start: int) -> None:
-        """``server_observe`` from ``start`` to the end (the bytes before it already accounted)."""
-        try:
-            self._server(data, now, None, start, len(data))
-        except Exception as exc:  # as server_observe: never let observation break the relay
-            self.desync(f"server stream: {exc!r}")
 
     def server_filter(self, data: bytes, now: int) -> bytes:
         """Feed server bytes that are NOT yet forwarded; return what to forward (see ``server_hold``)."""
