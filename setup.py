@@ -1,20 +1,21 @@
 """Build of the compiled parts; everything else is in pyproject.toml.
 
 The protocol codec (pgotel_proxy/protocol: events, messages, scan, framing,
-session, records, pumplog) is one source: each module a ``.py`` that runs as it is, and
-that Cython compiles (pure-Python mode; the types in the ``.pxd`` beside it)
-when Cython is importable at build time. The hand-written C:
+session, records, pumplog) and the statement shapes (pgotel_proxy/shape.py:
+literals blanked, the span cache's key) are one source: each module a ``.py``
+that runs as it is, and that Cython compiles (pure-Python mode; the types in
+the ``.pxd`` beside it) when Cython is importable at build time. The
+hand-written C:
 
 * pgotel_proxy/tracing/_otlpenc.c: the byte-assembling half of the OTLP span encoder;
-* pgotel_proxy/_shape.c: statement shapes (literals blanked, the span cache's key);
 * pgotel_proxy/proxy/_pump.c: the compiled relay (traced sessions or not), on a
   thread; it frames client bytes with the codec's framing (imported from the
   compiled pgotel_proxy/protocol/framing.py through its C capsule);
 * pgotel_proxy/proxy/_tls.c: TLS on OpenSSL (both legs, start-up and pump; needs libssl's headers).
 
 ``optional=True`` everywhere: without Cython or a C compiler the package
-installs anyway and the Python versions serve (the codec's ``.py`` files,
-pgotel_proxy.tracing.otlp, pgotel_proxy.shape; the asyncio relay of
+installs anyway and the Python versions serve (the codec's and shape's ``.py`` files,
+pgotel_proxy.tracing.otlp; the asyncio relay of
 pgotel_proxy.proxy.connection for the pump; Python's ssl module for _tls, and
 then TLS sessions stay on the asyncio relay). ``PGOTEL_PURE_PYTHON=1`` makes
 them serve where the compiled ones exist (pgotel_proxy/protocol/_impl.py).
@@ -38,8 +39,8 @@ _TLSAPI = ["pgotel_proxy/proxy/_tlsapi.h"]
 CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
 
 
-def _codec() -> list:
-    """The codec's extensions, or none when Cython is not installed (its .py files serve)."""
+def _cython() -> list:
+    """The codec's extensions and shape's, or none when Cython is not installed (their .py files serve)."""
     try:
         from Cython.Build import cythonize
     except ImportError:
@@ -48,6 +49,7 @@ def _codec() -> list:
         Extension(f"pgotel_proxy.protocol.{name}", [f"pgotel_proxy/protocol/{name}.py"], optional=True)
         for name in CODEC_MODULES
     ]
+    modules.append(Extension("pgotel_proxy.shape", ["pgotel_proxy/shape.py"], optional=True))
     return cythonize(
         modules,
         compiler_directives={"language_level": 3, "annotation_typing": False, "boundscheck": True,
@@ -58,10 +60,9 @@ def _codec() -> list:
 
 setup(
     ext_modules=[
-        *_codec(),
+        *_cython(),
         Extension("pgotel_proxy.tracing._otlpenc", ["pgotel_proxy/tracing/_otlpenc.c"], depends=_COMMON,
                   optional=True),
-        Extension("pgotel_proxy._shape", ["pgotel_proxy/_shape.c"], optional=True),
         Extension("pgotel_proxy.proxy._pump", ["pgotel_proxy/proxy/_pump.c"],
                   depends=[*_PUMPLOG, *_TLSAPI, "pgotel_proxy/protocol/framing.pxd"],  # its structs: framing_api.h
                   optional=True),

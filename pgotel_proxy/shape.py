@@ -1,3 +1,4 @@
+# cython: boundscheck=False, wraparound=False
 """Statement shapes: what two statement texts that differ only in their values share.
 
 Applications that send values inline (the simple protocol, many ORMs) send a
@@ -7,9 +8,10 @@ sqlcommenter tags, the SQL summary and sanitised text, the encoded span
 attributes) is the same for all texts of one shape, so the caches of
 ``sqlcomment``, ``tracing.sqlinfo`` and ``tracing.spans`` are keyed by shape.
 
-* :data:`SHAPE_LITERAL` is what a shape blanks: plain string literals (with
-  doubled quotes) and unsigned number literals. :func:`blind` replaces each
-  with ``"\\x01"``.
+* :func:`blind` blanks a text's literals: each plain string literal (with
+  doubled quotes) and each unsigned number literal becomes ``"\\x01"``.
+* :func:`blank_code` is :func:`blind` for code where the blanked text may
+  stand for every text of its shape, else None.
 * :func:`statement_key` is the key of the span builder's cache for simple
   statements: the whole text with the code's literals blanked and the
   traceparent value cut out, and the parsed traceparent.
@@ -17,62 +19,164 @@ attributes) is the same for all texts of one shape, so the caches of
   records, so that the latency histograms and the span builder, which both
   key every record, compute each text's key once.
 
-Both have a compiled version (``_shape.c``, built with the package when a C
-compiler is there) and the Python version here, which gives the same answer
-for every input (``tests/test_shape.py`` compares them) and serves when the
-extension is missing or ``PGOTEL_PURE_PYTHON=1``.
+One source: Cython compiles this file where it and a C compiler were there at
+install time (pure-Python mode, the types in ``shape.pxd``), and it runs as it
+is otherwise, or with ``PGOTEL_PURE_PYTHON=1`` (``protocol/_impl.py``). The
+scans are written a character at a time so that the compiled build is a C
+loop; ``tests/test_shape.py`` holds the two builds to the same answers.
 """
 
 from __future__ import annotations
 
-import re
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from .protocol._nocython import cython
 
-from .protocol._impl import PURE_PYTHON
+__all__ = ["blank_code", "blind", "statement_key", "StatementKeys", "COMPILED", "MAX_CHARS"]
 
-__all__ = ["SHAPE_LITERAL", "blank_code", "blind", "blind_py", "statement_key", "statement_key_py", "StatementKeys",
-           "COMPILED", "MAX_CHARS"]
-
-#: Plain string and number literals: what a literal-blind key blanks.
-SHAPE_LITERAL = re.compile(r"'[^']*+(?:''[^']*+)*+'|(?<![\w$.])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$.])")
-#: What a literal-blind key cannot stand for, outside the literals it blanked: a quote
-#: left open, dollar quotes (a "$" not before a digit: "$1" is a parameter, and a dollar
-#: quote's tag never starts with a digit), quoted identifiers, comments, Unicode escapes,
-#: typed or prefixed strings (E'', B'', X'', N'': a prefix letter before a blanked literal).
-_BLANK_UNSAFE = re.compile(r"""['"]|\$(?![0-9])|--|/\*|(?<![\w$])[eEbBxXnN]\x01|[uU]&""")
-_TP_TAG = "traceparent='"
-_TP_VALUE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 #: Longest statement given a key (sqlcomment's shape limit).
 MAX_CHARS = 8192
+_TP_TAG = "traceparent='"
+#: Characters of a W3C traceparent value: version, trace id, span id, flags, three dashes.
+_TP_LEN = 55
 
 
-def blind_py(s: str) -> str:
-    """``s`` with each literal of :data:`SHAPE_LITERAL` replaced by ``"\\x01"``."""
-    return SHAPE_LITERAL.sub("\x01", s)
+def _in_word(c: str) -> bool:
+    """Whether PostgreSQL's lexer may read ``c`` inside an identifier or parameter: [A-Za-z0-9_$], any non-ASCII."""
+    return ("a" <= c <= "z") or ("A" <= c <= "Z") or ("0" <= c <= "9") or c == "_" or c == "$" or c >= "\x80"
 
 
-def _blank_code(code: str, blind) -> str | None:
-    if "\\" in code or "\x01" in code:
-        return None
-    blank = blind(code)
-    return blank if _BLANK_UNSAFE.search(blank) is None else None
+def _is_space(c: str) -> bool:
+    """``str.isspace()`` for an ASCII character."""
+    return c == " " or ("\t" <= c <= "\r") or ("\x1c" <= c <= "\x1f")
+
+
+def _string_end(s: str, i: int, end: int) -> int:
+    """End of the string literal opening at ``s[i] == "'"``, or -1 when it is not closed before ``end``."""
+    k = s.find("'", i + 1, end)
+    while k >= 0 and k + 1 < end and s[k + 1] == "'":  # a doubled quote: the literal goes on
+        k = s.find("'", k + 2, end)
+    return k + 1 if k >= 0 else -1
+
+
+def _number_end(s: str, i: int, end: int) -> int:
+    """End of the unsigned number literal at the digit ``s[i]``, or -1 when the digits run into a word.
+
+    ``digits[.digits][(e|E)[+|-]digits]``, not followed by a word character
+    or a ".": "1e" and "1.2.3" are not literals, nor any part of them.
+    """
+    k = i
+    while k < end and "0" <= s[k] <= "9":
+        k += 1
+    if k < end and s[k] == ".":
+        k += 1
+        while k < end and "0" <= s[k] <= "9":
+            k += 1
+    if k < end and (s[k] == "e" or s[k] == "E"):
+        e = k + 1
+        if e < end and (s[e] == "+" or s[e] == "-"):
+            e += 1
+        if e < end and "0" <= s[e] <= "9":
+            while e < end and "0" <= s[e] <= "9":
+                e += 1
+            k = e
+    if k < end and (_in_word(s[k]) or s[k] == "."):
+        return -1
+    return k
+
+
+def _blank(s: str, end: int, parts: list) -> bool:
+    """Appends the pieces of ``s[:end]`` to ``parts``, each literal as ``"\\x01"``, when there is a literal.
+
+    A literal: a string ``'…'`` (doubled quotes inside), or a number
+    (:func:`_number_end`) that does not start inside a word or after a ".".
+    Nothing else is: not a quote left open, not "$1" or "t1", not the digits
+    of "1.2.3". Nothing is appended when there is no literal.
+
+    Returns whether a literal-blind key may stand for ``s[:end]`` as far as
+    the text outside its literals goes (:func:`blank_code` adds the rest):
+    no quote left open, no double quote (a quoted identifier), no "--" or
+    "/*" (comments), no "$" but before a digit (a dollar quote; "$1" is a
+    parameter, and a dollar quote's tag never starts with a digit), no U&
+    (Unicode escapes), and no letter E, B, X or N that starts a word right
+    before a literal (a typed or prefixed string).
+    """
+    safe = True
+    i = last = 0
+    while i < end:
+        c = s[i]
+        e = -1
+        if c == "'":
+            e = _string_end(s, i, end)
+            if e < 0:
+                safe = False
+        elif c in "0123456789":  # (a chain of equalities: compiled, one switch)
+            if not (i > 0 and (_in_word(s[i - 1]) or s[i - 1] == ".")):
+                e = _number_end(s, i, end)
+        elif c == '"':
+            safe = False
+        elif c == "-" or c == "/":
+            if i + 1 < end and s[i + 1] == ("-" if c == "-" else "*"):
+                safe = False
+        elif c == "$":
+            if not (i + 1 < end and "0" <= s[i + 1] <= "9"):
+                safe = False
+        elif c == "&":
+            if i > 0 and (s[i - 1] == "u" or s[i - 1] == "U"):
+                safe = False
+        if e < 0:
+            i += 1
+            continue
+        if i > 0 and s[i - 1] in "eEbBxXnN" and not (i > 1 and _in_word(s[i - 2])):
+            safe = False
+        parts.append(s[last:i])
+        parts.append("\x01")
+        i = last = e
+    if last:
+        parts.append(s[last:end])
+    return safe
+
+
+def blind(s: str) -> str:
+    """``s`` with each literal replaced by ``"\\x01"`` (``s`` itself when it has none)."""
+    parts: list = []
+    _blank(s, len(s), parts)
+    return "".join(parts) if parts else s
 
 
 def blank_code(code: str) -> str | None:
     """``code`` with its literals blanked when a literal-blind key may stand for it, else None.
 
-    It may when each literal :data:`SHAPE_LITERAL` finds is one token to
+    It may when each literal :func:`blind` finds is one token to
     PostgreSQL's lexer whatever its content: no backslash (an escape, or any
     string with ``standard_conforming_strings`` off) and no ``\\x01`` (the
-    blank itself) in the code, and :data:`_BLANK_UNSAFE` finds nothing
-    outside its literals. Up to the first such construct both lexers agree,
+    blank itself) in the code, and nothing outside its literals that
+    :func:`_blank` refuses. Up to the first such construct both lexers agree,
     so none there means they agree on the whole text. Then texts that differ
     only in their literals' values share their blanked code, and their parse
     trees differ only in those values.
     """
-    return _blank_code(code, blind)
+    parts: list = []
+    if not _blank(code, len(code), parts) or "\\" in code or "\x01" in code:
+        return None
+    return "".join(parts) if parts else code
 
 
-def statement_key_py(sql: str) -> tuple[str, int, int, int, int] | None:
+def _hex(s: str, start: int, end: int):
+    """The number ``s[start:end]`` writes in lower-case hexadecimal (at most 16 digits), or None."""
+    v = 0
+    for c in s[start:end]:  # (compiled: no slice is made)
+        if "0" <= c <= "9":
+            v = v * 16 + (ord(c) - 48)
+        elif "a" <= c <= "f":
+            v = v * 16 + (ord(c) - 87)
+        else:
+            return None
+    return v
+
+
+def statement_key(sql: object) -> tuple[str, int, int, int, int] | None:
     """(key, trace_id, span_id, flags, value_start) for a keyable statement, else None.
 
     Keyable: an ASCII text of at most :data:`MAX_CHARS` characters, with code
@@ -90,51 +194,52 @@ def statement_key_py(sql: str) -> tuple[str, int, int, int, int] | None:
     its comment), so they differ only in their literals' values and the trace
     context: the same tags, the same summary, the same sanitised text.
     """
-    if type(sql) is not str or not sql.isascii() or not 0 < len(sql) <= MAX_CHARS:
+    return _key(sql) if type(sql) is str else None
+
+
+def _key(sql: str) -> tuple[str, int, int, int, int] | None:
+    """:func:`statement_key` for a str."""
+    n = len(sql)
+    if n == 0 or n > MAX_CHARS or not sql.isascii():
         return None
     lower = sql.lower()
     if "pgotel" in lower or "all" in lower or "application_name" in lower or "pg_tracing" in lower:
         return None
     j = sql.find("/*")
-    if j <= 0 or sql[:j].isspace():
+    if j <= 0:
+        return None
+    i = 0
+    while i < j and _is_space(sql[i]):
+        i += 1
+    if i == j:  # the comment comes first
         return None
     k = sql.find(_TP_TAG, j)
-    if k < 0:
+    if k < 0:  # (k > j + 1: the tag is not "/*")
         return None
     before = sql[k - 1]
-    if not (sql[k - 2:k] == "/*" or before == "," or before.isspace()):
+    if not (before == "," or _is_space(before) or (before == "*" and sql[k - 2] == "/")):
         return None
     vs = k + len(_TP_TAG)
-    ve = vs + 55
-    if ve >= len(sql) or sql[ve] != "'" or _TP_VALUE.fullmatch(sql, vs, ve) is None or sql.startswith("ff", vs):
+    ve = vs + _TP_LEN
+    if ve >= n or sql[ve] != "'" or sql[vs + 2] != "-" or sql[vs + 35] != "-" or sql[vs + 52] != "-":
         return None
-    trace_id = int(sql[vs + 3:vs + 35], 16)
-    span_id = int(sql[vs + 36:vs + 52], 16)
-    if not trace_id or not span_id:
+    version = _hex(sql, vs, vs + 2)
+    trace_high = _hex(sql, vs + 3, vs + 19)
+    trace_low = _hex(sql, vs + 19, vs + 35)
+    span_id = _hex(sql, vs + 36, vs + 52)
+    flags = _hex(sql, vs + 53, ve)
+    if version is None or version == 255 or trace_high is None or trace_low is None or span_id is None or flags is None:
         return None
-    blank = _blank_code(sql[:j], blind_py)
-    if blank is None:
+    if not (trace_high or trace_low) or not span_id:
         return None
-    return blank + sql[j:vs] + sql[ve:], trace_id, span_id, int(sql[vs + 53:ve], 16), vs
-
-
-def _blind_compiled(s: str) -> str:
-    out = _c_blind(s)
-    return blind_py(s) if out is None else out
-
-
-COMPILED = False
-blind = blind_py
-statement_key = statement_key_py
-if not PURE_PYTHON:
-    try:
-        from ._shape import blind as _c_blind, statement_key  # type: ignore[no-redef]  # noqa: F811
-
-        blind = _blind_compiled
-        COMPILED = True
-    except ImportError:  # not built (no compiler at install time): the Python versions serve
-        pass
-
+    parts: list = []
+    if not _blank(sql, j, parts) or sql.find("\\", 0, j) >= 0 or sql.find("\x01", 0, j) >= 0:
+        return None
+    if not parts:
+        parts.append(sql[:j])
+    parts.append(sql[j:vs])
+    parts.append(sql[ve:])
+    return "".join(parts), (trace_high << 64) | trace_low, span_id, flags, vs
 
 class StatementKeys(dict):
     """:func:`statement_key`'s answer for each text, as ``keys[sql]``; a text not held yet is keyed then.
@@ -153,3 +258,7 @@ class StatementKeys(dict):
     def __missing__(self, sql: str):
         q = self[sql] = statement_key(sql)
         return q
+
+
+#: True when this module was compiled by Cython.
+COMPILED: bool = cython.compiled

@@ -6,13 +6,13 @@ the Python path on a machine where the extensions are built. It is read
 here, once, at import; the modules with a compiled version consult
 :data:`PURE_PYTHON` rather than the environment.
 
-The codec's modules (:data:`CODEC_MODULES`) are one source each: the same
-``.py`` runs interpreted, or is compiled by Cython at install time (its
-``.pxd`` beside it gives the types). Compiled, the extension module sits next
-to the source and Python's import prefers it; with the switch set,
-:class:`SourceFinder` is put first on ``sys.meta_path`` before any of them is
-imported (``protocol/__init__.py`` imports this module first), so that their
-``.py`` files serve.
+The codec's modules (:data:`CODEC_MODULES`) and the statement shapes
+(:data:`SHARED_MODULES`) are one source each: the same ``.py`` runs
+interpreted, or is compiled by Cython at install time (its ``.pxd`` beside it
+gives the types). Compiled, the extension module sits next to the source and
+Python's import prefers it; with the switch set, :class:`SourceFinder` is put
+first on ``sys.meta_path`` before any of them is imported (the package's
+``__init__.py`` imports this module first), so that their ``.py`` files serve.
 
 The switch lives in ``protocol/``, the bottom layer, because every other
 layer may import from it and ``protocol/`` may import nothing outside itself.
@@ -26,7 +26,7 @@ import importlib.util
 import os
 import sys
 
-__all__ = ["CODEC_MODULES", "PURE_PYTHON", "PURE_PYTHON_ENV", "SourceFinder"]
+__all__ = ["CODEC_MODULES", "PURE_PYTHON", "PURE_PYTHON_ENV", "SHARED_MODULES", "SourceFinder"]
 
 #: The environment variable that forces the Python implementations.
 PURE_PYTHON_ENV = "PGOTEL_PURE_PYTHON"
@@ -35,6 +35,8 @@ PURE_PYTHON: bool = bool(os.environ.get(PURE_PYTHON_ENV))
 
 #: The modules of this package that setup.py compiles with Cython (each a ``.py`` and a ``.pxd``).
 CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
+#: The modules of the package above this one that setup.py compiles with Cython (pgotel_proxy.shape).
+SHARED_MODULES = ("shape",)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,5 +65,9 @@ class SourceFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source, loader=loader)
 
 
-if PURE_PYTHON and not any(isinstance(f, SourceFinder) and f.package == __package__ for f in sys.meta_path):
-    sys.meta_path.insert(0, SourceFinder(__package__, _HERE, CODEC_MODULES))
+if PURE_PYTHON:
+    _TOP = __package__.rpartition(".")[0]
+    for _package, _directory, _names in ((__package__, _HERE, CODEC_MODULES),
+                                        (_TOP, os.path.dirname(_HERE), SHARED_MODULES)):
+        if not any(isinstance(f, SourceFinder) and f.package == _package for f in sys.meta_path):
+            sys.meta_path.insert(0, SourceFinder(_package, _directory, _names))
