@@ -14,7 +14,7 @@ cdef Py_ssize_t _string_end(str s, Py_ssize_t i, Py_ssize_t end) except -2
 cdef Py_ssize_t _number_end(str s, Py_ssize_t i, Py_ssize_t end) noexcept
 
 @cython.locals(safe=bint, i=Py_ssize_t, last=Py_ssize_t, e=Py_ssize_t, c=Py_UCS4)
-cdef bint _blank(str s, Py_ssize_t end, list parts) except -1
+cdef bint _blank(str s, Py_ssize_t end, Py_ssize_t tail, list parts) except -1
 
 @cython.locals(parts=list)
 cpdef str blind(str s)
@@ -22,7 +22,7 @@ cpdef str blind(str s)
 @cython.locals(parts=list)
 cpdef str blank_code(str code)
 
-@cython.locals(v=cython.ulonglong, c=Py_UCS4)
+@cython.locals(v=cython.ulonglong, i=Py_ssize_t, c=Py_UCS4)
 cdef object _hex(str s, Py_ssize_t start, Py_ssize_t end)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, i=Py_ssize_t, k=Py_ssize_t, vs=Py_ssize_t, ve=Py_ssize_t, before=Py_UCS4,

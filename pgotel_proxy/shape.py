@@ -40,6 +40,7 @@ MAX_CHARS = 8192
 _TP_TAG = "traceparent='"
 #: Characters of a W3C traceparent value: version, trace id, span id, flags, three dashes.
 _TP_LEN = 55
+_HEX_DIGITS = "0123456789abcdef"
 
 
 def _in_word(c: str) -> bool:
@@ -86,32 +87,40 @@ def _number_end(s: str, i: int, end: int) -> int:
     return k
 
 
-def _blank(s: str, end: int, parts: list) -> bool:
-    """Appends the pieces of ``s[:end]`` to ``parts``, each literal as ``"\\x01"``, when there is a literal.
+def _blank(s: str, end: int, tail: int, parts: list) -> bool:
+    """Appends the pieces of ``s[:tail]`` to ``parts``, each literal of ``s[:end]`` as ``"\\x01"``, when there is one.
 
     A literal: a string ``'…'`` (doubled quotes inside), or a number
     (:func:`_number_end`) that does not start inside a word or after a ".".
     Nothing else is: not a quote left open, not "$1" or "t1", not the digits
     of "1.2.3". Nothing is appended when there is no literal.
 
-    Returns whether a literal-blind key may stand for ``s[:end]`` as far as
-    the text outside its literals goes (:func:`blank_code` adds the rest):
-    no quote left open, no double quote (a quoted identifier), no "--" or
-    "/*" (comments), no "$" but before a digit (a dollar quote; "$1" is a
-    parameter, and a dollar quote's tag never starts with a digit), no U&
-    (Unicode escapes), and no letter E, B, X or N that starts a word right
+    Returns whether a literal-blind key may stand for ``s[:end]``: no
+    backslash (an escape, or any string with ``standard_conforming_strings``
+    off) and no ``"\\x01"`` (the blank itself) anywhere; outside its
+    literals no quote left open, no double quote (a quoted identifier), no
+    "--" or "/*" (comments), no "$" but before a digit (a dollar quote; "$1"
+    is a parameter, and a dollar quote's tag never starts with a digit), no
+    U& (Unicode escapes), and no letter E, B, X or N that starts a word right
     before a literal (a typed or prefixed string).
     """
     safe = True
-    i = last = 0
-    while i < end:
-        c = s[i]
+    i = -1
+    last = 0  # where the text after the last literal starts
+    for c in s:  # (compiled: a loop over the characters in place)
+        i += 1
+        if i >= end:
+            break
+        if c == "\\" or c == "\x01":  # an escape (or any string without standard_conforming_strings), a blank
+            safe = False
+        if i < last:  # inside the literal just blanked
+            continue
         e = -1
         if c == "'":
             e = _string_end(s, i, end)
             if e < 0:
                 safe = False
-        elif c in "0123456789":  # (a chain of equalities: compiled, one switch)
+        elif c in "0123456789":  # (compiled: these comparisons are one switch)
             if not (i > 0 and (_in_word(s[i - 1]) or s[i - 1] == ".")):
                 e = _number_end(s, i, end)
         elif c == '"':
@@ -126,22 +135,21 @@ def _blank(s: str, end: int, parts: list) -> bool:
             if i > 0 and (s[i - 1] == "u" or s[i - 1] == "U"):
                 safe = False
         if e < 0:
-            i += 1
             continue
         if i > 0 and s[i - 1] in "eEbBxXnN" and not (i > 1 and _in_word(s[i - 2])):
             safe = False
         parts.append(s[last:i])
         parts.append("\x01")
-        i = last = e
+        last = e
     if last:
-        parts.append(s[last:end])
+        parts.append(s[last:tail])
     return safe
 
 
 def blind(s: str) -> str:
     """``s`` with each literal replaced by ``"\\x01"`` (``s`` itself when it has none)."""
     parts: list = []
-    _blank(s, len(s), parts)
+    _blank(s, len(s), len(s), parts)
     return "".join(parts) if parts else s
 
 
@@ -149,31 +157,37 @@ def blank_code(code: str) -> str | None:
     """``code`` with its literals blanked when a literal-blind key may stand for it, else None.
 
     It may when each literal :func:`blind` finds is one token to
-    PostgreSQL's lexer whatever its content: no backslash (an escape, or any
-    string with ``standard_conforming_strings`` off) and no ``\\x01`` (the
-    blank itself) in the code, and nothing outside its literals that
-    :func:`_blank` refuses. Up to the first such construct both lexers agree,
-    so none there means they agree on the whole text. Then texts that differ
-    only in their literals' values share their blanked code, and their parse
-    trees differ only in those values.
+    PostgreSQL's lexer whatever its content, and the code holds nothing
+    :func:`_blank` refuses. Up to the first such construct both lexers
+    agree, so none there means they agree on the whole text. Then texts that
+    differ only in their literals' values share their blanked code, and
+    their parse trees differ only in those values.
     """
     parts: list = []
-    if not _blank(code, len(code), parts) or "\\" in code or "\x01" in code:
+    if not _blank(code, len(code), len(code), parts):
         return None
     return "".join(parts) if parts else code
 
 
 def _hex(s: str, start: int, end: int):
-    """The number ``s[start:end]`` writes in lower-case hexadecimal (at most 16 digits), or None."""
-    v = 0
-    for c in s[start:end]:  # (compiled: no slice is made)
-        if "0" <= c <= "9":
-            v = v * 16 + (ord(c) - 48)
-        elif "a" <= c <= "f":
-            v = v * 16 + (ord(c) - 87)
-        else:
-            return None
-    return v
+    """The number the lower-case hexadecimal digits ``s[start:end]`` write (at most 16), or None.
+
+    None when another character is there (not even an upper-case digit: a
+    traceparent value is written in lower case).
+    """
+    if cython.compiled:  # a C loop: no str or int made on the way
+        v = 0
+        for i in range(start, end):
+            c = s[i]
+            if "0" <= c <= "9":
+                v = v * 16 + (ord(c) - 48)
+            elif "a" <= c <= "f":
+                v = v * 16 + (ord(c) - 87)
+            else:
+                return None
+        return v
+    digits = s[start:end]
+    return None if digits.strip(_HEX_DIGITS) else int(digits, 16)
 
 
 def statement_key(sql: object) -> tuple[str, int, int, int, int] | None:
@@ -233,13 +247,13 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if not (trace_high or trace_low) or not span_id:
         return None
     parts: list = []
-    if not _blank(sql, j, parts) or sql.find("\\", 0, j) >= 0 or sql.find("\x01", 0, j) >= 0:
+    if not _blank(sql, j, vs, parts):
         return None
     if not parts:
-        parts.append(sql[:j])
-    parts.append(sql[j:vs])
+        parts.append(sql[:vs])
     parts.append(sql[ve:])
     return "".join(parts), (trace_high << 64) | trace_low, span_id, flags, vs
+
 
 class StatementKeys(dict):
     """:func:`statement_key`'s answer for each text, as ``keys[sql]``; a text not held yet is keyed then.
