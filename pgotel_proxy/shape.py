@@ -1,4 +1,7 @@
 # cython: boundscheck=False, wraparound=False
+# (Compiled without index checks: every index the scans read is at least 0 and below
+# an end at most the text's length; .ci/sanitize runs tests/test_shape.py on a build
+# under AddressSanitizer.)
 """Statement shapes: what two statement texts that differ only in their values share.
 
 Applications that send values inline (the simple protocol, many ORMs) send a
@@ -40,6 +43,7 @@ MAX_CHARS = 8192
 _TP_TAG = "traceparent='"
 #: Characters of a W3C traceparent value: version, trace id, span id, flags, three dashes.
 _TP_LEN = 55
+#: The digits of a traceparent value (interpreted, :func:`_hex` checks against them).
 _HEX_DIGITS = "0123456789abcdef"
 
 
@@ -228,7 +232,7 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if i == j:  # the comment comes first
         return None
     k = sql.find(_TP_TAG, j)
-    if k < 0:  # (k > j + 1: the tag is not "/*")
+    if k < 0:  # (else k >= j + 2: the tag does not start with "/*", so sql[k - 2] is there)
         return None
     before = sql[k - 1]
     if not (before == "," or _is_space(before) or (before == "*" and sql[k - 2] == "/")):

@@ -92,7 +92,7 @@ def _violation(importer: str, imported: str) -> str | None:
         if top not in sys.stdlib_module_names or top in ("asyncio", "socket", "ssl", "selectors"):
             return "protocol/ is sans-IO: stdlib only (and Cython's names), no asyncio or sockets"
         return None
-    if src == "sqlcomment" and top == "pgotel_proxy" and dst not in ("shape", "_shape", "stats"):
+    if src == "sqlcomment" and top == "pgotel_proxy" and dst not in ("shape", "stats"):
         return "sqlcomment imports the stdlib, the shared literal blanking and the one statistics registry only"
     if top != "pgotel_proxy":
         return None
