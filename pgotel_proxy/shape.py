@@ -115,6 +115,8 @@ def _blank(s: str, end: int, tail: int, parts: list) -> bool:
         i += 1
         if i >= end:
             break
+        if c not in "'0123456789\"-/$&\\\x01":  # a letter, a space, most punctuation: nothing to note
+            continue
         if c == "\\" or c == "\x01":  # an escape (or any string without standard_conforming_strings), a blank
             safe = False
         if i < last:  # inside the literal just blanked
