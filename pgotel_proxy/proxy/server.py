@@ -577,8 +577,8 @@ async def serve(
     that program's collector alone.
 
     SIGHUP calls ``reload`` for a fresh config and applies what can change
-    without a restart: certificates (new sessions only), tracing on/off and the
-    sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
+    without a restart: certificates (new sessions only), tracing on/off, the
+    sample ratio and the rule for failed and slow statements (``always_trace_*``). ``worker`` is the WorkerLink of a worker process (workers.py).
     """
     from ..enrich import attach as attach_enrichment
     from ..tracing import build_tracer
@@ -619,6 +619,7 @@ async def serve(
             return
         if tracer is not None and new is not old:
             tracer.set_sample_rate(new.sample_rate)
+            tracer.set_keep_rule(new)
             tracer.set_enabled(new.tracing)
 
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
