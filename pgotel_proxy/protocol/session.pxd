@@ -3,7 +3,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING
 from .events cimport Completion, Statement, new_statement
-from .messages cimport be32, cstring, header_refused, decode_bind, decode_error_fields, decode_parse, text
+from .messages cimport be32, cstring, cstring_text, nul_at, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
 cdef class Session:

@@ -78,6 +78,8 @@ from .messages import (
     FLUSH,
     be32,
     cstring,
+    cstring_text,
+    nul_at,
     decode_bind,
     decode_error_fields,
     decode_parse,
@@ -614,7 +616,7 @@ class Session:
         if buf is None or buf[start] == 0:
             portal = ""
         else:
-            portal = cstring(buf, start)[0]
+            portal = cstring_text(buf, start, nul_at(buf, start))
         rec = self._portals.get(portal)
         if rec is None or rec.exec_start_ns:
             old = rec
