@@ -62,7 +62,9 @@ def test_rows_put_the_first_row_on_the_execute_span(make_proxy, otlp, cursor):
         for _ in range(4):
             assert len(cur.execute(sql, (20000,)).fetchall()) == 20000
     for span in wait_statements(otlp, ctx.trace_id, 4):
-        assert_first_row(span)
+        # A shape split into its phases (a slow one, framing.py) has an execute span that starts at
+        # the read bringing BindComplete, which may have brought the first rows too.
+        assert_first_row(span, at_start=span.name == "execute")
 
 
 def test_copy_to_puts_the_first_row_on_the_execute_span(make_proxy, otlp):
