@@ -770,12 +770,16 @@ class ClientConnection:
             sql = rec.sql
             if rec.protocol != "extended" or not sql or not rec.end_ns:
                 continue  # not an execution (a Parse alone, say): nothing to split
+            took = rec.end_ns - rec.start_ns
             shape = shape_of.get(sql)
+            if took < slow_ns and (shape is None or shape not in durations):
+                # Faster than the threshold, a shape with no mean yet could not reach it: left
+                # alone (no hash, no entry), a workload of fast statements costs a lookup each.
+                continue
             if shape is None:
                 if len(shape_of) >= _SHAPES_KEPT:
                     shape_of.clear()  # texts that each carry their own traceparent: start over
                 shape = shape_of[sql] = shape_hash(sql)
-            took = rec.end_ns - rec.start_ns
             # From 0: one execution slowed by a busy machine moves the mean by an eighth of its
             # duration, a shape slow every time reaches the threshold at once if it took eight
             # times it, after a few executions if less.
