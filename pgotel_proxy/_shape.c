@@ -197,28 +197,66 @@ find(const unsigned char *p, Py_ssize_t from, Py_ssize_t n, const char *what, Py
     return memmem(p + from, (size_t)(n - from), what, (size_t)len);
 }
 
-/* Whether p[0:n] contains "all" in any case. */
-/* Whether p[0:n] holds word (lower case letters, digits, '_' and '.') in any case. */
+/* Whether word (lower case letters, digits, '_' and '.') is at p[i:n], in any case. */
 static int
-has_word(const unsigned char *p, Py_ssize_t n, const char *word, Py_ssize_t len)
+word_at(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, const char *word, Py_ssize_t len)
 {
-    for (Py_ssize_t i = 0; i + len <= n; i++) {
-        Py_ssize_t k = 0;
-        while (k < len && (p[i + k] | (word[k] >= 'a' ? 0x20 : 0)) == (unsigned char)word[k])
-            k++;
-        if (k == len)
-            return 1;
+    if (i + len > n)
+        return 0;
+    Py_ssize_t k = 0;
+    while (k < len && (p[i + k] | (word[k] >= 'a' ? 0x20 : 0)) == (unsigned char)word[k])
+        k++;
+    return k == len;
+}
+
+/* Whether p[0:n] holds, in any case, a word that could name the session's carrier: "pgotel",
+ * "all", "application_name" or "pg_tracing" (spans.may_set_carrier). One pass: each starts
+ * with 'p' or 'a', which OR 0x20 finds in either case and nothing else gives. */
+static int
+has_carrier_word(const unsigned char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i] | 0x20;
+        if (c == 'p') {
+            if (word_at(p, i, n, "pgotel", 6) || word_at(p, i, n, "pg_tracing", 10))
+                return 1;
+        }
+        else if (c == 'a') {
+            if (word_at(p, i, n, "all", 3) || word_at(p, i, n, "application_name", 16))
+                return 1;
+        }
     }
     return 0;
 }
 
+/* The value of len (at most 16) lower-case hexadecimal digits. */
+static unsigned long long
+hex_value(const unsigned char *p, Py_ssize_t len)
+{
+    unsigned long long v = 0;
+    for (Py_ssize_t i = 0; i < len; i++)
+        v = v << 4 | (unsigned long long)(p[i] <= '9' ? p[i] - '0' : p[i] - 'a' + 10);
+    return v;
+}
+
+/* The int of len (2, 16 or 32) lower-case hexadecimal digits, checked before. */
 static PyObject *
 hex_int(const unsigned char *p, Py_ssize_t len)
 {
-    char buf[40];
-    memcpy(buf, p, (size_t)len);
-    buf[len] = 0;
-    return PyLong_FromString(buf, NULL, 16);
+    if (len <= 16)
+        return PyLong_FromUnsignedLongLong(hex_value(p, len));
+    unsigned long long high = hex_value(p, len - 16), low = hex_value(p + len - 16, 16);
+    if (high == 0)
+        return PyLong_FromUnsignedLongLong(low);
+    PyObject *h = PyLong_FromUnsignedLongLong(high), *l = PyLong_FromUnsignedLongLong(low), *shifted = NULL, *res = NULL;
+    PyObject *bits = PyLong_FromLong(64);
+    if (h != NULL && l != NULL && bits != NULL && (shifted = PyNumber_Lshift(h, bits)) != NULL)
+        res = PyNumber_Or(shifted, l);
+    Py_XDECREF(h);
+    Py_XDECREF(l);
+    Py_XDECREF(bits);
+    Py_XDECREF(shifted);
+    return res;
 }
 
 static PyObject *
@@ -230,8 +268,7 @@ statement_key(PyObject *self, PyObject *arg)
     if (p == NULL || n == 0 || n > MAX_CHARS)
         Py_RETURN_NONE;
     /* What could SET, RESET or DISCARD the session's carrier is never keyed (spans.may_set_carrier). */
-    if (has_word(p, n, "pgotel", 6) || has_word(p, n, "all", 3) || has_word(p, n, "application_name", 16) ||
-        has_word(p, n, "pg_tracing", 10))
+    if (has_carrier_word(p, n))
         Py_RETURN_NONE;
     const unsigned char *c = find(p, 0, n, "/*", 2);
     if (c == NULL)
