@@ -137,13 +137,18 @@ class LatencyHistograms:
         if keys is None:
             keys = StatementKeys()
         wanted: list = []
-        now = time.time_ns()
+        room = _WANTED_PER_BATCH  # records that may still be wanted
+        stale = time.time_ns() - EXEMPLAR_MAX_AGE_NS  # an exemplar of a record that ended before is renewed
         series_of = self.series
         # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
         # its shape is looked up once.
         # ... and the series of its statements that succeed, once.
         last_sql, last_shape, last_ok_series, last_ok_overflow = None, (None, None), None, False
-        for index, rec in enumerate(records):
+        index = -1
+        counted = None  # the series whose counts and exemplars are in the two locals below
+        counts = exemplars = None
+        for rec in records:
+            index += 1
             sql = rec.sql
             if sql is not last_sql:
                 last_sql, last_shape = sql, (self._shape(sql, keys) if sql else (None, None))
@@ -174,19 +179,23 @@ class LatencyHistograms:
                         series = series_of[key] = _Series()
                 if error is None:
                     last_ok_series, last_ok_overflow = series, overflow
-            end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-            seconds = max(0, end - rec.start_ns) / 1e9
+            start = rec.start_ns
+            end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or start
+            seconds = (end - start) / 1e9 if end > start else 0.0
             bucket = bisect_left(BOUNDS, seconds)
-            series.counts[bucket] += 1
+            if series is not counted:
+                counted, counts, exemplars = series, series.counts, series.exemplars
+            counts[bucket] += 1
             series.total += seconds
             if seconds < series.low:
                 series.low = seconds
             if seconds > series.high:
                 series.high = seconds
-            if len(wanted) < _WANTED_PER_BATCH:
-                held = series.exemplars[bucket]
-                if held is None or now - held[3] > EXEMPLAR_MAX_AGE_NS:
+            if room:
+                held = exemplars[bucket]
+                if held is None or held[3] < stale:
                     wanted.append((index, series, bucket, seconds, end))
+                    room -= 1
         self.changes += len(records)
         return wanted
 
