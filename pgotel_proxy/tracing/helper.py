@@ -39,6 +39,7 @@ from ..shape import StatementKeys
 from ..stats import STATS
 from .export import ExportPipeline, make_exporter, make_metric_exporter
 from .histograms import LatencyHistograms, MetricsExport
+from . import otlp
 from .spans import ConnState, SpanBuilder
 
 __all__ = ["SpanHelper"]
@@ -103,11 +104,15 @@ class SpanHelper:
         self._enricher = enricher
         exporter = self.pipeline.exporter
         builder = self.builder
-        builder.encode = enricher is None and (exporter is None or bool(getattr(exporter, "accepts_encoded", False)))
+        encodable = exporter is None or bool(getattr(exporter, "accepts_encoded", False))
+        builder.encode = enricher is None and encodable
         # ... and as their fields alone when the exporter is told whose they are (or there is none)
         builder.bare = builder.encode and (exporter is None or hasattr(exporter, "encoded_head"))
         if builder.bare and exporter is not None:
             exporter.encoded_head = builder._head
+        # With an enricher, the statements its join adds attributes to at most (Joiner.plain)
+        # are built encoded all the same, as (resource, scope, field) among the ReadableSpans.
+        self._plain_encoded = enricher is not None and encodable and hasattr(enricher, "plain")
 
     def set_sample_rate(self, rate: float) -> None:
         self.builder.sample_rate = rate
@@ -168,6 +173,9 @@ class SpanHelper:
                     want = next(pending, None)
                 i += 1
             return
+        if enriching and self._plain_encoded and not builder.transaction_spans:
+            self._build_enriched(state, records, spans, wanted)
+            return
         build = builder.build
         by_record = {id(records[w[0]]): w for w in wanted}
         for rec in records:
@@ -185,6 +193,66 @@ class SpanHelper:
                         latency.exemplar(want, spans[start])
             if enriching:
                 self._enrich_groups(groups, spans)
+
+    def _build_enriched(self, state: ConnState, records: list, spans: list, wanted: list) -> None:
+        """``build`` with an enricher: the statements its join only adds attributes to go the encoded way.
+
+        Those are built as without an enricher (the compiled run of kept
+        shapes, else the Python steps), their attributes added to their
+        statement span's encoded field, and that span noted for lock waits;
+        the others as ReadableSpans through the join.
+        """
+        builder = self.builder
+        enricher = self._enricher
+        latency = self.latency
+        sessions = getattr(enricher, "sessions", None)
+        pid = state.info.session.backend_pid
+        by_index = {w[0]: w for w in wanted}
+        for i, rec in enumerate(records):
+            mark = len(spans)
+            try:
+                attrs = enricher.plain(rec, pid)
+            except Exception:  # enrichment must never cost a span
+                log.exception("could not join server-side records")
+                attrs = None
+            if attrs is None:
+                try:
+                    groups = builder.build(state, rec, spans)
+                except Exception:  # one odd statement must not stop the span process
+                    log.exception("could not build a span")
+                    del spans[mark:]
+                    continue
+                want = by_index.get(i)
+                if want is not None and len(spans) > mark:
+                    latency.exemplar(want, spans[mark])
+                self._enrich_groups(groups, spans)
+                continue
+            STATS.statements += 1
+            builder.encode = True
+            try:
+                after, error = builder.kept(state, records, i, i + 1, spans)
+                if error is not None:
+                    raise error
+                if after == i:  # not a kept shape: the Python steps
+                    builder.one(state, rec, spans)
+            except Exception:
+                log.exception("could not build a span")
+                del spans[mark:]
+                continue
+            finally:
+                builder.encode = False
+            if len(spans) == mark:
+                continue  # not sampled
+            want = by_index.get(i)
+            if want is not None:
+                latency.exemplar(want, spans[mark])
+            first = spans[mark]
+            field = first[2] if type(first) is tuple else first
+            if attrs:
+                field = otlp.with_attributes(field, attrs)
+                spans[mark] = (first[0], first[1], field) if type(first) is tuple else field
+            if sessions is not None and pid is not None:
+                sessions.note_encoded(pid, field)
 
     def close(self, state: ConnState, spans: list) -> None:
         """The connection ended: a transaction it left open is built now."""

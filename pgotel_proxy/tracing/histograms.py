@@ -60,6 +60,7 @@ from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATIO
 from ..shape import StatementKeys, statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
+from .otlp import encoded_span_facts
 
 __all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "attributes_of", "span_ids"]
 
@@ -240,17 +241,6 @@ def attributes_of(summary, operation, namespace, code) -> dict:
     return attrs
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def span_ids(span) -> tuple[int, int] | None:
     """(trace_id, span_id) of a span as the span builder appends it: a ReadableSpan, or encoded.
 
@@ -260,35 +250,8 @@ def span_ids(span) -> tuple[int, int] | None:
     context = getattr(span, "context", None)
     if context is not None:
         return context.trace_id, context.span_id
-    field = span[2] if type(span) is tuple else span
-    try:
-        _, pos = _varint(field, 0)
-        _, pos = _varint(field, pos)
-        trace_id = span_id = None
-        end = len(field)
-        while pos < end and (trace_id is None or span_id is None):
-            tag, pos = _varint(field, pos)
-            number, wire = tag >> 3, tag & 7
-            if wire == 2:
-                size, pos = _varint(field, pos)
-                if number == 1:
-                    trace_id = int.from_bytes(field[pos:pos + size], "big")
-                elif number == 2:
-                    span_id = int.from_bytes(field[pos:pos + size], "big")
-                pos += size
-            elif wire == 0:
-                _, pos = _varint(field, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                return None
-    except (IndexError, TypeError):
-        return None
-    if not trace_id or not span_id:
-        return None
-    return trace_id, span_id
+    facts = encoded_span_facts(span[2] if type(span) is tuple else span)
+    return None if facts is None else (facts[0], facts[1])
 
 
 class MetricsExport:
