@@ -519,7 +519,10 @@ def encoded_span_facts(field: bytes) -> tuple | None:
     """(trace_id, span_id, start ns, end ns, name) of an encoded ScopeSpans.spans field (encode_span's).
 
     None when the bytes are not such a field or lack a trace or span id.
-    Missing times read as 0, a missing name as "".
+    Missing times read as 0, a missing name as "". The walk stops at the
+    first field past the end time: the span encoders of this module write
+    the Span's fields in their numbers' order, attributes (9) and the rest
+    after these.
     """
     try:
         _, pos = _read_varint(field, 0)  # the field's tag
@@ -533,6 +536,8 @@ def encoded_span_facts(field: bytes) -> tuple | None:
         while pos < end:
             tag, pos = _read_varint(field, pos)
             number, wire = tag >> 3, tag & 7
+            if number > 8:
+                break
             if wire == 2:
                 size, pos = _read_varint(field, pos)
                 if number == 1:
