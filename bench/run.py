@@ -17,7 +17,12 @@ and the measurements:
 * RSS per idle client connection with N connections open;
 * optionally one sustained cell (prepared statements, one long pgbench run per
   target) and, for every traced proxy, what it counted over the whole run:
-  each middle process is started once and kept through every round.
+  each middle process is started once and kept through every round;
+* optionally a slow-mix cell (``--slow-mix S``): the ``-S`` select mixed with a
+  statement that takes tens of milliseconds to plan and execute, extended
+  protocol, and per statement name how many statement spans the receiver got
+  with parse, plan and execute split (each a span of its own, its end
+  observed): what adaptive phase splitting shows under the defaults.
 
 Every target can also run with TLS (:data:`TLS_SHAPES`): ``-tls`` on the
 server leg only (the middle connects to PostgreSQL with ``sslmode=require``),
@@ -402,10 +407,22 @@ class OtlpSink:
             raise RuntimeError(f"OTLP sink did not start: {line!r}")
         self.endpoint = line[1]
 
-    def count(self) -> int:
-        self.proc.stdin.write("count\n")
+    def _ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
+        return self.proc.stdout.readline()
+
+    def count(self) -> int:
+        return int(self._ask("count"))
+
+    def phases_on(self) -> None:
+        """From now on the sink also tallies statements by how their phases were split."""
+        if self._ask("phases on").strip() != "ok":
+            raise RuntimeError("OTLP sink did not take 'phases on'")
+
+    def phases(self) -> dict[str, dict[str, int]]:
+        """Per statement span name since :meth:`phases_on`: statements, split and joined (otlp_sink.PhaseTally)."""
+        return json.loads(self._ask("phases"))
 
     def stop(self) -> None:
         try:
@@ -462,9 +479,31 @@ def write_select_script(path: Path, accounts: int, traced: bool = True) -> Path:
     return path
 
 
-def latency_stats(prefix: Path) -> dict[str, float]:
-    """Mean, p50 and p99 (ms) from pgbench ``--log`` files ``<prefix>.<pid>[.<thread>]``."""
+#: Settings of the benchmark database when a slow-mix cell runs (set before any connection, so that
+#: PgBouncer's pooled server connections have them too): every join order of the slow statement's
+#: ten-way join is searched, no genetic search. The -S select has no join, so no other cell changes.
+SLOW_MIX_SETTINGS = {"join_collapse_limit": 20, "from_collapse_limit": 20, "geqo": "off"}
+#: pgbench script weights of the slow mix: -S selects per slow statement.
+SLOW_MIX_WEIGHTS = (20, 1)
+
+
+def write_slow_script(path: Path, scale: int) -> Path:
+    """The slow-mix statement, traced: a ten-way self-join of pgbench_branches planned exhaustively (tens of
+    milliseconds with :data:`SLOW_MIX_SETTINGS`), then a 20 ms execution."""
+    joins = " ".join(f"JOIN pgbench_branches b{i} ON b{i}.bid = b{i - 1}.bid" for i in range(1, 10))
+    path.write_text(
+        f"\\set bid random(1, {scale})\n"
+        f"SELECT b0.bbalance, pg_sleep(0.02) FROM pgbench_branches b0 {joins} WHERE b0.bid = :bid"
+        f" /*traceparent='{TRACEPARENT}'*/;\n"
+    )
+    return path
+
+
+def latency_stats(prefix: Path) -> dict[str, Any]:
+    """Mean, p50 and p99 (ms) from pgbench ``--log`` files ``<prefix>.<pid>[.<thread>]``; where the cell ran
+    several scripts, the same of each script in ``by_script`` (in ``-f`` order)."""
     lats: list[int] = []
+    of_script: dict[int, list[int]] = {}
     for name in glob.glob(f"{prefix}.*"):
         with open(name, encoding="ascii") as fh:
             for line in fh:
@@ -472,7 +511,15 @@ def latency_stats(prefix: Path) -> dict[str, float]:
                 # client_id transaction_no time script_no time_epoch time_us: time is µs.
                 if len(parts) >= 6 and parts[2].isdigit():
                     lats.append(int(parts[2]))
+                    of_script.setdefault(int(parts[3]), []).append(int(parts[2]))
         os.unlink(name)
+    stats = _latency_figures(lats)
+    if len(of_script) > 1:
+        stats["by_script"] = [_latency_figures(of_script.get(i, [])) for i in range(max(of_script) + 1)]
+    return stats
+
+
+def _latency_figures(lats: list[int]) -> dict[str, Any]:
     if not lats:
         return {"mean_ms": None, "p50_ms": None, "p99_ms": None, "logged": 0}
     lats.sort()
@@ -501,14 +548,18 @@ def check_server_tls(target: Target) -> None:
                            f"expected {want}: {res.stderr.strip()}")
 
 
-def run_pgbench(target: Target, *, script: Path, mode: str, clients: int, duration: float,
+def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: str, clients: int, duration: float,
                 logdir: Path) -> dict[str, Any]:
-    """One pgbench cell against one target, with the middle process's CPU over it."""
+    """One pgbench cell against one target, with the middle process's CPU over it.
+
+    *script*: one pgbench script, or (script, weight) pairs that pgbench picks from at random.
+    """
     prefix = logdir / f"pgb-{target.name}-{mode}-{clients}"
+    scripts = [str(script)] if isinstance(script, Path) else [f"{path}@{weight}" for path, weight in script]
     cmd = [
         "pgbench", "-n", "-h", "127.0.0.1", "-p", str(target.port),
         "-M", mode, "-c", str(clients), "-j", str(min(2, clients)),
-        "-T", str(max(1, int(round(duration)))), "-f", str(script),
+        "-T", str(max(1, int(round(duration)))), *(a for f in scripts for a in ("-f", f)),
         "--log", f"--log-prefix={prefix}", DBNAME,
     ]
     before_m = target.metrics()
@@ -819,7 +870,8 @@ def format_tables(results: dict[str, Any]) -> str:
     if ranged:
         rounds = max(c.get("rounds", 1) for c in results["pgbench"])
         lines.append(f"medians of {rounds} interleaved rounds; ranges: tps ×pgb and cpu ×pgb over the rounds")
-    lines += _cell_table(results["pgbench"], ranged)
+    if results["pgbench"]:
+        lines += _cell_table(results["pgbench"], ranged)
     added = [c for c in results["pgbench"]
              if c.get("added_p50_us") is not None and not c["target"].startswith("direct")]
     if added:
@@ -832,8 +884,27 @@ def format_tables(results: dict[str, Any]) -> str:
         lines += ["", f"sustained cell: {first['mode']}, {first['clients']} clients, "
                       f"{results['options']['sustained']:g} s per target"]
         lines += _cell_table(results["sustained"], False)
+    if results.get("slow_mix"):
+        first = results["slow_mix"][0]
+        weights = results.get("slow_mix_weights", SLOW_MIX_WEIGHTS)
+        lines += ["", f"slow-mix cell: {first['mode']}, {first['clients']} clients, "
+                      f"{results['options']['slow_mix']:g} s per target, -S select : slow statement = "
+                      f"{weights[0]} : {weights[1]}"]
+        lines += _cell_table(results["slow_mix"], False)
+        lines += ["", "latency by statement in the slow-mix cell (ms)",
+                  f"{'target':<15} {'statement':<12}{'count':>8}{'mean':>9}{'p50':>9}{'p99':>9}"]
+        for c in results["slow_mix"]:
+            for label, r in zip(("-S select", "slow"), c.get("by_script", [])):
+                lines.append(f"{c['target']:<15} {label:<12}{r['logged']:>8d}{_f(r['mean_ms'], '.3f'):>9}"
+                             f"{_f(r['p50_ms'], '.3f'):>9}{_f(r['p99_ms'], '.3f'):>9}")
+        lines += ["", "statement spans the receiver got in the slow-mix cell, by name (split: parse, plan and "
+                      "execute each a span of its own, exact; joined: one span held several phases)",
+                  f"{'target':<15} {'statement':<28}{'spans':>8}{'split':>8}{'joined':>8}"]
+        for c in results["slow_mix"]:
+            for name, r in sorted(c.get("phases_by_statement", {}).items()):
+                lines.append(f"{c['target']:<15} {name:<28}{r['statements']:>8d}{r['split']:>8d}{r['joined']:>8d}")
     if results.get("proxies"):
-        lines += ["", "traced proxies over the whole run (warm-up, every round, the sustained cell); "
+        lines += ["", "traced proxies over the whole run (warm-up, every round, the sustained and slow-mix cells); "
                       f"spans the receiver decoded: {results.get('spans_received_total', '-')}",
                   "(kept: failed or slow statements traced whatever the sampling; explains: EXPLAINs the "
                   "side connection ran / failed / skipped, e.g. for $n parameters before PostgreSQL 16)",
@@ -903,6 +974,9 @@ class Options:
     #: seconds of the sustained prepared-statement cell after the rounds (0: none)
     sustained: float = 0.0
     sustained_clients: int = 8
+    #: seconds of the slow-mix cell after the sustained one (0: none)
+    slow_mix: float = 0.0
+    slow_mix_clients: int = 4
     workdir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -930,8 +1004,12 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_at_start = os.getloadavg()
-    data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows)
+    # The SELECT table serves the bulk test only.
+    data = prepare_data(pg, scale=opts.scale, bulk_mb=opts.bulk_mb, select_rows=opts.select_rows if opts.bulk_mb else 0)
+    for name, value in SLOW_MIX_SETTINGS.items() if opts.slow_mix > 0 else ():
+        psql(pg, f"ALTER DATABASE {DBNAME} SET {name} = {value}")
     traced_script = write_select_script(workdir / "select_traced.sql", data["accounts"])
+    slow_script = write_slow_script(workdir / "slow_traced.sql", data["scale"])
     root_script = write_select_script(workdir / "select_root.sql", data["accounts"], traced=False)
 
     def script_of(target: Target) -> Path:
@@ -1009,6 +1087,18 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
                      row["tps"], _f(row.get("cpu_us_per_tx"), ".1f"), row.get("statements_dropped", "-"),
                      row.get("spans_dropped", "-"))
         add_ratios(sustained)
+        slow_mix = []
+        for t in targets if opts.slow_mix > 0 else ():
+            if sink and t.traced:
+                sink.phases_on()
+            row = run_pgbench(t, script=[(script_of(t), SLOW_MIX_WEIGHTS[0]), (slow_script, SLOW_MIX_WEIGHTS[1])],
+                              mode="extended", clients=opts.slow_mix_clients, duration=opts.slow_mix, logdir=workdir)
+            if sink and t.traced:
+                row["phases_by_statement"] = sink.phases()
+            slow_mix.append(row)
+            log.info("slow mix %-15s %8.0f tps  split %s", t.name, row["tps"],
+                     {k: f"{v['split']}/{v['statements']}" for k, v in row.get("phases_by_statement", {}).items()})
+        add_ratios(slow_mix)
         whole_run = proxy_totals(proxies)
         spans_received_total = sink.count() if sink else None
         bulk = run_bulk(targets, data, opts.bulk_repeat, workdir) if opts.bulk_mb else []
@@ -1045,6 +1135,8 @@ def run_bench(pg: PgServer, opts: Options) -> dict[str, Any]:
         # every cell of every round as measured (``pgbench`` holds their medians when rounds > 1)
         **({"pgbench_rounds": rounds} if opts.rounds > 1 else {}),
         "sustained": sustained,
+        "slow_mix": slow_mix,
+        **({"slow_mix_weights": list(SLOW_MIX_WEIGHTS)} if slow_mix else {}),
         # each traced proxy's own counters over everything it served, and the receiver's total
         "proxies": whole_run,
         "spans_received_total": spans_received_total,
@@ -1070,10 +1162,15 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     ap.add_argument("--select-rows", type=int, help="rows of the bulk SELECT (default 5M, quick 1M)")
     ap.add_argument("--idle-conns", type=int, help="idle connections for the RSS test (default 1000, 0 skips)")
     ap.add_argument("--rounds", type=int, help="run every cell this many times, interleaved, and report medians "
-                                                "of the per-round ratios with their range (default 1)")
+                                                "of the per-round ratios with their range (default 1; 0: none, "
+                                                "for the sustained or slow-mix cell alone)")
     ap.add_argument("--sustained", type=float, help="after the rounds, one cell of this many seconds per target, "
                                                     "prepared statements (default 0: none)")
     ap.add_argument("--sustained-clients", type=int, help="clients of the sustained cell (default 8)")
+    ap.add_argument("--slow-mix", type=float, help="after the sustained cell, one cell of this many seconds per target: "
+                                                   "the -S select mixed with a statement slow to plan and execute, "
+                                                   "extended protocol, phase splits counted (default 0: none)")
+    ap.add_argument("--slow-mix-clients", type=int, help="clients of the slow-mix cell (default 4)")
     ap.add_argument("--keep", type=Path, help="keep logs and pgbench files in this directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -1100,11 +1197,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
                 check_target(name)
             except ValueError as exc:
                 ap.error(str(exc))
-    for name in ("scale", "bulk_mb", "select_rows", "idle_conns", "rounds", "sustained", "sustained_clients"):
+    for name in ("scale", "bulk_mb", "select_rows", "idle_conns", "rounds", "sustained", "sustained_clients",
+                 "slow_mix", "slow_mix_clients"):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
-    if opts.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if opts.rounds < 0:
+        ap.error("--rounds must not be negative")
     opts.workdir = args.keep
     return opts, args
 

@@ -15,7 +15,9 @@
 enum {
     LOG_CLIENT = 0,  /* bytes the client sent (already forwarded) */
     LOG_SERVER = 1,  /* bytes the server sent (already forwarded) */
-    LOG_HANDBACK = 2 /* the pair is handed back to the event loop */
+    LOG_HANDBACK = 2, /* the pair is handed back to the event loop */
+    LOG_CLIENT_WAIT = 3 /* the pump read the server again after the client's socket was full: the
+                           wait in ns (int64, native byte order); the head's time is its end */
 };
 
 #endif

@@ -9,16 +9,24 @@ What it runs, all on this machine:
    and psycopg is instrumented by opentelemetry-instrumentation-psycopg with
    sqlcommenter on, so every query carries its CLIENT span's traceparent —
    simple and extended protocol, a transaction, one failing statement, and
-   one statement slow in every phase (planning a ten-way join with every join
-   order considered, then a 20 ms execution).
+   one request run a few times whose statement is slow in every phase
+   (planning a ten-way join with every join order considered, then a 40 ms
+   execution).
+
+The proxy runs with its defaults (phase timing ``wire``, adaptive splitting):
+the slow statement's first run is answered all at once, like every fast
+statement; its duration marks its shape as slow, and from its next run the
+proxy adds a Flush after its Parse, Bind and Execute, so the wire shows its
+phases apart.
 
 Without ``--otlp-endpoint`` the app's spans (in memory) and the proxy's spans
 (sent by its span process over OTLP/HTTP to a small receiver in this process,
 :class:`_OtlpCollector`) are printed as one tree per request:
 app span → psycopg CLIENT span → proxy statement span → its phases: parse, plan
 and execute where the wire showed the boundaries between them (the slow
-statement), one ``parse+plan+execute`` span where it did not (fast statements,
-whose answers arrive together).
+statement from its second run), one ``parse+plan+execute`` span where it did
+not (fast statements, and the slow one's first run: their answers arrive
+together).
 With ``--otlp-endpoint URL`` both go to that collector over OTLP instead.
 """
 
@@ -32,6 +40,9 @@ import click
 from .cli import main
 
 __all__ = ["demo"]
+
+SLOW_RUNS = 3  # the slow request's runs: the first unsplit, the next ones split
+MARKING_WAIT = 0.1  # seconds before each slow run: the proxy reads its relay's log every few ms
 
 
 class _OtlpCollector:
@@ -124,21 +135,25 @@ def _workload(dsn: str, tracer) -> list[str]:
         names.append("GET /report")
 
     # Planning searches every join order of this ten-way join (join_collapse_limit raised, no
-    # genetic search): milliseconds of plan, then a 20 ms execution. With phase timing "flush"
-    # each answer arrives on its own, so all three phases are observed.
+    # genetic search): milliseconds of plan, then a 40 ms execution. Its first run, at least
+    # eight times phase_split_threshold, marks its shape as slow (a moving average from 0, each
+    # run weighing an eighth); the later runs are split, so all three phases are observed.
     joins = " ".join(f"JOIN users u{i} ON u{i}.id = u{i - 1}.id" for i in range(1, 10))
     with psycopg.connect(dsn, autocommit=True, application_name="demo-app",
                          options="-c join_collapse_limit=20 -c from_collapse_limit=20 -c geqo=off") as conn:
-        with tracer.start_as_current_span("GET /users/{id}/network", kind=SpanKind.SERVER,
-                                          attributes={"http.route": "/users/{id}/network"}):
-            conn.execute(f"SELECT u0.name, pg_sleep(0.02) FROM users u0 {joins} WHERE u0.id = %s", (42,)).fetchall()
-        names.append("GET /users/{id}/network")
+        for _ in range(SLOW_RUNS):
+            # The proxy marks a shape when it reads the finished statement off its relay's log.
+            time.sleep(MARKING_WAIT)
+            with tracer.start_as_current_span("GET /users/{id}/network", kind=SpanKind.SERVER,
+                                              attributes={"http.route": "/users/{id}/network"}):
+                conn.execute(f"SELECT u0.name, pg_sleep(0.04) FROM users u0 {joins} WHERE u0.id = %s", (42,)).fetchall()
+            names.append("GET /users/{id}/network")
     return names
 
 
 @main.command("demo")
 @click.option("--otlp-endpoint", default=None, metavar="URL", help="Send the app's and the proxy's spans to this OTLP/HTTP collector (base URL) instead of printing them.")
-@click.option("--phase-timing", type=click.Choice(["wire", "flush"]), default="flush", show_default=True, help="How the proxy times parse/plan/execute (see the README).")
+@click.option("--phase-timing", type=click.Choice(["wire", "flush"]), default="wire", show_default=True, help="How the proxy times parse/plan/execute (see the README); 'wire' is the proxy's default.")
 def demo(otlp_endpoint: str | None, phase_timing: str) -> None:
     """Run a throwaway PostgreSQL, the proxy in front of it and a traced workload; show the traces."""
     from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor

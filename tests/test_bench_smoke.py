@@ -208,6 +208,43 @@ def test_tls_targets_and_the_sustained_cell_run_tiny(bench, pg, tmp_path):
     assert "sustained cell: prepared, 2 clients" in table and "traced proxies over the whole run" in table
 
 
+@pytest.mark.skipif(not shutil.which("pgbench"), reason="pgbench not installed")
+@pytest.mark.skipif(not (shutil.which("pgbouncer") or os.access("/usr/sbin/pgbouncer", os.X_OK)),
+                    reason="pgbouncer not installed")
+def test_slow_mix_cell_counts_the_statements_split_under_the_defaults(bench, pg, tmp_path):
+    opts = bench.Options(
+        targets=("pgbouncer", "proxy-on"), rounds=0, slow_mix=2, slow_mix_clients=2,
+        scale=1, bulk_mb=0, select_rows=1000, idle_conns=0, warmup=0, workdir=tmp_path,
+    )
+    results = bench.run_bench(pg, opts)
+    json.dumps(results)
+    assert results["pgbench"] == []
+
+    cells = {c["target"]: c for c in results["slow_mix"]}
+    assert set(cells) == {"pgbouncer", "proxy-on"}
+    for cell in cells.values():
+        assert cell["mode"] == "extended" and cell["failed"] == 0
+        fast, slow = cell["by_script"]
+        assert fast["logged"] > slow["logged"] > 0
+        assert slow["p50_ms"] > 20  # the 20 ms sleep, after planning
+    assert "phases_by_statement" not in cells["pgbouncer"]
+    by_name = cells["proxy-on"]["phases_by_statement"]
+    assert set(by_name) == {"SELECT pgbench_accounts", "SELECT pgbench_branches"}
+    slow = by_name["SELECT pgbench_branches"]
+    assert slow["statements"] == cells["proxy-on"]["by_script"][1]["logged"]
+    # The first runs are unsplit (answered together, one span holding the phases); once their
+    # durations have marked the shape, the later runs are split.
+    assert slow["split"] + slow["joined"] == slow["statements"], slow
+    assert slow["split"] >= slow["statements"] // 2, slow
+    fast = by_name["SELECT pgbench_accounts"]
+    assert fast["statements"] == cells["proxy-on"]["by_script"][0]["logged"]
+    assert fast["joined"] + fast["split"] == fast["statements"]
+
+    table = bench.format_tables(results)
+    assert "slow-mix cell: extended, 2 clients" in table
+    assert "SELECT pgbench_branches" in table
+
+
 def test_spanwork_builds_every_record(capsys):
     spec = importlib.util.spec_from_file_location("pgotel_bench_spanwork", _BENCH.parent / "spanwork.py")
     module = importlib.util.module_from_spec(spec)

@@ -51,6 +51,7 @@ def test_pump_log_header_matches_python():
         "LOG_CLIENT": pumplog.PUMP_LOG_CLIENT,
         "LOG_SERVER": pumplog.PUMP_LOG_SERVER,
         "LOG_HANDBACK": pumplog.PUMP_LOG_HANDBACK,
+        "LOG_CLIENT_WAIT": pumplog.PUMP_LOG_CLIENT_WAIT,
     }
     head = re.search(r"^#define LOG_HEAD (\d+)$", text, re.M)
     assert head is not None and int(head[1]) == pumplog.LOG_HEAD.size

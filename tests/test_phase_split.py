@@ -1,11 +1,12 @@
-"""Adaptive phase splitting end to end (docs/design/adaptive-splitting.md).
+"""Adaptive phase splitting end to end (docs/design/adaptive-splitting.md), on both relay paths.
 
-A traced session on the pump runs a statement; once its record shows it took
-at least ``phase_split_threshold``, its shape (the query text, comments left
-out) is slow, and the pump splices a Flush after the Parse, Bind and Execute
-of the batches that run it: from then on its spans have parse, plan and
-execute children with observed boundaries. Fast statements are left alone,
-and the client reads the same bytes either way.
+A traced session runs a statement; once its record shows it took at least
+``phase_split_threshold``, its shape (the query text, comments left out) is
+slow, and the relay splices a Flush after the Parse, Bind and Execute of the
+batches that run it: the pump (protocol/framing.py), or on the asyncio path
+(here: WAL propagation on) the session itself (``Session._splits``). From then
+on its spans have parse, plan and execute children with observed boundaries.
+Fast statements are left alone, and the client reads the same bytes either way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ FAST = "SELECT %s::int"
 # The event loop reads the pump's log every few milliseconds: a statement's record has marked
 # its shape before the next statement is sent once this has passed.
 SETTLE = 0.1
+
+
+@pytest.fixture(params=["pump", "asyncio"])
+def split_proxy(request, make_proxy):
+    """``make_proxy`` for sessions on the pump, or on the asyncio path (WAL propagation keeps them there)."""
+    extra = {"wal_propagation": True} if request.param == "asyncio" else {}
+
+    def factory(**overrides):
+        proxy = make_proxy(**extra, **overrides)
+        proxy.path = request.param
+        return proxy
+
+    return factory
 
 
 def connect(proxy) -> psycopg.Connection:
@@ -87,8 +101,8 @@ def _assert_split(stmt, kids) -> None:
     assert (parse.start_ns, execute.end_ns) == (stmt.start_ns, stmt.end_ns)
 
 
-def test_a_slow_shape_is_split_from_the_run_after_it_was_slow(make_proxy, otlp, app, table):
-    proxy = make_proxy()
+def test_a_slow_shape_is_split_from_the_run_after_it_was_slow(split_proxy, otlp, app, table):
+    proxy = split_proxy()
     runs = _traced_runs(proxy, otlp, app, lambda conn: _slow_plan_and_execute(conn, table), (0,), 3)
     # The first run was not known to be slow: one merged child, as without splitting.
     assert [k.name for k in runs[0][1]] == ["parse+plan+execute"]
@@ -96,8 +110,8 @@ def test_a_slow_shape_is_split_from_the_run_after_it_was_slow(make_proxy, otlp, 
         _assert_split(stmt, kids)
 
 
-def test_a_prepared_statement_of_a_slow_shape_is_split_at_its_bind(make_proxy, otlp, app):
-    proxy = make_proxy()
+def test_a_prepared_statement_of_a_slow_shape_is_split_at_its_bind(split_proxy, otlp, app):
+    proxy = split_proxy()
     runs = _traced_runs(proxy, otlp, app, SLOW, (0.05,), 4, prepare=True)
     assert [k.name for k in runs[0][1]] != ["parse", "plan", "execute"]
     for stmt, kids in runs[2:]:  # prepared in the first run (not split), bound by name after
@@ -108,14 +122,14 @@ def test_a_prepared_statement_of_a_slow_shape_is_split_at_its_bind(make_proxy, o
         assert len(kids) >= 2, names  # the Bind's answer was seen apart from Execute's
 
 
-def test_fast_statements_are_not_split(make_proxy, otlp, app):
-    proxy = make_proxy()
+def test_fast_statements_are_not_split(split_proxy, otlp, app):
+    proxy = split_proxy()
     runs = _traced_runs(proxy, otlp, app, FAST, (1,), 4)
     assert all([k.name for k in kids] == ["parse+plan+execute"] for _, kids in runs)
 
 
-def test_a_threshold_of_zero_turns_splitting_off(make_proxy, otlp, app):
-    proxy = make_proxy(phase_split_threshold=0)
+def test_a_threshold_of_zero_turns_splitting_off(split_proxy, otlp, app):
+    proxy = split_proxy(phase_split_threshold=0)
     runs = _traced_runs(proxy, otlp, app, SLOW, (0.05,), 3)
     assert all([k.name for k in kids] == ["parse+plan+execute"] for _, kids in runs)
 
@@ -142,8 +156,8 @@ def _raw_answers(proxy, n: int) -> list[bytes]:
     return got
 
 
-def test_the_client_reads_the_same_bytes_with_and_without_splitting(make_proxy, otlp):
-    split = make_proxy()
+def test_the_client_reads_the_same_bytes_with_and_without_splitting(split_proxy, otlp):
+    split = split_proxy()
     with_split = _raw_answers(split, 4)
     spans = collect(split, otlp, lambda s: len([x for x in server_spans(s) if x.name.startswith("SELECT")]) >= 8)
     slow = [s for s in server_spans(spans) if "pg_sleep" in s.attributes.get("db.query.text", "")]
@@ -151,5 +165,5 @@ def test_the_client_reads_the_same_bytes_with_and_without_splitting(make_proxy, 
     # split from the second run on: the sleep's answer came in a read of its own
     assert [k.name for k in children(spans, slow[0])] == ["parse+plan+execute"]
     assert [k.name for k in children(spans, slow[-1])][-1] == "execute"
-    without = _raw_answers(make_proxy(phase_split_threshold=0), 4)
+    without = _raw_answers(split_proxy(phase_split_threshold=0), 4)
     assert with_split == without

@@ -13,7 +13,9 @@ relayed, in order, with receive times; a client chunk the codec would refuse
 is not forwarded and the pair is handed back, as it is when the server ends;
 the log's bound stops reading until it is taken; and through the proxy,
 traced sessions are observed from the log, a traced COPY larger than the
-bound arrives whole with its span, and garbage gets the proxy's 08P01.
+bound arrives whole with its span, and garbage gets the proxy's 08P01. The
+time the server's side waited for a client that did not read is logged after
+the chunk the client could not take.
 """
 
 from __future__ import annotations
@@ -435,6 +437,34 @@ def test_an_observed_pair_logs_what_it_relays_in_order_with_receive_times(harnes
     times = [e[2] for e in log]
     assert times == sorted(times) and t0 <= times[0] and times[-1] <= t1
     assert harness.pump.take_log() == b""  # taken once
+
+
+@needs_pump
+def test_an_observed_pair_logs_how_long_the_server_waited_on_the_client(harness):
+    client, server, pid = _observed_pair(harness)
+    data = os.urandom(4 << 20)  # far more than the client's socket holds
+    sender = threading.Thread(target=server.sendall, args=(data,))
+    sender.start()
+    time.sleep(0.5)  # the client does not read: the pump stops reading the server
+    reading = time.time_ns()
+    assert _recv_exactly(client, len(data)) == data
+    sender.join(10)
+    log = _log_until(harness, lambda got: sum(len(e[3]) for e in got if e[1] == 1) == len(data))
+    time.sleep(0.05)
+    log += _entries(harness.pump.take_log())
+    assert {e[1] for e in log} == {1, 3}
+    waits = [(i, e[2], struct.unpack("=q", e[3])[0]) for i, e in enumerate(log) if e[1] == 3]
+    # Each wait is logged when it ended, after the server chunk whose bytes the client could not take.
+    for i, end, waited in waits:
+        assert i > 0 and log[i - 1][1] == 1 and log[i - 1][2] <= end - waited and waited > 0
+    assert waits[0][1] >= reading and waits[0][2] >= 0.4e9, waits[:3]
+    assert sum(w for _, _, w in waits) < time.time_ns() - reading + 0.5e9
+    # A client that keeps up: nothing but the chunks.
+    for _ in range(50):
+        server.sendall(b"x" * 3000)
+        assert _recv_exactly(client, 3000) == b"x" * 3000
+    log = _log_until(harness, lambda got: sum(len(e[3]) for e in got) == 50 * 3000)
+    assert {e[1] for e in log} == {1}
 
 
 @needs_pump

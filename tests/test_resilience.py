@@ -662,6 +662,37 @@ def test_sighup_reloads_tracing_switch_and_sample_rate(pg, otlp, tmp_path):
         cli.stop()
 
 
+def test_sighup_reloads_the_rule_for_slow_statements(pg, otlp, tmp_path):
+    """always_trace_* apply from the reload on: a slow statement the sample rate leaves out is kept after it."""
+    conf = tmp_path / "proxy.toml"
+    conf.write_text("tracing = true\nsample_rate = 0.0\nalways_trace_slower_than = 0\n")
+    cli = _Cli([
+        "--config", str(conf), "--upstream", f"{pg.host}:{pg.port}", "--upstream-tls", "disable",
+        "--admin-listen", "", "--otlp-endpoint", otlp.http_endpoint, "--export-interval", "0.05",
+    ])
+    dsn = f"host=127.0.0.1 port={cli.port} user=postgres dbname=postgres sslmode=disable"
+
+    def kept() -> list:
+        return [s for s in otlp.spans if s.kind == "SERVER" and s.attributes.get("pgotel.kept_because") == "slow"]
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("SELECT pg_sleep(0.05)")
+        time.sleep(0.5)
+        assert not kept()  # no rule yet: the sample rate of 0 leaves it out
+        conf.write_text("tracing = true\nsample_rate = 0.0\nalways_trace_slower_than = 0.02\n")
+        cli.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "SIGHUP received" in cli.stderr, timeout=10, what="the reload in the log")
+        time.sleep(0.3)  # the new rule reaches the span process with the next hand-over
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("SELECT pg_sleep(0.05)")
+            c.execute("SELECT 1")  # fast: left out
+        _wait_for(lambda: len(kept()) == 1, timeout=10, what="the slow statement kept after the reload")
+        assert "pg_sleep" in kept()[0].name or "SELECT" in kept()[0].name
+    finally:
+        cli.stop()
+
+
 def _try(fn):
     try:
         return fn()

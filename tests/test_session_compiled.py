@@ -18,6 +18,7 @@ injected requests, queue bounds). The pump's log is read by both builds of
 from __future__ import annotations
 
 import os
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -555,3 +556,27 @@ def test_a_loop_that_raises_on_the_pump_log_is_answered_as_in_python(kind):
     stream = "client" if kind == 0 else "server"
     assert answers[0][:2] == (kind != 0, 1 if kind == 0 else 0)
     assert answers[0][2] == f"{stream} stream: TypeError"
+
+
+def test_a_client_wait_in_the_pump_log_goes_to_the_statement_whose_rows_were_in_flight():
+    """PUMP_LOG_CLIENT_WAIT (the pump stopped reading the server while the client's socket was full):
+    its ns go to the statement being answered, in both builds; none due, nobody's."""
+    wait = struct.Struct("=q").pack
+    answers = []
+    for build in (COMPILED, INTERPRETED):
+        pumped: dict = {}
+        conn = pumped[1] = _PumpedConn(pumped, 1, build is COMPILED)
+        build.observe_log(_log([
+            (1, pumplog.PUMP_LOG_SERVER, ready(), 1),
+            (1, pumplog.PUMP_LOG_CLIENT_WAIT, wait(5_000), 2),  # nothing in flight: nobody's
+            (1, pumplog.PUMP_LOG_CLIENT, Query("SELECT 1") + Query("SELECT 2"), 3),
+            (1, pumplog.PUMP_LOG_SERVER, RowDescription() + row(), 4),
+            (1, pumplog.PUMP_LOG_CLIENT_WAIT, wait(7_000_000), 5),
+            (1, pumplog.PUMP_LOG_SERVER, row() + complete("SELECT 2") + ready(), 6),
+            (1, pumplog.PUMP_LOG_CLIENT_WAIT, wait(3_000_000), 7),  # the second statement's rows are due
+            (1, pumplog.PUMP_LOG_SERVER, RowDescription() + row() + complete("SELECT 1") + ready(), 8),
+        ]), pumped, server_mod._resume)
+        done = conn.session.take_completed()
+        answers.append([(r.status, r.client_wait_ns) for r in done])
+        assert conn.observe
+    assert answers[0] == answers[1] == [("ok", 7_000_000), ("ok", 3_000_000)]

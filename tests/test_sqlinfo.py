@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgotel_proxy.tracing import sqlinfo
+from pgotel_proxy.tracing.sqlscan import guess_many
 from pgotel_proxy.tracing.sqlinfo import (
     MAX_SUMMARY_CHARS,
     PARSE_MAX_CHARS,
@@ -334,6 +335,20 @@ def test_split_respects_quotes_and_bodies():
     many = analyze_many(sql)
     assert [i.operation for i in many] == ["SELECT", "CREATE FUNCTION", "SELECT"]
     assert many[0].summary == 'SELECT "x;y"'
+
+
+@pytest.mark.parametrize("sql, operations", [
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; SELECT 3",
+     ["CREATE FUNCTION", "SELECT"]),
+    ("create or replace procedure p() language sql begin atomic insert into t values (1); "
+     "select case when true then 1 end; end; commit", ["create procedure", "commit"]),
+    ("BEGIN; INSERT INTO t VALUES (1); END", ["BEGIN", "INSERT", "END"]),
+    ("CREATE TABLE x (a int); BEGIN; CASE; END", ["CREATE TABLE", "BEGIN", None, "END"]),
+])
+def test_heuristic_split_keeps_routine_bodies_whole(sql, operations):
+    """The relay's reader (no parser): a BEGIN ATOMIC body's semicolons and END end no statement,
+    so a routine's END is never read as the end of a transaction (wal/emit.py's bookkeeping)."""
+    assert [i.operation for i in guess_many(sql)] == operations
 
 
 def test_split_fallback_keeps_good_statements():

@@ -120,7 +120,7 @@ class Statement:
         # first statement's that returned rows.
         self.first_row_ns = first_row_ns
         # how long the relay stopped reading the server while the client's write buffer was full,
-        # its result in flight (Session.client_waited; the asyncio relay only)
+        # its result in flight (Session.client_waited, from either relay)
         self.client_wait_ns = client_wait_ns
         # "pending" while in flight, then "ok" | "error" | "skipped" (after an earlier
         # error in the same Sync batch) | "suspended" (PortalSuspended) | "incomplete"

@@ -29,8 +29,8 @@ except ImportError:  # no Cython: the module runs interpreted
 
 from .messages import header_refused
 
-__all__ = ["frame_client", "ClientFramingState", "SlowShapesTable", "shape_hash", "shape_slow", "FLUSH",
-           "SLOW_SHAPES", "SLOW_PROBE"]
+__all__ = ["frame_client", "ClientFramingState", "SlowShapesTable", "SlowTexts", "shape_hash", "shape_slow",
+           "FLUSH", "SLOW_SHAPES", "SLOW_PROBE"]
 
 FNV_OFFSET = 0xCBF29CE484222325  # 64-bit FNV-1a (compiled: wrapping arithmetic)
 FNV_PRIME = 0x100000001B3
@@ -38,6 +38,7 @@ HASH_MASK = 0xFFFFFFFFFFFFFFFF
 SLOW_SHAPES = 1024  # entries of the slow-shape table (a power of two; framing.pxd's array size)
 SLOW_PROBE = 8  # slots a hash may sit in, from its home slot on (the pump's writer probes the same)
 SPLIT_NAMES = 64  # named statements' shapes remembered per connection (framing.pxd), oldest out
+TEXTS_KEPT = 4096  # SlowTexts: query texts whose shape is remembered (then it starts over)
 FLUSH = b"H\x00\x00\x00\x04"
 
 _PARSE = 80  # 'P'
@@ -66,6 +67,46 @@ class SlowShapesTable:
             j = home
         self.hash[j] = h
         self.expires[j] = expires
+
+
+class SlowTexts:
+    """The slow shapes for the relay that frames with the codec itself (the asyncio path).
+
+    The same decision as the pump's table, by query text: a text's shape is
+    :func:`shape_hash` (remembered for the last ``TEXTS_KEPT`` texts, as texts
+    that carry a new traceparent each would otherwise grow it without end),
+    slow while its expiry time (ns) is ahead. The event loop marks shapes from
+    finished statements (``mark``); :class:`Session` asks ``slow`` at a Parse
+    and at a Bind, and splices the Flushes itself.
+    """
+
+    __slots__ = ("expires", "shape_of")
+
+    def __init__(self) -> None:
+        self.expires: dict = {}  # shape -> expiry time (ns)
+        self.shape_of: dict = {}  # query text -> shape
+
+    def shape(self, sql: str) -> int:
+        shape = self.shape_of.get(sql)
+        if shape is None:
+            if len(self.shape_of) >= TEXTS_KEPT:
+                self.shape_of.clear()
+            shape = self.shape_of[sql] = shape_hash(sql)
+        return shape
+
+    def mark(self, shape: int, expires: int) -> None:
+        """``shape`` is slow until ``expires`` (ns); 0: no longer slow."""
+        if expires <= 0:
+            self.expires.pop(shape, None)
+            return
+        if len(self.expires) >= SLOW_SHAPES and shape not in self.expires:
+            self.expires.clear()  # as many slow shapes as the pump's table holds: start over
+        self.expires[shape] = expires
+
+    def slow(self, sql: str, now: int) -> bool:
+        if not self.expires:  # the common case: nothing slow, no hash
+            return False
+        return self.expires.get(self.shape(sql), 0) > now
 
 
 class ClientFramingState:

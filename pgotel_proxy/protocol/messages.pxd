@@ -6,6 +6,7 @@ from libc.string cimport memchr, memcmp
 cdef list _text_raw, _text_str
 cdef dict _texts
 cdef unsigned long long _HASH_SEED, _HASH_PRIME
+cdef Py_ssize_t _TEXT_SLOTS, _TEXT_MAX
 
 cdef unsigned char _frontend[256]
 
@@ -15,15 +16,20 @@ cpdef int header_refused(int typ, long long length, long long limit) noexcept no
 cpdef unsigned int be32(bytes buf, Py_ssize_t pos) noexcept
 
 @cython.locals(size=Py_ssize_t, p=cython.p_uchar, h=cython.ulonglong, head=Py_ssize_t, i=Py_ssize_t,
-               slot=Py_ssize_t, raw=object, value=str)
+               slot=Py_ssize_t, raw=bytes, value=str)
 cpdef str text(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 @cython.locals(data=bytes, end=Py_ssize_t, base=cython.p_char, nul=cython.p_char)
+cpdef Py_ssize_t nul_at(object buf, Py_ssize_t start) except -1
+
+cpdef str cstring_text(object buf, Py_ssize_t start, Py_ssize_t end)
+
+@cython.locals(end=Py_ssize_t)
 cpdef tuple cstring(object buf, Py_ssize_t start)
 
 cpdef tuple decode_parse(object buf, Py_ssize_t start, Py_ssize_t end)
 
-@cython.locals(pos=Py_ssize_t)
+@cython.locals(pos=Py_ssize_t, stmt_end=Py_ssize_t)
 cpdef tuple decode_bind(object buf, Py_ssize_t start, Py_ssize_t end, bint want_params=*)
 
 @cython.locals(pos=Py_ssize_t, fields=dict)

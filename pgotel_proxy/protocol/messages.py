@@ -151,8 +151,8 @@ def text(buf: bytes, start: int, end: int) -> str:
     return value
 
 
-def cstring(buf, start: int) -> tuple[str, int]:
-    """Decode a NUL-terminated string at ``start``; return it and the offset after the NUL."""
+def nul_at(buf, start: int) -> int:
+    """The offset of the NUL that ends the string at ``start`` (ValueError when there is none)."""
     if type(buf) is bytes:
         data = buf
         if cython.compiled:
@@ -162,18 +162,28 @@ def cstring(buf, start: int) -> tuple[str, int]:
             nul = cython.cast(cython.p_char, memchr(base + start, 0, len(data) - start))
             if nul == cython.NULL:
                 raise ValueError("no NUL after a string")
-            end = nul - base
-        else:
-            end = data.find(0, start)
-            if end < 0:
-                raise ValueError("no NUL after a string")
-        if end == start:  # the unnamed statement or portal, the most common name
-            return "", end + 1
-        return text(data, start, end), end + 1
-    end = buf.index(0, start) if isinstance(buf, bytearray) else bytes(buf).index(0, start)
+            return nul - base
+        end = data.find(0, start)
+        if end < 0:
+            raise ValueError("no NUL after a string")
+        return end
+    return buf.index(0, start) if isinstance(buf, bytearray) else bytes(buf).index(0, start)
+
+
+def cstring_text(buf, start: int, end: int) -> str:
+    """The string ``buf[start:end]`` that :func:`nul_at` found: "" for the unnamed statement or
+    portal (the most common name), the same str for a repeated ASCII text."""
     if end == start:
-        return "", end + 1
-    return bytes(buf[start:end]).decode("utf-8", "replace"), end + 1
+        return ""
+    if type(buf) is bytes:
+        return text(buf, start, end)
+    return bytes(buf[start:end]).decode("utf-8", "replace")
+
+
+def cstring(buf, start: int) -> tuple[str, int]:
+    """Decode a NUL-terminated string at ``start``; return it and the offset after the NUL."""
+    end = nul_at(buf, start)
+    return cstring_text(buf, start, end), end + 1
 
 
 def decode_parse(buf, start: int, end: int) -> tuple[str, str]:
@@ -189,8 +199,12 @@ def decode_bind(buf, start: int, end: int, want_params: bool = False):
     Parameter values are returned as text when their format is text, else as a
     hex string; None for SQL NULL.
     """
-    portal, pos = cstring(buf, start)
-    stmt, pos = cstring(buf, pos)
+    pos = nul_at(buf, start)
+    portal = cstring_text(buf, start, pos)
+    pos += 1
+    stmt_end = nul_at(buf, pos)
+    stmt = cstring_text(buf, pos, stmt_end)
+    pos = stmt_end + 1
     if not want_params:
         return portal, stmt, None
     (nfmt,) = _UINT16.unpack_from(buf, pos)

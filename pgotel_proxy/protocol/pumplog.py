@@ -23,13 +23,16 @@ except ImportError:  # no Cython: the module runs interpreted
 
 from .session import Session
 
-__all__ = ["LOG_HEAD", "PUMP_LOG_CLIENT", "PUMP_LOG_SERVER", "PUMP_LOG_HANDBACK", "observe_log"]
+__all__ = ["LOG_HEAD", "PUMP_LOG_CLIENT", "PUMP_LOG_SERVER", "PUMP_LOG_HANDBACK", "PUMP_LOG_CLIENT_WAIT", "observe_log"]
 
 #: The head of an entry: pair id, kind, length, receive time (ns), native byte order.
 LOG_HEAD = struct.Struct("=qiiq")
 PUMP_LOG_CLIENT = 0  # bytes the client sent, already forwarded
 PUMP_LOG_SERVER = 1  # bytes the server sent, already forwarded
 PUMP_LOG_HANDBACK = 2  # the pair is handed back to the event loop
+PUMP_LOG_CLIENT_WAIT = 3  # the server's side was not read while the client's socket was full: ns (int64)
+#: What follows a PUMP_LOG_CLIENT_WAIT head: the wait in ns, native byte order.
+CLIENT_WAIT = struct.Struct("=q")
 
 def observe_log(log: bytes, pumped: dict, resume) -> dict:
     """Feed the pump's log to the sessions of the connections in ``pumped`` (pair id -> connection), in order.
@@ -38,6 +41,7 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
     session in place (``client_observe`` / ``server_observe`` over the range);
     when that raises, ``resume(conn, kind, log, exc, stop, ts)``. A pair handed
     back (PUMP_LOG_HANDBACK) goes to ``resume(conn, kind, log, start, stop, ts)``.
+    A client wait (PUMP_LOG_CLIENT_WAIT) goes to ``session.client_waited``.
     Entries of pairs not in ``pumped`` are skipped. Returns the connections fed
     (pair id -> connection), for the caller to hand their finished statements
     on; a pair handed back is left out (its hand-back does that itself).
@@ -67,6 +71,14 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
             if kind == PUMP_LOG_HANDBACK:
                 touched.pop(pair, None)
                 resume(conn, kind, log, pos, stop, ts)
+            elif kind == PUMP_LOG_CLIENT_WAIT:
+                if conn.observe and length == 8:
+                    if cython.compiled:
+                        memcpy(cython.address(waited64), PyBytes_AS_STRING(log) + pos, 8)
+                        waited = waited64
+                    else:
+                        (waited,) = CLIENT_WAIT.unpack_from(log, pos)
+                    conn.session.client_waited(waited)
             else:
                 touched[pair] = conn
                 if conn.observe:

@@ -3,7 +3,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING
 from .events cimport Completion, Statement, new_statement
-from .messages cimport be32, cstring, header_refused, decode_bind, decode_error_fields, decode_parse, text
+from .messages cimport be32, cstring, cstring_text, nul_at, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
 cdef class Session:
@@ -12,6 +12,8 @@ cdef class Session:
     cdef public object max_pending
     cdef public object capture_params
     cdef public object flush_phases
+    cdef public object slow_texts
+    cdef public bint _split_batch
     cdef public object strip_scram_plus
     cdef public object protocol_version
     cdef public object startup_params
@@ -58,7 +60,9 @@ cdef class Session:
     @cython.locals(held=bytes, n=Py_ssize_t, pos=Py_ssize_t, seg=Py_ssize_t, typ=int, length=cython.longlong,
                    mend=Py_ssize_t, end=Py_ssize_t, observing=bint, limit=Py_ssize_t, nxt=int,
                    refused=int)
-    cdef _client_data(self, bytes data, object now, Py_ssize_t start, Py_ssize_t stop)
+    cdef _client_data(self, bytes data, object now, Py_ssize_t start, Py_ssize_t stop, bint splice)
+    @cython.locals(rec=Statement)
+    cdef bint _splits(self, int typ, object now) except -1
 
     @cython.locals(rec=Statement, k=int)
     cdef _mark_flushed(self)

@@ -78,6 +78,8 @@ from .messages import (
     FLUSH,
     be32,
     cstring,
+    cstring_text,
+    nul_at,
     decode_bind,
     decode_error_fields,
     decode_parse,
@@ -136,6 +138,8 @@ class Session:
         "max_pending",
         "capture_params",
         "flush_phases",
+        "slow_texts",
+        "_split_batch",
         "strip_scram_plus",
         "protocol_version",
         "startup_params",
@@ -185,6 +189,7 @@ class Session:
         max_pending: int = 100_000,
         capture_params: bool = False,
         flush_phases: bool = False,
+        slow_texts=None,
         strip_scram_plus: bool = False,
         protocol_version: int = 196608,
         startup_params: dict[str, str] | None = None,
@@ -196,6 +201,10 @@ class Session:
         self.max_pending = max_pending
         self.capture_params = capture_params
         self.flush_phases = flush_phases
+        # Adaptive phase splitting where this session splices the Flushes itself (framing.SlowTexts;
+        # None: never). _split_batch: the batch up to the next Sync runs a slow shape.
+        self.slow_texts = slow_texts
+        self._split_batch = False
         self.strip_scram_plus = strip_scram_plus
         self.protocol_version = protocol_version
         self.startup_params = startup_params or {}
@@ -339,17 +348,21 @@ class Session:
 
         Raises ProtocolViolation for garbage; the caller answers 08P01 and closes.
         """
-        return self._client_data(data, now, 0, len(data))
+        return self._client_data(data, now, 0, len(data), True)
 
     def client_observe(self, data: bytes, start: int, stop: int, now: int) -> None:
         """Frame client bytes another relay already forwarded (the pump): ``data[start:stop]``, in place.
 
         Raises as client_data does.
         """
-        self._client_data(data, now, start, stop)
+        self._client_data(data, now, start, stop, False)
 
-    def _client_data(self, data: bytes, now: int, start: int, stop: int) -> bytes | None:
-        """Frame ``data[start:stop]``; what it returns (for client_data) covers ``data[:stop]``."""
+    def _client_data(self, data: bytes, now: int, start: int, stop: int, splice: bool) -> bytes | None:
+        """Frame ``data[start:stop]``; what it returns (for client_data) covers ``data[:stop]``.
+
+        ``splice``: this session may write Flushes in (``flush_phases``, adaptive splitting);
+        not for bytes another relay forwarded already, which hold that relay's own.
+        """
         if start < 0 or stop > len(data) or start > stop:
             raise ValueError("client bytes: a range outside the buffer")
         held = self._cbuf
@@ -423,9 +436,7 @@ class Session:
                     self._last_rec.extra = extra
                     if "position_shift" in extra:
                         self._shifted += 1
-                if observing and self.flush_phases and (
-                    typ == FRONTEND_PARSE or typ == FRONTEND_BIND or typ == FRONTEND_EXECUTE
-                ):
+                if observing and splice and self._splits(typ, now):
                     nxt = data[mend] if mend < n else -1
                     if nxt != FRONTEND_FLUSH and nxt != FRONTEND_SYNC:
                         if out is None:
@@ -445,6 +456,26 @@ class Session:
         if held or end != n:
             return data[:end]
         return None
+
+    def _splits(self, typ: int, now: int) -> bool:
+        """Whether a Flush goes after this client message (just accounted): a Parse, Bind or
+        Execute with ``flush_phases``, or of a batch that runs a slow shape (adaptive splitting,
+        the pump's rule in framing.py: decided at the batch's Parse, or at a Bind of a statement
+        prepared before)."""
+        if typ == FRONTEND_SYNC:
+            self._split_batch = False
+            return False
+        if typ != FRONTEND_PARSE and typ != FRONTEND_BIND and typ != FRONTEND_EXECUTE:
+            return False
+        if self.flush_phases:
+            return True
+        if self.slow_texts is None:
+            return False
+        if not self._split_batch and typ != FRONTEND_EXECUTE:
+            rec = self._last_rec
+            if rec is not None and rec.sql and self.slow_texts.slow(rec.sql, now):
+                self._split_batch = True
+        return self._split_batch
 
     def _mark_flushed(self) -> None:
         """The server will flush right after the last queued request: its answer time is exact."""
@@ -614,7 +645,7 @@ class Session:
         if buf is None or buf[start] == 0:
             portal = ""
         else:
-            portal = cstring(buf, start)[0]
+            portal = cstring_text(buf, start, nul_at(buf, start))
         rec = self._portals.get(portal)
         if rec is None or rec.exec_start_ns:
             old = rec

@@ -51,7 +51,6 @@ import time
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
-from ..protocol.framing import shape_hash
 from ..protocol.messages import error_response
 from ..protocol.pumplog import PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_SERVER
 from ..stats import STATS
@@ -70,7 +69,7 @@ _time_ns = time.time_ns
 # it first (then at once): a rarely run slow statement stays split from one run to the next.
 SLOW_SHAPE_FOR_NS = 60_000_000_000
 # Adaptive splitting's moving average of a shape's duration: each execution's weight, and the
-# most shapes (and texts) remembered before the tables start over.
+# most shapes remembered before the table starts over.
 _SHAPE_WEIGHT = 0.125
 _SHAPES_KEPT = 4096
 # Finished statements a connection holds for a collecting trace handle before it
@@ -225,8 +224,11 @@ class _FromServer(_Relay):
             c.client.write(data)
             if c.observe:
                 session.server_observe(data, _time_ns())
-        if session.completed and (c.eager or len(session.completed) >= _DELIVER_AT):
-            c.deliver()
+        if session.completed:
+            if session.slow_texts is not None:
+                c.scan_finished()
+            if c.eager or len(session.completed) >= _DELIVER_AT:
+                c.deliver()
 
     def pause_writing(self) -> None:
         self.c.client.pause_reading()
@@ -420,6 +422,7 @@ class ClientConnection:
             max_message_size=cfg.max_message_size,
             capture_params=cfg.capture_parameters,
             flush_phases=cfg.phase_timing == "flush",
+            slow_texts=srv.slow_texts if cfg.phase_timing == "wire" and cfg.phase_split_threshold > 0 else None,
             strip_scram_plus=not self._binding_passes(),
             protocol_version=packet.code,
             startup_params=params,
@@ -646,16 +649,19 @@ class ClientConnection:
         s = self.session
         if s is None or not s.completed:
             return
-        # Records finish as the log is fed to the session, just before this: each is looked at here
-        # once, before delivery (which may wait for more, or be the span process's own take).
-        done = s.completed
+        self.scan_finished()
+        if self.eager or len(s.completed) >= _DELIVER_AT:
+            self.deliver()
+
+    def scan_finished(self) -> None:
+        """Look at the statements finished since the last look, once each, before delivery
+        (which may wait for more, or be the span process's own take): adaptive splitting."""
+        done = self.session.completed
         start = self.split_scanned if self.split_list is done else 0
         if start < len(done):
             self._mark_slow_shapes(done, start)
         self.split_list = done
         self.split_scanned = len(done)
-        if self.eager or len(s.completed) >= _DELIVER_AT:
-            self.deliver()
 
     def pump_back(self, payload: bytes, ts: int) -> None:
         """The pump handed the pair back (a refused client chunk, or the server's end): relay on here."""
@@ -750,32 +756,36 @@ class ClientConnection:
 
     def _mark_slow_shapes(self, done: list, start: int) -> None:
         """Adaptive phase splitting: shapes of extended statements (``done[start:]``) whose typical
-        duration is at least phase_split_threshold are the pump's slow shapes for a while (it
-        splits their phases, protocol/framing.py).
+        duration is at least phase_split_threshold are slow for a while: the pump splits their
+        phases (protocol/framing.py), and so do sessions on the asyncio path (``ProxyServer.slow_texts``).
 
         Typical: a moving average per shape (``ProxyServer.shape_durations``), so that one
         execution slowed by a busy machine does not split later executions of a fast shape
         (the next fast one ends the marking).
         """
         srv = self.server
-        threshold = srv.config.phase_split_threshold
-        pump = srv.pump()
-        if threshold <= 0 or pump is None or self.pump_id is None:
+        cfg = srv.config
+        threshold = cfg.phase_split_threshold
+        if threshold <= 0 or cfg.phase_timing != "wire":
             return
+        pump = srv.running_pump()
+        texts = srv.slow_texts
         slow_ns = threshold * 1e9
-        durations, shape_of = srv.shape_durations, srv.shape_of_text
+        durations, shape_of = srv.shape_durations, texts.shape_of
         now = 0
         for i in range(start, len(done)):
             rec = done[i]
             sql = rec.sql
             if rec.protocol != "extended" or not sql or not rec.end_ns:
                 continue  # not an execution (a Parse alone, say): nothing to split
-            shape = shape_of.get(sql)
-            if shape is None:
-                if len(shape_of) >= _SHAPES_KEPT:
-                    shape_of.clear()  # texts that each carry their own traceparent: start over
-                shape = shape_of[sql] = shape_hash(sql)
             took = rec.end_ns - rec.start_ns
+            shape = shape_of.get(sql)
+            if took < slow_ns and (shape is None or shape not in durations):
+                # Faster than the threshold, a shape with no mean yet could not reach it: left
+                # alone (no hash, no entry), a workload of fast statements costs a lookup each.
+                continue
+            if shape is None:
+                shape = texts.shape(sql)
             # From 0: one execution slowed by a busy machine moves the mean by an eighth of its
             # duration, a shape slow every time reaches the threshold at once if it took eight
             # times it, after a few executions if less.
@@ -787,9 +797,14 @@ class ClientConnection:
             if mean >= slow_ns:
                 if not now:
                     now = _time_ns()
-                pump.mark_slow(shape, now + SLOW_SHAPE_FOR_NS)
+                expires = now + SLOW_SHAPE_FOR_NS
             elif before >= slow_ns:
-                pump.mark_slow(shape, 0)  # fast again: no longer split
+                expires = 0  # fast again: no longer split
+            else:
+                continue
+            texts.mark(shape, expires)
+            if pump is not None:
+                pump.mark_slow(shape, expires)
 
     def violation(self, exc: ProtocolViolation) -> None:
         STATS.protocol_violations += 1

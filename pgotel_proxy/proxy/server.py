@@ -22,6 +22,7 @@ from ..config import ConfigError
 from ..hostport import format_hostport
 from ..listen import bind_tcp, check_addresses
 from ..protocol._impl import PURE_PYTHON
+from ..protocol.framing import SlowTexts
 from ..protocol.messages import error_response
 from ..protocol.pumplog import observe_log
 from ..stats import STATS
@@ -82,9 +83,10 @@ class ProxyServer:
         self.worker_link = None  # multi-process mode: this worker's WorkerLink (workers.py)
         self.pumped: dict[int, ClientConnection] = {}  # connections the pump relays, by pair id
         # Adaptive phase splitting (ClientConnection._mark_slow_shapes): the moving average of
-        # each statement shape's duration in ns, and the shape of each text seen.
+        # each statement shape's duration in ns, and the slow shapes for the sessions that splice
+        # their own Flushes (the asyncio path; the pump has its own table), with each text's shape.
         self.shape_durations: dict[int, float] = {}
-        self.shape_of_text: dict[str, int] = {}
+        self.slow_texts = SlowTexts()
         self.observed = 0  # of them, those whose chunks the pump logs for observation
         self.pump_stopped = False  # the pump was stopped for good (the end of a drain)
         self._observe_timer: asyncio.TimerHandle | None = None
@@ -373,6 +375,10 @@ class ProxyServer:
             self._pump_fd = fd
         return self._pump
 
+    def running_pump(self):
+        """The pump if it was started (None otherwise; unlike ``pump()`` this never starts it)."""
+        return self._pump
+
     def pump_close(self, pair: int) -> None:
         """End a pair the pump relays now (its connection is closing)."""
         self.unpump(pair)
@@ -577,8 +583,8 @@ async def serve(
     that program's collector alone.
 
     SIGHUP calls ``reload`` for a fresh config and applies what can change
-    without a restart: certificates (new sessions only), tracing on/off and the
-    sample ratio. ``worker`` is the WorkerLink of a worker process (workers.py).
+    without a restart: certificates (new sessions only), tracing on/off, the
+    sample ratio and the rule for failed and slow statements (``always_trace_*``). ``worker`` is the WorkerLink of a worker process (workers.py).
     """
     from ..enrich import attach as attach_enrichment
     from ..tracing import build_tracer
@@ -619,6 +625,7 @@ async def serve(
             return
         if tracer is not None and new is not old:
             tracer.set_sample_rate(new.sample_rate)
+            tracer.set_keep_rule(new)
             tracer.set_enabled(new.tracing)
 
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):

@@ -43,7 +43,8 @@ Frames, both directions: 4-byte little-endian length, then ``marshal`` data.
   histograms, which count every statement, are on);
   ``(OP_STATEMENTS_UNSEEN, conn)`` statements of that connection went unseen;
   ``(OP_CONNECTION_CLOSED, conn)`` it closed; ``(OP_SAMPLE_RATE, rate)`` new
-  sample rate; ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP, deadline)``
+  sample rate; ``(OP_KEEP_RULE, errors, slower_than_ns, rate)`` new rule for
+  failed and slow statements (``always_trace_*``); ``(OP_FLUSH, seq)`` flush and answer; ``(OP_STOP, deadline)``
   build and export what is left by that wall-clock time, then exit.
 * helper → relay, every 0.25 s and on flush: ``{"stats": {...}, "queue": n,
   "flushed": seq}``, with ``"sources": {...}, "sources_ready": bool`` when
@@ -102,6 +103,7 @@ OP_STATEMENTS_PACKED = "p"
 OP_STATEMENTS_UNSEEN = "g"
 OP_CONNECTION_CLOSED = "x"
 OP_SAMPLE_RATE = "r"
+OP_KEEP_RULE = "k"
 OP_FLUSH = "f"
 OP_STOP = "s"
 
@@ -294,11 +296,9 @@ class ProcessTracer:
         # the relay draws for new roots (sampling.Presampler) unless transaction spans need every
         # statement, or the latency histograms count every statement (tracing/histograms.py)
         self._presample = not config.transaction_spans and not config.latency_histograms
-        # failed and slow statements the draw leaves out go to the span process all the same
-        # (sampling.keep_reason), unless the rule can keep none
-        keeping = config.always_trace_rate > 0
-        self._keep_errors = keeping and config.always_trace_errors
-        self._keep_slow_ns = int(config.always_trace_slower_than * 1e9) if keeping else 0
+        self._keep_errors = False
+        self._keep_slow_ns = 0
+        self._keep_relay_side(config)
         #: the span process's latest latency histograms (histograms.LatencyHistograms.snapshot), for /metrics
         self.latency: list = []
         self._left_out = 0  # statements the relay's draw left out (part of STATS.statements)
@@ -488,6 +488,20 @@ class ProcessTracer:
         self._ops.append((OP_SAMPLE_RATE, rate))
         self._send_soon()
         log.info("sample rate set to %s", rate)
+
+    def _keep_relay_side(self, config: Config) -> None:
+        # failed and slow statements the draw leaves out go to the span process all the same
+        # (sampling.keep_reason), unless the rule can keep none
+        keeping = config.always_trace_rate > 0
+        self._keep_errors = keeping and config.always_trace_errors
+        self._keep_slow_ns = int(config.always_trace_slower_than * 1e9) if keeping else 0
+
+    def set_keep_rule(self, config: Config) -> None:
+        """Apply ``config``'s ``always_trace_*`` rule (a reload): here for the relay's draw, and in the span process."""
+        self._keep_relay_side(config)
+        self._ops.append((OP_KEEP_RULE, config.always_trace_errors, int(config.always_trace_slower_than * 1e9),
+                          config.always_trace_rate))
+        self._send_soon()
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -921,6 +935,8 @@ def child_main(fd: int) -> int:
                         state.forget()
                 elif kind == OP_SAMPLE_RATE:
                     helper.set_sample_rate(op[1])
+                elif kind == OP_KEEP_RULE:
+                    helper.builder.set_keep_rule(op[1], op[2], op[3])
                 elif kind == OP_FLUSH:
                     flushed.append(op[1])
                 elif kind == OP_STOP:

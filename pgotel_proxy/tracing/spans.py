@@ -191,14 +191,8 @@ class SpanBuilder:
         # Failed (keep_errors) and slow (keep_slower_than_ns) statements that the sample
         # rate or an unsampled parent leaves out are kept as new roots, up to keep_rate a
         # second: a token bucket holding one second's worth (one token at least).
-        self.keep_errors = keep_errors
-        self.keep_slow_ns = keep_slower_than_ns
-        self.keep_rate = keep_rate
-        self._keeping = keep_rate > 0 and (keep_errors or keep_slower_than_ns > 0)
         self._keep_scan: tuple[list, int] | None = None  # (records, index of the first the keep rule may keep)
-        self._keep_burst = max(1.0, keep_rate)
-        self._keep_tokens = self._keep_burst
-        self._keep_at = time.monotonic()
+        self.set_keep_rule(keep_errors, keep_slower_than_ns, keep_rate)
         # the record being built is one the rule may keep: its spans are built in full (no kept shape)
         self._keep_record = False
         # (reason, carried context or None) of the root _context just kept by the rule
@@ -206,6 +200,16 @@ class SpanBuilder:
         # A text's shape key (shape.statement_key): the span helper gives the ones the
         # latency histograms computed for the same records (shape.StatementKeys).
         self.statement_key = statement_key
+
+    def set_keep_rule(self, errors: bool, slower_than_ns: int, rate: float) -> None:
+        """The rule for failed and slow statements (``always_trace_*``); a reload sets it anew."""
+        self.keep_errors = errors
+        self.keep_slow_ns = slower_than_ns
+        self.keep_rate = rate
+        self._keeping = rate > 0 and (errors or slower_than_ns > 0)
+        self._keep_burst = max(1.0, rate)
+        self._keep_tokens = self._keep_burst
+        self._keep_at = time.monotonic()
 
     @property
     def bare(self) -> bool:

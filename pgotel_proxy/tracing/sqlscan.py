@@ -230,18 +230,59 @@ def _render(sql: str, toks: Iterable[_Token]) -> str:
 
 
 def _split(toks: list[_Token]) -> list[list[_Token]]:
+    """The statements of a token list, cut at semicolons.
+
+    A semicolon inside the body of ``CREATE [OR REPLACE] FUNCTION | PROCEDURE
+    ... BEGIN ATOMIC ... END`` (SQL-standard routine bodies, PostgreSQL 14+)
+    belongs to the body: as psql does, BEGIN and CASE open a block in such a
+    statement and END closes one, and only a semicolon outside every block
+    ends the statement.
+    """
     stmts: list[list[_Token]] = []
     cur: list[_Token] = []
+    lead: list[str] | None = []  # the statement's first words, until it is known whether it creates a routine
+    routine = False
+    depth = 0
     for tok in toks:
-        if tok[2] == _SEMI:
+        kind = tok[2]
+        if kind == _SEMI and not depth:
             if cur:
                 stmts.append(cur)
             cur = []
-        elif tok[2] != _COMMENT:
+            lead = []
+            routine = False
+        elif kind != _COMMENT:
             cur.append(tok)
+            if kind != _WORD:
+                continue
+            word = tok[3]
+            if routine:
+                if word == "BEGIN" or word == "CASE":
+                    depth += 1
+                elif word == "END" and depth:
+                    depth -= 1
+            elif lead is not None:
+                lead.append(word)
+                routine = _creates_routine(lead)
+                if routine or not _may_create_routine(lead):
+                    lead = None
     if cur:
         stmts.append(cur)
     return stmts
+
+
+_ROUTINES = ("FUNCTION", "PROCEDURE")
+
+
+def _creates_routine(lead: list[str]) -> bool:
+    """``lead`` is CREATE FUNCTION / PROCEDURE, or the same with OR REPLACE."""
+    return lead in (["CREATE", "FUNCTION"], ["CREATE", "PROCEDURE"],
+                    ["CREATE", "OR", "REPLACE", "FUNCTION"], ["CREATE", "OR", "REPLACE", "PROCEDURE"])
+
+
+def _may_create_routine(lead: list[str]) -> bool:
+    """More words may still make ``lead`` a CREATE FUNCTION / PROCEDURE."""
+    return lead in (["CREATE"], ["CREATE", "OR"], ["CREATE", "OR", "REPLACE"])
 
 
 # ---------------------------------------------------------------------------
