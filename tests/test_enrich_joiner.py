@@ -246,7 +246,7 @@ def test_statements_the_join_only_adds_figures_to_are_built_encoded_with_the_sam
         attrs = {kv.key: kv.value for kv in s.attributes}
         assert attrs["db.postgresql.query_id"].int_value == 42 and attrs["db.postgresql.pgss.calls"].int_value == 7
     # each statement span is noted for lock waits, as the full join notes them
-    noted = list(src.sessions._by_pid[7])
+    noted = src.sessions.entries(SimpleNamespace(own=True, pid=7))[1]
     assert [(e.trace_id, e.span_id, e.start_ns, e.end_ns, e.summary) for e in noted] == [
         (int.from_bytes(s.trace_id, "big"), int.from_bytes(s.span_id, "big"), s.start_time_unix_nano,
          s.end_time_unix_nano, s.name) for s in servers]

@@ -534,12 +534,17 @@ def encoded_span_facts(field: bytes) -> tuple | None:
         start_ns = end_ns = 0
         name = ""
         while pos < end:
-            tag, pos = _read_varint(field, pos)
+            tag = field[pos]  # (the tags of fields 1 to 15 are one byte; 16 and up end the walk)
             number, wire = tag >> 3, tag & 7
-            if number > 8:
+            if number > 8 or tag >= 0x80:
                 break
+            pos += 1
             if wire == 2:
-                size, pos = _read_varint(field, pos)
+                size = field[pos]
+                if size < 0x80:
+                    pos += 1
+                else:
+                    size, pos = _read_varint(field, pos)
                 if number == 1:
                     trace_id = int.from_bytes(field[pos:pos + size], "big")
                 elif number == 2:
@@ -547,15 +552,14 @@ def encoded_span_facts(field: bytes) -> tuple | None:
                 elif number == 5:
                     name = field[pos:pos + size].decode("utf-8", "replace")
                 pos += size
+            elif wire == 1:
+                if number == 7:
+                    start_ns = _FIXED64.unpack_from(field, pos)[0]
+                elif number == 8:
+                    end_ns = _FIXED64.unpack_from(field, pos)[0]
+                pos += 8
             elif wire == 0:
                 _, pos = _read_varint(field, pos)
-            elif wire == 1:
-                value = _FIXED64.unpack_from(field, pos)[0]
-                if number == 7:
-                    start_ns = value
-                elif number == 8:
-                    end_ns = value
-                pos += 8
             elif wire == 5:
                 pos += 4
             else:
