@@ -197,8 +197,8 @@ class SpanHelper:
     def _build_enriched(self, state: ConnState, records: list, spans: list, wanted: list) -> None:
         """``build`` with an enricher: the statements its join only adds attributes to go the encoded way.
 
-        Those are built as without an enricher (the compiled run of kept
-        shapes, else the Python steps), their attributes added to their
+        Those are built as without an enricher (runs of kept shapes in one
+        compiled call, else the Python steps), their attributes added to their
         statement span's encoded field, and that span noted for lock waits;
         the others as ReadableSpans through the join.
         """
@@ -208,51 +208,75 @@ class SpanHelper:
         sessions = getattr(enricher, "sessions", None)
         pid = state.info.session.backend_pid
         by_index = {w[0]: w for w in wanted}
-        for i, rec in enumerate(records):
-            mark = len(spans)
+        decided = []  # per record: the attributes the join adds, or None (the full join)
+        for rec in records:
             try:
-                attrs = enricher.plain(rec, pid)
+                decided.append(enricher.plain(rec, pid))
             except Exception:  # enrichment must never cost a span
                 log.exception("could not join server-side records")
-                attrs = None
-            if attrs is None:
+                decided.append(None)
+
+        def finish(index: int, start: int, end: int) -> None:
+            """The record ``records[index]`` built encoded into ``spans[start:end]``: its join and exemplar."""
+            if end <= start:
+                return  # not sampled
+            want = by_index.get(index)
+            if want is not None:
+                latency.exemplar(want, spans[start])
+            first = spans[start]  # a statement's first span is its own
+            field = first[2] if type(first) is tuple else first
+            attrs = decided[index]
+            if attrs:
+                field = otlp.with_attributes(field, attrs)
+                spans[start] = (first[0], first[1], field) if type(first) is tuple else field
+            if sessions is not None and pid is not None:
+                sessions.note_encoded(pid, field)
+
+        i, n = 0, len(records)
+        while i < n:
+            if decided[i] is None:
+                mark = len(spans)
                 try:
-                    groups = builder.build(state, rec, spans)
+                    groups = builder.build(state, records[i], spans)
                 except Exception:  # one odd statement must not stop the span process
                     log.exception("could not build a span")
                     del spans[mark:]
-                    continue
-                want = by_index.get(i)
-                if want is not None and len(spans) > mark:
-                    latency.exemplar(want, spans[mark])
-                self._enrich_groups(groups, spans)
+                else:
+                    want = by_index.get(i)
+                    if want is not None and len(spans) > mark:
+                        latency.exemplar(want, spans[mark])
+                    self._enrich_groups(groups, spans)
+                i += 1
                 continue
-            STATS.statements += 1
+            stop = i + 1
+            while stop < n and decided[stop] is not None:
+                stop += 1
+            STATS.statements += stop - i
             builder.encode = True
             try:
-                after, error = builder.kept(state, records, i, i + 1, spans)
-                if error is not None:
-                    raise error
-                if after == i:  # not a kept shape: the Python steps
-                    builder.one(state, rec, spans)
-            except Exception:
-                log.exception("could not build a span")
-                del spans[mark:]
-                continue
+                while i < stop:
+                    marks: list = []
+                    after, error = builder.kept(state, records, i, stop, spans, marks)
+                    marks.append(len(spans))
+                    for k in range(after - i):
+                        finish(i + k, marks[k], marks[k + 1])
+                    i = after
+                    if i >= stop:
+                        break
+                    if error is not None:
+                        log.error("could not build a span", exc_info=error)
+                    else:  # a shape not kept yet, or a record kept_run leaves to the Python steps
+                        mark = len(spans)
+                        try:
+                            builder.one(state, records[i], spans)
+                        except Exception:  # one odd statement must not stop the span process
+                            log.exception("could not build a span")
+                            del spans[mark:]
+                        else:
+                            finish(i, mark, len(spans))
+                    i += 1
             finally:
                 builder.encode = False
-            if len(spans) == mark:
-                continue  # not sampled
-            want = by_index.get(i)
-            if want is not None:
-                latency.exemplar(want, spans[mark])
-            first = spans[mark]
-            field = first[2] if type(first) is tuple else first
-            if attrs:
-                field = otlp.with_attributes(field, attrs)
-                spans[mark] = (first[0], first[1], field) if type(first) is tuple else field
-            if sessions is not None and pid is not None:
-                sessions.note_encoded(pid, field)
 
     def close(self, state: ConnState, spans: list) -> None:
         """The connection ended: a transaction it left open is built now."""
