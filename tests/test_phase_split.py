@@ -42,8 +42,8 @@ def split_proxy(request, make_proxy):
     return factory
 
 
-def connect(proxy) -> psycopg.Connection:
-    return psycopg.connect(proxy.dsn(application_name="split-tests"), autocommit=True)
+def connect(proxy, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(application_name="split-tests"), autocommit=True, **kwargs)
 
 
 TABLE = "split_items"
@@ -64,11 +64,11 @@ def _slow_plan_and_execute(conn, table: str) -> str:
     return f"SELECT pg_sleep(0.05) FROM {table} t0 {joins} WHERE t0.id = %s"
 
 
-def _traced_runs(proxy, otlp, app, sql, params, n: int, prepare: bool | None = False):
+def _traced_runs(proxy, otlp, app, sql, params, n: int, prepare: bool | None = False, **connect_kwargs):
     """Run ``sql`` (or what ``sql(conn)`` returns) ``n`` times, each in an app span of its own; each run's
     statement span and its phase spans, in order."""
     ctxs = []
-    with connect(proxy) as conn:
+    with connect(proxy, **connect_kwargs) as conn:
         if callable(sql):
             sql = sql(conn)
         for _ in range(n):
@@ -120,6 +120,16 @@ def test_a_prepared_statement_of_a_slow_shape_is_split_at_its_bind(split_proxy, 
         execute = kids[-1]
         assert execute.end_ns - execute.start_ns >= 40_000_000
         assert len(kids) >= 2, names  # the Bind's answer was seen apart from Execute's
+
+
+def test_a_text_in_a_client_encoding_other_than_utf8_is_split(split_proxy, otlp, app):
+    """The pump hashes the client's LATIN1 bytes, the event loop the text decoded as UTF-8: they agree."""
+    proxy = split_proxy()
+    runs = _traced_runs(proxy, otlp, app, 'SELECT pg_sleep(%s) AS "séance"', (0.05,), 3, client_encoding="LATIN1")
+    for stmt, kids in runs[1:]:
+        names = [k.name for k in kids]
+        assert names[-1] == "execute" and len(names) >= 2, names
+        assert kids[-1].end_ns - kids[-1].start_ns >= 40_000_000
 
 
 def test_fast_statements_are_not_split(split_proxy, otlp, app):

@@ -139,7 +139,9 @@ def _fnv(h: int, c: int) -> int:
 
 
 def _text_hash(h: int, cs: int, c: int) -> int:
-    """The hash after byte ``c`` of a query text in comment state ``cs``: comments and white space are left out."""
+    """The hash after byte ``c`` of a query text in comment state ``cs``: comments and white space are left out,
+    and so are bytes past ASCII: the pump hashes the client's bytes in its own encoding, the event loop
+    a text decoded as UTF-8 (a byte it could not decode became U+FFFD), and the two agree on ASCII alone."""
     if cs == 2 or cs == 3 or cs == 5:  # in a comment
         return h
     if cs == 1:  # a '/' held back: a comment's start unless '*' follows
@@ -150,7 +152,7 @@ def _text_hash(h: int, cs: int, c: int) -> int:
         if c == 45:
             return h
         h = _fnv(h, 45)
-    if c == 47 or c == 45 or c == 32 or c == 9 or c == 10 or c == 13:
+    if c == 47 or c == 45 or c == 32 or c == 9 or c == 10 or c == 13 or c >= 128:
         return h
     return _fnv(h, c)
 
