@@ -13,7 +13,7 @@ relay's codec hands them over.
 
 Usage::
 
-    python bench/spanwork.py [--protocol extended|simple] [--histograms on|off]
+    python bench/spanwork.py [--protocol extended|prepared|simple] [--histograms on|off]
                              [--traceparent new|fixed|none] [--batches 2000] [--records 32]
                              [--repeat 5]
 
@@ -50,7 +50,11 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
     out = []
     texts: dict[str, str] = {}  # equal texts are one object, as the relay's codec decodes them
     span = 0x1000
-    t = time.time_ns()  # wall-clock, as records carry it (exemplars age by it)
+    # Wall-clock, as records carry it, an hour ahead: the histograms judge an exemplar's age by
+    # its record's end, and a run slowed down by an instruction counter would otherwise find
+    # every exemplar stale and build every record alone (in the proxy an exemplar is renewed
+    # once in EXEMPLAR_MAX_AGE_NS per bucket: nothing a record).
+    t = time.time_ns() + 3600 * 10**9
     for _ in range(batches):
         records = []
         for i in range(per_batch):
@@ -63,6 +67,11 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
                 rec = Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 20_000,
                                 bind_start_ns=t + 1_000, bind_end_ns=t + 21_000, exec_start_ns=t + 2_000,
                                 end_ns=t + 60_000, status="ok", tag="SELECT 1", rows=1, tx_status="I")
+            elif protocol == "prepared":  # Bind and Execute of a statement parsed earlier (pgbench -M prepared)
+                sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = $1{comment}"
+                rec = Statement("extended", sql, statement_name="P0_1", start_ns=t, bind_start_ns=t,
+                                bind_end_ns=t + 20_000, exec_start_ns=t + 1_000, end_ns=t + 60_000, status="ok",
+                                tag="SELECT 1", rows=1, tx_status="I", reused=True)
             else:
                 sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}{comment}"
                 rec = Statement("simple", sql, start_ns=t, end_ns=t + 60_000, status="ok", tx_status="I",
@@ -87,7 +96,7 @@ def run(helper: SpanHelper, packed: list[bytes]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--protocol", choices=("extended", "simple"), default="extended")
+    ap.add_argument("--protocol", choices=("extended", "prepared", "simple"), default="extended")
     ap.add_argument("--histograms", choices=("on", "off"), default="on")
     ap.add_argument("--traceparent", choices=("new", "fixed", "none"), default="new")
     ap.add_argument("--batches", type=int, default=2000)

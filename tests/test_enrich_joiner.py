@@ -156,3 +156,105 @@ def test_explain_requests_past_the_rate_are_refused_and_counted():
     assert src.how("SELECT $1", ("1",)) is False  # before 16, parameters not captured
     src.major = 16
     assert src.how("SELECT $1", None) == ()
+
+
+# ------------------------------------------------- statements the join only adds attributes to
+
+
+class PgssSources(Sources):
+    """No plan source; pg_stat_statements knows every text; backend 9 was sampled waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pgotel_proxy.enrich.locks import SessionStatements
+
+        self.sessions = SessionStatements()
+
+    def plans_enabled(self):
+        return False
+
+    def pgss_enabled(self):
+        return True
+
+    def query_id_for(self, fingerprint):
+        return 42 if fingerprint else None
+
+    def pgss_figures(self, query_id):
+        return {"calls": 7}
+
+    def wait_samples(self, pid, start, end):
+        return [(start + 1, "Lock", "relation", None)] if pid == 9 else []
+
+
+def _enriched_spans(plain: bool, pid: int) -> tuple[list, PgssSources]:
+    """The spans the span helper builds for extended statements with a join over PgssSources, decoded.
+
+    ``plain``: the join may say what it adds (Joiner.plain), else every statement takes the full join.
+    """
+    from pgotel_proxy.config import Config
+    from pgotel_proxy.protocol.events import Statement
+    from pgotel_proxy.tracing import otlp
+    from pgotel_proxy.tracing.helper import SpanHelper
+    from pgotel_proxy.tracing.process import _ChildInfo
+    from pgotel_proxy.tracing.spans import ConnState
+
+    src = PgssSources()
+    j = Joiner(src, join_timeout=5.0)
+    enricher = SimpleNamespace(statement=j.statement, tick=j.tick, release_all=j.release_all, pending=lambda: len(j),
+                               sessions=src.sessions, stop=lambda timeout: None)
+    if plain:
+        enricher.plain = j.plain
+    helper = SpanHelper(Config(exporter="none", sample_rate=1.0, latency_histograms=False), exporter=None)
+    helper.enricher = enricher
+    try:
+        state = ConnState(_ChildInfo(pid, "app"), {"db.system.name": "postgresql"})
+        t = 1_800_000_000 * 10**9  # the same records in every call
+        built: list = []
+        for batch in range(3):  # the first builds each shape, the next are spanned from it
+            records = []
+            for i in range(4):
+                # (the third not sampled: no spans, between records with spans in one compiled run)
+                tp = f"00-{0xABC + batch:032x}-{0x1000 + i:016x}-{'00' if i == 2 else '01'}"
+                records.append(Statement("extended", f"SELECT abalance FROM t WHERE aid = $1 /*traceparent='{tp}'*/",
+                                         start_ns=t, parse_start_ns=t, parse_end_ns=t + 20_000, bind_start_ns=t + 1_000,
+                                         bind_end_ns=t + 21_000, exec_start_ns=t + 2_000, end_ns=t + 60_000,
+                                         status="ok", tag="SELECT 1", rows=1, tx_status="I"))
+                t += 100_000
+            helper.build(state, records, built)
+        built += j.release_all()
+    finally:
+        helper.shutdown()
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest.FromString(otlp.encode_request(built))
+    return [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans], src, built
+
+
+def _without_ids(span) -> tuple:
+    attrs = sorted((kv.key, str(kv.value)) for kv in span.attributes)
+    return span.name, span.kind, span.start_time_unix_nano, span.end_time_unix_nano, tuple(attrs), len(span.events)
+
+
+def test_statements_the_join_only_adds_figures_to_are_built_encoded_with_the_same_spans():
+    encoded, src, built = _enriched_spans(plain=True, pid=7)
+    full, _, full_built = _enriched_spans(plain=False, pid=7)
+    assert all(type(s) is tuple for s in built)  # encoded, none made as a ReadableSpan
+    assert not any(type(s) is tuple for s in full_built)
+    assert sorted(map(_without_ids, encoded)) == sorted(map(_without_ids, full))
+    servers = [s for s in encoded if s.kind == s.SPAN_KIND_SERVER]
+    assert len(servers) == 9
+    for s in servers:
+        attrs = {kv.key: kv.value for kv in s.attributes}
+        assert attrs["db.postgresql.query_id"].int_value == 42 and attrs["db.postgresql.pgss.calls"].int_value == 7
+    # each statement span is noted for lock waits, as the full join notes them
+    noted = src.sessions.entries(SimpleNamespace(own=True, pid=7))[1]
+    assert [(e.trace_id, e.span_id, e.start_ns, e.end_ns, e.summary) for e in noted] == [
+        (int.from_bytes(s.trace_id, "big"), int.from_bytes(s.span_id, "big"), s.start_time_unix_nano,
+         s.end_time_unix_nano, s.name) for s in servers]
+    assert {e.flags for e in noted} == {1}
+
+
+def test_a_statement_whose_backend_was_sampled_waiting_takes_the_full_join():
+    encoded, _, built = _enriched_spans(plain=True, pid=9)
+    assert not any(type(s) is tuple for s in built)
+    assert all(len(s.events) == 1 for s in encoded if s.kind == s.SPAN_KIND_SERVER)

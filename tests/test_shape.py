@@ -25,6 +25,7 @@ from pgotel_proxy.tracing import sqlinfo
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TP2 = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+TP3 = "00-0000000000000000000000000000abcd-00000000000000ff-01"  # ids whose high digits are zero
 
 _twin = interpreted_shape()
 
@@ -104,7 +105,8 @@ def test_compiled_and_interpreted_agree_on_the_corpus(text):
 
 _pieces = st.sampled_from(
     list("abeEnNxXuUlL&$\"\\'-.0123459 _,;/*()=+\x01\t\n\x1c") + ["traceparent='", TP, TP2, "/*", "*/", "1.5e3", "''",
-                                                                "ff", "all", "pgotel", "é"])
+                                                                "ff", "all", "pgotel", "é", "AlL", "PGotel",
+                                                                "Application_Name", "pg_TRACING", "pg_trac", TP3])
 
 
 @settings(max_examples=3000, deadline=None)

@@ -134,6 +134,9 @@ class Enricher:
     def statement(self, rec, spans: list) -> list:
         return self.joiner.statement(rec, spans)
 
+    def plain(self, rec, pid) -> dict | None:
+        return self.joiner.plain(rec, pid)
+
     def tick(self) -> list:
         return self.joiner.tick()
 

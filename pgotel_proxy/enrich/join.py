@@ -164,6 +164,51 @@ class Joiner:
                 out.extend(self._finish_plain(group, pid, text))
         return out
 
+    def plain(self, rec: Any, pid: int | None) -> dict | None:
+        """What the join would add to the statement span of ``rec`` when it adds attributes only, else None.
+
+        None: the statement needs :meth:`statement` and its spans as
+        ReadableSpans: it may wait for a plan (the auto_explain source is up;
+        or EXPLAIN may be asked for it: it is text at least the explain
+        source's minimum long), its backend was sampled while it ran past the
+        wait threshold (wait events, lock blockers), or it is not one
+        statement (a simple Query of several). The tests are wider than
+        :meth:`statement`'s: what they let through has nothing but
+        pg_stat_statements' figures and the query id to be joined, which
+        this returns (possibly empty), counted as a join when there are
+        figures. Its spans may then be built encoded; the caller notes its
+        statement span for lock waits (``sources.sessions``).
+        """
+        src = self.sources
+        results = rec.results
+        if rec.protocol not in ("extended", "simple") or (rec.protocol == "simple" and (not results or len(results) > 1)):
+            return None
+        if pid is not None and src.plans_enabled():
+            return None
+        start = rec.start_ns
+        # the latest time the record holds: its statement span ends no later
+        end = max(rec.end_ns, rec.bind_end_ns, rec.parse_end_ns, rec.exec_start_ns, start)
+        if results:
+            end = max(end, max(r.end_ns for r in results))
+        text = (rec.sql or "").strip()
+        explain = getattr(src, "explain", None)
+        if (explain is not None and text and end - start >= explain.min_duration_ns
+                and getattr(src, "explain_enabled", lambda: False)()):
+            return None
+        if pid is not None and src.wait_samples(pid, start, end):
+            return None
+        attrs: dict[str, Any] = {}
+        if text and src.pgss_enabled():
+            query_id = src.query_id_for(sqlinfo.fingerprint(text))
+            if query_id is not None:
+                attrs[ATTR["query_id"]] = query_id
+                figures = src.pgss_figures(query_id)
+                if figures:
+                    STATS.enrich_joined += 1
+                    for k, v in figures.items():
+                        attrs[ATTR["pgss"] + k] = v
+        return attrs
+
     def tick(self) -> list[ReadableSpan]:
         """Match newly read plans and release statements whose wait is over."""
         out: list[ReadableSpan] = []

@@ -38,9 +38,11 @@ from collections import deque
 from typing import Any, NamedTuple
 
 from opentelemetry.semconv.attributes.db_attributes import DB_QUERY_SUMMARY
+from opentelemetry.trace import TraceFlags
 
 from ..tracing import sqlinfo
 from ..tracing.carrier import _APP, channel_context
+from ..tracing.otlp import encoded_span_facts
 from .sessionfile import Entry, SharedSessions
 
 __all__ = [
@@ -127,14 +129,41 @@ class SessionStatements:
     def note(self, pid: int, span: Any) -> None:
         """Remember the statement span ``span`` (a ReadableSpan) of backend ``pid`` (every statement: kept cheap)."""
         ctx = span.context
-        summary = span.attributes.get(DB_QUERY_SUMMARY) or span.name
+        self.note_entry(pid, Entry(ctx.trace_id, ctx.span_id, ctx.trace_flags, span.start_time, span.end_time,
+                                   span.attributes.get(DB_QUERY_SUMMARY) or span.name))
+
+    def note_encoded(self, pid: int, field: bytes) -> None:
+        """``note`` for a statement span encoded (an encoded ScopeSpans.spans field, otlp.encode_span's).
+
+        Kept as its bytes: they are read into an :class:`Entry` only when a
+        lock wait asks for the backend's spans (``_read``), which few do.
+        """
+        self.note_entry(pid, field)
+
+    @staticmethod
+    def _read(noted) -> list[Entry]:
+        """The entries of one backend's noted spans, encoded ones read (those that do not read are left out)."""
+        out = []
+        for e in list(noted):
+            if type(e) is bytes:
+                facts = encoded_span_facts(e)
+                if facts is None:
+                    continue
+                trace_id, span_id, start, end, name = facts
+                # Sampled: the builder builds no other span (an encoded span carries no trace flags).
+                e = Entry(trace_id, span_id, TraceFlags.SAMPLED, start, end, name)
+            out.append(e)
+        return out
+
+    def note_entry(self, pid: int, entry: Entry | bytes) -> None:
+        """Remember a statement span of backend ``pid``: its facts, or its encoded field."""
         by_pid = self._by_pid
         dq = by_pid.get(pid)
         if dq is None:
             if len(by_pid) >= self.MAX_PIDS:
                 del by_pid[next(iter(by_pid))]  # the longest known goes; it comes back at its next statement
             dq = by_pid[pid] = deque(maxlen=self.PER_PID)
-        dq.append(Entry(ctx.trace_id, ctx.span_id, ctx.trace_flags, span.start_time, span.end_time, summary))
+        dq.append(entry)
 
     def answer(self) -> None:
         """Publish the latest statement spans of the sessions the siblings asked about (the helper's ticks)."""
@@ -146,7 +175,7 @@ class SessionStatements:
             for pid in pids:
                 dq = self._by_pid.get(pid)
                 if dq and answered.get(pid) is not dq[-1]:
-                    shared.publish(pid, list(dq))
+                    shared.publish(pid, self._read(dq))
                     if len(answered) >= self.MAX_PIDS:
                         answered.clear()
                     answered[pid] = dq[-1]
@@ -161,7 +190,7 @@ class SessionStatements:
         session whose pid the server gave to another).
         """
         if blocker.own:
-            return True, list(self._by_pid.get(blocker.pid, ()))
+            return True, self._read(self._by_pid.get(blocker.pid, ()))
         shared = self.shared
         if shared is None:
             return False, []

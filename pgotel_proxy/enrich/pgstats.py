@@ -139,7 +139,7 @@ class WaitSamples:
 
     def between(self, pid: int, start: int, end: int) -> list[tuple]:
         dq = self._by_pid.get(pid)
-        if not dq:
+        if not dq or start > end:  # (a statement shorter than the wait threshold: no walk through the samples)
             return []
         return [s for s in list(dq) if start <= s[0] <= end]
 

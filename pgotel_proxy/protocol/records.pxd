@@ -25,7 +25,7 @@ cdef class RecordForm:
     @cython.locals(kind=int, i=Py_ssize_t, names=tuple, kinds=tuple, descrs=tuple)
     cdef _pack_record(self, bytearray out, object rec, _Fields fields, list refs, list written)
     @cython.locals(values=list, kind=int, i=Py_ssize_t, n=cython.longlong, b=int, kinds=tuple, fields=_Fields,
-                   cfields=_Fields)
+                   cfields=_Fields, descrs=tuple, direct=bint)
     cdef _unpack_record(self, _Reader r, _Fields fields)
 
 cdef class _Reader:

@@ -135,30 +135,47 @@ class RecordForm:
 
     def _unpack_record(self, r: _Reader, fields: _Fields):
         kinds = fields.kinds
-        values = []
+        cls = fields.cls
+        descrs = fields.descrs
+        # Compiled, a record of a class whose fields all have descriptors is made empty and
+        # each field stored by its descriptor's set slot as it is read: no list of the values,
+        # no call of __init__ that parses them again.
+        direct = cython.compiled and descrs is not None
+        if direct:
+            rec = cls.__new__(cls)
+        else:
+            values = []
         for i in range(len(kinds)):
             kind = kinds[i]
             if kind == INT:
-                values.append(r.i64())
+                v = r.i64()
             elif kind == BOOL:
                 b = r.u8()
                 if b > 1:
                     raise ValueError("unpack: bad bool")
-                values.append(b == 1)
+                v = b == 1
             elif kind == STR:
-                values.append(r.string())
+                v = r.string()
             elif kind == VALUE:
-                values.append(r.value(0))
+                v = r.value(0)
             else:
                 n = r.u32()
                 if n == NONE:
-                    values.append(None)
-                    continue
-                if n > r.left():
-                    raise ValueError("unpack: truncated record data")
-                cfields = self._completion_fields
-                values.append([self._unpack_record(r, cfields) for _ in range(n)])
-        return fields.cls(*values)
+                    v = None
+                else:
+                    if n > r.left():
+                        raise ValueError("unpack: truncated record data")
+                    cfields = self._completion_fields
+                    v = [self._unpack_record(r, cfields) for _ in range(n)]
+            if direct:
+                descr = descrs[i]
+                if Py_TYPE(descr).tp_descr_set(descr, rec, v) < 0:
+                    raise RuntimeError("unpack: a field could not be set")  # (its error is set: Cython raises it)
+            else:
+                values.append(v)
+        if direct:
+            return rec
+        return cls(*values)
 
 
 class _Fields:

@@ -39,7 +39,7 @@
  *     first row's offset when first_row (ns) is not 0.
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts) -> (next, parsed, error)
+ *          getrandbits, random, rate, statement_key, opts[, marks]) -> (next, parsed, error)
  *     SpanBuilder.kept: the spans of records[i:stop] whose shapes the connection keeps (shapes), one
  *     record after the other, up to the first one the Python steps must see; next is its index,
  *     new roots drawn with random() < rate when the rate is below 1 (random None: such a record is
@@ -48,6 +48,8 @@
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
  *     A record with a client's wait (client_wait_ns, rare) is Python's.
+ *     marks, a list when given: len(out) before each record done is appended to it (where its
+ *     spans start; a record not sampled has none).
  *
  * attribute_fields(attributes, cache, encode_one, cache_max, field_max) -> bytes
  *     A dict's items as encoded Span.attributes fields. Values of type str,
@@ -1064,19 +1066,20 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
 }
 
 /* kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts) -> (next, parsed, error) */
+ *          getrandbits, random, rate, statement_key, opts[, marks]) -> (next, parsed, error) */
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 16 || !PyList_Check(args[0]) || !head_ok(args[1]) ||
+    if ((nargs != 16 && nargs != 17) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[5]) || !PyTuple_Check(args[7]) ||
-        PyTuple_GET_SIZE(args[7]) != 8) {
+        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 17 && args[16] != Py_None && !PyList_Check(args[16]))) {
         PyErr_SetString(PyExc_TypeError,
                         "kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, "
-                        "child_flags, getrandbits, random, rate, statement_key, opts)");
+                        "child_flags, getrandbits, random, rate, statement_key, opts[, marks])");
         return NULL;
     }
+    PyObject *marks = nargs == 17 && args[16] != Py_None ? args[16] : NULL;
     if (record_type == NULL || completion_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "kept_run: configure() first");
         return NULL;
@@ -1107,6 +1110,14 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(rec);
         if (r == 0)
             break;
+        if (r > 0 && marks != NULL) {
+            PyObject *at = PyLong_FromSsize_t(mark);
+            if (at == NULL || PyList_Append(marks, at) < 0) {
+                Py_XDECREF(at);
+                return NULL; /* (its spans stay in out: the caller's error) */
+            }
+            Py_DECREF(at);
+        }
         if (r < 0) { /* this record's spans go; the caller logs the error and goes on */
             error = take_exception();
             if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0) {

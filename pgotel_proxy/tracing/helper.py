@@ -39,6 +39,7 @@ from ..shape import StatementKeys
 from ..stats import STATS
 from .export import ExportPipeline, make_exporter, make_metric_exporter
 from .histograms import LatencyHistograms, MetricsExport
+from . import otlp
 from .spans import ConnState, SpanBuilder
 
 __all__ = ["SpanHelper"]
@@ -103,11 +104,15 @@ class SpanHelper:
         self._enricher = enricher
         exporter = self.pipeline.exporter
         builder = self.builder
-        builder.encode = enricher is None and (exporter is None or bool(getattr(exporter, "accepts_encoded", False)))
+        encodable = exporter is None or bool(getattr(exporter, "accepts_encoded", False))
+        builder.encode = enricher is None and encodable
         # ... and as their fields alone when the exporter is told whose they are (or there is none)
         builder.bare = builder.encode and (exporter is None or hasattr(exporter, "encoded_head"))
         if builder.bare and exporter is not None:
             exporter.encoded_head = builder._head
+        # With an enricher, the statements its join adds attributes to at most (Joiner.plain)
+        # are built encoded all the same, as (resource, scope, field) among the ReadableSpans.
+        self._plain_encoded = enricher is not None and encodable and hasattr(enricher, "plain")
 
     def set_sample_rate(self, rate: float) -> None:
         self.builder.sample_rate = rate
@@ -168,6 +173,9 @@ class SpanHelper:
                     want = next(pending, None)
                 i += 1
             return
+        if enriching and self._plain_encoded and not builder.transaction_spans:
+            self._build_enriched(state, records, spans, wanted)
+            return
         build = builder.build
         by_record = {id(records[w[0]]): w for w in wanted}
         for rec in records:
@@ -185,6 +193,90 @@ class SpanHelper:
                         latency.exemplar(want, spans[start])
             if enriching:
                 self._enrich_groups(groups, spans)
+
+    def _build_enriched(self, state: ConnState, records: list, spans: list, wanted: list) -> None:
+        """``build`` with an enricher: the statements its join only adds attributes to go the encoded way.
+
+        Those are built as without an enricher (runs of kept shapes in one
+        compiled call, else the Python steps), their attributes added to their
+        statement span's encoded field, and that span noted for lock waits;
+        the others as ReadableSpans through the join.
+        """
+        builder = self.builder
+        enricher = self._enricher
+        latency = self.latency
+        sessions = getattr(enricher, "sessions", None)
+        pid = state.info.session.backend_pid
+        by_index = {w[0]: w for w in wanted}
+        decided = []  # per record: the attributes the join adds, or None (the full join)
+        for rec in records:
+            try:
+                decided.append(enricher.plain(rec, pid))
+            except Exception:  # enrichment must never cost a span
+                log.exception("could not join server-side records")
+                decided.append(None)
+
+        def finish(index: int, start: int, end: int) -> None:
+            """The record ``records[index]`` built encoded into ``spans[start:end]``: its join and exemplar."""
+            if end <= start:
+                return  # not sampled
+            want = by_index.get(index)
+            if want is not None:
+                latency.exemplar(want, spans[start])
+            first = spans[start]  # a statement's first span is its own
+            field = first[2] if type(first) is tuple else first
+            attrs = decided[index]
+            if attrs:
+                field = otlp.with_attributes(field, attrs)
+                spans[start] = (first[0], first[1], field) if type(first) is tuple else field
+            if sessions is not None and pid is not None:
+                sessions.note_encoded(pid, field)
+
+        i, n = 0, len(records)
+        while i < n:
+            if decided[i] is None:
+                mark = len(spans)
+                try:
+                    groups = builder.build(state, records[i], spans)
+                except Exception:  # one odd statement must not stop the span process
+                    log.exception("could not build a span")
+                    del spans[mark:]
+                else:
+                    want = by_index.get(i)
+                    if want is not None and len(spans) > mark:
+                        latency.exemplar(want, spans[mark])
+                    self._enrich_groups(groups, spans)
+                i += 1
+                continue
+            stop = i + 1
+            while stop < n and decided[stop] is not None:
+                stop += 1
+            STATS.statements += stop - i
+            builder.encode = True
+            try:
+                while i < stop:
+                    marks: list = []
+                    after, error = builder.kept(state, records, i, stop, spans, marks)
+                    marks.append(len(spans))
+                    for k in range(after - i):
+                        finish(i + k, marks[k], marks[k + 1])
+                    i = after
+                    if i >= stop:
+                        break
+                    if error is not None:
+                        log.error("could not build a span", exc_info=error)
+                    else:  # a shape not kept yet, or a record kept_run leaves to the Python steps
+                        mark = len(spans)
+                        try:
+                            builder.one(state, records[i], spans)
+                        except Exception:  # one odd statement must not stop the span process
+                            log.exception("could not build a span")
+                            del spans[mark:]
+                        else:
+                            finish(i, mark, len(spans))
+                    i += 1
+            finally:
+                builder.encode = False
 
     def close(self, state: ConnState, spans: list) -> None:
         """The connection ended: a transaction it left open is built now."""

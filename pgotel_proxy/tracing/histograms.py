@@ -60,6 +60,7 @@ from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATIO
 from ..shape import StatementKeys, statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
+from .otlp import encoded_span_facts
 
 __all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "attributes_of", "span_ids"]
 
@@ -137,13 +138,18 @@ class LatencyHistograms:
         if keys is None:
             keys = StatementKeys()
         wanted: list = []
-        now = time.time_ns()
+        room = _WANTED_PER_BATCH  # records that may still be wanted
+        stale = time.time_ns() - EXEMPLAR_MAX_AGE_NS  # an exemplar of a record that ended before is renewed
         series_of = self.series
         # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
         # its shape is looked up once.
         # ... and the series of its statements that succeed, once.
         last_sql, last_shape, last_ok_series, last_ok_overflow = None, (None, None), None, False
-        for index, rec in enumerate(records):
+        index = -1
+        counted = None  # the series whose counts and exemplars are in the two locals below
+        counts = exemplars = None
+        for rec in records:
+            index += 1
             sql = rec.sql
             if sql is not last_sql:
                 last_sql, last_shape = sql, (self._shape(sql, keys) if sql else (None, None))
@@ -174,19 +180,23 @@ class LatencyHistograms:
                         series = series_of[key] = _Series()
                 if error is None:
                     last_ok_series, last_ok_overflow = series, overflow
-            end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or rec.start_ns
-            seconds = max(0, end - rec.start_ns) / 1e9
+            start = rec.start_ns
+            end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or start
+            seconds = (end - start) / 1e9 if end > start else 0.0
             bucket = bisect_left(BOUNDS, seconds)
-            series.counts[bucket] += 1
+            if series is not counted:
+                counted, counts, exemplars = series, series.counts, series.exemplars
+            counts[bucket] += 1
             series.total += seconds
             if seconds < series.low:
                 series.low = seconds
             if seconds > series.high:
                 series.high = seconds
-            if len(wanted) < _WANTED_PER_BATCH:
-                held = series.exemplars[bucket]
-                if held is None or now - held[3] > EXEMPLAR_MAX_AGE_NS:
+            if room:
+                held = exemplars[bucket]
+                if held is None or held[3] < stale:
                     wanted.append((index, series, bucket, seconds, end))
+                    room -= 1
         self.changes += len(records)
         return wanted
 
@@ -231,17 +241,6 @@ def attributes_of(summary, operation, namespace, code) -> dict:
     return attrs
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def span_ids(span) -> tuple[int, int] | None:
     """(trace_id, span_id) of a span as the span builder appends it: a ReadableSpan, or encoded.
 
@@ -251,35 +250,8 @@ def span_ids(span) -> tuple[int, int] | None:
     context = getattr(span, "context", None)
     if context is not None:
         return context.trace_id, context.span_id
-    field = span[2] if type(span) is tuple else span
-    try:
-        _, pos = _varint(field, 0)
-        _, pos = _varint(field, pos)
-        trace_id = span_id = None
-        end = len(field)
-        while pos < end and (trace_id is None or span_id is None):
-            tag, pos = _varint(field, pos)
-            number, wire = tag >> 3, tag & 7
-            if wire == 2:
-                size, pos = _varint(field, pos)
-                if number == 1:
-                    trace_id = int.from_bytes(field[pos:pos + size], "big")
-                elif number == 2:
-                    span_id = int.from_bytes(field[pos:pos + size], "big")
-                pos += size
-            elif wire == 0:
-                _, pos = _varint(field, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                return None
-    except (IndexError, TypeError):
-        return None
-    if not trace_id or not span_id:
-        return None
-    return trace_id, span_id
+    facts = encoded_span_facts(span[2] if type(span) is tuple else span)
+    return None if facts is None else (facts[0], facts[1])
 
 
 class MetricsExport:

@@ -501,6 +501,91 @@ def encode_request(spans: Sequence[ReadableSpan | tuple | bytes], head: tuple | 
     return b"".join(out)
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+_FIXED64 = struct.Struct("<Q")
+
+
+def encoded_span_facts(field: bytes) -> tuple | None:
+    """(trace_id, span_id, start ns, end ns, name) of an encoded ScopeSpans.spans field (encode_span's).
+
+    None when the bytes are not such a field or lack a trace or span id.
+    Missing times read as 0, a missing name as "". The walk stops at the
+    first field past the end time: the span encoders of this module write
+    the Span's fields in their numbers' order, attributes (9) and the rest
+    after these.
+    """
+    try:
+        _, pos = _read_varint(field, 0)  # the field's tag
+        size, pos = _read_varint(field, pos)
+        end = pos + size
+        if end > len(field):
+            return None
+        trace_id = span_id = None
+        start_ns = end_ns = 0
+        name = ""
+        while pos < end:
+            tag = field[pos]  # (the tags of fields 1 to 15 are one byte; 16 and up end the walk)
+            number, wire = tag >> 3, tag & 7
+            if number > 8 or tag >= 0x80:
+                break
+            pos += 1
+            if wire == 2:
+                size = field[pos]
+                if size < 0x80:
+                    pos += 1
+                else:
+                    size, pos = _read_varint(field, pos)
+                if number == 1:
+                    trace_id = int.from_bytes(field[pos:pos + size], "big")
+                elif number == 2:
+                    span_id = int.from_bytes(field[pos:pos + size], "big")
+                elif number == 5:
+                    name = field[pos:pos + size].decode("utf-8", "replace")
+                pos += size
+            elif wire == 1:
+                if number == 7:
+                    start_ns = _FIXED64.unpack_from(field, pos)[0]
+                elif number == 8:
+                    end_ns = _FIXED64.unpack_from(field, pos)[0]
+                pos += 8
+            elif wire == 0:
+                _, pos = _read_varint(field, pos)
+            elif wire == 5:
+                pos += 4
+            else:
+                return None
+    except (IndexError, TypeError, struct.error):
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, start_ns, end_ns, name
+
+
+def with_attributes(field: bytes, attributes: Mapping) -> bytes:
+    """An encoded ScopeSpans.spans field with ``attributes`` added to its span.
+
+    Their Span.attributes fields go after the span's own fields (a repeated
+    field's items may come anywhere in a message), and the field's length is
+    framed again. An empty mapping gives ``field`` itself.
+    """
+    extra = _attribute_fields(attributes) if attributes else b""
+    if not extra:
+        return field
+    _, pos = _read_varint(field, 0)
+    size, body = _read_varint(field, pos)
+    return field[:pos] + _varint(size + len(extra)) + field[body:] + extra
+
+
 def _one_request(resource: Any, scope: Any, fields: Sequence[bytes]) -> bytes:
     """The request for encoded span fields of one resource and scope (TypeError if one is not bytes).
 

@@ -133,14 +133,18 @@ def _read_frames(sock: socket.socket, buf: bytearray) -> list | None:
     while True:
         frames = []
         pos = 0
-        while len(buf) - pos >= 4:
-            (n,) = _LEN.unpack_from(buf, pos)
-            if n > _MAX_FRAME:
-                raise ValueError(f"frame of {n} bytes")
-            if len(buf) - pos - 4 < n:
-                break
-            frames.append(marshal.loads(bytes(buf[pos + 4:pos + 4 + n])))
-            pos += 4 + n
+        # marshal reads each frame where it lies (a slice of the buffer would copy it twice);
+        # the view is released before the buffer shrinks
+        with memoryview(buf) as view:
+            while len(buf) - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > _MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes")
+                if len(buf) - pos - 4 < n:
+                    break
+                with view[pos + 4:pos + 4 + n] as frame:
+                    frames.append(marshal.loads(frame))
+                pos += 4 + n
         if pos:
             del buf[:pos]
         if frames:

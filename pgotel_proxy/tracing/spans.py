@@ -249,7 +249,8 @@ class SpanBuilder:
             return self._transaction(conn, out)
         return []
 
-    def kept(self, conn: ConnState, records: list, i: int, stop: int, out: list) -> tuple[int, BaseException | None]:
+    def kept(self, conn: ConnState, records: list, i: int, stop: int, out: list,
+             marks: list | None = None) -> tuple[int, BaseException | None]:
         """Spans of ``records[i:stop]`` in one compiled call while their shapes are kept (``otlp.kept_run``).
 
         Returns the index of the first record left for :meth:`one` (a shape not kept
@@ -258,7 +259,8 @@ class SpanBuilder:
         drawn are what :meth:`one` would make, the sample rate's draw for new roots
         included. It runs only where a kept statement's context cannot depend on the
         connection: no session carrier, no transaction span, no ``SET`` waiting for its
-        transaction's end.
+        transaction's end. ``marks``: where the spans of each record it built start in
+        ``out`` (``len(out)`` before the record; a record not sampled has none), appended.
         """
         if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
@@ -284,7 +286,7 @@ class SpanBuilder:
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
                                          _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
                                          otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate,
-                                         self.statement_key, opts)
+                                         self.statement_key, opts, marks)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
