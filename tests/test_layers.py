@@ -217,6 +217,27 @@ def test_the_c_check_catches_io():
     assert not _c_problems("PyObject_CallOneArg(w->write, data); /* send() */ x = \"recv(\"; resend(1);")
 
 
+#: CPython's private API: names with a leading underscore and a capital (``_PyLong_AsByteArray``,
+#: ``_PyType_Lookup``), which may change in any release.
+_PRIVATE_API = re.compile(r"(?<![\w])_Py[A-Z]\w*")
+
+
+def _private_api(text: str) -> list[str]:
+    return sorted(set(_PRIVATE_API.findall(_C_COMMENT_OR_STRING.sub(" ", text))))
+
+
+def test_hand_written_c_uses_no_private_cpython_api():
+    hand = [p for p in sorted(PKG.rglob("*.[ch]")) if not _generated(p)]
+    assert any(p.name == "_otlpenc.c" for p in hand) and any(p.name == "_pump.c" for p in hand)
+    found = {p.relative_to(PKG).as_posix(): names for p in hand if (names := _private_api(p.read_text()))}
+    assert not found, found
+
+
+def test_the_private_api_check_catches_a_private_call():
+    assert _private_api("return _PyLong_AsByteArray((PyLongObject *)o, out, n, 0, 0);") == ["_PyLong_AsByteArray"]
+    assert not _private_api("PyLong_AsUnsignedLongLong(o); /* not _PyLong_AsByteArray */ my_PyThing(1);")
+
+
 # ---------------------------------------------------------------------------
 # The relay process never loads the span builder's dependencies
 

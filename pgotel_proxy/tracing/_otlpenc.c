@@ -107,19 +107,47 @@ as_bytes(PyObject *o, const char *name, char **buf, Py_ssize_t *len)
     return 0;
 }
 
+/* Interned once by the module's init. */
+static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
+
+static void
+put_u64_be(unsigned char *out, unsigned long long v)
+{
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
 static int
 id_bytes(PyObject *o, unsigned char *out, size_t n)
 {
-    /* big-endian, exactly n bytes; OverflowError when negative or too large */
+    /* big-endian, exactly n (8 or 16) bytes; OverflowError when negative or too large.
+       Public API only: a 16-byte id is its two 64-bit halves. */
     if (!PyLong_Check(o)) {
         PyErr_SetString(PyExc_TypeError, "span_field: ids must be int");
         return -1;
     }
-#if PY_VERSION_HEX >= 0x030D0000
-    return _PyLong_AsByteArray((PyLongObject *)o, out, n, 0, 0, 1);
-#else
-    return _PyLong_AsByteArray((PyLongObject *)o, out, n, 0, 0);
-#endif
+    if (n == 8) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(o);
+        if (v == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        put_u64_be(out, v);
+        return 0;
+    }
+    PyObject *high = PyNumber_Rshift(o, py_64);
+    if (high == NULL)
+        return -1;
+    unsigned long long hi = PyLong_AsUnsignedLongLong(high);  /* negative or too large: OverflowError */
+    Py_DECREF(high);
+    if (hi == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long long lo = PyLong_AsUnsignedLongLongMask(o);
+    if (lo == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    put_u64_be(out, hi);
+    put_u64_be(out + 8, lo);
+    return 0;
 }
 
 /* A nanosecond time (an int from 0 to 2**64 - 1); -1 with an exception otherwise. */
@@ -397,7 +425,6 @@ static const struct {
 };
 static PyTypeObject *record_type = NULL, *completion_type = NULL;
 static PyObject *record_descrs[F_COUNT], *completion_descrs[C_COUNT];
-static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
 static PyObject *first_row_field = NULL; /* configure's: the first row's attribute, value 0.0 */
 
 /* The descriptors of the named fields of cls, checked against its layout ((name, kind, default), ...). */
