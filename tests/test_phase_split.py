@@ -132,6 +132,29 @@ def test_a_text_in_a_client_encoding_other_than_utf8_is_split(split_proxy, otlp,
         assert kids[-1].end_ns - kids[-1].start_ns >= 40_000_000
 
 
+def test_a_shape_fast_again_is_no_longer_split_and_is_forgotten(split_proxy, otlp, app):
+    """Slow (split from the next run), then fast: once the moving average falls below the threshold
+    the shape is no longer split, and once it is far below, the shape leaves the table, so that its
+    executions cost a lookup again (ProxyServer.shape_durations)."""
+    proxy = split_proxy()
+    ctxs = []
+    # The mean after two 50 ms runs is about 12 ms: seven fast runs bring it below the 5 ms
+    # threshold, six more below half of it.
+    with connect(proxy) as conn:
+        for delay in (0.05, 0.05) + (0,) * 30:
+            with app.span() as ctx:
+                conn.execute(comment(SLOW, ctx), (delay,))
+            ctxs.append(ctx)
+            time.sleep(SETTLE)
+    watched = (ctxs[1], ctxs[-1])
+    spans = collect(proxy, otlp, lambda s: all(_executions(s, c) for c in watched))
+    names = [[k.name for k in children(spans, _executions(spans, c)[0])] for c in watched]
+    assert "execute" in names[0] and len(names[0]) >= 2, names  # known slow after the first run
+    assert names[1] == ["parse+plan+execute"], names  # fast again: not split
+    proxy.server.observe_now()
+    assert not proxy.server.shape_durations, proxy.server.shape_durations
+
+
 def test_fast_statements_are_not_split(split_proxy, otlp, app):
     proxy = split_proxy()
     runs = _traced_runs(proxy, otlp, app, FAST, (1,), 4)

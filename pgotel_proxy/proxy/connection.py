@@ -72,6 +72,8 @@ SLOW_SHAPE_FOR_NS = 60_000_000_000
 # most shapes remembered before the table starts over.
 _SHAPE_WEIGHT = 0.125
 _SHAPES_KEPT = 4096
+# A shape whose mean falls below this fraction of the threshold (and that is not slow) leaves the table.
+_FORGET_BELOW = 0.5
 # Finished statements a connection holds for a collecting trace handle before it
 # hands them over itself (the handle takes them at its own pace, see ProcessTracer).
 # Small, so that a busy connection's records are packed while still in the CPU's
@@ -771,7 +773,7 @@ class ClientConnection:
         pump = srv.running_pump()
         texts = srv.slow_texts
         slow_ns = threshold * 1e9
-        durations, shape_of = srv.shape_durations, texts.shape_of
+        durations = srv.shape_durations
         now = 0
         for i in range(start, len(done)):
             rec = done[i]
@@ -779,18 +781,29 @@ class ClientConnection:
             if rec.protocol != "extended" or not sql or not rec.end_ns:
                 continue  # not an execution (a Parse alone, say): nothing to split
             took = rec.end_ns - rec.start_ns
-            shape = shape_of.get(sql)
-            if took < slow_ns and (shape is None or shape not in durations):
-                # Faster than the threshold, a shape with no mean yet could not reach it: left
-                # alone (no hash, no entry), a workload of fast statements costs a lookup each.
-                continue
-            if shape is None:
+            if took < slow_ns:
+                # Faster than the threshold: it matters only to a shape with a mean. With none
+                # (no shape slow lately, the common case) that costs no hash; with some, the
+                # text's shape is looked up even when the text is new (a traceparent comment
+                # of its own), so that fast executions bring a slow shape's mean down.
+                if not durations:
+                    continue
+                shape = texts.shape(sql)
+                if shape not in durations:
+                    continue
+            else:
                 shape = texts.shape(sql)
             # From 0: one execution slowed by a busy machine moves the mean by an eighth of its
             # duration, a shape slow every time reaches the threshold at once if it took eight
             # times it, after a few executions if less.
             before = durations.get(shape, 0.0)
             mean = before + (took - before) * _SHAPE_WEIGHT
+            if before < slow_ns and mean < slow_ns * _FORGET_BELOW:
+                # Not slow, and well below the threshold: forgotten, so that a fast shape one
+                # spike put here costs nothing again (no hash while the table is empty). Should
+                # it turn slow, it starts from 0 as a new shape does.
+                durations.pop(shape, None)
+                continue
             if len(durations) >= _SHAPES_KEPT and shape not in durations:
                 durations.clear()
             durations[shape] = mean
