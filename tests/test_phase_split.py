@@ -134,8 +134,8 @@ def test_a_text_in_a_client_encoding_other_than_utf8_is_split(split_proxy, otlp,
 
 def test_a_shape_fast_again_is_no_longer_split_and_is_forgotten(split_proxy, otlp, app):
     """Slow (split from the next run), then fast: once the moving average falls below the threshold
-    the shape is no longer split, and once it is far below, the shape leaves the table, so that its
-    executions cost a lookup again (ProxyServer.shape_durations)."""
+    the shape is no longer split, and once it is well below, the shape leaves the table, so that fast
+    statements cost no hash again (ProxyServer.shape_durations)."""
     proxy = split_proxy()
     ctxs = []
     # The mean after two 50 ms runs is about 12 ms: seven fast runs bring it below the 5 ms

@@ -107,7 +107,7 @@ as_bytes(PyObject *o, const char *name, char **buf, Py_ssize_t *len)
     return 0;
 }
 
-/* Interned once by the module's init. */
+/* Made once by the module's init. */
 static PyObject *py_64 = NULL, *py_128 = NULL, *s_ok = NULL, *s_extended = NULL, *s_simple = NULL;
 
 static void
