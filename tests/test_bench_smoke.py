@@ -253,3 +253,17 @@ def test_spanwork_builds_every_record(capsys):
         assert module.main(["--protocol", protocol, "--batches", "3", "--records", "4", "--repeat", "1"]) == 0
         # two spans a statement (its own and one phase child), every record built
         assert "12 records, 24 spans" in capsys.readouterr().out
+
+
+def test_relaywork_observes_every_transaction(capsys):
+    spec = importlib.util.spec_from_file_location("pgotel_bench_relaywork", _BENCH.parent / "relaywork.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for protocol in ("prepared", "simple"):
+        assert module.main(["--protocol", protocol, "--connections", "3", "--transactions", "4", "--reads", "2",
+                            "--repeat", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "24 transactions, observe + take:" in out and "24 transactions, observe + take + pack:" in out
+    conns, log = module.setup("prepared", 2, 3)
+    assert module.one_read(conns, log, True) == 6  # one statement a transaction, none lost
+    assert module.one_read(conns, log, True) == 6  # the sessions are in step for the next read
