@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pgotel_proxy.protocol.messages import typed_message  # noqa: E402
 from pgotel_proxy.protocol.pumplog import LOG_HEAD, PUMP_LOG_CLIENT, PUMP_LOG_SERVER, observe_log  # noqa: E402
 from pgotel_proxy.protocol.records import pack as pack_records  # noqa: E402
 from pgotel_proxy.protocol.session import Session  # noqa: E402
@@ -42,7 +43,7 @@ SQL = f"SELECT abalance FROM pgbench_accounts WHERE aid = $1 /*traceparent='{TRA
 
 
 def message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!i", len(body) + 4) + body
+    return typed_message(kind[0], body)
 
 
 READY = message(b"Z", b"I")
