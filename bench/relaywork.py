@@ -47,6 +47,7 @@ def message(kind: bytes, body: bytes) -> bytes:
 
 
 READY = message(b"Z", b"I")
+ROW_DESCRIPTION = message(b"T", b"\0\1abalance\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))  # one int4 column, abalance
 
 
 def prepare_bytes() -> tuple[bytes, bytes]:
@@ -54,7 +55,7 @@ def prepare_bytes() -> tuple[bytes, bytes]:
     client = (message(b"P", b"P0_1\0" + SQL.encode() + b"\0\0\0") + message(b"D", b"SP0_1\0")
               + message(b"S", b""))
     server = (message(b"1", b"") + message(b"t", struct.pack("!hi", 1, 23))
-              + message(b"T", b"\0\1abalance\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0)) + READY)
+              + ROW_DESCRIPTION + READY)
     return client, server
 
 
@@ -69,8 +70,7 @@ def transaction_bytes(protocol: str, aid: int) -> tuple[bytes, bytes]:
         return client, message(b"2", b"") + row + done + READY
     text = SQL.replace("$1", str(aid))
     client = message(b"Q", text.encode() + b"\0")
-    head = message(b"T", b"\0\1abalance\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
-    return client, head + row + done + READY
+    return client, ROW_DESCRIPTION + row + done + READY
 
 
 class Connection:

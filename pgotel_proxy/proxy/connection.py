@@ -781,18 +781,15 @@ class ClientConnection:
             if rec.protocol != "extended" or not sql or not rec.end_ns:
                 continue  # not an execution (a Parse alone, say): nothing to split
             took = rec.end_ns - rec.start_ns
-            if took < slow_ns:
-                # Faster than the threshold: it matters only to a shape with a mean. With none
-                # (no shape slow lately, the common case) that costs no hash; with some, the
-                # text's shape is looked up even when the text is new (a traceparent comment
-                # of its own), so that fast executions bring a slow shape's mean down.
-                if not durations:
-                    continue
-                shape = texts.shape(sql)
-                if shape not in durations:
-                    continue
-            else:
-                shape = texts.shape(sql)
+            # Faster than the threshold, an execution matters only to a shape with a mean. With
+            # none (no shape slow lately, the common case) that costs no hash; with some, the
+            # text's shape is looked up even when the text is new (a traceparent comment of its
+            # own), so that fast executions bring a slow shape's mean down.
+            if took < slow_ns and not durations:
+                continue
+            shape = texts.shape(sql)
+            if took < slow_ns and shape not in durations:
+                continue
             # From 0: one execution slowed by a busy machine moves the mean by an eighth of its
             # duration, a shape slow every time reaches the threshold at once if it took eight
             # times it, after a few executions if less.
