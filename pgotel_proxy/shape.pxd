@@ -1,5 +1,6 @@
 # Types for the Cython build of shape.py (pure-Python mode).
 cimport cython
+from cpython.unicode cimport PyUnicode_1BYTE_DATA
 
 cdef str _TP_TAG
 cdef Py_ssize_t _TP_LEN
@@ -22,9 +23,15 @@ cpdef str blind(str s)
 @cython.locals(parts=list)
 cpdef str blank_code(str code)
 
-@cython.locals(v=cython.ulonglong, i=Py_ssize_t, c=Py_UCS4)
+@cython.locals(v=cython.ulonglong, i=Py_ssize_t, c=cython.uint, data=cython.p_uchar)
 cdef object _hex(str s, Py_ssize_t start, Py_ssize_t end)
 
+@cython.locals(i=Py_ssize_t, c=cython.uint, data=cython.p_uchar)
+cdef bint _names_a_carrier(str sql, Py_ssize_t n) except -1
+
+@cython.locals(m=Py_ssize_t, c=int)
+cdef bint _word_at(const unsigned char *data, Py_ssize_t i, Py_ssize_t n, const char *word, Py_ssize_t k) noexcept
+
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, i=Py_ssize_t, k=Py_ssize_t, vs=Py_ssize_t, ve=Py_ssize_t, before=Py_UCS4,
-               lower=str, parts=list)
+               parts=list)
 cdef tuple _key(str sql)

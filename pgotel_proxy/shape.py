@@ -176,24 +176,55 @@ def blank_code(code: str) -> str | None:
 
 
 def _hex(s: str, start: int, end: int):
-    """The number the lower-case hexadecimal digits ``s[start:end]`` write (at most 16), or None.
+    """The number the lower-case hexadecimal digits ``s[start:end]`` of an ASCII text write (at most 16), or None.
 
     None when another character is there (not even an upper-case digit: a
     traceparent value is written in lower case).
     """
-    if cython.compiled:  # a C loop: no str or int made on the way
+    if cython.compiled:  # a C loop over the characters in place (the text is ASCII): no str or int made on the way
+        data = PyUnicode_1BYTE_DATA(s)
         v = 0
         for i in range(start, end):
-            c = s[i]
-            if "0" <= c <= "9":
-                v = v * 16 + (ord(c) - 48)
-            elif "a" <= c <= "f":
-                v = v * 16 + (ord(c) - 87)
+            c = data[i]
+            if 0x30 <= c <= 0x39:  # 0-9
+                v = v * 16 + (c - 0x30)
+            elif 0x61 <= c <= 0x66:  # a-f
+                v = v * 16 + (c - 0x57)
             else:
                 return None
         return v
     digits = s[start:end]
     return None if digits.strip(_HEX_DIGITS) else int(digits, 16)
+
+
+def _names_a_carrier(sql: str, n: int) -> bool:
+    """Whether the ASCII text ``sql`` (``n`` characters) holds "pgotel", "all", "application_name" or "pg_tracing", in any case."""
+    if cython.compiled:  # one pass over the characters in place: no lower-cased copy, no four searches
+        data = PyUnicode_1BYTE_DATA(sql)
+        for i in range(n):
+            c = data[i] | 0x20  # (a letter in lower case; what else it makes is never compared below)
+            if c == 0x61:  # a
+                if _word_at(data, i, n, b"all", 3) or _word_at(data, i, n, b"application_name", 16):
+                    return True
+            elif c == 0x70:  # p
+                if _word_at(data, i, n, b"pgotel", 6) or _word_at(data, i, n, b"pg_tracing", 10):
+                    return True
+        return False
+    lower = sql.lower()
+    return "pgotel" in lower or "all" in lower or "application_name" in lower or "pg_tracing" in lower
+
+
+def _word_at(data, i: int, n: int, word, k: int) -> bool:
+    """Whether ``data[i:i + k]`` is ``word`` (lower case) in any case (compiled only: ``data`` is a C pointer)."""
+    if i + k > n:
+        return False
+    for m in range(k):
+        c = data[i + m]
+        if 0x41 <= c <= 0x5A:  # A-Z
+            c += 0x20
+        if c != word[m]:
+            return False
+    return True
 
 
 def statement_key(sql: object) -> tuple[str, int, int, int, int] | None:
@@ -222,8 +253,7 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     n = len(sql)
     if n == 0 or n > MAX_CHARS or not sql.isascii():
         return None
-    lower = sql.lower()
-    if "pgotel" in lower or "all" in lower or "application_name" in lower or "pg_tracing" in lower:
+    if _names_a_carrier(sql, n):
         return None
     j = sql.find("/*")
     if j <= 0:

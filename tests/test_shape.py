@@ -176,10 +176,25 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
     f"SELECT 1 /*xtraceparent='{TP}'*/",
     f"RESET ALL /*traceparent='{TP}'*/",  # could change the session carrier
     f"SELECT set_config('pgotel.traceparent', 'x', false) /*traceparent='{TP}'*/",
+    f"SELECT 1 FROM t UNION aLl SELECT 2 /*traceparent='{TP}'*/",  # the carrier words in any case
+    f"SELECT current_setting('Application_Name') /*traceparent='{TP}'*/",
+    f"SELECT current_setting('PG_TRACING.trace_context') /*traceparent='{TP}'*/",
+    f"SELECT 1 /*PgOtel=1,traceparent='{TP}'*/",
+    f"SELECT 1 /*traceparent='{TP}'*/ -- ALL",  # at the very end
 ])
 def test_texts_a_key_cannot_stand_for_have_none(sql):
     assert shape.statement_key(sql) is None
     assert _twin.statement_key(sql) is None
+
+
+@pytest.mark.parametrize("sql", [
+    f"SELECT al, pg_trac, applicationname FROM pgotel_ /*traceparent='{TP}'*/".replace("pgotel_", "pgote"),
+    f"SELECT application\x7fname /*traceparent='{TP}'*/",  # DEL is no underscore in any case
+    f"SELECT a, p /*traceparent='{TP}'*/",
+])
+def test_near_misses_of_the_carrier_words_are_keyed(sql):
+    assert shape.statement_key(sql) is not None
+    assert _twin.statement_key(sql) == shape.statement_key(sql)
 
 
 def test_parameters_share_a_key_across_trace_contexts():
