@@ -1,7 +1,7 @@
 # Types for the Cython build of records.py (pure-Python mode).
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport Py_TYPE
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
 from libc.string cimport memcpy
@@ -11,20 +11,27 @@ cdef extern from "Python.h":
 
 cdef class _Fields:
     cdef public object cls
-    cdef public tuple names, kinds
+    cdef public tuple names
+    cdef public bytes kinds
     cdef public object descrs
+
+cdef class _Out:
+    cdef bytearray buf
+    cdef Py_ssize_t size
+
+    cdef bytes value(self)
 
 cdef class RecordForm:
     cdef public object statement, completion, statement_layout, completion_layout
     cdef _Fields _statement_fields, _completion_fields
 
-    @cython.locals(out=bytearray, refs=list, written=list)
+    @cython.locals(out=_Out, refs=list, written=list)
     cpdef bytes pack(self, object records)
     @cython.locals(r=_Reader, n=cython.longlong, fields=_Fields)
     cpdef list unpack(self, object data)
-    @cython.locals(kind=int, i=Py_ssize_t, names=tuple, kinds=tuple, descrs=tuple)
-    cdef _pack_record(self, bytearray out, object rec, _Fields fields, list refs, list written)
-    @cython.locals(values=list, kind=int, i=Py_ssize_t, n=cython.longlong, b=int, kinds=tuple, fields=_Fields,
+    @cython.locals(kind=int, i=Py_ssize_t, names=tuple, kinds=bytes, descrs=tuple)
+    cdef _pack_record(self, _Out out, object rec, _Fields fields, list refs, list written)
+    @cython.locals(values=list, kind=int, i=Py_ssize_t, n=cython.longlong, b=int, kinds=bytes, fields=_Fields,
                    cfields=_Fields, descrs=tuple, direct=bint)
     cdef _unpack_record(self, _Reader r, _Fields fields)
 
@@ -49,16 +56,19 @@ cdef class _Reader:
     @cython.locals(tag=int, n=cython.longlong)
     cdef object value(self, int depth)
 
-@cython.locals(n=Py_ssize_t, p=cython.p_uchar, u=cython.uint)
-cdef void _put_u32(bytearray out, cython.uint v) except *
 @cython.locals(at=Py_ssize_t)
-cdef void _put_raw(bytearray out, const char *data, Py_ssize_t n) except *
-@cython.locals(n=Py_ssize_t, p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
-cdef void _put_i64(bytearray out, object v) except *
-cdef void _pack_int(bytearray out, object v, object name) except *
+cdef unsigned char *_room(_Out out, Py_ssize_t n) except NULL
+cdef void _put_u8(_Out out, unsigned char v) except *
+cdef void _put_bytes(_Out out, bytes b) except *
+@cython.locals(p=cython.p_uchar, u=cython.uint)
+cdef void _put_u32(_Out out, cython.uint v) except *
+cdef void _put_raw(_Out out, const char *data, Py_ssize_t n) except *
+@cython.locals(p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
+cdef void _put_i64(_Out out, object v) except *
+cdef void _pack_int(_Out out, object v, object name) except *
 @cython.locals(slot=Py_ssize_t, n=Py_ssize_t, data="const char *", b=bytes)
-cdef void _pack_str(bytearray out, object v, list refs, list written) except *
-cdef void _pack_value(bytearray out, object v, list refs, list written, int depth) except *
+cdef void _pack_str(_Out out, object v, list refs, list written) except *
+cdef void _pack_value(_Out out, object v, list refs, list written, int depth) except *
 cdef bytes _utf8(str v)
 
 cdef int INT, BOOL, STR, VALUE, COMPLETIONS

@@ -1,3 +1,8 @@
+# cython: boundscheck=False, wraparound=False
+# (Compiled without index checks: every index is a field's position below its layout's
+# length, which a _Fields' tuples all have, a slot below REF_SLOTS, or a reference
+# checked against what was read; .ci/sanitize runs tests/test_records.py on a build
+# under AddressSanitizer.)
 """The compact form finished records cross to the span process in, pure Python.
 
 ``pack(records) -> bytes`` and ``unpack(data) -> list`` for the records of
@@ -71,15 +76,16 @@ class RecordForm:
     # ------------------------------------------------------------ pack
 
     def pack(self, records: list) -> bytes:
-        out = bytearray((FORMAT_VERSION,))
-        out += _U32.pack(len(records))
+        out = _Out()
+        _put_u8(out, FORMAT_VERSION)
+        _put_u32(out, len(records))
         refs: list = [None] * REF_SLOTS  # (object, k) by slot
         written = [0]
         for rec in records:
             self._pack_record(out, rec, self._statement_fields, refs, written)
-        return bytes(out)
+        return out.value()
 
-    def _pack_record(self, out: bytearray, rec, fields: _Fields, refs: list, written: list) -> None:
+    def _pack_record(self, out: _Out, rec, fields: _Fields, refs: list, written: list) -> None:
         cls = fields.cls
         if not isinstance(rec, cls):
             raise TypeError(f"pack: {type(rec).__name__} is not a {cls.__name__}")
@@ -98,7 +104,7 @@ class RecordForm:
             elif kind == BOOL:
                 if v is not True and v is not False:
                     raise TypeError(f"pack: {names[i]} is not a bool")
-                out.append(1 if v else 0)
+                _put_u8(out, 1 if v else 0)
             elif kind == STR:
                 if v is not None and type(v) is not str:
                     raise TypeError(f"pack: {names[i]} is not a str")
@@ -181,7 +187,7 @@ class RecordForm:
 class _Fields:
     """One record class's fields as pack and unpack walk them, by position in its layout.
 
-    ``names`` and ``kinds`` are the layout's; ``descrs`` the class's data
+    ``names`` and ``kinds`` (one byte a field) are the layout's; ``descrs`` the class's data
     descriptor of each field (what ``getattr`` would find on it), or None when
     a field has none or the class looks attributes up its own way. Compiled,
     pack calls a descriptor's get slot directly for a record of exactly
@@ -192,7 +198,7 @@ class _Fields:
     def __init__(self, cls, layout) -> None:
         self.cls = cls
         self.names = tuple(name for name, _, _ in layout)
-        self.kinds = tuple(kind for _, kind, _ in layout)
+        self.kinds = bytes(kind for _, kind, _ in layout)  # (compiled, read as C chars)
         self.descrs = _data_descriptors(cls, self.names)
 
 
@@ -215,38 +221,79 @@ def _data_descriptors(cls, names: tuple):
     return tuple(out)
 
 
-def _put_u32(out: bytearray, v: int) -> None:
+class _Out:
+    """The batch being packed.
+
+    Interpreted, ``buf`` is the batch. Compiled, the batch is the first
+    ``size`` bytes of ``buf`` and the rest is room: ``buf`` grows by doubling
+    (:func:`_room`), not by a resize for every field, and the ``_put_*``
+    functions store their bytes in place.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.size = 0
+
+    def value(self) -> bytes:
+        """The batch packed so far."""
+        if cython.compiled:
+            return PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self.buf), self.size)
+        return bytes(self.buf)
+
+
+def _room(out: _Out, n: int):
+    """Compiled only: where the next ``n`` bytes of ``out`` go (a C pointer); ``out`` then holds them."""
+    at = out.size
+    if at + n > len(out.buf):
+        PyByteArray_Resize(out.buf, 2 * (at + n) + 256)
+    out.size = at + n
+    return cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out.buf)) + at
+
+
+def _put_u8(out: _Out, v: int) -> None:
+    """``v`` (0 to 255) as one byte at the end of ``out``."""
+    if cython.compiled:
+        _room(out, 1)[0] = v
+        return
+    out.buf.append(v)
+
+
+def _put_bytes(out: _Out, b: bytes) -> None:
+    """``b`` at the end of ``out``."""
+    if cython.compiled:
+        _put_raw(out, PyBytes_AS_STRING(b), len(b))
+        return
+    out.buf += b
+
+
+def _put_u32(out: _Out, v: int) -> None:
     """``v`` as u32, little-endian, at the end of ``out``."""
     if cython.compiled:  # the bytes stored directly (no struct call, no temporary bytes)
-        n = len(out)
-        PyByteArray_Resize(out, n + 4)
-        p = cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out)) + n
+        p = _room(out, 4)
         u = cython.cast(cython.uint, v)
         p[0] = u & 0xFF
         p[1] = (u >> 8) & 0xFF
         p[2] = (u >> 16) & 0xFF
         p[3] = u >> 24
         return
-    out += _U32.pack(v)
+    _put_bytes(out, _U32.pack(v))
 
 
-def _put_i64(out: bytearray, v: int) -> None:
+def _put_i64(out: _Out, v: int) -> None:
     """``v`` as i64, little-endian, at the end of ``out`` (OverflowError out of the 64-bit range)."""
     if cython.compiled:
         x = cython.cast(cython.longlong, v)  # (the conversion raises OverflowError)
         u = cython.cast(cython.ulonglong, x)
-        n = len(out)
-        PyByteArray_Resize(out, n + 8)
-        p = cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out)) + n
+        p = _room(out, 8)
         for i in range(8):
             p[i] = (u >> (8 * i)) & 0xFF
         return
     if not _I64_MIN <= v <= _I64_MAX:
         raise OverflowError("pack: an int out of the 64-bit range")
-    out += _I64.pack(v)
+    _put_bytes(out, _I64.pack(v))
 
 
-def _pack_int(out: bytearray, v, name) -> None:
+def _pack_int(out: _Out, v, name) -> None:
     if type(v) is not int:
         raise TypeError(f"pack: {name} is not an int")
     _put_i64(out, v)
@@ -259,7 +306,7 @@ def _utf8(v: str) -> bytes:
         return v.encode("utf-8", "surrogatepass")
 
 
-def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
+def _pack_str(out: _Out, v, refs: list, written: list) -> None:
     if v is None:
         _put_u32(out, NONE)
         return
@@ -291,53 +338,51 @@ def _pack_str(out: bytearray, v, refs: list, written: list) -> None:
             data = PyBytes_AS_STRING(b)
         _put_raw(out, data, n)
         return
-    out += b
+    _put_bytes(out, b)
 
 
-def _put_raw(out: bytearray, data, n: int) -> None:
+def _put_raw(out: _Out, data, n: int) -> None:
     """``n`` bytes at ``data`` at the end of ``out`` (compiled only: ``data`` is a C pointer)."""
-    at = len(out)
-    PyByteArray_Resize(out, at + n)
-    memcpy(PyByteArray_AS_STRING(out) + at, data, n)
+    memcpy(_room(out, n), data, n)
 
 
-def _pack_value(out: bytearray, v, refs: list, written: list, depth: int) -> None:
+def _pack_value(out: _Out, v, refs: list, written: list, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ValueError("pack: values nested too deep")
     t = type(v)
     if v is None:
-        out.append(V_NONE)
+        _put_u8(out, V_NONE)
     elif v is False:
-        out.append(V_FALSE)
+        _put_u8(out, V_FALSE)
     elif v is True:
-        out.append(V_TRUE)
+        _put_u8(out, V_TRUE)
     elif t is int:
         if _I64_MIN <= v <= _I64_MAX:
-            out.append(V_INT)
+            _put_u8(out, V_INT)
             _put_i64(out, v)
         else:  # its digits, a temporary object: never remembered for a reference
-            out.append(V_BIGINT)
+            _put_u8(out, V_BIGINT)
             b = str(v).encode()
-            out += _U32.pack(len(b))
-            out += b
+            _put_u32(out, len(b))
+            _put_bytes(out, b)
     elif t is str:
-        out.append(V_STR)
+        _put_u8(out, V_STR)
         _pack_str(out, v, refs, written)
     elif t is float:
-        out.append(V_FLOAT)
-        out += _F64.pack(v)
+        _put_u8(out, V_FLOAT)
+        _put_bytes(out, _F64.pack(v))
     elif t is bytes:
-        out.append(V_BYTES)
-        out += _U32.pack(len(v))
-        out += v
+        _put_u8(out, V_BYTES)
+        _put_u32(out, len(v))
+        _put_bytes(out, v)
     elif t is list or t is tuple:
-        out.append(V_LIST if t is list else V_TUPLE)
-        out += _U32.pack(len(v))
+        _put_u8(out, V_LIST if t is list else V_TUPLE)
+        _put_u32(out, len(v))
         for item in v:
             _pack_value(out, item, refs, written, depth + 1)
     elif t is dict:
-        out.append(V_DICT)
-        out += _U32.pack(len(v))
+        _put_u8(out, V_DICT)
+        _put_u32(out, len(v))
         for key, item in v.items():
             _pack_value(out, key, refs, written, depth + 1)
             _pack_value(out, item, refs, written, depth + 1)
