@@ -50,6 +50,7 @@ def _cython() -> list:
         for name in CODEC_MODULES
     ]
     modules.append(Extension("pgotel_proxy.shape", ["pgotel_proxy/shape.py"], optional=True))
+    modules.append(Extension("pgotel_proxy.tracing.histograms", ["pgotel_proxy/tracing/histograms.py"], optional=True))
     return cythonize(
         modules,
         compiler_directives={"language_level": 3, "annotation_typing": False, "boundscheck": True,

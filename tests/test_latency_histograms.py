@@ -9,6 +9,9 @@ one ``other`` series and are counted.
 
 from __future__ import annotations
 
+import os
+import time
+import types
 import urllib.request
 
 import psycopg
@@ -19,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
-from pgotel_proxy.tracing import otlp as otlp_encoding
+from codec_twin import interpreted_histograms
+from pgotel_proxy.tracing import histograms as histograms_module, otlp as otlp_encoding
 from pgotel_proxy.tracing.histograms import BOUNDS, METRIC_NAME, OTHER, LatencyHistograms, span_ids
 from tracetree import server_spans
 
@@ -78,6 +82,75 @@ def test_buckets_sum_and_the_other_series():
     assert snap[OTHER][4][len(BOUNDS)] == 1  # 20 s: +Inf
     assert snap[OTHER][1:4] == (None, None, None)
     assert STATS.latency_series_overflow - before == 1
+
+
+def test_histograms_are_compiled_where_ci_expects_it():
+    # .ci/run sets this: a machine with a C compiler must not silently lose the compiled loop.
+    if os.environ.get("PGOTEL_EXPECT_COMPILED") and not os.environ.get("PGOTEL_PURE_PYTHON"):
+        assert histograms_module.COMPILED, "pgotel_proxy.tracing.histograms was not compiled"
+
+
+def _mixed_records(batch: int, now: int) -> list:
+    """Statements of every kind the loop tells apart: shared and new texts, failures, phases, durations."""
+    shared = "SELECT abalance FROM accounts WHERE aid = $1"
+    failed = {"S": "ERROR", "C": "22012", "M": "division by zero"}
+    recs = []
+    for i in range(40):
+        start = now + i * 1000
+        kind = (i + batch) % 8
+        if kind == 0:  # one text object, repeated: its shape and series are looked up once
+            recs.append(Statement("extended", shared, start_ns=start, end_ns=start + 40_000 * (i + 1), status="ok",
+                                  tag="SELECT 1", rows=1, tx_status="I"))
+        elif kind == 1:  # a new text with its own traceparent
+            recs.append(Statement("simple", f"SELECT {i} FROM pg_class /*traceparent='{TP[:-2]}0{i % 2}'*/",
+                                  start_ns=start, end_ns=start + 3_000_000, status="ok", tx_status="I",
+                                  results=[Completion(start + 3_000_000, "SELECT 1", 1, None)]))
+        elif kind == 2:  # failed
+            recs.append(Statement("extended", shared, start_ns=start, end_ns=start + 500, status="error",
+                                  error=failed, tx_status="I"))
+        elif kind == 3:  # a simple Query whose second statement failed
+            recs.append(Statement("simple", "SELECT 1; SELECT 1/0", start_ns=start, end_ns=start + 7_000_000,
+                                  status="error", tx_status="I",
+                                  results=[Completion(start + 1000, "SELECT 1", 1, None),
+                                           Completion(start + 7_000_000, None, 0, failed)]))
+        elif kind == 4:  # a Parse alone: it ends where its parse ended
+            recs.append(Statement("extended", f"SELECT {i} FROM pg_namespace", start_ns=start,
+                                  parse_start_ns=start, parse_end_ns=start + 90_000, status="ok", tx_status="I"))
+        elif kind == 5:  # slow, past the last bound
+            recs.append(Statement("extended", "SELECT pg_sleep(1)", start_ns=start, end_ns=start + 12_000_000_000,
+                                  status="ok", tag="SELECT 1", rows=1, tx_status="I"))
+        elif kind == 6:  # no time at all
+            recs.append(Statement("extended", shared, start_ns=start, end_ns=start, status="ok", tx_status="I"))
+        else:  # no text
+            recs.append(Statement("extended", "", start_ns=start, end_ns=start + 10, status="ok", tx_status="I"))
+    return recs
+
+
+@pytest.mark.parametrize("max_series", [1, 3, 200])
+def test_the_compiled_and_interpreted_histograms_count_alike(max_series):
+    """The same statements make the same series, counts, sums, extremes and exemplar wants in both builds."""
+    twin = interpreted_histograms()
+    builds = (LatencyHistograms(max_series), twin.LatencyHistograms(max_series))
+    before = STATS.latency_series_overflow
+    now = time.time_ns()
+    overflows = []
+    for batch in range(4):
+        recs = _mixed_records(batch, now + batch * 10**9)
+        answers = []
+        for hist in builds:
+            mark = STATS.latency_series_overflow
+            wanted = hist.observe(recs, "db" if batch < 3 else None)
+            overflows.append(STATS.latency_series_overflow - mark)
+            for n, want in enumerate(wanted[:5]):  # some buckets get an exemplar, the rest are asked again
+                hist.exemplar(want, types.SimpleNamespace(context=types.SimpleNamespace(trace_id=batch + 1,
+                                                                                       span_id=n + 1)))
+            answers.append([(w[0], w[2], w[3], w[4]) for w in wanted])
+        assert answers[0] == answers[1]
+        assert answers[0] or batch  # (later batches find exemplars held in the buckets they fall in)
+    assert builds[0].snapshot() == builds[1].snapshot()
+    assert builds[0].changes == builds[1].changes == 160
+    assert overflows[0::2] == overflows[1::2]
+    assert (STATS.latency_series_overflow > before) == (max_series < 5)
 
 
 def _keyed_record(protocol: str, n: int, now: int) -> Statement:

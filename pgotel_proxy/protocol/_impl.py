@@ -6,8 +6,8 @@ the Python path on a machine where the extensions are built. It is read
 here, once, at import; the modules with a compiled version consult
 :data:`PURE_PYTHON` rather than the environment.
 
-The codec's modules (:data:`CODEC_MODULES`) and the statement shapes
-(:data:`SHARED_MODULES`) are one source each: the same ``.py`` runs
+The codec's modules (:data:`CODEC_MODULES`), the statement shapes and the
+latency histograms' per-record loop (:data:`SHARED_MODULES`) are one source each: the same ``.py`` runs
 interpreted, or is compiled by Cython at install time (its ``.pxd`` beside it
 gives the types). Compiled, the extension module sits next to the source and
 Python's import prefers it; with the switch set, :class:`SourceFinder` is put
@@ -35,8 +35,8 @@ PURE_PYTHON: bool = bool(os.environ.get(PURE_PYTHON_ENV))
 
 #: The modules of this package that setup.py compiles with Cython (each a ``.py`` and a ``.pxd``).
 CODEC_MODULES = ("events", "messages", "scan", "framing", "session", "records", "pumplog")
-#: The modules of the package above this one that setup.py compiles with Cython (pgotel_proxy.shape).
-SHARED_MODULES = ("shape",)
+#: The modules of other packages that setup.py compiles with Cython, by name under the package above this one.
+SHARED_MODULES = ("shape", "tracing.histograms")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,9 +65,19 @@ class SourceFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source, loader=loader)
 
 
+def _finders() -> list[SourceFinder]:
+    """One finder a package with compiled modules, for the switch."""
+    top = __package__.rpartition(".")[0]
+    by_package: dict[str, list[str]] = {__package__: list(CODEC_MODULES)}
+    for name in SHARED_MODULES:
+        sub, _, leaf = name.rpartition(".")
+        by_package.setdefault(f"{top}.{sub}" if sub else top, []).append(leaf)
+    root = os.path.dirname(_HERE)
+    return [SourceFinder(package, os.path.join(root, *package.split(".")[1:]), tuple(names))
+            for package, names in by_package.items()]
+
+
 if PURE_PYTHON:
-    _TOP = __package__.rpartition(".")[0]
-    for _package, _directory, _names in ((__package__, _HERE, CODEC_MODULES),
-                                        (_TOP, os.path.dirname(_HERE), SHARED_MODULES)):
-        if not any(isinstance(f, SourceFinder) and f.package == _package for f in sys.meta_path):
-            sys.meta_path.insert(0, SourceFinder(_package, _directory, _names))
+    for _finder in _finders():
+        if not any(isinstance(f, SourceFinder) and f.package == _finder.package for f in sys.meta_path):
+            sys.meta_path.insert(0, _finder)

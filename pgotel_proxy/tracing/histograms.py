@@ -39,6 +39,12 @@ sampled statement that fell in it; a bucket without one, or whose exemplar is
 older than :data:`EXEMPLAR_MAX_AGE_NS`, asks the next statements that fall in
 it (:meth:`LatencyHistograms.observe` says which) and the span helper takes
 the ids of the statement span it builds for them.
+
+One source: Cython compiles this file where it and a C compiler were there at
+install time (pure-Python mode, the types of the per-record loop
+:func:`_observe` in ``histograms.pxd``), and it runs as it is otherwise, or
+with ``PGOTEL_PURE_PYTHON=1`` (``protocol/_impl.py``);
+``tests/test_latency_histograms.py`` holds the two builds to the same counts.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ import logging
 import threading
 import time
 from bisect import bisect_left
+
+try:
+    import cython
+except ImportError:  # no Cython: the module runs interpreted
+    from ..protocol._nocython import cython
 
 from opentelemetry.semconv.attributes.db_attributes import (
     DB_NAMESPACE,
@@ -62,7 +73,8 @@ from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
 from .otlp import encoded_span_facts
 
-__all__ = ["BOUNDS", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "attributes_of", "span_ids"]
+__all__ = ["BOUNDS", "COMPILED", "METRIC_NAME", "OTHER", "LatencyHistograms", "MetricsExport", "attributes_of",
+           "span_ids"]
 
 log = logging.getLogger("pgotel_proxy.tracing")
 
@@ -77,6 +89,8 @@ _OTHER_KEY = (OTHER, None, None, None)
 EXEMPLAR_MAX_AGE_NS = 10_000_000_000
 _WANTED_PER_BATCH = 64  # records of one batch built alone to catch an exemplar (the rest go in compiled runs)
 _SHAPES_MAX = 8192  # statement texts whose (summary, operation) are remembered
+#: True when this module was compiled by Cython.
+COMPILED: bool = cython.compiled
 
 
 class _Series:
@@ -91,11 +105,6 @@ class _Series:
         self.high = 0.0
         # per bucket: (trace_id, span_id, seconds, unix ns) or None
         self.exemplars: list = [None] * (len(BOUNDS) + 1)
-
-
-def _bucket(seconds: float) -> int:
-    """The index of the first bound at or above ``seconds`` (len(BOUNDS): above them all)."""
-    return bisect_left(BOUNDS, seconds)
 
 
 class LatencyHistograms:
@@ -137,66 +146,7 @@ class LatencyHistograms:
         """
         if keys is None:
             keys = StatementKeys()
-        wanted: list = []
-        room = _WANTED_PER_BATCH  # records that may still be wanted
-        stale = time.time_ns() - EXEMPLAR_MAX_AGE_NS  # an exemplar of a record that ended before is renewed
-        series_of = self.series
-        # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
-        # its shape is looked up once.
-        # ... and the series of its statements that succeed, once.
-        last_sql, last_shape, last_ok_series, last_ok_overflow = None, (None, None), None, False
-        index = -1
-        counted = None  # the series whose counts and exemplars are in the two locals below
-        counts = exemplars = None
-        for rec in records:
-            index += 1
-            sql = rec.sql
-            if sql is not last_sql:
-                last_sql, last_shape = sql, (self._shape(sql, keys) if sql else (None, None))
-                last_ok_series = None
-            error = rec.error
-            if error is None and rec.results:
-                for res in rec.results:
-                    if res.error is not None:
-                        error = res.error
-                        break
-            if error is None and last_ok_series is not None:
-                series = last_ok_series
-                if last_ok_overflow:
-                    STATS.latency_series_overflow += 1
-            else:
-                summary, operation = last_shape
-                key = (summary, operation, namespace, error.get("C") if error else None)
-                series = series_of.get(key)
-                overflow = False
-                if series is None:
-                    if len(series_of) - (_OTHER_KEY in series_of) >= self.max_series:
-                        overflow = True
-                        STATS.latency_series_overflow += 1
-                        series = series_of.get(_OTHER_KEY)
-                        if series is None:
-                            series = series_of[_OTHER_KEY] = _Series()
-                    else:
-                        series = series_of[key] = _Series()
-                if error is None:
-                    last_ok_series, last_ok_overflow = series, overflow
-            start = rec.start_ns
-            end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or start
-            seconds = (end - start) / 1e9 if end > start else 0.0
-            bucket = bisect_left(BOUNDS, seconds)
-            if series is not counted:
-                counted, counts, exemplars = series, series.counts, series.exemplars
-            counts[bucket] += 1
-            series.total += seconds
-            if seconds < series.low:
-                series.low = seconds
-            if seconds > series.high:
-                series.high = seconds
-            if room:
-                held = exemplars[bucket]
-                if held is None or held[3] < stale:
-                    wanted.append((index, series, bucket, seconds, end))
-                    room -= 1
+        wanted = _observe(self, records, namespace, keys, time.time_ns() - EXEMPLAR_MAX_AGE_NS)
         self.changes += len(records)
         return wanted
 
@@ -224,6 +174,67 @@ class LatencyHistograms:
             out.append((summary, operation, namespace, code, tuple(series.counts), series.total,
                         (series.low, series.high), exemplars))
         return out
+
+
+def _observe(hist: LatencyHistograms, records: list, namespace, keys: StatementKeys, stale: int) -> list:
+    """:meth:`LatencyHistograms.observe`'s loop: an exemplar older than ``stale`` (unix ns) is renewed."""
+    wanted: list = []
+    room = _WANTED_PER_BATCH  # records that may still be wanted
+    series_of = hist.series
+    # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
+    # its shape is looked up once.
+    # ... and the series of its statements that succeed, once.
+    last_sql, last_shape, last_ok_series, last_ok_overflow = None, (None, None), None, False
+    index = -1
+    for rec in records:
+        index += 1
+        sql = rec.sql
+        if sql is not last_sql:
+            last_sql, last_shape = sql, (hist._shape(sql, keys) if sql else (None, None))
+            last_ok_series = None
+        error = rec.error
+        results = rec.results
+        if error is None and results:
+            for res in results:
+                if res.error is not None:
+                    error = res.error
+                    break
+        if error is None and last_ok_series is not None:
+            series = last_ok_series
+            if last_ok_overflow:
+                STATS.latency_series_overflow += 1
+        else:
+            summary, operation = last_shape
+            key = (summary, operation, namespace, error.get("C") if error else None)
+            series = series_of.get(key)
+            overflow = False
+            if series is None:
+                if len(series_of) - (_OTHER_KEY in series_of) >= hist.max_series:
+                    overflow = True
+                    STATS.latency_series_overflow += 1
+                    series = series_of.get(_OTHER_KEY)
+                    if series is None:
+                        series = series_of[_OTHER_KEY] = _Series()
+                else:
+                    series = series_of[key] = _Series()
+            if error is None:
+                last_ok_series, last_ok_overflow = series, overflow
+        start = rec.start_ns
+        end = rec.end_ns or rec.bind_end_ns or rec.parse_end_ns or start
+        seconds = (end - start) / 1e9 if end > start else 0.0
+        bucket = bisect_left(BOUNDS, seconds)
+        series.counts[bucket] += 1
+        series.total += seconds
+        if seconds < series.low:
+            series.low = seconds
+        if seconds > series.high:
+            series.high = seconds
+        if room:
+            held = series.exemplars[bucket]
+            if held is None or held[3] < stale:
+                wanted.append((index, series, bucket, seconds, end))
+                room -= 1
+    return wanted
 
 
 def attributes_of(summary, operation, namespace, code) -> dict:
