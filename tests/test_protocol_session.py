@@ -645,6 +645,32 @@ def test_pending_queue_is_bounded_for_syncs_and_queries():
     assert s.out_of_sync is not None
 
 
+def test_a_long_pipeline_is_answered_in_order_while_it_grows():
+    """Thousands of requests in flight, answered a few at a time while more arrive: each gets its own answer.
+
+    (The queue of requests due drops its answered part in one go past a thousand
+    entries; the answers must still pair with the requests they answer.)
+    """
+    s = ready_session()
+    n = 4000
+    answers = []
+    for i in range(n):
+        s.client_data(Parse(f"select {i}") + Bind() + Execute(), 1)
+        answers.append(PARSE_COMPLETE + BIND_COMPLETE + DataRow(b"x") * (i % 3) + CommandComplete(f"SELECT {i % 3}"))
+        if i >= 2500 and i % 2 == 0:  # 2,500 statements (7,500 requests) due; then three answered for two sent
+            for answer in answers[:3]:
+                s.server_observe(answer, 2)
+            del answers[:3]
+    s.client_data(SYNC, 3)
+    for answer in answers:
+        s.server_observe(answer, 4)
+    s.server_observe(Ready("I"), 5)
+    recs = s.take_completed()
+    assert s.out_of_sync is None and not s.answers_due
+    assert [(r.sql, r.status, r.rows, r.tag) for r in recs] == [
+        (f"select {i}", "ok", i % 3, f"SELECT {i % 3}") for i in range(n)]
+
+
 def test_injected_answers_removed_split_everywhere():
     """Answers to a request the proxy injected never reach the client, however they are chunked."""
     ours = RowDescription("lsn") + DataRow(b"0/" + b"A" * 3000) + CommandComplete("SELECT 1") + Ready("T")

@@ -6,6 +6,18 @@ from .events cimport Completion, Statement, new_statement
 from .messages cimport be32, cstring, cstring_text, nul_at, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
+cdef class _Due:
+    cdef list items
+    cdef Py_ssize_t head
+
+    cpdef Py_ssize_t size(self)
+    cpdef push(self, tuple entry)
+    cpdef front(self)
+    cpdef second(self)
+    @cython.locals(items=list, entry=tuple)
+    cpdef tuple pop(self)
+    cpdef clear(self)
+
 cdef class Session:
     cdef public object max_message_size
     cdef public object observe_limit
@@ -27,7 +39,7 @@ cdef class Session:
     cdef public object fatal
     cdef public object out_of_sync
     cdef public list completed
-    cdef public object _pending
+    cdef public _Due _pending
     cdef public list _batch
     cdef public dict _batch_parsed
     cdef public dict _prev_parsed
@@ -66,6 +78,7 @@ cdef class Session:
 
     @cython.locals(rec=Statement, k=int)
     cdef _mark_flushed(self)
+    @cython.locals(pending=_Due)
     cdef _queue(self, int kind, object rec)
     @cython.locals(rec=Statement, which=int)
     cpdef _client_message(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
@@ -81,12 +94,13 @@ cdef class Session:
                    mend=Py_ssize_t, count=Py_ssize_t, first=bint, suppress=bint)
     cdef _server(self, bytes data, object now, list out, Py_ssize_t start, Py_ssize_t stop)
 
+    @cython.locals(front=tuple)
     cdef bint _suppressing(self)
-    @cython.locals(pending=object)
+    @cython.locals(pending=_Due, front=tuple)
     cdef _pop(self, int expect)
     @cython.locals(rec=Statement)
     cpdef _server_message(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
-    @cython.locals(kind=int, first=bint)
+    @cython.locals(kind=int, first=bint, pending=_Due)
     cdef _ready_for_query(self, int status, object now)
 
 cdef int _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC, _PREFIX

@@ -26,7 +26,6 @@ keep flowing untouched. Only client-side framing errors raise
 from __future__ import annotations
 
 import struct
-from collections import deque
 
 try:
     import cython
@@ -105,6 +104,59 @@ _PREFIX = 8
 # Third element of a pending entry: False for the client's requests, else who sent it.
 INJECTED = 1  # the proxy: every answer is removed
 INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
+
+
+
+class _Due:
+    """The requests whose answers the server still owes, oldest first: (kind, record, injected) each.
+
+    A list read from ``head``: the entries before it are answered. A queue that
+    empties (every ReadyForQuery of a client that waits for its answers) starts
+    over; a long pipeline drops its answered half in one go. Compiled, its
+    methods are C calls on a list, where a deque's are Python method calls by name.
+    """
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.head = 0
+
+    def size(self) -> int:
+        return len(self.items) - self.head
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def __iter__(self):
+        return iter(self.items[self.head:])
+
+    def push(self, entry: tuple) -> None:
+        self.items.append(entry)
+
+    def front(self):
+        """The oldest entry, or None."""
+        return self.items[self.head] if self.head < len(self.items) else None
+
+    def second(self):
+        """The entry after the oldest, or None."""
+        return self.items[self.head + 1] if self.head + 1 < len(self.items) else None
+
+    def pop(self) -> tuple:
+        """The oldest entry, taken off (there is one)."""
+        items = self.items
+        entry = items[self.head]
+        self.head += 1
+        if self.head == len(items):
+            items.clear()
+            self.head = 0
+        elif self.head >= 1024 and 2 * self.head >= len(items):
+            del items[: self.head]
+            self.head = 0
+        return entry
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.head = 0
+
 
 # Server messages that may arrive at any time and answer no request.
 _ASYNC_SERVER = frozenset((BACKEND_NOTICE_RESPONSE, BACKEND_NOTIFICATION_RESPONSE, BACKEND_PARAMETER_STATUS))
@@ -220,7 +272,7 @@ class Session:
         self.fatal: dict[str, str] | None = None  # an ErrorResponse no request was waiting for
         self.out_of_sync: str | None = None
         self.completed: list[Statement] = []
-        self._pending: deque = deque()
+        self._pending = _Due()
         self._batch: list[Statement] = []
         self._batch_parsed: dict[str, Statement] = {}
         # The statements the batch just before the current one parsed and did not bind: the
@@ -287,7 +339,7 @@ class Session:
     @property
     def answers_due(self) -> bool:
         """Whether a request sent upstream (the client's or the proxy's) still waits for its answer."""
-        return bool(self._pending)
+        return self._pending.size() > 0
 
     @property
     def at_client_boundary(self) -> bool:
@@ -492,10 +544,10 @@ class Session:
 
     def _queue(self, kind: int, rec: Statement | None) -> None:
         pending = self._pending
-        if len(pending) >= self.max_pending:
+        if pending.size() >= self.max_pending:
             self.desync("too many requests in flight")
             return
-        pending.append((kind, rec, False))
+        pending.push((kind, rec, False))
         self._last_kind = kind
         self._last_rec = rec
 
@@ -584,13 +636,13 @@ class Session:
         pending = self._pending
         if not any(k == _SYNC and not inj for k, _r, inj in pending):
             return
-        kept: deque = deque()
+        kept = _Due()
         moved: list[Statement] = []
         for entry in pending:
             if entry[0] == _SYNC and not entry[2]:
                 moved.extend(entry[1])
             else:
-                kept.append(entry)
+                kept.push(entry)
         self._pending = kept
         self._batch = moved + self._batch
 
@@ -780,7 +832,7 @@ class Session:
                 suppress = (
                     self._suppressing()
                     and typ not in _ASYNC_SERVER
-                    and not (typ == BACKEND_ERROR_RESPONSE and self._pending[0][2] == INJECTED_ERRORS_PASS)
+                    and not (typ == BACKEND_ERROR_RESPONSE and self._pending.front()[2] == INJECTED_ERRORS_PASS)
                 )
                 first = not self.ready
                 try:
@@ -827,12 +879,12 @@ class Session:
                 self._sfwd = max(0, fwd - pos)
 
     def _suppressing(self) -> bool:
-        pending = self._pending
-        return bool(pending) and bool(pending[0][2])
+        front = self._pending.front()
+        return front is not None and bool(front[2])
 
     def _capture_row(self, buf, start: int, end: int) -> None:
         """Keep the first column of a row answering an injected request whose record asks for it."""
-        rec = self._pending[0][1]
+        rec = self._pending.front()[1]
         extra = rec.extra if rec is not None else None
         if extra is None or end - start < 6 or _unpack_h(buf, start)[0] < 1:
             return
@@ -844,14 +896,15 @@ class Session:
 
     def _pop(self, expect: int):
         pending = self._pending
-        if not pending:
+        front = pending.front()
+        if front is None:
             self.desync(f"answer without a request (expected kind {expect})")
             return None
-        kind, rec, injected = pending[0]
+        kind, rec, injected = front
         if kind != expect:
             self.desync(f"answer of kind {expect} while kind {kind} was due")
             return None
-        pending.popleft()
+        pending.pop()
         if injected:
             self._injected_pending -= 1
         return rec
@@ -864,7 +917,7 @@ class Session:
                 tag = text(buf, start, end - 1)
                 if not tag.isascii():  # a command tag is ASCII: anything else is decoded as such
                     tag = bytes(buf[start : end - 1]).decode("ascii", "replace")
-            front = self._pending[0] if self._pending else None
+            front = self._pending.front()
             if front is not None and front[0] == _QUERY:
                 rec = front[1]
                 rows = self._rows
@@ -876,7 +929,7 @@ class Session:
                 self._first_row_ns = 0
                 return None
             if front is not None and front[0] == _PREFIX:
-                self._pending.popleft()
+                self._pending.pop()
                 self._injected_pending -= 1
                 self._rows = 0
                 self._first_row_ns = 0
@@ -905,22 +958,23 @@ class Session:
                 rec.bind_end_ns = now
             return None
         if typ == BACKEND_ROW_DESCRIPTION or typ == BACKEND_NO_DATA:
-            if self._pending and self._pending[0][0] == _DESCRIBE:
+            front = self._pending.front()
+            if front is not None and front[0] == _DESCRIBE:
                 self._pop(_DESCRIBE)
             return None
         if typ == BACKEND_ERROR_RESPONSE or typ == BACKEND_NOTICE_RESPONSE:
-            front = self._pending[0] if self._pending else None
+            front = self._pending.front()
             shift = 0
             if self._shifted and front is not None and buf is not None:
-                if front[0] == _PREFIX and len(self._pending) > 1:
-                    front = self._pending[1]  # a parse error of the whole text: nothing ran
+                if front[0] == _PREFIX and self._pending.size() > 1:
+                    front = self._pending.second()  # a parse error of the whole text: nothing ran
                 if front[0] == _QUERY and not front[2] and front[1].extra:
                     shift = front[1].extra.get("position_shift", 0)
             if typ == BACKEND_ERROR_RESPONSE:
                 self._error(decode_error_fields(buf, start, end) if buf is not None else {}, now)
             return _shift_position(buf, start, end, typ, shift) if shift else None
         if typ == BACKEND_PORTAL_SUSPENDED or typ == BACKEND_EMPTY_QUERY_RESPONSE:
-            front = self._pending[0] if self._pending else None
+            front = self._pending.front()
             if typ == BACKEND_EMPTY_QUERY_RESPONSE and front is not None and front[0] == _QUERY:
                 front[1].results.append(Completion(now, None, 0))
                 return None
@@ -937,7 +991,7 @@ class Session:
             self._pop(_CLOSE)
             return None
         if typ == BACKEND_COPY_IN_RESPONSE or typ == BACKEND_COPY_OUT_RESPONSE or typ == BACKEND_COPY_BOTH_RESPONSE:
-            front = self._pending[0] if self._pending else None
+            front = self._pending.front()
             if front is not None and front[1] is not None and front[0] in (_QUERY, _EXECUTE):
                 if typ == BACKEND_COPY_IN_RESPONSE:
                     front[1].copy = "in"
@@ -988,23 +1042,25 @@ class Session:
             # The server ends the session after this, whatever request it answers.
             self.fatal = fields
         pending = self._pending
-        if not pending:
+        front = pending.front()
+        if front is None:
             # FATAL outside any request (start-up failure, admin shutdown).
             self.fatal = fields
             return
-        kind, rec, _inj = pending[0]
+        kind, rec, _inj = front
         if _inj == INJECTED_ERRORS_PASS and kind != _PREFIX and self.injector is not None:
             # (A prefix shares its Query with the client's text: its errors are the client's.)
             self.injector.injected_error(self, fields)
         if kind == _PREFIX:
             # The statement put in front of the client's failed: so does the client's Query.
-            pending.popleft()
+            pending.pop()
             self._injected_pending -= 1
             self._rows = 0
             self._first_row_ns = 0
-            if not pending:
+            front = pending.front()
+            if front is None:
                 return
-            kind, rec, _inj = pending[0]
+            kind, rec, _inj = front
         if kind == _QUERY or kind == _FUNC:
             rows = self._rows
             self._rows = 0
@@ -1023,7 +1079,7 @@ class Session:
                     break
             return
         # Extended protocol: the failing request, then everything up to Sync is skipped.
-        pending.popleft()
+        pending.pop()
         if _inj:
             self._injected_pending -= 1
         if rec is not None and kind != _SYNC:
@@ -1038,14 +1094,14 @@ class Session:
             rec.first_row_ns = self._first_row_ns
         self._rows = 0
         self._first_row_ns = 0
-        while pending and pending[0][0] != _SYNC:
-            k, r, inj = pending.popleft()
+        while pending.size() > 0 and pending.front()[0] != _SYNC:
+            k, r, inj = pending.pop()
             if inj:
                 self._injected_pending -= 1
             if r is not None and r.status in ("pending", "prepared"):
                 r.status = "skipped"
                 r.end_ns = now
-        if not pending:
+        if pending.size() == 0:
             self._skipping = True
 
     def _ready_for_query(self, status: int, now: int) -> None:
@@ -1059,8 +1115,8 @@ class Session:
             return
         pending = self._pending
         done = None
-        while pending:
-            kind, rec, inj = pending.popleft()
+        while pending.size() > 0:
+            kind, rec, inj = pending.pop()
             if inj:
                 self._injected_pending -= 1
             if kind == _SYNC:
@@ -1119,7 +1175,7 @@ class Session:
         if k == _QUERY and rec is None:
             rec = new_statement("simple", None, 0)
             rec.results = []
-        self._pending.append((k, rec, INJECTED_ERRORS_PASS if errors_pass else INJECTED))
+        self._pending.push((k, rec, INJECTED_ERRORS_PASS if errors_pass else INJECTED))
         self._injected_pending += 1
 
     def take_held_ready(self) -> bytes | None:
