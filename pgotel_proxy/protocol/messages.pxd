@@ -1,6 +1,7 @@
 # Types for the Cython build of messages.py (pure-Python mode).
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcmp
 
 cdef list _text_raw, _text_str

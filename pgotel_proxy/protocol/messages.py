@@ -135,9 +135,10 @@ def text(buf: bytes, start: int, end: int) -> str:
         raw = _text_raw[slot]
         if raw is not None and len(raw) == size and memcmp(PyBytes_AS_STRING(raw), p, size) == 0:
             return _text_str[slot]
-        value = buf[start:end].decode("utf-8", "replace")
+        # (decoded in place: no bytes made for a text that is not kept)
+        value = PyUnicode_DecodeUTF8(cython.cast(cython.p_char, p), size, "replace")
         if len(value) == size and value.isascii():
-            _text_raw[slot] = buf[start:end]
+            _text_raw[slot] = PyBytes_FromStringAndSize(cython.cast(cython.p_char, p), size)
             _text_str[slot] = value
         return value
     raw = buf[start:end]
