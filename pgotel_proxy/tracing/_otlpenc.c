@@ -119,6 +119,20 @@ put_u64_be(unsigned char *out, unsigned long long v)
     }
 }
 
+/* An int from 0 to 2**64 - 1 as a C integer; (unsigned long long)-1 with OverflowError set otherwise.
+ * Where unsigned long is 64 bits (LP64), PyLong_AsUnsignedLong: it reads the digits in a loop,
+ * where PyLong_AsUnsignedLongLong goes through a byte array (several times the instructions,
+ * and every id and time is a multi-digit int). */
+static unsigned long long
+as_u64(PyObject *o)
+{
+#if ULONG_MAX >= 0xFFFFFFFFFFFFFFFFULL
+    return PyLong_AsUnsignedLong(o);
+#else
+    return PyLong_AsUnsignedLongLong(o);
+#endif
+}
+
 static int
 id_bytes(PyObject *o, unsigned char *out, size_t n)
 {
@@ -129,7 +143,7 @@ id_bytes(PyObject *o, unsigned char *out, size_t n)
         return -1;
     }
     if (n == 8) {
-        unsigned long long v = PyLong_AsUnsignedLongLong(o);
+        unsigned long long v = as_u64(o);
         if (v == (unsigned long long)-1 && PyErr_Occurred())
             return -1;
         put_u64_be(out, v);
@@ -138,7 +152,7 @@ id_bytes(PyObject *o, unsigned char *out, size_t n)
     PyObject *high = PyNumber_Rshift(o, py_64);
     if (high == NULL)
         return -1;
-    unsigned long long hi = PyLong_AsUnsignedLongLong(high);  /* negative or too large: OverflowError */
+    unsigned long long hi = as_u64(high);  /* negative or too large: OverflowError */
     Py_DECREF(high);
     if (hi == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
@@ -154,7 +168,7 @@ id_bytes(PyObject *o, unsigned char *out, size_t n)
 static int
 ns_of(PyObject *v, unsigned long long *out)
 {
-    *out = PyLong_AsUnsignedLongLong(v);
+    *out = as_u64(v);
     return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
 }
 
