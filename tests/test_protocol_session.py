@@ -645,6 +645,21 @@ def test_pending_queue_is_bounded_for_syncs_and_queries():
     assert s.out_of_sync is not None
 
 
+def test_longest_done_is_the_slowest_statement_finished_since_it_was_reset():
+    s = ready_session()
+    s.client_data(Parse("select 1") + Bind() + Execute() + SYNC, 1_000)
+    s.server_observe(PARSE_COMPLETE + BIND_COMPLETE + CommandComplete("SELECT 1") + Ready("I"), 5_000)
+    assert s.longest_done_ns == 4_000
+    s.client_data(Query("select 2"), 10_000)
+    s.server_observe(CommandComplete("SELECT 1") + Ready("I"), 11_000)
+    assert s.longest_done_ns == 4_000  # (a faster one does not lower it)
+    s.longest_done_ns = 0  # the reader looked
+    s.client_data(Query("select 3"), 20_000)
+    s.server_observe(CommandComplete("SELECT 1") + Ready("I"), 22_500)
+    assert s.longest_done_ns == 2_500
+    assert [r.end_ns - r.start_ns for r in s.take_completed()] == [4_000, 1_000, 2_500]
+
+
 def test_a_long_pipeline_is_answered_in_order_while_it_grows():
     """Thousands of requests in flight, answered a few at a time while more arrive: each gets its own answer.
 

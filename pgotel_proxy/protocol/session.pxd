@@ -39,6 +39,7 @@ cdef class Session:
     cdef public object fatal
     cdef public object out_of_sync
     cdef public list completed
+    cdef public long long longest_done_ns
     cdef public _Due _pending
     cdef public list _batch
     cdef public dict _batch_parsed
@@ -102,6 +103,8 @@ cdef class Session:
     cpdef _server_message(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
     @cython.locals(kind=int, first=bint, pending=_Due)
     cdef _ready_for_query(self, int status, object now)
+    @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong)
+    cdef _note_longest(self, object done)
 
 cdef int _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC, _PREFIX
 cdef int BACKEND_AUTHENTICATION, BACKEND_BACKEND_KEY_DATA, BACKEND_BIND_COMPLETE, BACKEND_CLOSE_COMPLETE

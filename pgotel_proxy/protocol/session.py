@@ -205,6 +205,7 @@ class Session:
         "fatal",
         "out_of_sync",
         "completed",
+        "longest_done_ns",
         "_pending",
         "_batch",
         "_batch_parsed",
@@ -272,6 +273,10 @@ class Session:
         self.fatal: dict[str, str] | None = None  # an ErrorResponse no request was waiting for
         self.out_of_sync: str | None = None
         self.completed: list[Statement] = []
+        # The longest first-message-to-last-answer time of a statement put in ``completed``
+        # since the caller last set it to 0: a reader that looks for slow statements
+        # (adaptive phase splitting) skips the records when none was slow.
+        self.longest_done_ns = 0
         self._pending = _Due()
         self._batch: list[Statement] = []
         self._batch_parsed: dict[str, Statement] = {}
@@ -389,7 +394,9 @@ class Session:
             if rec.status == "pending":
                 rec.status = "incomplete"
                 rec.end_ns = now
-        self.completed.extend(r for r in self._batch if r.status != "prepared" or r.parse_end_ns)
+        ended = [r for r in self._batch if r.status != "prepared" or r.parse_end_ns]
+        self._note_longest(ended)
+        self.completed.extend(ended)
         self._batch = []
         self._pending.clear()
 
@@ -1141,10 +1148,21 @@ class Session:
                 if rec.status == "pending":
                     rec.status = "skipped"
                     rec.end_ns = now
+            self._note_longest(done)
             self.completed.extend(done)
         if self.tx_status == "I" and self._portals:
             # Named portals die with their transaction.
             self._portals.clear()
+
+    def _note_longest(self, done) -> None:
+        """``longest_done_ns`` over the statements of ``done`` that ended."""
+        longest = self.longest_done_ns
+        for rec in done:
+            if rec.end_ns:
+                took = rec.end_ns - rec.start_ns
+                if took > longest:
+                    longest = took
+        self.longest_done_ns = longest
 
     # -------------------------------------------------------------- injection
 

@@ -658,10 +658,12 @@ class ClientConnection:
     def scan_finished(self) -> None:
         """Look at the statements finished since the last look, once each, before delivery
         (which may wait for more, or be the span process's own take): adaptive splitting."""
-        done = self.session.completed
+        session = self.session
+        done = session.completed
         start = self.split_scanned if self.split_list is done else 0
         if start < len(done):
-            self._mark_slow_shapes(done, start)
+            self._mark_slow_shapes(done, start, session.longest_done_ns)
+        session.longest_done_ns = 0
         self.split_list = done
         self.split_scanned = len(done)
 
@@ -756,14 +758,15 @@ class ClientConnection:
         if self.trace is not None:
             self.trace.statements(done)
 
-    def _mark_slow_shapes(self, done: list, start: int) -> None:
+    def _mark_slow_shapes(self, done: list, start: int, longest_ns: int) -> None:
         """Adaptive phase splitting: shapes of extended statements (``done[start:]``) whose typical
         duration is at least phase_split_threshold are slow for a while: the pump splits their
         phases (protocol/framing.py), and so do sessions on the asyncio path (``ProxyServer.slow_texts``).
 
         Typical: a moving average per shape (``ProxyServer.shape_durations``), so that one
         execution slowed by a busy machine does not split later executions of a fast shape
-        (the next fast one ends the marking).
+        (the next fast one ends the marking). ``longest_ns``: the longest of these statements
+        (``Session.longest_done_ns``).
         """
         srv = self.server
         cfg = srv.config
@@ -774,6 +777,8 @@ class ClientConnection:
         texts = srv.slow_texts
         slow_ns = threshold * 1e9
         durations = srv.shape_durations
+        if longest_ns < slow_ns and not durations:
+            return  # none as slow as the threshold, and no shape's mean to bring down: nothing to look at
         now = 0
         for i in range(start, len(done)):
             rec = done[i]
