@@ -106,7 +106,6 @@ INJECTED = 1  # the proxy: every answer is removed
 INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
 
 
-
 class _Due:
     """The requests whose answers the server still owes, oldest first: (kind, record, injected) each.
 
@@ -124,7 +123,7 @@ class _Due:
         return len(self.items) - self.head
 
     def __len__(self) -> int:
-        return len(self.items) - self.head
+        return self.size()
 
     def __iter__(self):
         return iter(self.items[self.head:])
@@ -1101,14 +1100,16 @@ class Session:
             rec.first_row_ns = self._first_row_ns
         self._rows = 0
         self._first_row_ns = 0
-        while pending.size() > 0 and pending.front()[0] != _SYNC:
+        front = pending.front()
+        while front is not None and front[0] != _SYNC:
             k, r, inj = pending.pop()
             if inj:
                 self._injected_pending -= 1
             if r is not None and r.status in ("pending", "prepared"):
                 r.status = "skipped"
                 r.end_ns = now
-        if pending.size() == 0:
+            front = pending.front()
+        if front is None:
             self._skipping = True
 
     def _ready_for_query(self, status: int, now: int) -> None:
