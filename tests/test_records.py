@@ -179,12 +179,19 @@ def test_unpack_refuses_damaged_data(form):
 def test_a_text_repeated_in_a_batch_is_sent_once_and_comes_back_shared(form):
     pack, unpack = form
     sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
-    recs = [Statement("extended", sql, statement_name="P0_1", status="ok", tag="SELECT 1", rows=1, tx_status="I")
-            for _ in range(50)]
+    other = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2"
+    recs = [Statement("extended", sql if i % 2 else other, statement_name="P0_1", status="ok", tag="SELECT 1",
+                      rows=1, tx_status="I")
+            for i in range(50)]
     packed = pack(recs)
-    assert packed.count(sql.encode()) == 1
+    # Four texts long enough to be referred to ("extended", the two statements, the tag):
+    # each is written once wherever in memory they are, even if all their slots collide.
+    for text in ("extended", sql, other, "SELECT 1"):
+        assert packed.count(text.encode()) == 1, text
     back = unpack(packed)
-    assert back[0].sql == sql and all(r.sql is back[0].sql and r.tag == "SELECT 1" for r in back)
+    assert back[1].sql == sql and back[0].sql == other
+    assert all(r.sql is back[i % 2].sql and r.tag == "SELECT 1" for i, r in enumerate(back))
+    recs = recs[1::2]
     # A reference to a text not read yet is damage, not a guess.
     one = pack(recs[:1])
     at = 5 + 4 + len("extended")  # the record's second text: its SQL ("extended" is text 0)
@@ -194,6 +201,21 @@ def test_a_text_repeated_in_a_batch_is_sent_once_and_comes_back_shared(form):
         unpack(forward)
     assert unpack(one[:at] + b"\xfe\xff\xff\xff" + (0).to_bytes(4, "little") + one[at + 4 + len(sql):])[0].sql \
         == "extended"
+
+
+def test_texts_whose_slots_collide_are_remembered_over_the_probed_slots(monkeypatch):
+    # The interpreted build takes a text's slot from id(): make every text's slot the same.
+    monkeypatch.setattr(_twin.records, "id", lambda _v: 0, raising=False)
+    texts = [f"SELECT {n} FROM a_table_of_mine" for n in range(_twin.records.REF_PROBES + 1)]
+    recs = [Statement("simple", texts[i % len(texts)]) for i in range(3 * len(texts))]
+    packed = _PY_FORM.pack(recs)
+    # "simple" (under REF_MIN) is never referred to; the first REF_PROBES texts fill the
+    # probed slots and are written once; the one more overwrites the home slot each time.
+    for text in texts[1:-1]:
+        assert packed.count(text.encode()) == 1, text
+    assert packed.count(texts[-1].encode()) == 3
+    assert packed.count(texts[0].encode()) == 3  # pushed out of the home slot, written again
+    assert [r.sql for r in _PY_FORM.unpack(packed)] == [r.sql for r in recs]
 
 
 def test_a_batch_starts_with_its_format_version():

@@ -66,11 +66,11 @@ cdef void _put_raw(_Out out, const char *data, Py_ssize_t n) except *
 @cython.locals(p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
 cdef void _put_i64(_Out out, object v) except *
 cdef void _pack_int(_Out out, object v, object name) except *
-@cython.locals(slot=Py_ssize_t, n=Py_ssize_t, data="const char *", b=bytes)
+@cython.locals(slot=Py_ssize_t, home=Py_ssize_t, probe=Py_ssize_t, n=Py_ssize_t, data="const char *", b=bytes)
 cdef void _pack_str(_Out out, object v, list refs, list written) except *
 cdef void _pack_value(_Out out, object v, list refs, list written, int depth) except *
 cdef bytes _utf8(str v)
 
 cdef int INT, BOOL, STR, VALUE, COMPLETIONS
-cdef long long NONE, REF, REF_MIN, REF_SLOTS, MAX_DEPTH
+cdef long long NONE, REF, REF_MIN, REF_SLOTS, REF_PROBES, MAX_DEPTH
 cdef int V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT

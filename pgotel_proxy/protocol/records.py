@@ -17,8 +17,9 @@ kind (``events``):
 * INT: i64. BOOL: u8 0 or 1.
 * STR: u32 ``NONE`` for None; or u32 ``REF`` and u32 k: the same object as
   the k-th string of at least ``REF_MIN`` UTF-8 bytes written in full before
-  it in this batch (remembered by identity in ``REF_SLOTS`` slots, slot
-  ``(id >> 4) % REF_SLOTS``, the last one written in full wins); or u32 length
+  it in this batch (remembered by identity in ``REF_SLOTS`` slots, from slot
+  ``(id >> 4) % REF_SLOTS`` on over at most ``REF_PROBES`` slots; when those
+  are all taken the first is overwritten); or u32 length
   and the UTF-8 bytes (lone surrogates passed through).
 * VALUE: a tag byte (``V_*``) and what it announces: nothing (None, False,
   True), an i64 (INT), a STR (STR; BIGINT: its decimal digits, never
@@ -50,6 +51,7 @@ NONE = 0xFFFFFFFF
 REF = 0xFFFFFFFE
 REF_MIN = 8
 REF_SLOTS = 64
+REF_PROBES = 4  # so that up to 4 texts whose slots collide are all remembered
 MAX_DEPTH = 32  # nesting of VALUEs
 
 # VALUE tags.
@@ -322,14 +324,24 @@ def _pack_str(out: _Out, v, refs: list, written: list) -> None:
         raise OverflowError("pack: a string of 4 GiB or more")
     if n >= REF_MIN:
         if cython.compiled:  # id(v), as an unsigned address
-            slot = (cython.cast(cython.size_t, cython.cast(cython.p_void, v)) >> 4) % REF_SLOTS
+            home = (cython.cast(cython.size_t, cython.cast(cython.p_void, v)) >> 4) % REF_SLOTS
         else:
-            slot = (id(v) >> 4) % REF_SLOTS
-        seen = refs[slot]
-        if seen is not None and seen[0] is v:
-            _put_u32(out, REF)
-            _put_u32(out, seen[1])
-            return
+            home = (id(v) >> 4) % REF_SLOTS
+        # Linear probing over REF_PROBES slots: slots are filled in probe order and
+        # never emptied, so the first empty one ends the search. When all are taken
+        # the home slot is overwritten (that text is then written in full again).
+        slot = home
+        for probe in range(REF_PROBES):
+            slot = (home + probe) % REF_SLOTS
+            seen = refs[slot]
+            if seen is None:
+                break
+            if seen[0] is v:
+                _put_u32(out, REF)
+                _put_u32(out, seen[1])
+                return
+        else:
+            slot = home
         refs[slot] = (v, written[0])
         written[0] += 1
     _put_u32(out, n)
