@@ -50,6 +50,9 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
     touched: dict = {}
     pos, end = 0, len(log)
     head = LOG_HEAD.unpack_from
+    # The kinds as locals: compiled, C ints compared as such (the module's names are
+    # Python ints, looked up and made again at every comparison otherwise).
+    client_kind, handback_kind, wait_kind = PUMP_LOG_CLIENT, PUMP_LOG_HANDBACK, PUMP_LOG_CLIENT_WAIT
     while pos < end:
         if end - pos < 24:
             raise ValueError("observe_log: a truncated record")
@@ -59,7 +62,7 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
             memcpy(cython.address(kind32), p + 8, 4)
             memcpy(cython.address(length32), p + 12, 4)
             memcpy(cython.address(ts64), p + 16, 8)
-            pair, kind, length, ts = pair64, kind32, length32, ts64
+            pair, kind, length, ts = pair64, kind32, length32, ts64  # (pair and ts made Python ints once)
         else:
             pair, kind, length, ts = head(log, pos)
         pos += 24
@@ -68,10 +71,10 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
         stop = pos + length
         conn = pumped.get(pair)
         if conn is not None:
-            if kind == PUMP_LOG_HANDBACK:
+            if kind == handback_kind:
                 touched.pop(pair, None)
                 resume(conn, kind, log, pos, stop, ts)
-            elif kind == PUMP_LOG_CLIENT_WAIT:
+            elif kind == wait_kind:
                 if conn.observe and length == 8:
                     if cython.compiled:
                         memcpy(cython.address(waited64), PyBytes_AS_STRING(log) + pos, 8)
@@ -85,11 +88,11 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
                     session = conn.session
                     try:
                         if cython.compiled and isinstance(session, Session):  # the methods called directly
-                            if kind == PUMP_LOG_CLIENT:
+                            if kind == client_kind:
                                 cython.cast(Session, session).client_observe(log, pos, stop, ts)
                             else:
                                 cython.cast(Session, session).server_observe(log, ts, pos, stop)
-                        elif kind == PUMP_LOG_CLIENT:
+                        elif kind == client_kind:
                             session.client_observe(log, pos, stop, ts)
                         else:
                             session.server_observe(log, ts, pos, stop)
