@@ -4,23 +4,27 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport Py_TYPE
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH
+from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
+@cython.final
 cdef class _Fields:
     cdef public object cls
     cdef public tuple names
     cdef public bytes kinds
     cdef public object descrs
 
+@cython.final
 cdef class _Out:
     cdef bytearray buf
     cdef Py_ssize_t size
 
     cdef bytes value(self)
 
+@cython.final
 cdef class RecordForm:
     cdef public object statement, completion, statement_layout, completion_layout
     cdef _Fields _statement_fields, _completion_fields
@@ -35,6 +39,7 @@ cdef class RecordForm:
                    cfields=_Fields, descrs=tuple, direct=bint)
     cdef _unpack_record(self, _Reader r, _Fields fields)
 
+@cython.final
 cdef class _Reader:
     cdef bytes data
     cdef Py_ssize_t pos
@@ -48,9 +53,9 @@ cdef class _Reader:
     @cython.locals(at=Py_ssize_t)
     cdef int u8(self) except -1
     @cython.locals(at=Py_ssize_t, p=cython.p_uchar)
-    cdef long long u32(self) except? -1
+    cdef int64_t u32(self) except? -1
     @cython.locals(at=Py_ssize_t, p=cython.p_uchar, u=cython.ulonglong, i=int)
-    cdef long long i64(self) except? -1
+    cdef int64_t i64(self) except? -1
     @cython.locals(n=cython.longlong, k=cython.longlong, at=Py_ssize_t)
     cdef object string(self)
     @cython.locals(tag=int, n=cython.longlong)

@@ -6,6 +6,7 @@ from .events cimport Completion, Statement, new_statement
 from .messages cimport be32, cstring, cstring_text, nul_at, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
+@cython.final
 cdef class _Due:
     cdef list items
     cdef Py_ssize_t head
