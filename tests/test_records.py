@@ -250,10 +250,14 @@ def test_the_layout_is_the_classes_fields():
 
 
 def test_the_codec_makes_records_at_their_defaults():
-    """new_statement (what the codec calls, no keyword parsing when compiled) equals the constructor."""
+    """new_statement and new_completion (what the codec calls, no keyword parsing when compiled) equal the constructors."""
     for build in (events, _twin.events):
         made = build.new_statement("extended", "SELECT 1", 7)
         assert _fields(made) == _fields(build.Statement("extended", "SELECT 1", start_ns=7))
+        for error in (None, {"C": "42601"}):
+            done = build.new_completion(9, "SELECT 1", 1, error)
+            assert type(done) is build.Completion and _fields(done) == _fields(build.Completion(9, "SELECT 1", 1, error))
+        assert build.new_completion(9, None, 0).error is None
 
 
 def _wider_classes():

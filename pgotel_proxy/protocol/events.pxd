@@ -39,3 +39,6 @@ cdef class Statement:
 
 @cython.locals(rec=Statement)
 cpdef Statement new_statement(object protocol, object sql, object start_ns)
+
+@cython.locals(done=Completion)
+cpdef Completion new_completion(object end_ns, object tag, object rows, object error=*)

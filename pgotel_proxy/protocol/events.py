@@ -21,7 +21,7 @@ try:
 except ImportError:  # no Cython: the module runs interpreted
     from ._nocython import cython
 
-__all__ = ["Statement", "Completion", "STATEMENT_LAYOUT", "COMPLETION_LAYOUT",
+__all__ = ["Statement", "Completion", "new_completion", "STATEMENT_LAYOUT", "COMPLETION_LAYOUT",
            "INT", "BOOL", "STR", "VALUE", "COMPLETIONS", "REQUIRED",
            "new_statement", "as_dict"]
 
@@ -182,6 +182,21 @@ def new_statement(protocol: str, sql: str | None, start_ns: int) -> Statement:
         rec.extra = None
         return rec
     return Statement(protocol, sql, None, None, start_ns)
+
+
+def new_completion(end_ns: int, tag: str | None, rows: int, error: dict[str, str] | None = None) -> Completion:
+    """``Completion(end_ns, tag, rows, error)``, as the codec makes one per statement of a simple Query.
+
+    Compiled, the fields are stored directly (no call of ``__init__`` through its arguments).
+    """
+    if cython.compiled:
+        done = Completion.__new__(Completion)
+        done.end_ns = end_ns
+        done.tag = tag
+        done.rows = rows
+        done.error = error
+        return done
+    return Completion(end_ns, tag, rows, error)
 
 
 def as_dict(rec) -> dict:

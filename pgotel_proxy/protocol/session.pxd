@@ -2,7 +2,7 @@
 # session.py is compiled; the interpreted module ignores this file.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING
-from .events cimport Completion, Statement, new_statement
+from .events cimport Completion, Statement, new_completion, new_statement
 from .messages cimport be32, cstring, cstring_text, nul_at, header_refused, decode_bind, decode_error_fields, decode_parse, text
 from .scan cimport run_end
 
@@ -83,11 +83,11 @@ cdef class Session:
     @cython.locals(pending=_Due)
     cdef _queue(self, int kind, object rec)
     @cython.locals(rec=Statement, which=int)
-    cpdef _client_message(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
+    cpdef _client_message(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end, object now)
     cdef _next_batch(self)
     @cython.locals(rec=Statement, parsed=Statement, old=Statement, before=Statement, batch=list, portals=dict,
                    prepared=dict)
-    cdef _extended_rec(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
+    cdef _extended_rec(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end, object now)
 
     cpdef server_observe(self, bytes data, object now, Py_ssize_t start=*, Py_ssize_t stop=*)
     cpdef bytes server_filter(self, bytes data, object now)
@@ -100,9 +100,9 @@ cdef class Session:
     cdef bint _suppressing(self)
     @cython.locals(pending=_Due, front=tuple)
     cdef _pop(self, int expect)
-    @cython.locals(rec=Statement)
-    cpdef _server_message(self, int typ, object buf, Py_ssize_t start, Py_ssize_t end, object now)
-    @cython.locals(kind=int, first=bint, pending=_Due)
+    @cython.locals(rec=Statement, front=tuple)
+    cpdef _server_message(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end, object now)
+    @cython.locals(kind=int, first=bint, pending=_Due, query=Statement, item=Statement, c=Completion, failed=bint)
     cdef _ready_for_query(self, int status, object now)
     @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong)
     cdef _note_longest(self, object done)

@@ -33,7 +33,7 @@ except ImportError:  # no Cython: the module runs interpreted
     from ._nocython import cython
 
 from .errors import ProtocolViolation
-from .events import Completion, Statement, new_statement
+from .events import Statement, new_completion, new_statement
 from .kinds import (
     BACKEND_AUTHENTICATION,
     BACKEND_BACKEND_KEY_DATA,
@@ -929,7 +929,7 @@ class Session:
                 rows = self._rows
                 self._rows = 0
                 if rec.results is not None:
-                    rec.results.append(Completion(now, tag, rows))
+                    rec.results.append(new_completion(now, tag, rows))
                 if not rec.first_row_ns:
                     rec.first_row_ns = self._first_row_ns
                 self._first_row_ns = 0
@@ -982,7 +982,7 @@ class Session:
         if typ == BACKEND_PORTAL_SUSPENDED or typ == BACKEND_EMPTY_QUERY_RESPONSE:
             front = self._pending.front()
             if typ == BACKEND_EMPTY_QUERY_RESPONSE and front is not None and front[0] == _QUERY:
-                front[1].results.append(Completion(now, None, 0))
+                front[1].results.append(new_completion(now, None, 0))
                 return None
             rec = self._pop(_EXECUTE)
             if rec is not None:
@@ -1070,7 +1070,7 @@ class Session:
         if kind == _QUERY or kind == _FUNC:
             rows = self._rows
             self._rows = 0
-            rec.results.append(Completion(now, None, rows, fields))
+            rec.results.append(new_completion(now, None, rows, fields))
             if not rec.first_row_ns:
                 rec.first_row_ns = self._first_row_ns
             self._first_row_ns = 0
@@ -1131,11 +1131,17 @@ class Session:
                 done = rec  # the batch list
                 break
             if kind == _QUERY or kind == _FUNC:
-                if self._shifted and not inj and rec.extra and "position_shift" in rec.extra:
+                query = rec
+                if self._shifted and not inj and query.extra and "position_shift" in query.extra:
                     self._shifted -= 1
-                rec.end_ns = now
-                rec.status = "error" if any(c.error for c in rec.results) else "ok"
-                done = () if inj else (rec,)
+                query.end_ns = now
+                failed = False
+                for c in query.results:
+                    if c.error:
+                        failed = True
+                        break
+                query.status = "error" if failed else "ok"
+                done = () if inj else (query,)
                 break
             if rec is not None and rec.status == "pending":
                 rec.status = "skipped"
@@ -1143,12 +1149,12 @@ class Session:
         if done:
             tx = self.tx_status
             app = self.application_name
-            for rec in done:
-                rec.tx_status = tx
-                rec.application_name = app
-                if rec.status == "pending":
-                    rec.status = "skipped"
-                    rec.end_ns = now
+            for item in done:
+                item.tx_status = tx
+                item.application_name = app
+                if item.status == "pending":
+                    item.status = "skipped"
+                    item.end_ns = now
             self._note_longest(done)
             self.completed.extend(done)
         if self.tx_status == "I" and self._portals:
