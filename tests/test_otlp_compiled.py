@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 from hypothesis import example, given, settings
@@ -208,11 +209,18 @@ def test_kept_simple_statements_compiled_same_spans(rows, draws, seed):
 _TP_UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
 
 
+#: Where the records' times start: now, an hour ahead. The latency histograms, on in the
+#: compiled builds of these tests, want the next record of a bucket whose exemplar is older than
+#: ten seconds of wall-clock time built alone, outside kept_run: with times of 1970 every record
+#: would be, and kept_run would run for none.
+_T0 = time.time_ns() + 3600 * 10**9
+
+
 def _record(kind: str, i: int):
     """A finished record of one of the forms the span process sees (``i`` varies times and literals)."""
     from pgotel_proxy.protocol.events import Completion, Statement
 
-    t = 1000 * (i + 1)
+    t = _T0 + 1000 * (i + 1)
     if kind.startswith("simple"):
         sql = {"simple": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/",
                "simple-unsampled": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP_UNSAMPLED}'*/",
@@ -226,7 +234,7 @@ def _record(kind: str, i: int):
                          results=[Completion(t + 40 if i % 2 else 0, "SELECT 1", i % 3, error)])
     own = f"00-{i + 1:032x}-{i + 7:016x}-0{1 if kind == 'ext-own' else 0}"  # a traceparent of its own
     sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
-           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0],
+           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0], "ext-app": _SQL[0],
            "ext-own": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
            # the shape of "ext-own" under an unsampled parent
            "ext-own-off": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
@@ -236,11 +244,14 @@ def _record(kind: str, i: int):
                      bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
                      exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0,
                      client_wait_ns=3 * i if i % 7 == 5 else 0, status="ok", tag="SELECT 1", rows=1, tx_status="I",
-                     reused=kind == "ext-reused", statement_name="s1" if kind == "ext-reused" else None)
+                     reused=kind == "ext-reused", statement_name="s1" if kind == "ext-reused" else None,
+                     # a record of one text under two application_names: two shapes, one after the other
+                     application_name=f"app {i % 2}" if kind == "ext-app" else None)
 
 
 _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "ext-unsampled", "ext-plain",
-          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate", "ext-own-off")
+          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate", "ext-own-off",
+          "ext-app")
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False, slow_ns: int | None = None):
@@ -306,6 +317,9 @@ def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool 
          seed=0, bare=False)
 @example(kinds=[("ext-plain", 0), ("ext-plain", 0), ("simple", 0)], rate=1.0, draws=[1, 1, 1, 1, 1, 0, 1],
          seed=0, bare=False)
+# One text under two application_names, alternating: kept_run's lookup of the last shape must
+# see that the name changed.
+@example(kinds=[("ext-app", i) for i in range(6)], rate=1.0, draws=[], seed=0, bare=False)
 def test_kept_runs_make_what_the_python_steps_make(kinds, rate, draws, seed, bare):
     """Any mix of forms, repeated or not: the same spans, ids, errors and counts as without kept_run."""
     records = [_record(kind, i) for kind, i in kinds]

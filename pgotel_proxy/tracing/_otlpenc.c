@@ -941,12 +941,82 @@ keyed_ctx(PyObject *q, PyObject *hit, Ctx *c)
                ? -1 : 0;
 }
 
+/* The last shape kept_run found, and its key: the records of one statement that follow one another
+ * (one connection's, run after run) carry the same or equal items (the record form sends a repeated
+ * text once a batch; a keyed text's key is made anew), so the next lookup compares the key's items
+ * instead of making, hashing and comparing a new tuple. Owned references; one kept_run call long
+ * (the Python steps, which may change the shapes, run between calls). */
+typedef struct {
+    PyObject *key;
+    PyObject *entry;
+} ShapeMemo;
+
+/* Whether an item of a key is the memo's: the same object, or an equal str or int (what the dict
+ * would find equal too: texts shorter than the record form's references and large row counts come
+ * as new objects). */
+static int
+same_item(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    int r;
+    if (PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b)) {
+        if (PyUnicode_GET_LENGTH(a) != PyUnicode_GET_LENGTH(b))
+            return 0;
+        r = PyUnicode_Compare(a, b) == 0;
+    } else if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
+        r = PyObject_RichCompareBool(a, b, Py_EQ);
+    } else {
+        return 0;
+    }
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return r == 1;
+}
+
+/* shapes[(items[0], ..., items[n - 1])] as a new reference, NULL when it is not there (an error set
+ * when the lookup failed). */
+static PyObject *
+shape_entry(ShapeMemo *memo, PyObject *shapes, PyObject *const *items, Py_ssize_t n)
+{
+    if (memo->key != NULL && PyTuple_GET_SIZE(memo->key) == n) {
+        Py_ssize_t k = 0;
+        while (k < n && same_item(items[k], PyTuple_GET_ITEM(memo->key, k)))
+            k++;
+        if (k == n) {
+            Py_INCREF(memo->entry);
+            return memo->entry;
+        }
+    }
+    PyObject *key = PyTuple_New(n);
+    if (key == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_INCREF(items[k]);
+        PyTuple_SET_ITEM(key, k, items[k]);
+    }
+    PyObject *entry = PyDict_GetItemWithError(shapes, key); /* borrowed */
+    if (entry == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_XDECREF(memo->key);
+    memo->key = key;
+    Py_INCREF(entry);
+    Py_XDECREF(memo->entry);
+    memo->entry = entry;
+    Py_INCREF(entry);
+    return entry;
+}
+
 /* The kept shape of a keyed text: key its text (shape.statement_key) and look the shape up as
  * (key text, *rest, app); hit is set (a new reference) to a (parts, tracestate, trace_state_field)
  * found, *q to the key. 1 found, 0 not (the record is Python's), -1 an error. */
 static int
 keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_ssize_t nrest, PyObject *app,
-             PyObject *shapes, PyObject **q, PyObject **hit)
+             PyObject *shapes, ShapeMemo *memo, PyObject **q, PyObject **hit)
 {
     *hit = NULL;
     *q = PyObject_CallOneArg(statement_key, sql);
@@ -954,25 +1024,18 @@ keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_s
         return -1;
     if (!PyTuple_CheckExact(*q) || PyTuple_GET_SIZE(*q) != 5)
         return 0;
-    PyObject *key = PyTuple_New(nrest + 2);
-    if (key == NULL)
-        return -1;
     PyObject *items[8];
     items[0] = PyTuple_GET_ITEM(*q, 0);
     for (Py_ssize_t i = 0; i < nrest; i++)
         items[i + 1] = rest[i];
     items[nrest + 1] = app;
-    for (Py_ssize_t i = 0; i < nrest + 2; i++) {
-        Py_INCREF(items[i]);
-        PyTuple_SET_ITEM(key, i, items[i]);
-    }
-    PyObject *h = PyDict_GetItemWithError(shapes, key);
-    Py_DECREF(key);
+    PyObject *h = shape_entry(memo, shapes, items, nrest + 2);
     if (h == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(h, 2)))
+    if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(h, 2))) {
+        Py_DECREF(h);
         return 0;
-    Py_INCREF(h);
+    }
     *hit = h;
     return 1;
 }
@@ -980,11 +1043,11 @@ keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_s
 /* A keyed extended statement (SpanBuilder._extended's keyed shapes): v = (sql, reused, tag, rows,
  * statement_name, portal). */
 static int
-keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyObject *shapes, PyObject *app,
-          PyObject *phase_parts, Ctx *c, PyObject *statement_key, Py_ssize_t *parsed)
+keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyObject *shapes, ShapeMemo *memo,
+          PyObject *app, PyObject *phase_parts, Ctx *c, PyObject *statement_key, Py_ssize_t *parsed)
 {
     PyObject *q, *hit, *rest[5] = {Py_None, v[2], v[3], v[4], v[5]};
-    int r = keyed_lookup(statement_key, v[0], rest, 5, app, shapes, &q, &hit);
+    int r = keyed_lookup(statement_key, v[0], rest, 5, app, shapes, memo, &q, &hit);
     if (r == 1) {
         (*parsed)++; /* counted as the Python steps count it: found, before building */
         long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
@@ -1001,8 +1064,8 @@ keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyOb
 
 /* One record: 1 done (spans appended), 0 the record is Python's, -1 an error. */
 static int
-kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObject *app, PyObject *phase_parts,
-         PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
+kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMemo *memo, PyObject *app,
+         PyObject *phase_parts, PyObject *exec_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
 {
     PyObject *protocol, *status, *copy, *extra, *client_wait;
     if (Py_TYPE(rec) != record_type || (protocol = field(rec, F_PROTOCOL)) == NULL ||
@@ -1044,17 +1107,15 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
             }
         }
         if ((opts & KEPT_KEYED) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0]))
-            return keyed_one(out, head, rec, v, shapes, app, phase_parts, c, statement_key, parsed);
-        PyObject *key = PyTuple_Pack(7, v[0], v[1], v[2], v[3], v[4], v[5], app);
-        if (key == NULL)
-            return -1;
-        PyObject *hit = PyDict_GetItemWithError(shapes, key);
-        Py_DECREF(key);
+            return keyed_one(out, head, rec, v, shapes, memo, app, phase_parts, c, statement_key, parsed);
+        PyObject *items[7] = {v[0], v[1], v[2], v[3], v[4], v[5], app};
+        PyObject *hit = shape_entry(memo, shapes, items, 7);
         if (hit == NULL)
             return PyErr_Occurred() ? -1 : 0;
-        if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3)
+        if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3) {
+            Py_DECREF(hit);
             return 0;
-        Py_INCREF(hit);
+        }
         int r = kept_context(PyTuple_GET_ITEM(hit, 2), opts & KEPT_ROOT_OK, c->getrandbits, c);
         if (r == 1)
             r = extended_spans(out, head, PyTuple_GET_ITEM(hit, 1), phase_parts, rec, c);
@@ -1083,7 +1144,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, PyObjec
     if (error != Py_None)
         return 0;
     PyObject *q, *hit, *rest[3] = {tag, rows, NULL};
-    int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, &q, &hit);
+    int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, memo, &q, &hit);
     if (r == 1) {
         (*parsed)++;
         long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
@@ -1143,11 +1204,13 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_ssize_t parsed = 0;
     PyObject *error = NULL;
+    ShapeMemo memo = {NULL, NULL};
+    int failed = 0;
     for (; i >= 0 && i < stop && i < PyList_GET_SIZE(records); i++) {
         Py_ssize_t mark = PyList_GET_SIZE(out);
         PyObject *rec = PyList_GET_ITEM(records, i);
         Py_INCREF(rec);
-        int r = kept_one(out, args[1], rec, args[5], args[6], args[7], args[8], &c, args[14], opts, &parsed);
+        int r = kept_one(out, args[1], rec, args[5], &memo, args[6], args[7], args[8], &c, args[14], opts, &parsed);
         Py_DECREF(rec);
         if (r == 0)
             break;
@@ -1155,15 +1218,16 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyObject *at = PyLong_FromSsize_t(mark);
             if (at == NULL || PyList_Append(marks, at) < 0) {
                 Py_XDECREF(at);
-                return NULL; /* (its spans stay in out: the caller's error) */
+                failed = 1; /* (its spans stay in out: the caller's error) */
+                break;
             }
             Py_DECREF(at);
         }
         if (r < 0) { /* this record's spans go; the caller logs the error and goes on */
             error = take_exception();
             if (PyList_SetSlice(out, mark, PyList_GET_SIZE(out), NULL) < 0) {
-                Py_XDECREF(error);
-                return NULL;
+                failed = 1;
+                break;
             }
             if (error == NULL) {
                 Py_INCREF(Py_None);
@@ -1172,7 +1236,9 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
     }
-    PyObject *ret = Py_BuildValue("(nnO)", i, parsed, error != NULL ? error : Py_None);
+    Py_XDECREF(memo.key);
+    Py_XDECREF(memo.entry);
+    PyObject *ret = failed ? NULL : Py_BuildValue("(nnO)", i, parsed, error != NULL ? error : Py_None);
     Py_XDECREF(error);
     return ret;
 }
