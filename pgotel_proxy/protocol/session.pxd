@@ -104,7 +104,7 @@ cdef class Session:
     cpdef _server_message(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end, object now)
     @cython.locals(kind=int, first=bint, pending=_Due, query=Statement, item=Statement, c=Completion, failed=bint)
     cdef _ready_for_query(self, int status, object now)
-    @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong)
+    @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong, end=cython.longlong, start=cython.longlong)
     cdef _note_longest(self, object done)
 
 cdef int _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC, _PREFIX

@@ -1166,7 +1166,8 @@ class Session:
         longest = self.longest_done_ns
         for rec in done:
             if rec.end_ns:
-                took = rec.end_ns - rec.start_ns
+                end, start = rec.end_ns, rec.start_ns  # (compiled: C integers, subtracted as such)
+                took = end - start
                 if took > longest:
                     longest = took
         self.longest_done_ns = longest
