@@ -77,5 +77,5 @@ cdef void _pack_value(_Out out, object v, list refs, list written, int depth) ex
 cdef bytes _utf8(str v)
 
 cdef int INT, BOOL, STR, VALUE, COMPLETIONS
-cdef long long NONE, REF, REF_MIN, REF_SLOTS, REF_PROBES, MAX_DEPTH
+cdef long long NONE, REF, REF_MIN, REF_SLOTS, REF_PROBES, MAX_DEPTH, _RECORD_ROOM
 cdef int V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT

@@ -51,6 +51,8 @@ NONE = 0xFFFFFFFF
 REF = 0xFFFFFFFE
 REF_MIN = 8
 REF_SLOTS = 64
+#: Bytes reserved a record when a batch is packed (most records take fewer).
+_RECORD_ROOM = 256
 REF_PROBES = 4  # so that up to 4 texts whose slots collide are all remembered
 MAX_DEPTH = 32  # nesting of VALUEs
 
@@ -79,6 +81,8 @@ class RecordForm:
 
     def pack(self, records: list) -> bytes:
         out = _Out()
+        if cython.compiled:  # room for most batches up front: the buffer is not copied as it grows
+            PyByteArray_Resize(out.buf, 64 + _RECORD_ROOM * len(records))
         _put_u8(out, FORMAT_VERSION)
         _put_u32(out, len(records))
         refs: list = [None] * REF_SLOTS  # (object, k) by slot
