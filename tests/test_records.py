@@ -155,7 +155,7 @@ def test_values_a_kind_does_not_carry_are_refused(form, change, error):
 def test_unpack_refuses_damaged_data(form):
     pack, unpack = form
     recs = [Statement("simple", "SELECT 1", status="ok", results=[Completion(5, "SELECT 1", 1)], tx_status="I",
-                      extra={"k": [1, 2]})]
+                      extra={"k": [1, 2]}, parse_exact=True)]
     packed = pack(recs)
     for cut in (0, 1, 4, 10, len(packed) - 1):
         with pytest.raises(ValueError):
@@ -163,11 +163,17 @@ def test_unpack_refuses_damaged_data(form):
     with pytest.raises(ValueError):
         unpack(packed + b"\x00")
     with pytest.raises(ValueError):
-        unpack(b"\x02" + packed[1:])  # another format version
-    bools = 5 + (4 + 6) + (4 + 8) + 4 + 4 + 3 * 8  # version, count, protocol, sql, two None texts, three times
-    assert packed[bools] == 0  # parse_exact
+        unpack(bytes([records.FORMAT_VERSION + 1]) + packed[1:])  # another format version
+    # version, count, the record's mask, protocol, sql (the None texts and zero times left out)
+    bools = 5 + 8 + (4 + 6) + (4 + 8)
+    assert packed[bools] == 1  # parse_exact
     with pytest.raises(ValueError):
         unpack(packed[:bools] + b"\x02" + packed[bools + 1:])
+    mask = int.from_bytes(packed[5:13], "little")
+    assert mask == sum(1 << i for i, (name, _, _) in enumerate(STATEMENT_LAYOUT)
+                       if name in ("protocol", "sql", "parse_exact", "status", "results", "tx_status", "extra"))
+    with pytest.raises(ValueError):  # a field the layout does not have
+        unpack(packed[:5] + (mask | 1 << len(STATEMENT_LAYOUT)).to_bytes(8, "little") + packed[13:])
     at = packed.index(b"\x07" + b"\x02\x00\x00\x00")  # extra's list
     with pytest.raises(ValueError):
         unpack(packed[:at] + b"\x63" + packed[at + 1:])  # no such value tag
@@ -194,7 +200,7 @@ def test_a_text_repeated_in_a_batch_is_sent_once_and_comes_back_shared(form):
     recs = recs[1::2]
     # A reference to a text not read yet is damage, not a guess.
     one = pack(recs[:1])
-    at = 5 + 4 + len("extended")  # the record's second text: its SQL ("extended" is text 0)
+    at = 5 + 8 + 4 + len("extended")  # the record's second text: its SQL ("extended" is text 0)
     assert one[at:at + 4] == len(sql).to_bytes(4, "little")
     forward = one[:at] + b"\xfe\xff\xff\xff" + (1).to_bytes(4, "little") + one[at + 4 + len(sql):]
     with pytest.raises(ValueError):

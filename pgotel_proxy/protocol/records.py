@@ -11,8 +11,12 @@ One source: compiled by Cython with the rest of the codec where it is
 installed, interpreted otherwise; tests hold the two builds byte-equal.
 
 The form, little-endian throughout. A batch: u8 ``FORMAT_VERSION``, u32
-record count, the records. A record: its fields in layout order, each by its
-kind (``events``):
+record count, the records. A record: a u64 mask, bit i set when field i of its
+layout is written, then the fields written, in layout order, each by its kind
+(``events``). A field left out holds its layout's default: pack leaves out a
+value that is the default object itself (None, False, 0, the default texts),
+which most fields of most records are, so that neither side spends time on
+them:
 
 * INT: i64. BOOL: u8 0 or 1.
 * STR: u32 ``NONE`` for None; or u32 ``REF`` and u32 k: the same object as
@@ -46,7 +50,7 @@ from .events import (BOOL, COMPLETION_LAYOUT, COMPLETIONS, INT, STATEMENT_LAYOUT
 
 __all__ = ["FORMAT_VERSION", "RecordForm", "pack", "unpack"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NONE = 0xFFFFFFFF
 REF = 0xFFFFFFFE
 REF_MIN = 8
@@ -54,6 +58,9 @@ REF_SLOTS = 64
 #: Bytes reserved a record when a batch is packed (most records take fewer).
 _RECORD_ROOM = 256
 REF_PROBES = 4  # so that up to 4 texts whose slots collide are all remembered
+#: Most fields a layout may have (a record's u64 mask has a bit each; one bit spare, so that the
+#: check for bits beyond the layout's shifts by less than 64).
+MAX_FIELDS = 63
 MAX_DEPTH = 32  # nesting of VALUEs
 
 # VALUE tags.
@@ -61,6 +68,7 @@ V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT
 
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -97,7 +105,11 @@ class RecordForm:
             raise TypeError(f"pack: {type(rec).__name__} is not a {cls.__name__}")
         names = fields.names
         kinds = fields.kinds
+        defaults = fields.defaults
         descrs = fields.descrs if type(rec) is cls else None
+        at = out.size if cython.compiled else len(out.buf)  # where the mask goes, once the fields are written
+        _put_u64(out, 0)
+        mask = 0
         for i in range(len(names)):
             kind = kinds[i]
             if cython.compiled and descrs is not None:  # the field's own get slot, no lookup by name
@@ -105,6 +117,9 @@ class RecordForm:
                 v = Py_TYPE(descr).tp_descr_get(descr, rec, cls)
             else:
                 v = getattr(rec, names[i])
+            if v is defaults[i]:
+                continue
+            mask |= cython.cast(cython.ulonglong, 1) << i
             if kind == INT:
                 _pack_int(out, v, names[i])
             elif kind == BOOL:
@@ -128,6 +143,7 @@ class RecordForm:
                     self._pack_record(out, c, self._completion_fields, refs, written)
             else:
                 raise TypeError(f"pack: {names[i]} has an unknown kind {kind!r}")
+        _set_u64(out, at, mask)
 
     # ---------------------------------------------------------- unpack
 
@@ -149,6 +165,11 @@ class RecordForm:
         kinds = fields.kinds
         cls = fields.cls
         descrs = fields.descrs
+        defaults = fields.defaults
+        preset = fields.preset
+        mask = r.u64()
+        if mask >> len(kinds):
+            raise ValueError("unpack: a field its layout does not have")
         # Compiled, a record of a class whose fields all have descriptors is made empty and
         # each field stored by its descriptor's set slot as it is read: no list of the values,
         # no call of __init__ that parses them again.
@@ -158,6 +179,16 @@ class RecordForm:
         else:
             values = []
         for i in range(len(kinds)):
+            if not (mask >> i) & 1:  # left out: the default
+                if direct:
+                    if preset[i]:  # (a new record holds it already)
+                        continue
+                    descr = descrs[i]
+                    if Py_TYPE(descr).tp_descr_set(descr, rec, defaults[i]) < 0:
+                        raise RuntimeError("unpack: a field could not be set")
+                else:
+                    values.append(defaults[i])
+                continue
             kind = kinds[i]
             if kind == INT:
                 v = r.i64()
@@ -202,10 +233,32 @@ class _Fields:
     """
 
     def __init__(self, cls, layout) -> None:
+        if len(layout) > MAX_FIELDS:
+            raise ValueError(f"a record layout of more than {MAX_FIELDS} fields")
         self.cls = cls
         self.names = tuple(name for name, _, _ in layout)
         self.kinds = bytes(kind for _, kind, _ in layout)  # (compiled, read as C chars)
+        self.defaults = tuple(default for _, _, default in layout)
         self.descrs = _data_descriptors(cls, self.names)
+        self.preset = _preset(cls, self.descrs, self.defaults)
+
+
+def _preset(cls, descrs, defaults: tuple) -> bytes:
+    """Per field, 1 when a record made by ``cls.__new__`` holds its default already (a Cython
+    class's object fields start as None), else 0 (a slot starts unset)."""
+    if descrs is None:
+        return bytes(len(defaults))
+    try:
+        fresh = cls.__new__(cls)
+    except Exception:
+        return bytes(len(defaults))
+    out = []
+    for descr, default in zip(descrs, defaults):
+        try:
+            out.append(1 if descr.__get__(fresh, cls) is default else 0)
+        except AttributeError:
+            out.append(0)
+    return bytes(out)
 
 
 def _data_descriptors(cls, names: tuple):
@@ -297,6 +350,26 @@ def _put_i64(out: _Out, v: int) -> None:
     if not _I64_MIN <= v <= _I64_MAX:
         raise OverflowError("pack: an int out of the 64-bit range")
     _put_bytes(out, _I64.pack(v))
+
+
+def _put_u64(out: _Out, v: int) -> None:
+    """``v`` (at least 0, below 2**64) as u64, little-endian, at the end of ``out``."""
+    if cython.compiled:
+        p = _room(out, 8)
+        for i in range(8):
+            p[i] = (v >> (8 * i)) & 0xFF
+        return
+    _put_bytes(out, _U64.pack(v))
+
+
+def _set_u64(out: _Out, at: int, v: int) -> None:
+    """Overwrite the 8 bytes of ``out`` at ``at`` with ``v`` as u64, little-endian."""
+    if cython.compiled:
+        p = cython.cast(cython.p_uchar, PyByteArray_AS_STRING(out.buf)) + at
+        for i in range(8):
+            p[i] = (v >> (8 * i)) & 0xFF
+        return
+    out.buf[at:at + 8] = _U64.pack(v)
 
 
 def _pack_int(out: _Out, v, name) -> None:
@@ -442,6 +515,16 @@ class _Reader:
             return (cython.cast(cython.uint, p[0]) | (cython.cast(cython.uint, p[1]) << 8)
                     | (cython.cast(cython.uint, p[2]) << 16) | (cython.cast(cython.uint, p[3]) << 24))
         return _U32.unpack_from(self.data, at)[0]
+
+    def u64(self) -> int:
+        at = self.need(8)
+        if cython.compiled:
+            p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(self.data)) + at
+            u = cython.cast(cython.ulonglong, 0)
+            for i in range(8):
+                u |= cython.cast(cython.ulonglong, p[i]) << (8 * i)
+            return u
+        return _U64.unpack_from(self.data, at)[0]
 
     def i64(self) -> int:
         at = self.need(8)
