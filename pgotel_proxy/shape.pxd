@@ -35,3 +35,5 @@ cdef bint _word_at(const unsigned char *data, Py_ssize_t i, Py_ssize_t n, const 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, i=Py_ssize_t, k=Py_ssize_t, vs=Py_ssize_t, ve=Py_ssize_t, before=Py_UCS4,
                parts=list)
 cdef tuple _key(str sql)
+
+cpdef tuple statement_key(object sql)

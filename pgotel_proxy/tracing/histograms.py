@@ -119,24 +119,6 @@ class LatencyHistograms:
 
     # ------------------------------------------------------------ recording
 
-    def _shape(self, sql: str, keys: StatementKeys) -> tuple:
-        """(summary, operation) of a statement text, remembered per text (a traceparent's value aside).
-
-        The text's shape key goes into ``keys`` for the span builder, which keys the same records next.
-        """
-        # (statement_key finds no key in a text without "/*": the test spares the call)
-        q = keys[sql] = statement_key(sql) if "/*" in sql else None
-        key = sql if q is None else q[0]
-        hit = self._shapes.get(key)
-        if hit is None:
-            # (the analysis reads past comments: no sqlcomment parse, which the span builder counts)
-            info = sqlinfo.analyze(sql)
-            hit = (info.summary or None, info.operation or None)
-            if len(self._shapes) >= _SHAPES_MAX:
-                self._shapes.clear()  # bounded; refilled by the texts in use
-            self._shapes[key] = hit
-        return hit
-
     def observe(self, records: list, namespace: str | None, keys: StatementKeys | None = None) -> list:
         """Record each of one connection's finished ``records``; the ones whose bucket wants an exemplar.
 
@@ -176,11 +158,31 @@ class LatencyHistograms:
         return out
 
 
+def _shape(shapes: dict, sql: str, keys: StatementKeys) -> tuple:
+    """(summary, operation) of a statement text, remembered in ``shapes`` per text (a traceparent's value aside).
+
+    The text's shape key goes into ``keys`` for the span builder, which keys the same records next.
+    """
+    # (statement_key finds no key in a text without "/*": the test spares the call)
+    q = keys[sql] = statement_key(sql) if "/*" in sql else None
+    key = sql if q is None else q[0]
+    hit = shapes.get(key)
+    if hit is None:
+        # (the analysis reads past comments: no sqlcomment parse, which the span builder counts)
+        info = sqlinfo.analyze(sql)
+        hit = (info.summary or None, info.operation or None)
+        if len(shapes) >= _SHAPES_MAX:
+            shapes.clear()  # bounded; refilled by the texts in use
+        shapes[key] = hit
+    return hit
+
+
 def _observe(hist: LatencyHistograms, records: list, namespace, keys: StatementKeys, stale: int) -> list:
     """:meth:`LatencyHistograms.observe`'s loop: an exemplar older than ``stale`` (unix ns) is renewed."""
     wanted: list = []
     room = _WANTED_PER_BATCH  # records that may still be wanted
     series_of = hist.series
+    shapes = hist._shapes
     # A text repeated in one hand-over arrives as one shared object (protocol/records.py):
     # its shape is looked up once.
     # ... and the series of its statements that succeed, once.
@@ -190,7 +192,7 @@ def _observe(hist: LatencyHistograms, records: list, namespace, keys: StatementK
         index += 1
         sql = rec.sql
         if sql is not last_sql:
-            last_sql, last_shape = sql, (hist._shape(sql, keys) if sql else (None, None))
+            last_sql, last_shape = sql, (_shape(shapes, sql, keys) if sql else (None, None))
             last_ok_series = None
         error = rec.error
         results = rec.results
