@@ -26,8 +26,8 @@ cpdef str blank_code(str code)
 @cython.locals(v=cython.ulonglong, i=Py_ssize_t, c=cython.uint, data=cython.p_uchar)
 cdef object _hex(str s, Py_ssize_t start, Py_ssize_t end)
 
-@cython.locals(i=Py_ssize_t, c=cython.uint, data=cython.p_uchar)
-cdef bint _names_a_carrier(str sql, Py_ssize_t n) except -1
+@cython.locals(i=Py_ssize_t, c=cython.uint, data=cython.p_uchar, end=Py_ssize_t)
+cdef bint _names_a_carrier(str sql, Py_ssize_t start, Py_ssize_t n) except -1
 
 @cython.locals(m=Py_ssize_t, c=int)
 cdef bint _word_at(const unsigned char *data, Py_ssize_t i, Py_ssize_t n, const char *word, Py_ssize_t k) noexcept

@@ -197,21 +197,28 @@ def _hex(s: str, start: int, end: int):
     return None if digits.strip(_HEX_DIGITS) else int(digits, 16)
 
 
-def _names_a_carrier(sql: str, n: int) -> bool:
-    """Whether the ASCII text ``sql`` (``n`` characters) holds "pgotel", "all", "application_name" or "pg_tracing", in any case."""
+def _names_a_carrier(sql: str, start: int, n: int) -> bool:
+    """Whether ``sql[start:n]`` (ASCII) holds "pgotel", "all", "application_name" or "pg_tracing", in any case.
+
+    (A word that starts in the range and runs past ``n`` counts: it is read to the text's end.)
+    """
     if cython.compiled:  # one pass over the characters in place: no lower-cased copy, no four searches
         data = PyUnicode_1BYTE_DATA(sql)
-        for i in range(n):
+        end = len(sql)
+        for i in range(start, n):
             c = data[i] | 0x20  # (a letter in lower case; what else it makes is never compared below)
             if c == 0x61:  # a
-                if _word_at(data, i, n, b"all", 3) or _word_at(data, i, n, b"application_name", 16):
+                if _word_at(data, i, end, b"all", 3) or _word_at(data, i, end, b"application_name", 16):
                     return True
             elif c == 0x70:  # p
-                if _word_at(data, i, n, b"pgotel", 6) or _word_at(data, i, n, b"pg_tracing", 10):
+                if _word_at(data, i, end, b"pgotel", 6) or _word_at(data, i, end, b"pg_tracing", 10):
                     return True
         return False
     lower = sql.lower()
-    return "pgotel" in lower or "all" in lower or "application_name" in lower or "pg_tracing" in lower
+    for word in ("pgotel", "all", "application_name", "pg_tracing"):
+        if 0 <= lower.find(word, start) < n:
+            return True
+    return False
 
 
 def _word_at(data, i: int, n: int, word, k: int) -> bool:
@@ -253,8 +260,6 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     n = len(sql)
     if n == 0 or n > MAX_CHARS or not sql.isascii():
         return None
-    if _names_a_carrier(sql, n):
-        return None
     j = sql.find("/*")
     if j <= 0:
         return None
@@ -281,6 +286,9 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if version is None or version == 255 or trace_high is None or trace_low is None or span_id is None or flags is None:
         return None
     if not (trace_high or trace_low) or not span_id:
+        return None
+    # (The value's lower-case hexadecimal digits and dashes hold none of the words: the scan skips them.)
+    if _names_a_carrier(sql, 0, vs) or _names_a_carrier(sql, ve, n):
         return None
     parts: list = []
     if not _blank(sql, j, vs, parts):
