@@ -660,6 +660,29 @@ def test_longest_done_is_the_slowest_statement_finished_since_it_was_reset():
     assert [r.end_ns - r.start_ns for r in s.take_completed()] == [4_000, 1_000, 2_500]
 
 
+def test_slow_done_lists_the_statements_as_slow_as_asked_since_the_last_take():
+    from pgotel_proxy.protocol import session as session_module
+
+    s = ready_session()
+    s.client_data(Query("select 0"), 0)
+    s.server_observe(CommandComplete("SELECT 1") + Ready("I"), 9_000)
+    assert s.slow_done == []  # not asked for yet
+    s.slow_after_ns = 2_500
+    for n, took in enumerate((4_000, 1_000, 2_500, 2_499)):
+        at = 10_000 * (n + 1)
+        s.client_data(Parse(f"select {n}") + Bind() + Execute() + SYNC, at)
+        s.server_observe(PARSE_COMPLETE + BIND_COMPLETE + CommandComplete("SELECT 1") + Ready("I"), at + took)
+    done = s.completed
+    assert s.slow_done == [done[1], done[3]] and not s.slow_done_full
+    s.take_completed()
+    assert s.slow_done == [] and not s.slow_done_full
+    # Bounded: past the most it holds, the list says so.
+    for n in range(session_module._SLOW_DONE_MAX + 1):
+        s.client_data(Query(f"select {n}"), 0)
+        s.server_observe(CommandComplete("SELECT 1") + Ready("I"), 3_000)
+    assert len(s.slow_done) == session_module._SLOW_DONE_MAX and s.slow_done_full
+
+
 def test_a_long_pipeline_is_answered_in_order_while_it_grows():
     """Thousands of requests in flight, answered a few at a time while more arrive: each gets its own answer.
 

@@ -41,6 +41,9 @@ cdef class Session:
     cdef public object out_of_sync
     cdef public list completed
     cdef public long long longest_done_ns
+    cdef public long long slow_after_ns
+    cdef public list slow_done
+    cdef public bint slow_done_full
     cdef public _Due _pending
     cdef public list _batch
     cdef public dict _batch_parsed
@@ -104,7 +107,8 @@ cdef class Session:
     cpdef _server_message(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end, object now)
     @cython.locals(kind=int, first=bint, pending=_Due, query=Statement, item=Statement, c=Completion, failed=bint)
     cdef _ready_for_query(self, int status, object now)
-    @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong, end=cython.longlong, start=cython.longlong)
+    @cython.locals(rec=Statement, longest=cython.longlong, took=cython.longlong, end=cython.longlong, start=cython.longlong,
+                   slow_after=cython.longlong)
     cdef _note_longest(self, object done)
 
 cdef int _PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY, _FUNC, _PREFIX

@@ -101,6 +101,9 @@ _SYNC_LIKE = (_SYNC, _QUERY, _FUNC)
 # Query message: its answers end at its CommandComplete, not at ReadyForQuery.
 _PREFIX = 8
 
+# Most statements ``slow_done`` holds between two looks (a reader that never looks costs no more).
+_SLOW_DONE_MAX = 256
+
 # Third element of a pending entry: False for the client's requests, else who sent it.
 INJECTED = 1  # the proxy: every answer is removed
 INJECTED_ERRORS_PASS = 2  # the proxy, but an ErrorResponse reaches the client (its transaction is lost)
@@ -205,6 +208,9 @@ class Session:
         "out_of_sync",
         "completed",
         "longest_done_ns",
+        "slow_after_ns",
+        "slow_done",
+        "slow_done_full",
         "_pending",
         "_batch",
         "_batch_parsed",
@@ -276,6 +282,12 @@ class Session:
         # since the caller last set it to 0: a reader that looks for slow statements
         # (adaptive phase splitting) skips the records when none was slow.
         self.longest_done_ns = 0
+        # ... and, when ``slow_after_ns`` is set, those of them that took at least that long, in
+        # order (at most _SLOW_DONE_MAX; ``slow_done_full`` says some were left out), so that it
+        # looks at those alone when it has nothing else to look for.
+        self.slow_after_ns = 0
+        self.slow_done: list[Statement] = []
+        self.slow_done_full = False
         self._pending = _Due()
         self._batch: list[Statement] = []
         self._batch_parsed: dict[str, Statement] = {}
@@ -378,6 +390,8 @@ class Session:
     def take_completed(self) -> list[Statement]:
         done = self.completed
         self.completed = []
+        self.slow_done = []
+        self.slow_done_full = False
         return done
 
     def finish_all(self, now: int) -> None:
@@ -1162,14 +1176,20 @@ class Session:
             self._portals.clear()
 
     def _note_longest(self, done) -> None:
-        """``longest_done_ns`` over the statements of ``done`` that ended."""
+        """``longest_done_ns`` over the statements of ``done`` that ended, and ``slow_done``."""
         longest = self.longest_done_ns
+        slow_after = self.slow_after_ns
         for rec in done:
             if rec.end_ns:
                 end, start = rec.end_ns, rec.start_ns  # (compiled: C integers, subtracted as such)
                 took = end - start
                 if took > longest:
                     longest = took
+                if slow_after and took >= slow_after:
+                    if len(self.slow_done) < _SLOW_DONE_MAX:
+                        self.slow_done.append(rec)
+                    else:
+                        self.slow_done_full = True
         self.longest_done_ns = longest
 
     # -------------------------------------------------------------- injection

@@ -48,6 +48,7 @@ import os
 import socket
 import struct
 import time
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolViolation, Session, parse_startup_packet, startup_packet_length
@@ -662,8 +663,11 @@ class ClientConnection:
         done = session.completed
         start = self.split_scanned if self.split_list is done else 0
         if start < len(done):
-            self._mark_slow_shapes(done, start, session.longest_done_ns)
+            self._mark_slow_shapes(done, start, session)
         session.longest_done_ns = 0
+        if session.slow_done:
+            session.slow_done = []
+        session.slow_done_full = False
         self.split_list = done
         self.split_scanned = len(done)
 
@@ -758,15 +762,17 @@ class ClientConnection:
         if self.trace is not None:
             self.trace.statements(done)
 
-    def _mark_slow_shapes(self, done: list, start: int, longest_ns: int) -> None:
+    def _mark_slow_shapes(self, done: list, start: int, session) -> None:
         """Adaptive phase splitting: shapes of extended statements (``done[start:]``) whose typical
         duration is at least phase_split_threshold are slow for a while: the pump splits their
         phases (protocol/framing.py), and so do sessions on the asyncio path (``ProxyServer.slow_texts``).
 
         Typical: a moving average per shape (``ProxyServer.shape_durations``), so that one
         execution slowed by a busy machine does not split later executions of a fast shape
-        (the next fast one ends the marking). ``longest_ns``: the longest of these statements
-        (``Session.longest_done_ns``).
+        (the next fast one ends the marking). The session gives the longest of these statements
+        (``Session.longest_done_ns``) and, while no shape has a mean, the ones as slow as the
+        threshold (``Session.slow_done``, which it fills from the next statement on once
+        ``slow_after_ns`` is the threshold): the only ones the loop would not skip.
         """
         srv = self.server
         cfg = srv.config
@@ -777,11 +783,14 @@ class ClientConnection:
         texts = srv.slow_texts
         slow_ns = threshold * 1e9
         durations = srv.shape_durations
-        if longest_ns < slow_ns and not durations:
+        after_ns = int(slow_ns)
+        listed = session.slow_after_ns == after_ns and not session.slow_done_full
+        if not listed:
+            session.slow_after_ns = after_ns  # (the threshold was set or changed: listed from now on)
+        if session.longest_done_ns < slow_ns and not durations:
             return  # none as slow as the threshold, and no shape's mean to bring down: nothing to look at
         now = 0
-        for i in range(start, len(done)):
-            rec = done[i]
+        for rec in (session.slow_done if listed and not durations else islice(done, start, None)):
             sql = rec.sql
             if rec.protocol != "extended" or not sql or not rec.end_ns:
                 continue  # not an execution (a Parse alone, say): nothing to split
