@@ -59,7 +59,6 @@ cdef class _Reader:
     cdef int64_t u32(self) except? -1
     @cython.locals(at=Py_ssize_t, p=cython.p_uchar, u=cython.ulonglong, i=int)
     cdef uint64_t u64(self) except *
-    @cython.locals(at=Py_ssize_t, p=cython.p_uchar, u=cython.ulonglong, i=int)
     cdef int64_t i64(self) except? -1
     @cython.locals(n=cython.longlong, k=cython.longlong, at=Py_ssize_t)
     cdef object string(self)
@@ -73,7 +72,7 @@ cdef void _put_bytes(_Out out, bytes b) except *
 @cython.locals(p=cython.p_uchar, u=cython.uint)
 cdef void _put_u32(_Out out, cython.uint v) except *
 cdef void _put_raw(_Out out, const char *data, Py_ssize_t n) except *
-@cython.locals(p=cython.p_uchar, x=cython.longlong, u=cython.ulonglong, i=int)
+@cython.locals(x=cython.longlong)
 cdef void _put_i64(_Out out, object v) except *
 @cython.locals(p=cython.p_uchar, i=int)
 cdef void _put_u64(_Out out, uint64_t v) except *

@@ -342,10 +342,7 @@ def _put_i64(out: _Out, v: int) -> None:
     """``v`` as i64, little-endian, at the end of ``out`` (OverflowError out of the 64-bit range)."""
     if cython.compiled:
         x = cython.cast(cython.longlong, v)  # (the conversion raises OverflowError)
-        u = cython.cast(cython.ulonglong, x)
-        p = _room(out, 8)
-        for i in range(8):
-            p[i] = (u >> (8 * i)) & 0xFF
+        _put_u64(out, cython.cast(cython.ulonglong, x))  # (its two's complement: the same eight bytes)
         return
     if not _I64_MIN <= v <= _I64_MAX:
         raise OverflowError("pack: an int out of the 64-bit range")
@@ -527,14 +524,9 @@ class _Reader:
         return _U64.unpack_from(self.data, at)[0]
 
     def i64(self) -> int:
-        at = self.need(8)
-        if cython.compiled:
-            p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(self.data)) + at
-            u = cython.cast(cython.ulonglong, 0)
-            for i in range(8):
-                u |= cython.cast(cython.ulonglong, p[i]) << (8 * i)
-            return cython.cast(cython.longlong, u)
-        return _I64.unpack_from(self.data, at)[0]
+        if cython.compiled:  # the eight bytes u64 reads, as a signed number
+            return cython.cast(cython.longlong, self.u64())
+        return _I64.unpack_from(self.data, self.need(8))[0]
 
     def string(self) -> str | None:
         n = self.u32()
