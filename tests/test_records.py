@@ -142,6 +142,7 @@ def test_every_field_is_carried(form):
     (dict(rows=2**63), OverflowError), (dict(parse_exact=1), TypeError), (dict(tag=b"SELECT 1"), TypeError),
     (dict(results=(Completion(1, "x", 1),)), TypeError), (dict(extra={"s": {1}}), TypeError),
     (dict(results=[object()]), TypeError), (dict(start_ns=True), TypeError),
+    (dict(results=[Completion(1, "x", None)]), TypeError),  # a required int: None is not its default
 ])
 def test_values_a_kind_does_not_carry_are_refused(form, change, error):
     pack, _ = form
@@ -174,6 +175,9 @@ def test_unpack_refuses_damaged_data(form):
                        if name in ("protocol", "sql", "parse_exact", "status", "results", "tx_status", "extra"))
     with pytest.raises(ValueError):  # a field the layout does not have
         unpack(packed[:5] + (mask | 1 << len(STATEMENT_LAYOUT)).to_bytes(8, "little") + packed[13:])
+    done = packed.index((1).to_bytes(4, "little") + (0b111).to_bytes(8, "little"))  # one Completion: end, tag, rows
+    with pytest.raises(ValueError):  # its end left out: a required int has no default to stand for it
+        unpack(packed[:done + 4] + (0b110).to_bytes(8, "little") + packed[done + 12:])
     at = packed.index(b"\x07" + b"\x02\x00\x00\x00")  # extra's list
     with pytest.raises(ValueError):
         unpack(packed[:at] + b"\x63" + packed[at + 1:])  # no such value tag

@@ -66,6 +66,9 @@ MAX_DEPTH = 32  # nesting of VALUEs
 # VALUE tags.
 V_NONE, V_FALSE, V_TRUE, V_INT, V_STR, V_FLOAT, V_BYTES, V_LIST, V_TUPLE, V_DICT, V_BIGINT = range(11)
 
+#: The default of a field pack never leaves out (no value is this object).
+_ALWAYS = object()
+
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _U64 = struct.Struct("<Q")
@@ -180,6 +183,8 @@ class RecordForm:
             values = []
         for i in range(len(kinds)):
             if not (mask >> i) & 1:  # left out: the default
+                if defaults[i] is _ALWAYS:
+                    raise ValueError("unpack: a field left out that has no default")
                 if direct:
                     if preset[i]:  # (a new record holds it already)
                         continue
@@ -238,7 +243,9 @@ class _Fields:
         self.cls = cls
         self.names = tuple(name for name, _, _ in layout)
         self.kinds = bytes(kind for _, kind, _ in layout)  # (compiled, read as C chars)
-        self.defaults = tuple(default for _, _, default in layout)
+        # (A field whose kind cannot carry its default, None for a required INT, is always written.)
+        self.defaults = tuple(_ALWAYS if default is None and kind in (INT, BOOL) else default
+                              for _, kind, default in layout)
         self.descrs = _data_descriptors(cls, self.names)
         self.preset = _preset(cls, self.descrs, self.defaults)
 

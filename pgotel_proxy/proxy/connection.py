@@ -663,7 +663,7 @@ class ClientConnection:
         done = session.completed
         start = self.split_scanned if self.split_list is done else 0
         if start < len(done):
-            self._mark_slow_shapes(done, start, session)
+            self._mark_slow_shapes(done, start)
         session.longest_done_ns = 0
         if session.slow_done:
             session.slow_done = []
@@ -762,19 +762,20 @@ class ClientConnection:
         if self.trace is not None:
             self.trace.statements(done)
 
-    def _mark_slow_shapes(self, done: list, start: int, session) -> None:
+    def _mark_slow_shapes(self, done: list, start: int) -> None:
         """Adaptive phase splitting: shapes of extended statements (``done[start:]``) whose typical
         duration is at least phase_split_threshold are slow for a while: the pump splits their
         phases (protocol/framing.py), and so do sessions on the asyncio path (``ProxyServer.slow_texts``).
 
         Typical: a moving average per shape (``ProxyServer.shape_durations``), so that one
         execution slowed by a busy machine does not split later executions of a fast shape
-        (the next fast one ends the marking). The session gives the longest of these statements
+        (the next fast one ends the marking). The session has the longest of these statements
         (``Session.longest_done_ns``) and, while no shape has a mean, the ones as slow as the
         threshold (``Session.slow_done``, which it fills from the next statement on once
         ``slow_after_ns`` is the threshold): the only ones the loop would not skip.
         """
         srv = self.server
+        session = self.session
         cfg = srv.config
         threshold = cfg.phase_split_threshold
         if threshold <= 0 or cfg.phase_timing != "wire":
