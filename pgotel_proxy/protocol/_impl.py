@@ -9,10 +9,11 @@ here, once, at import; the modules with a compiled version consult
 The codec's modules (:data:`CODEC_MODULES`), the statement shapes and the
 latency histograms (:data:`SHARED_MODULES`) are one source each: the same
 ``.py`` runs interpreted, or is compiled by Cython at install time (its
-``.pxd`` beside it gives the types). Compiled, the extension module sits next to the source and
-Python's import prefers it; with the switch set, :class:`SourceFinder` is put
-first on ``sys.meta_path`` before any of them is imported (the package's
-``__init__.py`` imports this module first), so that their ``.py`` files serve.
+``.pxd`` beside it gives the types). Compiled, the extension module sits next
+to the source and Python's import prefers it; with the switch set,
+:class:`SourceFinder` is put first on ``sys.meta_path`` before any of them is
+imported (the package's ``__init__.py`` imports this module first), so that
+their ``.py`` files serve.
 
 The switch lives in ``protocol/``, the bottom layer, because every other
 layer may import from it and ``protocol/`` may import nothing outside itself.

@@ -394,6 +394,13 @@ class Session:
         self.slow_done_full = False
         return done
 
+    def looked_at_finished(self) -> None:
+        """The reader of ``longest_done_ns`` and ``slow_done`` looked: both start over."""
+        self.longest_done_ns = 0
+        if self.slow_done:
+            self.slow_done = []
+        self.slow_done_full = False
+
     def finish_all(self, now: int) -> None:
         """The connection ended: whatever was in flight is complete as "incomplete"."""
         seen = set()

@@ -664,10 +664,7 @@ class ClientConnection:
         start = self.split_scanned if self.split_list is done else 0
         if start < len(done):
             self._mark_slow_shapes(done, start)
-        session.longest_done_ns = 0
-        if session.slow_done:
-            session.slow_done = []
-        session.slow_done_full = False
+        session.looked_at_finished()
         self.split_list = done
         self.split_scanned = len(done)
 
