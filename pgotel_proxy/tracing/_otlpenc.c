@@ -39,7 +39,7 @@
  *     first row's offset when first_row (ns) is not 0.
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts[, marks]) -> (next, parsed, error)
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks]) -> (next, parsed, error)
  *     SpanBuilder.kept: the spans of records[i:stop] whose shapes the connection keeps (shapes), one
  *     record after the other, up to the first one the Python steps must see; next is its index,
  *     new roots drawn with random() < rate when the rate is below 1 (random None: such a record is
@@ -47,7 +47,9 @@
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
  *     app: the connection's application_name, for records that carry none of their own.
- *     A record with a client's wait (client_wait_ns, rare) is Python's.
+ *     A record with a client's wait (client_wait_ns, rare) is Python's, and so is one the keep
+ *     rule keeps when it is not sampled: its wire interval at least keep_slow_ns (not 0; a failed
+ *     statement is Python's anyway).
  *     marks, a list when given: len(out) before each record done is appended to it (where its
  *     spans start; a record not sampled has none).
  *
@@ -630,6 +632,9 @@ typedef struct {
      * samples, as SpanBuilder._context draws); NULL where no draw is made here. */
     PyObject *random;
     double rate;
+    /* kept_run only: the keep rule's threshold (0: none). A slow statement that would not be
+     * sampled is Python's, which keeps it as a root of its own (SpanBuilder._keep_root). */
+    unsigned long long keep_slow_ns;
 } Ctx;
 
 static int
@@ -880,17 +885,34 @@ is_str(PyObject *v, PyObject *s)
     return v == s || (PyUnicode_CheckExact(v) && PyUnicode_Compare(v, s) == 0);
 }
 
+/* Whether the keep rule keeps rec when it is not sampled (sampling.keep_reason's "slow": its
+ * wire interval at least keep_slow_ns; failed records never reach kept_run): 1 yes (or its times
+ * are not both ints: the Python steps judge it), 0 no. */
+static int
+kept_if_left_out(PyObject *rec, const Ctx *c)
+{
+    unsigned long long start, end;
+    if (!c->keep_slow_ns)
+        return 0;
+    if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_END, &end) < 0) {
+        PyErr_Clear(); /* a record without both times: the Python steps judge it */
+        return 1;
+    }
+    return start && end >= start && end - start >= c->keep_slow_ns;
+}
+
 /* The context of a kept extended statement (its shape's third item, spans._kept_context):
  * 1 spans with c filled, 0 no spans (not sampled), -2 the record is Python's, -1 an error. */
 static int
-kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
+kept_context(PyObject *fast, int root_ok, PyObject *rec, Ctx *c)
 {
     if (fast == Py_False) { /* no context: a new root, sampled at the rate's draw */
         if (!root_ok) {
             /* The draw SpanBuilder._context makes, from the same generator, in the same order:
-             * none at a rate of 0, else random() < rate samples. (A statement the keep rule may
-             * keep never gets here: SpanBuilder.kept stops before it.) */
-            if (c->random == NULL)
+             * none at a rate of 0, else random() < rate samples. A statement the keep rule
+             * keeps when the draw leaves it out is Python's before the draw, which is then
+             * made there. */
+            if (c->random == NULL || kept_if_left_out(rec, c))
                 return -2;
             if (c->rate <= 0.0)
                 return 0;
@@ -904,7 +926,7 @@ kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
             if (draw >= c->rate)
                 return 0;
         }
-        if (draw_bytes(getrandbits, c->trace_id, 16) < 0)
+        if (draw_bytes(c->getrandbits, c->trace_id, 16) < 0)
             return -1;
         c->has_parent = 0;
         c->ts = "";
@@ -913,8 +935,8 @@ kept_context(PyObject *fast, int root_ok, PyObject *getrandbits, Ctx *c)
     }
     if (!PyTuple_CheckExact(fast))
         return -2;
-    if (PyTuple_GET_SIZE(fast) == 0)
-        return 0;
+    if (PyTuple_GET_SIZE(fast) == 0) /* a context the application did not sample */
+        return kept_if_left_out(rec, c) ? -2 : 0;
     if (PyTuple_GET_SIZE(fast) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(fast, 2)))
         return -2;
     if (id_bytes(PyTuple_GET_ITEM(fast, 0), c->trace_id, 16) < 0 || id_bytes(PyTuple_GET_ITEM(fast, 1), c->parent, 8) < 0)
@@ -1040,6 +1062,21 @@ keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_s
     return 1;
 }
 
+/* Whether a keyed statement found kept (its key q) is sampled: 2 yes (its spans to build), 1 no (none
+ * to build), 0 the record is Python's (the keep rule keeps it when left out), -1 an error. parsed
+ * counts its comment as the Python steps count it: found, before building. */
+static int
+keyed_sampled(PyObject *q, PyObject *rec, const Ctx *c, Py_ssize_t *parsed)
+{
+    long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
+    if (flags == -1 && PyErr_Occurred())
+        return -1;
+    if (!(flags & 1) && kept_if_left_out(rec, c))
+        return 0;
+    (*parsed)++;
+    return flags & 1 ? 2 : 1;
+}
+
 /* A keyed extended statement (SpanBuilder._extended's keyed shapes): v = (sql, reused, tag, rows,
  * statement_name, portal). */
 static int
@@ -1048,15 +1085,9 @@ keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyOb
 {
     PyObject *q, *hit, *rest[5] = {Py_None, v[2], v[3], v[4], v[5]};
     int r = keyed_lookup(statement_key, v[0], rest, 5, app, shapes, memo, &q, &hit);
-    if (r == 1) {
-        (*parsed)++; /* counted as the Python steps count it: found, before building */
-        long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
-        if (flags == -1 && PyErr_Occurred())
-            r = -1;
-        else if ((flags & 1) && (keyed_ctx(q, hit, c) < 0 ||
-                                 extended_spans(out, head, PyTuple_GET_ITEM(hit, 0), phase_parts, rec, c) < 0))
-            r = -1;
-    }
+    if (r == 1 && (r = keyed_sampled(q, rec, c, parsed)) == 2)
+        r = keyed_ctx(q, hit, c) < 0 || extended_spans(out, head, PyTuple_GET_ITEM(hit, 0), phase_parts, rec, c) < 0
+                ? -1 : 1;
     Py_XDECREF(hit);
     Py_XDECREF(q);
     return r;
@@ -1116,7 +1147,7 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
             Py_DECREF(hit);
             return 0;
         }
-        int r = kept_context(PyTuple_GET_ITEM(hit, 2), opts & KEPT_ROOT_OK, c->getrandbits, c);
+        int r = kept_context(PyTuple_GET_ITEM(hit, 2), opts & KEPT_ROOT_OK, rec, c);
         if (r == 1)
             r = extended_spans(out, head, PyTuple_GET_ITEM(hit, 1), phase_parts, rec, c);
         Py_DECREF(hit);
@@ -1145,21 +1176,17 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
         return 0;
     PyObject *q, *hit, *rest[3] = {tag, rows, NULL};
     int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, memo, &q, &hit);
-    if (r == 1) {
-        (*parsed)++;
-        long flags = PyLong_AsLong(PyTuple_GET_ITEM(q, 3));
+    if (r == 1 && (r = keyed_sampled(q, rec, c, parsed)) == 2) {
         unsigned long long start, end, first_row;
         int has_rows = 1;
         unsigned char sid[8];
-        if (flags == -1 && PyErr_Occurred())
-            r = -1;
-        else if ((flags & 1) &&
-                 (keyed_ctx(q, hit, c) < 0 || read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
-                  (!end && read_ns(rec, F_END, &end) < 0) || read_ns(rec, F_FIRST_ROW, &first_row) < 0 ||
-                  /* a first row counts for a statement that returned rows (spans._first_row_result) */
-                  (first_row && (has_rows = PyObject_IsTrue(rows)) < 0) ||
-                  append_statement(out, head, PyTuple_GET_ITEM(hit, 0), c, start, end, sid) < 0 ||
-                  append_execute(out, head, exec_parts, c, sid, start, end, NULL, has_rows ? first_row : 0) < 0))
+        r = 1;
+        if (keyed_ctx(q, hit, c) < 0 || read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
+            (!end && read_ns(rec, F_END, &end) < 0) || read_ns(rec, F_FIRST_ROW, &first_row) < 0 ||
+            /* a first row counts for a statement that returned rows (spans._first_row_result) */
+            (first_row && (has_rows = PyObject_IsTrue(rows)) < 0) ||
+            append_statement(out, head, PyTuple_GET_ITEM(hit, 0), c, start, end, sid) < 0 ||
+            append_execute(out, head, exec_parts, c, sid, start, end, NULL, has_rows ? first_row : 0) < 0)
             r = -1;
     }
     Py_XDECREF(hit);
@@ -1168,20 +1195,20 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
 }
 
 /* kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts[, marks]) -> (next, parsed, error) */
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks]) -> (next, parsed, error) */
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if ((nargs != 16 && nargs != 17) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
+    if ((nargs != 17 && nargs != 18) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[5]) || !PyTuple_Check(args[7]) ||
-        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 17 && args[16] != Py_None && !PyList_Check(args[16]))) {
+        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 18 && args[17] != Py_None && !PyList_Check(args[17]))) {
         PyErr_SetString(PyExc_TypeError,
                         "kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, "
-                        "child_flags, getrandbits, random, rate, statement_key, opts[, marks])");
+                        "child_flags, getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks])");
         return NULL;
     }
-    PyObject *marks = nargs == 17 && args[16] != Py_None ? args[16] : NULL;
+    PyObject *marks = nargs == 18 && args[17] != Py_None ? args[17] : NULL;
     if (record_type == NULL || completion_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "kept_run: configure() first");
         return NULL;
@@ -1201,6 +1228,8 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     c.random = args[12] == Py_None ? NULL : args[12];
     c.rate = PyFloat_AsDouble(args[13]);
     if (c.rate == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (ns_of(args[16], &c.keep_slow_ns) < 0)
         return NULL;
     Py_ssize_t parsed = 0;
     PyObject *error = NULL;

@@ -191,7 +191,6 @@ class SpanBuilder:
         # Failed (keep_errors) and slow (keep_slower_than_ns) statements that the sample
         # rate or an unsampled parent leaves out are kept as new roots, up to keep_rate a
         # second: a token bucket holding one second's worth (one token at least).
-        self._keep_scan: tuple[list, int] | None = None  # (records, index of the first the keep rule may keep)
         self.set_keep_rule(keep_errors, keep_slower_than_ns, keep_rate)
         # the record being built is one the rule may keep: its spans are built in full (no kept shape)
         self._keep_record = False
@@ -265,28 +264,13 @@ class SpanBuilder:
         if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
             return i, None
-        if self._keeping:
-            # The compiled loop knows no keep rule: it stops before a statement the rule may keep.
-            # The caller goes through a hand-over in several calls: the scan is kept between them,
-            # so that each record is looked at once.
-            scanned = self._keep_scan
-            if scanned is not None and scanned[0] is records and i <= scanned[1]:
-                keep_at = scanned[1]
-            else:
-                slow_ns, errors = self.keep_slow_ns, self.keep_errors
-                keep_at = next((j for j in range(i, len(records))
-                                if keep_reason(records[j], slow_ns, errors) is not None), len(records))
-                self._keep_scan = (records, keep_at)
-            if keep_at <= i:
-                return i, None
-            stop = min(stop, keep_at)
         rate = 1.0 if conn.presampled else self.sample_rate
         opts = ((1 if rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
                                          _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
                                          otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate,
-                                         self.statement_key, opts, marks)
+                                         self.statement_key, opts, self.keep_slow_ns if self._keeping else 0, marks)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
