@@ -48,6 +48,11 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
     Raises ValueError for a truncated entry.
     """
     touched: dict = {}
+    # pair id -> (connection, its session while it observes, else None), read at the pair's
+    # first entry of this call; dropped after a hand-back or a failure, which may change them.
+    # Entries of one pair follow one another in their hundreds a call: one look-up each
+    # instead of the connection's two attributes and two dicts.
+    seen: dict = {}
     pos, end = 0, len(log)
     head = LOG_HEAD.unpack_from
     # The kinds as locals: compiled, C ints compared as such (the module's names are
@@ -69,34 +74,41 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
         if length < 0 or length > end - pos:
             raise ValueError("observe_log: a truncated record")
         stop = pos + length
-        conn = pumped.get(pair)
-        if conn is not None:
-            if kind == handback_kind:
-                touched.pop(pair, None)
-                resume(conn, kind, log, pos, stop, ts)
-            elif kind == wait_kind:
-                if conn.observe and length == 8:
-                    if cython.compiled:
-                        memcpy(cython.address(waited64), PyBytes_AS_STRING(log) + pos, 8)
-                        waited = waited64
+        known = seen.get(pair)
+        if known is None:
+            conn = pumped.get(pair)
+            if conn is None:
+                pos = stop
+                continue
+            known = seen[pair] = (conn, conn.session if conn.observe else None)
+            # (a pair with only a client wait here is handed on too: it finds nothing finished)
+            touched[pair] = conn
+        conn, session = known
+        if kind == handback_kind:
+            touched.pop(pair, None)
+            del seen[pair]
+            resume(conn, kind, log, pos, stop, ts)
+        elif kind == wait_kind:
+            if session is not None and length == 8:
+                if cython.compiled:
+                    memcpy(cython.address(waited64), PyBytes_AS_STRING(log) + pos, 8)
+                    waited = waited64
+                else:
+                    (waited,) = CLIENT_WAIT.unpack_from(log, pos)
+                session.client_waited(waited)
+        elif session is not None:
+            try:
+                if cython.compiled and isinstance(session, Session):  # the methods called directly
+                    if kind == client_kind:
+                        cython.cast(Session, session).client_observe(log, pos, stop, ts)
                     else:
-                        (waited,) = CLIENT_WAIT.unpack_from(log, pos)
-                    conn.session.client_waited(waited)
-            else:
-                touched[pair] = conn
-                if conn.observe:
-                    session = conn.session
-                    try:
-                        if cython.compiled and isinstance(session, Session):  # the methods called directly
-                            if kind == client_kind:
-                                cython.cast(Session, session).client_observe(log, pos, stop, ts)
-                            else:
-                                cython.cast(Session, session).server_observe(log, ts, pos, stop)
-                        elif kind == client_kind:
-                            session.client_observe(log, pos, stop, ts)
-                        else:
-                            session.server_observe(log, ts, pos, stop)
-                    except Exception as exc:
-                        resume(conn, kind, log, exc, stop, ts)
+                        cython.cast(Session, session).server_observe(log, ts, pos, stop)
+                elif kind == client_kind:
+                    session.client_observe(log, pos, stop, ts)
+                else:
+                    session.server_observe(log, ts, pos, stop)
+            except Exception as exc:
+                del seen[pair]
+                resume(conn, kind, log, exc, stop, ts)
         pos = stop
     return touched
