@@ -159,13 +159,50 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for p in _descendants(pid):
         try:
-            with open(f"/proc/{p}/stat", encoding="ascii") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+            total += _ticks(f"/proc/{p}/stat")
         except OSError:
             continue  # exited in between
-        # After the command name: state is field 3, utime 14 and stime 15 (1-based).
-        total += int(fields[11]) + int(fields[12])
     return total / _CLK_TCK
+
+
+def _ticks(path: str) -> int:
+    """utime + stime, in clock ticks, of a /proc stat file (a process's, or one thread's)."""
+    with open(path, encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return int(fields[11]) + int(fields[12])
+
+
+#: The parts of a proxy's CPU the benchmark tells apart (cpu_parts): the relay process's event
+#: loop thread (its main thread), its pump thread (the compiled relay, named by _pump.c), its
+#: other threads, and every process below it (the span process, or workers).
+CPU_PARTS = ("loop", "pump", "other", "children")
+PUMP_THREAD = "pgotel-pump"
+
+
+def cpu_parts(pid: int) -> dict[str, float]:
+    """utime + stime in seconds of each of :data:`CPU_PARTS` of the process ``pid`` (a proxy)."""
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return parts
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as fh:
+                name = fh.read().strip()
+            ticks = _ticks(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            continue  # ended in between
+        part = "loop" if tid == str(pid) else "pump" if name == PUMP_THREAD else "other"
+        parts[part] += ticks / _CLK_TCK
+    for child in _descendants(pid):
+        if child != pid:
+            try:
+                parts["children"] += _ticks(f"/proc/{child}/stat") / _CLK_TCK
+            except OSError:
+                pass  # exited in between
+    return parts
 
 
 def rss_kib(pid: int) -> int:
@@ -563,6 +600,7 @@ def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: 
         "--log", f"--log-prefix={prefix}", DBNAME,
     ]
     before_m = target.metrics()
+    parts0 = cpu_parts(target.pid) if target.admin_port is not None else None
     cpu0 = cpu_seconds(target.pid) if target.pid else None
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=pgbench_env(target.sslmode), capture_output=True, text=True, cwd=str(logdir))
@@ -572,6 +610,7 @@ def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: 
     # Tracing work continues after the last answer; it belongs to this cell.
     after_m = wait_export_idle(target) if target.traced else target.metrics()
     cpu1 = cpu_seconds(target.pid) if target.pid else None
+    parts1 = cpu_parts(target.pid) if parts0 is not None else None
     out = res.stdout
     tx = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     m = re.search(r"number of failed transactions: (\d+)", out)
@@ -590,6 +629,9 @@ def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: 
         row["cpu_us_per_tx"] = (cpu1 - cpu0) / tx * 1e6
     else:
         row["cpu_s"] = row["cpu_us_per_tx"] = None
+    if parts1 is not None and tx:
+        for part in CPU_PARTS:
+            row[f"cpu_{part}_us_per_tx"] = (parts1[part] - parts0[part]) / tx * 1e6
     if after_m:
         for key in ("spans_exported", "spans_dropped", "statements_dropped", "statements", "spans_started"):
             row[key] = int(after_m.get(key, 0) - before_m.get(key, 0))
@@ -792,7 +834,7 @@ def add_ratios(cells: list[dict[str, Any]]) -> None:
 #: Figures of a cell that combine_rounds gives as medians over the rounds; ratios are
 #: taken within a round first (each against its neighbour cells), then their median.
 _MEDIAN_KEYS = ("tps", "mean_ms", "p50_ms", "p99_ms", "cpu_us_per_tx", "tps_x_direct", "tps_x_pgbouncer",
-                "cpu_x_pgbouncer", "added_p50_us", "added_p99_us")
+                "cpu_x_pgbouncer", "added_p50_us", "added_p99_us", *(f"cpu_{part}_us_per_tx" for part in CPU_PARTS))
 #: Counts that add up over the rounds.
 _SUM_KEYS = ("transactions", "failed", "logged", "cpu_s", "wall_s", "spans_exported", "spans_dropped",
              "statements_dropped", "statements", "spans_started", "spans_received")
@@ -879,6 +921,16 @@ def format_tables(results: dict[str, Any]) -> str:
                   f"{'mode':<9} {'target':<15}{'p50':>8}{'p99':>8}"]
         for c in added:
             lines.append(f"{c['mode']:<9} {c['target']:<15}{c['added_p50_us']:>8.0f}{c['added_p99_us']:>8.0f}")
+    split = [c for c in results["pgbench"] + results.get("sustained", []) if c.get("cpu_loop_us_per_tx") is not None]
+    if split:
+        lines += ["", "the proxies' CPU by part (µs a transaction, medians): the event loop (reading the pump's log, "
+                      "packing records), the pump thread (the compiled relay), other threads, the processes below "
+                      "(the span process; workers)",
+                  f"{'mode':<9}{'cl':>3} {'target':<15}{'loop':>7}{'pump':>7}{'other':>7}{'below':>7}{'total':>7}"]
+        for c in split:
+            lines.append(f"{c['mode']:<9}{c['clients']:>3} {c['target']:<15}"
+                         + "".join(f"{_f(c.get(f'cpu_{part}_us_per_tx'), '.2f'):>7}" for part in CPU_PARTS)
+                         + f"{_f(c.get('cpu_us_per_tx'), '.2f'):>7}")
     if results.get("sustained"):
         first = results["sustained"][0]
         lines += ["", f"sustained cell: {first['mode']}, {first['clients']} clients, "

@@ -105,6 +105,8 @@ def test_cpu_and_rss_of_this_process(bench):
     sum(i * i for i in range(300_000))
     assert bench.cpu_seconds(os.getpid()) >= before
     assert bench.rss_kib(os.getpid()) > 1000
+    parts = bench.cpu_parts(os.getpid())  # this test's thread is the process's main thread
+    assert set(parts) == set(bench.CPU_PARTS) and parts["loop"] > 0 and parts["pump"] == 0
 
 
 @pytest.mark.skipif(not shutil.which("pgbench"), reason="pgbench not installed")
@@ -146,6 +148,16 @@ def test_whole_bench_runs_tiny(bench, pg, tmp_path):
     assert on["spans_exported"] >= 2 * on["transactions"]
     assert on["spans_dropped"] == 0
     assert on["spans_received"] == on["spans_exported"]
+    # Its CPU by part adds up to its CPU (read a moment apart: within two clock ticks), the span
+    # process's share is there, and the relay's is the pump's thread where it was built.
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    for r in (r for r in raw if r["target"] == "proxy-on"):
+        parts = [r[f"cpu_{part}_us_per_tx"] for part in bench.CPU_PARTS]
+        assert min(parts) >= 0 and r["cpu_children_us_per_tx"] > 0, r
+        assert sum(parts) == pytest.approx(r["cpu_us_per_tx"], abs=2 * tick_us / r["transactions"]), r
+    if os.environ.get("PGOTEL_PURE_PYTHON") != "1" and importlib.util.find_spec("pgotel_proxy.proxy._pump"):
+        assert sum(r["cpu_pump_us_per_tx"] for r in raw if r["target"] == "proxy-on") > 0
+    assert "cpu_loop_us_per_tx" not in cells["pgbouncer"] or cells["pgbouncer"]["cpu_loop_us_per_tx"] is None
 
     bulk = {(r["test"], r["target"]): r for r in results["bulk"]}
     assert len(bulk) == 6
