@@ -809,3 +809,31 @@ def test_client_wait_goes_to_the_statement_whose_answer_is_due():
     s.client_waited(9)
     s.server_observe(RowDescription("x") + DataRow(b"3") + CommandComplete("SELECT 1") + Ready(), 50)
     assert [r.client_wait_ns for r in s.take_completed()] == [5, 8, 9]
+
+
+# ---- statement texts decoded once (messages.text)
+
+
+def test_a_repeated_ascii_text_comes_back_as_the_same_str_and_every_text_as_its_own():
+    """The decoded-text table: a repeat is the same object; texts that share a slot never mix."""
+    from pgotel_proxy.protocol.messages import text
+
+    def wire(s: str) -> bytes:
+        return b"\x00\x00" + s.encode() + b"\x00"  # the text inside a message, as the codec finds it
+
+    first = text(wire("SELECT 1"), 2, 10)
+    assert first == "SELECT 1" and text(wire("SELECT 1"), 2, 10) is first
+    # Texts alike in the bytes the slot's hash reads (the first 24 and the last 40), unlike in the
+    # middle: they share a slot and must each come back as themselves, over and over.
+    middle = [f"SELECT * FROM accounts WHERE {'x' * 10}{i:06d}{'y' * 10} AND the_rest_of_it_is_the_same /*c*/"
+              for i in range(40)]
+    many = [f"SELECT {i} /*traceparent='00-{i:032x}-{i + 1:016x}-01'*/" for i in range(2000)]
+    for _ in range(2):
+        for s in middle + many:
+            data = wire(s)
+            assert text(data, 2, len(data) - 1) == s
+    # Not ASCII, or not UTF-8 at all: decoded (bad bytes replaced), never taken for another text.
+    assert text(wire("SELECT 'é'"), 2, 13) == "SELECT 'é'"
+    bad = b"\x00\x00SELECT '\xff'\x00"
+    assert text(bad, 2, len(bad) - 1) == "SELECT '\ufffd'"
+    assert text(wire("SELECT '?'"), 2, 12) == "SELECT '?'"

@@ -1,12 +1,15 @@
 # Types for the Cython build of messages.py (pure-Python mode).
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.string cimport memchr, memcmp
+from cpython.bytes cimport PyBytes_AS_STRING
+from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcmp, memcpy
 
-cdef list _text_raw, _text_str
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object)  # (a str whose characters are all ASCII, stored one a byte)
+
+cdef list _text_str
 cdef dict _texts
-cdef unsigned long long _HASH_SEED, _HASH_PRIME
+cdef unsigned long long _HASH_SEED, _HASH_PRIME, _HASH_MIX
 cdef Py_ssize_t _TEXT_SLOTS, _TEXT_MAX
 
 cdef unsigned char _frontend[256]
@@ -17,7 +20,7 @@ cpdef int header_refused(int typ, long long length, long long limit) noexcept no
 cpdef unsigned int be32(bytes buf, Py_ssize_t pos) noexcept
 
 @cython.locals(size=Py_ssize_t, p=cython.p_uchar, h=cython.ulonglong, head=Py_ssize_t, i=Py_ssize_t,
-               slot=Py_ssize_t, raw=bytes, value=str)
+               slot=Py_ssize_t, value=str, word=cython.ulonglong)
 cpdef str text(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 @cython.locals(data=bytes, end=Py_ssize_t, base=cython.p_char, nul=cython.p_char)

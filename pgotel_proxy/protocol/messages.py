@@ -106,14 +106,15 @@ def be32(buf: bytes, pos: int) -> int:
 # its hash is computed once wherever it is a key, and records.pack sends it once a
 # batch. Only ASCII texts are kept (they decode alike as UTF-8 and as ASCII), of at
 # most _TEXT_MAX bytes. Compiled: a direct-mapped table matched on the raw bytes
-# (no allocation for a hit); interpreted: a dict by the bytes, emptied when full.
+# (no allocation for a hit: an ASCII str's characters are its bytes, compared in place);
+# interpreted: a dict by the bytes, emptied when full.
 _TEXT_SLOTS = 512
 _TEXT_MAX = 4096
-_text_raw: list = [None] * _TEXT_SLOTS  # compiled: the bytes of the text in each slot
 _text_str: list = [None] * _TEXT_SLOTS  # compiled: the text in each slot
 _texts: dict = {}  # interpreted: bytes -> text
 _HASH_SEED = 0x9E3779B97F4A7C15  # compiled: the slot's hash (64-bit, wrapping)
 _HASH_PRIME = 0x100000001B3
+_HASH_MIX = 0xFF51AFD7ED558CCD  # compiled: the last mixing step's (MurmurHash3's fmix64)
 
 
 def text(buf: bytes, start: int, end: int) -> str:
@@ -125,20 +126,32 @@ def text(buf: bytes, start: int, end: int) -> str:
         return buf[start:end].decode("utf-8", "replace")
     if cython.compiled:
         p = cython.cast(cython.p_uchar, PyBytes_AS_STRING(buf)) + start
+        # The slot: a hash of the first 24 and the last 40 bytes (where texts of one statement
+        # differ: a literal, a comment's ids), 8 bytes a step, then mixed so that every byte
+        # moves the bits that pick the slot.
         h = cython.cast(cython.ulonglong, size) * _HASH_SEED
         head = size if size < 24 else 24
-        for i in range(head):
-            h = (h ^ p[i]) * _HASH_PRIME
-        for i in range(size - 40 if size - 40 > head else head, size):
-            h = (h ^ p[i]) * _HASH_PRIME
-        slot = cython.cast(cython.Py_ssize_t, (h >> 32) % _TEXT_SLOTS)
-        raw = _text_raw[slot]
-        if raw is not None and len(raw) == size and memcmp(PyBytes_AS_STRING(raw), p, size) == 0:
-            return _text_str[slot]
-        # (decoded in place: no bytes made for a text that is not kept)
+        i = 0
+        while i < size:
+            if i == head and size - 40 > head:
+                i = size - 40
+            if i + 8 <= size and (i + 8 <= head or i >= head):
+                memcpy(cython.address(word), p + i, 8)
+                h = (h ^ word) * _HASH_PRIME
+                i += 8
+            else:
+                h = (h ^ p[i]) * _HASH_PRIME
+                i += 1
+        h ^= h >> 33
+        h *= _HASH_MIX
+        h ^= h >> 33
+        slot = cython.cast(cython.Py_ssize_t, h % _TEXT_SLOTS)
+        value = _text_str[slot]
+        if value is not None and len(value) == size and memcmp(PyUnicode_1BYTE_DATA(value), p, size) == 0:
+            return value
+        # (decoded in place: no bytes made)
         value = PyUnicode_DecodeUTF8(cython.cast(cython.p_char, p), size, "replace")
-        if len(value) == size and value.isascii():
-            _text_raw[slot] = PyBytes_FromStringAndSize(cython.cast(cython.p_char, p), size)
+        if PyUnicode_IS_ASCII(value):  # (then its length is size: one character a byte)
             _text_str[slot] = value
         return value
     raw = buf[start:end]
