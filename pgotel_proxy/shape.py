@@ -91,13 +91,13 @@ def _number_end(s: str, i: int, end: int) -> int:
     return k
 
 
-def _blank(s: str, end: int, tail: int, parts: list) -> bool:
-    """Appends the pieces of ``s[:tail]`` to ``parts``, each literal of ``s[:end]`` as ``"\\x01"``, when there is one.
+def _blank(s: str, end: int, cuts: list) -> bool:
+    """Appends where each literal of ``s[:end]`` starts and ends to ``cuts`` (two ints a literal, in order).
 
     A literal: a string ``'…'`` (doubled quotes inside), or a number
     (:func:`_number_end`) that does not start inside a word or after a ".".
     Nothing else is: not a quote left open, not "$1" or "t1", not the digits
-    of "1.2.3". Nothing is appended when there is no literal.
+    of "1.2.3". :func:`_assemble` makes the text with each one blanked.
 
     Returns whether a literal-blind key may stand for ``s[:end]``: no
     backslash (an escape, or any string with ``standard_conforming_strings``
@@ -144,19 +144,53 @@ def _blank(s: str, end: int, tail: int, parts: list) -> bool:
             continue
         if i > 0 and s[i - 1] in "eEbBxXnN" and not (i > 1 and _in_word(s[i - 2])):
             safe = False
-        parts.append(s[last:i])
-        parts.append("\x01")
+        cuts.append(i)
+        cuts.append(e)
         last = e
-    if last:
-        parts.append(s[last:tail])
     return safe
+
+
+def _assemble(s: str, cuts: list, tail: int, rest: int) -> str:
+    """``s[:tail]`` with each literal ``cuts`` holds (:func:`_blank`) replaced by ``"\\x01"``, then ``s[rest:]``."""
+    if cython.compiled and PyUnicode_IS_ASCII(s):
+        # One str, written in place: no piece made and joined (an ASCII str's characters are
+        # one byte each, and so are the blank's).
+        n = len(cuts)
+        size = tail + (len(s) - rest)
+        for k in range(0, n, 2):
+            size -= cuts[k + 1] - cuts[k] - 1
+        out = PyUnicode_New(size, 127)
+        dst = PyUnicode_1BYTE_DATA(out)
+        src = PyUnicode_1BYTE_DATA(s)
+        w = 0
+        last = 0
+        for k in range(0, n, 2):
+            a = cuts[k]
+            memcpy(dst + w, src + last, a - last)
+            w += a - last
+            dst[w] = 1
+            w += 1
+            last = cuts[k + 1]
+        memcpy(dst + w, src + last, tail - last)
+        w += tail - last
+        memcpy(dst + w, src + rest, len(s) - rest)
+        return out
+    parts: list = []
+    last = 0
+    for k in range(0, len(cuts), 2):
+        parts.append(s[last:cuts[k]])
+        parts.append("\x01")
+        last = cuts[k + 1]
+    parts.append(s[last:tail])
+    parts.append(s[rest:])
+    return "".join(parts)
 
 
 def blind(s: str) -> str:
     """``s`` with each literal replaced by ``"\\x01"`` (``s`` itself when it has none)."""
-    parts: list = []
-    _blank(s, len(s), len(s), parts)
-    return "".join(parts) if parts else s
+    cuts: list = []
+    _blank(s, len(s), cuts)
+    return _assemble(s, cuts, len(s), len(s)) if cuts else s
 
 
 def blank_code(code: str) -> str | None:
@@ -169,10 +203,10 @@ def blank_code(code: str) -> str | None:
     differ only in their literals' values share their blanked code, and
     their parse trees differ only in those values.
     """
-    parts: list = []
-    if not _blank(code, len(code), len(code), parts):
+    cuts: list = []
+    if not _blank(code, len(code), cuts):
         return None
-    return "".join(parts) if parts else code
+    return _assemble(code, cuts, len(code), len(code)) if cuts else code
 
 
 def _hex(s: str, start: int, end: int):
@@ -290,13 +324,10 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     # (The value's lower-case hexadecimal digits and dashes hold none of the words: the scan skips them.)
     if _names_a_carrier(sql, 0, vs) or _names_a_carrier(sql, ve, n):
         return None
-    parts: list = []
-    if not _blank(sql, j, vs, parts):
+    cuts: list = []
+    if not _blank(sql, j, cuts):
         return None
-    if not parts:
-        parts.append(sql[:vs])
-    parts.append(sql[ve:])
-    return "".join(parts), (trace_high << 64) | trace_low, span_id, flags, vs
+    return _assemble(sql, cuts, vs, ve), (trace_high << 64) | trace_low, span_id, flags, vs
 
 
 class StatementKeys(dict):
