@@ -181,9 +181,14 @@ PUMP_THREAD = "pgotel-pump"
 
 
 def cpu_parts(pid: int) -> dict[str, float]:
-    """utime + stime in seconds of each of :data:`CPU_PARTS` of the process ``pid`` (a proxy)."""
+    """utime + stime in seconds of each of :data:`CPU_PARTS` of the process ``pid`` (a proxy).
+
+    "other" is the process's own figure less its loop and pump threads: threads that
+    ended count there too, and the parts add up to :func:`cpu_seconds`.
+    """
     parts = dict.fromkeys(CPU_PARTS, 0.0)
     try:
+        total = _ticks(f"/proc/{pid}/stat")
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return parts
@@ -194,8 +199,9 @@ def cpu_parts(pid: int) -> dict[str, float]:
             ticks = _ticks(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # ended in between
-        part = "loop" if tid == str(pid) else "pump" if name == PUMP_THREAD else "other"
-        parts[part] += ticks / _CLK_TCK
+        if tid == str(pid) or name == PUMP_THREAD:
+            parts["loop" if tid == str(pid) else "pump"] += ticks / _CLK_TCK
+    parts["other"] = max(0.0, total / _CLK_TCK - parts["loop"] - parts["pump"])
     for child in _descendants(pid):
         if child != pid:
             try:
