@@ -201,7 +201,7 @@ def cpu_parts(pid: int) -> dict[str, float]:
             continue  # ended in between
         if tid == str(pid) or name == PUMP_THREAD:
             parts["loop" if tid == str(pid) else "pump"] += ticks / _CLK_TCK
-    parts["other"] = max(0.0, total / _CLK_TCK - parts["loop"] - parts["pump"])
+    parts["other"] = total / _CLK_TCK - parts["loop"] - parts["pump"]
     for child in _descendants(pid):
         if child != pid:
             try:
@@ -637,7 +637,9 @@ def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: 
         row["cpu_s"] = row["cpu_us_per_tx"] = None
     if parts1 is not None and tx:
         for part in CPU_PARTS:
-            row[f"cpu_{part}_us_per_tx"] = (parts1[part] - parts0[part]) / tx * 1e6
+            # (the process's figure and its threads' are rounded to clock ticks each: "other", their
+            # difference, can come out a tick below 0)
+            row[f"cpu_{part}_us_per_tx"] = max(0.0, parts1[part] - parts0[part]) / tx * 1e6
     if after_m:
         for key in ("spans_exported", "spans_dropped", "statements_dropped", "statements", "spans_started"):
             row[key] = int(after_m.get(key, 0) - before_m.get(key, 0))
@@ -927,14 +929,15 @@ def format_tables(results: dict[str, Any]) -> str:
                   f"{'mode':<9} {'target':<15}{'p50':>8}{'p99':>8}"]
         for c in added:
             lines.append(f"{c['mode']:<9} {c['target']:<15}{c['added_p50_us']:>8.0f}{c['added_p99_us']:>8.0f}")
-    split = [c for c in results["pgbench"] + results.get("sustained", []) if c.get("cpu_loop_us_per_tx") is not None]
+    split = [(c, "") for c in results["pgbench"] if c.get("cpu_loop_us_per_tx") is not None]
+    split += [(c, " (sustained)") for c in results.get("sustained", []) if c.get("cpu_loop_us_per_tx") is not None]
     if split:
         lines += ["", "the proxies' CPU by part (µs a transaction, medians): the event loop (reading the pump's log, "
                       "packing records), the pump thread (the compiled relay), other threads, the processes below "
                       "(the span process; workers)",
-                  f"{'mode':<9}{'cl':>3} {'target':<15}{'loop':>7}{'pump':>7}{'other':>7}{'below':>7}{'total':>7}"]
-        for c in split:
-            lines.append(f"{c['mode']:<9}{c['clients']:>3} {c['target']:<15}"
+                  f"{'mode':<9}{'cl':>3} {'target':<27}{'loop':>7}{'pump':>7}{'other':>7}{'below':>7}{'total':>7}"]
+        for c, cell in split:
+            lines.append(f"{c['mode']:<9}{c['clients']:>3} {c['target'] + cell:<27}"
                          + "".join(f"{_f(c.get(f'cpu_{part}_us_per_tx'), '.2f'):>7}" for part in CPU_PARTS)
                          + f"{_f(c.get('cpu_us_per_tx'), '.2f'):>7}")
     if results.get("sustained"):
