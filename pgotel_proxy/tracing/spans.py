@@ -253,7 +253,8 @@ class SpanBuilder:
         """Spans of ``records[i:stop]`` in one compiled call while their shapes are kept (``otlp.kept_run``).
 
         Returns the index of the first record left for :meth:`one` (a shape not kept
-        yet, a context the compiled loop does not take, ``stop``) and, when building that
+        yet, a context the compiled loop does not take, a statement the keep rule keeps
+        when it is not sampled, ``stop``) and, when building that
         record failed, its error (its spans are not in ``out``). The spans and the ids
         drawn are what :meth:`one` would make, the sample rate's draw for new roots
         included. It runs only where a kept statement's context cannot depend on the
