@@ -50,8 +50,8 @@ def observe_log(log: bytes, pumped: dict, resume) -> dict:
     touched: dict = {}
     # pair id -> (connection, its session while it observes, else None), read at the pair's
     # first entry of this call; dropped after a hand-back or a failure, which may change them.
-    # Entries of one pair follow one another in their hundreds a call: one look-up each
-    # instead of the connection's two attributes and two dicts.
+    # A pair has many entries a call (each chunk of the last few milliseconds): one look-up
+    # an entry instead of the connection's two attributes and two dicts.
     seen: dict = {}
     pos, end = 0, len(log)
     head = LOG_HEAD.unpack_from
