@@ -194,13 +194,16 @@ def cpu_parts(pid: int) -> dict[str, float]:
         return parts
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as fh:
-                name = fh.read().strip()
-            ticks = _ticks(f"/proc/{pid}/task/{tid}/stat")
+            if tid == str(pid):
+                part = "loop"
+            else:
+                with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as fh:
+                    if fh.read().strip() != PUMP_THREAD:
+                        continue  # counted in "other"
+                part = "pump"
+            parts[part] += _ticks(f"/proc/{pid}/task/{tid}/stat") / _CLK_TCK
         except OSError:
             continue  # ended in between
-        if tid == str(pid) or name == PUMP_THREAD:
-            parts["loop" if tid == str(pid) else "pump"] += ticks / _CLK_TCK
     parts["other"] = total / _CLK_TCK - parts["loop"] - parts["pump"]
     for child in _descendants(pid):
         if child != pid:
@@ -606,7 +609,7 @@ def run_pgbench(target: Target, *, script: Path | list[tuple[Path, int]], mode: 
         "--log", f"--log-prefix={prefix}", DBNAME,
     ]
     before_m = target.metrics()
-    parts0 = cpu_parts(target.pid) if target.admin_port is not None else None
+    parts0 = cpu_parts(target.pid) if target.admin_port is not None else None  # (a proxy: it has the admin port)
     cpu0 = cpu_seconds(target.pid) if target.pid else None
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=pgbench_env(target.sslmode), capture_output=True, text=True, cwd=str(logdir))

@@ -20,7 +20,7 @@ cpdef int header_refused(int typ, long long length, long long limit) noexcept no
 cpdef unsigned int be32(bytes buf, Py_ssize_t pos) noexcept
 
 @cython.locals(size=Py_ssize_t, p=cython.p_uchar, h=cython.ulonglong, head=Py_ssize_t, i=Py_ssize_t,
-               slot=Py_ssize_t, value=str, word=cython.ulonglong)
+               slot=Py_ssize_t, value=str, word=cython.ulonglong, tail=Py_ssize_t, window_end=Py_ssize_t)
 cpdef str text(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 @cython.locals(data=bytes, end=Py_ssize_t, base=cython.p_char, nul=cython.p_char)

@@ -131,11 +131,13 @@ def text(buf: bytes, start: int, end: int) -> str:
         # moves the bits that pick the slot.
         h = cython.cast(cython.ulonglong, size) * _HASH_SEED
         head = size if size < 24 else 24
+        tail = size - 40 if size - 40 > head else head
         i = 0
         while i < size:
-            if i == head and size - 40 > head:
-                i = size - 40
-            if i + 8 <= size and (i + 8 <= head or i >= head):
+            if i == head:
+                i = tail  # (the middle is skipped)
+            window_end = head if i < head else size
+            if i + 8 <= window_end:
                 memcpy(cython.address(word), p + i, 8)
                 h = (h ^ word) * _HASH_PRIME
                 i += 8
