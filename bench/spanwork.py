@@ -99,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=("extended", "prepared", "simple"), default="extended")
     ap.add_argument("--histograms", choices=("on", "off"), default="on")
     ap.add_argument("--traceparent", choices=("new", "fixed", "none"), default="new")
+    ap.add_argument("--sample-rate", type=float, default=1.0,
+                    help="the head sampler's rate for statements without a traceparent (--traceparent none)")
     ap.add_argument("--batches", type=int, default=2000)
     ap.add_argument("--records", type=int, default=32, help="records a hand-over")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
-    config = Config(tracing=True, exporter="none", sample_rate=1.0, service_name="bench",
+    config = Config(tracing=True, exporter="none", sample_rate=args.sample_rate, service_name="bench",
                     latency_histograms=args.histograms == "on")
     helper = SpanHelper(config, exporter=None)
     try:
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             spans = run(helper, packed)
             best = min(best, time.perf_counter() - t0)
         n = args.batches * args.records
-        print(f"{args.protocol} histograms={args.histograms} traceparent={args.traceparent}: "
+        print(f"{args.protocol} histograms={args.histograms} traceparent={args.traceparent} "
+              f"sample rate {args.sample_rate:g}: "
               f"{n} records, {spans} spans, best {best / n * 1e6:.3f} µs a record")
     finally:
         helper.shutdown()

@@ -15,9 +15,10 @@ attributes) is the same for all texts of one shape, so the caches of
   doubled quotes) and each unsigned number literal becomes ``"\\x01"``.
 * :func:`blank_code` is :func:`blind` for code where the blanked text may
   stand for every text of its shape, else None.
-* :func:`statement_key` is the key of the span builder's cache for simple
+* :func:`statement_key` is the key of the span builder's cache for
   statements: the whole text with the code's literals blanked and the
-  traceparent value cut out, and the parsed traceparent.
+  traceparent value cut out, and the parsed traceparent; or, for a text
+  without a comment, the text with its literals blanked.
 * :class:`StatementKeys` holds its answers for the texts of one hand-over of
   records, so that the latency histograms and the span builder, which both
   key every record, compute each text's key once.
@@ -271,20 +272,29 @@ def _word_at(data, i: int, n: int, word, k: int) -> bool:
 def statement_key(sql: object) -> tuple[str, int, int, int, int] | None:
     """(key, trace_id, span_id, flags, value_start) for a keyable statement, else None.
 
-    Keyable: an ASCII text of at most :data:`MAX_CHARS` characters, with code
-    before its first "/*" (not only whitespace) that :func:`blank_code`
-    accepts, and a ``traceparent='…'`` after that "/*" (its first occurrence there,
-    right after "/*", "," or whitespace) holding a valid W3C value of 55
-    characters (not version ff, no zero id). Nothing that
-    ``spans.may_set_carrier`` could take for a carrier change ("pgotel", "all",
-    "application_name" or "pg_tracing", in any case) is keyed.
+    Keyable: an ASCII text of at most :data:`MAX_CHARS` characters that is
+    either
 
-    The key is the code with its literals blanked, then the rest of the text
-    with the 55 characters of the value cut out. Two texts with one key lex
-    the same way, token for token (each literal is one token whatever its
-    content, and a value of hexadecimal digits and dashes changes nothing in
-    its comment), so they differ only in their literals' values and the trace
-    context: the same tags, the same summary, the same sanitised text.
+    * code before its first "/*" (not only whitespace) that :func:`blank_code`
+      accepts, and a ``traceparent='…'`` after that "/*" (its first occurrence there,
+      right after "/*", "," or whitespace) holding a valid W3C value of 55
+      characters (not version ff, no zero id): the key is the code with its
+      literals blanked, then the rest of the text with the 55 characters of the
+      value cut out, with the value's ids and flags and where it starts; or
+    * code alone, without any comment, that :func:`blank_code` accepts: the key
+      is the code with its literals blanked, and the rest ``0, 0, 0, -1`` (no
+      context in the text: a trace id is never 0). Such texts carry no context
+      of their own, and take the connection's, or a new root's: the form of
+      most applications that send values inline without sqlcommenter.
+
+    Nothing that ``spans.may_set_carrier`` could take for a carrier change
+    ("pgotel", "all", "application_name" or "pg_tracing", in any case) is keyed.
+
+    Two texts with one key lex the same way, token for token (each literal is
+    one token whatever its content, and a value of hexadecimal digits and
+    dashes changes nothing in its comment), so they differ only in their
+    literals' values and the trace context: the same tags, the same summary,
+    the same sanitised text.
     """
     return _key(sql) if type(sql) is str else None
 
@@ -295,7 +305,14 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if n == 0 or n > MAX_CHARS or not sql.isascii():
         return None
     j = sql.find("/*")
-    if j <= 0:
+    if j < 0:  # no comment, so no context of its own
+        if _names_a_carrier(sql, 0, n):
+            return None
+        cuts: list = []
+        if not _blank(sql, n, cuts):
+            return None
+        return (_assemble(sql, cuts, n, n) if cuts else sql), 0, 0, 0, -1
+    if j == 0:
         return None
     i = 0
     while i < j and _is_space(sql[i]):

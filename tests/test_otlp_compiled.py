@@ -225,6 +225,8 @@ def _record(kind: str, i: int):
         sql = {"simple": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/",
                "simple-unsampled": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP_UNSAMPLED}'*/",
                "simple-plain": "SELECT 1",
+               # values inline without a comment: one key for every value, no context of its own
+               "simple-literal": f"SELECT * FROM t WHERE id = {i} AND s = 'v{i % 3}'",
                "simple-error": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/"}[kind]
         error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
         # a first row's time, also where the result counts no rows (it is not on the span then)
@@ -239,7 +241,9 @@ def _record(kind: str, i: int):
            # the shape of "ext-own" under an unsampled parent
            "ext-own-off": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
            "ext-own-unsampled": f"SELECT * FROM t WHERE id = $1 /*traceparent='{own}'*/",
-           "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/"}[kind]
+           "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/",
+           # an unnamed statement with a value inline and no comment, parsed anew each time
+           "ext-literal": f"SELECT * FROM t WHERE id = $1 AND n = {i}"}[kind]
     return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
                      bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
                      exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0,
@@ -249,9 +253,9 @@ def _record(kind: str, i: int):
                      application_name=f"app {i % 2}" if kind == "ext-app" else None)
 
 
-_KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-error", "ext", "ext-unsampled", "ext-plain",
-          "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate", "ext-own-off",
-          "ext-app")
+_KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-literal", "simple-error", "ext", "ext-unsampled",
+          "ext-plain", "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate",
+          "ext-own-off", "ext-app", "ext-literal")
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False, slow_ns: int | None = None):

@@ -152,7 +152,6 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
 
 
 @pytest.mark.parametrize("sql", [
-    "SELECT 1",  # no comment
     f"/*traceparent='{TP}'*/ SELECT 1",  # the comment first
     f"SELECT 1 /*route='x'*/",  # no traceparent
     f"SELECT E'a' /*traceparent='{TP}'*/",  # a prefixed string
@@ -181,6 +180,20 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
     f"SELECT current_setting('PG_TRACING.trace_context') /*traceparent='{TP}'*/",
     f"SELECT 1 /*PgOtel=1,traceparent='{TP}'*/",
     f"SELECT 1 /*traceparent='{TP}'*/ -- ALL",  # at the very end
+    # texts without a comment (keyed as code alone) that a literal-blind key cannot stand for
+    "SELECT 1 -- a line comment",
+    "SELECT E'a'",
+    "SELECT $$a$$",
+    'SELECT "a" FROM t',
+    "SELECT 'a\\'",
+    "SELECT 'open",
+    "SELECT 'é'",
+    "SELECT 1" + " " * shape.MAX_CHARS,
+    "RESET ALL",
+    "SET application_name = 'x'",
+    "SELECT set_config('pgotel.traceparent', 'x', false)",
+    "SELECT 1 FROM t UNION aLl SELECT 2",
+    "",
 ])
 def test_texts_a_key_cannot_stand_for_have_none(sql):
     assert shape.statement_key(sql) is None
@@ -216,12 +229,27 @@ def test_blank_code_blanks_only_what_lexes_as_one_token():
         assert shape.blank_code(unsafe) is None, unsafe
 
 
+def test_texts_without_a_comment_are_keyed_by_their_code_and_carry_no_context():
+    """Values inline, no sqlcommenter: one key for every value, and trace id 0 (no context of its own)."""
+    a = "SELECT * FROM t WHERE id = 1 AND s = 'x' AND f = 1.5"
+    b = "SELECT * FROM t WHERE id = 123456 AND s = 'it''s' AND f = 2e10"
+    assert shape.statement_key(a) == shape.statement_key(b) == (
+        "SELECT * FROM t WHERE id = \x01 AND s = \x01 AND f = \x01", 0, 0, 0, -1)
+    assert _twin.statement_key(a) == shape.statement_key(a)
+    assert shape.statement_key("SELECT now()") == ("SELECT now()", 0, 0, 0, -1)  # no literal: the text itself
+    assert _key("SELECT * FROM t WHERE id = $1") == "SELECT * FROM t WHERE id = $1"
+    # never the key of a text with a comment: those keep their "/*"
+    assert _key(a) != _key(f"{a} /*traceparent='{TP}'*/") and "/*" in _key(f"{a} /*traceparent='{TP}'*/")
+    assert sqlinfo.analyze_many(a) == sqlinfo.analyze_many(b)
+
+
 def test_statement_keys_hold_statement_key_answers():
     keys = shape.StatementKeys()
     keyed = f"SELECT * FROM t WHERE id = 7 /*traceparent='{TP}'*/"
     assert keys[keyed] == shape.statement_key(keyed) is not None
-    assert keys["SELECT 1"] is None and keys[""] is None  # no key, remembered as such
-    assert set(keys) == {keyed, "SELECT 1", ""}
+    assert keys["SELECT 1 -- c"] is None and keys[""] is None  # no key, remembered as such
+    assert keys["SELECT 1"] == ("SELECT \x01", 0, 0, 0, -1)
+    assert set(keys) == {keyed, "SELECT 1 -- c", "", "SELECT 1"}
 
 
 def test_blind_reads_non_ascii_as_postgresql_does():

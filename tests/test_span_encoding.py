@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
 
 from pgotel_proxy.protocol.events import Completion, Statement
 from pgotel_proxy.stats import STATS
@@ -323,6 +324,48 @@ def test_simple_statements_keyed_by_shape_encode_the_same_and_skip_the_parsers(m
     assert len(readable) == 2 * (len(records) - 2)
     assert {s.attributes["db.query.text"] for s in readable if s.name != "execute"} == {
         "SELECT abalance FROM accounts WHERE aid = ? AND name = ?"}
+
+
+def test_statements_without_a_comment_keyed_by_shape_encode_the_same_and_skip_the_analysis(monkeypatch):
+    """Values inline and no sqlcommenter (each statement a new root): spanned from the text's key
+    after the first of a shape, simple and extended alike; the same request as the SDK path."""
+    records = []
+    t = 1_000
+    for i in range(10):
+        records.append(_simple(f"SELECT abalance FROM accounts WHERE aid = {i * 7919} AND name = 'n{i}''s'",
+                               t=t, results=[Completion(t + 50, "SELECT 1", 1)]))
+        records.append(_extended(f"UPDATE accounts SET abalance = abalance + $1 WHERE aid = {i}", t=t + 100,
+                                 tag="UPDATE 1", rows=1))
+        t += 1_000
+    calls = []
+    for name in ("analyze", "analyze_many"):
+        def counting(sql, real=getattr(spans_mod.sqlinfo, name)):
+            calls.append(sql)
+            return real(sql)
+        monkeypatch.setattr(spans_mod.sqlinfo, name, counting)
+    parsed0 = STATS.sqlcomment_parsed
+    _build(records, True, transaction_spans=False, seed=7)
+    assert len(calls) == 2, calls  # the first statement of each shape; the rest are keyed
+    assert STATS.sqlcomment_parsed == parsed0  # no comment, none counted
+    readable = _same_request(records, seed=7)
+    assert len([s for s in readable if s.kind == SpanKind.SERVER]) == len(records)
+    assert {s.attributes["db.query.text"] for s in readable if s.kind == SpanKind.SERVER} == {
+        "SELECT abalance FROM accounts WHERE aid = ? AND name = ?",
+        "UPDATE accounts SET abalance = abalance + $1 WHERE aid = ?"}
+    assert len({s.context.trace_id for s in readable if s.kind == SpanKind.SERVER}) == len(records)  # new roots
+
+
+def test_statements_without_a_comment_keyed_by_shape_join_the_session_carrier():
+    """Under a session carrier (SET pgotel.traceparent), keyed texts without a comment take its context."""
+    records = [_simple(f"SET pgotel.traceparent = '{TP}'", results=[Completion(1_010, "SET", 0)])]
+    for i in range(4):
+        t = 2_000 + 1_000 * i
+        records.append(_simple(f"SELECT * FROM t WHERE id = {i}", t=t, results=[Completion(t + 50, "SELECT 1", 1)]))
+        records.append(_extended(f"SELECT * FROM t WHERE id = $1 AND n = {i}", t=t + 100))
+    readable = _same_request(records, seed=3)
+    statements = [s for s in readable if s.kind == SpanKind.SERVER and s.name != "SET"]
+    assert len(statements) == 8
+    assert {(s.context.trace_id, s.parent.span_id) for s in statements} == {(int(TP[3:35], 16), int(TP[36:52], 16))}
 
 
 def test_simple_statements_that_a_key_must_not_stand_for_are_parsed_every_time(monkeypatch):

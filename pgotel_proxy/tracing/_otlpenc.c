@@ -1035,7 +1035,8 @@ shape_entry(ShapeMemo *memo, PyObject *shapes, PyObject *const *items, Py_ssize_
 
 /* The kept shape of a keyed text: key its text (shape.statement_key) and look the shape up as
  * (key text, *rest, app); hit is set (a new reference) to a (parts, tracestate, trace_state_field)
- * found, *q to the key. 1 found, 0 not (the record is Python's), -1 an error. */
+ * found, *q to the key. 1 found, 0 not (the record is Python's), 2 the text has no key, -1 an
+ * error. */
 static int
 keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_ssize_t nrest, PyObject *app,
              PyObject *shapes, ShapeMemo *memo, PyObject **q, PyObject **hit)
@@ -1045,7 +1046,7 @@ keyed_lookup(PyObject *statement_key, PyObject *sql, PyObject *const *rest, Py_s
     if (*q == NULL)
         return -1;
     if (!PyTuple_CheckExact(*q) || PyTuple_GET_SIZE(*q) != 5)
-        return 0;
+        return 2;
     PyObject *items[8];
     items[0] = PyTuple_GET_ITEM(*q, 0);
     for (Py_ssize_t i = 0; i < nrest; i++)
@@ -1077,17 +1078,36 @@ keyed_sampled(PyObject *q, PyObject *rec, const Ctx *c, Py_ssize_t *parsed)
     return flags & 1 ? 2 : 1;
 }
 
+/* The context of a keyed statement found kept (its key q, hit = (parts, tracestate,
+ * trace_state_field)), as keyed_sampled answers: 2 its spans to build (c filled), 1 none to build,
+ * 0 the record is Python's, -1 an error. A text with a traceparent of its own carries its context;
+ * one without a comment (its key's trace id 0) is a new root at the rate's draw, as
+ * SpanBuilder._context makes it for a statement without a context (kept_run takes no
+ * connection with a session carrier). */
+static int
+keyed_context(PyObject *q, PyObject *hit, PyObject *rec, Ctx *c, long opts, Py_ssize_t *parsed)
+{
+    int own = PyObject_IsTrue(PyTuple_GET_ITEM(q, 1));
+    if (own < 0)
+        return -1;
+    if (!own) {
+        int r = kept_context(Py_False, opts & KEPT_ROOT_OK, rec, c);
+        return r == 1 ? 2 : r == 0 ? 1 : r == -2 ? 0 : -1;
+    }
+    int r = keyed_sampled(q, rec, c, parsed);
+    return r == 2 && keyed_ctx(q, hit, c) < 0 ? -1 : r;
+}
+
 /* A keyed extended statement (SpanBuilder._extended's keyed shapes): v = (sql, reused, tag, rows,
- * statement_name, portal). */
+ * statement_name, portal). As keyed_lookup, 2 when the text has no key. */
 static int
 keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyObject *shapes, ShapeMemo *memo,
-          PyObject *app, PyObject *phase_parts, Ctx *c, PyObject *statement_key, Py_ssize_t *parsed)
+          PyObject *app, PyObject *phase_parts, Ctx *c, PyObject *statement_key, long opts, Py_ssize_t *parsed)
 {
     PyObject *q, *hit, *rest[5] = {Py_None, v[2], v[3], v[4], v[5]};
     int r = keyed_lookup(statement_key, v[0], rest, 5, app, shapes, memo, &q, &hit);
-    if (r == 1 && (r = keyed_sampled(q, rec, c, parsed)) == 2)
-        r = keyed_ctx(q, hit, c) < 0 || extended_spans(out, head, PyTuple_GET_ITEM(hit, 0), phase_parts, rec, c) < 0
-                ? -1 : 1;
+    if (r == 1 && (r = keyed_context(q, hit, rec, c, opts, parsed)) == 2)
+        r = extended_spans(out, head, PyTuple_GET_ITEM(hit, 0), phase_parts, rec, c) < 0 ? -1 : 1;
     Py_XDECREF(hit);
     Py_XDECREF(q);
     return r;
@@ -1137,8 +1157,12 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
                 return 0;
             }
         }
-        if ((opts & KEPT_KEYED) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0]))
-            return keyed_one(out, head, rec, v, shapes, memo, app, phase_parts, c, statement_key, parsed);
+        if ((opts & KEPT_KEYED) && v[1] == Py_False && PyUnicode_CheckExact(v[0]) && PyUnicode_GET_LENGTH(v[0])) {
+            int r = keyed_one(out, head, rec, v, shapes, memo, app, phase_parts, c, statement_key, opts, parsed);
+            if (r != 2)
+                return r;
+            /* a text without a key: kept by the text itself, as SpanBuilder._extended keeps it */
+        }
         PyObject *items[7] = {v[0], v[1], v[2], v[3], v[4], v[5], app};
         PyObject *hit = shape_entry(memo, shapes, items, 7);
         if (hit == NULL)
@@ -1176,12 +1200,14 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
         return 0;
     PyObject *q, *hit, *rest[3] = {tag, rows, NULL};
     int r = keyed_lookup(statement_key, sql, rest, 2, app, shapes, memo, &q, &hit);
-    if (r == 1 && (r = keyed_sampled(q, rec, c, parsed)) == 2) {
+    if (r == 2)
+        r = 0; /* no key: the Python steps key the shape by its analysis */
+    if (r == 1 && (r = keyed_context(q, hit, rec, c, opts, parsed)) == 2) {
         unsigned long long start, end, first_row;
         int has_rows = 1;
         unsigned char sid[8];
         r = 1;
-        if (keyed_ctx(q, hit, c) < 0 || read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
+        if (read_ns(rec, F_START, &start) < 0 || ns_of(res_end, &end) < 0 ||
             (!end && read_ns(rec, F_END, &end) < 0) || read_ns(rec, F_FIRST_ROW, &first_row) < 0 ||
             /* a first row counts for a statement that returned rows (spans._first_row_result) */
             (first_row && (has_rows = PyObject_IsTrue(rows)) < 0) ||

@@ -163,8 +163,7 @@ def _shape(shapes: dict, sql: str, keys: StatementKeys) -> tuple:
 
     The text's shape key goes into ``keys`` for the span builder, which keys the same records next.
     """
-    # (statement_key finds no key in a text without "/*": the test spares the call)
-    q = keys[sql] = statement_key(sql) if "/*" in sql else None
+    q = keys[sql] = statement_key(sql)
     key = sql if q is None else q[0]
     hit = shapes.get(key)
     if hit is None:

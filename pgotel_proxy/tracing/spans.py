@@ -428,9 +428,14 @@ class SpanBuilder:
                 shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
-                    STATS.sqlcomment_parsed += 1
-                    if q[3] & 1:
-                        self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
+                    if q[1]:  # the text's own traceparent
+                        STATS.sqlcomment_parsed += 1
+                        if q[3] & 1:
+                            self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
+                    else:  # a text without a comment: the connection's context, or a new root
+                        ctx = self._context(conn, None)
+                        if ctx is not None:
+                            self._kept_extended(out, rec, hit[0], *ctx)
                     conn.end_of_statement(rec.tx_status, rec.tag)
                     return
                 keyed = (shape, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
@@ -490,7 +495,7 @@ class SpanBuilder:
                 if keyed is None:
                     self._keep_shape(conn, shape, (comment, parts, _kept_context(comment)))
                 elif _keyed_comment(keyed, raw, comment):
-                    kept_ts = comment.context.tracestate
+                    kept_ts = comment.context.tracestate if comment is not None else None
                     self._keep_shape(conn, shape, (parts, kept_ts, otlp.trace_state_field(kept_ts)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
@@ -543,18 +548,21 @@ class SpanBuilder:
         if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
                 and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
                 and conn.tx_parent is None and not self._keep_record):
-            # One statement with values inline and a traceparent: a text of a shape seen
-            # before on this connection is spanned from its key alone (shape.statement_key),
-            # without parsing its comment or its SQL again.
+            # One statement with values inline, and a traceparent or no comment at all: a
+            # text of a shape seen before on this connection is spanned from its key alone
+            # (shape.statement_key), without parsing its comment or its SQL again.
             q = self.statement_key(raw)
             if q is not None:
                 res = results[0]
                 key = (q[0], res.tag, res.rows, self._app(conn, rec))
                 hit = conn.shapes.get(key)
                 if hit is not None:
-                    STATS.sqlcomment_parsed += 1
                     parts, tracestate = hit[0], hit[1]
-                    ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
+                    if q[1]:  # the text's own traceparent
+                        STATS.sqlcomment_parsed += 1
+                        ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
+                    else:  # a text without a comment: the connection's context, or a new root
+                        ctx = self._context(conn, None)
                     self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
                 keyed = (key, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
@@ -613,8 +621,9 @@ class SpanBuilder:
                     parts = otlp.span_parts(name, _SERVER, attrs, span_status)
                     self._keep_shape(conn, shape, (info, parts))
                     if keyed is not None and _keyed_comment(keyed, raw, comment):
-                        tracestate = comment.context.tracestate
-                        self._keep_shape(conn, keyed[0], (parts, tracestate, otlp.trace_state_field(tracestate)))
+                        # (the comment's tracestate: the span's own, from a session carrier, is not kept)
+                        kept_ts = comment.context.tracestate if comment is not None else None
+                        self._keep_shape(conn, keyed[0], (parts, kept_ts, otlp.trace_state_field(kept_ts)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True,
                             rec.first_row_ns if i == row_result else 0, rec.client_wait_ns if i == wait_result else 0)
             start = res.end_ns or start
@@ -751,8 +760,11 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
     The key (shape.statement_key) found the traceparent where a parse would; this checks
     that the full parse agrees (the tag, the context) and counted nothing as malformed or
     oversized, so that a statement spanned from the key alone misses no counter either.
+    A key of a text without a comment (trace id 0) stands for no comment.
     """
     _, (_, trace_id, span_id, flags, vs), counts = keyed
+    if not trace_id:
+        return comment is None and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed)
     ctx = comment.context if comment is not None else None
     return (ctx is not None and not comment.invalid_traceparent
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
