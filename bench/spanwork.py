@@ -55,12 +55,18 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
     # every exemplar stale and build every record alone (in the proxy an exemplar is renewed
     # once in EXEMPLAR_MAX_AGE_NS per bucket: nothing a record).
     t = time.time_ns() + 3600 * 10**9
-    for _ in range(batches):
+    for b in range(batches):
         records = []
+        if traceparent == "session" and b == 0:  # the session carrier every statement after it joins
+            rec = Statement("simple", f"SET pgotel.traceparent = '00-{TRACE_ID:032x}-{span:016x}-01'", start_ns=t,
+                            end_ns=t + 10_000, status="ok", tx_status="I", results=[Completion(t + 9_000, "SET", 0)])
+            records.append(rec)
+            t += 100_000
         for i in range(per_batch):
             if traceparent == "new":
                 span += 1
-            comment = f" /*traceparent='00-{TRACE_ID:032x}-{span:016x}-01'*/" if traceparent != "none" else ""
+            comment = (f" /*traceparent='00-{TRACE_ID:032x}-{span:016x}-01'*/"
+                       if traceparent in ("new", "fixed") else "")
             aid = (span * 7919 + i) % 100000 + 1
             if protocol == "extended":
                 sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = $1{comment}"
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=("extended", "prepared", "simple"), default="extended")
     ap.add_argument("--histograms", choices=("on", "off"), default="on")
-    ap.add_argument("--traceparent", choices=("new", "fixed", "none"), default="new")
+    ap.add_argument("--traceparent", choices=("new", "fixed", "none", "session"), default="new",
+                    help="in each statement's sqlcommenter comment, a new or the same one each time; none; "
+                         "or none in the statements and one session carrier (SET pgotel.traceparent) first")
     ap.add_argument("--sample-rate", type=float, default=1.0,
                     help="the head sampler's rate for statements without a traceparent (--traceparent none)")
     ap.add_argument("--batches", type=int, default=2000)

@@ -227,8 +227,15 @@ def _record(kind: str, i: int):
                "simple-plain": "SELECT 1",
                # values inline without a comment: one key for every value, no context of its own
                "simple-literal": f"SELECT * FROM t WHERE id = {i} AND s = 'v{i % 3}'",
+               # a session carrier, sampled or not, set and reset: statements without a context join it
+               "simple-set": f"SET pgotel.traceparent = '00-{i + 1:032x}-{i + 9:016x}-0{i % 2}'",
+               "simple-reset": "RESET pgotel.traceparent",
                "simple-error": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/"}[kind]
         error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
+        if kind in ("simple-set", "simple-reset"):
+            tag = "SET" if kind == "simple-set" else "RESET"
+            return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="ok", tx_status="I",
+                             results=[Completion(t + 40, tag, 0, None)])
         # a first row's time, also where the result counts no rows (it is not on the span then)
         return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="error" if error else "ok",
                          first_row_ns=t + 5 + i % 7 if i % 2 else 0, client_wait_ns=i if i % 7 == 5 else 0,
@@ -253,7 +260,8 @@ def _record(kind: str, i: int):
                      application_name=f"app {i % 2}" if kind == "ext-app" else None)
 
 
-_KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-literal", "simple-error", "ext", "ext-unsampled",
+_KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-literal", "simple-set", "simple-reset",
+          "simple-error", "ext", "ext-unsampled",
           "ext-plain", "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate",
           "ext-own-off", "ext-app", "ext-literal")
 

@@ -39,7 +39,7 @@
  *     first row's offset when first_row (ns) is not 0.
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks]) -> (next, parsed, error)
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks]) -> (next, parsed, error)
  *     SpanBuilder.kept: the spans of records[i:stop] whose shapes the connection keeps (shapes), one
  *     record after the other, up to the first one the Python steps must see; next is its index,
  *     new roots drawn with random() < rate when the rate is below 1 (random None: such a record is
@@ -50,6 +50,8 @@
  *     A record with a client's wait (client_wait_ns, rare) is Python's, and so is one the keep
  *     rule keeps when it is not sampled: its wire interval at least keep_slow_ns (not 0; a failed
  *     statement is Python's anyway).
+ *     carrier: the connection's session carrier, the context of statements without one of their
+ *     own, as (trace_id, span_id, sampled, trace_state_field); None where there is none.
  *     marks, a list when given: len(out) before each record done is appended to it (where its
  *     spans start; a record not sampled has none).
  *
@@ -635,6 +637,13 @@ typedef struct {
     /* kept_run only: the keep rule's threshold (0: none). A slow statement that would not be
      * sampled is Python's, which keeps it as a root of its own (SpanBuilder._keep_root). */
     unsigned long long keep_slow_ns;
+    /* kept_run only: the connection's session carrier, the context of statements without one of
+     * their own (has_carrier 0: none, they are new roots): its ids, whether it is sampled, and
+     * its trace_state field. */
+    int has_carrier, carrier_sampled;
+    unsigned char carrier_trace_id[16], carrier_parent[8];
+    const char *carrier_ts;
+    Py_ssize_t carrier_ts_len;
 } Ctx;
 
 static int
@@ -901,12 +910,23 @@ kept_if_left_out(PyObject *rec, const Ctx *c)
     return start && end >= start && end - start >= c->keep_slow_ns;
 }
 
-/* The context of a kept extended statement (its shape's third item, spans._kept_context):
- * 1 spans with c filled, 0 no spans (not sampled), -2 the record is Python's, -1 an error. */
+/* The context of a kept extended statement (its shape's third item, spans._kept_context;
+ * False for none of its own): 1 spans with c filled, 0 no spans (not sampled), -2 the record is
+ * Python's, -1 an error. */
 static int
 kept_context(PyObject *fast, int root_ok, PyObject *rec, Ctx *c)
 {
-    if (fast == Py_False) { /* no context: a new root, sampled at the rate's draw */
+    if (fast == Py_False && c->has_carrier) { /* no context of its own: the session carrier's */
+        if (!c->carrier_sampled)
+            return kept_if_left_out(rec, c) ? -2 : 0;
+        memcpy(c->trace_id, c->carrier_trace_id, 16);
+        memcpy(c->parent, c->carrier_parent, 8);
+        c->has_parent = 1;
+        c->ts = c->carrier_ts;
+        c->ts_len = c->carrier_ts_len;
+        return 1;
+    }
+    if (fast == Py_False) { /* no context, no carrier: a new root, sampled at the rate's draw */
         if (!root_ok) {
             /* The draw SpanBuilder._context makes, from the same generator, in the same order:
              * none at a rate of 0, else random() < rate samples. A statement the keep rule
@@ -1081,9 +1101,8 @@ keyed_sampled(PyObject *q, PyObject *rec, const Ctx *c, Py_ssize_t *parsed)
 /* The context of a keyed statement found kept (its key q, hit = (parts, tracestate,
  * trace_state_field)), as keyed_sampled answers: 2 its spans to build (c filled), 1 none to build,
  * 0 the record is Python's, -1 an error. A text with a traceparent of its own carries its context;
- * one without a comment (its key's trace id 0) is a new root at the rate's draw, as
- * SpanBuilder._context makes it for a statement without a context (kept_run takes no
- * connection with a session carrier). */
+ * one without a comment (its key's trace id 0) takes the session carrier's, else it is a new root
+ * at the rate's draw, as SpanBuilder._context makes it for a statement without a context. */
 static int
 keyed_context(PyObject *q, PyObject *hit, PyObject *rec, Ctx *c, long opts, Py_ssize_t *parsed)
 {
@@ -1220,21 +1239,43 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
     return r;
 }
 
+/* The session carrier kept_run was given: None, or (trace_id, span_id, sampled, trace_state_field). */
+static int
+read_carrier(PyObject *carrier, Ctx *c)
+{
+    if (carrier == Py_None)
+        return 0;
+    if (!PyTuple_CheckExact(carrier) || PyTuple_GET_SIZE(carrier) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(carrier, 3))) {
+        PyErr_SetString(PyExc_TypeError, "kept_run: carrier must be None or (trace_id, span_id, sampled, trace_state)");
+        return -1;
+    }
+    int sampled = PyObject_IsTrue(PyTuple_GET_ITEM(carrier, 2));
+    if (sampled < 0 || id_bytes(PyTuple_GET_ITEM(carrier, 0), c->carrier_trace_id, 16) < 0 ||
+        id_bytes(PyTuple_GET_ITEM(carrier, 1), c->carrier_parent, 8) < 0)
+        return -1;
+    c->has_carrier = 1;
+    c->carrier_sampled = sampled;
+    c->carrier_ts = PyBytes_AS_STRING(PyTuple_GET_ITEM(carrier, 3));
+    c->carrier_ts_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(carrier, 3));
+    return 0;
+}
+
 /* kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks]) -> (next, parsed, error) */
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks])
+ *     -> (next, parsed, error) */
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if ((nargs != 17 && nargs != 18) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
+    if ((nargs != 18 && nargs != 19) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[5]) || !PyTuple_Check(args[7]) ||
-        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 18 && args[17] != Py_None && !PyList_Check(args[17]))) {
+        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 19 && args[18] != Py_None && !PyList_Check(args[18]))) {
         PyErr_SetString(PyExc_TypeError,
                         "kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, "
-                        "child_flags, getrandbits, random, rate, statement_key, opts, keep_slow_ns[, marks])");
+                        "child_flags, getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks])");
         return NULL;
     }
-    PyObject *marks = nargs == 18 && args[17] != Py_None ? args[17] : NULL;
+    PyObject *marks = nargs == 19 && args[18] != Py_None ? args[18] : NULL;
     if (record_type == NULL || completion_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "kept_run: configure() first");
         return NULL;
@@ -1255,7 +1296,7 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     c.rate = PyFloat_AsDouble(args[13]);
     if (c.rate == -1.0 && PyErr_Occurred())
         return NULL;
-    if (ns_of(args[16], &c.keep_slow_ns) < 0)
+    if (ns_of(args[16], &c.keep_slow_ns) < 0 || read_carrier(args[17], &c) < 0)
         return NULL;
     Py_ssize_t parsed = 0;
     PyObject *error = NULL;

@@ -257,21 +257,26 @@ class SpanBuilder:
         when it is not sampled, ``stop``) and, when building that
         record failed, its error (its spans are not in ``out``). The spans and the ids
         drawn are what :meth:`one` would make, the sample rate's draw for new roots
-        included. It runs only where a kept statement's context cannot depend on the
-        connection: no session carrier, no transaction span, no ``SET`` waiting for its
-        transaction's end. ``marks``: where the spans of each record it built start in
+        included. It runs only where a kept statement's context is the same all run long:
+        no transaction span, no ``SET`` waiting for its transaction's end (a statement that
+        may set a carrier is never kept, so a session carrier holds until the Python steps
+        see one). ``marks``: where the spans of each record it built start in
         ``out`` (``len(out)`` before the record; a record not sampled has none), appended.
         """
-        if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None or conn.carrier is not None
+        if (otlp.kept_run is None or not self.encode or conn.tx_parent is not None
                 or conn.saved is not None or conn.carrier_local or type(records) is not list):
             return i, None
         rate = 1.0 if conn.presampled else self.sample_rate
         opts = ((1 if rate >= 1.0 else 0) | (0 if self.capture_literals else 2)
                 | (4 if self.capture_parameters else 0))
+        ctx = conn.carrier
+        carrier = (None if ctx is None else
+                   (ctx.trace_id, ctx.span_id, ctx.sampled, otlp.trace_state_field(ctx.tracestate)))
         i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
                                          _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
                                          otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate,
-                                         self.statement_key, opts, self.keep_slow_ns if self._keeping else 0, marks)
+                                         self.statement_key, opts, self.keep_slow_ns if self._keeping else 0,
+                                         carrier, marks)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
