@@ -63,8 +63,15 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
             records.append(rec)
             t += 100_000
         for i in range(per_batch):
-            if traceparent == "new":
+            if traceparent in ("new", "app"):
                 span += 1
+            app = None
+            if traceparent == "app":  # OpenTelemetry JS pg: a SET of application_name before each statement
+                app = f"00-{TRACE_ID:032x}-{span:016x}-01"
+                records.append(Statement("simple", f"SET application_name = '{app}'", start_ns=t, end_ns=t + 10_000,
+                                         status="ok", tx_status="I", application_name=app,
+                                         results=[Completion(t + 9_000, "SET", 0)]))
+                t += 20_000
             comment = (f" /*traceparent='00-{TRACE_ID:032x}-{span:016x}-01'*/"
                        if traceparent in ("new", "fixed") else "")
             aid = (span * 7919 + i) % 100000 + 1
@@ -83,6 +90,7 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
                 rec = Statement("simple", sql, start_ns=t, end_ns=t + 60_000, status="ok", tx_status="I",
                                 results=[Completion(t + 59_000, "SELECT 1", 1)])
             rec.sql = texts.setdefault(sql, sql)
+            rec.application_name = app
             records.append(rec)
             t += 100_000
         out.append(pack_records(records))
@@ -104,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=("extended", "prepared", "simple"), default="extended")
     ap.add_argument("--histograms", choices=("on", "off"), default="on")
-    ap.add_argument("--traceparent", choices=("new", "fixed", "none", "session"), default="new",
+    ap.add_argument("--traceparent", choices=("new", "fixed", "none", "session", "app"), default="new",
                     help="in each statement's sqlcommenter comment, a new or the same one each time; none; "
-                         "or none in the statements and one session carrier (SET pgotel.traceparent) first")
+                         "none in the statements and one session carrier (SET pgotel.traceparent) first; "
+                         "or a new one in application_name, SET before each statement")
     ap.add_argument("--sample-rate", type=float, default=1.0,
                     help="the head sampler's rate for statements without a traceparent (--traceparent none)")
     ap.add_argument("--batches", type=int, default=2000)

@@ -216,6 +216,11 @@ _TP_UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
 _T0 = time.time_ns() + 3600 * 10**9
 
 
+def _app_context(i: int) -> str:
+    """An application_name that holds a traceparent (sampled for even ``i``)."""
+    return f"00-{i + 1:032x}-{i + 3:016x}-0{1 - i % 2}"
+
+
 def _record(kind: str, i: int):
     """A finished record of one of the forms the span process sees (``i`` varies times and literals)."""
     from pgotel_proxy.protocol.events import Completion, Statement
@@ -230,11 +235,14 @@ def _record(kind: str, i: int):
                # a session carrier, sampled or not, set and reset: statements without a context join it
                "simple-set": f"SET pgotel.traceparent = '00-{i + 1:032x}-{i + 9:016x}-0{i % 2}'",
                "simple-reset": "RESET pgotel.traceparent",
+               # OpenTelemetry JS's pg: a new traceparent in application_name before each statement
+               "simple-setapp": f"SET application_name = '{_app_context(i)}'",
                "simple-error": f"SELECT * FROM t WHERE id = {i} /*traceparent='{_TP}'*/"}[kind]
         error = {"C": "42P01", "M": "no"} if kind == "simple-error" else None
-        if kind in ("simple-set", "simple-reset"):
-            tag = "SET" if kind == "simple-set" else "RESET"
+        if kind in ("simple-set", "simple-reset", "simple-setapp"):
+            tag = "RESET" if kind == "simple-reset" else "SET"
             return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="ok", tx_status="I",
+                             application_name=_app_context(i) if kind == "simple-setapp" else None,
                              results=[Completion(t + 40, tag, 0, None)])
         # a first row's time, also where the result counts no rows (it is not on the span then)
         return Statement("simple", sql, start_ns=t, end_ns=t + 50, status="error" if error else "ok",
@@ -243,7 +251,7 @@ def _record(kind: str, i: int):
                          results=[Completion(t + 40 if i % 2 else 0, "SELECT 1", i % 3, error)])
     own = f"00-{i + 1:032x}-{i + 7:016x}-0{1 if kind == 'ext-own' else 0}"  # a traceparent of its own
     sql = {"ext": _SQL[0], "ext-unsampled": f"SELECT 1 /*traceparent='{_TP_UNSAMPLED}'*/", "ext-plain": _SQL[1],
-           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0], "ext-app": _SQL[0],
+           "ext-tracestate": _SQL[2], "ext-reused": _SQL[0], "ext-app": _SQL[0], "ext-appctx": _SQL[1],
            "ext-own": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
            # the shape of "ext-own" under an unsampled parent
            "ext-own-off": f"SELECT * FROM t WHERE id = $1 AND n = {i % 2} /*traceparent='{own}'*/",
@@ -256,14 +264,16 @@ def _record(kind: str, i: int):
                      exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0,
                      client_wait_ns=3 * i if i % 7 == 5 else 0, status="ok", tag="SELECT 1", rows=1, tx_status="I",
                      reused=kind == "ext-reused", statement_name="s1" if kind == "ext-reused" else None,
-                     # a record of one text under two application_names: two shapes, one after the other
-                     application_name=f"app {i % 2}" if kind == "ext-app" else None)
+                     # a record of one text under two application_names: two shapes, one after the other;
+                     # or under an application_name that holds a context (no name: one shape)
+                     application_name=(f"app {i % 2}" if kind == "ext-app" else
+                                       _app_context(i) if kind == "ext-appctx" else None))
 
 
 _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-literal", "simple-set", "simple-reset",
           "simple-error", "ext", "ext-unsampled",
           "ext-plain", "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate",
-          "ext-own-off", "ext-app", "ext-literal")
+          "ext-own-off", "ext-app", "ext-literal", "simple-setapp", "ext-appctx")
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False, slow_ns: int | None = None):

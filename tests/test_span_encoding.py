@@ -271,8 +271,11 @@ def test_repeated_simple_shapes_with_other_values_encode_the_same():
         t += 1_000
     records.append(_simple("SELECT 1/0", t=t, results=[Completion(t + 50, None, 0, {"C": "22012", "M": "x"})]))
     _same_request(records, seed=11)
-    # one shape, two row counts; the 'ALL' texts and the error not kept
-    assert len(_kept_shapes(records, capture_parameters=False)) == 2
+    # one shape, two row counts; the 'ALL' texts (which may set a context channel, so their text
+    # is read for it each time) kept as such; the error not kept
+    kept = _kept_shapes(records, capture_parameters=False)
+    assert len(kept) == 3
+    assert [key[1] for key in kept if key[0] == spans_mod._SETTER] == ["SELECT name FROM users WHERE name = \x01"]
 
 
 def _kept_shapes(records: list[Statement], *, capture_parameters: bool) -> dict:
@@ -366,6 +369,36 @@ def test_statements_without_a_comment_keyed_by_shape_join_the_session_carrier():
     statements = [s for s in readable if s.kind == SpanKind.SERVER and s.name != "SET"]
     assert len(statements) == 8
     assert {(s.context.trace_id, s.parent.span_id) for s in statements} == {(int(TP[3:35], 16), int(TP[36:52], 16))}
+
+
+def test_statements_under_application_name_contexts_share_their_shapes(monkeypatch):
+    """OpenTelemetry JS's pg sets a new traceparent in application_name before each statement:
+    such a value is no name, so every statement after the first is spanned from its kept shape,
+    each under its own SET's context; a real name is still an attribute."""
+    records = []
+    for i in range(6):
+        t = 2_000 + 1_000 * i
+        app = _traceparent(i)
+        records.append(_simple(f"SET application_name = '{app}'", t=t, application_name=app,
+                               results=[Completion(t + 10, "SET", 0)]))
+        records.append(_extended("SELECT * FROM t WHERE id = $1", t=t + 100, application_name=app))
+    records.append(_simple("SET application_name = 'billing'", t=9_000, application_name="billing",
+                           results=[Completion(9_010, "SET", 0)]))
+    records.append(_extended("SELECT * FROM t WHERE id = $1", t=9_100, application_name="billing"))
+    calls = []
+    for name in ("analyze", "analyze_many"):
+        def counting(sql, real=getattr(spans_mod.sqlinfo, name)):
+            calls.append(sql)
+            return real(sql)
+        monkeypatch.setattr(spans_mod.sqlinfo, name, counting)
+    _build(records, True, transaction_spans=False, seed=5)
+    # the first SET and SELECT under a context, the SET and SELECT under a name
+    assert calls == [records[0].sql, records[1].sql, records[-2].sql, records[-1].sql]
+    readable = _same_request(records, seed=5)
+    selects = [s for s in readable if s.kind == SpanKind.SERVER and s.name != "SET"]
+    assert [(s.context.trace_id, s.parent.span_id) for s in selects[:6]] == [
+        (int(_traceparent(i)[3:35], 16), int(_traceparent(i)[36:52], 16)) for i in range(6)]
+    assert [s.attributes.get("db.postgresql.application_name") for s in selects] == [None] * 6 + ["billing"]
 
 
 def test_simple_statements_that_a_key_must_not_stand_for_are_parsed_every_time(monkeypatch):

@@ -39,14 +39,16 @@
  *     first row's offset when first_row (ns) is not 0.
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks]) -> (next, parsed, error)
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier, app_key[, marks])
+ *          -> (next, parsed, error)
  *     SpanBuilder.kept: the spans of records[i:stop] whose shapes the connection keeps (shapes), one
  *     record after the other, up to the first one the Python steps must see; next is its index,
  *     new roots drawn with random() < rate when the rate is below 1 (random None: such a record is
  *     Python's),
  *     parsed the comments counted as parsed, error the exception that record raised (its spans
  *     are not in out) or None. head None appends each span's field alone (SpanBuilder.bare).
- *     app: the connection's application_name, for records that carry none of their own.
+ *     app: the connection's application_name as a key of kept shapes (app_key(name), spans.app_key),
+ *     for records that carry none of their own; app_key makes the key of a record's own.
  *     A record with a client's wait (client_wait_ns, rare) is Python's, and so is one the keep
  *     rule keeps when it is not sampled: its wire interval at least keep_slow_ns (not 0; a failed
  *     statement is Python's anyway).
@@ -644,6 +646,9 @@ typedef struct {
     unsigned char carrier_trace_id[16], carrier_parent[8];
     const char *carrier_ts;
     Py_ssize_t carrier_ts_len;
+    /* kept_run only: spans.app_key, and the last application_name a record carried with its key
+     * (owned references, released when kept_run returns). */
+    PyObject *app_key, *last_app, *last_app_key;
 } Ctx;
 
 static int
@@ -1132,6 +1137,24 @@ keyed_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *const *v, PyOb
     return r;
 }
 
+/* The key of kept shapes for an application_name a record carries (spans.app_key, called once for
+ * each new value), borrowed; NULL with an error set. */
+static PyObject *
+app_key_of(PyObject *app, Ctx *c)
+{
+    if (app == c->last_app)
+        return c->last_app_key;
+    PyObject *key = PyObject_CallOneArg(c->app_key, app);
+    if (key == NULL)
+        return NULL;
+    Py_INCREF(app);
+    Py_XDECREF(c->last_app);
+    c->last_app = app;
+    Py_XDECREF(c->last_app_key);
+    c->last_app_key = key;
+    return key;
+}
+
 /* One record: 1 done (spans appended), 0 the record is Python's, -1 an error. */
 static int
 kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMemo *memo, PyObject *app,
@@ -1151,15 +1174,15 @@ kept_one(PyObject *out, PyObject *head, PyObject *rec, PyObject *shapes, ShapeMe
         PyErr_Clear();
         return 0;
     }
-    /* The application_name the statement ran under is part of its shape (SpanBuilder._app):
-     * the record's own, else the connection's (app). */
+    /* The application_name the statement ran under is part of its shape (SpanBuilder._app_key):
+     * the record's own, else the connection's (app, a key already). */
     PyObject *rec_app = field(rec, F_APPLICATION_NAME);
     if (rec_app == NULL) {
         PyErr_Clear();
         return 0;
     }
-    if (rec_app != Py_None)
-        app = rec_app;
+    if (rec_app != Py_None && (app = app_key_of(rec_app, c)) == NULL)
+        return -1;
     if (is_str(protocol, s_extended)) {
         PyObject *v[6];
         for (int i = 0; i < 6; i++) {
@@ -1261,21 +1284,23 @@ read_carrier(PyObject *carrier, Ctx *c)
 }
 
 /* kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
- *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks])
+ *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier, app_key[, marks])
  *     -> (next, parsed, error) */
 static PyObject *
 kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if ((nargs != 18 && nargs != 19) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
+    if ((nargs != 19 && nargs != 20) || !PyList_Check(args[0]) || !head_ok(args[1]) ||
         !PyList_Check(args[2]) || !PyDict_CheckExact(args[5]) || !PyTuple_Check(args[7]) ||
-        PyTuple_GET_SIZE(args[7]) != 8 || (nargs == 19 && args[18] != Py_None && !PyList_Check(args[18]))) {
+        PyTuple_GET_SIZE(args[7]) != 8 || !PyCallable_Check(args[18]) ||
+        (nargs == 20 && args[19] != Py_None && !PyList_Check(args[19]))) {
         PyErr_SetString(PyExc_TypeError,
                         "kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, "
-                        "child_flags, getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier[, marks])");
+                        "child_flags, getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier, app_key"
+                        "[, marks])");
         return NULL;
     }
-    PyObject *marks = nargs == 19 && args[18] != Py_None ? args[18] : NULL;
+    PyObject *marks = nargs == 20 && args[19] != Py_None ? args[19] : NULL;
     if (record_type == NULL || completion_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "kept_run: configure() first");
         return NULL;
@@ -1298,6 +1323,7 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (ns_of(args[16], &c.keep_slow_ns) < 0 || read_carrier(args[17], &c) < 0)
         return NULL;
+    c.app_key = args[18];
     Py_ssize_t parsed = 0;
     PyObject *error = NULL;
     ShapeMemo memo = {NULL, NULL};
@@ -1334,6 +1360,8 @@ kept_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_XDECREF(memo.key);
     Py_XDECREF(memo.entry);
+    Py_XDECREF(c.last_app);
+    Py_XDECREF(c.last_app_key);
     PyObject *ret = failed ? NULL : Py_BuildValue("(nnO)", i, parsed, error != NULL ? error : Py_None);
     Py_XDECREF(error);
     return ret;

@@ -1,7 +1,7 @@
 # Types for the Cython build of histograms.py (pure-Python mode): the per-record loop.
 cimport cython
 from pgotel_proxy.protocol.events cimport Completion, Statement
-from pgotel_proxy.shape cimport statement_key
+from pgotel_proxy.shape cimport blank_code, statement_key
 
 cdef class _Series:
     cdef public list counts

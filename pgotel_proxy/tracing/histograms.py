@@ -68,7 +68,7 @@ from opentelemetry.semconv.attributes.db_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.metrics.db_metrics import DB_CLIENT_OPERATION_DURATION
 
-from ..shape import StatementKeys, statement_key
+from ..shape import StatementKeys, blank_code, statement_key
 from ..stats import LATENCY_BOUNDS, STATS
 from . import sqlinfo
 from .otlp import encoded_span_facts
@@ -164,7 +164,10 @@ def _shape(shapes: dict, sql: str, keys: StatementKeys) -> tuple:
     The text's shape key goes into ``keys`` for the span builder, which keys the same records next.
     """
     q = keys[sql] = statement_key(sql)
-    key = sql if q is None else q[0]
+    # (a text without a key, such as a SET of a context channel with a new traceparent each
+    # time, is still one shape to the analysis: sqlinfo keys its cache by the blanked code too;
+    # a text the blanking refuses is its own key, in a tuple: it may hold a blank's "\x01")
+    key = q[0] if q is not None else (blank_code(sql) or (sql,))
     hit = shapes.get(key)
     if hit is None:
         # (the analysis reads past comments: no sqlcomment parse, which the span builder counts)

@@ -66,7 +66,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 
 from .. import __version__, sqlcomment
-from ..shape import statement_key
+from ..shape import blank_code, statement_key
 from ..protocol.events import COMPLETION_LAYOUT, STATEMENT_LAYOUT, Completion, Statement
 from ..stats import STATS
 from . import otlp, sqlinfo
@@ -272,11 +272,11 @@ class SpanBuilder:
         ctx = conn.carrier
         carrier = (None if ctx is None else
                    (ctx.trace_id, ctx.span_id, ctx.sampled, otlp.trace_state_field(ctx.tracestate)))
-        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app(conn, None),
+        i, parsed, error = otlp.kept_run(out, self._out_head, records, i, stop, conn.shapes, self._app_key(conn, None),
                                          _PHASE_GROUPS, _PHASE_PARTS["execute"][1], otlp.PARENT_FLAGS,
                                          otlp.CHILD_FLAGS, _rand.getrandbits, _rand.random, rate,
                                          self.statement_key, opts, self.keep_slow_ns if self._keeping else 0,
-                                         carrier, marks)
+                                         carrier, app_key, marks)
         if parsed:
             STATS.sqlcomment_parsed += parsed
         return i, error
@@ -430,7 +430,7 @@ class SpanBuilder:
             q = (self.statement_key(rec.sql) if not rec.reused and not self.capture_literals and rec.sql
                  else None)
             if q is not None:
-                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
+                shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app_key(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     if q[1]:  # the text's own traceparent
@@ -445,7 +445,7 @@ class SpanBuilder:
                     return
                 keyed = (shape, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
             else:
-                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app(conn, rec))
+                shape = (rec.sql, rec.reused, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app_key(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
                     comment, parts = hit[0], hit[1]
@@ -550,6 +550,7 @@ class SpanBuilder:
         raw = rec.sql or ""
         results: list[Completion] = rec.results or []
         keyed = None  # (key, statement_key's answer, sqlcomment counts before the parse)
+        setter = None  # the key of a statement that may set a context channel
         if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
                 and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
                 and conn.tx_parent is None and not self._keep_record):
@@ -559,7 +560,7 @@ class SpanBuilder:
             q = self.statement_key(raw)
             if q is not None:
                 res = results[0]
-                key = (q[0], res.tag, res.rows, self._app(conn, rec))
+                key = (q[0], res.tag, res.rows, self._app_key(conn, rec))
                 hit = conn.shapes.get(key)
                 if hit is not None:
                     parts, tracestate = hit[0], hit[1]
@@ -571,6 +572,19 @@ class SpanBuilder:
                     self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
                 keyed = (key, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
+            elif "/*" not in raw and may_set_carrier(raw):
+                # A statement that may set a context channel, without a comment (OpenTelemetry
+                # JS's pg sends SET application_name = '00-…' before each statement): its
+                # span is its shape's too, and the channel is set from its own text each time.
+                code = blank_code(raw)
+                if code is not None:
+                    res = results[0]
+                    setter = (_SETTER, code, res.tag, res.rows, self._app_key(conn, rec))
+                    hit = conn.shapes.get(setter)
+                    if hit is not None:
+                        conn.observe_set(raw, True, rec.tx_status)
+                        self._kept_simple(out, conn, rec, res, hit, self._context(conn, None))
+                        return
         comment = sqlcomment.parse(raw) if raw else None
         if comment is not None and comment.invalid_traceparent:
             STATS.sqlcomment_invalid_traceparent += 1
@@ -585,7 +599,7 @@ class SpanBuilder:
             # differ, but its analysis (shared by shape), and so its name and
             # attributes, do not: encoded once.
             res, info = results[0], infos[0]
-            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app(conn, rec))
+            shape = (id(info), res.tag, res.rows, _other_tags(comment), self._app_key(conn, rec))
             hit = conn.shapes.get(shape)
             if hit is not None and hit[0] is info:
                 self._kept_simple(out, conn, rec, res, hit[1], self._context(conn, comment))
@@ -622,6 +636,8 @@ class SpanBuilder:
                 span_status = _status(status, res.error, attrs)
                 self._emit(out, name, trace_id, sid, parent_id, True, flags, tracestate, _SERVER, start, end,
                            attrs, span_status, links)
+                if setter is not None and len(infos) == 1:
+                    self._keep_shape(conn, setter, otlp.span_parts(name, _SERVER, attrs, span_status))
                 if shape is not None:
                     parts = otlp.span_parts(name, _SERVER, attrs, span_status)
                     self._keep_shape(conn, shape, (info, parts))
@@ -693,14 +709,18 @@ class SpanBuilder:
     def _app(conn: ConnState, rec: Statement | None) -> str | None:
         """The application_name a statement ran under: what its record says, else the connection's.
 
-        Also a key of kept shapes (the compiled loop, ``otlp.kept_run``, reads the
-        record's own value the same way, this one for records without it).
+        Kept shapes are keyed by :meth:`_app_key`'s form of it.
         """
         app = rec.application_name if rec is not None else None
         if app is None:
             session = conn.info.session
             app = session.server_params.get("application_name") or session.startup_params.get("application_name")
         return app
+
+    @classmethod
+    def _app_key(cls, conn: ConnState, rec: Statement | None) -> str | None:
+        """:meth:`_app` as a key of kept shapes (:func:`app_key`)."""
+        return app_key(cls._app(conn, rec))
 
     def _phase(self, out, name, trace_id, flags, tracestate, parent_id, start, end, exact, first_row=0,
                client_wait=0) -> None:
@@ -777,9 +797,38 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
             and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
 
 
+#: The first item of the kept-shape key of a statement that may set a context channel (SpanBuilder._simple).
+_SETTER = "may set a channel"
+
+
 def _holds_context(app: str) -> bool:
     """Whether an application_name is a traceparent: context (a channel), not a name."""
-    return len(app) >= 55 and app[2:3] == "-" and channel_context(_APP, app) is not None
+    if len(app) < 55 or app[2:3] != "-":
+        return False
+    held = _CONTEXT_APPS.get(app)
+    if held is None:
+        # A statement's value is asked for several times (its attributes, its shape's
+        # key, the compiled loop's key): parsed once.
+        if len(_CONTEXT_APPS) >= 64:
+            _CONTEXT_APPS.clear()
+        held = _CONTEXT_APPS[app] = channel_context(_APP, app) is not None
+    return held
+
+
+#: _holds_context's answers for the last application_names that looked like a traceparent.
+_CONTEXT_APPS: dict[str, bool] = {}
+
+
+def app_key(app: str | None) -> str | None:
+    """An application_name as a key of kept shapes: None for one that holds a context.
+
+    Such a value is no name (no attribute, see ``SpanBuilder._attrs``), so the shapes
+    of statements under it are those without a name; applications that set a new
+    traceparent in application_name before each statement (OpenTelemetry JS's pg
+    instrumentation) keep hitting them. The compiled loop (``otlp.kept_run``) calls
+    this for each new value a record carries.
+    """
+    return None if app is not None and _holds_context(app) else app
 
 
 def _links(conn: ConnState, parent_id: int | None) -> tuple:
