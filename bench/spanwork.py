@@ -81,7 +81,8 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
                                 bind_start_ns=t + 1_000, bind_end_ns=t + 21_000, exec_start_ns=t + 2_000,
                                 end_ns=t + 60_000, status="ok", tag="SELECT 1", rows=1, tx_status="I")
             elif protocol == "prepared":  # Bind and Execute of a statement parsed earlier (pgbench -M prepared)
-                sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = $1{comment}"
+                # (its text is the Parse's: a traceparent in it is the first one, whatever came since)
+                sql = texts.setdefault("prepared", f"SELECT abalance FROM pgbench_accounts WHERE aid = $1{comment}")
                 rec = Statement("extended", sql, statement_name="P0_1", start_ns=t, bind_start_ns=t,
                                 bind_end_ns=t + 20_000, exec_start_ns=t + 1_000, end_ns=t + 60_000, status="ok",
                                 tag="SELECT 1", rows=1, tx_status="I", reused=True)
