@@ -329,6 +329,17 @@ def test_simple_statements_keyed_by_shape_encode_the_same_and_skip_the_parsers(m
         "SELECT abalance FROM accounts WHERE aid = ? AND name = ?"}
 
 
+def _analysed(monkeypatch) -> list:
+    """The texts the span builder analyses (sqlinfo.analyze / analyze_many) from now on, in order."""
+    calls: list = []
+    for name in ("analyze", "analyze_many"):
+        def counting(sql, real=getattr(spans_mod.sqlinfo, name)):
+            calls.append(sql)
+            return real(sql)
+        monkeypatch.setattr(spans_mod.sqlinfo, name, counting)
+    return calls
+
+
 def test_statements_without_a_comment_keyed_by_shape_encode_the_same_and_skip_the_analysis(monkeypatch):
     """Values inline and no sqlcommenter (each statement a new root): spanned from the text's key
     after the first of a shape, simple and extended alike; the same request as the SDK path."""
@@ -340,12 +351,7 @@ def test_statements_without_a_comment_keyed_by_shape_encode_the_same_and_skip_th
         records.append(_extended(f"UPDATE accounts SET abalance = abalance + $1 WHERE aid = {i}", t=t + 100,
                                  tag="UPDATE 1", rows=1))
         t += 1_000
-    calls = []
-    for name in ("analyze", "analyze_many"):
-        def counting(sql, real=getattr(spans_mod.sqlinfo, name)):
-            calls.append(sql)
-            return real(sql)
-        monkeypatch.setattr(spans_mod.sqlinfo, name, counting)
+    calls = _analysed(monkeypatch)
     parsed0 = STATS.sqlcomment_parsed
     _build(records, True, transaction_spans=False, seed=7)
     assert len(calls) == 2, calls  # the first statement of each shape; the rest are keyed
@@ -385,12 +391,7 @@ def test_statements_under_application_name_contexts_share_their_shapes(monkeypat
     records.append(_simple("SET application_name = 'billing'", t=9_000, application_name="billing",
                            results=[Completion(9_010, "SET", 0)]))
     records.append(_extended("SELECT * FROM t WHERE id = $1", t=9_100, application_name="billing"))
-    calls = []
-    for name in ("analyze", "analyze_many"):
-        def counting(sql, real=getattr(spans_mod.sqlinfo, name)):
-            calls.append(sql)
-            return real(sql)
-        monkeypatch.setattr(spans_mod.sqlinfo, name, counting)
+    calls = _analysed(monkeypatch)
     _build(records, True, transaction_spans=False, seed=5)
     # the first SET and SELECT under a context, the SET and SELECT under a name
     assert calls == [records[0].sql, records[1].sql, records[-2].sql, records[-1].sql]
