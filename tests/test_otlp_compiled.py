@@ -496,3 +496,23 @@ def test_statement_spans_skips_the_execute_of_a_skipped_statement_and_refuses_ba
         otlp.statement_spans([], head, parts, spans_mod._PHASE_GROUPS, rec, 2**128, 3, b"", 1, 1, saved.getrandbits)
     with pytest.raises(ZeroDivisionError):  # an error of the id source reaches the caller
         otlp.statement_spans([], head, parts, spans_mod._PHASE_GROUPS, rec, 1, 3, b"", 1, 1, lambda bits: 1 // 0)
+
+
+_TIMES = st.sampled_from([0, 1_000, 1_010, 1_020, 1_030, 1_040])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(parse=st.tuples(_TIMES, _TIMES, st.booleans()), bind=st.tuples(_TIMES, _TIMES, st.booleans()),
+       execute=st.tuples(_TIMES, _TIMES, st.booleans()), skipped=st.booleans())
+def test_phase_groups_compiled_and_interpreted_agree(parse, bind, execute, skipped):
+    """The phase rule has one compiled source (group_phases), which the span builder uses whole
+    where it is built, and a Python twin for a build without it: the same groups for any times."""
+    from pgotel_proxy.protocol.events import Statement
+    from pgotel_proxy.tracing import spans as spans_mod
+
+    rec = Statement("extended", "SELECT 1", start_ns=1_000, parse_start_ns=parse[0], parse_end_ns=parse[1],
+                    parse_exact=parse[2], bind_start_ns=bind[0], bind_end_ns=bind[1], bind_exact=bind[2],
+                    exec_start_ns=execute[0], end_ns=execute[1], exec_exact=execute[2],
+                    status="skipped" if skipped else "ok")
+    assert spans_mod._phase_groups is otlp.phase_groups
+    assert otlp.phase_groups(rec) == spans_mod._phase_groups_py(rec)

@@ -29,14 +29,18 @@
  *     head + (field,), span ids drawn by getrandbits(64) in the order the
  *     Python builder draws them. phase_parts: eight entries indexed by a mask
  *     of the phases a span holds (parse 1, plan 2, execute 4), each an
- *     (inexact, exact) pair of parts; entry 0 unused. The phase rules are
- *     spans._phase_groups'.
+ *     (inexact, exact) pair of parts; entry 0 unused. The phase rule is
+ *     group_phases (phase_groups below).
  *
  * simple_spans(out, head, parts, exec_parts, trace_id, parent_id, trace_state, parent_flags, child_flags,
  *              getrandbits, start, end, first_row)
  *     The same for a kept simple-protocol statement: its span from start to
  *     end and its exact execute child (SpanBuilder._kept_simple), with the
  *     first row's offset when first_row (ns) is not 0.
+ *
+ * phase_groups(rec) -> [(mask, exact, start, end), ...]
+ *     The phase spans of an extended statement: the rule statement_spans and kept_run apply, for
+ *     the span builder's other steps (spans._phase_groups).
  *
  * kept_run(out, head, records, i, stop, shapes, app, phase_parts, exec_parts, parent_flags, child_flags,
  *          getrandbits, random, rate, statement_key, opts, keep_slow_ns, carrier, app_key[, marks])
@@ -796,49 +800,57 @@ statement_spans(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* statement_spans' work, for a checked record and its context. */
-static int
-extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *phase_parts, PyObject *rec,
-               const Ctx *cp)
-{
-    const Ctx c = *cp;
+/* An extended statement's times and flags, as its record holds them. */
+typedef struct {
     unsigned long long start, parse_start, parse_end, bind_start, bind_end, exec_start, end, first_row;
-    if (read_ns(rec, F_START, &start) < 0 || read_ns(rec, F_PARSE_START, &parse_start) < 0 ||
-        read_ns(rec, F_PARSE_END, &parse_end) < 0 || read_ns(rec, F_BIND_START, &bind_start) < 0 ||
-        read_ns(rec, F_BIND_END, &bind_end) < 0 || read_ns(rec, F_EXEC_START, &exec_start) < 0 ||
-        read_ns(rec, F_END, &end) < 0 || read_ns(rec, F_FIRST_ROW, &first_row) < 0)
+    int parse_exact, bind_exact, exec_exact, skipped;
+} Times;
+
+static int
+read_times(PyObject *rec, Times *t)
+{
+    if (read_ns(rec, F_START, &t->start) < 0 || read_ns(rec, F_PARSE_START, &t->parse_start) < 0 ||
+        read_ns(rec, F_PARSE_END, &t->parse_end) < 0 || read_ns(rec, F_BIND_START, &t->bind_start) < 0 ||
+        read_ns(rec, F_BIND_END, &t->bind_end) < 0 || read_ns(rec, F_EXEC_START, &t->exec_start) < 0 ||
+        read_ns(rec, F_END, &t->end) < 0 || read_ns(rec, F_FIRST_ROW, &t->first_row) < 0)
         return -1;
-    int parse_exact = read_flag(rec, F_PARSE_EXACT), bind_exact = read_flag(rec, F_BIND_EXACT);
-    int exec_exact = read_flag(rec, F_EXEC_EXACT);
-    if (parse_exact < 0 || bind_exact < 0 || exec_exact < 0)
+    t->parse_exact = read_flag(rec, F_PARSE_EXACT);
+    t->bind_exact = read_flag(rec, F_BIND_EXACT);
+    t->exec_exact = read_flag(rec, F_EXEC_EXACT);
+    if (t->parse_exact < 0 || t->bind_exact < 0 || t->exec_exact < 0)
         return -1;
     PyObject *st = field(rec, F_STATUS);
     if (st == NULL)
         PyErr_Clear();
-    int skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
+    t->skipped = st != NULL && PyUnicode_Check(st) && PyUnicode_CompareWithASCIIString(st, "skipped") == 0;
+    return 0;
+}
 
-    unsigned char sid[8];
-    if (append_statement(out, head, stmt_parts, &c, start,
-                         end ? end : bind_end ? bind_end : parse_end ? parse_end : start, sid) < 0)
-        return -1;
-    /* its phases (spans._phase_groups): runs of phases whose boundary was not observed make one
-     * span; ids drawn first, as there */
-    unsigned long long later = bind_end ? bind_end : end;
-    int seen[3] = {parse_exact && (!later || parse_end < later), bind_exact && (!end || bind_end < end),
-                   exec_exact};
-    int has[3] = {parse_start && parse_end, bind_start && bind_end, exec_start && end && !skipped};
-    unsigned long long from[3] = {parse_start, bind_start > parse_end ? bind_start : parse_end,
-                                  exec_start > bind_end ? exec_start : bind_end};
-    unsigned long long to[3] = {parse_end, bind_end, end};
-    int masks[3], exact[3], n = 0, mask = 0;
-    unsigned long long gfrom[3], gto[3];
+/* The phase spans of an extended statement: (mask, exact, start, end) each, at most 3, in masks,
+ * exact, from and to; their number. The rule's one source where this module is built (the span
+ * builder takes it as spans._phase_groups; spans._phase_groups_py is its twin for a build without
+ * it): a boundary between two phases counts as observed only when the server flushed right after
+ * the earlier phase's answer (*_exact) and that answer arrived in an earlier read than the next
+ * phase's; runs of phases whose boundary was not observed make one span over their joint
+ * interval, exact when its end was observed. Masks: parse 1, plan 2, execute 4. */
+static int
+group_phases(const Times *t, int masks[3], int exact[3], unsigned long long from[3], unsigned long long to[3])
+{
+    unsigned long long later = t->bind_end ? t->bind_end : t->end;
+    int seen[3] = {t->parse_exact && (!later || t->parse_end < later), t->bind_exact && (!t->end || t->bind_end < t->end),
+                   t->exec_exact};
+    int has[3] = {t->parse_start && t->parse_end, t->bind_start && t->bind_end, t->exec_start && t->end && !t->skipped};
+    unsigned long long starts[3] = {t->parse_start, t->bind_start > t->parse_end ? t->bind_start : t->parse_end,
+                                    t->exec_start > t->bind_end ? t->exec_start : t->bind_end};
+    unsigned long long ends[3] = {t->parse_end, t->bind_end, t->end};
+    int n = 0, mask = 0;
     for (int i = 0; i < 3; i++) {
         if (!has[i])
             continue;
         if (!mask)
-            gfrom[n] = from[i];
+            from[n] = starts[i];
         mask |= 1 << i;
-        gto[n] = to[i];
+        to[n] = ends[i] > from[n] ? ends[i] : from[n];
         if (seen[i]) {
             masks[n] = mask;
             exact[n++] = 1;
@@ -849,6 +861,53 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
         masks[n] = mask;
         exact[n++] = 0;
     }
+    return n;
+}
+
+/* phase_groups(rec) -> [(mask, exact, start, end), ...]: group_phases for a record of the
+ * configured class (spans._phase_groups). */
+static PyObject *
+phase_groups(PyObject *self, PyObject *rec)
+{
+    (void)self;
+    if (record_type == NULL || Py_TYPE(rec) != record_type) {
+        PyErr_SetString(PyExc_TypeError, "phase_groups: rec is not a record of the configured class");
+        return NULL;
+    }
+    Times t;
+    int masks[3], exact[3];
+    unsigned long long from[3], to[3];
+    if (read_times(rec, &t) < 0)
+        return NULL;
+    int n = group_phases(&t, masks, exact, from, to);
+    PyObject *out = PyList_New(n);
+    for (int g = 0; out != NULL && g < n; g++) {
+        PyObject *item = Py_BuildValue("(iOKK)", masks[g], exact[g] ? Py_True : Py_False, from[g], to[g]);
+        if (item == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, g, item);
+    }
+    return out;
+}
+
+/* statement_spans' work, for a checked record and its context. */
+static int
+extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *phase_parts, PyObject *rec,
+               const Ctx *cp)
+{
+    const Ctx c = *cp;
+    Times t;
+    if (read_times(rec, &t) < 0)
+        return -1;
+    unsigned char sid[8];
+    if (append_statement(out, head, stmt_parts, &c, t.start,
+                         t.end ? t.end : t.bind_end ? t.bind_end : t.parse_end ? t.parse_end : t.start, sid) < 0)
+        return -1;
+    /* its phases, ids drawn first, as the Python steps draw them (SpanBuilder._phases) */
+    int masks[3], exact[3];
+    unsigned long long from[3], to[3];
+    int n = group_phases(&t, masks, exact, from, to);
     PyObject *ids[3] = {NULL, NULL, NULL};
     int rc = 0;
     for (int g = 0; g < n && rc == 0; g++)
@@ -857,7 +916,7 @@ extended_spans(PyObject *out, PyObject *head, PyObject *stmt_parts, PyObject *ph
     for (int g = 0; g < n && rc == 0; g++) {
         PyObject *parts;
         if ((parts = phase(phase_parts, masks[g], exact[g])) == NULL ||
-            append_execute(out, head, parts, &c, sid, gfrom[g], gto[g], ids[g], masks[g] & 4 ? first_row : 0) < 0)
+            append_execute(out, head, parts, &c, sid, from[g], to[g], ids[g], masks[g] & 4 ? t.first_row : 0) < 0)
             rc = -1;
     }
     for (int g = 0; g < 3; g++)
@@ -1373,6 +1432,8 @@ static PyMethodDef methods[] = {
      "Child spans of one parent as ScopeSpans.spans fields, appended to a list."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "Where the record fields statement_spans and kept_run read live."},
+    {"phase_groups", (PyCFunction)phase_groups, METH_O,
+     "The phase spans of an extended statement's record: [(mask, exact, start, end), ...]."},
     {"kept_run", (PyCFunction)(void (*)(void))kept_run, METH_FASTCALL,
      "Spans of a run of records whose shapes are kept, up to the first that needs the Python steps."},
     {"statement_spans", (PyCFunction)(void (*)(void))statement_spans, METH_FASTCALL,

@@ -789,7 +789,8 @@ COMPILED = False
 # simple_spans(...): the same for a kept simple statement (its span and its execute child).
 # None without the compiled module, and the span builder takes its Python steps instead.
 # kept_run(...): the spans of a run of records whose shapes are kept (SpanBuilder.kept).
-statement_spans = simple_spans = kept_run = None
+# phase_groups(rec): the phase spans of an extended statement (spans._phase_groups).
+statement_spans = simple_spans = kept_run = phase_groups = None
 configure_records = None
 PARENT_FLAGS, CHILD_FLAGS = _IS_REMOTE, _HAS_IS_REMOTE
 _span_field = _span_field_py
@@ -807,5 +808,6 @@ if not PURE_PYTHON:
     else:
         try:  # a build older than statement_spans still serves the rest
             from ._otlpenc import configure as configure_records, kept_run, simple_spans, statement_spans  # noqa: F811
+            from ._otlpenc import phase_groups  # noqa: F811
         except ImportError:
             pass

@@ -948,8 +948,12 @@ def _raw_piece(text: str, i: int, count: int) -> str | None:
     return None
 
 
-def _phase_groups(rec: Statement) -> list[tuple[int, bool, int, int]]:
+def _phase_groups_py(rec: Statement) -> list[tuple[int, bool, int, int]]:
     """The phase spans of an extended-protocol statement: (mask, exact, start, end) each.
+
+    The twin of the compiled rule (``_otlpenc.c``'s ``group_phases``, which the
+    compiled span loop applies), for a build without it: :data:`_phase_groups`
+    is the one or the other, and tests/test_otlp_compiled.py holds them equal.
 
     A boundary between two phases counts as observed only when the server
     flushed right after the earlier phase's answer (``*_exact``) and that
@@ -984,6 +988,11 @@ def _phase_groups(rec: Statement) -> list[tuple[int, bool, int, int]]:
     if mask:
         groups.append((mask, False, first, stop if stop > first else first))
     return groups
+
+
+_phase_groups = _phase_groups_py
+if otlp.phase_groups is not None:
+    _phase_groups = otlp.phase_groups
 
 
 def _span_context(trace_id: int, span_id: int, flags: int, tracestate: str | None, remote: bool = False) -> SpanContext:
