@@ -72,8 +72,8 @@ def hand_overs(protocol: str, traceparent: str, batches: int, per_batch: int) ->
                                          status="ok", tx_status="I", application_name=app,
                                          results=[Completion(t + 9_000, "SET", 0)]))
                 t += 20_000
-            comment = (f" /*traceparent='00-{TRACE_ID:032x}-{span:016x}-01'*/"
-                       if traceparent in ("new", "fixed") else "")
+            comment = (f" /*traceparent='00-{TRACE_ID:032x}-{span:016x}-01'*/" if traceparent in ("new", "fixed")
+                       else " /*application='shop',controller='users'*/" if traceparent == "tags" else "")
             aid = (span * 7919 + i) % 100000 + 1
             if protocol == "extended":
                 sql = f"SELECT abalance FROM pgbench_accounts WHERE aid = $1{comment}"
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=("extended", "prepared", "simple"), default="extended")
     ap.add_argument("--histograms", choices=("on", "off"), default="on")
-    ap.add_argument("--traceparent", choices=("new", "fixed", "none", "session", "app"), default="new",
+    ap.add_argument("--traceparent", choices=("new", "fixed", "none", "tags", "session", "app"), default="new",
                     help="in each statement's sqlcommenter comment, a new or the same one each time; none; "
+                         "none but other tags in a comment (Rails' query log tags); "
                          "none in the statements and one session carrier (SET pgotel.traceparent) first; "
                          "or a new one in application_name, SET before each statement")
     ap.add_argument("--sample-rate", type=float, default=1.0,

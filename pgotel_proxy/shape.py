@@ -285,7 +285,11 @@ def statement_key(sql: object) -> tuple[str, int, int, int, int] | None:
       is the code with its literals blanked, and the rest ``0, 0, 0, -1`` (no
       context in the text: a trace id is never 0). Such texts carry no context
       of their own, and take the connection's, or a new root's: the form of
-      most applications that send values inline without sqlcommenter.
+      most applications that send values inline without sqlcommenter; or
+    * code as in the first case, then a comment without ``traceparent='``: the
+      key is the code with its literals blanked and the rest of the text as it
+      is, and the rest ``0, 0, 0, -2`` (no context; a comment, whose tags
+      sqlcommenter's parse reads, such as Rails' query log tags).
 
     Nothing that ``spans.may_set_carrier`` could take for a carrier change
     ("pgotel", "all", "application_name" or "pg_tracing", in any case) is keyed.
@@ -320,8 +324,14 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if i == j:  # the comment comes first
         return None
     k = sql.find(_TP_TAG, j)
-    if k < 0:  # (else k >= j + 2: the tag does not start with "/*", so sql[k - 2] is there)
-        return None
+    if k < 0:  # a comment without a traceparent (other tags): the code blanked, the rest as it is
+        if _names_a_carrier(sql, 0, n):
+            return None
+        cuts = []
+        if not _blank(sql, j, cuts):
+            return None
+        return _assemble(sql, cuts, j, j), 0, 0, 0, -2
+    # (k >= j + 2: the tag does not start with "/*", so sql[k - 2] is there)
     before = sql[k - 1]
     if not (before == "," or _is_space(before) or (before == "*" and sql[k - 2] == "/")):
         return None

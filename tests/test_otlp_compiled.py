@@ -232,6 +232,8 @@ def _record(kind: str, i: int):
                "simple-plain": "SELECT 1",
                # values inline without a comment: one key for every value, no context of its own
                "simple-literal": f"SELECT * FROM t WHERE id = {i} AND s = 'v{i % 3}'",
+               # tags without a traceparent (Rails' query log tags in sqlcommenter's form)
+               "simple-tags": f"SELECT * FROM t WHERE id = {i} /*controller='users',action='a{i % 2}'*/",
                # a session carrier, sampled or not, set and reset: statements without a context join it
                "simple-set": f"SET pgotel.traceparent = '00-{i + 1:032x}-{i + 9:016x}-0{i % 2}'",
                "simple-reset": "RESET pgotel.traceparent",
@@ -258,7 +260,8 @@ def _record(kind: str, i: int):
            "ext-own-unsampled": f"SELECT * FROM t WHERE id = $1 /*traceparent='{own}'*/",
            "ext-own-tracestate": f"SELECT $1 /*traceparent='{own}',tracestate='rojo%3D00f067aa0ba902b7'*/",
            # an unnamed statement with a value inline and no comment, parsed anew each time
-           "ext-literal": f"SELECT * FROM t WHERE id = $1 AND n = {i}"}[kind]
+           "ext-literal": f"SELECT * FROM t WHERE id = $1 AND n = {i}",
+           "ext-tags": f"SELECT * FROM t WHERE id = $1 AND n = {i} /*controller='users'*/"}[kind]
     return Statement("extended", sql, start_ns=t, parse_start_ns=t, parse_end_ns=t + 10, parse_exact=bool(i % 2),
                      bind_start_ns=t + 12, bind_end_ns=t + 20, bind_exact=True, exec_start_ns=t + 22, end_ns=t + 30,
                      exec_exact=True, first_row_ns=t + 23 + i % 5 if i % 4 else 0,
@@ -273,7 +276,7 @@ def _record(kind: str, i: int):
 _KINDS = ("simple", "simple-unsampled", "simple-plain", "simple-literal", "simple-set", "simple-reset",
           "simple-error", "ext", "ext-unsampled",
           "ext-plain", "ext-tracestate", "ext-reused", "ext-own", "ext-own-unsampled", "ext-own-tracestate",
-          "ext-own-off", "ext-app", "ext-literal", "simple-setapp", "ext-appctx")
+          "ext-own-off", "ext-app", "ext-literal", "simple-setapp", "ext-appctx", "simple-tags", "ext-tags")
 
 
 def _tracer_build(records, compiled: bool, rate: float, draws, seed, bare: bool = False, slow_ns: int | None = None):

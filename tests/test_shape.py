@@ -153,7 +153,6 @@ def test_texts_that_differ_elsewhere_do_not_share_a_key(other):
 
 @pytest.mark.parametrize("sql", [
     f"/*traceparent='{TP}'*/ SELECT 1",  # the comment first
-    f"SELECT 1 /*route='x'*/",  # no traceparent
     f"SELECT E'a' /*traceparent='{TP}'*/",  # a prefixed string
     f"SELECT X'1f' /*traceparent='{TP}'*/",
     f"SELECT n'a' /*traceparent='{TP}'*/",
@@ -229,18 +228,32 @@ def test_blank_code_blanks_only_what_lexes_as_one_token():
         assert shape.blank_code(unsafe) is None, unsafe
 
 
-def test_texts_without_a_comment_are_keyed_by_their_code_and_carry_no_context():
-    """Values inline, no sqlcommenter: one key for every value, and trace id 0 (no context of its own)."""
-    a = "SELECT * FROM t WHERE id = 1 AND s = 'x' AND f = 1.5"
-    b = "SELECT * FROM t WHERE id = 123456 AND s = 'it''s' AND f = 2e10"
-    assert shape.statement_key(a) == shape.statement_key(b) == (
-        "SELECT * FROM t WHERE id = \x01 AND s = \x01 AND f = \x01", 0, 0, 0, -1)
+@pytest.mark.parametrize("a, b, key", [
+    # values inline, no sqlcommenter: value start -1
+    ("SELECT * FROM t WHERE id = 1 AND s = 'x' AND f = 1.5", "SELECT * FROM t WHERE id = 123456 AND s = 'it''s' AND f = 2e10",
+     ("SELECT * FROM t WHERE id = \x01 AND s = \x01 AND f = \x01", 0, 0, 0, -1)),
+    # other tags alone (Rails' query log tags): the comment as it is, value start -2
+    ("SELECT * FROM t WHERE id = 1 /*application='shop',controller='users'*/",
+     "SELECT * FROM t WHERE id = 99 /*application='shop',controller='users'*/",
+     ("SELECT * FROM t WHERE id = \x01 /*application='shop',controller='users'*/", 0, 0, 0, -2)),
+])
+def test_texts_without_a_traceparent_share_a_key_without_a_context(a, b, key):
+    """One key for every value, and trace id 0: no context of their own; the same analysis and tags."""
+    assert shape.statement_key(a) == shape.statement_key(b) == key
     assert _twin.statement_key(a) == shape.statement_key(a)
+    assert sqlinfo.analyze_many(a) == sqlinfo.analyze_many(b)
+    assert (sqlcomment.parse(a) and sqlcomment.parse(a).tags) == (sqlcomment.parse(b) and sqlcomment.parse(b).tags)
+
+
+def test_keys_without_a_context_stand_for_their_text_alone():
     assert shape.statement_key("SELECT now()") == ("SELECT now()", 0, 0, 0, -1)  # no literal: the text itself
     assert _key("SELECT * FROM t WHERE id = $1") == "SELECT * FROM t WHERE id = $1"
-    # never the key of a text with a comment: those keep their "/*"
-    assert _key(a) != _key(f"{a} /*traceparent='{TP}'*/") and "/*" in _key(f"{a} /*traceparent='{TP}'*/")
-    assert sqlinfo.analyze_many(a) == sqlinfo.analyze_many(b)
+    tagged = "SELECT * FROM t WHERE id = 1 /*controller='users'*/"
+    assert _key(tagged) != _key(tagged.replace("users", "orders"))  # another tag value: another key
+    assert _key("SELECT 1 /*route='x'*/ -- ALL") is None  # the carrier words anywhere
+    # never the key of a text with a traceparent: those keep their "/*", less the value
+    plain = "SELECT * FROM t WHERE id = 1"
+    assert _key(plain) != _key(f"{plain} /*traceparent='{TP}'*/") and "/*" in _key(f"{plain} /*traceparent='{TP}'*/")
 
 
 def test_statement_keys_hold_statement_key_answers():

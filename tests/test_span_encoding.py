@@ -364,6 +364,29 @@ def test_statements_without_a_comment_keyed_by_shape_encode_the_same_and_skip_th
     assert len({s.context.trace_id for s in readable if s.kind == SpanKind.SERVER}) == len(records)  # new roots
 
 
+def test_statements_with_tags_but_no_traceparent_keyed_by_shape_encode_the_same(monkeypatch):
+    """Rails' query log tags (sqlcommenter's form, no traceparent): spanned from the text's key after
+    the first of a shape, the tags still attributes, each comment counted as parsed as before."""
+    records = []
+    t = 1_000
+    for i in range(8):
+        records.append(_simple(f"SELECT * FROM users WHERE id = {i} /*application='shop',controller='users'*/",
+                               t=t, results=[Completion(t + 50, "SELECT 1", 1)]))
+        records.append(_extended(f"SELECT * FROM users WHERE id = $1 AND n = {i} /*controller='users'*/",
+                                 t=t + 100))
+        t += 1_000
+    calls = _analysed(monkeypatch)
+    parsed0 = STATS.sqlcomment_parsed
+    _build(records, True, transaction_spans=False, seed=9)
+    encoded_parsed = STATS.sqlcomment_parsed - parsed0
+    assert len(calls) == 2, calls  # the first of each shape
+    parsed0 = STATS.sqlcomment_parsed
+    readable = _same_request(records, seed=9)
+    assert (STATS.sqlcomment_parsed - parsed0) / 2 == encoded_parsed == len(records)
+    statements = [s for s in readable if s.kind == SpanKind.SERVER]
+    assert {s.attributes.get("pgotel.sqlcommenter.controller") for s in statements} == {"users"}
+
+
 def test_statements_without_a_comment_keyed_by_shape_join_the_session_carrier():
     """Under a session carrier (SET pgotel.traceparent), keyed texts without a comment take its context."""
     records = [_simple(f"SET pgotel.traceparent = '{TP}'", results=[Completion(1_010, "SET", 0)])]

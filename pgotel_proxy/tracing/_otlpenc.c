@@ -1165,8 +1165,9 @@ keyed_sampled(PyObject *q, PyObject *rec, const Ctx *c, Py_ssize_t *parsed)
 /* The context of a keyed statement found kept (its key q, hit = (parts, tracestate,
  * trace_state_field)), as keyed_sampled answers: 2 its spans to build (c filled), 1 none to build,
  * 0 the record is Python's, -1 an error. A text with a traceparent of its own carries its context;
- * one without a comment (its key's trace id 0) takes the session carrier's, else it is a new root
- * at the rate's draw, as SpanBuilder._context makes it for a statement without a context. */
+ * one without (its key's trace id 0: no comment, or one with other tags) takes the session
+ * carrier's, else it is a new root at the rate's draw, as SpanBuilder._context makes it for a
+ * statement without a context. */
 static int
 keyed_context(PyObject *q, PyObject *hit, PyObject *rec, Ctx *c, long opts, Py_ssize_t *parsed)
 {
@@ -1175,6 +1176,15 @@ keyed_context(PyObject *q, PyObject *hit, PyObject *rec, Ctx *c, long opts, Py_s
         return -1;
     if (!own) {
         int r = kept_context(Py_False, opts & KEPT_ROOT_OK, rec, c);
+        if (r == 1 || r == 0) {
+            /* a comment with tags but no traceparent (value start -2, spans._KEY_TAGS): its parse
+             * counts as the Python steps count it */
+            long vs = PyLong_AsLong(PyTuple_GET_ITEM(q, 4));
+            if (vs == -1 && PyErr_Occurred())
+                return -1;
+            if (vs == -2)
+                (*parsed)++;
+        }
         return r == 1 ? 2 : r == 0 ? 1 : r == -2 ? 0 : -1;
     }
     int r = keyed_sampled(q, rec, c, parsed);

@@ -437,7 +437,9 @@ class SpanBuilder:
                         STATS.sqlcomment_parsed += 1
                         if q[3] & 1:
                             self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
-                    else:  # a text without a comment: the connection's context, or a new root
+                    else:  # no traceparent in the text: the connection's context, or a new root
+                        if q[4] == _KEY_TAGS:  # (its comment's parse, counted as the full path counts it)
+                            STATS.sqlcomment_parsed += 1
                         ctx = self._context(conn, None)
                         if ctx is not None:
                             self._kept_extended(out, rec, hit[0], *ctx)
@@ -500,7 +502,7 @@ class SpanBuilder:
                 if keyed is None:
                     self._keep_shape(conn, shape, (comment, parts, _kept_context(comment)))
                 elif _keyed_comment(keyed, raw, comment):
-                    kept_ts = comment.context.tracestate if comment is not None else None
+                    kept_ts = comment.context.tracestate if comment is not None and comment.context is not None else None
                     self._keep_shape(conn, shape, (parts, kept_ts, otlp.trace_state_field(kept_ts)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
@@ -554,8 +556,8 @@ class SpanBuilder:
         if (self.encode and not self.capture_literals and len(results) == 1 and rec.status == "ok"
                 and rec.protocol == "simple" and results[0].error is None and not rec.copy and not rec.extra
                 and conn.tx_parent is None and not self._keep_record):
-            # One statement with values inline, and a traceparent or no comment at all: a
-            # text of a shape seen before on this connection is spanned from its key alone
+            # One statement with values inline, and a traceparent, other tags or no comment:
+            # a text of a shape seen before on this connection is spanned from its key alone
             # (shape.statement_key), without parsing its comment or its SQL again.
             q = self.statement_key(raw)
             if q is not None:
@@ -567,7 +569,9 @@ class SpanBuilder:
                     if q[1]:  # the text's own traceparent
                         STATS.sqlcomment_parsed += 1
                         ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
-                    else:  # a text without a comment: the connection's context, or a new root
+                    else:  # no traceparent in the text: the connection's context, or a new root
+                        if q[4] == _KEY_TAGS:  # (its comment's parse, counted as the full path counts it)
+                            STATS.sqlcomment_parsed += 1
                         ctx = self._context(conn, None)
                     self._kept_simple(out, conn, rec, res, parts, ctx)
                     return
@@ -643,7 +647,7 @@ class SpanBuilder:
                     self._keep_shape(conn, shape, (info, parts))
                     if keyed is not None and _keyed_comment(keyed, raw, comment):
                         # (the comment's tracestate: the span's own, from a session carrier, is not kept)
-                        kept_ts = comment.context.tracestate if comment is not None else None
+                        kept_ts = comment.context.tracestate if comment is not None and comment.context is not None else None
                         self._keep_shape(conn, keyed[0], (parts, kept_ts, otlp.trace_state_field(kept_ts)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True,
                             rec.first_row_ns if i == row_result else 0, rec.client_wait_ns if i == wait_result else 0)
@@ -785,17 +789,25 @@ def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
     The key (shape.statement_key) found the traceparent where a parse would; this checks
     that the full parse agrees (the tag, the context) and counted nothing as malformed or
     oversized, so that a statement spanned from the key alone misses no counter either.
-    A key of a text without a comment (trace id 0) stands for no comment.
+    A key of a text without a comment (trace id 0) stands for no comment; one of a comment
+    without a traceparent (value start _KEY_TAGS), for a parsed comment without a context.
     """
     _, (_, trace_id, span_id, flags, vs), counts = keyed
+    clean = counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed)
     if not trace_id:
-        return comment is None and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed)
+        if vs == _KEY_TAGS:
+            return (comment is not None and comment.context is None and not comment.invalid_traceparent
+                    and "traceparent" not in comment.tags and clean)
+        return comment is None and clean
     ctx = comment.context if comment is not None else None
     return (ctx is not None and not comment.invalid_traceparent
             and (ctx.trace_id, ctx.span_id, ctx.flags) == (trace_id, span_id, flags)
             and comment.tags.get("traceparent") == raw[vs:vs + 55]
             and counts == (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
 
+
+#: shape.statement_key's value start for a text whose comment holds tags but no traceparent.
+_KEY_TAGS = -2
 
 #: The first item of the kept-shape key of a statement that may set a context channel (SpanBuilder._simple).
 _SETTER = "may set a channel"
