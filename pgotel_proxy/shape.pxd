@@ -45,4 +45,7 @@ cdef bint _word_at(const unsigned char *data, Py_ssize_t i, Py_ssize_t n, const 
                cuts=list)
 cdef tuple _key(str sql)
 
+@cython.locals(cuts=list)
+cdef tuple _contextless_key(str sql, Py_ssize_t end, Py_ssize_t mark)
+
 cpdef tuple statement_key(object sql)

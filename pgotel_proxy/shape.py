@@ -310,12 +310,7 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
         return None
     j = sql.find("/*")
     if j < 0:  # no comment, so no context of its own
-        if _names_a_carrier(sql, 0, n):
-            return None
-        cuts: list = []
-        if not _blank(sql, n, cuts):
-            return None
-        return (_assemble(sql, cuts, n, n) if cuts else sql), 0, 0, 0, -1
+        return _contextless_key(sql, n, -1)
     if j == 0:
         return None
     i = 0
@@ -324,13 +319,8 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if i == j:  # the comment comes first
         return None
     k = sql.find(_TP_TAG, j)
-    if k < 0:  # a comment without a traceparent (other tags): the code blanked, the rest as it is
-        if _names_a_carrier(sql, 0, n):
-            return None
-        cuts = []
-        if not _blank(sql, j, cuts):
-            return None
-        return _assemble(sql, cuts, j, j), 0, 0, 0, -2
+    if k < 0:  # a comment without a traceparent (other tags)
+        return _contextless_key(sql, j, -2)
     # (k >= j + 2: the tag does not start with "/*", so sql[k - 2] is there)
     before = sql[k - 1]
     if not (before == "," or _is_space(before) or (before == "*" and sql[k - 2] == "/")):
@@ -355,6 +345,18 @@ def _key(sql: str) -> tuple[str, int, int, int, int] | None:
     if not _blank(sql, j, cuts):
         return None
     return _assemble(sql, cuts, vs, ve), (trace_high << 64) | trace_low, span_id, flags, vs
+
+
+def _contextless_key(sql: str, end: int, mark: int) -> tuple[str, int, int, int, int] | None:
+    """:func:`statement_key`'s answer for a text without a traceparent: its code (``sql[:end]``)
+    blanked, the rest as it is; ``mark`` is the answer's value start (-1: no comment, -2: a
+    comment with other tags)."""
+    if _names_a_carrier(sql, 0, len(sql)):
+        return None
+    cuts: list = []
+    if not _blank(sql, end, cuts):
+        return None
+    return (_assemble(sql, cuts, end, end) if cuts else sql), 0, 0, 0, mark
 
 
 class StatementKeys(dict):

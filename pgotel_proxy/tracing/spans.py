@@ -376,6 +376,17 @@ class SpanBuilder:
             return self._keep_root(keep, None) if keep is not None else None
         return _new_id(128), None, 1, None
 
+    def _key_context(self, conn: ConnState, q: tuple, tracestate: str | None):
+        """:meth:`_context` for a statement of a kept shape keyed by ``q`` (shape.statement_key):
+        its own traceparent with the shape's ``tracestate``, else the connection's context or a
+        new root; a comment's parse is counted as the full path counts it (kept_run does the same)."""
+        if q[1]:
+            STATS.sqlcomment_parsed += 1
+            return (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
+        if q[4] == _KEY_TAGS:
+            STATS.sqlcomment_parsed += 1
+        return self._context(conn, None)
+
     def _keep_root(self, reason: str, carried) -> tuple | None:
         """A new root for a statement the rule keeps, or None past ``keep_rate`` a second (counted).
 
@@ -433,16 +444,9 @@ class SpanBuilder:
                 shape = (q[0], None, rec.tag, rec.rows, rec.statement_name, rec.portal, self._app_key(conn, rec))
                 hit = conn.shapes.get(shape)
                 if hit is not None:
-                    if q[1]:  # the text's own traceparent
-                        STATS.sqlcomment_parsed += 1
-                        if q[3] & 1:
-                            self._kept_extended(out, rec, hit[0], q[1], q[2], q[3], hit[1])
-                    else:  # no traceparent in the text: the connection's context, or a new root
-                        if q[4] == _KEY_TAGS:  # (its comment's parse, counted as the full path counts it)
-                            STATS.sqlcomment_parsed += 1
-                        ctx = self._context(conn, None)
-                        if ctx is not None:
-                            self._kept_extended(out, rec, hit[0], *ctx)
+                    ctx = self._key_context(conn, q, hit[1])
+                    if ctx is not None:
+                        self._kept_extended(out, rec, hit[0], *ctx)
                     conn.end_of_statement(rec.tx_status, rec.tag)
                     return
                 keyed = (shape, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
@@ -502,7 +506,7 @@ class SpanBuilder:
                 if keyed is None:
                     self._keep_shape(conn, shape, (comment, parts, _kept_context(comment)))
                 elif _keyed_comment(keyed, raw, comment):
-                    kept_ts = comment.context.tracestate if comment is not None and comment.context is not None else None
+                    kept_ts = _tracestate_of(comment)
                     self._keep_shape(conn, shape, (parts, kept_ts, otlp.trace_state_field(kept_ts)))
             self._phases(out, rec, trace_id, flags, tracestate, sid)
         conn.end_of_statement(rec.tx_status, rec.tag)
@@ -565,15 +569,7 @@ class SpanBuilder:
                 key = (q[0], res.tag, res.rows, self._app_key(conn, rec))
                 hit = conn.shapes.get(key)
                 if hit is not None:
-                    parts, tracestate = hit[0], hit[1]
-                    if q[1]:  # the text's own traceparent
-                        STATS.sqlcomment_parsed += 1
-                        ctx = (q[1], q[2], q[3], tracestate) if q[3] & 1 else None
-                    else:  # no traceparent in the text: the connection's context, or a new root
-                        if q[4] == _KEY_TAGS:  # (its comment's parse, counted as the full path counts it)
-                            STATS.sqlcomment_parsed += 1
-                        ctx = self._context(conn, None)
-                    self._kept_simple(out, conn, rec, res, parts, ctx)
+                    self._kept_simple(out, conn, rec, res, hit[0], self._key_context(conn, q, hit[1]))
                     return
                 keyed = (key, q, (STATS.sqlcomment_oversized, STATS.sqlcomment_malformed))
             elif "/*" not in raw and may_set_carrier(raw):
@@ -647,7 +643,7 @@ class SpanBuilder:
                     self._keep_shape(conn, shape, (info, parts))
                     if keyed is not None and _keyed_comment(keyed, raw, comment):
                         # (the comment's tracestate: the span's own, from a session carrier, is not kept)
-                        kept_ts = comment.context.tracestate if comment is not None and comment.context is not None else None
+                        kept_ts = _tracestate_of(comment)
                         self._keep_shape(conn, keyed[0], (parts, kept_ts, otlp.trace_state_field(kept_ts)))
                 self._phase(out, "execute", trace_id, flags, tracestate, sid, start, end, True,
                             rec.first_row_ns if i == row_result else 0, rec.client_wait_ns if i == wait_result else 0)
@@ -781,6 +777,11 @@ def _kept_context(comment) -> tuple | bool | None:
     if not ctx.sampled:
         return ()
     return (ctx.trace_id, ctx.span_id, otlp.trace_state_field(ctx.tracestate))
+
+
+def _tracestate_of(comment) -> str | None:
+    """The tracestate a parsed comment carries with its context (None without either)."""
+    return comment.context.tracestate if comment is not None and comment.context is not None else None
 
 
 def _keyed_comment(keyed: tuple, raw: str, comment) -> bool:
